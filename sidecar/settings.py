@@ -1,0 +1,299 @@
+"""Daemon settings: one plain dataclass, built from the environment.
+
+Every variable is documented in README.md ("Configuration"). A bad value raises
+:class:`~sidecar.errors.ConfigError` naming the variable, and the daemon stops at
+start with that message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.errors import ConfigError
+from sidecar.timeframe import Timeframe
+
+DEFAULT_SYMBOLS = ("AAPL", "MSFT", "NVDA", "EURUSD", "BTCUSD")
+DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
+DEFAULT_HTTP_PORT = 8787
+
+#: Canonical symbols: they become part of Redis keys and SQL parameters, so the
+#: charset is closed (no spaces, colons, braces, wildcards or quotes).
+SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """``$XDG_DATA_HOME/sidecar``, else ``~/.local/share/sidecar``."""
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "sidecar"
+
+
+class _Reader:
+    """Parses typed values out of an environment mapping, naming the variable on error."""
+
+    __slots__ = ("env",)
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def string(self, name: str, default: str) -> str:
+        return self.raw(name) or default
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(name, f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+        return value
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(name, f"expected a number, got {text!r}") from None
+        if not (low <= value <= high):  # also refuses NaN
+            raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        text = self.raw(name)
+        if text is None:
+            return default
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"expected true/false, got {text!r}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        text = self.raw(name)
+        if text is None:
+            return default
+        if text.lower() not in choices:
+            raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}")
+        return text.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class IndicatorPeriods:
+    """Parameters of the eight indicators (TA-Lib's defaults unless configured)."""
+
+    rsi: int = 14
+    ema: int = 20
+    bb: int = 20
+    bb_nbdev: float = 2.0
+    atr: int = 14
+    vol_ma: int = 20
+    macd_fast: int = 12
+    macd_slow: int = 26
+    macd_signal: int = 9
+    mom: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the daemon can be told. Build with :meth:`from_env`."""
+
+    symbols: tuple[str, ...] = DEFAULT_SYMBOLS
+    sources: tuple[str, ...] = DEFAULT_SOURCES
+    timeframe: Timeframe = field(default_factory=lambda: Timeframe.parse("1m"))
+    redis_url: str | None = None
+    redis_prefix: str = "sidecar"
+    data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
+    sqlite_path: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    # Redis
+    bars_cap: int = 5_000
+    features_ttl_ms: int = 2_000
+    heartbeat_ttl_ms: int = 3_000
+    redis_pool_size: int = 20
+    redis_timeout_s: float = 2.0
+    redis_down_exit_s: float = 120.0
+    # SQLite
+    flush_interval_s: float = 10.0
+    flush_max_rows: int = 20_000
+    buffer_max_rows: int = 2_000_000
+    retention_days: int = 90
+    warm_bars: int = 5_000
+    bootstrap_days: int = 90
+    # validation
+    clock_skew_ms: int = 2_000
+    outlier_k: float = 15.0
+    outlier_window: int = 50
+    correction_window_bars: int = 10
+    fill_gaps: bool = False
+    # features
+    periods: IndicatorPeriods = field(default_factory=IndicatorPeriods)
+    session_anchor_min: int = 0
+    # cycle
+    fetch_timeout_s: float = 0.8
+    stale_after_ms: int = 5_000
+    # sources
+    sim_seed: int = 42
+    replay_file: Path | None = None
+    replay_speed: float = 1.0
+    # logging
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def sqlite_file(self) -> Path:
+        return self.sqlite_path or self.data_dir / "bars.sqlite3"
+
+    @property
+    def redis_socket(self) -> Path:
+        """Unix socket of the embedded Redis server (used when ``redis_url`` is unset)."""
+        return self.data_dir / "redis" / "redis.sock"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``SIDECAR_*`` variables; raise :class:`ConfigError` naming a bad one."""
+        env = os.environ if env is None else env
+        r = _Reader(env)
+
+        symbols = _parse_symbols(r.raw("SIDECAR_SYMBOLS"))
+        sources = _parse_sources(r.raw("SIDECAR_SOURCES"))
+        try:
+            timeframe = Timeframe.parse(r.string("SIDECAR_TIMEFRAME", "1m"))
+        except ValueError as exc:
+            raise ConfigError("SIDECAR_TIMEFRAME", str(exc)) from None
+
+        redis_url = r.raw("SIDECAR_REDIS_URL")
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "SIDECAR_REDIS_URL", "must start with redis://, rediss:// or unix://"
+            )
+        prefix = r.string("SIDECAR_REDIS_PREFIX", "sidecar")
+        if not _PREFIX_RE.match(prefix):
+            raise ConfigError("SIDECAR_REDIS_PREFIX", f"{prefix!r} must match {_PREFIX_RE.pattern}")
+
+        data_dir = Path(r.raw("SIDECAR_DATA_DIR") or default_data_dir(env)).expanduser()
+        sqlite_raw = r.raw("SIDECAR_SQLITE_PATH")
+        replay_raw = r.raw("SIDECAR_REPLAY_FILE")
+        replay_file = Path(replay_raw).expanduser() if replay_raw else None
+        if "replay" in sources:
+            if replay_file is None:
+                raise ConfigError("SIDECAR_REPLAY_FILE", "the replay source needs a file of bars")
+            if not replay_file.is_file():
+                raise ConfigError("SIDECAR_REPLAY_FILE", f"no such file: {replay_file}")
+
+        macd = r.string("SIDECAR_MACD", "12,26,9")
+        try:
+            fast, slow, signal = (int(x) for x in macd.split(","))
+        except ValueError:
+            raise ConfigError("SIDECAR_MACD", f"expected fast,slow,signal, got {macd!r}") from None
+        if not (2 <= fast < slow <= 1000 and 1 <= signal <= 1000):
+            raise ConfigError("SIDECAR_MACD", "needs 2 <= fast < slow <= 1000 and 1 <= signal")
+        periods = IndicatorPeriods(
+            rsi=r.integer("SIDECAR_RSI_PERIOD", 14, low=2, high=1000),
+            ema=r.integer("SIDECAR_EMA_PERIOD", 20, low=2, high=1000),
+            bb=r.integer("SIDECAR_BB_PERIOD", 20, low=2, high=1000),
+            bb_nbdev=r.number("SIDECAR_BB_NBDEV", 2.0, low=0.1, high=10.0),
+            atr=r.integer("SIDECAR_ATR_PERIOD", 14, low=1, high=1000),
+            vol_ma=r.integer("SIDECAR_VOLMA_PERIOD", 20, low=2, high=1000),
+            macd_fast=fast,
+            macd_slow=slow,
+            macd_signal=signal,
+            mom=r.integer("SIDECAR_MOM_PERIOD", 10, low=1, high=1000),
+        )
+
+        anchor = r.string("SIDECAR_SESSION_ANCHOR", "00:00")
+        match = re.match(r"^([01][0-9]|2[0-3]):([0-5][0-9])$", anchor)
+        if not match:
+            raise ConfigError("SIDECAR_SESSION_ANCHOR", f"expected HH:MM (UTC), got {anchor!r}")
+
+        settings = cls(
+            symbols=symbols,
+            sources=sources,
+            timeframe=timeframe,
+            redis_url=redis_url,
+            redis_prefix=prefix,
+            data_dir=data_dir,
+            sqlite_path=Path(sqlite_raw).expanduser() if sqlite_raw else None,
+            http_host=r.string("SIDECAR_HTTP_HOST", "127.0.0.1"),
+            http_port=r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535),
+            bars_cap=r.integer("SIDECAR_BARS_CAP", 5_000, low=100, high=1_000_000),
+            features_ttl_ms=r.integer("SIDECAR_FEATURES_TTL_MS", 2_000, low=500, high=3_600_000),
+            heartbeat_ttl_ms=r.integer("SIDECAR_HEARTBEAT_TTL_MS", 3_000, low=1_000, high=600_000),
+            redis_pool_size=r.integer("SIDECAR_REDIS_POOL_SIZE", 20, low=2, high=1_000),
+            redis_timeout_s=r.number("SIDECAR_REDIS_TIMEOUT_S", 2.0, low=0.05, high=60.0),
+            redis_down_exit_s=r.number("SIDECAR_REDIS_DOWN_EXIT_S", 120.0, low=1.0, high=86_400.0),
+            flush_interval_s=r.number("SIDECAR_FLUSH_INTERVAL_S", 10.0, low=0.1, high=3_600.0),
+            flush_max_rows=r.integer("SIDECAR_FLUSH_MAX_ROWS", 20_000, low=1, high=10_000_000),
+            buffer_max_rows=r.integer("SIDECAR_BUFFER_MAX_ROWS", 2_000_000, low=1, high=100_000_000),
+            retention_days=r.integer("SIDECAR_RETENTION_DAYS", 90, low=1, high=36_500),
+            warm_bars=r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000),
+            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", 90, low=0, high=36_500),
+            clock_skew_ms=r.integer("SIDECAR_CLOCK_SKEW_MS", 2_000, low=0, high=600_000),
+            outlier_k=r.number("SIDECAR_OUTLIER_K", 15.0, low=0.0, high=1e6),
+            outlier_window=r.integer("SIDECAR_OUTLIER_WINDOW", 50, low=2, high=100_000),
+            correction_window_bars=r.integer("SIDECAR_CORRECTION_WINDOW_BARS", 10, low=0, high=100_000),
+            fill_gaps=r.boolean("SIDECAR_FILL_GAPS", False),
+            periods=periods,
+            session_anchor_min=int(match.group(1)) * 60 + int(match.group(2)),
+            fetch_timeout_s=r.number("SIDECAR_FETCH_TIMEOUT_S", 0.8, low=0.05, high=60.0),
+            stale_after_ms=r.integer("SIDECAR_STALE_AFTER_MS", 5_000, low=500, high=86_400_000),
+            sim_seed=r.integer("SIDECAR_SIM_SEED", 42, low=0, high=2**63 - 1),
+            replay_file=replay_file,
+            replay_speed=r.number("SIDECAR_REPLAY_SPEED", 1.0, low=0.01, high=10_000.0),
+            log_format=r.choice("SIDECAR_LOG_FORMAT", "auto", ("auto", "json", "text")),
+            log_level=r.choice("SIDECAR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
+        return settings
+
+
+def _parse_symbols(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return DEFAULT_SYMBOLS
+    out: list[str] = []
+    for part in text.split(","):
+        sym = part.strip().upper()
+        if not sym:
+            continue
+        if not SYMBOL_RE.match(sym):
+            raise ConfigError(
+                "SIDECAR_SYMBOLS", f"{part.strip()!r} is not a valid symbol ({SYMBOL_RE.pattern})"
+            )
+        if sym not in out:
+            out.append(sym)
+    if not out:
+        raise ConfigError("SIDECAR_SYMBOLS", "no symbols given")
+    return tuple(out)
+
+
+def _parse_sources(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return DEFAULT_SOURCES
+    out: list[str] = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if not _SOURCE_RE.match(name):
+            raise ConfigError("SIDECAR_SOURCES", f"{part.strip()!r} is not a source name")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ConfigError("SIDECAR_SOURCES", "no sources given")
+    return tuple(out)

@@ -1,0 +1,60 @@
+"""The interface every data source implements.
+
+A source answers two questions: "what are the newest bars of these symbols?"
+(called every cycle, batched) and "what bars lie in this time range?" (history,
+for bootstrap and gap repair). Sources never store anything; the cycle validates
+what they return before it reaches Redis or SQLite.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.timeframe import Timeframe
+
+#: Per-symbol answer of a batched fetch: the bars (oldest first) or why it failed.
+LatestResult = dict[str, "list[Bar] | ProviderError"]
+
+
+class Source(abc.ABC):
+    """A data source. Subclasses set ``name`` and implement the two fetches."""
+
+    name: str = "?"
+    #: True for sources that make data up (``sim``); their bars are marked synthetic.
+    synthetic: bool = False
+    #: Largest number of symbols one ``fetch_latest`` call should carry.
+    max_batch: int = 10_000
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open sessions/streams. Called once before the first fetch."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions/streams. Called once at shutdown."""
+
+    def can_serve(self, symbol: str) -> bool:
+        """Whether this source knows ``symbol`` (a canonical symbol)."""
+        return True
+
+    @abc.abstractmethod
+    async def fetch_latest(
+        self, symbols: Sequence[str], tf: Timeframe, now_ms: int
+    ) -> LatestResult:
+        """Newest bars per symbol, oldest first; the last one may be ``forming``.
+
+        A failure of the whole request raises :class:`ProviderError`; a failure
+        of one symbol inside a successful batch is returned as its value.
+        """
+
+    @abc.abstractmethod
+    async def fetch_history(
+        self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int
+    ) -> list[Bar]:
+        """Closed bars with ``start_ms <= t < end_ms``, oldest first."""
+
+    def status(self) -> dict[str, Any]:
+        """Facts for ``/health`` (budget left, stream state ...)."""
+        return {}

@@ -1,0 +1,135 @@
+"""``replay``: plays back recorded bars from a file (JSON lines or CSV).
+
+The file format is the one ``python -m sidecar fetch`` prints, one bar per line
+(``{"symbol": ..., "tf": ..., "t": ..., "o": ..., "h": ..., "l": ..., "c": ...,
+"v": ..., "src": ...}``), or a CSV with the same column names. Record real data
+once, replay it as often as needed.
+
+At ``speed == 1`` the recording is shifted in time by a whole number of bars so
+that its first bar opens when the daemon starts, and each bar is released when
+its shifted period has closed: it looks like a live feed. At any other speed
+bars keep their recorded stamps and are released ``speed`` times faster.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sidecar.bar import Bar
+from sidecar.errors import ConfigError, ProviderError
+from sidecar.sources.base import LatestResult, Source
+from sidecar.timeframe import Timeframe
+
+
+def read_bars(path: Path) -> list[Bar]:
+    """Read a recording; raises :class:`ConfigError` naming the line that is malformed."""
+    bars: list[Bar] = []
+    with path.open(newline="") as fh:
+        first = fh.readline()
+        fh.seek(0)
+        if first.lstrip().startswith("{"):
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    bars.append(Bar.from_json_dict(json.loads(line)))
+                except ValueError as exc:
+                    raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {exc}") from None
+        else:
+            for lineno, row in enumerate(csv.DictReader(fh), 2):
+                try:
+                    bars.append(Bar.from_json_dict(dict(row)))
+                except ValueError as exc:
+                    raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {exc}") from None
+    return bars
+
+
+class ReplaySource(Source):
+    """Releases recorded bars in order, paced by the wall clock."""
+
+    name = "replay"
+
+    def __init__(
+        self,
+        path: Path,
+        speed: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._speed = speed
+        self._clock = clock
+        self._by_symbol: dict[tuple[str, str], list[Bar]] = {}
+        self._times: dict[tuple[str, str], list[int]] = {}
+        self._start_ms: int | None = None
+        self._origin: dict[str, int] = {}
+        for bar in read_bars(path):
+            self._by_symbol.setdefault((bar.symbol, bar.tf), []).append(bar)
+        for key, bars in self._by_symbol.items():
+            bars.sort(key=lambda b: b.t)
+            dedup: dict[int, Bar] = {b.t: b for b in bars}  # the last revision wins
+            self._by_symbol[key] = sorted(dedup.values(), key=lambda b: b.t)
+            self._times[key] = [b.t for b in self._by_symbol[key]]
+
+    def can_serve(self, symbol: str) -> bool:
+        return any(sym == symbol for sym, _ in self._by_symbol)
+
+    def _offset(self, tf: Timeframe) -> tuple[int, int]:
+        """(recording origin, shift in ms) for timeframe ``tf``."""
+        if self._start_ms is None:
+            self._start_ms = int(self._clock() * 1000)
+        if tf.name not in self._origin:
+            firsts = [ts[0] for (_, name), ts in self._times.items() if name == tf.name and ts]
+            self._origin[tf.name] = min(firsts) if firsts else 0
+        origin = self._origin[tf.name]
+        shift = tf.floor(self._start_ms) - origin if self._speed == 1.0 else 0
+        return origin, shift
+
+    def _released_until(self, tf: Timeframe, now_ms: int) -> tuple[int, int]:
+        """Recorded open time bound: bars with ``t < bound`` have been released."""
+        origin, shift = self._offset(tf)
+        assert self._start_ms is not None
+        elapsed = (now_ms - self._start_ms) * self._speed
+        # A bar is released once its whole period has passed on the replay clock.
+        bound = origin + int(elapsed) - tf.ms + (self._start_ms - tf.floor(self._start_ms)) + 1
+        return bound, shift
+
+    async def fetch_latest(
+        self, symbols: Sequence[str], tf: Timeframe, now_ms: int
+    ) -> LatestResult:
+        bound, shift = self._released_until(tf, now_ms)
+        out: LatestResult = {}
+        for sym in symbols:
+            key = (sym, tf.name)
+            times = self._times.get(key)
+            if times is None:
+                out[sym] = ProviderError("unknown_symbol", f"{sym} {tf} not in recording",
+                                         source=self.name)
+                continue
+            end = bisect.bisect_left(times, bound)
+            out[sym] = [self._shifted(b, shift) for b in self._by_symbol[key][max(0, end - 2):end]]
+        return out
+
+    async def fetch_history(
+        self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int
+    ) -> list[Bar]:
+        key = (symbol, tf.name)
+        if key not in self._times:
+            raise ProviderError("unknown_symbol", f"{symbol} {tf} not in recording",
+                                source=self.name)
+        bound, shift = self._released_until(tf, int(self._clock() * 1000))
+        times = self._times[key]
+        lo = bisect.bisect_left(times, start_ms - shift)
+        hi = bisect.bisect_left(times, min(end_ms - shift, bound))
+        return [self._shifted(b, shift) for b in self._by_symbol[key][lo:hi]]
+
+    def _shifted(self, bar: Bar, shift: int) -> Bar:
+        return Bar(bar.symbol, bar.tf, bar.t + shift, bar.o, bar.h, bar.l, bar.c, bar.v,
+                   self.name, forming=False, synthetic=bar.synthetic)
+
+    def status(self) -> dict[str, object]:
+        return {"file": str(self._path), "speed": self._speed}

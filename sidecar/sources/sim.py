@@ -1,0 +1,169 @@
+"""``sim``: a seeded synthetic market for offline use, demos and tests.
+
+Each symbol follows a geometric random walk, stepped once per second, with a
+U-shaped intraday volume profile. Every bar it makes is labelled
+``src="sim"`` and ``synthetic=True``; the daemon never picks this source unless
+``SIDECAR_SOURCES`` names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from sidecar.bar import Bar
+from sidecar.sources.base import LatestResult, Source
+from sidecar.timeframe import Timeframe
+
+_SIGMA_PER_SECOND = 1.5e-4  # ~35 % annualised volatility over a 6.5 h session
+_DAY_MS = 86_400_000
+#: At most this many seconds are simulated per call; a longer pause is a jump.
+_MAX_STEPS = 300
+
+
+def _symbol_hash(seed: int, symbol: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{symbol}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def volume_profile(t_ms: np.ndarray | int) -> np.ndarray:
+    """Relative trading intensity over the UTC day: busy at both ends, quiet mid-day."""
+    frac = (np.asarray(t_ms, dtype=np.float64) % _DAY_MS) / _DAY_MS
+    return np.asarray(0.5 + 2.0 * (2.0 * frac - 1.0) ** 2)
+
+
+class SimSource(Source):
+    """Seeded random-walk market; deterministic for a given seed and call sequence."""
+
+    name = "sim"
+    synthetic = True
+
+    def __init__(self, seed: int = 42) -> None:
+        self._seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._index: dict[str, int] = {}
+        self._price = np.empty(0)
+        self._base_volume = np.empty(0)
+        self._o = np.empty(0)
+        self._h = np.empty(0)
+        self._l = np.empty(0)
+        self._v = np.empty(0)
+        self._bar_t: int | None = None
+        self._last_second: int | None = None
+        self._tf: Timeframe | None = None
+
+    def _add_symbols(self, symbols: Sequence[str]) -> None:
+        new = [s for s in symbols if s not in self._index]
+        if not new:
+            return
+        for s in new:
+            self._index[s] = len(self._index)
+        h = np.array([_symbol_hash(self._seed, s) for s in new], dtype=np.uint64)
+        start = 20.0 + (h % np.uint64(48_000)).astype(np.float64) / 100.0
+        base_vol = 5.0 + (h // np.uint64(48_000) % np.uint64(500)).astype(np.float64)
+        self._price = np.concatenate([self._price, start])
+        self._base_volume = np.concatenate([self._base_volume, base_vol])
+        self._o = np.concatenate([self._o, start])
+        self._h = np.concatenate([self._h, start])
+        self._l = np.concatenate([self._l, start])
+        self._v = np.concatenate([self._v, np.zeros(len(new))])
+
+    def _step(self, second_ms: int) -> None:
+        n = len(self._price)
+        self._price = self._price * np.exp(_SIGMA_PER_SECOND * self._rng.standard_normal(n))
+        np.maximum(self._h, self._price, out=self._h)
+        np.minimum(self._l, self._price, out=self._l)
+        noise = self._rng.lognormal(0.0, 0.5, n)
+        self._v += np.round(self._base_volume * float(volume_profile(second_ms)) * noise)
+
+    async def fetch_latest(
+        self, symbols: Sequence[str], tf: Timeframe, now_ms: int
+    ) -> LatestResult:
+        self._add_symbols(symbols)
+        if self._tf is None or self._tf != tf:
+            self._tf = tf
+            self._bar_t = None
+        second = now_ms - now_ms % 1000
+        closed: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        if self._bar_t is None or self._last_second is None:
+            self._open_bar(tf.floor(second))
+            self._last_second = second
+        steps = min((second - self._last_second) // 1000, _MAX_STEPS)
+        for k in range(int(steps), 0, -1):
+            s = second - (k - 1) * 1000
+            bar_t = tf.floor(s)
+            if bar_t != self._bar_t:
+                assert self._bar_t is not None
+                closed.append(
+                    (self._bar_t, self._o.copy(), self._h.copy(), self._l.copy(),
+                     self._price.copy(), self._v.copy())
+                )
+                self._open_bar(bar_t)
+            self._step(s)
+        self._last_second = max(self._last_second, second)
+
+        out: LatestResult = {}
+        assert self._bar_t is not None
+        bar_t = self._bar_t
+        for sym in symbols:
+            i = self._index[sym]
+            bars = [
+                Bar(sym, tf.name, t, float(o[i]), float(h[i]), float(l[i]), float(c[i]),
+                    float(v[i]), self.name, forming=False, synthetic=True)
+                for (t, o, h, l, c, v) in closed[-2:]  # noqa: E741
+            ]
+            bars.append(
+                Bar(sym, tf.name, bar_t, float(self._o[i]), float(self._h[i]), float(self._l[i]),
+                    float(self._price[i]), float(self._v[i]), self.name, forming=True,
+                    synthetic=True)
+            )
+            out[sym] = bars
+        return out
+
+    def _open_bar(self, bar_t: int) -> None:
+        self._bar_t = bar_t
+        self._o = self._price.copy()
+        self._h = self._price.copy()
+        self._l = self._price.copy()
+        self._v = np.zeros(len(self._price))
+
+    async def fetch_history(
+        self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int
+    ) -> list[Bar]:
+        """Closed bars over ``[start_ms, end_ms)`` ending at the symbol's live price.
+
+        Generated backwards from the live price, so history joins the live walk.
+        Deterministic for (seed, symbol, timeframe, range).
+        """
+        self._add_symbols([symbol])
+        first = tf.floor(start_ms) + (tf.ms if start_ms % tf.ms else 0)
+        last_open = tf.floor(end_ms - 1)
+        if last_open < first:
+            return []
+        times = np.arange(first, last_open + 1, tf.ms, dtype=np.int64)
+        n = len(times)
+        h64 = _symbol_hash(self._seed, f"{symbol}/{tf.name}/{first}/{last_open}")
+        rng = np.random.default_rng(h64)
+        sigma = _SIGMA_PER_SECOND * math.sqrt(tf.ms / 1000)
+        rets = sigma * rng.standard_normal(n)
+        i = self._index[symbol]
+        anchor = float(self._price[i])
+        closes = anchor * np.exp(-np.concatenate([np.cumsum(rets[::-1])[::-1][1:], [0.0]]))
+        opens = np.concatenate([[closes[0] * math.exp(-rets[0])], closes[:-1]])
+        wick = np.abs(rng.standard_normal((2, n))) * sigma * 0.5
+        highs = np.maximum(opens, closes) * np.exp(wick[0])
+        lows = np.minimum(opens, closes) * np.exp(-wick[1])
+        vols = np.round(
+            self._base_volume[i] * (tf.ms / 1000) * volume_profile(times) * rng.lognormal(0, 0.5, n)
+        )
+        return [
+            Bar(symbol, tf.name, int(t), float(o), float(h), float(lo), float(c), float(v),
+                self.name, forming=False, synthetic=True)
+            for t, o, h, lo, c, v in zip(
+                times.tolist(), opens.tolist(), highs.tolist(), lows.tolist(), closes.tolist(),
+                vols.tolist(), strict=True,
+            )
+        ]
