@@ -29,7 +29,7 @@ class Bar:
     t: int
     o: float
     h: float
-    l: float  # noqa: E741 - OHLC naming is the domain's own
+    l: float
     c: float
     v: float | None
     src: str
@@ -95,11 +95,12 @@ class Bar:
     def pack(self) -> bytes:
         """``[t, o, h, l, c, v|nil, src, flags]`` as msgpack."""
         flags = (FLAG_FORMING if self.forming else 0) | (FLAG_SYNTHETIC if self.synthetic else 0)
-        return msgpack.packb([self.t, self.o, self.h, self.l, self.c, self.v, self.src, flags])
+        packed: bytes = msgpack.packb([self.t, self.o, self.h, self.l, self.c, self.v, self.src, flags])
+        return packed
 
     @classmethod
     def unpack(cls, symbol: str, tf: str, data: bytes) -> Bar:
-        t, o, h, l, c, v, src, flags = msgpack.unpackb(data)  # noqa: E741
+        t, o, h, l, c, v, src, flags = msgpack.unpackb(data)
         return cls(
             symbol, tf, t, o, h, l, c, v, src,
             forming=bool(flags & FLAG_FORMING), synthetic=bool(flags & FLAG_SYNTHETIC),

@@ -1,0 +1,314 @@
+"""Where features are computed: TA-Lib stream handles per symbol and timeframe.
+
+A closed bar goes through ``update`` (O(1), committed); the forming bar goes
+through ``peek`` every cycle (nothing committed). Until a handle has enough
+history to open (``talib.InsufficientHistory``), its value for a bar is taken
+from TA-Lib's batch function over the short history, which is what the batch
+function reports for that bar anyway — so every value equals TA-Lib's batch
+output on the same series, warm-up included (``None`` where batch gives NaN).
+
+VWAP is anchored at the session start (UTC day by default, shifted by the
+configured anchor): a fresh handle is opened at each session's first bar. VWAP
+and the volume average are ``None`` for bars without volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import talib
+from talib import stream
+
+from sidecar.bar import Bar
+from sidecar.settings import IndicatorPeriods
+
+DAY_MS = 86_400_000
+
+#: Feature fields in the order :meth:`FeatureEngine.values` returns them.
+FEATURE_FIELDS: tuple[str, ...] = (
+    "rsi", "ema", "bb_upper", "bb_middle", "bb_lower", "atr", "vwap", "vol_ma",
+    "macd", "macd_signal", "macd_hist", "mom",
+)
+
+Values = list[float | None]
+
+
+def _clean(x: float) -> float | None:
+    return None if x != x else float(x)  # NaN -> None
+
+
+class _Indicator:
+    """One TA-Lib function: its stream handle once open, batch fallback while warming."""
+
+    __slots__ = ("batch", "factory", "handle", "inputs", "kwargs", "multi", "name")
+
+    def __init__(
+        self,
+        name: str,
+        inputs: str,
+        factory: Callable[..., Any],
+        batch: Callable[..., Any],
+        kwargs: dict[str, Any],
+        multi: bool,
+    ) -> None:
+        self.name = name
+        self.inputs = inputs  # "c" close, "hlc" high/low/close, "v" volume
+        self.factory = factory
+        self.batch = batch
+        self.kwargs = kwargs
+        self.multi = multi
+        self.handle: Any = None
+
+
+def _indicators(p: IndicatorPeriods) -> list[_Indicator]:
+    return [
+        _Indicator("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
+        _Indicator("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
+        _Indicator("bb", "c", stream.BBANDS, talib.BBANDS,
+                   {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0},
+                   True),
+        _Indicator("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
+        _Indicator("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
+        _Indicator("macd", "c", stream.MACD, talib.MACD,
+                   {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow,
+                    "signalperiod": p.macd_signal}, True),
+        _Indicator("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
+    ]
+
+
+def session_of(t_ms: int, anchor_ms: int) -> int:
+    """Index of the session (day starting at ``anchor_ms`` past 00:00 UTC) containing ``t_ms``."""
+    return (t_ms - anchor_ms) // DAY_MS
+
+
+class FeatureEngine:
+    """The eight indicators of one symbol and timeframe, kept current bar by bar."""
+
+    __slots__ = (
+        "_anchor_ms", "_hist_c", "_hist_h", "_hist_l", "_hist_v", "_ind",
+        "_session", "_vwap", "_warming", "closed_values", "last_closed_t", "symbol", "tf",
+    )
+
+    def __init__(self, symbol: str, tf: str, periods: IndicatorPeriods, session_anchor_min: int = 0):
+        self.symbol = symbol
+        self.tf = tf
+        self._anchor_ms = session_anchor_min * 60_000
+        self._ind = _indicators(periods)
+        self._warming = True
+        # Closed history kept only while some handle is still warming up.
+        self._hist_h: list[float] = []
+        self._hist_l: list[float] = []
+        self._hist_c: list[float] = []
+        self._hist_v: list[float] = []
+        self._vwap: Any = None
+        self._session: int | None = None
+        self.last_closed_t: int | None = None
+        self.closed_values: Values = [None] * len(FEATURE_FIELDS)
+
+    # -- history ----------------------------------------------------------------
+    def load(self, bars: Sequence[Bar]) -> None:
+        """Open the handles on closed history (oldest first) in one pass per indicator."""
+        if not bars:
+            return
+        for ind in self._ind:
+            ind.handle = None
+        # Only the trailing run of bars with volume feeds the volume indicators.
+        self._hist_h = [b.h for b in bars]
+        self._hist_l = [b.l for b in bars]
+        self._hist_c = [b.c for b in bars]
+        self._hist_v = []
+        for b in reversed(bars):
+            if b.v is None:
+                break
+            self._hist_v.append(b.v)
+        self._hist_v.reverse()
+        last = bars[-1]
+        self.last_closed_t = last.t
+        values = self._open_from_history()
+        # VWAP over the last session's bars.
+        self._vwap = None
+        self._session = session_of(last.t, self._anchor_ms)
+        vwap_val: float | None = None
+        if last.v is not None:
+            sess = [b for b in bars[-len(self._hist_v):] if session_of(b.t, self._anchor_ms) == self._session]
+            self._vwap = stream.VWAP(
+                np.array([b.h for b in sess]), np.array([b.l for b in sess]),
+                np.array([b.c for b in sess]), np.array([b.v for b in sess], dtype=np.float64),
+            )
+            vwap_val = _clean(self._vwap.value)
+        values[6] = vwap_val
+        self.closed_values = values
+        self._trim_history()
+
+    def _open_from_history(self) -> Values:
+        """Try to open every unopened handle on the kept history; return batch-equal values."""
+        out: Values = [None] * len(FEATURE_FIELDS)
+        warming = False
+        for ind in self._ind:
+            arrays = self._arrays(ind.inputs)
+            if arrays is None:
+                ind.handle = None
+                self._put(out, ind, None)
+                continue
+            if ind.handle is None:
+                try:
+                    ind.handle = ind.factory(*arrays, **ind.kwargs)
+                except talib.InsufficientHistory:  # type: ignore[attr-defined]
+                    warming = warming or ind.inputs != "v"
+                    self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
+                    continue
+            self._put(out, ind, ind.handle.value)
+        self._warming = warming
+        return out
+
+    def _arrays(self, inputs: str) -> tuple[np.ndarray, ...] | None:
+        if inputs == "c":
+            return (np.array(self._hist_c),) if self._hist_c else None
+        if inputs == "hlc":
+            if not self._hist_c:
+                return None
+            return (np.array(self._hist_h), np.array(self._hist_l), np.array(self._hist_c))
+        return (np.array(self._hist_v, dtype=np.float64),) if self._hist_v else None
+
+    @staticmethod
+    def _put(out: Values, ind: _Indicator, value: Any, last: bool = False) -> None:
+        if ind.multi:
+            parts: Any = value if value is not None else (None, None, None)
+            if last:
+                parts = tuple(p[-1] for p in parts)
+            cleaned = [None if p is None else _clean(p) for p in parts]
+            if ind.name == "bb":
+                out[2], out[3], out[4] = cleaned
+            else:
+                out[8], out[9], out[10] = cleaned
+            return
+        v = None if value is None else _clean(value[-1] if last else value)
+        out[_INDEX[ind.name]] = v
+
+    def _trim_history(self) -> None:
+        if not self._warming:
+            self._hist_h, self._hist_l, self._hist_c = [], [], []
+            if all(ind.handle is not None for ind in self._ind if ind.inputs == "v"):
+                self._hist_v = []
+
+    # -- live bars --------------------------------------------------------------
+    def update(self, bar: Bar) -> Values:
+        """Commit a closed bar; returns its feature values."""
+        out: Values = [None] * len(FEATURE_FIELDS)
+        if bar.v is None:
+            # No volume: the volume series restarts when volume comes back.
+            self._hist_v = []
+            for ind in self._ind:
+                if ind.inputs == "v":
+                    ind.handle = None
+        if self._warming:
+            self._hist_h.append(bar.h)
+            self._hist_l.append(bar.l)
+            self._hist_c.append(bar.c)
+        if bar.v is not None and any(ind.handle is None for ind in self._ind if ind.inputs == "v"):
+            self._hist_v.append(bar.v)
+        for ind in self._ind:
+            handle = ind.handle
+            if handle is None:
+                continue
+            if ind.inputs == "c":
+                self._put(out, ind, handle.update(bar.c))
+            elif ind.inputs == "hlc":
+                self._put(out, ind, handle.update(bar.h, bar.l, bar.c))
+            else:
+                self._put(out, ind, handle.update(bar.v))
+        if any(ind.handle is None for ind in self._ind):
+            for i, v in enumerate(self._open_unopened()):
+                if v is not None:
+                    out[i] = v
+            self._trim_history()
+        out[6] = self._update_vwap(bar)
+        self.last_closed_t = bar.t
+        self.closed_values = out
+        return out
+
+    def _open_unopened(self) -> Values:
+        out: Values = [None] * len(FEATURE_FIELDS)
+        warming = False
+        for ind in self._ind:
+            if ind.handle is not None:
+                continue
+            arrays = self._arrays(ind.inputs)
+            if arrays is None:
+                continue
+            try:
+                ind.handle = ind.factory(*arrays, **ind.kwargs)
+                self._put(out, ind, ind.handle.value)
+            except talib.InsufficientHistory:  # type: ignore[attr-defined]
+                if ind.inputs != "v":
+                    warming = True
+                self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
+        self._warming = warming
+        return out
+
+    def _update_vwap(self, bar: Bar) -> float | None:
+        if bar.v is None:
+            self._vwap = None
+            return None
+        session = session_of(bar.t, self._anchor_ms)
+        if self._vwap is None or session != self._session:
+            self._session = session
+            self._vwap = stream.VWAP(
+                np.array([bar.h]), np.array([bar.l]), np.array([bar.c]), np.array([bar.v])
+            )
+            return _clean(self._vwap.value)
+        return _clean(self._vwap.update(bar.h, bar.l, bar.c, bar.v))
+
+    def peek(self, bar: Bar) -> Values:
+        """Values the forming ``bar`` would get if it closed now; commits nothing."""
+        out: Values = [None] * len(FEATURE_FIELDS)
+        for ind in self._ind:
+            handle = ind.handle
+            if handle is not None:
+                if ind.inputs == "c":
+                    self._put(out, ind, handle.peek(bar.c))
+                elif ind.inputs == "hlc":
+                    self._put(out, ind, handle.peek(bar.h, bar.l, bar.c))
+                elif bar.v is not None:
+                    self._put(out, ind, handle.peek(bar.v))
+                continue
+            # Warming: batch over the short history plus this bar.
+            if ind.inputs == "v":
+                if bar.v is None:
+                    continue
+                arrays: tuple[np.ndarray, ...] = (np.array([*self._hist_v, bar.v], dtype=np.float64),)
+            elif ind.inputs == "c":
+                arrays = (np.array([*self._hist_c, bar.c]),)
+            else:
+                arrays = (np.array([*self._hist_h, bar.h]), np.array([*self._hist_l, bar.l]),
+                          np.array([*self._hist_c, bar.c]))
+            self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
+        if bar.v is not None:
+            session = session_of(bar.t, self._anchor_ms)
+            if self._vwap is not None and session == self._session:
+                out[6] = _clean(self._vwap.peek(bar.h, bar.l, bar.c, bar.v))
+            else:
+                out[6] = _clean(
+                    talib.VWAP(np.array([bar.h]), np.array([bar.l]), np.array([bar.c]),
+                               np.array([bar.v], dtype=np.float64))[-1]
+                )
+        return out
+
+
+_INDEX = {name: i for i, name in enumerate(FEATURE_FIELDS)}
+
+
+def features_map(bar: Bar, values: Values, computed_at: int, stale: bool = False) -> dict[str, Any]:
+    """The msgpack map the scanner reads (CONTRACT.md "Features")."""
+    out: dict[str, Any] = {
+        "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v,
+    }
+    out.update(zip(FEATURE_FIELDS, values, strict=True))
+    out["forming"] = bar.forming
+    out["src"] = bar.src
+    out["synthetic"] = bar.synthetic
+    out["stale"] = stale
+    out["computed_at"] = computed_at
+    return out

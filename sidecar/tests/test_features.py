@@ -1,0 +1,138 @@
+"""Features equal TA-Lib's batch functions on the same series, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import talib
+
+from sidecar.bar import Bar
+from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, session_of
+from sidecar.settings import IndicatorPeriods
+
+TF_MS = 60_000
+T0 = 1_727_827_200_000 + 13 * 3_600_000  # a UTC day, mid-morning: sessions roll over inside
+
+
+def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
+    rng = np.random.default_rng(seed)
+    closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
+    opens = np.concatenate([[100.0], closes[:-1]])
+    highs = np.maximum(opens, closes) * (1 + rng.uniform(0, 0.002, n))
+    lows = np.minimum(opens, closes) * (1 - rng.uniform(0, 0.002, n))
+    vols = rng.integers(1, 5_000, n).astype(float)
+    return [
+        Bar("TEST", "1m", T0 + i * TF_MS, float(opens[i]), float(highs[i]), float(lows[i]),
+            float(closes[i]), float(vols[i]) if volume else None, "test")
+        for i in range(n)
+    ]
+
+
+def batch_values(bars: list[Bar], anchor_min: int = 0) -> dict[str, np.ndarray]:
+    h = np.array([b.h for b in bars])
+    l = np.array([b.l for b in bars])
+    c = np.array([b.c for b in bars])
+    out: dict[str, np.ndarray] = {
+        "rsi": talib.RSI(c, 14), "ema": talib.EMA(c, 20), "atr": talib.ATR(h, l, c, 14),
+        "mom": talib.MOM(c, 10),
+    }
+    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0, 0)
+    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, 12, 26, 9)
+    if bars[0].v is None:
+        out["vol_ma"] = np.full(len(bars), np.nan)
+        out["vwap"] = np.full(len(bars), np.nan)
+        return out
+    v = np.array([b.v for b in bars], dtype=float)
+    out["vol_ma"] = talib.SMA(v, 20)
+    vwap = np.full(len(bars), np.nan)
+    sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars])
+    for s in np.unique(sessions):
+        idx = np.nonzero(sessions == s)[0]
+        vwap[idx] = talib.VWAP(h[idx], l[idx], c[idx], v[idx])
+    out["vwap"] = vwap
+    return out
+
+
+def assert_row_equal(values: list[float | None], expected: dict[str, np.ndarray], i: int) -> None:
+    for name, got in zip(FEATURE_FIELDS, values, strict=True):
+        want = expected[name][i]
+        if np.isnan(want):
+            assert got is None, f"{name}[{i}]: expected null during warm-up, got {got}"
+        else:
+            assert got == want, f"{name}[{i}]: {got!r} != batch {want!r}"  # bit-identical
+
+
+@pytest.mark.parametrize("anchor_min", [0, 13 * 60 + 30])
+def test_stream_equals_batch_with_forming_revisions_over_10k_bars(anchor_min: int) -> None:
+    bars = make_series(10_500)
+    assert len({session_of(b.t, anchor_min * 60_000) for b in bars}) >= 7  # session boundaries
+    expected = batch_values(bars, anchor_min)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods(), session_anchor_min=anchor_min)
+    rng = np.random.default_rng(3)
+    for i, bar in enumerate(bars):
+        # The forming bar is revised a few times before it closes; peek must match
+        # batch over the series that ends with the *revised* bar.
+        for _ in range(2):
+            k = float(rng.uniform(0.999, 1.001))
+            revised = Bar(bar.symbol, bar.tf, bar.t, bar.o, max(bar.h, bar.c * k, bar.o),
+                          min(bar.l, bar.c * k, bar.o), bar.c * k, (bar.v or 0) / 2, "test",
+                          forming=True)
+            peeked = engine.peek(revised)
+            if i % 997 == 0:  # batch over the whole series is slow: check a sample
+                exp_rev = batch_values([*bars[:i], revised], anchor_min)
+                assert_row_equal(peeked, exp_rev, i)
+        assert_row_equal(engine.update(bar), expected, i)
+
+
+def test_load_from_history_then_stream_equals_batch() -> None:
+    bars = make_series(6_000, seed=11)
+    expected = batch_values(bars)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    engine.load(bars[:5_000])
+    assert_row_equal(engine.closed_values, expected, 4_999)
+    for i in range(5_000, 6_000):
+        assert_row_equal(engine.update(bars[i]), expected, i)
+
+
+@pytest.mark.parametrize("n", [1, 5, 15, 33, 34, 35])
+def test_short_history_load_gives_warmup_nulls_equal_to_batch(n: int) -> None:
+    bars = make_series(n + 40, seed=n)
+    expected = batch_values(bars)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    engine.load(bars[:n])
+    assert_row_equal(engine.closed_values, expected, n - 1)
+    for i in range(n, n + 40):
+        assert_row_equal(engine.peek(bars[i]), expected, i)
+        assert_row_equal(engine.update(bars[i]), expected, i)
+
+
+def test_no_volume_series_has_null_vwap_and_volume_average() -> None:
+    bars = make_series(300, volume=False)
+    expected = batch_values(bars)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    for i, bar in enumerate(bars):
+        values = engine.update(bar)
+        assert_row_equal(values, expected, i)
+    out = dict(zip(FEATURE_FIELDS, values, strict=True))
+    assert out["vwap"] is None and out["vol_ma"] is None and out["rsi"] is not None
+
+
+def test_custom_periods_follow_configuration() -> None:
+    bars = make_series(400)
+    periods = IndicatorPeriods(rsi=7, ema=50, mom=3)
+    engine = FeatureEngine("TEST", "1m", periods)
+    for bar in bars:
+        values = dict(zip(FEATURE_FIELDS, engine.update(bar), strict=True))
+    c = np.array([b.c for b in bars])
+    assert values["rsi"] == talib.RSI(c, 7)[-1]
+    assert values["ema"] == talib.EMA(c, 50)[-1]
+    assert values["mom"] == talib.MOM(c, 3)[-1]
+
+
+def test_vwap_restarts_at_each_session() -> None:
+    bars = make_series(3 * 1440)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    for bar in bars:
+        values = dict(zip(FEATURE_FIELDS, engine.update(bar), strict=True))
+        if bar.t % DAY_MS == 0:  # first bar of a session: VWAP is its typical price
+            assert values["vwap"] == pytest.approx((bar.h + bar.l + bar.c) / 3, rel=1e-12)

@@ -1,0 +1,281 @@
+"""Where a bar is checked before anything stores it.
+
+:func:`check_bar` holds the rules one bar must pass on its own (prices, volume,
+alignment, clock). :class:`Validator` adds the rules that need memory of what was
+already accepted per symbol: ordering, revisions, corrections, duplicates,
+outliers (held, not stored) and gaps (recorded, optionally filled with bars
+marked synthetic). Every rejection is counted by reason and logged once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sidecar.bar import Bar
+from sidecar.timeframe import Timeframe
+
+log = logging.getLogger("sidecar.validation")
+
+#: Gap filling never makes up more than this many bars at once (weekends, halts).
+MAX_FILL_BARS = 1_000
+
+
+class Verdict(enum.Enum):
+    NEW = "new"  # a bar newer than anything stored for the symbol
+    REVISION = "revision"  # the newest bar again, with other values
+    CORRECTION = "correction"  # an older, already stored bar with other values
+    DUPLICATE = "duplicate"  # identical to what is stored: nothing to do
+    HELD = "held"  # an outlier, kept aside until confirmed or dropped
+    REJECTED = "rejected"
+
+
+def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
+    """The reason ``bar`` is invalid on its own, or ``None`` if it passes."""
+    o, h, l, c, v = bar.o, bar.h, bar.l, bar.c, bar.v
+    if not (
+        math.isfinite(o) and math.isfinite(h) and math.isfinite(l) and math.isfinite(c)
+        and o > 0.0 and h > 0.0 and l > 0.0 and c > 0.0
+    ):
+        return "bad_price"
+    if h < o or h < c:
+        return "high_below_open_close"
+    if l > o or l > c:
+        return "low_above_open_close"
+    if v is not None and not (math.isfinite(v) and v >= 0.0):
+        return "bad_volume"
+    if bar.tf != tf.name:
+        return "wrong_timeframe"
+    if bar.t % tf.ms != 0:
+        return "misaligned_time"
+    if bar.t > now_ms + skew_ms:
+        return "future"
+    return None
+
+
+def validate_history(
+    bars: Iterable[Bar], tf: Timeframe, now_ms: int, skew_ms: int = 2_000
+) -> tuple[list[Bar], Counter[str]]:
+    """Check a list of history bars: per-bar rules, then one bar per open time.
+
+    Returns the accepted bars oldest first (a later bar with the same time
+    replaces an earlier one) and the rejection counts by reason.
+    """
+    rejected: Counter[str] = Counter()
+    by_time: dict[int, Bar] = {}
+    for bar in bars:
+        reason = check_bar(bar, tf, now_ms, skew_ms)
+        if reason is not None:
+            rejected[reason] += 1
+            continue
+        if bar.t in by_time:
+            rejected["duplicate"] += 1
+        by_time[bar.t] = bar
+    return [by_time[t] for t in sorted(by_time)], rejected
+
+
+@dataclass(slots=True)
+class Gap:
+    """Bars missing between two stored bars: open times ``start`` .. ``end`` inclusive."""
+
+    symbol: str
+    start: int
+    end: int
+    missing: int
+    filled: bool = False
+
+
+@dataclass(slots=True)
+class _SymbolState:
+    newest: Bar | None = None
+    recent: dict[int, Bar] = field(default_factory=dict)  # t -> bar, the correction window
+    ranges: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    range_sum: float = 0.0
+    held: Bar | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to do with one incoming bar: store ``bars`` (may be empty)."""
+
+    verdict: Verdict
+    bars: list[Bar]
+    reason: str | None = None
+
+
+class Validator:
+    """Stateful validation per symbol for one timeframe."""
+
+    __slots__ = (
+        "_correction_ms",
+        "_fill_gaps",
+        "_outlier_k",
+        "_skew_ms",
+        "_states",
+        "_tf",
+        "_window",
+        "accepted",
+        "duplicates",
+        "gaps",
+        "held",
+        "rejected",
+    )
+
+    def __init__(
+        self,
+        tf: Timeframe,
+        *,
+        skew_ms: int = 2_000,
+        outlier_k: float = 15.0,
+        outlier_window: int = 50,
+        correction_window_bars: int = 10,
+        fill_gaps: bool = False,
+    ) -> None:
+        self._tf = tf
+        self._skew_ms = skew_ms
+        self._outlier_k = outlier_k
+        self._window = outlier_window
+        self._correction_ms = correction_window_bars * tf.ms
+        self._fill_gaps = fill_gaps
+        self._states: dict[str, _SymbolState] = {}
+        self.rejected: Counter[str] = Counter()
+        self.accepted = 0
+        self.duplicates = 0
+        self.held = 0
+        self.gaps: dict[str, deque[Gap]] = {}
+
+    # -- state ----------------------------------------------------------------
+    def _state(self, symbol: str) -> _SymbolState:
+        st = self._states.get(symbol)
+        if st is None:
+            st = _SymbolState(ranges=deque(maxlen=self._window))
+            self._states[symbol] = st
+        return st
+
+    def prime(self, symbol: str, bars: Iterable[Bar]) -> None:
+        """Teach the validator what is already stored (oldest first), e.g. at start."""
+        st = self._state(symbol)
+        for bar in bars:
+            self._remember(st, bar)
+
+    def newest(self, symbol: str) -> Bar | None:
+        st = self._states.get(symbol)
+        return st.newest if st else None
+
+    def held_bar(self, symbol: str) -> Bar | None:
+        st = self._states.get(symbol)
+        return st.held if st else None
+
+    def _remember(self, st: _SymbolState, bar: Bar) -> None:
+        if st.newest is None or bar.t >= st.newest.t:
+            if st.newest is None or bar.t > st.newest.t:
+                rng = bar.h - bar.l
+                if len(st.ranges) == st.ranges.maxlen:
+                    st.range_sum -= st.ranges[0]
+                st.ranges.append(rng)
+                st.range_sum += rng
+            st.newest = bar
+        st.recent[bar.t] = bar
+        if len(st.recent) > 2 * (self._correction_ms // self._tf.ms + 1) + 4:
+            cutoff = st.newest.t - self._correction_ms
+            for t in [t for t in st.recent if t < cutoff]:
+                del st.recent[t]
+
+    # -- the check --------------------------------------------------------------
+    def check(self, bar: Bar, now_ms: int) -> Outcome:
+        """Decide what happens to ``bar``; counts and logs rejections."""
+        reason = check_bar(bar, self._tf, now_ms, self._skew_ms)
+        if reason is not None:
+            return self._reject(bar, reason)
+        st = self._state(bar.symbol)
+        newest = st.newest
+        if newest is None:
+            self._remember(st, bar)
+            self.accepted += 1
+            return Outcome(Verdict.NEW, [bar])
+
+        if bar.t < newest.t:
+            known = st.recent.get(bar.t)
+            if known is not None and known.same_values(bar):
+                self.duplicates += 1
+                return Outcome(Verdict.DUPLICATE, [])
+            if newest.t - bar.t > self._correction_ms:
+                return self._reject(bar, "stale")
+            st.recent[bar.t] = bar
+            self.accepted += 1
+            return Outcome(Verdict.CORRECTION, [bar])
+
+        if bar.t == newest.t and newest.same_values(bar):
+            self.duplicates += 1
+            return Outcome(Verdict.DUPLICATE, [])
+
+        out: list[Bar] = []
+        if st.held is not None:
+            held, st.held = st.held, None
+            if held.t == bar.t or not self._is_outlier(st, bar, reference=held.c):
+                # The market confirmed the jump: the held bar was real.
+                if held.t != bar.t:
+                    log.info("outlier confirmed", extra={"symbol": bar.symbol, "t": held.t})
+                    out.extend(self._accept_new(st, held))
+            else:
+                self._reject(held, "outlier")
+        if self._is_outlier(st, bar, reference=st.newest.c if st.newest else bar.o):
+            st.held = bar
+            self.held += 1
+            log.warning(
+                "outlier held",
+                extra={"symbol": bar.symbol, "t": bar.t, "o": bar.o, "h": bar.h, "l": bar.l,
+                       "c": bar.c, "ref": st.newest.c if st.newest else None},
+            )
+            return Outcome(Verdict.HELD, out)
+        verdict = Verdict.REVISION if st.newest is not None and bar.t == st.newest.t else Verdict.NEW
+        out.extend(self._accept_new(st, bar))
+        return Outcome(verdict, out)
+
+    def _accept_new(self, st: _SymbolState, bar: Bar) -> list[Bar]:
+        out: list[Bar] = []
+        newest = st.newest
+        if newest is not None and bar.t - newest.t > self._tf.ms:
+            missing = (bar.t - newest.t) // self._tf.ms - 1
+            gap = Gap(bar.symbol, newest.t + self._tf.ms, bar.t - self._tf.ms, missing)
+            if self._fill_gaps and missing <= MAX_FILL_BARS:
+                gap.filled = True
+                p = newest.c
+                out.extend(
+                    Bar(bar.symbol, bar.tf, t, p, p, p, p, 0.0 if bar.v is not None else None,
+                        "gapfill", forming=False, synthetic=True)
+                    for t in range(gap.start, bar.t, self._tf.ms)
+                )
+                for filler in out:
+                    self._remember(st, filler)
+            self.gaps.setdefault(bar.symbol, deque(maxlen=100)).append(gap)
+            log.info(
+                "gap detected",
+                extra={"symbol": bar.symbol, "start": gap.start, "end": gap.end,
+                       "missing": missing, "filled": gap.filled},
+            )
+        self._remember(st, bar)
+        self.accepted += 1
+        out.append(bar)
+        return out
+
+    def _is_outlier(self, st: _SymbolState, bar: Bar, reference: float) -> bool:
+        if self._outlier_k <= 0.0 or len(st.ranges) < 10:
+            return False
+        # Floor the typical range so a flat market does not make every tick an outlier.
+        typical = max(st.range_sum / len(st.ranges), reference * 1e-4)
+        bound = self._outlier_k * typical
+        return abs(bar.c - reference) > bound or bar.h - bar.l > bound
+
+    def _reject(self, bar: Bar, reason: str) -> Outcome:
+        self.rejected[reason] += 1
+        log.warning(
+            "bar rejected",
+            extra={"reason": reason, "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "o": bar.o,
+                   "h": bar.h, "l": bar.l, "c": bar.c, "v": bar.v, "src": bar.src},
+        )
+        return Outcome(Verdict.REJECTED, [], reason)
