@@ -1,0 +1,224 @@
+"""Circuit breakers for the data sources, on pybreaker, used the asyncio way.
+
+pybreaker has no native asyncio support (see shared/notes/providers.md). This
+wrapper admits a call first (open -> refuse; open after its timeout or half-open
+-> let exactly one probe through at a time), awaits the request outside of
+pybreaker, and then reports the outcome with ``with breaker.calling(): ...``:
+
+* success -> pybreaker's success path (closes a half-open breaker);
+* a counting error -> pybreaker's failure path (opens after ``fail_max``);
+* a non-counting :class:`ProviderError` (``unknown_symbol``, ``not_entitled``) is
+  in pybreaker's ``exclude`` list, so it is not a failure;
+* :class:`asyncio.CancelledError` and :class:`BudgetExhausted` (nothing was sent)
+  are *neutral*: they never reach pybreaker, so a cancelled probe neither closes
+  nor re-opens the circuit, and the next caller may probe.
+
+State changes are logged on logger ``sidecar.breaker`` and kept for ``/health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pybreaker
+
+from sidecar.errors import ProviderError, SidecarError
+from sidecar.rate_budget import BudgetExhausted
+
+log = logging.getLogger("sidecar.breaker")
+T = TypeVar("T")
+
+_STATE_NAMES = {
+    pybreaker.STATE_CLOSED: "closed",
+    pybreaker.STATE_OPEN: "open",
+    pybreaker.STATE_HALF_OPEN: "half_open",
+}
+
+
+class BreakerOpen(SidecarError):
+    """The circuit refused the call (open, or a probe is already in flight)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: circuit {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def _not_a_failure(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and not exc.counts_as_failure
+
+
+#: pybreaker's "not a failure" list (an excluded error counts as a success there).
+_EXCLUDE: list[Any] = [asyncio.CancelledError, _not_a_failure]
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: SourceBreaker) -> None:
+        self._owner = owner
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        self._owner._on_state_change(
+            _STATE_NAMES.get(old_state.name if old_state else "", "closed"),
+            _STATE_NAMES.get(new_state.name, new_state.name),
+        )
+
+
+class SourceBreaker:
+    """One circuit breaker for one source (or one source and asset class)."""
+
+    __slots__ = (
+        "_cb",
+        "_last_change_ms",
+        "_last_error",
+        "_last_error_class",
+        "_last_success_ms",
+        "_opened_reason",
+        "_probe_in_flight",
+        "_reset_timeout",
+        "_storage",
+        "_wall",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_max: int = 5,
+        reset_timeout_s: float = 30.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self._storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._reset_timeout = reset_timeout_s
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout_s,
+            exclude=_EXCLUDE,
+            listeners=[_Listener(self)],
+            state_storage=self._storage,
+            name=name,
+            throw_new_error_on_trip=False,
+        )
+        self._probe_in_flight = False
+        self._wall = wall_clock
+        self._last_error_class: str | None = None
+        self._last_error: str | None = None
+        self._last_success_ms: int | None = None
+        self._last_change_ms: int | None = None
+        self._opened_reason: str | None = None
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open`` or ``half_open``."""
+        return _STATE_NAMES.get(self._cb.current_state, self._cb.current_state)
+
+    @property
+    def breaker(self) -> pybreaker.CircuitBreaker:
+        """The underlying pybreaker object (for tests and mirroring)."""
+        return self._cb
+
+    def _timeout_elapsed(self) -> bool:
+        opened_at = self._storage.opened_at
+        if opened_at is None:
+            return True
+        return datetime.now(UTC) >= opened_at + timedelta(seconds=self._reset_timeout)
+
+    def allows(self) -> bool:
+        """Whether a call would be admitted right now (no side effects)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" and not self._timeout_elapsed():
+            return False
+        return not self._probe_in_flight
+
+    def _admit(self) -> bool:
+        """Admit a call; returns True if it is the (single) probe."""
+        state = self.state
+        if state == "closed":
+            return False
+        if state == "open" and not self._timeout_elapsed():
+            raise BreakerOpen(self.name, "open")
+        if self._probe_in_flight:
+            raise BreakerOpen(self.name, "half-open, probe in flight")
+        self._probe_in_flight = True
+        return True
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``await fn()`` under the breaker; raises :class:`BreakerOpen` if refused."""
+        probe = self._admit()
+        try:
+            try:
+                result = await fn()
+            except (asyncio.CancelledError, BudgetExhausted):
+                raise  # neutral: pybreaker never hears of it
+            except BaseException as exc:
+                self._record_failure(exc)
+                raise
+            self._record_success()
+            return result
+        finally:
+            if probe:
+                self._probe_in_flight = False
+
+    def _report(self, exc: BaseException | None) -> None:
+        try:
+            with self._cb.calling():
+                if exc is not None:
+                    raise exc
+        except pybreaker.CircuitBreakerError:
+            pass  # the state moved meanwhile (another call opened it): nothing to record
+        except BaseException as raised:
+            if raised is not exc:
+                raise
+
+    def _record_success(self) -> None:
+        self._last_success_ms = int(self._wall() * 1000)
+        self._report(None)
+
+    def _record_failure(self, exc: BaseException) -> None:
+        counts = not _not_a_failure(exc)
+        if counts:
+            self._last_error_class = (
+                exc.error_class if isinstance(exc, ProviderError) else type(exc).__name__
+            )
+            self._last_error = str(exc)[:300]
+        self._report(exc)
+
+    def _on_state_change(self, old: str, new: str) -> None:
+        self._last_change_ms = int(self._wall() * 1000)
+        if new == "open":
+            self._opened_reason = (
+                f"{self._last_error_class}: {self._last_error}" if self._last_error_class else None
+            )
+            log.warning(
+                "circuit %s %s -> %s (%s)", self.name, old, new, self._opened_reason,
+                extra={"source": self.name, "state": new},
+            )
+        else:
+            log.info("circuit %s %s -> %s", self.name, old, new,
+                     extra={"source": self.name, "state": new})
+
+    def status(self) -> dict[str, Any]:
+        """Facts for ``/health``."""
+        return {
+            "state": self.state,
+            "fail_count": self._cb.fail_counter,
+            "last_error_class": self._last_error_class,
+            "last_error": self._last_error,
+            "last_success_ms": self._last_success_ms,
+            "last_state_change_ms": self._last_change_ms,
+            "opened_reason": self._opened_reason if self.state != "closed" else None,
+            "probe_in_flight": self._probe_in_flight,
+        }

@@ -1,0 +1,199 @@
+"""The symbol mapping: canonical symbol -> each provider's spelling and asset class.
+
+One user-editable TOML file (``sidecar/symbols.toml``, or ``SIDECAR_SYMBOLS_FILE``).
+A symbol that is not listed is a US stock spelled the same way everywhere; a text
+that is not a canonical symbol at all (``C:EURUSD``, ``EURUSD=X``, ``EUR/USD``) is
+a provider spelling passed through unchanged, its asset class guessed from its
+shape. A source that cannot serve a symbol gets ``None`` (skipped, not an error).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from sidecar.errors import ConfigError
+from sidecar.settings import SYMBOL_RE
+
+AssetClass = Literal["stock", "etf", "fx", "crypto", "index", "metal"]
+ASSET_CLASSES: tuple[AssetClass, ...] = ("stock", "etf", "fx", "crypto", "index", "metal")
+PROVIDERS = ("yahoo", "alphavantage", "twelvedata", "polygon")
+DEFAULT_FILE = Path(__file__).with_name("symbols.toml")
+_SETTING = "SIDECAR_SYMBOLS_FILE"
+_EQUITY: tuple[AssetClass, ...] = ("stock", "etf")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSymbol:
+    """How one provider spells one symbol.
+
+    ``ticker`` is the provider's spelling; for Alpha Vantage currency pairs
+    ``base``/``quote`` hold the ``from``/``to`` codes and ``ticker`` is ``base/quote``.
+    """
+
+    canonical: str
+    provider: str
+    ticker: str
+    asset_class: AssetClass
+    base: str | None = None
+    quote: str | None = None
+
+    @property
+    def has_volume(self) -> bool:
+        """False where the provider's volume is meaningless (FX, metals, indices)."""
+        return self.asset_class not in ("fx", "metal", "index")
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolEntry:
+    """One mapping entry; ``spellings[provider]`` is ``None`` when it cannot serve."""
+
+    canonical: str
+    asset_class: AssetClass
+    broker: str
+    spellings: Mapping[str, ProviderSymbol | None]
+
+
+def _default_entry(symbol: str) -> SymbolEntry:
+    return SymbolEntry(
+        canonical=symbol,
+        asset_class="stock",
+        broker=symbol,
+        spellings={p: ProviderSymbol(symbol, p, symbol, "stock") for p in PROVIDERS},
+    )
+
+
+def _parse_spelling(
+    canonical: str, provider: str, asset_class: AssetClass, raw: Any, where: str
+) -> ProviderSymbol | None:
+    if raw is None:  # key left out
+        if asset_class in _EQUITY:
+            return ProviderSymbol(canonical, provider, canonical, asset_class)
+        return None
+    if raw is False:
+        return None
+    if isinstance(raw, str) and raw.strip():
+        text = raw.strip()
+        if provider == "alphavantage" and asset_class not in _EQUITY:
+            raise ConfigError(_SETTING, f"{where}: alphavantage for {asset_class} needs "
+                                        "{ from = ..., to = ... }")
+        return ProviderSymbol(canonical, provider, text, asset_class)
+    if isinstance(raw, dict) and provider == "alphavantage":
+        base, quote = raw.get("from"), raw.get("to")
+        if not (isinstance(base, str) and isinstance(quote, str) and base and quote):
+            raise ConfigError(_SETTING, f"{where}: alphavantage needs string 'from' and 'to'")
+        unknown = set(raw) - {"from", "to"}
+        if unknown:
+            raise ConfigError(_SETTING, f"{where}: unknown alphavantage keys {sorted(unknown)}")
+        if asset_class in _EQUITY:
+            raise ConfigError(_SETTING, f"{where}: from/to is for fx, metal and crypto only")
+        return ProviderSymbol(canonical, provider, f"{base}/{quote}", asset_class, base, quote)
+    raise ConfigError(_SETTING, f"{where}: expected a ticker string or false, got {raw!r}")
+
+
+class SymbolMap:
+    """The loaded mapping. Build with :func:`load_symbol_map`."""
+
+    __slots__ = ("_entries", "path")
+
+    def __init__(self, entries: Mapping[str, SymbolEntry], path: Path | None = None) -> None:
+        self._entries = dict(entries)
+        self.path = path
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def entry(self, symbol: str) -> SymbolEntry:
+        """The entry of a canonical symbol (a US-stock default when not listed)."""
+        return self._entries.get(symbol) or _default_entry(symbol)
+
+    def for_source(self, provider: str, symbol: str) -> ProviderSymbol | None:
+        """How ``provider`` spells ``symbol``, or ``None`` if it cannot serve it.
+
+        ``symbol`` is canonical; a text that cannot be canonical (``C:EURUSD``,
+        ``EURUSD=X``, ``EUR/USD``, ``^NDX``) is taken as the provider's own spelling.
+        """
+        if symbol in self._entries:
+            return self._entries[symbol].spellings.get(provider)
+        if SYMBOL_RE.match(symbol) and not _looks_foreign(provider, symbol):
+            return _default_entry(symbol).spellings[provider]
+        return passthrough(provider, symbol)
+
+
+def _looks_foreign(provider: str, symbol: str) -> bool:
+    """Canonical-looking texts that are in fact provider spellings (``BTC-USD``)."""
+    return provider == "yahoo" and symbol.endswith(("-USD", "-EUR", "-USDT"))
+
+
+def passthrough(provider: str, text: str) -> ProviderSymbol:
+    """A provider's own spelling, used unchanged; the asset class is guessed."""
+    asset: AssetClass = "stock"
+    base: str | None = None
+    quote: str | None = None
+    if provider == "polygon":
+        asset = {"C:": "fx", "X:": "crypto", "I:": "index"}.get(text[:2], "stock")  # type: ignore[assignment]
+    elif provider == "yahoo":
+        if text.endswith("=X"):
+            asset = "fx"
+        elif text.startswith("^"):
+            asset = "index"
+        elif "-" in text and text.rsplit("-", 1)[1] in ("USD", "EUR", "USDT", "BTC"):
+            asset = "crypto"
+    elif provider in ("twelvedata", "alphavantage") and "/" in text:
+        base, quote = text.split("/", 1)
+        asset = "crypto" if base in ("BTC", "ETH", "SOL", "XRP", "LTC", "DOGE") else "fx"
+        if base == "XAU" or base == "XAG":
+            asset = "metal"
+        if provider == "twelvedata":
+            base = quote = None
+    return ProviderSymbol(text, provider, text, asset, base, quote)
+
+
+def parse_symbol_map(data: Mapping[str, Any], path: Path | None = None) -> SymbolMap:
+    """Validate a decoded mapping; raises :class:`ConfigError` naming the bad entry."""
+    entries: dict[str, SymbolEntry] = {}
+    for canonical, body in data.items():
+        where = f"{path or 'mapping'}: [{canonical}]"
+        if not SYMBOL_RE.match(canonical):
+            raise ConfigError(
+                _SETTING, f"{where}: {canonical!r} is not a canonical symbol ({SYMBOL_RE.pattern})"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(_SETTING, f"{where}: expected a table")
+        unknown = set(body) - {"asset_class", "broker", *PROVIDERS}
+        if unknown:
+            raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} "
+                                        f"(known: asset_class, broker, {', '.join(PROVIDERS)})")
+        asset_raw = body.get("asset_class", "stock")
+        if asset_raw not in ASSET_CLASSES:
+            raise ConfigError(
+                _SETTING, f"{where}: asset_class {asset_raw!r} is not one of {', '.join(ASSET_CLASSES)}"
+            )
+        asset = cast(AssetClass, asset_raw)
+        broker = body.get("broker", canonical)
+        if not isinstance(broker, str) or not broker.strip():
+            raise ConfigError(_SETTING, f"{where}: broker must be a non-empty string")
+        spellings = {
+            p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
+        }
+        entries[canonical] = SymbolEntry(canonical, asset, broker.strip(), spellings)
+    return SymbolMap(entries, path)
+
+
+def load_symbol_map(path: Path | None = None) -> SymbolMap:
+    """Read the mapping file (the packaged default when ``path`` is ``None``)."""
+    file = path or DEFAULT_FILE
+    try:
+        with file.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(_SETTING, f"cannot read {file}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_SETTING, f"{file} is not valid TOML: {exc}") from None
+    return parse_symbol_map(data, file)
