@@ -122,6 +122,7 @@ class Validator:
         "duplicates",
         "gaps",
         "held",
+        "new_gaps",
         "rejected",
     )
 
@@ -147,6 +148,8 @@ class Validator:
         self.duplicates = 0
         self.held = 0
         self.gaps: dict[str, deque[Gap]] = {}
+        #: Gaps found since the caller last cleared this list (to persist them).
+        self.new_gaps: list[Gap] = []
 
     # -- state ----------------------------------------------------------------
     def _state(self, symbol: str) -> _SymbolState:
@@ -253,6 +256,7 @@ class Validator:
                 for filler in out:
                     self._remember(st, filler)
             self.gaps.setdefault(bar.symbol, deque(maxlen=100)).append(gap)
+            self.new_gaps.append(gap)
             log.info(
                 "gap detected",
                 extra={"symbol": bar.symbol, "start": gap.start, "end": gap.end,

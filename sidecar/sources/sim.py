@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,8 +42,11 @@ class SimSource(Source):
     name = "sim"
     synthetic = True
 
-    def __init__(self, seed: int = 42) -> None:
+    def __init__(self, seed: int = 42, clock: Callable[[], float] = time.time) -> None:
         self._seed = seed
+        self._clock = clock
+        self._anchors: dict[tuple[str, str], tuple[int, float]] = {}
+        self._start_price = np.empty(0)
         self._rng = np.random.default_rng(seed)
         self._index: dict[str, int] = {}
         self._price = np.empty(0)
@@ -65,6 +69,7 @@ class SimSource(Source):
         start = 20.0 + (h % np.uint64(48_000)).astype(np.float64) / 100.0
         base_vol = 5.0 + (h // np.uint64(48_000) % np.uint64(500)).astype(np.float64)
         self._price = np.concatenate([self._price, start])
+        self._start_price = np.concatenate([self._start_price, start])
         self._base_volume = np.concatenate([self._base_volume, base_vol])
         self._o = np.concatenate([self._o, start])
         self._h = np.concatenate([self._h, start])
@@ -90,6 +95,9 @@ class SimSource(Source):
         closed: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         if self._bar_t is None or self._last_second is None:
             self._open_bar(tf.floor(second))
+            for sym in symbols:
+                price = float(self._price[self._index[sym]])
+                self._anchors.setdefault((sym, tf.name), (tf.floor(second), price))
             self._last_second = second
         steps = min((second - self._last_second) // 1000, _MAX_STEPS)
         for k in range(int(steps), 0, -1):
@@ -113,7 +121,7 @@ class SimSource(Source):
             bars = [
                 Bar(sym, tf.name, t, float(o[i]), float(h[i]), float(l[i]), float(c[i]),
                     float(v[i]), self.name, forming=False, synthetic=True)
-                for (t, o, h, l, c, v) in closed[-2:]  # noqa: E741
+                for (t, o, h, l, c, v) in closed[-2:]
             ]
             bars.append(
                 Bar(sym, tf.name, bar_t, float(self._o[i]), float(self._h[i]), float(self._l[i]),
@@ -133,32 +141,34 @@ class SimSource(Source):
     async def fetch_history(
         self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int
     ) -> list[Bar]:
-        """Closed bars over ``[start_ms, end_ms)`` ending at the symbol's live price.
+        """Closed bars over ``[start_ms, end_ms)`` that lead up to the live walk.
 
-        Generated backwards from the live price, so history joins the live walk.
-        Deterministic for (seed, symbol, timeframe, range).
+        The walk is generated backwards from the price and bar at which the
+        symbol joined the simulation, from a generator seeded by (seed, symbol,
+        timeframe): any two ranges agree where they overlap, so backfilling in
+        chunks gives one continuous series that joins the live bars.
         """
         self._add_symbols([symbol])
-        first = tf.floor(start_ms) + (tf.ms if start_ms % tf.ms else 0)
-        last_open = tf.floor(end_ms - 1)
+        anchor_t, anchor_price = self._anchor(symbol, tf)
+        first = max(tf.floor(start_ms) + (tf.ms if start_ms % tf.ms else 0), 0)
+        last_open = min(tf.floor(end_ms - 1), anchor_t - tf.ms)
         if last_open < first:
             return []
-        times = np.arange(first, last_open + 1, tf.ms, dtype=np.int64)
-        n = len(times)
-        h64 = _symbol_hash(self._seed, f"{symbol}/{tf.name}/{first}/{last_open}")
-        rng = np.random.default_rng(h64)
+        k_max = (anchor_t - first) // tf.ms  # bar k opens at anchor_t - k * tf
+        seed = _symbol_hash(self._seed, f"{symbol}/{tf.name}")
+        rets = np.random.default_rng([seed, 1]).standard_normal(k_max)
+        wick = np.abs(np.random.default_rng([seed, 2]).standard_normal((k_max, 2)))
+        noise = np.random.default_rng([seed, 3]).lognormal(0.0, 0.5, k_max)
         sigma = _SIGMA_PER_SECOND * math.sqrt(tf.ms / 1000)
-        rets = sigma * rng.standard_normal(n)
+        cum = np.concatenate([[0.0], np.cumsum(sigma * rets)])  # cum[k] = S_k
+        k = np.arange((anchor_t - last_open) // tf.ms, k_max + 1)[::-1]  # oldest first
+        times = anchor_t - k * tf.ms
+        closes = anchor_price * np.exp(-cum[k - 1])
+        opens = anchor_price * np.exp(-cum[k])
+        highs = np.maximum(opens, closes) * np.exp(wick[k - 1, 0] * sigma * 0.5)
+        lows = np.minimum(opens, closes) * np.exp(-wick[k - 1, 1] * sigma * 0.5)
         i = self._index[symbol]
-        anchor = float(self._price[i])
-        closes = anchor * np.exp(-np.concatenate([np.cumsum(rets[::-1])[::-1][1:], [0.0]]))
-        opens = np.concatenate([[closes[0] * math.exp(-rets[0])], closes[:-1]])
-        wick = np.abs(rng.standard_normal((2, n))) * sigma * 0.5
-        highs = np.maximum(opens, closes) * np.exp(wick[0])
-        lows = np.minimum(opens, closes) * np.exp(-wick[1])
-        vols = np.round(
-            self._base_volume[i] * (tf.ms / 1000) * volume_profile(times) * rng.lognormal(0, 0.5, n)
-        )
+        vols = np.round(self._base_volume[i] * (tf.ms / 1000) * volume_profile(times) * noise[k - 1])
         return [
             Bar(symbol, tf.name, int(t), float(o), float(h), float(lo), float(c), float(v),
                 self.name, forming=False, synthetic=True)
@@ -167,3 +177,13 @@ class SimSource(Source):
                 vols.tolist(), strict=True,
             )
         ]
+
+    def _anchor(self, symbol: str, tf: Timeframe) -> tuple[int, float]:
+        """Open time of the first live bar of ``symbol`` and its opening price."""
+        key = (symbol, tf.name)
+        anchor = self._anchors.get(key)
+        if anchor is None:
+            i = self._index[symbol]
+            anchor = (tf.floor(int(self._clock() * 1000)), float(self._start_price[i]))
+            self._anchors[key] = anchor
+        return anchor

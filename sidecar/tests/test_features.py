@@ -36,7 +36,7 @@ def batch_values(bars: list[Bar], anchor_min: int = 0) -> dict[str, np.ndarray]:
         "rsi": talib.RSI(c, 14), "ema": talib.EMA(c, 20), "atr": talib.ATR(h, l, c, 14),
         "mom": talib.MOM(c, 10),
     }
-    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0, 0)
+    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0)
     out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, 12, 26, 9)
     if bars[0].v is None:
         out["vol_ma"] = np.full(len(bars), np.nan)

@@ -1,0 +1,226 @@
+"""Daemon lifecycle: startup → main loop → shutdown (in the manner of uvicorn).
+
+SIGTERM/SIGINT set a flag: the loop stops taking bars, the SQLite buffer is
+flushed, background work gets a few seconds and is then cancelled, Redis and the
+embedded server are closed, and the process exits 0. A second SIGINT forces exit.
+The process exits non-zero when it cannot do its job at all (bad config, Redis
+unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from sidecar.app.bootstrap import DAY_MS, backfill_symbol
+from sidecar.app.http import DaemonView, start_http
+from sidecar.app.pipeline import Pipeline
+from sidecar.app.ticker import SecondTicker
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.redis_server import EmbeddedRedis
+from sidecar.redis_store import RedisStore, connect
+from sidecar.settings import Settings
+from sidecar.sources import Source, SourceDisabled, build_source
+from sidecar.sqlite_store import BarStore
+
+log = logging.getLogger("sidecar.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_REDIS_DOWN = 3
+RETENTION_EVERY_S = 3_600.0
+
+
+def build_sources(settings: Settings) -> list[Source]:
+    """Create the configured sources in priority order; report disabled ones."""
+    sources: list[Source] = []
+    for name in settings.sources:
+        try:
+            sources.append(build_source(name, settings))
+        except SourceDisabled as exc:
+            log.warning("source disabled", extra={"source": name, "why": str(exc)})
+    if not sources:
+        raise ConfigError("SIDECAR_SOURCES", "none of the configured sources can run here "
+                                             f"({', '.join(settings.sources)}); see the log above")
+    return sources
+
+
+async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | None]:
+    """Connect to ``SIDECAR_REDIS_URL``, or start/adopt the embedded server."""
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.redis_socket)
+        url = await embedded.start()
+    client = connect(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
+    store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap,
+                       features_ttl_ms=settings.features_ttl_ms,
+                       heartbeat_ttl_ms=settings.heartbeat_ttl_ms)
+    return store, embedded
+
+
+class Daemon:
+    """``python -m sidecar run``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.exit_code = EXIT_OK
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- signals ------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.should_exit.is_set():
+            if sig == signal.SIGINT:
+                log.warning("second SIGINT: forcing exit without flushing")
+                os._exit(130)
+            return
+        log.info("stop requested", extra={"signal": sig.name})
+        self.should_exit.set()
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def run(self) -> int:
+        s = self.settings
+        self._install_signals()
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        sources = build_sources(s)
+        redis_store, embedded = await open_redis(s)
+        store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
+                         flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
+        await store.open()
+        pipeline = Pipeline(s, sources, redis_store, store)
+        ticker = SecondTicker()
+        view = DaemonView(pipeline, ticker)
+        runner = None
+        try:
+            for source in sources:
+                await source.start()
+            runner = await start_http(view, s.http_host, s.http_port)
+            log.info("daemon starting", extra={
+                "symbols": len(s.symbols), "sources": [x.name for x in sources],
+                "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
+                "redis": "embedded" if embedded else "external", "sqlite": str(s.sqlite_file)})
+            now_ms = int(time.time() * 1000)
+            try:
+                await redis_store.write_meta({"tf": s.timeframe.name, "symbols": list(s.symbols),
+                                              "started_at": now_ms})
+            except RedisError as exc:
+                log.warning("redis not reachable at start", extra={"error": str(exc)})
+            if await store.is_empty():
+                log.warning("bootstrap needed: the bar store is empty",
+                            extra={"days": s.bootstrap_days})
+                await self._bootstrap(pipeline, sources, store, redis_store, now_ms)
+            await pipeline.warm(int(time.time() * 1000))
+            view.ready = True
+            self._spawn(self._retention(store))
+            await self._main_loop(pipeline, ticker)
+        finally:
+            await self._shutdown(pipeline, sources, store, redis_store, embedded, runner)
+        return self.exit_code
+
+    async def _bootstrap(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
+                         redis_store: RedisStore, now_ms: int) -> None:
+        """Backfill enough for the features first (in line), the rest in the background."""
+        s = self.settings
+        tf = s.timeframe
+        end = tf.floor(now_ms)
+        warm_start = end - max(s.warm_bars, 1) * tf.ms
+        full_start = end - s.bootstrap_days * DAY_MS
+        for sym in s.symbols:
+            result = await backfill_symbol(sym, tf, sources, store, start_ms=max(warm_start, full_start),
+                                           end_ms=end, now_ms=now_ms, redis_store=redis_store,
+                                           redis_keep=s.bars_cap)
+            log.info("bootstrap warm-up window", extra=result.as_dict())
+
+        async def rest() -> None:
+            for sym in s.symbols:
+                if self.should_exit.is_set():
+                    return
+                result = await backfill_symbol(sym, tf, sources, store, start_ms=full_start,
+                                               end_ms=end, now_ms=now_ms)
+                log.info("bootstrap done", extra=result.as_dict())
+
+        if full_start < warm_start:
+            self._spawn(rest())
+
+    async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker) -> None:
+        s = self.settings
+        while not self.should_exit.is_set():
+            tick = await ticker.next(self.should_exit)
+            if tick is None:
+                break
+            try:
+                await pipeline.run_cycle(tick)
+            except SidecarError as exc:
+                log.error("cycle failed", extra={"error": str(exc)})
+            stats = pipeline.stats
+            if stats.redis_down_since is not None:
+                down_for = time.monotonic() - stats.redis_down_since
+                if down_for > s.redis_down_exit_s:
+                    log.critical("redis unreachable for too long; exiting for a restart",
+                                 extra={"down_s": round(down_for, 1)})
+                    self.exit_code = EXIT_REDIS_DOWN
+                    return
+
+    async def _retention(self, store: BarStore) -> None:
+        while not self.should_exit.is_set():
+            cutoff = int(time.time() * 1000) - self.settings.retention_days * DAY_MS
+            try:
+                await store.delete_older_than(cutoff)
+            except Exception as exc:
+                log.error("retention failed", extra={"error": str(exc)})
+            try:
+                await asyncio.wait_for(self.should_exit.wait(), RETENTION_EVERY_S)
+            except TimeoutError:
+                pass
+
+    async def _shutdown(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
+                        redis_store: RedisStore, embedded: EmbeddedRedis | None,
+                        runner: Any) -> None:
+        log.info("shutting down", extra={"buffered": store.buffered})
+        self.should_exit.set()
+        await pipeline.drain(timeout_s=5.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        await store.close()  # flushes everything buffered
+        log.info("sqlite flushed", extra={"rows_total": store.flushed_rows, "dropped": store.dropped})
+        for source in sources:
+            try:
+                await asyncio.wait_for(source.close(), 3.0)
+            except Exception as exc:
+                log.warning("source close failed", extra={"source": source.name, "error": str(exc)})
+        if runner is not None:
+            await runner.cleanup()
+        try:
+            await redis_store.close()
+        except (RedisError, OSError):
+            pass
+        if embedded is not None:
+            await embedded.stop()
+        log.info("stopped", extra={"exit_code": self.exit_code})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run under uvloop until stopped; returns the process exit code."""
+    import uvloop
+
+    return uvloop.run(Daemon(settings).run())

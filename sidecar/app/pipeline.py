@@ -1,0 +1,359 @@
+"""The 1-second cycle: fetch → validate → Redis + SQLite buffer → features.
+
+Where a bar enters (``_fetch``), is checked (``Validator.check``), is applied to
+the symbol's series (``_apply``: forming-bar revision, close, correction), and
+where the cycle's writes go out (one Redis round trip, one buffer append).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from redis.exceptions import RedisError
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.redis_store import RedisStore
+from sidecar.settings import Settings
+from sidecar.sources.base import Source
+from sidecar.sqlite_store import BarStore
+from sidecar.validation import Validator, Verdict
+
+log = logging.getLogger("sidecar.pipeline")
+
+#: At most this many bars wait in memory for Redis to come back.
+MAX_REDIS_BACKLOG = 500_000
+
+
+@dataclass(slots=True)
+class SourceState:
+    """What ``/health`` says about one source."""
+
+    source: Source
+    last_success_ms: int | None = None
+    last_error_class: str | None = None
+    last_error_ms: int | None = None
+    errors: int = 0
+    requests: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def available(self, now_ms: int) -> bool:
+        """Whether this source may be asked this cycle (breakers plug in here)."""
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return self.source.status()
+
+
+@dataclass(slots=True)
+class SymbolState:
+    engine: FeatureEngine
+    forming: Bar | None = None
+    last: Bar | None = None  # newest closed bar
+    updated_ms: int | None = None  # when a source last answered for this symbol
+    needs_rebuild: bool = False
+
+
+@dataclass(slots=True)
+class CycleStats:
+    cycles: int = 0
+    last_tick_ms: int = 0
+    last_duration_ms: float = 0.0
+    durations_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
+    bars_accepted: int = 0
+    bars_stored: int = 0
+    redis_ok: bool = True
+    redis_down_since: float | None = None
+    redis_last_error: str | None = None
+    first_cycle_done: bool = False
+
+
+class Pipeline:
+    """Owns the per-symbol state and runs one cycle per tick."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sources: list[Source],
+        redis_store: RedisStore,
+        bar_store: BarStore,
+    ) -> None:
+        self.settings = settings
+        self.tf = settings.timeframe
+        self.sources = [SourceState(s) for s in sources]
+        self.redis = redis_store
+        self.store = bar_store
+        self.validator = Validator(
+            self.tf,
+            skew_ms=settings.clock_skew_ms,
+            outlier_k=settings.outlier_k,
+            outlier_window=settings.outlier_window,
+            correction_window_bars=settings.correction_window_bars,
+            fill_gaps=settings.fill_gaps,
+        )
+        self.symbols: dict[str, SymbolState] = {
+            sym: SymbolState(FeatureEngine(sym, self.tf.name, settings.periods,
+                                           settings.session_anchor_min))
+            for sym in settings.symbols
+        }
+        self.stats = CycleStats()
+        self._redis_backlog: dict[tuple[str, int], Bar] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._pid = os.getpid()
+
+    # -- start-up ---------------------------------------------------------------
+    async def warm(self, now_ms: int) -> None:
+        """Open feature handles on stored history so the first cycle is already right.
+
+        History comes from SQLite; if SQLite has none for a symbol, from Redis. A
+        Redis that lost its bars (restarted empty) is refilled from SQLite.
+        """
+        current = self.tf.floor(now_ms)
+        for sym, st in self.symbols.items():
+            bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
+            from_sqlite = bool(bars)
+            if not bars:
+                try:
+                    bars = await self.redis.recent_bars(sym, self.tf.name, self.settings.warm_bars)
+                except RedisError:
+                    bars = []
+            closed = [b for b in bars if b.t < current]
+            forming = [b for b in bars if b.t >= current]
+            for b in closed:
+                b.forming = False
+            st.engine.load(closed)
+            st.last = closed[-1] if closed else None
+            st.forming = forming[-1] if forming else None
+            self.validator.prime(sym, closed[-(self.settings.correction_window_bars + 2):] + forming)
+            if from_sqlite:
+                try:
+                    if await self.redis.bar_count(sym, self.tf.name) == 0:
+                        n = await self.redis.write_history(bars[-self.settings.bars_cap:])
+                        log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": n})
+                except RedisError as exc:
+                    log.warning("could not warm redis", extra={"error": str(exc)})
+
+    # -- the cycle ----------------------------------------------------------------
+    async def run_cycle(self, tick_ms: int) -> None:
+        started = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        results = await self._fetch(now_ms)
+
+        to_store: list[Bar] = []
+        for sym, bars in results.items():
+            st = self.symbols[sym]
+            st.updated_ms = now_ms
+            for bar in bars:
+                outcome = self.validator.check(bar, now_ms)
+                if outcome.verdict is Verdict.DUPLICATE or not outcome.bars:
+                    continue
+                for accepted in outcome.bars:
+                    to_store.extend(self._apply(st, accepted, outcome.verdict))
+        self._record_gaps()
+
+        features = self._features(now_ms)
+        self.stats.bars_accepted += len(to_store)
+        self.store.add(to_store)
+        await self._write_redis(to_store, features, tick_ms, now_ms)
+        if self.store.flush_due():
+            self._spawn(self.store.flush())
+        for sym, st in self.symbols.items():
+            if st.needs_rebuild:
+                st.needs_rebuild = False
+                self._spawn(self._rebuild(sym))
+
+        stats = self.stats
+        stats.cycles += 1
+        stats.last_tick_ms = tick_ms
+        stats.last_duration_ms = (time.perf_counter() - started) * 1000
+        stats.durations_ms.append(stats.last_duration_ms)
+        stats.first_cycle_done = True
+
+    async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
+        """Newest bars per symbol: each symbol from the first source that serves it.
+
+        A symbol whose source fails this cycle is asked of the next source in
+        priority order, within the same cycle.
+        """
+        pending = list(self.symbols)
+        out: dict[str, list[Bar]] = {}
+        for state in self.sources:
+            if not pending:
+                break
+            if not state.available(now_ms):
+                continue
+            mine = [s for s in pending if state.source.can_serve(s)]
+            if not mine:
+                continue
+            answers = await self._ask(state, mine, now_ms)
+            for sym in mine:
+                result = answers.get(sym)
+                if isinstance(result, list):
+                    out[sym] = result
+            pending = [s for s in pending if s not in out]
+        return out
+
+    async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
+        batch = state.source.max_batch
+        chunks = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
+        state.requests += len(chunks)
+        calls = [
+            asyncio.wait_for(state.source.fetch_latest(chunk, self.tf, now_ms),
+                             self.settings.fetch_timeout_s)
+            for chunk in chunks
+        ]
+        merged: dict[str, Any] = {}
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                self._source_failed(state, result, now_ms)
+                continue
+            merged.update(result)
+            failures = [r for r in result.values() if isinstance(r, ProviderError)]
+            if len(failures) < len(result):
+                state.last_success_ms = now_ms
+            for failure in failures[:1]:
+                self._source_failed(state, failure, now_ms)
+        return merged
+
+    def _source_failed(self, state: SourceState, exc: BaseException, now_ms: int) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        if isinstance(exc, ProviderError):
+            error_class: str = exc.error_class
+        elif isinstance(exc, TimeoutError):
+            error_class = "unavailable"
+        else:
+            error_class = "bad_response"
+            log.exception("source raised an unexpected error", exc_info=exc,
+                          extra={"source": state.name})
+        if state.last_error_class != error_class:
+            log.warning("source error", extra={"source": state.name, "error_class": error_class,
+                                               "error": str(exc)[:200]})
+        state.errors += 1
+        state.last_error_class = error_class
+        state.last_error_ms = now_ms
+
+    def _apply(self, st: SymbolState, bar: Bar, verdict: Verdict) -> list[Bar]:
+        """Fold an accepted bar into the symbol's series; returns the bars to store."""
+        forming = st.forming
+        if verdict is Verdict.CORRECTION:
+            st.needs_rebuild = True
+            return [bar]
+        if forming is not None and bar.t == forming.t:
+            if bar.forming:
+                st.forming = bar
+            else:
+                st.engine.update(bar)
+                st.last, st.forming = bar, None
+            return [bar]
+        if st.last is not None and bar.t <= st.last.t:
+            # A revision of the newest closed bar: values change, handles must be rebuilt.
+            st.last = bar
+            st.needs_rebuild = True
+            return [bar]
+        stored: list[Bar] = []
+        if forming is not None:
+            # A newer bar closes the forming one with its last revision.
+            closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
+                         forming.c, forming.v, forming.src, False, forming.synthetic)
+            st.engine.update(closed)
+            st.last, st.forming = closed, None
+            stored.append(closed)
+        if bar.forming:
+            st.forming = bar
+        else:
+            st.engine.update(bar)
+            st.last = bar
+        stored.append(bar)
+        return stored
+
+    def _features(self, now_ms: int) -> list[tuple[str, str, bytes]]:
+        out: list[tuple[str, str, bytes]] = []
+        stale_after = self.settings.stale_after_ms
+        tf = self.tf.name
+        for sym, st in self.symbols.items():
+            bar = st.forming or st.last
+            if bar is None:
+                continue
+            values: Values = st.engine.peek(bar) if bar.forming else st.engine.closed_values
+            stale = st.updated_ms is None or now_ms - st.updated_ms > stale_after
+            fmap = features_map(bar, values, now_ms, stale)
+            fmap["updated_at"] = st.updated_ms
+            out.append((tf, sym, msgpack.packb(fmap)))
+        return out
+
+    async def _write_redis(
+        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int
+    ) -> None:
+        stats = self.stats
+        if self._redis_backlog:
+            for b in bars:
+                self._redis_backlog[(b.symbol, b.t)] = b
+            bars = list(self._redis_backlog.values())
+        heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
+                     "tf": self.tf.name, "symbols": len(self.symbols)}
+        try:
+            await self.redis.write_cycle(bars, features, heartbeat)
+        except (RedisError, OSError) as exc:
+            for b in bars:
+                self._redis_backlog[(b.symbol, b.t)] = b
+            if len(self._redis_backlog) > MAX_REDIS_BACKLOG:
+                # SQLite still has them; Redis is refilled from there on recovery.
+                for key in sorted(self._redis_backlog, key=lambda k: k[1])[:-MAX_REDIS_BACKLOG]:
+                    del self._redis_backlog[key]
+            if stats.redis_ok:
+                log.error("redis write failed; buffering", extra={"error": str(exc)})
+                stats.redis_down_since = time.monotonic()
+            stats.redis_ok = False
+            stats.redis_last_error = str(exc)
+            return
+        if not stats.redis_ok:
+            log.info("redis is back", extra={"rewritten_bars": len(bars)})
+        self._redis_backlog.clear()
+        stats.redis_ok = True
+        stats.redis_down_since = None
+        stats.bars_stored += len(bars)
+
+    def _record_gaps(self) -> None:
+        for gap in self.validator.new_gaps:
+            self.store.add_gap(gap.symbol, self.tf.name, gap.start, gap.end, gap.missing, gap.filled)
+        self.validator.new_gaps.clear()
+
+    async def _rebuild(self, symbol: str) -> None:
+        """Reopen a symbol's handles after a correction changed a closed bar."""
+        st = self.symbols[symbol]
+        try:
+            bars = await self.redis.recent_bars(symbol, self.tf.name, self.settings.warm_bars)
+        except RedisError:
+            await self.store.flush()
+            bars = await self.store.last_bars(symbol, self.tf.name, self.settings.warm_bars)
+        closed = [b for b in bars if not b.forming and (st.forming is None or b.t < st.forming.t)]
+        engine = FeatureEngine(symbol, self.tf.name, self.settings.periods,
+                               self.settings.session_anchor_min)
+        engine.load(closed)
+        st.engine = engine
+        log.info("features rebuilt after a correction", extra={"symbol": symbol, "bars": len(closed)})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait for background work (flushes, rebuilds) to finish, then cancel the rest."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(self._background, timeout=timeout_s)
+        for task in pending:
+            task.cancel()

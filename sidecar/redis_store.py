@@ -1,0 +1,187 @@
+"""Where bars and features are stored for the scanner: Redis, msgpack values.
+
+Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layout"):
+
+* ``{prefix}:v1:bars:{tf}:{symbol}`` — sorted set, score = open time (ms), member =
+  msgpack ``[t, o, h, l, c, v|nil, src, flags]``; the newest ``bars_cap`` bars. A
+  revision replaces the member with the same score, so bars never duplicate.
+* ``{prefix}:v1:feat:{tf}:{symbol}`` — msgpack map of features, expires after
+  ``features_ttl_ms``.
+* ``{prefix}:v1:heartbeat`` — msgpack map ``{pid, t, cycle, tf, symbols}``, expires
+  after ``heartbeat_ttl_ms``: the daemon is alive while it exists.
+* ``{prefix}:v1:meta`` — msgpack map ``{schema, tf, symbols, started_at}``.
+* ``{prefix}:v1:cycles`` — pub/sub channel; after each cycle the daemon publishes
+  msgpack ``{cycle, t, symbols}``.
+
+One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
+(bars, features and heartbeat together); see ``bench/redis_write.py`` for the
+measurement against a pipeline and a bare ``MSET``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.commands.core import AsyncScript
+
+from sidecar.bar import Bar
+
+SCHEMA_VERSION = 1
+
+_WRITE_CYCLE_LUA = """
+-- KEYS: nb bar keys, nf feature keys, heartbeat key
+-- ARGV: nb, nf, cap, feat_ttl_ms, hb_ttl_ms, hb_payload, (t, bar)*nb, feat*nf
+local nb = tonumber(ARGV[1])
+local nf = tonumber(ARGV[2])
+local keep = -tonumber(ARGV[3]) - 1
+local a = 7
+for i = 1, nb do
+  local k = KEYS[i]
+  local t = ARGV[a]
+  redis.call('ZREMRANGEBYSCORE', k, t, t)
+  redis.call('ZADD', k, t, ARGV[a + 1])
+  redis.call('ZREMRANGEBYRANK', k, 0, keep)
+  a = a + 2
+end
+for i = 1, nf do
+  redis.call('SET', KEYS[nb + i], ARGV[a], 'PX', ARGV[4])
+  a = a + 1
+end
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[nb + nf + 1], ARGV[6], 'PX', ARGV[5])
+end
+return nb
+"""
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str) -> None:
+        self.base = f"{prefix}:v{SCHEMA_VERSION}"
+
+    def bars(self, tf: str, symbol: str) -> str:
+        return f"{self.base}:bars:{tf}:{symbol}"
+
+    def features(self, tf: str, symbol: str) -> str:
+        return f"{self.base}:feat:{tf}:{symbol}"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.base}:heartbeat"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
+    @property
+    def cycles_channel(self) -> str:
+        return f"{self.base}:cycles"
+
+
+def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:
+    """A client on one ``BlockingConnectionPool`` (waits for a free connection, never raises)."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return Redis(connection_pool=pool)
+
+
+class RedisStore:
+    """Writes a cycle's bars, features and heartbeat in one round trip; reads them back."""
+
+    __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "keys", "redis")
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str = "sidecar",
+        *,
+        bars_cap: int = 5_000,
+        features_ttl_ms: int = 2_000,
+        heartbeat_ttl_ms: int = 3_000,
+    ) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.bars_cap = bars_cap
+        self._features_ttl_ms = features_ttl_ms
+        self._heartbeat_ttl_ms = heartbeat_ttl_ms
+        self._script: AsyncScript = redis.register_script(_WRITE_CYCLE_LUA)
+
+    async def write_cycle(
+        self,
+        bars: Sequence[Bar],
+        features: Sequence[tuple[str, str, bytes]],
+        heartbeat: dict[str, Any] | None = None,
+    ) -> None:
+        """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
+        map) with their TTL, and the heartbeat — all in one ``EVALSHA``."""
+        keys: list[str] = [self.keys.bars(b.tf, b.symbol) for b in bars]
+        keys.extend(self.keys.features(tf, sym) for tf, sym, _ in features)
+        keys.append(self.keys.heartbeat)
+        hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+        args: list[Any] = [
+            len(bars), len(features), self.bars_cap, self._features_ttl_ms,
+            self._heartbeat_ttl_ms, hb,
+        ]
+        for b in bars:
+            args.append(b.t)
+            args.append(b.pack())
+        args.extend(payload for _, _, payload in features)
+        await self._script(keys=keys, args=args)
+
+    async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
+        """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
+        n = 0
+        batch: list[Bar] = []
+        for bar in bars:
+            batch.append(bar)
+            if len(batch) >= chunk:
+                await self.write_cycle(batch, [])
+                n += len(batch)
+                batch = []
+        if batch:
+            await self.write_cycle(batch, [])
+            n += len(batch)
+        return n
+
+    async def write_meta(self, meta: dict[str, Any]) -> None:
+        await self.redis.set(self.keys.meta, msgpack.packb({"schema": SCHEMA_VERSION, **meta}))
+
+    async def publish_cycle(self, message: dict[str, Any]) -> None:
+        await self.redis.publish(self.keys.cycles_channel, msgpack.packb(message))
+
+    async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
+        """The newest ``n`` bars of a symbol, oldest first."""
+        raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
+        return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
+
+    async def bar_count(self, symbol: str, tf: str) -> int:
+        return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
+
+    async def read_features(self, symbols: Sequence[str], tf: str) -> list[dict[str, Any] | None]:
+        """Features of many symbols in one ``MGET``; ``None`` where a key is missing."""
+        if not symbols:
+            return []
+        raw = await self.redis.mget([self.keys.features(tf, s) for s in symbols])
+        return [None if item is None else msgpack.unpackb(item) for item in raw]
+
+    async def read_heartbeat(self) -> dict[str, Any] | None:
+        raw = await self.redis.get(self.keys.heartbeat)
+        return None if raw is None else dict(msgpack.unpackb(raw))
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()

@@ -1,0 +1,285 @@
+"""Where bars are kept for 90 days: SQLite (WAL) through aiosqlite.
+
+Bars are buffered in memory (a revision overwrites its buffered bar) and written
+as one upsert transaction when the flush interval passes or the buffer reaches
+its size limit, whichever comes first. A failed flush keeps the bars buffered and
+retries; past ``buffer_max_rows`` the oldest buffered bars are dropped *and
+counted* (``dropped``) — never silently. Old rows are deleted in small slices in
+the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import aiosqlite
+
+from sidecar.bar import Bar
+
+log = logging.getLogger("sidecar.sqlite")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bars (
+    symbol    TEXT    NOT NULL,
+    tf        TEXT    NOT NULL,
+    t         INTEGER NOT NULL,   -- open time, epoch ms UTC
+    o         REAL    NOT NULL,
+    h         REAL    NOT NULL,
+    l         REAL    NOT NULL,
+    c         REAL    NOT NULL,
+    v         REAL,               -- NULL where the source has no volume
+    src       TEXT    NOT NULL,
+    forming   INTEGER NOT NULL DEFAULT 0,
+    synthetic INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (symbol, tf, t)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gaps (
+    symbol  TEXT    NOT NULL,
+    tf      TEXT    NOT NULL,
+    start   INTEGER NOT NULL,
+    "end"   INTEGER NOT NULL,
+    missing INTEGER NOT NULL,
+    filled  INTEGER NOT NULL,
+    PRIMARY KEY (symbol, tf, start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+_UPSERT = """
+INSERT INTO bars (symbol, tf, t, o, h, l, c, v, src, forming, synthetic)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (symbol, tf, t) DO UPDATE SET
+    o = excluded.o, h = excluded.h, l = excluded.l, c = excluded.c, v = excluded.v,
+    src = excluded.src, forming = excluded.forming, synthetic = excluded.synthetic
+"""
+
+_COLUMNS = "symbol, tf, t, o, h, l, c, v, src, forming, synthetic"
+
+
+def _row(b: Bar) -> tuple[object, ...]:
+    return (b.symbol, b.tf, b.t, b.o, b.h, b.l, b.c, b.v, b.src, int(b.forming), int(b.synthetic))
+
+
+def _bar(r: sqlite3.Row | tuple[object, ...]) -> Bar:
+    sym, tf, t, o, h, l, c, v, src, forming, synthetic = r
+    return Bar(str(sym), str(tf), int(t), float(o), float(h), float(l), float(c),  # type: ignore[arg-type]
+               None if v is None else float(v), str(src), bool(forming), bool(synthetic))  # type: ignore[arg-type]
+
+
+class BarStore:
+    """The 90-day bar store with its write buffer."""
+
+    __slots__ = (
+        "_buffer", "_db", "_flush_lock", "_last_flush_mono", "buffer_max_rows", "dropped",
+        "flush_interval_s", "flush_max_rows", "flushed_rows", "last_error", "last_flush_ms",
+        "last_flush_s", "path", "pending_gaps",
+    )
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        flush_interval_s: float = 10.0,
+        flush_max_rows: int = 20_000,
+        buffer_max_rows: int = 2_000_000,
+    ) -> None:
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self.flush_max_rows = flush_max_rows
+        self.buffer_max_rows = buffer_max_rows
+        self._db: aiosqlite.Connection | None = None
+        self._buffer: dict[tuple[str, str, int], Bar] = {}
+        self._flush_lock = asyncio.Lock()
+        self._last_flush_mono = time.monotonic()
+        self.pending_gaps: list[tuple[str, str, int, int, int, int]] = []
+        self.flushed_rows = 0
+        self.dropped = 0
+        self.last_flush_ms: int | None = None
+        self.last_flush_s: float | None = None
+        self.last_error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, timeout=5.0)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.executescript(SCHEMA)
+        await self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')"
+        )
+        await self._db.commit()
+
+    async def close(self) -> None:
+        """Flush everything buffered, then close."""
+        if self._db is None:
+            return
+        try:
+            await self.flush()
+        finally:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("BarStore is not open")
+        return self._db
+
+    # -- the buffer -------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def add(self, bars: Iterable[Bar]) -> None:
+        """Buffer bars for the next flush; a revision replaces the buffered bar."""
+        buf = self._buffer
+        for b in bars:
+            buf[(b.symbol, b.tf, b.t)] = b
+        if len(buf) > self.buffer_max_rows:
+            self._drop_oldest(len(buf) - self.buffer_max_rows)
+
+    def _drop_oldest(self, n: int) -> None:
+        oldest = sorted(self._buffer, key=lambda k: k[2])[:n]
+        for key in oldest:
+            del self._buffer[key]
+        self.dropped += n
+        log.error(
+            "sqlite buffer full: dropped oldest bars",
+            extra={"dropped": n, "dropped_total": self.dropped, "limit": self.buffer_max_rows},
+        )
+
+    def add_gap(self, symbol: str, tf: str, start: int, end: int, missing: int, filled: bool) -> None:
+        self.pending_gaps.append((symbol, tf, start, end, missing, int(filled)))
+
+    def flush_due(self) -> bool:
+        if not self._buffer:
+            return False
+        return (
+            len(self._buffer) >= self.flush_max_rows
+            or time.monotonic() - self._last_flush_mono >= self.flush_interval_s
+        )
+
+    async def flush(self) -> int:
+        """Write the whole buffer in one transaction; returns rows written.
+
+        On failure the bars go back into the buffer (unless a newer revision
+        arrived meanwhile) and the error is kept in ``last_error``.
+        """
+        async with self._flush_lock:
+            self._last_flush_mono = time.monotonic()
+            if not self._buffer and not self.pending_gaps:
+                return 0
+            batch, self._buffer = self._buffer, {}
+            gaps, self.pending_gaps = self.pending_gaps, []
+            started = time.perf_counter()
+            try:
+                await self.db.executemany(_UPSERT, [_row(b) for b in batch.values()])
+                if gaps:
+                    await self.db.executemany(
+                        "INSERT OR REPLACE INTO gaps VALUES (?, ?, ?, ?, ?, ?)", gaps
+                    )
+                await self.db.commit()
+            except (sqlite3.Error, OSError) as exc:
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    await self.db.rollback()
+                for key, bar in batch.items():
+                    self._buffer.setdefault(key, bar)
+                self.pending_gaps[:0] = gaps
+                if len(self._buffer) > self.buffer_max_rows:
+                    self._drop_oldest(len(self._buffer) - self.buffer_max_rows)
+                if self.last_error != str(exc):
+                    log.error("sqlite flush failed; bars kept in memory",
+                              extra={"error": str(exc), "buffered": len(self._buffer)})
+                self.last_error = str(exc)
+                return 0
+            if self.last_error is not None:
+                log.info("sqlite flush recovered", extra={"rows": len(batch)})
+            self.last_error = None
+            self.flushed_rows += len(batch)
+            self.last_flush_ms = int(time.time() * 1000)
+            self.last_flush_s = time.perf_counter() - started
+            return len(batch)
+
+    # -- reads ------------------------------------------------------------------
+    async def is_empty(self) -> bool:
+        async with self.db.execute("SELECT 1 FROM bars LIMIT 1") as cur:
+            return await cur.fetchone() is None
+
+    async def last_bars(self, symbol: str, tf: str, n: int, before: int | None = None) -> list[Bar]:
+        """The newest ``n`` stored bars of a symbol (``t < before`` if given), oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t < ? ORDER BY t DESC LIMIT ?"
+        async with self.db.execute(sql, (symbol, tf, before if before is not None else 2**62, n)) as cur:
+            rows = await cur.fetchall()
+        return [_bar(r) for r in reversed(list(rows))]
+
+    async def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
+        """Stored bars with ``start <= t < end``, oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"
+        async with self.db.execute(sql, (symbol, tf, start, end)) as cur:
+            return [_bar(r) for r in await cur.fetchall()]
+
+    async def newest_time(self, symbol: str, tf: str) -> int | None:
+        async with self.db.execute(
+            "SELECT MAX(t) FROM bars WHERE symbol = ? AND tf = ?", (symbol, tf)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def count(self, symbol: str | None = None) -> int:
+        params: tuple[str, ...] = ()
+        if symbol is None:
+            sql = "SELECT COUNT(*) FROM bars"
+        else:
+            sql, params = "SELECT COUNT(*) FROM bars WHERE symbol = ?", (symbol,)
+        async with self.db.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def gaps(self, symbol: str, tf: str) -> list[tuple[int, int, int, bool]]:
+        async with self.db.execute(
+            'SELECT start, "end", missing, filled FROM gaps WHERE symbol = ? AND tf = ? ORDER BY start',
+            (symbol, tf),
+        ) as cur:
+            return [(int(a), int(b), int(c), bool(d)) for a, b, c, d in await cur.fetchall()]
+
+    async def write_history(self, bars: Iterable[Bar]) -> int:
+        """Upsert history bars directly (backfill), bypassing the live buffer."""
+        rows = [_row(b) for b in bars]
+        async with self._flush_lock:
+            await self.db.executemany(_UPSERT, rows)
+            await self.db.commit()
+        return len(rows)
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        await self.db.commit()
+
+    # -- retention ----------------------------------------------------------------
+    async def delete_older_than(self, cutoff_ms: int) -> int:
+        """Delete bars with ``t < cutoff_ms``, one symbol and timeframe per transaction."""
+        async with self.db.execute("SELECT DISTINCT symbol, tf FROM bars") as cur:
+            series = [(str(s), str(tf)) for s, tf in await cur.fetchall()]
+        deleted = 0
+        for symbol, tf in series:
+            async with self._flush_lock:
+                cur = await self.db.execute(
+                    "DELETE FROM bars WHERE symbol = ? AND tf = ? AND t < ?", (symbol, tf, cutoff_ms)
+                )
+                deleted += cur.rowcount if cur.rowcount > 0 else 0
+                await self.db.commit()
+            await asyncio.sleep(0)  # let the loop breathe between slices
+        if deleted:
+            log.info("retention removed old bars", extra={"rows": deleted, "cutoff": cutoff_ms})
+        return deleted
