@@ -49,6 +49,14 @@ class BreakerOpen(SidecarError):
         self.reason = reason
 
 
+def _nothing_sent(result: object) -> bool:
+    """A batched answer in which the local budget refused every symbol."""
+    return (
+        isinstance(result, dict) and bool(result)
+        and all(isinstance(v, BudgetExhausted) for v in result.values())
+    )
+
+
 def _not_a_failure(exc: BaseException) -> bool:
     return isinstance(exc, ProviderError) and not exc.counts_as_failure
 
@@ -166,6 +174,8 @@ class SourceBreaker:
             except BaseException as exc:
                 self._record_failure(exc)
                 raise
+            if _nothing_sent(result):
+                return result  # neutral: every symbol was refused by the local budget
             self._record_success()
             return result
         finally:

@@ -1,0 +1,122 @@
+"""Helpers shared by the provider parsers: numbers, times, ordering, HTTP errors.
+
+Pure functions only (no I/O), so every parser stays testable on recorded bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.timeframe import Timeframe
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class ParseContext:
+    """What a parser needs besides the body.
+
+    ``symbol`` is the name the bars are labelled with (canonical, or the provider
+    spelling passed through); ``now_ms`` decides which bar is still forming.
+    """
+
+    symbol: str
+    tf: Timeframe
+    src: str
+    now_ms: int
+    has_volume: bool = True
+
+
+def decode_json(body: bytes | str, source: str, what: str = "body") -> Any:
+    """Decode JSON or raise ``ProviderError("bad_response")`` (truncated, HTML, text)."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        text = body[:80] if isinstance(body, str) else body[:80].decode("utf-8", "replace")
+        raise ProviderError(
+            "bad_response", f"{what} is not JSON: {text.strip()!r}", source=source
+        ) from None
+
+
+def to_float(value: Any) -> float:
+    """A provider number (string, int, float, exponent form) as a float; ``ValueError`` if not."""
+    if value is None or isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"not finite: {value!r}")
+    return out
+
+
+def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
+    """The IANA zone ``name`` (``US/Eastern`` works), or ``default`` when missing/unknown."""
+    try:
+        return ZoneInfo(name or default)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo(default)
+
+
+def day_ms(d: date) -> int:
+    """00:00 UTC of calendar date ``d`` in epoch ms (daily bars are stamped so)."""
+    return (d - date(1970, 1, 1)).days * DAY_MS
+
+
+def local_text_to_ms(text: str, tz: ZoneInfo, daily: bool) -> int:
+    """A naive provider timestamp in ``tz`` to epoch ms UTC.
+
+    Daily bars (``daily``) keep their calendar date and are stamped 00:00 UTC.
+    """
+    text = text.strip()
+    if daily or len(text) == 10:
+        return day_ms(date.fromisoformat(text[:10]))
+    naive = datetime.fromisoformat(text)
+    if naive.tzinfo is None:
+        naive = naive.replace(tzinfo=tz)
+    return int(naive.timestamp() * 1000)
+
+
+def epoch_to_daily_ms(t_ms: int, tz: ZoneInfo) -> int:
+    """A daily bar stamped at any time of its day in ``tz`` -> 00:00 UTC of that date."""
+    local = datetime.fromtimestamp(t_ms / 1000, tz=UTC).astimezone(tz)
+    return day_ms(local.date())
+
+
+def finish(bars: list[Bar], ctx: ParseContext) -> list[Bar]:
+    """Oldest first, one bar per open time (the later one wins), the open bar marked forming."""
+    by_t: dict[int, Bar] = {}
+    for bar in bars:
+        by_t[bar.t] = bar
+    out = [by_t[t] for t in sorted(by_t)]
+    for bar in out:
+        bar.forming = bar.t <= ctx.now_ms < bar.t + ctx.tf.ms
+    return out
+
+
+def http_status_error(
+    status: int, detail: str, source: str, retry_after: float | None = None
+) -> ProviderError:
+    """The error class an HTTP status means when the body does not say better."""
+    if status == 429:
+        return ProviderError("rate_limited", f"HTTP 429 {detail}", source=source, retry_after=retry_after)
+    if status == 401:
+        return ProviderError("auth", f"HTTP 401 {detail}", source=source)
+    if status == 403:
+        return ProviderError("not_entitled", f"HTTP 403 {detail}", source=source)
+    if status == 404:
+        return ProviderError("unknown_symbol", f"HTTP 404 {detail}", source=source)
+    if status >= 500 or status in (408, 425):
+        return ProviderError("unavailable", f"HTTP {status} {detail}", source=source,
+                             retry_after=retry_after)
+    return ProviderError("bad_response", f"HTTP {status} {detail}", source=source)
+
+
+def ohlc_ok(o: float, h: float, l: float, c: float) -> bool:
+    """True when all four prices are finite numbers (nulls were dropped before)."""
+    return all(math.isfinite(x) for x in (o, h, l, c))

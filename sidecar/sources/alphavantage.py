@@ -1,0 +1,198 @@
+"""``alphavantage``: Alpha Vantage's ``/query`` time series.
+
+Free tier: 25 requests per day and about one per second, so this source is a
+last-resort fallback and for small backfills. Every answer is HTTP 200; errors and
+limits are told by one key (``Error Message``, ``Note``, ``Information``).
+Numbers are strings, keys are numbered (``"1. open"``), timestamps are naive in
+the meta block's ``Time Zone``, newest first. FX has no volume.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.provider_settings import ProviderSettings
+from sidecar.rate_budget import RateBudget
+from sidecar.settings import Settings
+from sidecar.sources import SourceDisabled
+from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._parsing import (
+    ParseContext,
+    decode_json,
+    finish,
+    http_status_error,
+    local_text_to_ms,
+    to_float,
+    zone,
+)
+from sidecar.sources.base import LatestResult
+from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
+from sidecar.timeframe import Timeframe
+
+NAME = "alphavantage"
+_INTRADAY = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "1h": "60min"}
+_FIELD_RE = re.compile(r"^\d+[a-z]?\.\s*(.+)$")
+_PRICE_RE = re.compile(r"^price \(([A-Z]+)\)$")
+
+
+def _snippet(body: bytes | str) -> str:
+    text = body if isinstance(body, str) else body[:200].decode("utf-8", "replace")
+    return text[:120].strip()
+
+
+def _classify_message(key: str, text: str) -> ProviderError:
+    low = text.lower()
+    if key == "Note" or any(
+        w in low for w in ("rate limit", "call frequency", "requests per day", "per minute",
+                           "calls per", "spreading out")
+    ):
+        return ProviderError("rate_limited", f"{key}: {text[:200]}", source=NAME)
+    if "apikey" in low or "api key" in low:
+        return ProviderError("auth", f"{key}: {text[:200]}", source=NAME)
+    if "premium" in low:
+        return ProviderError("not_entitled", f"{key}: {text[:200]}", source=NAME)
+    if key == "Error Message":
+        # Our calls are generated; the one user-supplied part is the symbol.
+        return ProviderError("unknown_symbol", f"{key}: {text[:200]}", source=NAME)
+    return ProviderError("bad_response", f"{key}: {text[:200]}", source=NAME)
+
+
+def _fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        m = _FIELD_RE.match(key)
+        out[(m.group(1) if m else key).strip().lower()] = value
+    return out
+
+
+def parse_time_series(body: bytes | str, status: int, ctx: ParseContext) -> list[Bar]:
+    """Bars of any Alpha Vantage ``Time Series`` answer, oldest first.
+
+    Raises :class:`ProviderError` classified from the body (``Error Message``,
+    ``Note``, ``Information``) or the status.
+    """
+    if status != 200:
+        raise http_status_error(status, _snippet(body), NAME)
+    data = decode_json(body, NAME)
+    if not isinstance(data, dict):
+        raise ProviderError("bad_response", "answer is not an object", source=NAME)
+    for key in ("Error Message", "Note", "Information"):
+        if key in data and not any(k.startswith("Time Series") for k in data):
+            raise _classify_message(key, str(data[key]))
+    meta = data.get("Meta Data")
+    series_key = next((k for k in data if k.startswith("Time Series")), None)
+    if not isinstance(meta, dict) or series_key is None or not isinstance(data[series_key], dict):
+        raise ProviderError("bad_response", f"no time series in keys {sorted(data)[:5]}", source=NAME)
+    meta_f = _fields(meta)
+    tz = zone(meta_f.get("time zone"), "UTC")
+    market = meta_f.get("market code")
+    daily = ctx.tf.ms >= 86_400_000
+    bars: list[Bar] = []
+    for stamp, row in data[series_key].items():
+        if not isinstance(row, dict):
+            continue
+        f = _fields(row)
+        try:
+            if "open" in f:
+                o, h, l, c = (to_float(f[k]) for k in ("open", "high", "low", "close"))
+            else:  # legacy DIGITAL_CURRENCY_INTRADAY: one price per point
+                prices = {m.group(1): v for k, v in f.items() if (m := _PRICE_RE.match(k))}
+                price = prices.get(str(market)) if market in prices else next(iter(prices.values()))
+                o = h = l = c = to_float(price)
+            t = local_text_to_ms(str(stamp), tz, daily)
+        except (ValueError, KeyError, StopIteration, TypeError):
+            continue  # a null or malformed row is dropped
+        v: float | None = None
+        if ctx.has_volume and f.get("volume") is not None:
+            try:
+                v = to_float(f["volume"])
+            except ValueError:
+                v = None
+        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+    return finish(bars, ctx)
+
+
+def query_params(spelling: ProviderSymbol, tf: Timeframe, full: bool) -> dict[str, str]:
+    """The ``/query`` parameters (without the key) for a symbol and timeframe."""
+    interval = _INTRADAY.get(tf.name)
+    size = "full" if full else "compact"
+    if tf.name not in _INTRADAY and tf.name != "1d":
+        raise ProviderError("not_entitled", f"timeframe {tf.name} is not offered", source=NAME)
+    if spelling.asset_class == "crypto":
+        assert spelling.base and spelling.quote
+        if interval:
+            return {"function": "CRYPTO_INTRADAY", "symbol": spelling.base, "market": spelling.quote,
+                    "interval": interval, "outputsize": size}
+        return {"function": "DIGITAL_CURRENCY_DAILY", "symbol": spelling.base, "market": spelling.quote}
+    if spelling.base and spelling.quote:
+        if interval:
+            return {"function": "FX_INTRADAY", "from_symbol": spelling.base,
+                    "to_symbol": spelling.quote, "interval": interval, "outputsize": size}
+        return {"function": "FX_DAILY", "from_symbol": spelling.base, "to_symbol": spelling.quote,
+                "outputsize": size}
+    if interval:
+        return {"function": "TIME_SERIES_INTRADAY", "symbol": spelling.ticker, "interval": interval,
+                "outputsize": size}
+    return {"function": "TIME_SERIES_DAILY", "symbol": spelling.ticker, "outputsize": size}
+
+
+class AlphaVantageSource(HttpSource):
+    """One request per symbol; strictly within the daily and per-second budget."""
+
+    name = NAME
+    max_batch = 1
+
+    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
+                 **kwargs: Any) -> None:
+        super().__init__(provider, symbols, budget, **kwargs)
+        assert provider.alphavantage_api_key
+        self._key = provider.alphavantage_api_key
+
+    async def _series(self, symbol: str, tf: Timeframe, full: bool, now_ms: int) -> list[Bar]:
+        spelling = self.spelling(symbol)
+        if spelling is None:
+            raise ProviderError("unknown_symbol", f"{symbol} is not served by {NAME}", source=NAME)
+        params = query_params(spelling, tf, full)
+        if not self.budget.try_acquire(1):
+            raise self.budget.exhausted()
+        reply = await self._get(f"{self.provider.alphavantage_base_url}/query",
+                                params={**params, "apikey": self._key})
+        ctx = ParseContext(symbol, tf, NAME, now_ms, has_volume=spelling.has_volume)
+        try:
+            return parse_time_series(reply.body, reply.status, ctx)
+        except ProviderError as err:
+            if err.error_class == "rate_limited" and "per day" in str(err).lower():
+                self.budget.exhaust_day()
+            if err.retry_after is None:
+                err.retry_after = reply.retry_after
+            raise self._note_error(err) from None
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        out: LatestResult = {}
+        for symbol in symbols:
+            try:
+                bars = await self._series(symbol, tf, False, now_ms)
+                out[symbol] = bars[-3:]
+            except ProviderError as err:
+                out[symbol] = err
+        return settle(out)
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        now_ms = int(time.time() * 1000)
+        bars = await self._series(symbol, tf, True, now_ms)
+        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+
+
+def build(settings: Settings, env: Mapping[str, str]) -> AlphaVantageSource:
+    """The Alpha Vantage source; :class:`SourceDisabled` without ``ALPHAVANTAGE_API_KEY``."""
+    provider = ProviderSettings.from_env(env)
+    if not provider.alphavantage_api_key:
+        raise SourceDisabled(f"{NAME}: ALPHAVANTAGE_API_KEY missing")
+    budget = RateBudget(NAME, per_second=provider.alphavantage_per_second,
+                        per_day=provider.alphavantage_per_day)
+    return AlphaVantageSource(provider, load_symbol_map(provider.symbols_file), budget)

@@ -1,0 +1,193 @@
+"""``polygon``: Polygon.io (Massive) aggregates, ``/v2/aggs/ticker/{T}/range/...``.
+
+Free tier: 5 requests per minute, delayed or end-of-day data. The key travels in
+``Authorization: Bearer``, never in a URL; ``next_url`` pages are followed with
+their host rewritten to the configured base URL. Status values are never
+whitelisted (``DELAYED`` and others exist): real HTTP statuses and the presence
+of ``results`` decide. ``results: null`` is an empty answer. ``t`` is epoch ms UTC;
+volume may be in exponent form; indices have no ``v``; forex ``v`` is a tick count,
+so FX volume is reported as ``None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.http_session import redact
+from sidecar.provider_settings import ProviderSettings
+from sidecar.rate_budget import RateBudget
+from sidecar.settings import Settings
+from sidecar.sources import SourceDisabled
+from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._parsing import (
+    ParseContext,
+    decode_json,
+    epoch_to_daily_ms,
+    finish,
+    http_status_error,
+    to_float,
+    zone,
+)
+from sidecar.sources.base import LatestResult
+from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.timeframe import Timeframe
+
+NAME = "polygon"
+MAX_PAGES = 20
+_SPANS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
+log = logging.getLogger("sidecar.sources.polygon")
+
+
+def classify_error(status: int, obj: Mapping[str, Any] | None, retry_after: float | None) -> ProviderError:
+    """The class of a Polygon error answer (HTTP status plus ``status``/``message``)."""
+    message = str((obj or {}).get("message") or (obj or {}).get("error") or "")[:240]
+    body_status = str((obj or {}).get("status") or "")
+    low = message.lower()
+    detail = f"{body_status} {message}".strip()
+    if status == 429:
+        return ProviderError("rate_limited", f"HTTP 429 {detail}", source=NAME, retry_after=retry_after)
+    if status in (401, 403) or body_status == "NOT_AUTHORIZED":
+        if "api key" in low or "apikey" in low or ("authoriz" in low and "plan" not in low):
+            return ProviderError("auth", f"HTTP {status} {detail}", source=NAME)
+        if status == 401:
+            return ProviderError("auth", f"HTTP {status} {detail}", source=NAME)
+        return ProviderError("not_entitled", f"HTTP {status} {detail}", source=NAME)
+    return http_status_error(status, detail, NAME, retry_after)
+
+
+def timespan(tf: Timeframe) -> tuple[int, str]:
+    """``(multiplier, timespan)`` of a timeframe (``5m`` -> ``(5, "minute")``)."""
+    return int(tf.name[:-1]), _SPANS[tf.name[-1]]
+
+
+def parse_aggs(body: bytes | str, status: int, ctx: ParseContext, *, asset_class: str = "stock",
+               retry_after: float | None = None) -> tuple[list[Bar], str | None]:
+    """Bars of one aggregates page, oldest first, and its ``next_url`` (or ``None``)."""
+    try:
+        data = decode_json(body, NAME)
+    except ProviderError:
+        if status != 200:
+            raise classify_error(status, None, retry_after) from None
+        raise
+    if status != 200:
+        raise classify_error(status, data if isinstance(data, dict) else None, retry_after)
+    if not isinstance(data, dict):
+        raise ProviderError("bad_response", "answer is not an object", source=NAME)
+    if str(data.get("status", "")).upper() in ("ERROR", "NOT_AUTHORIZED") and not data.get("results"):
+        raise classify_error(403 if data.get("status") == "NOT_AUTHORIZED" else 502, data, retry_after)
+    results = data.get("results")
+    if results is None:
+        results = []
+    if not isinstance(results, list):
+        raise ProviderError("bad_response", "results is not a list", source=NAME)
+    daily = ctx.tf.ms >= 86_400_000
+    tz = zone("America/New_York" if asset_class in ("stock", "etf", "index") else "UTC")
+    bars: list[Bar] = []
+    for row in results:
+        if not isinstance(row, dict):
+            continue
+        try:
+            o, h, l, c = (to_float(row[k]) for k in ("o", "h", "l", "c"))
+            t = int(to_float(row["t"]))
+        except (KeyError, ValueError, TypeError):
+            continue
+        if daily:
+            t = epoch_to_daily_ms(t, tz)
+        v: float | None = None
+        if ctx.has_volume and row.get("v") is not None:
+            try:
+                v = float(round(to_float(row["v"])))
+            except ValueError:
+                v = None
+        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+    next_url = data.get("next_url")
+    return finish(bars, ctx), next_url if isinstance(next_url, str) and next_url else None
+
+
+def rebase_url(url: str, base: str) -> str:
+    """``url`` with its scheme and host replaced by ``base``'s (path and query kept)."""
+    u, b = urlsplit(url), urlsplit(base)
+    prefix = b.path.rstrip("/")
+    return urlunsplit((b.scheme, b.netloc, prefix + u.path, u.query, ""))
+
+
+class PolygonSource(HttpSource):
+    """One aggregates request per symbol within the per-minute budget."""
+
+    name = NAME
+    max_batch = 5
+
+    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
+                 **kwargs: Any) -> None:
+        super().__init__(provider, symbols, budget, **kwargs)
+        assert provider.polygon_api_key
+        self._headers = {"Authorization": f"Bearer {provider.polygon_api_key}"}
+
+    async def _aggs(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int, now_ms: int,
+                    max_pages: int) -> list[Bar]:
+        spelling = self.spelling(symbol)
+        if spelling is None:
+            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
+        mult, span = timespan(tf)
+        ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.asset_class not in ("fx", "metal", "index"))
+        url: str | None = (
+            f"{self.provider.polygon_base_url}/v2/aggs/ticker/{quote(spelling.ticker, safe=':')}"
+            f"/range/{mult}/{span}/{start_ms}/{max(start_ms, end_ms - 1)}"
+        )
+        params: dict[str, str] | None = {"adjusted": "true", "sort": "asc", "limit": "50000"}
+        bars: list[Bar] = []
+        pages = 0
+        while url is not None and pages < max_pages:
+            if not self.budget.try_acquire(1):
+                if not bars:
+                    raise self.budget.exhausted()
+                log.warning("polygon: budget spent after %d pages of %s; returning partial range",
+                            pages, symbol)
+                break
+            reply = await self._get(url, params=params, headers=self._headers)
+            pages += 1
+            try:
+                page, next_url = parse_aggs(reply.body, reply.status, ctx,
+                                            asset_class=spelling.asset_class,
+                                            retry_after=reply.retry_after)
+            except ProviderError as err:
+                raise self._note_error(err) from None
+            bars.extend(page)
+            if next_url:
+                url = rebase_url(next_url, self.provider.polygon_base_url)
+                log.debug("polygon: next page %s", redact(url, self.provider.secrets()))
+                params = None  # the cursor URL carries its own query
+            else:
+                url = None
+        return finish(bars, ctx)
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        out: LatestResult = {}
+        start = tf.floor(now_ms) - 5 * tf.ms
+        for symbol in symbols:
+            try:
+                bars = await self._aggs(symbol, tf, start, now_ms + 1, now_ms, max_pages=1)
+                out[symbol] = bars[-3:]
+            except ProviderError as err:
+                out[symbol] = err
+        return settle(out)
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        now_ms = int(time.time() * 1000)
+        bars = await self._aggs(symbol, tf, start_ms, end_ms, now_ms, MAX_PAGES)
+        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+
+
+def build(settings: Settings, env: Mapping[str, str]) -> PolygonSource:
+    """The Polygon source; :class:`SourceDisabled` without ``POLYGON_API_KEY``."""
+    provider = ProviderSettings.from_env(env)
+    if not provider.polygon_api_key:
+        raise SourceDisabled(f"{NAME}: POLYGON_API_KEY missing")
+    budget = RateBudget(NAME, per_minute=provider.polygon_per_minute)
+    return PolygonSource(provider, load_symbol_map(provider.symbols_file), budget)

@@ -1,0 +1,239 @@
+"""``twelvedata``: Twelve Data's ``/time_series``, batched.
+
+Basic plan: 8 credits per minute, 800 per day (day resets 00:00 UTC); a batch
+costs one credit per symbol and answers an object keyed by symbol, each with its
+own ``status`` (one symbol can fail inside a successful answer). Errors are a JSON
+body ``{"code", "message", "status": "error"}``, sometimes with HTTP 200, so they
+are classified from the body first. Values are strings; ``datetime`` is naive in
+``meta.exchange_timezone`` (absent for FX: UTC); newest first. The key travels in
+the ``Authorization: apikey ...`` header, never in a URL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.provider_settings import ProviderSettings
+from sidecar.rate_budget import RateBudget
+from sidecar.settings import Settings
+from sidecar.sources import SourceDisabled
+from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._parsing import (
+    ParseContext,
+    decode_json,
+    finish,
+    http_status_error,
+    local_text_to_ms,
+    to_float,
+    zone,
+)
+from sidecar.sources.base import LatestResult
+from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.timeframe import Timeframe
+
+NAME = "twelvedata"
+INTERVALS = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "45m": "45min",
+             "1h": "1h", "2h": "2h", "4h": "4h", "1d": "1day"}
+#: Largest ``outputsize`` Twelve Data accepts.
+MAX_OUTPUT = 5000
+
+
+def classify_error(
+    obj: Mapping[str, Any], http_status: int, retry_after: float | None = None
+) -> ProviderError:
+    """The class of a Twelve Data error object (``code``/``message``[/``status``])."""
+    message = str(obj.get("message", ""))[:240]
+    try:
+        code = int(obj.get("code", http_status))
+    except (TypeError, ValueError):
+        code = http_status
+    low = message.lower()
+    if code == 429 or "run out of api credits" in low:
+        return ProviderError("rate_limited", f"{code} {message}", source=NAME, retry_after=retry_after)
+    if code == 401 or ("apikey" in low and ("incorrect" in low or "not specified" in low)):
+        return ProviderError("auth", f"{code} {message}", source=NAME)
+    if code == 403 or "upgrade" in low or ("plan" in low and "available" in low):
+        return ProviderError("not_entitled", f"{code} {message}", source=NAME)
+    if code == 404 and obj.get("status") != "error":
+        # The other shape ({message, code} only) is an unknown path: our bug, not the symbol.
+        return ProviderError("bad_response", f"{code} {message}", source=NAME)
+    if (code in (400, 404) and "symbol" in low) or code == 404:
+        return ProviderError("unknown_symbol", f"{code} {message}", source=NAME)
+    if code >= 500:
+        return ProviderError("unavailable", f"{code} {message}", source=NAME, retry_after=retry_after)
+    return ProviderError("bad_response", f"{code} {message}", source=NAME)
+
+
+def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
+    if obj.get("status") == "error" or ("code" in obj and "values" not in obj):
+        raise classify_error(obj, 200)
+    values = obj.get("values")
+    meta = obj.get("meta") or {}
+    if not isinstance(values, list) or not isinstance(meta, dict):
+        raise ProviderError("bad_response", "series without values", source=NAME)
+    tz = zone(meta.get("exchange_timezone"), "UTC")
+    daily = ctx.tf.ms >= 86_400_000
+    bars: list[Bar] = []
+    for row in values:
+        if not isinstance(row, dict):
+            continue
+        try:
+            o, h, l, c = (to_float(row[k]) for k in ("open", "high", "low", "close"))
+            t = local_text_to_ms(str(row["datetime"]), tz, daily)
+        except (KeyError, ValueError, TypeError):
+            continue  # null or malformed row dropped
+        v: float | None = None
+        if ctx.has_volume and row.get("volume") not in (None, ""):
+            try:
+                v = to_float(row["volume"])
+            except ValueError:
+                v = None
+        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+    return finish(bars, ctx)
+
+
+def _checked_json(body: bytes | str, status: int, retry_after: float | None) -> Any:
+    try:
+        data = decode_json(body, NAME)
+    except ProviderError:
+        if status != 200:
+            raise http_status_error(status, "(non-JSON body)", NAME, retry_after) from None
+        raise
+    if isinstance(data, dict) and ("code" in data and "values" not in data
+                                   and (data.get("status") == "error" or status != 200)):
+        raise classify_error(data, status, retry_after)
+    if status != 200:
+        raise http_status_error(status, "", NAME, retry_after)
+    if not isinstance(data, dict):
+        raise ProviderError("bad_response", "answer is not an object", source=NAME)
+    return data
+
+
+def parse_time_series(body: bytes | str, status: int, ctx: ParseContext,
+                      retry_after: float | None = None) -> list[Bar]:
+    """Bars of a single-symbol ``/time_series`` answer, oldest first."""
+    return _series_bars(_checked_json(body, status, retry_after), ctx)
+
+
+def parse_batch(body: bytes | str, status: int, contexts: Mapping[str, ParseContext],
+                retry_after: float | None = None) -> dict[str, list[Bar] | ProviderError]:
+    """Per requested Twelve Data symbol: its bars, or the error it got inside the batch.
+
+    ``contexts`` maps the requested spelling (``EUR/USD``) to its parse context. An
+    error for the whole request raises. A one-symbol request answers the plain shape.
+    """
+    data = _checked_json(body, status, retry_after)
+    if len(contexts) == 1 and ("values" in data or "meta" in data):
+        (ticker, ctx), = contexts.items()
+        return {ticker: _series_bars(data, ctx)}
+    out: dict[str, list[Bar] | ProviderError] = {}
+    for ticker, ctx in contexts.items():
+        item = data.get(ticker)
+        if not isinstance(item, dict):
+            out[ticker] = ProviderError("bad_response", f"{ticker} missing from batch answer",
+                                        source=NAME)
+            continue
+        try:
+            out[ticker] = _series_bars(item, ctx)
+        except ProviderError as err:
+            out[ticker] = err
+    return out
+
+
+class TwelveDataSource(HttpSource):
+    """Batched ``/time_series`` within the credit budget (one credit per symbol)."""
+
+    name = NAME
+
+    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
+                 **kwargs: Any) -> None:
+        super().__init__(provider, symbols, budget, **kwargs)
+        assert provider.twelvedata_api_key
+        self._headers = {"Authorization": f"apikey {provider.twelvedata_api_key}"}
+        self.max_batch = max(1, provider.twelvedata_credits_per_minute)
+
+    def _interval(self, tf: Timeframe) -> str:
+        interval = INTERVALS.get(tf.name)
+        if interval is None:
+            raise ProviderError("not_entitled", f"timeframe {tf.name} is not offered", source=NAME)
+        return interval
+
+    async def _request(self, contexts: Mapping[str, ParseContext], tf: Timeframe,
+                       extra: Mapping[str, str]) -> dict[str, list[Bar] | ProviderError]:
+        params = {"symbol": ",".join(contexts), "interval": self._interval(tf), **extra}
+        reply = await self._get(f"{self.provider.twelvedata_base_url}/time_series", params=params,
+                                headers=self._headers)
+        try:
+            result = parse_batch(reply.body, reply.status, contexts, reply.retry_after)
+        except ProviderError as err:
+            if err.error_class == "rate_limited" and "day" in str(err).lower():
+                self.budget.exhaust_day()
+            raise self._note_error(err) from None
+        for value in result.values():
+            if isinstance(value, ProviderError) and value.error_class == "rate_limited":
+                self._note_error(value)
+        return result
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        out: LatestResult = {}
+        try:
+            self._interval(tf)
+        except ProviderError as err:
+            return dict.fromkeys(symbols, err)
+        wanted: dict[str, tuple[str, ParseContext]] = {}
+        for symbol in symbols:
+            spelling = self.spelling(symbol)
+            if spelling is None:
+                out[symbol] = ProviderError("unknown_symbol", f"{symbol} not served by {NAME}",
+                                            source=NAME)
+                continue
+            wanted[symbol] = (spelling.ticker,
+                              ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume))
+        affordable = min(len(wanted), self.budget.remaining())
+        chosen = list(wanted)[:affordable]
+        for symbol in list(wanted)[affordable:]:
+            out[symbol] = self.budget.exhausted()
+        if chosen:
+            if not self.budget.try_acquire(len(chosen)):  # pragma: no cover - checked above
+                raise self.budget.exhausted()
+            contexts = {wanted[s][0]: wanted[s][1] for s in chosen}
+            result = await self._request(contexts, tf, {"outputsize": "5"})
+            for symbol in chosen:
+                value = result[wanted[symbol][0]]
+                out[symbol] = value if isinstance(value, ProviderError) else value[-3:]
+        return settle({s: out[s] for s in symbols})
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        spelling = self.spelling(symbol)
+        if spelling is None:
+            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
+        now_ms = int(time.time() * 1000)
+        ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume)
+        if not self.budget.try_acquire(1):
+            raise self.budget.exhausted()
+        # Dates are read in the exchange's zone: ask a day wider and filter exactly below.
+        extra = {
+            "start_date": datetime.fromtimestamp(start_ms / 1000 - 86_400, UTC).strftime("%Y-%m-%d"),
+            "end_date": datetime.fromtimestamp(end_ms / 1000 + 86_400, UTC).strftime("%Y-%m-%d"),
+            "outputsize": str(MAX_OUTPUT),
+        }
+        result = await self._request({spelling.ticker: ctx}, tf, extra)
+        value = result[spelling.ticker]
+        if isinstance(value, ProviderError):
+            raise value
+        return [b for b in value if start_ms <= b.t < end_ms and not b.forming]
+
+
+def build(settings: Settings, env: Mapping[str, str]) -> TwelveDataSource:
+    """The Twelve Data source; :class:`SourceDisabled` without ``TWELVEDATA_API_KEY``."""
+    provider = ProviderSettings.from_env(env)
+    if not provider.twelvedata_api_key:
+        raise SourceDisabled(f"{NAME}: TWELVEDATA_API_KEY missing")
+    budget = RateBudget(NAME, per_minute=provider.twelvedata_credits_per_minute,
+                        per_day=provider.twelvedata_credits_per_day)
+    return TwelveDataSource(provider, load_symbol_map(provider.symbols_file), budget)

@@ -1,0 +1,369 @@
+"""``yahoo``: Yahoo Finance's chart endpoint through yfinance's HTTP machinery.
+
+Requests go through yfinance's process-wide ``YfData`` (curl_cffi impersonating
+Chrome, cookie + crumb, consent page, ``YFRateLimitError`` on 429) with one shared
+:class:`RebasingSession`, which rewrites the scheme and host of every request to
+``SIDECAR_YAHOO_BASE_URL`` when set (gateways, tests). The raw chart JSON is
+parsed here (:func:`parse_chart`) rather than through ``Ticker.history``: that
+keeps the error body for classification, costs one request per poll (not an
+extra timezone lookup, nor ~11 requests for an unknown symbol), and leaves the
+trailing "live" entry, null minutes and daily stamps to rules we control.
+yfinance is blocking: calls run in a bounded thread pool under an asyncio timeout.
+REST polls are budgeted; between polls the stream (:mod:`.yahoo_stream`) moves the
+forming bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import curl_cffi.requests as curl_requests
+
+from sidecar.bar import Bar
+from sidecar.errors import ProviderError
+from sidecar.provider_settings import ProviderSettings
+from sidecar.rate_budget import RateBudget
+from sidecar.settings import Settings
+from sidecar.sources._http import settle
+from sidecar.sources._parsing import (
+    ParseContext,
+    decode_json,
+    epoch_to_daily_ms,
+    finish,
+    http_status_error,
+    to_float,
+    zone,
+)
+from sidecar.sources.base import LatestResult, Source
+from sidecar.sources.yahoo_stream import YahooStream
+from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.timeframe import Timeframe
+
+NAME = "yahoo"
+CHART_URL = "https://query2.finance.yahoo.com/v8/finance/chart/"
+INTERVALS = {"1m": "1m", "2m": "2m", "5m": "5m", "15m": "15m", "30m": "30m", "1h": "60m",
+             "90m": "90m", "1d": "1d"}
+_NO_VOLUME_TYPES = ("CURRENCY", "INDEX")
+_BAD_SYMBOL_TTL_S = 6 * 3600.0
+log = logging.getLogger("sidecar.sources.yahoo")
+
+
+# -- parsing ------------------------------------------------------------------
+def _chart_error(status: int, body: bytes | str, retry_after: float | None) -> ProviderError | None:
+    text = body if isinstance(body, str) else body[:300].decode("utf-8", "replace")
+    if status == 429 or "Too Many Requests" in text[:100]:
+        return ProviderError("rate_limited", f"HTTP {status} {text.strip()[:80]}", source=NAME,
+                             retry_after=retry_after)
+    return None
+
+
+def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
+                end_ms: int | None = None, retry_after: float | None = None) -> list[Bar]:
+    """Bars of a ``/v8/finance/chart`` answer, oldest first.
+
+    Null minutes are dropped; FX and index volume (always 0) becomes ``None``;
+    daily bars are stamped 00:00 UTC of their date in the exchange's zone. The
+    trailing "live" entry of intraday answers (at or after ``end_ms``, off the bar
+    grid, or at ``meta.regularMarketTime``) becomes/updates the forming bar when it
+    lies in the current period (``ctx.now_ms``), and is dropped otherwise.
+    """
+    err = _chart_error(status, body, retry_after)
+    if err is not None:
+        raise err
+    try:
+        data = decode_json(body, NAME)
+    except ProviderError:
+        if status != 200:
+            raise http_status_error(status, "(non-JSON body)", NAME, retry_after) from None
+        raise
+    chart = data.get("chart") if isinstance(data, dict) else None
+    if not isinstance(chart, dict):
+        if status != 200:
+            raise http_status_error(status, "", NAME, retry_after)
+        raise ProviderError("bad_response", "no 'chart' object", source=NAME)
+    error = chart.get("error")
+    if error or status != 200:
+        error = error if isinstance(error, dict) else {}
+        code = str(error.get("code", ""))
+        desc = str(error.get("description", ""))[:200]
+        low = desc.lower()
+        if code == "Not Found" or status == 404 or "delisted" in low or "no data found" in low:
+            return_err = ProviderError("unknown_symbol", f"{code}: {desc}", source=NAME)
+        elif status >= 500:
+            return_err = ProviderError("unavailable", f"HTTP {status} {code}: {desc}", source=NAME,
+                                       retry_after=retry_after)
+        elif "not available" in low or "must be within" in low:
+            return_err = ProviderError("not_entitled", f"{code}: {desc}", source=NAME)
+        else:
+            return_err = http_status_error(status if status != 200 else 400, f"{code}: {desc}", NAME)
+        raise return_err
+    results = chart.get("result")
+    if not isinstance(results, list) or not results or not isinstance(results[0], dict):
+        raise ProviderError("bad_response", "chart.result is empty", source=NAME)
+    result = results[0]
+    meta = result.get("meta") or {}
+    stamps = result.get("timestamp") or []
+    quotes = ((result.get("indicators") or {}).get("quote") or [{}])[0] or {}
+    has_volume = ctx.has_volume and meta.get("instrumentType") not in _NO_VOLUME_TYPES
+    daily = ctx.tf.ms >= 86_400_000
+    tz = zone(meta.get("exchangeTimezoneName"), "UTC")
+
+    def col(name: str) -> list[Any]:
+        values = quotes.get(name)
+        return values if isinstance(values, list) else []
+
+    opens, highs, lows, closes, volumes = (col(n) for n in ("open", "high", "low", "close", "volume"))
+    rows: list[Bar] = []
+    for i, stamp in enumerate(stamps):
+        try:
+            o, h, l, c = (to_float(arr[i]) for arr in (opens, highs, lows, closes))
+            t = int(stamp) * 1000
+        except (IndexError, ValueError, TypeError):
+            continue  # a null minute
+        v: float | None = None
+        if has_volume:
+            try:
+                v = to_float(volumes[i])
+            except (IndexError, ValueError, TypeError):
+                v = None
+        rows.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+    if daily:
+        for bar in rows:
+            bar.t = epoch_to_daily_ms(bar.t, tz)
+        return finish(rows, ctx)
+    if rows and _is_live_entry(rows, ctx.tf, meta, end_ms):
+        live = rows.pop()
+        period = ctx.tf.floor(live.t)
+        in_current = period == ctx.tf.floor(ctx.now_ms)
+        if rows and rows[-1].t == period:
+            if in_current:
+                last = rows[-1]
+                last.h, last.l, last.c = max(last.h, live.c), min(last.l, live.c), live.c
+        elif in_current:
+            rows.append(replace(live, t=period, o=live.c, h=live.c, l=live.c))
+    return finish(rows, ctx)
+
+
+def _is_live_entry(rows: list[Bar], tf: Timeframe, meta: Mapping[str, Any], end_ms: int | None) -> bool:
+    last = rows[-1]
+    if not tf.is_aligned(last.t):
+        return True
+    if end_ms is not None and last.t >= end_ms:
+        return True
+    market_time = meta.get("regularMarketTime")
+    return isinstance(market_time, int) and abs(market_time * 1000 - last.t) <= 1000
+
+
+# -- transport ----------------------------------------------------------------
+class RebasingSession(curl_requests.Session[curl_requests.Response]):
+    """A curl_cffi session that sends every request to ``base_url``'s scheme and host."""
+
+    def __init__(self, base_url: str | None, **kwargs: Any) -> None:
+        kwargs.setdefault("impersonate", "chrome")
+        super().__init__(**kwargs)
+        self.base_url = base_url
+
+    def request(self, method: Any, url: str, *args: Any, **kwargs: Any) -> Any:
+        if self.base_url:
+            u, b = urlsplit(url), urlsplit(self.base_url)
+            url = urlunsplit((b.scheme, b.netloc, b.path.rstrip("/") + u.path, u.query, u.fragment))
+        return super().request(method, url, *args, **kwargs)
+
+
+_SESSION_LOCK = threading.Lock()
+_SESSION: RebasingSession | None = None
+_TZ_DIR: Path | None = None
+
+
+def shared_session(base_url: str | None, cache_dir: Path) -> RebasingSession:
+    """The process-wide Yahoo session (yfinance keeps one singleton: pass it everywhere).
+
+    Also points yfinance's caches at ``cache_dir`` before its first use.
+    """
+    global _SESSION, _TZ_DIR
+    import yfinance as yf
+
+    with _SESSION_LOCK:
+        if _TZ_DIR is None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            yf.set_tz_cache_location(str(cache_dir))
+            _TZ_DIR = cache_dir
+        if _SESSION is None:
+            _SESSION = RebasingSession(base_url)
+        elif _SESSION.base_url != base_url:
+            _SESSION.base_url = base_url
+        return _SESSION
+
+
+def _blocking_chart(session: RebasingSession, ticker: str, params: dict[str, str],
+                    timeout_s: float) -> tuple[int, bytes, float | None]:
+    """One chart request via yfinance's ``YfData`` (runs in a worker thread)."""
+    from yfinance.data import YfData
+    from yfinance.exceptions import YFRateLimitError
+
+    try:
+        resp = YfData(session=session).get(CHART_URL + quote(ticker, safe="=^-."), params=params,
+                                           timeout=timeout_s)
+    except YFRateLimitError:
+        return 429, b"Edge: Too Many Requests", None
+    except Exception as exc:  # curl errors, timeouts, DNS: the provider is unreachable
+        raise ProviderError("unavailable", f"{type(exc).__name__}: {str(exc)[:160]}",
+                            source=NAME) from None
+    retry = resp.headers.get("Retry-After") if resp.headers is not None else None
+    try:
+        retry_s = float(retry) if retry else None
+    except ValueError:
+        retry_s = None
+    return int(resp.status_code), bytes(resp.content), retry_s
+
+
+class YahooSource(Source):
+    """Chart polls within a self-imposed budget, the stream in between."""
+
+    name = NAME
+    max_batch = 50
+
+    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget, *,
+                 cache_dir: Path, stream_tickers: Sequence[str] = ()) -> None:
+        self.provider = provider
+        self.symbols = symbols
+        self.budget = budget
+        self._cache_dir = cache_dir
+        self._session: RebasingSession | None = None
+        self._pool = ThreadPoolExecutor(max_workers=provider.yahoo_workers,
+                                        thread_name_prefix="yahoo")
+        self._bad: dict[str, float] = {}
+        self._latest: dict[tuple[str, str], tuple[float, list[Bar]]] = {}
+        self._stream = (YahooStream(provider.yahoo_stream_url, stream_tickers)
+                        if provider.yahoo_stream and stream_tickers else None)
+        self._requests = 0
+        self._last_error: str | None = None
+
+    async def start(self) -> None:
+        self._session = shared_session(self.provider.yahoo_base_url, self._cache_dir)
+        if self._stream is not None:
+            self._stream.start()
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def can_serve(self, symbol: str) -> bool:
+        spelling = self.symbols.for_source(NAME, symbol)
+        return spelling is not None and not self._known_bad(spelling.ticker)
+
+    def _known_bad(self, ticker: str) -> bool:
+        until = self._bad.get(ticker)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._bad[ticker]
+            return False
+        return True
+
+    async def _chart(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int,
+                     now_ms: int) -> list[Bar]:
+        spelling = self.symbols.for_source(NAME, symbol)
+        if spelling is None or self._known_bad(spelling.ticker):
+            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
+        interval = INTERVALS.get(tf.name)
+        if interval is None:
+            raise ProviderError("not_entitled", f"timeframe {tf.name} is not offered", source=NAME)
+        if not self.budget.try_acquire(1):
+            raise self.budget.exhausted()
+        if self._session is None:
+            self._session = shared_session(self.provider.yahoo_base_url, self._cache_dir)
+        params = {"period1": str(start_ms // 1000), "period2": str(-(-end_ms // 1000)),
+                  "interval": interval, "includePrePost": "false", "events": ""}
+        loop = asyncio.get_running_loop()
+        self._requests += 1
+        try:
+            status, body, retry_after = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, _blocking_chart, self._session, spelling.ticker,
+                                     params, self.provider.http_timeout_s),
+                timeout=self.provider.http_timeout_s + 1.0,
+            )
+            ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume)
+            return parse_chart(body, status, ctx, end_ms=end_ms, retry_after=retry_after)
+        except TimeoutError:
+            err = ProviderError("unavailable", f"timeout fetching {spelling.ticker}", source=NAME)
+        except ProviderError as exc:
+            err = exc
+        self._last_error = str(err)[:300]
+        if err.error_class == "unknown_symbol":
+            self._bad[spelling.ticker] = time.monotonic() + _BAD_SYMBOL_TTL_S
+        elif err.error_class == "rate_limited":
+            self.budget.back_off(err.retry_after if err.retry_after is not None
+                                 else self.provider.cooldown_429_s)
+        raise err
+
+    def _with_ticks(self, symbol: str, bars: list[Bar], polled_ms: float, tf: Timeframe,
+                    now_ms: int) -> list[Bar]:
+        """The cached bars with the forming one moved by newer stream ticks."""
+        spelling = self.symbols.for_source(NAME, symbol)
+        if self._stream is None or spelling is None or not bars:
+            return bars
+        tick = self._stream.ticks.get(spelling.ticker)
+        last = bars[-1]
+        if (tick is None or tick.t_ms <= polled_ms or not last.forming
+                or tf.floor(tick.t_ms) != last.t or tf.floor(now_ms) != last.t):
+            return bars
+        moved = replace(last, h=max(last.h, tick.price), l=min(last.l, tick.price), c=tick.price)
+        return [*bars[:-1], moved]
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        out: LatestResult = {}
+
+        async def one(symbol: str) -> None:
+            cached = self._latest.get((symbol, tf.name))
+            due = cached is None or now_ms - cached[0] >= self.provider.yahoo_poll_s * 1000
+            if cached is not None and not due:
+                out[symbol] = self._with_ticks(symbol, cached[1], cached[0], tf, now_ms)
+            elif self.budget.remaining() > 0:
+                try:
+                    bars = await self._chart(symbol, tf, tf.floor(now_ms) - 10 * tf.ms, now_ms + 1,
+                                             now_ms)
+                except ProviderError as err:
+                    out[symbol] = err
+                    return
+                self._latest[(symbol, tf.name)] = (float(now_ms), bars[-3:])
+                out[symbol] = bars[-3:]
+            elif cached is not None and self._stream is not None:
+                out[symbol] = self._with_ticks(symbol, cached[1], cached[0], tf, now_ms)
+            else:
+                out[symbol] = self.budget.exhausted()
+
+        await asyncio.gather(*(one(s) for s in symbols))
+        return settle({s: out[s] for s in symbols})
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        now_ms = int(time.time() * 1000)
+        bars = await self._chart(symbol, tf, start_ms, end_ms, now_ms)
+        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"budget": self.budget.status(), "requests": self._requests,
+                               "known_bad": sorted(self._bad), "last_error": self._last_error}
+        if self._stream is not None:
+            out["stream"] = self._stream.status()
+        return out
+
+
+def build(settings: Settings, env: Mapping[str, str]) -> YahooSource:
+    """The Yahoo source (needs no key)."""
+    provider = ProviderSettings.from_env(env)
+    symbols = load_symbol_map(provider.symbols_file)
+    budget = RateBudget(NAME, per_minute=provider.yahoo_per_minute, per_day=provider.yahoo_per_day)
+    tickers = [p.ticker for s in settings.symbols if (p := symbols.for_source(NAME, s)) is not None]
+    return YahooSource(provider, symbols, budget, cache_dir=settings.data_dir / "yfinance",
+                       stream_tickers=tickers)
