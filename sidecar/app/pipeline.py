@@ -128,8 +128,12 @@ class Pipeline:
                     bars = await self.redis.recent_bars(sym, self.tf.name, self.settings.warm_bars)
                 except RedisError:
                     bars = []
-            closed = [b for b in bars if b.t < current]
-            forming = [b for b in bars if b.t >= current]
+            # The newest stored bar stays forming if it was stored while forming:
+            # the source's final revision then closes it through the handles once.
+            split = len(bars)
+            while split and (bars[split - 1].t >= current or bars[split - 1].forming):
+                split -= 1
+            closed, forming = bars[:split], bars[split:]
             for b in closed:
                 b.forming = False
             st.engine.load(closed)

@@ -1,0 +1,140 @@
+"""The daemon as a user runs it: a real process, real Redis, real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from sidecar.bar import Bar
+from sidecar.tests.conftest import REPO, RedisServer
+
+SYMBOLS = "AAPL,MSFT,EURUSD,BTCUSD"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            if http_get(port, "/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("daemon not ready in time")
+
+
+def scan(env: dict[str, str]) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json"], cwd=REPO, env=env,
+                         capture_output=True, timeout=30, check=True)
+    return [json.loads(line) for line in out.stdout.decode().splitlines()]
+
+
+def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str]) -> None:
+    port = free_port()
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS,
+               SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="2")
+    started = time.monotonic()
+    proc = start(env)
+    try:
+        wait_ready(proc, port)
+        rows: list[dict] = []
+        while time.monotonic() - started < 10:
+            rows = scan(env)
+            if all(not r["stale"] for r in rows):
+                break
+            time.sleep(0.3)
+        assert time.monotonic() - started < 10, "features not fresh within 10 s of start"
+        assert [r["symbol"] for r in rows] == SYMBOLS.split(",")
+        for r in rows:
+            assert r["age_ms"] < 2_000 and r["rsi"] is not None and r["src"] == "sim"
+        status, health = http_get(port, "/health")
+        assert status == 200 and health["status"] == "ok", health
+        sock = Path(env["SIDECAR_DATA_DIR"]) / "redis" / "redis.sock"
+        assert sock.exists() and (sock.stat().st_mode & 0o077) == 0  # private socket
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The embedded server was stopped with the daemon.
+    assert not any(_answers(sock) for _ in range(3))
+
+
+def _answers(sock: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.5)
+            s.connect(str(sock))
+            return True
+    except OSError:
+        return False
+
+
+def test_sigterm_with_full_buffer_loses_no_bar(clean_env: dict[str, str], redis_server: RedisServer,
+                                               tmp_path: Path) -> None:
+    port = free_port()
+    prefix = f"t{os.getpid()}"
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS, SIDECAR_TIMEFRAME="1s",
+               SIDECAR_HTTP_PORT=str(port), SIDECAR_REDIS_URL=redis_server.url,
+               SIDECAR_REDIS_PREFIX=prefix, SIDECAR_FLUSH_INTERVAL_S="3600",
+               SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_WARM_BARS="0")
+    proc = start(env)
+    try:
+        wait_ready(proc, port)
+        time.sleep(4)
+        _, health = http_get(port, "/health")
+        assert health["sqlite"]["buffered"] > 0 and health["sqlite"]["flushed_rows"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    import redis
+
+    r = redis.Redis(unix_socket_path=str(redis_server.socket))
+    db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
+    total = 0
+    for sym in SYMBOLS.split(","):
+        in_redis = [Bar.unpack(sym, "1s", raw) for raw in r.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)]
+        rows = db.execute("SELECT t, o, h, l, c, v FROM bars WHERE symbol=? AND tf='1s' ORDER BY t",
+                          (sym,)).fetchall()
+        assert len(in_redis) >= 3
+        assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in in_redis] == rows
+        total += len(rows)
+    assert total > 0
+
+
+def test_bad_setting_stops_start_with_its_name(clean_env: dict[str, str]) -> None:
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,BAD SYMBOL")
+    out = subprocess.run([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
+                         capture_output=True, timeout=30)
+    assert out.returncode == 2
+    assert "SIDECAR_SYMBOLS" in out.stderr.decode()
