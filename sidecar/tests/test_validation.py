@@ -1,0 +1,419 @@
+"""Validation rules, one by one: per-bar checks, ordering, revisions, outliers and gaps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+
+from sidecar.bar import Bar
+from sidecar.timeframe import Timeframe
+from sidecar.validation import (
+    MAX_FILL_BARS,
+    Gap,
+    Validator,
+    Verdict,
+    check_bar,
+    validate_history,
+)
+
+TF = Timeframe.parse("1m")
+M = TF.ms
+T0 = 1_727_827_200_000  # 2024-10-02 00:00 UTC, aligned to every timeframe used here
+NOW = T0 + 30 * 86_400_000  # well after every bar below, so nothing is "future"
+SYM = "AAPL"
+
+
+def mk(i: int, c: float = 100.0, *, rng: float = 1.0, v: float | None = 10.0, symbol: str = SYM,
+       forming: bool = False, **kw) -> Bar:
+    """Bar number ``i`` (open time T0 + i minutes) closing at ``c`` with range ``rng``."""
+    bar = Bar(symbol, "1m", T0 + i * M, c, c + rng / 2, c - rng / 2, c, v, "test", forming=forming)
+    return replace(bar, **kw) if kw else bar
+
+
+def rejections(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "sidecar.validation" and r.getMessage() == "bar rejected"]
+
+
+def primed(n: int = 20, *, c: float = 100.0, **kw) -> Validator:
+    """A validator that already stored bars 0..n-1 of ``SYM``, each with range 1.0."""
+    val = Validator(TF, **kw)
+    val.prime(SYM, [mk(i, c) for i in range(n)])
+    return val
+
+
+# -- rules of one bar ------------------------------------------------------------
+
+GOOD = mk(0, 100.0)
+
+BAD_BARS = [
+    pytest.param(replace(GOOD, o=math.nan), "bad_price", id="nan-open"),
+    pytest.param(replace(GOOD, c=math.nan), "bad_price", id="nan-close"),
+    pytest.param(replace(GOOD, h=math.inf), "bad_price", id="inf-high"),
+    pytest.param(replace(GOOD, l=-math.inf), "bad_price", id="minus-inf-low"),
+    pytest.param(replace(GOOD, o=0.0, l=0.0), "bad_price", id="zero-open"),
+    pytest.param(replace(GOOD, l=0.0), "bad_price", id="zero-low"),
+    pytest.param(replace(GOOD, o=-1.0, h=-0.5, l=-2.0, c=-1.0), "bad_price", id="negative"),
+    pytest.param(replace(GOOD, o=100.0, h=99.0, l=98.0, c=98.5), "high_below_open_close", id="h<o"),
+    pytest.param(replace(GOOD, o=98.5, h=99.0, l=98.0, c=100.0), "high_below_open_close", id="h<c"),
+    pytest.param(replace(GOOD, o=100.0, h=101.0, l=100.5, c=100.7), "low_above_open_close", id="l>o"),
+    pytest.param(replace(GOOD, o=100.7, h=101.0, l=100.5, c=100.0), "low_above_open_close", id="l>c"),
+    pytest.param(replace(GOOD, v=-1.0), "bad_volume", id="negative-volume"),
+    pytest.param(replace(GOOD, v=math.nan), "bad_volume", id="nan-volume"),
+    pytest.param(replace(GOOD, v=math.inf), "bad_volume", id="inf-volume"),
+    pytest.param(replace(GOOD, tf="5m"), "wrong_timeframe", id="wrong-tf"),
+    pytest.param(replace(GOOD, t=T0 + 1), "misaligned_time", id="misaligned-1ms"),
+    pytest.param(replace(GOOD, t=T0 + 30_000), "misaligned_time", id="misaligned-30s"),
+]
+
+
+@pytest.mark.parametrize(("bar", "reason"), BAD_BARS)
+def test_check_bar_reason(bar: Bar, reason: str) -> None:
+    assert check_bar(bar, TF, NOW, 2_000) == reason
+
+
+def test_check_bar_accepts_good_bars() -> None:
+    assert check_bar(GOOD, TF, NOW, 2_000) is None
+    assert check_bar(replace(GOOD, v=None), TF, NOW, 2_000) is None  # FX: no volume
+    assert check_bar(replace(GOOD, v=0.0), TF, NOW, 2_000) is None
+    flat = replace(GOOD, o=5.0, h=5.0, l=5.0, c=5.0)
+    assert check_bar(flat, TF, NOW, 2_000) is None
+
+
+@pytest.mark.parametrize(("bar", "reason"), BAD_BARS)
+def test_validator_rejects_counts_and_logs_once(
+    bar: Bar, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    val = primed(3)
+    caplog.set_level(logging.DEBUG, logger="sidecar.validation")
+    out = val.check(replace(bar, t=bar.t + 5 * M), NOW)
+    assert out.verdict is Verdict.REJECTED
+    assert out.bars == []
+    assert out.reason == reason
+    assert val.rejected == {reason: 1}
+    assert val.accepted == 0
+    assert val.newest(SYM) == mk(2)  # state untouched
+    recs = rejections(caplog)
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec.levelno == logging.WARNING
+    assert rec.reason == reason
+    assert rec.symbol == SYM
+    assert rec.t == bar.t + 5 * M
+    for name in ("o", "h", "l", "c", "v"):
+        got, want = getattr(rec, name), getattr(bar, name)
+        assert (math.isnan(got) and math.isnan(want)) if isinstance(want, float) and math.isnan(want) \
+            else got == want
+    assert rec.tf == bar.tf
+
+
+def test_future_beyond_skew_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    val = Validator(TF, skew_ms=2_000)
+    caplog.set_level(logging.WARNING, logger="sidecar.validation")
+    bar = mk(10)
+    now = bar.t - 2_001  # the bar opens 2.001 s in the future
+    assert check_bar(bar, TF, now, 2_000) == "future"
+    out = val.check(bar, now)
+    assert out.verdict is Verdict.REJECTED and out.reason == "future"
+    assert val.rejected == {"future": 1}
+    assert len(rejections(caplog)) == 1
+    assert rejections(caplog)[0].symbol == SYM
+
+
+@pytest.mark.parametrize("ahead_ms", [0, 1, 1_999, 2_000])
+def test_future_within_skew_accepted(ahead_ms: int) -> None:
+    val = Validator(TF, skew_ms=2_000)
+    bar = mk(10)
+    out = val.check(bar, bar.t - ahead_ms)
+    assert out.verdict is Verdict.NEW
+    assert out.bars == [bar]
+    assert not val.rejected
+
+
+def test_first_bar_is_new() -> None:
+    val = Validator(TF)
+    bar = mk(0)
+    out = val.check(bar, NOW)
+    assert out.verdict is Verdict.NEW and out.bars == [bar]
+    assert val.accepted == 1
+    assert val.newest(SYM) == bar
+
+
+# -- ordering ------------------------------------------------------------------
+
+
+def test_stale_beyond_correction_window(caplog: pytest.LogCaptureFixture) -> None:
+    val = primed(21, correction_window_bars=10)  # newest opens at bar 20
+    caplog.set_level(logging.WARNING, logger="sidecar.validation")
+    old = mk(9, 101.0)  # 11 bars older than the newest, other values
+    out = val.check(old, NOW)
+    assert out.verdict is Verdict.REJECTED and out.reason == "stale"
+    assert out.bars == []
+    assert val.rejected == {"stale": 1}
+    recs = rejections(caplog)
+    assert len(recs) == 1
+    assert recs[0].reason == "stale" and recs[0].symbol == SYM and recs[0].t == old.t
+    assert recs[0].c == 101.0
+
+
+def test_correction_at_window_edge_accepted() -> None:
+    val = primed(21, correction_window_bars=10)
+    edge = mk(10, 100.2)  # exactly 10 bars older: still inside the window
+    out = val.check(edge, NOW)
+    assert out.verdict is Verdict.CORRECTION
+    assert out.bars == [edge]
+    assert not val.rejected
+
+
+def test_correction_of_recent_closed_bar() -> None:
+    val = primed(21)
+    accepted_before = val.accepted
+    fixed = mk(15, 100.3, v=99.0)
+    out = val.check(fixed, NOW)
+    assert out.verdict is Verdict.CORRECTION
+    assert out.bars == [fixed]
+    assert val.accepted == accepted_before + 1
+    assert val.newest(SYM) == mk(20)  # a correction does not move the newest bar
+    # The corrected values are what is remembered: re-delivering them is a duplicate ...
+    again = val.check(mk(15, 100.3, v=99.0), NOW)
+    assert again.verdict is Verdict.DUPLICATE and again.bars == []
+    # ... and the original values are a correction again.
+    assert val.check(mk(15), NOW).verdict is Verdict.CORRECTION
+
+
+def test_duplicate_of_newest_not_stored() -> None:
+    val = Validator(TF)
+    bar = mk(0, forming=True)
+    assert val.check(bar, NOW).verdict is Verdict.NEW
+    for n in range(1, 4):
+        out = val.check(mk(0, forming=True), NOW)
+        assert out.verdict is Verdict.DUPLICATE
+        assert out.bars == []
+        assert val.duplicates == n
+    assert val.accepted == 1
+    assert not val.rejected
+
+
+def test_duplicate_of_older_bar_not_stored() -> None:
+    val = primed(21)
+    out = val.check(mk(18), NOW)
+    assert out.verdict is Verdict.DUPLICATE and out.bars == []
+    assert val.duplicates == 1
+    assert val.accepted == 0
+
+
+def test_closing_the_forming_bar_is_a_revision_not_a_duplicate() -> None:
+    val = Validator(TF)
+    val.check(mk(0, forming=True), NOW)
+    closed = mk(0, forming=False)  # same prices, now closed
+    out = val.check(closed, NOW)
+    assert out.verdict is Verdict.REVISION
+    assert out.bars == [closed]
+    assert val.duplicates == 0
+
+
+def test_revision_of_forming_bar() -> None:
+    val = primed(20)
+    first = mk(20, 100.0, forming=True, v=5.0)
+    assert val.check(first, NOW).verdict is Verdict.NEW
+    revised = mk(20, 100.4, forming=True, v=8.0)
+    out = val.check(revised, NOW)
+    assert out.verdict is Verdict.REVISION
+    assert out.bars == [revised]
+    assert val.newest(SYM) == revised
+    assert val.duplicates == 0
+    assert not val.gaps and not val.new_gaps
+
+
+def test_symbols_are_independent() -> None:
+    val = primed(5)
+    other = mk(0, 50.0, symbol="MSFT")
+    out = val.check(other, NOW)  # older than AAPL's newest but MSFT has no history
+    assert out.verdict is Verdict.NEW
+    assert val.newest("MSFT") == other
+    assert val.newest(SYM) == mk(4)
+
+
+# -- outliers ------------------------------------------------------------------
+
+
+def test_outlier_held_not_stored(caplog: pytest.LogCaptureFixture) -> None:
+    val = primed(20)
+    caplog.set_level(logging.INFO, logger="sidecar.validation")
+    spike = mk(20, 200.0)
+    out = val.check(spike, NOW)
+    assert out.verdict is Verdict.HELD
+    assert out.bars == []
+    assert spike not in out.bars
+    assert val.held == 1
+    assert val.held_bar(SYM) == spike
+    assert val.newest(SYM) == mk(19)
+    assert not val.rejected
+    held_logs = [r for r in caplog.records if r.getMessage() == "outlier held"]
+    assert len(held_logs) == 1 and held_logs[0].symbol == SYM and held_logs[0].c == 200.0
+
+
+def test_wide_range_bar_is_an_outlier_too() -> None:
+    val = primed(20)
+    wide = Bar(SYM, "1m", T0 + 20 * M, 100.0, 130.0, 90.0, 100.0, 1.0, "test")
+    assert val.check(wide, NOW).verdict is Verdict.HELD
+
+
+def test_no_outlier_detection_before_enough_history() -> None:
+    val = primed(9)  # fewer than 10 ranges: no basis to judge
+    out = val.check(mk(9, 200.0), NOW)
+    assert out.verdict is Verdict.NEW
+
+
+def test_outlier_detection_disabled_with_k_zero() -> None:
+    val = primed(20, outlier_k=0.0)
+    assert val.check(mk(20, 200.0), NOW).verdict is Verdict.NEW
+
+
+def test_outlier_confirmed_by_next_bar_is_released() -> None:
+    val = primed(20)
+    spike = mk(20, 200.0)
+    assert val.check(spike, NOW).verdict is Verdict.HELD
+    follow = mk(21, 200.5)
+    out = val.check(follow, NOW)
+    assert out.verdict is Verdict.NEW
+    assert out.bars == [spike, follow]
+    assert val.held_bar(SYM) is None
+    assert val.newest(SYM) == follow
+    assert not val.rejected
+    assert not val.new_gaps  # the held bar filled its own slot
+
+
+def test_outlier_dropped_when_market_does_not_follow(caplog: pytest.LogCaptureFixture) -> None:
+    val = primed(20)
+    caplog.set_level(logging.WARNING, logger="sidecar.validation")
+    spike = mk(20, 200.0)
+    val.check(spike, NOW)
+    back = mk(21, 100.2)
+    out = val.check(back, NOW)
+    assert out.verdict is Verdict.NEW
+    assert spike not in out.bars
+    assert out.bars == [back]
+    assert val.rejected == {"outlier": 1}
+    assert val.held_bar(SYM) is None
+    recs = rejections(caplog)
+    assert len(recs) == 1
+    assert recs[0].reason == "outlier" and recs[0].symbol == SYM
+    assert recs[0].t == spike.t and recs[0].c == 200.0
+    # The dropped bar's slot is now a gap of one bar.
+    assert val.new_gaps == [Gap(SYM, spike.t, spike.t, 1)]
+
+
+def test_held_forming_bar_replaced_by_its_revision() -> None:
+    val = primed(20)
+    assert val.check(mk(20, 200.0, forming=True), NOW).verdict is Verdict.HELD
+    calm = mk(20, 100.1, forming=True)
+    out = val.check(calm, NOW)
+    assert out.verdict is Verdict.NEW
+    assert out.bars == [calm]
+    assert not val.rejected
+
+
+# -- gaps ------------------------------------------------------------------------
+
+
+def test_gap_detected_not_filled_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    val = primed(5)  # bars 0..4
+    caplog.set_level(logging.INFO, logger="sidecar.validation")
+    bar = mk(10)
+    out = val.check(bar, NOW)
+    assert out.verdict is Verdict.NEW
+    assert out.bars == [bar]
+    gap = Gap(SYM, T0 + 5 * M, T0 + 9 * M, 5, filled=False)
+    assert val.new_gaps == [gap]
+    assert list(val.gaps[SYM]) == [gap]
+    assert sum(r.getMessage() == "gap detected" for r in caplog.records) == 1
+
+
+def test_adjacent_bar_is_not_a_gap() -> None:
+    val = primed(5)
+    val.check(mk(5), NOW)
+    assert not val.new_gaps and not val.gaps
+
+
+def test_gap_filled_with_synthetic_bars() -> None:
+    val = primed(5, fill_gaps=True)
+    bar = mk(10, 101.0)
+    out = val.check(bar, NOW)
+    assert out.verdict is Verdict.NEW
+    assert out.bars[-1] == bar
+    fillers = out.bars[:-1]
+    assert [f.t for f in fillers] == [T0 + i * M for i in range(5, 10)]
+    prev_close = mk(4).c
+    for f in fillers:
+        assert f.synthetic is True
+        assert f.src == "gapfill"
+        assert f.forming is False
+        assert f.symbol == SYM and f.tf == "1m"
+        assert f.o == f.h == f.l == f.c == prev_close
+        assert f.v == 0.0
+        assert check_bar(f, TF, NOW, 0) is None
+    assert val.new_gaps == [Gap(SYM, T0 + 5 * M, T0 + 9 * M, 5, filled=True)]
+    # The filled bars are now known: re-delivering one is a duplicate.
+    assert val.check(fillers[2], NOW).verdict is Verdict.DUPLICATE
+
+
+def test_gap_fill_keeps_missing_volume_missing() -> None:
+    val = Validator(TF, fill_gaps=True)
+    val.prime(SYM, [mk(0, v=None)])
+    out = val.check(mk(3, v=None), NOW)
+    assert [f.v for f in out.bars[:-1]] == [None, None]
+
+
+def test_gap_fill_at_limit() -> None:
+    val = primed(1, fill_gaps=True)
+    bar = mk(MAX_FILL_BARS + 1)
+    out = val.check(bar, NOW)
+    assert len(out.bars) == MAX_FILL_BARS + 1
+    assert all(b.synthetic and b.src == "gapfill" for b in out.bars[:-1])
+    assert val.new_gaps[0].missing == MAX_FILL_BARS and val.new_gaps[0].filled
+
+
+def test_gap_larger_than_limit_recorded_not_filled() -> None:
+    val = primed(1, fill_gaps=True)
+    bar = mk(MAX_FILL_BARS + 2)
+    out = val.check(bar, NOW)
+    assert out.bars == [bar]
+    assert val.new_gaps == [Gap(SYM, T0 + M, T0 + (MAX_FILL_BARS + 1) * M, MAX_FILL_BARS + 1)]
+    assert val.new_gaps[0].filled is False
+
+
+def test_new_gaps_accumulate_until_cleared() -> None:
+    val = primed(1)
+    val.check(mk(3), NOW)
+    val.check(mk(6), NOW)
+    assert [(g.start, g.missing) for g in val.new_gaps] == [(T0 + M, 2), (T0 + 4 * M, 2)]
+    val.new_gaps.clear()
+    val.check(mk(9), NOW)
+    assert [(g.start, g.end, g.missing) for g in val.new_gaps] == [(T0 + 7 * M, T0 + 8 * M, 2)]
+    assert len(val.gaps[SYM]) == 3
+
+
+# -- history -----------------------------------------------------------------------
+
+
+def test_validate_history_dedups_sorts_and_counts() -> None:
+    a0, a1, a2 = mk(0), mk(1), mk(2)
+    a1_rev = mk(1, 100.5)
+    bad = replace(mk(3), c=math.nan)
+    misaligned = replace(mk(4), t=T0 + 4 * M + 7)
+    future = mk(100)
+    bars = [a2, a0, a1, bad, a1_rev, misaligned, future]
+    out, rejected = validate_history(bars, TF, now_ms=T0 + 10 * M, skew_ms=0)
+    assert out == [a0, a1_rev, a2]  # oldest first; the later same-time bar wins
+    assert rejected == {"duplicate": 1, "bad_price": 1, "misaligned_time": 1, "future": 1}
+
+
+def test_validate_history_empty_and_clean() -> None:
+    assert validate_history([], TF, NOW) == ([], {})
+    clean = [mk(i) for i in range(5)]
+    out, rejected = validate_history(reversed(clean), TF, NOW)
+    assert out == clean
+    assert not rejected
