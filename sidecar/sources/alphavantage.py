@@ -37,7 +37,7 @@ from sidecar.timeframe import Timeframe
 NAME = "alphavantage"
 _INTRADAY = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "1h": "60min"}
 _FIELD_RE = re.compile(r"^\d+[a-z]?\.\s*(.+)$")
-_PRICE_RE = re.compile(r"^price \(([A-Z]+)\)$")
+_PRICE_RE = re.compile(r"^price \(([a-z]+)\)$")
 
 
 def _snippet(body: bytes | str) -> str:
@@ -102,7 +102,7 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext) -> list
                 o, h, l, c = (to_float(f[k]) for k in ("open", "high", "low", "close"))
             else:  # legacy DIGITAL_CURRENCY_INTRADAY: one price per point
                 prices = {m.group(1): v for k, v in f.items() if (m := _PRICE_RE.match(k))}
-                price = prices.get(str(market)) if market in prices else next(iter(prices.values()))
+                price = prices.get(str(market).lower()) or next(iter(prices.values()))
                 o = h = l = c = to_float(price)
             t = local_text_to_ms(str(stamp), tz, daily)
         except (ValueError, KeyError, StopIteration, TypeError):
@@ -166,7 +166,8 @@ class AlphaVantageSource(HttpSource):
         try:
             return parse_time_series(reply.body, reply.status, ctx)
         except ProviderError as err:
-            if err.error_class == "rate_limited" and "per day" in str(err).lower():
+            low = str(err).lower()
+            if err.error_class == "rate_limited" and "per day" in low and "per minute" not in low:
                 self.budget.exhaust_day()
             if err.retry_after is None:
                 err.retry_after = reply.retry_after
