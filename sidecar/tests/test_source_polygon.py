@@ -1,0 +1,119 @@
+"""Polygon: aggregates fixtures, exponent volumes, null results, NOT_AUTHORIZED, next_url."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+
+from sidecar.errors import ProviderError
+from sidecar.provider_settings import ProviderSettings
+from sidecar.rate_budget import BudgetExhausted, RateBudget
+from sidecar.sources._parsing import ParseContext
+from sidecar.sources.polygon import PolygonSource, parse_aggs, rebase_url
+from sidecar.symbols import load_symbol_map
+from sidecar.timeframe import Timeframe
+
+NOW = 1_900_000_000_000
+KEY = "POLYSECRET42"
+
+
+def ctx(tf, hv=True):
+    return ParseContext("AAPL", Timeframe.parse(tf), "polygon", NOW, hv)
+
+
+def test_daily_exponent_volume_and_dates():
+    rel = "polygon/openbb_aggs_AAPL_1day_2023-01-01_2023-01-10.json"
+    raw = json.loads(fixture(rel))["results"]
+    bars, nxt = parse_aggs(fixture(rel), 200, ctx("1d"))
+    assert nxt is None and len(bars) == len(raw) == 6
+    # 05:00 UTC (= 00:00 New York) stamps become 00:00 UTC of the same date
+    assert [b.t for b in bars] == [r["t"] - 5 * 3_600_000 for r in raw]
+    assert bars[0].t == int(datetime(2023, 1, 3, tzinfo=UTC).timestamp() * 1000)
+    assert bars[0].v == 112_117_471.0
+    assert [(b.o, b.h, b.l, b.c) for b in bars] == [(r["o"], r["h"], r["l"], r["c"]) for r in raw]
+
+
+def test_hourly_delayed_status_is_not_an_error():
+    rel = "polygon/aggs_AAPL_1hour_2024-04-29_DELAYED_extended_hours.json"
+    raw = json.loads(fixture(rel))["results"]
+    bars, _ = parse_aggs(fixture(rel), 200, ctx("1h"))
+    assert len(bars) == len(raw) == 16
+    assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in bars] == [
+        (r["t"], r["o"], r["h"], r["l"], r["c"], float(r["v"])) for r in raw]
+
+
+def test_spec_example_next_url_and_null_results():
+    bars, nxt = parse_aggs(fixture("polygon/spec_aggs_range_AAPL_1day_next_url.json"), 200, ctx("1d"))
+    assert len(bars) == 2 and nxt is not None and nxt.startswith("https://api.massive.com/")
+    assert rebase_url(nxt, "http://127.0.0.1:9/base").startswith("http://127.0.0.1:9/base/v2/aggs/")
+    assert parse_aggs(fixture("polygon/aggs_empty_results_null.json"), 200, ctx("1d")) == ([], None)
+
+
+def test_fx_volume_is_none():
+    body = {"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 345, "t": 1_700_000_040_000}]}
+    bars, _ = parse_aggs(json.dumps(body), 200, ctx("1m", hv=False), asset_class="fx")
+    assert bars[0].v is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "cls"),
+    [(lambda: fixture("polygon/error_403_NOT_AUTHORIZED_timeframe.json"), 403, "not_entitled"),
+     (lambda: b'{"status":"ERROR","request_id":"x","error":"Unknown API Key"}', 401, "auth"),
+     (lambda: b'{"status":"NOT_AUTHORIZED","message":"Unknown API Key"}', 403, "auth"),
+     (lambda: b'{"status":"ERROR","error":"You\'ve exceeded the maximum requests per minute"}', 429,
+      "rate_limited"),
+     (lambda: b'{"status":"OK","results":[{"o":1', 200, "bad_response"),
+     (lambda: b"<html>502</html>", 502, "unavailable")],
+)
+def test_errors(body, status, cls):
+    with pytest.raises(ProviderError) as info:
+        parse_aggs(body(), status, ctx("1d"))
+    assert info.value.error_class == cls
+
+
+def make(fake, budget):
+    provider = ProviderSettings.from_env({"POLYGON_API_KEY": KEY, "SIDECAR_POLYGON_BASE_URL": fake.base_url})
+    return PolygonSource(provider, load_symbol_map(), budget)
+
+
+@pytest.mark.asyncio
+async def test_history_follows_next_url_with_bearer(fake: FakeProviders):
+    page1 = json.loads(fixture("polygon/spec_aggs_range_AAPL_1day_next_url.json"))
+    page2 = json.loads(fixture("polygon/openbb_aggs_AAPL_1day_2023-01-01_2023-01-10.json"))
+    fake.push("polygon", Reply.json(page1), Reply.json(page2))
+    c = [0.0]
+    src = make(fake, RateBudget("polygon", per_minute=5, clock=lambda: c[0]))
+    try:
+        bars = await src.fetch_history("AAPL", Timeframe.parse("1d"), 0, NOW)
+        assert len(bars) == 8
+        seen = fake.requests_to("polygon")
+        assert len(seen) == 2
+        assert seen[0].path.startswith("/v2/aggs/ticker/AAPL/range/1/day/0/")
+        assert seen[1].query.get("cursor") == "bGltaXQ9MiZzb3J0PWFzYw"
+        assert all(s.headers["Authorization"] == f"Bearer {KEY}" and KEY not in s.url for s in seen)
+    finally:
+        await src.close()
+
+
+@pytest.mark.asyncio
+async def test_budget_and_symbol_spelling(fake: FakeProviders):
+    fake.default["polygon"] = Reply.fixture("polygon/aggs_empty_results_null.json")
+    c = [0.0]
+    src = make(fake, RateBudget("polygon", per_minute=2, clock=lambda: c[0]))
+    try:
+        res = await src.fetch_latest(["EURUSD", "BTCUSD", "AAPL"], Timeframe.parse("1m"), NOW)
+        assert res["EURUSD"] == [] and res["BTCUSD"] == []
+        assert isinstance(res["AAPL"], BudgetExhausted)
+        paths = [s.path for s in fake.requests_to("polygon")]
+        assert paths[0].startswith("/v2/aggs/ticker/C:EURUSD/") and paths[1].startswith("/v2/aggs/ticker/X:BTCUSD/")
+        assert len(paths) == 2
+        fake.push("polygon", Reply(status=500, body=b"oops"))
+        c[0] += 60
+        with pytest.raises(ProviderError) as info:
+            await src.fetch_latest(["AAPL"], Timeframe.parse("1m"), NOW)
+        assert info.value.error_class == "unavailable"
+    finally:
+        await src.close()
