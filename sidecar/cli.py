@@ -142,41 +142,14 @@ async def _backfill(settings: Settings, days: int | None) -> int:
 
 
 async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
-    tf_text = args.timeframe or settings.timeframe.name
+    import os
+
+    from sidecar.fetch import run_fetch
+
     try:
-        tf = Timeframe.parse(tf_text)
+        tf = Timeframe.parse(args.timeframe or settings.timeframe.name)
     except ValueError as exc:
         raise ConfigError("--timeframe", str(exc)) from None
-    now = int(time.time() * 1000)
-    end = _iso_ms(args.end, "--end") if args.end else now
-    start = _iso_ms(args.start, "--start") if args.start else end - 300 * tf.ms
-    try:
-        from sidecar.fetch import run_fetch
-    except ImportError:
-        run_fetch = None
-    if run_fetch is not None:
-        return await run_fetch(args.source, args.symbol, tf, start, end, settings)
-    return await _fetch_basic(settings, args.source, args.symbol, tf, start, end, now)
-
-
-async def _fetch_basic(settings: Settings, source_name: str, symbol: str, tf: Timeframe,
-                       start: int, end: int, now: int) -> int:
-    from sidecar.errors import EXIT_CODES, ProviderError
-    from sidecar.sources import build_source
-    from sidecar.validation import validate_history
-
-    source = build_source(source_name, settings)
-    await source.start()
-    try:
-        raw = await source.fetch_history(symbol, tf, start, end)
-    except ProviderError as exc:
-        print(f"{exc.error_class}: {exc}", file=sys.stderr)
-        return EXIT_CODES[exc.error_class]
-    finally:
-        await source.close()
-    bars, rejected = validate_history(raw, tf, now)
-    for bar in bars:
-        print(json.dumps(bar.to_json_dict()))
-    if rejected:
-        print(f"rejected: {sum(rejected.values())} {dict(rejected)}", file=sys.stderr)
-    return 0
+    start = _iso_ms(args.start, "--start") if args.start else None
+    end = _iso_ms(args.end, "--end") if args.end else None
+    return await run_fetch(args.source, args.symbol, tf, start, end, settings, os.environ)

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.tests.conftest import REPO, RedisServer
@@ -25,7 +26,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_get(port: int, path: str) -> tuple[int, dict]:
+def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
             return resp.status, json.loads(resp.read())
@@ -51,7 +52,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) ->
     raise AssertionError("daemon not ready in time")
 
 
-def scan(env: dict[str, str]) -> list[dict]:
+def scan(env: dict[str, str]) -> list[dict[str, Any]]:
     out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json"], cwd=REPO, env=env,
                          capture_output=True, timeout=30, check=True)
     return [json.loads(line) for line in out.stdout.decode().splitlines()]
@@ -65,7 +66,7 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str]) ->
     proc = start(env)
     try:
         wait_ready(proc, port)
-        rows: list[dict] = []
+        rows: list[dict[str, Any]] = []
         while time.monotonic() - started < 10:
             rows = scan(env)
             if all(not r["stale"] for r in rows):
@@ -123,7 +124,8 @@ def test_sigterm_with_full_buffer_loses_no_bar(clean_env: dict[str, str], redis_
     db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
     total = 0
     for sym in SYMBOLS.split(","):
-        in_redis = [Bar.unpack(sym, "1s", raw) for raw in r.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)]
+        raws = r.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)
+        in_redis = [Bar.unpack(sym, "1s", raw) for raw in raws]  # type: ignore[arg-type]
         rows = db.execute("SELECT t, o, h, l, c, v FROM bars WHERE symbol=? AND tf='1s' ORDER BY t",
                           (sym,)).fetchall()
         assert len(in_redis) >= 3

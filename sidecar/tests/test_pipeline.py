@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import talib
 
-from sidecar.bar import Bar
 from sidecar.app.pipeline import Pipeline
+from sidecar.bar import Bar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
@@ -92,7 +92,7 @@ async def test_cycles_store_bars_and_features_equal_batch_after_restart(
     await pipe2.run_cycle(last.t + 1000)
     feats = (await redis_store.read_features(["AAA"], "1s"))[0]
     assert feats is not None
-    series_all = closed + [last]
+    series_all = [*closed, last]
     c = np.array([b.c for b in series_all])
     h = np.array([b.h for b in series_all])
     lo = np.array([b.l for b in series_all])

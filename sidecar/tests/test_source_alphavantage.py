@@ -12,8 +12,8 @@ from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import BudgetExhausted, RateBudget
-from sidecar.sources.alphavantage import AlphaVantageSource, parse_time_series
 from sidecar.sources._parsing import ParseContext
+from sidecar.sources.alphavantage import AlphaVantageSource, parse_time_series
 from sidecar.symbols import load_symbol_map
 from sidecar.timeframe import Timeframe
 
