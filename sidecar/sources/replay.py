@@ -37,16 +37,28 @@ def read_bars(path: Path) -> list[Bar]:
                 if not line.strip():
                     continue
                 try:
-                    bars.append(Bar.from_json_dict(json.loads(line)))
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {line.strip()[:80]!r}")
+                    bars.append(Bar.from_json_dict(obj))
                 except ValueError as exc:
                     raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {exc}") from None
         else:
             for lineno, row in enumerate(csv.DictReader(fh), 2):
                 try:
-                    bars.append(Bar.from_json_dict(dict(row)))
+                    bars.append(Bar.from_json_dict(_csv_flags(dict(row))))
                 except ValueError as exc:
                     raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {exc}") from None
     return bars
+
+
+def _csv_flags(row: dict[str, object]) -> dict[str, object]:
+    """CSV cells are text: ``"False"`` or ``"0"`` must not read as a true flag."""
+    for key in ("forming", "synthetic"):
+        value = row.get(key)
+        if isinstance(value, str):
+            row[key] = value.strip().lower() not in ("", "0", "false", "no", "off")
+    return row
 
 
 class ReplaySource(Source):
