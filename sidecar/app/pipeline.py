@@ -19,6 +19,7 @@ import msgpack
 from redis.exceptions import RedisError
 
 from sidecar.bar import Bar
+from sidecar.breaker import SourceBreaker
 from sidecar.errors import ProviderError
 from sidecar.features import FeatureEngine, Values, features_map
 from sidecar.redis_store import RedisStore
@@ -38,6 +39,7 @@ class SourceState:
     """What ``/health`` says about one source."""
 
     source: Source
+    breaker: SourceBreaker | None = None
     last_success_ms: int | None = None
     last_error_class: str | None = None
     last_error_ms: int | None = None
@@ -49,11 +51,16 @@ class SourceState:
         return self.source.name
 
     def available(self, now_ms: int) -> bool:
-        """Whether this source may be asked this cycle (breakers plug in here)."""
-        return True
+        """Whether this source may be asked this cycle (its circuit admits a call)."""
+        return self.breaker is None or self.breaker.allows()
 
     def status(self) -> dict[str, Any]:
-        return self.source.status()
+        out = dict(self.source.status())
+        if self.breaker is not None:
+            br = self.breaker.status()
+            out["circuit"] = br.get("state", "closed")
+            out["breaker"] = br
+        return out
 
 
 @dataclass(slots=True)
@@ -88,10 +95,12 @@ class Pipeline:
         sources: list[Source],
         redis_store: RedisStore,
         bar_store: BarStore,
+        breakers: dict[str, SourceBreaker] | None = None,
     ) -> None:
         self.settings = settings
         self.tf = settings.timeframe
-        self.sources = [SourceState(s) for s in sources]
+        breakers = breakers or {}
+        self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
         self.validator = Validator(
@@ -212,11 +221,14 @@ class Pipeline:
         batch = state.source.max_batch
         chunks = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
         state.requests += len(chunks)
-        calls = [
-            asyncio.wait_for(state.source.fetch_latest(chunk, self.tf, now_ms),
-                             self.settings.fetch_timeout_s)
-            for chunk in chunks
-        ]
+        def call(chunk: list[str]) -> Any:
+            if state.breaker is None:
+                fetch = state.source.fetch_latest(chunk, self.tf, now_ms)
+            else:
+                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, self.tf, now_ms))
+            return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
+
+        calls = [call(chunk) for chunk in chunks]
         merged: dict[str, Any] = {}
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):

@@ -43,8 +43,11 @@ class SecondTicker:
         target = (math.floor(now / step) + 1) * step
         if self._last is not None:
             skipped = (target - self._last) // step - 1
+            if target <= self._last and self._last - now < step:
+                # A small step back (NTP slew): wait for the next tick, never repeat one.
+                target = self._last + step
             # A clock that went backwards, or leapt forwards, is a jump, not missed ticks.
-            if target <= self._last or skipped * step > self.MAX_CATCHUP_MS:
+            elif target <= self._last or skipped * step > self.MAX_CATCHUP_MS:
                 self.clock_jumps += 1
             elif skipped > 0:
                 self.missed += skipped
@@ -53,7 +56,7 @@ class SecondTicker:
             delay = (target - now) / 1000
             if delay <= 0:
                 break
-            if delay > step / 1000 * 1.5:  # the clock jumped back while we slept
+            if delay > step / 1000 * 2.5:  # the clock jumped back while we slept
                 self.clock_jumps += 1
                 target = (math.floor(now / step) + 1) * step
                 continue
