@@ -14,8 +14,9 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   msgpack ``{cycle, t, symbols}``.
 
 One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
-(bars, features and heartbeat together); see ``bench/redis_write.py`` for the
-measurement against a pipeline and a bare ``MSET``.
+(bars, features and heartbeat together). ../shared/notes/limits.md measured a Lua
+script at about half the time of a pipeline for 500 capped appends; our own
+benchmark against a pipeline and a bare ``MSET`` is still to be written (bench/).
 """
 
 from __future__ import annotations
