@@ -14,9 +14,9 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   msgpack ``{cycle, t, symbols}``.
 
 One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
-(bars, features and heartbeat together). ../shared/notes/limits.md measured a Lua
-script at about half the time of a pipeline for 500 capped appends; our own
-benchmark against a pipeline and a bare ``MSET`` is still to be written (bench/).
+(bars, features and heartbeat together, as two msgpack blobs). ``bench/store.py``
+measures it against a pipeline of the same commands (about 4× slower: redis-py's
+per-command cost) and against one bare ``MSET`` of the same bytes (the bound).
 """
 
 from __future__ import annotations
@@ -33,28 +33,32 @@ from sidecar.bar import Bar
 SCHEMA_VERSION = 1
 
 _WRITE_CYCLE_LUA = """
--- KEYS: nb bar keys, nf feature keys, heartbeat key
--- ARGV: nb, nf, cap, feat_ttl_ms, hb_ttl_ms, hb_payload, (t, bar)*nb, feat*nf
-local nb = tonumber(ARGV[1])
-local nf = tonumber(ARGV[2])
-local keep = -tonumber(ARGV[3]) - 1
-local a = 7
-for i = 1, nb do
-  local k = KEYS[i]
-  local t = ARGV[a]
-  redis.call('ZREMRANGEBYSCORE', k, t, t)
-  redis.call('ZADD', k, t, ARGV[a + 1])
-  redis.call('ZREMRANGEBYRANK', k, 0, keep)
-  a = a + 2
+-- KEYS[1]: heartbeat key
+-- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features
+--   bars: msgpack array [key, t, member, key, t, member, ...]
+--   features: msgpack array [key, payload, key, payload, ...]
+-- Two msgpack blobs instead of one argument per value: the client packs them in C,
+-- where redis-py would build tens of thousands of arguments in Python. Packed without
+-- the bin type (Redis's cmsgpack does not read it); raw strings are byte-exact.
+local keep = -tonumber(ARGV[1]) - 1
+local bars = cmsgpack.unpack(ARGV[5])
+for i = 1, #bars, 3 do
+  local k, t = bars[i], bars[i + 1]
+  -- A revision replaces the member with the same score; only a new bar can grow the set.
+  local replaced = redis.call('ZREMRANGEBYSCORE', k, t, t)
+  redis.call('ZADD', k, t, bars[i + 2])
+  if replaced == 0 then
+    redis.call('ZREMRANGEBYRANK', k, 0, keep)
+  end
 end
-for i = 1, nf do
-  redis.call('SET', KEYS[nb + i], ARGV[a], 'PX', ARGV[4])
-  a = a + 1
+local feats = cmsgpack.unpack(ARGV[6])
+for i = 1, #feats, 2 do
+  redis.call('SET', feats[i], feats[i + 1], 'PX', ARGV[2])
 end
-if ARGV[6] ~= '' then
-  redis.call('SET', KEYS[nb + nf + 1], ARGV[6], 'PX', ARGV[5])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
 end
-return nb
+return #bars / 3
 """
 
 
@@ -126,19 +130,18 @@ class RedisStore:
     ) -> None:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
         map) with their TTL, and the heartbeat — all in one ``EVALSHA``."""
-        keys: list[str] = [self.keys.bars(b.tf, b.symbol) for b in bars]
-        keys.extend(self.keys.features(tf, sym) for tf, sym, _ in features)
-        keys.append(self.keys.heartbeat)
-        hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
-        args: list[Any] = [
-            len(bars), len(features), self.bars_cap, self._features_ttl_ms,
-            self._heartbeat_ttl_ms, hb,
-        ]
+        bars_of = self.keys.bars
+        flat: list[Any] = []
         for b in bars:
-            args.append(b.t)
-            args.append(b.pack())
-        args.extend(payload for _, _, payload in features)
-        await self._script(keys=keys, args=args)
+            flat += (bars_of(b.tf, b.symbol), b.t, b.pack())
+        features_of = self.keys.features
+        feats: list[Any] = []
+        for tf, sym, payload in features:
+            feats += (features_of(tf, sym), payload)
+        hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+        args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
+                msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False)]
+        await self._script(keys=[self.keys.heartbeat], args=args)
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
