@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from sidecar.bar import Bar
 from sidecar.breaker import SourceBreaker
 from sidecar.errors import ProviderError
-from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import Source
@@ -32,6 +32,7 @@ log = logging.getLogger("sidecar.pipeline")
 
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
 @dataclass(slots=True)
@@ -178,7 +179,7 @@ class Pipeline:
         features = self._features(now_ms)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
-        await self._write_redis(to_store, features, tick_ms, now_ms)
+        await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
         if self.store.flush_due():
             self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
@@ -306,11 +307,15 @@ class Pipeline:
             stale = st.updated_ms is None or now_ms - st.updated_ms > stale_after
             fmap = features_map(bar, values, now_ms, stale)
             fmap["updated_at"] = st.updated_ms
+            # The histogram one bar back, so a reader sees a zero crossing in one read.
+            fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
+                                      else st.engine.prev_macd_hist)
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 
     async def _write_redis(
-        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int
+        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+        updated: list[str] | None = None,
     ) -> None:
         stats = self.stats
         if self._redis_backlog:
@@ -319,8 +324,10 @@ class Pipeline:
             bars = list(self._redis_backlog.values())
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "symbols": len(self.symbols)}
+        announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
+                    "features": len(features), "updated": updated or []}
         try:
-            await self.redis.write_cycle(bars, features, heartbeat)
+            await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
             for b in bars:
                 self._redis_backlog[(b.symbol, b.t)] = b
