@@ -71,6 +71,11 @@ class SymbolState:
     last: Bar | None = None  # newest closed bar
     updated_ms: int | None = None  # when a source last answered for this symbol
     needs_rebuild: bool = False
+    features: dict[str, Any] | None = None  # the map last written to Redis
+
+
+#: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
+CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
 
 @dataclass(slots=True)
@@ -85,6 +90,18 @@ class CycleStats:
     redis_down_since: float | None = None
     redis_last_error: str | None = None
     first_cycle_done: bool = False
+    #: Cumulative histogram of cycle durations: count per bucket of CYCLE_BUCKETS_MS (+Inf last).
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * (len(CYCLE_BUCKETS_MS) + 1))
+    duration_sum_ms: float = 0.0
+
+    def record_duration(self, ms: float) -> None:
+        self.last_duration_ms = ms
+        self.durations_ms.append(ms)
+        self.duration_sum_ms += ms
+        i = 0
+        while i < len(CYCLE_BUCKETS_MS) and ms > CYCLE_BUCKETS_MS[i]:
+            i += 1
+        self.duration_buckets[i] += 1
 
 
 class Pipeline:
@@ -190,8 +207,7 @@ class Pipeline:
         stats = self.stats
         stats.cycles += 1
         stats.last_tick_ms = tick_ms
-        stats.last_duration_ms = (time.perf_counter() - started) * 1000
-        stats.durations_ms.append(stats.last_duration_ms)
+        stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
@@ -310,6 +326,7 @@ class Pipeline:
             # The histogram one bar back, so a reader sees a zero crossing in one read.
             fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
                                       else st.engine.prev_macd_hist)
+            st.features = fmap
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 
