@@ -21,7 +21,6 @@ RSS at start and end of the run. A PNG plots cycle time vs N.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import subprocess

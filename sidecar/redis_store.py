@@ -11,12 +11,12 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   after ``heartbeat_ttl_ms``: the daemon is alive while it exists.
 * ``{prefix}:v1:meta`` — msgpack map ``{schema, tf, symbols, started_at}``.
 * ``{prefix}:v1:cycles`` — pub/sub channel; after each cycle the daemon publishes
-  msgpack ``{cycle, t, symbols}``.
+  msgpack ``{cycle, t, tick, tf, features, updated}`` (inside the same script).
 
 One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
-(bars, features and heartbeat together, as two msgpack blobs). ``bench/store.py``
-measures it against a pipeline of the same commands (about 4× slower: redis-py's
-per-command cost) and against one bare ``MSET`` of the same bytes (the bound).
+(bars, features, heartbeat and the cycle announcement together, as msgpack blobs).
+``bench/store.py`` measures it against a pipeline of the same commands (about 4× slower:
+redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (the bound).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 
 _WRITE_CYCLE_LUA = """
 -- KEYS[1]: heartbeat key
--- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features
+-- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features, channel, message
 --   bars: msgpack array [key, t, member, key, t, member, ...]
 --   features: msgpack array [key, payload, key, payload, ...]
 -- Two msgpack blobs instead of one argument per value: the client packs them in C,
@@ -57,6 +57,9 @@ for i = 1, #feats, 2 do
 end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
+end
+if ARGV[8] ~= '' then
+  redis.call('PUBLISH', ARGV[7], ARGV[8])
 end
 return #bars / 3
 """
@@ -127,9 +130,12 @@ class RedisStore:
         bars: Sequence[Bar],
         features: Sequence[tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None = None,
+        publish: dict[str, Any] | None = None,
     ) -> None:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
-        map) with their TTL, and the heartbeat — all in one ``EVALSHA``."""
+        map) with their TTL, and the heartbeat, then publish ``publish`` on
+        :attr:`Keys.cycles_channel` — all in one ``EVALSHA``, so subscribers are told
+        only once everything the message announces is readable."""
         bars_of = self.keys.bars
         flat: list[Any] = []
         for b in bars:
@@ -139,8 +145,10 @@ class RedisStore:
         for tf, sym, payload in features:
             feats += (features_of(tf, sym), payload)
         hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+        message = msgpack.packb(publish) if publish is not None else b""
         args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
-                msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False)]
+                msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False),
+                self.keys.cycles_channel, message]
         await self._script(keys=[self.keys.heartbeat], args=args)
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
@@ -161,9 +169,6 @@ class RedisStore:
     async def write_meta(self, meta: dict[str, Any]) -> None:
         await self.redis.set(self.keys.meta, msgpack.packb({"schema": SCHEMA_VERSION, **meta}))
 
-    async def publish_cycle(self, message: dict[str, Any]) -> None:
-        await self.redis.publish(self.keys.cycles_channel, msgpack.packb(message))
-
     async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
         """The newest ``n`` bars of a symbol, oldest first."""
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
@@ -182,6 +187,10 @@ class RedisStore:
     async def read_heartbeat(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.heartbeat)
         return None if raw is None else dict(msgpack.unpackb(raw))
+
+    async def clear_heartbeat(self) -> None:
+        """Say at once that the daemon is gone (clean stop): scanners mark everything stale."""
+        await self.redis.delete(self.keys.heartbeat)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

@@ -214,6 +214,10 @@ class Daemon:
         if runner is not None:
             await runner.cleanup()
         try:
+            await redis_store.clear_heartbeat()
+        except (RedisError, OSError):
+            pass
+        try:
             await redis_store.close()
         except (RedisError, OSError):
             pass

@@ -1,4 +1,10 @@
-"""The daemon's health, computed from state the loop already keeps (no I/O)."""
+"""The daemon's health, computed from state the loop already keeps (no I/O).
+
+``status`` is ``down`` when the daemon is not collecting (no cycle for 5 s, or no
+symbol has a fresh bar), ``degraded`` when something is wrong but bars still flow
+(a source's circuit is not closed or its last call failed, Redis unreachable,
+SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,43 @@ from typing import Any
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 
+#: No cycle for this long means the daemon is not collecting.
+NOT_COLLECTING_MS = 5_000
+#: Cycle durations shown for the status page's sparkline.
+SPARKLINE_CYCLES = 120
+
 
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def _round(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _source_info(state: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "circuit": "closed",
+        "last_success_ms": state.last_success_ms,
+        "last_error_class": state.last_error_class,
+        "last_error_ms": state.last_error_ms,
+        "errors": state.errors,
+        "requests": state.requests,
+        "synthetic": state.source.synthetic,
+    }
+    info.update(state.status())
+    budget = info.get("budget")
+    if isinstance(budget, dict):
+        info["budget_left"] = budget.get("remaining_now")
+        if "day_limit" in budget:
+            info["budget_left_today"] = budget["day_limit"] - budget.get("day_used", 0)
+    info["failing"] = state.last_error_ms is not None and (
+        state.last_success_ms is None or state.last_error_ms > state.last_success_ms
+    )
+    return info
 
 
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> dict[str, Any]:
@@ -31,35 +68,27 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
         age = None if st.updated_ms is None else now_ms - st.updated_ms
         is_fresh = age is not None and age <= stale_after
         fresh += is_fresh
+        feats = st.features or {}
         symbols[sym] = {
             "newest_bar_t": bar.t if bar else None,
             "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
             "updated_age_ms": age,
             "last_price": bar.c if bar else None,
+            "forming": bar.forming if bar else None,
+            "rsi": _round(feats.get("rsi"), 3),
             "src": bar.src if bar else None,
             "stale": not is_fresh,
         }
 
     sources: dict[str, Any] = {}
     for state in pipeline.sources:
-        failing = state.last_error_ms is not None and (
-            state.last_success_ms is None or state.last_error_ms > state.last_success_ms
-        )
-        info: dict[str, Any] = {
-            "circuit": "closed",
-            "last_success_ms": state.last_success_ms,
-            "last_error_class": state.last_error_class,
-            "last_error_ms": state.last_error_ms,
-            "errors": state.errors,
-            "requests": state.requests,
-            "synthetic": state.source.synthetic,
-        }
-        info.update(state.status())
+        info = _source_info(state)
         sources[state.name] = info
-        if info["circuit"] != "closed" or failing:
-            reasons.append(f"source {state.name}: {info['circuit']}, {state.last_error_class}")
+        if info["circuit"] != "closed" or info["failing"]:
+            reasons.append(f"source {state.name}: circuit {info['circuit']}, "
+                           f"last error {state.last_error_class}")
 
-    collecting = stats.first_cycle_done and now_ms - stats.last_tick_ms < 5_000
+    collecting = stats.first_cycle_done and now_ms - stats.last_tick_ms < NOT_COLLECTING_MS
     if not stats.redis_ok:
         reasons.append(f"redis unreachable: {stats.redis_last_error}")
     if pipeline.store.last_error:
@@ -69,9 +98,10 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
         reasons.append(f"{stale} of {len(symbols)} symbols stale")
     if not collecting:
         status = "down"
-        reasons.insert(0, "not collecting: no cycle in the last 5 s")
+        reasons.insert(0, f"not collecting: no cycle in the last {NOT_COLLECTING_MS // 1000} s")
     elif fresh == 0:
         status = "down"
+        reasons.insert(0, "no symbol has a fresh bar")
     elif reasons:
         status = "degraded"
     else:
@@ -82,15 +112,17 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
     return {
         "status": status,
         "reasons": reasons,
-        "ready": ready,
+        "ready": ready and stats.first_cycle_done,
         "now_ms": now_ms,
         "timeframe": pipeline.tf.name,
         "cycle": {
             "count": stats.cycles,
             "last_tick_ms": stats.last_tick_ms,
             "last_ms": round(stats.last_duration_ms, 3),
+            "window_cycles": len(durations),
             "p50_ms": None if not durations else round(statistics.median(durations), 3),
             "p99_ms": _pct(durations, 0.99),
+            "recent_ms": [round(d, 3) for d in durations[-SPARKLINE_CYCLES:]],
             "missed_ticks": ticker.missed,
             "clock_jumps": ticker.clock_jumps,
             "last_lateness_ms": round(ticker.lateness_ms, 3),

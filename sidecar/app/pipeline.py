@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from sidecar.bar import Bar
 from sidecar.breaker import SourceBreaker
 from sidecar.errors import ProviderError
-from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import Source
@@ -32,6 +32,7 @@ log = logging.getLogger("sidecar.pipeline")
 
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
 @dataclass(slots=True)
@@ -70,6 +71,11 @@ class SymbolState:
     last: Bar | None = None  # newest closed bar
     updated_ms: int | None = None  # when a source last answered for this symbol
     needs_rebuild: bool = False
+    features: dict[str, Any] | None = None  # the map last written to Redis
+
+
+#: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
+CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
 
 @dataclass(slots=True)
@@ -84,6 +90,18 @@ class CycleStats:
     redis_down_since: float | None = None
     redis_last_error: str | None = None
     first_cycle_done: bool = False
+    #: Cumulative histogram of cycle durations: count per bucket of CYCLE_BUCKETS_MS (+Inf last).
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * (len(CYCLE_BUCKETS_MS) + 1))
+    duration_sum_ms: float = 0.0
+
+    def record_duration(self, ms: float) -> None:
+        self.last_duration_ms = ms
+        self.durations_ms.append(ms)
+        self.duration_sum_ms += ms
+        i = 0
+        while i < len(CYCLE_BUCKETS_MS) and ms > CYCLE_BUCKETS_MS[i]:
+            i += 1
+        self.duration_buckets[i] += 1
 
 
 class Pipeline:
@@ -178,7 +196,7 @@ class Pipeline:
         features = self._features(now_ms)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
-        await self._write_redis(to_store, features, tick_ms, now_ms)
+        await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
         if self.store.flush_due():
             self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
@@ -189,8 +207,7 @@ class Pipeline:
         stats = self.stats
         stats.cycles += 1
         stats.last_tick_ms = tick_ms
-        stats.last_duration_ms = (time.perf_counter() - started) * 1000
-        stats.durations_ms.append(stats.last_duration_ms)
+        stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
@@ -306,11 +323,16 @@ class Pipeline:
             stale = st.updated_ms is None or now_ms - st.updated_ms > stale_after
             fmap = features_map(bar, values, now_ms, stale)
             fmap["updated_at"] = st.updated_ms
+            # The histogram one bar back, so a reader sees a zero crossing in one read.
+            fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
+                                      else st.engine.prev_macd_hist)
+            st.features = fmap
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 
     async def _write_redis(
-        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int
+        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+        updated: list[str] | None = None,
     ) -> None:
         stats = self.stats
         if self._redis_backlog:
@@ -319,8 +341,10 @@ class Pipeline:
             bars = list(self._redis_backlog.values())
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "symbols": len(self.symbols)}
+        announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
+                    "features": len(features), "updated": updated or []}
         try:
-            await self.redis.write_cycle(bars, features, heartbeat)
+            await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
             for b in bars:
                 self._redis_backlog[(b.symbol, b.t)] = b
