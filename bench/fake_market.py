@@ -72,18 +72,31 @@ def _local_text(t: int) -> str:
     return datetime.fromtimestamp(t / 1000, NY).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _series(sym: str, now_ms: int) -> str:
-    i = symbol_index(sym)
+def _row(i: int, t: int, now_ms: int) -> str:
+    b = bar(i, t, now_ms)
+    return (f'{{"datetime":"{_local_text(t)}","open":"{b.o:.5f}","high":"{b.h:.5f}",'
+            f'"low":"{b.l:.5f}","close":"{b.c:.5f}","volume":"{int(b.v or 0)}"}}')
+
+
+#: (symbol, minute) -> the closed rows and meta of that minute's answers: only the forming
+#: row changes from second to second, so the server stays cheap beside the daemon.
+_closed: dict[tuple[str, int, int], str] = {}
+
+
+def _series(sym: str, now_ms: int, output: int = OUTPUT) -> str:
     current = now_ms - now_ms % TF_MS
-    rows = []
-    for k in range(OUTPUT):
-        t = current - k * TF_MS
-        b = bar(i, t, now_ms)
-        rows.append(f'{{"datetime":"{_local_text(t)}","open":"{b.o:.5f}","high":"{b.h:.5f}",'
-                    f'"low":"{b.l:.5f}","close":"{b.c:.5f}","volume":"{int(b.v or 0)}"}}')
-    meta = (f'{{"symbol":"{sym}","interval":"1min","currency":"USD","exchange_timezone":"America/New_York",'
-            f'"exchange":"NASDAQ","mic_code":"XNGS","type":"Common Stock"}}')
-    return f'{{"meta":{meta},"values":[{",".join(rows)}],"status":"ok"}}'
+    i = symbol_index(sym)
+    tail = _closed.get((sym, current, output))
+    if tail is None:
+        if len(_closed) > 50_000:
+            _closed.clear()
+        rows = ",".join(_row(i, current - k * TF_MS, now_ms) for k in range(1, output))
+        meta = (f'{{"symbol":"{sym}","interval":"1min","currency":"USD",'
+                f'"exchange_timezone":"America/New_York","exchange":"NASDAQ","mic_code":"XNGS",'
+                f'"type":"Common Stock"}}')
+        tail = f'{rows}],"meta":{meta},"status":"ok"}}'
+        _closed[(sym, current, output)] = tail
+    return f'{{"values":[{_row(i, current, now_ms)},{tail}'
 
 
 class FakeMarket:
@@ -98,10 +111,11 @@ class FakeMarket:
         self.requests += 1
         symbols = request.query.get("symbol", "").split(",")
         now_ms = int(time.time() * 1000)
+        output = max(1, min(OUTPUT, int(request.query.get("outputsize", OUTPUT))))
         if len(symbols) == 1:
-            body = _series(symbols[0], now_ms)
+            body = _series(symbols[0], now_ms, output)
         else:
-            body = "{" + ",".join(f'"{s}":{_series(s, now_ms)}' for s in symbols) + "}"
+            body = "{" + ",".join(f'"{s}":{_series(s, now_ms, output)}' for s in symbols) + "}"
         return web.Response(body=body.encode(), content_type="application/json")
 
 
