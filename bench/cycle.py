@@ -35,6 +35,7 @@ from bench import fake_market
 from bench._common import RESULTS_DIR, PrivateRedis, cli, rss_mb, summary, table
 
 NAME = "cycle"
+REPO = Path(__file__).resolve().parents[1]
 SIZES = (100, 500, 1_000, 2_000, 5_000)
 HISTORY_BARS = 60  # enough for every handle (MACD needs 34) and the outlier window (50)
 
@@ -123,7 +124,7 @@ class FakeMarketProcess:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.fake_market"], stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, cwd=REPO)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -139,7 +140,7 @@ class FakeMarketProcess:
 def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.cycle", "--one", str(n), "--seconds", str(seconds),
            "--redis", redis_url, "--market", market_url, "--batch", str(batch)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"cycle run for N={n} failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

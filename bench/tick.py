@@ -69,7 +69,7 @@ async def measure(seconds: int, mode: str) -> dict[str, Any]:
 
 
 def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
-    seconds = 2 if smoke else args.seconds
+    seconds = 1 if smoke else args.seconds
     runs = [uvloop.run(measure(seconds, mode)) for mode in ("idle", "gil_load", "loop_load")]
     return {"seconds": seconds, "runs": runs, "targets": {"idle_p99_ms_max": 5}}
 
