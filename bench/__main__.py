@@ -31,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n## {name}\n", flush=True)
         importlib.import_module(f"bench.{name}").main(common)
         print(f"({name}: {time.monotonic() - started:.0f} s)", flush=True)
+    if not args.smoke and not args.out:
+        from bench import report
+
+        report.main()
     return 0
 
 

@@ -221,11 +221,38 @@ class FeatureEngine:
     def update(self, bar: Bar) -> Values:
         """Commit a closed bar; returns its feature values."""
         fast = self._fast
-        if fast is not None:
+        volma = self._volma.handle
+        if fast is not None and (volma is not None or bar.v is None):
+            # Steady state: every price handle open, called directly.
+            rsi, ema, bb, atr, macd, mom = fast
+            c = bar.c
             v = bar.v
-            volma = self._volma.handle
-            if v is None or volma is not None:
-                return self._update_fast(bar, fast, volma)
+            r = rsi.update(c)
+            e = ema.update(c)
+            bu, bm, bl = bb.update(c)
+            a = atr.update(bar.h, bar.l, c)
+            m, ms, mh = macd.update(c)
+            mo = mom.update(c)
+            if v is None:
+                # No volume: the volume series restarts when volume comes back.
+                self._volma.handle = None
+                self._hist_v = []
+                self._vwap = None
+                vwap = vm = None
+            else:
+                vm = volma.update(v)
+                if self._vwap is None or (bar.t - self._anchor_ms) // DAY_MS != self._session:
+                    vwap = self._update_vwap(bar)
+                else:
+                    vwap = self._vwap.update(bar.h, bar.l, c, v)
+            closed: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
+            total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
+            if total != total or vwap != vwap or vm != vm:
+                closed = [None if x is None or x != x else x for x in closed]
+            self.last_closed_t = bar.t
+            self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
+            self.closed_values = closed
+            return closed
         out: Values = [None] * len(FEATURE_FIELDS)
         if bar.v is None:
             # No volume: the volume series restarts when volume comes back.
@@ -256,38 +283,6 @@ class FeatureEngine:
             self._trim_history()
             self._refresh_fast()
         out[6] = self._update_vwap(bar)
-        self.last_closed_t = bar.t
-        self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
-        self.closed_values = out
-        return out
-
-    def _update_fast(self, bar: Bar, fast: tuple[Any, ...], volma: Any) -> Values:
-        """``update`` once every price handle is open (the same values, without dispatch)."""
-        rsi, ema, bb, atr, macd, mom = fast
-        c = bar.c
-        v = bar.v
-        r = rsi.update(c)
-        e = ema.update(c)
-        bu, bm, bl = bb.update(c)
-        a = atr.update(bar.h, bar.l, c)
-        m, ms, mh = macd.update(c)
-        mo = mom.update(c)
-        if v is None:
-            # No volume: the volume series restarts when volume comes back.
-            self._volma.handle = None
-            self._hist_v = []
-            self._vwap = None
-            vwap = vm = None
-        else:
-            vm = volma.update(v)
-            if self._vwap is None or (bar.t - self._anchor_ms) // DAY_MS != self._session:
-                vwap = self._update_vwap(bar)
-            else:
-                vwap = self._vwap.update(bar.h, bar.l, c, v)
-        out: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
-        total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
-        if total != total or vwap != vwap or vm != vm:
-            out = [None if x is None or x != x else x for x in out]
         self.last_closed_t = bar.t
         self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
         self.closed_values = out
@@ -328,8 +323,35 @@ class FeatureEngine:
     def peek(self, bar: Bar) -> Values:
         """Values the forming ``bar`` would get if it closed now; commits nothing."""
         fast = self._fast
-        if fast is not None:
-            return self._peek_fast(bar, fast)
+        if fast is not None:  # steady state: every price handle open, called directly
+            rsi, ema, bb, atr, macd, mom = fast
+            c = bar.c
+            v = bar.v
+            r = rsi.peek(c)
+            e = ema.peek(c)
+            bu, bm, bl = bb.peek(c)
+            a = atr.peek(bar.h, bar.l, c)
+            m, ms, mh = macd.peek(c)
+            mo = mom.peek(c)
+            vwap: float | None = None
+            vm: float | None = None
+            if v is not None:
+                volma = self._volma.handle
+                if volma is not None:
+                    vm = volma.peek(v)
+                else:  # the volume average is still warming: batch over the short history
+                    vm = float(self._volma.batch(np.array([*self._hist_v, v], dtype=np.float64),
+                                                 **self._volma.kwargs)[-1])
+                if self._vwap is not None and (bar.t - self._anchor_ms) // DAY_MS == self._session:
+                    vwap = self._vwap.peek(bar.h, bar.l, c, v)
+                else:
+                    vwap = float(talib.VWAP(np.array([bar.h]), np.array([bar.l]), np.array([c]),
+                                            np.array([v], dtype=np.float64))[-1])
+            peeked: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
+            total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
+            if total != total or vwap != vwap or vm != vm:
+                peeked = [None if x is None or x != x else x for x in peeked]
+            return peeked
         out: Values = [None] * len(FEATURE_FIELDS)
         for ind in self._ind:
             handle = ind.handle
@@ -362,38 +384,6 @@ class FeatureEngine:
                                np.array([bar.v], dtype=np.float64))[-1]
                 )
         return out
-
-    def _peek_fast(self, bar: Bar, fast: tuple[Any, ...]) -> Values:
-        """``peek`` once every price handle is open (the same values, without dispatch)."""
-        rsi, ema, bb, atr, macd, mom = fast
-        c = bar.c
-        v = bar.v
-        r = rsi.peek(c)
-        e = ema.peek(c)
-        bu, bm, bl = bb.peek(c)
-        a = atr.peek(bar.h, bar.l, c)
-        m, ms, mh = macd.peek(c)
-        mo = mom.peek(c)
-        vwap: float | None = None
-        vm: float | None = None
-        if v is not None:
-            volma = self._volma.handle
-            if volma is not None:
-                vm = volma.peek(v)
-            else:  # the volume average is still warming: batch over the short history
-                vm = float(self._volma.batch(np.array([*self._hist_v, v], dtype=np.float64),
-                                             **self._volma.kwargs)[-1])
-            if self._vwap is not None and (bar.t - self._anchor_ms) // DAY_MS == self._session:
-                vwap = self._vwap.peek(bar.h, bar.l, c, v)
-            else:
-                vwap = float(talib.VWAP(np.array([bar.h]), np.array([bar.l]), np.array([c]),
-                                        np.array([v], dtype=np.float64))[-1])
-        out: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
-        total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
-        if total != total or vwap != vwap or vm != vm:
-            out = [None if x is None or x != x else x for x in out]
-        return out
-
 
 _INDEX = {name: i for i, name in enumerate(FEATURE_FIELDS)}
 
