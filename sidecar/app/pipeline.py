@@ -143,18 +143,15 @@ class Pipeline:
     async def warm(self, now_ms: int) -> None:
         """Open feature handles on stored history so the first cycle is already right.
 
-        History comes from SQLite; if SQLite has none for a symbol, from Redis. A
-        Redis that lost its bars (restarted empty) is refilled from SQLite.
+        History comes from SQLite, plus the bars Redis has that SQLite lacks (the
+        process was killed before a flush: they are written to SQLite now). A Redis
+        that lost its bars (restarted empty) is refilled from SQLite.
         """
         current = self.tf.floor(now_ms)
         for sym, st in self.symbols.items():
             bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             from_sqlite = bool(bars)
-            if not bars:
-                try:
-                    bars = await self.redis.recent_bars(sym, self.tf.name, self.settings.warm_bars)
-                except RedisError:
-                    bars = []
+            bars = await self._recover_from_redis(sym, bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
             split = len(bars)
@@ -174,6 +171,25 @@ class Pipeline:
                         log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": n})
                 except RedisError as exc:
                     log.warning("could not warm redis", extra={"error": str(exc)})
+
+    async def _recover_from_redis(self, symbol: str, bars: list[Bar]) -> list[Bar]:
+        """Bars Redis has and SQLite lacks (written to Redis, then the process was killed
+        before the next flush) go into the SQLite buffer and the warm-up history."""
+        newest = bars[-1] if bars else None
+        try:
+            newer = await self.redis.bars_since(symbol, self.tf.name, newest.t if newest else 0)
+        except RedisError:
+            return bars
+        if newest is not None and newer and newer[0].t == newest.t:
+            if newer[0].same_values(newest):
+                newer = newer[1:]
+            else:
+                bars = bars[:-1]  # Redis has a later revision of the newest stored bar
+        if not newer:
+            return bars
+        self.store.add(newer)
+        log.info("recovered bars from redis", extra={"symbol": symbol, "bars": len(newer)})
+        return (bars + newer)[-max(self.settings.warm_bars, 1):]
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
