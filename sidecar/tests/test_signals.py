@@ -20,7 +20,7 @@ from sidecar.errors import ConfigError
 from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.scanner import Scanner
-from sidecar.settings import IndicatorPeriods
+from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.signals import RULES, SignalRules, evaluate
 from sidecar.tests.conftest import REPO, RedisServer
 from sidecar.tests.test_daemon import free_port, start, wait_ready
@@ -170,6 +170,16 @@ def scan_json(env: dict[str, str], *extra: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.stdout.decode().splitlines()]
 
 
+async def first_update(env: dict[str, str]) -> list[dict[str, Any]]:
+    scanner = Scanner.from_settings(Settings.from_env(env), env=env)
+    try:
+        async for rows in scanner.updates(["AAPL", "XAUUSD"]):
+            return rows
+    finally:
+        await scanner.close()
+    raise AssertionError("the subscription ended")
+
+
 def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server: RedisServer) -> None:
     """The real daemon, the real 2 s TTL: signals while it runs, none once it is gone."""
     port = free_port()
@@ -190,6 +200,23 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
             ("AAPL", "AAPL", "rsi_below"), ("XAUUSD", "XAUUSD", "rsi_below")]
         rows = scan_json(env)
         assert all(r["macd_hist_prev"] is not None for r in rows)
+        text = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--signals"], cwd=REPO, env=env,
+                              capture_output=True, timeout=30, check=True).stdout.decode().splitlines()
+        assert "signal(s) over 2 fresh of 2 symbols" in text[0]
+        assert sorted(line.split()[:3] for line in text[1:]) == [
+            ["AAPL", "AAPL", "rsi_below"], ["XAUUSD", "XAUUSD", "rsi_below"]]
+        # Push instead of polling: rows right after each of the daemon's cycles.
+        pushed = asyncio.run(asyncio.wait_for(first_update(env), 10))
+        assert [r["symbol"] for r in pushed] == ["AAPL", "XAUUSD"] and not any(r["stale"] for r in pushed)
+        # --watch prints a fresh batch every second until Ctrl-C.
+        watch = subprocess.Popen([sys.executable, "-m", "sidecar", "scan", "--json", "--watch"], cwd=REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(3)
+        watch.send_signal(signal.SIGINT)
+        out, _ = watch.communicate(timeout=10)
+        assert watch.returncode == 0
+        batches = [json.loads(line)["symbol"] for line in out.decode().splitlines()]
+        assert len(batches) >= 4 and batches[:2] == ["AAPL", "XAUUSD"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
