@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _scan(settings: Settings, args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from sidecar.scanner import Scanner
     from sidecar.signals import SignalRules
 
@@ -99,7 +101,7 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
         while True:
             try:
                 rows = await scanner.read(symbols)
-            except OSError as exc:
+            except (RedisError, OSError) as exc:
                 raise SidecarError(f"cannot reach Redis: {exc}") from None
             if clear:
                 print("\x1b[H\x1b[J", end="")

@@ -227,3 +227,33 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
         assert scan_json(env, "--signals") == []
     rows = scan_json(env)
     assert all(r["stale"] and r.get("missing") for r in rows), rows
+
+
+async def test_scanner_survives_a_redis_restart_and_reports_it_down(tmp_path: Any) -> None:
+    from sidecar.redis_store import connect
+
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    scanner = Scanner(connect(server.url, timeout_s=1.0), "test", owns=True)
+    try:
+        store = RedisStore(scanner.redis, "test")
+        await write(store, [features("AAPL")])
+        assert not (await scanner.read(["AAPL"]))[0]["stale"]
+        server.stop()
+        server.start()  # empty, same socket: the pooled connection is dead
+        rows = await scanner.read(["AAPL"])
+        assert rows[0]["missing"] and rows[0]["stale"]
+        server.stop()
+        with pytest.raises(Exception) as err:
+            await scanner.read(["AAPL"])
+        assert "redis" in type(err.value).__module__ or isinstance(err.value, OSError)
+    finally:
+        await scanner.close()
+        server.stop()
+
+
+def test_scan_says_when_redis_is_unreachable(clean_env: dict[str, str], tmp_path: Any) -> None:
+    env = dict(clean_env, SIDECAR_REDIS_URL=f"unix://{tmp_path}/nothing.sock")
+    out = subprocess.run([sys.executable, "-m", "sidecar", "scan"], cwd=REPO, env=env,
+                         capture_output=True, timeout=30)
+    assert out.returncode == 1 and "cannot reach Redis" in out.stderr.decode()
