@@ -257,3 +257,25 @@ def test_scan_says_when_redis_is_unreachable(clean_env: dict[str, str], tmp_path
     out = subprocess.run([sys.executable, "-m", "sidecar", "scan"], cwd=REPO, env=env,
                          capture_output=True, timeout=30)
     assert out.returncode == 1 and "cannot reach Redis" in out.stderr.decode()
+
+
+async def test_pipeline_writes_the_previous_histogram_for_forming_and_closed_bars(
+        redis_store: RedisStore, bar_store: Any) -> None:
+    import dataclasses
+
+    from sidecar.app.pipeline import Pipeline
+    from sidecar.tests.test_pipeline import ScriptedSource, series, settings
+
+    t0 = 1_700_000_000_000
+    bars = series("AAA", 80, t0, 3)
+    forming = dataclasses.replace(bars[60], forming=True)
+    steps = [{"AAA": bars[:60]}, {"AAA": [forming]}, {"AAA": [bars[60]]}]
+    pipe = Pipeline(settings(symbols=("AAA",)), [ScriptedSource(steps)], redis_store, bar_store)
+    closes = np.array([b.c for b in bars[:61]])
+    hist = talib.MACD(closes, 12, 26, 9)[2]
+    for k, expect_t in enumerate((bars[59].t, forming.t, bars[60].t)):
+        await pipe.run_cycle(t0 + k * 1000)
+        feats = (await redis_store.read_features(["AAA"], "1s"))[0]
+        assert feats["t"] == expect_t
+        i = (expect_t - t0) // 1000
+        assert (feats["macd_hist"], feats["macd_hist_prev"]) == (hist[i], hist[i - 1])
