@@ -86,7 +86,7 @@ async def backfill_symbol(
                 while cursor > range_start:
                     chunk_start = max(range_start, cursor - chunk_ms)
                     raw = await source.fetch_history(symbol, tf, chunk_start, cursor)
-                    bars, rejected = validate_history(raw, tf, now_ms)
+                    bars, rejected = validate_history(raw, source.grid(symbol, tf), now_ms)
                     bars = [b for b in bars if chunk_start <= b.t < cursor]
                     result.rejected += sum(rejected.values())
                     if bars:

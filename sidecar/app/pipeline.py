@@ -26,6 +26,7 @@ from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import Source
 from sidecar.sqlite_store import BarStore
+from sidecar.timeframe import Timeframe
 from sidecar.validation import Validator, Verdict
 
 log = logging.getLogger("sidecar.pipeline")
@@ -103,6 +104,8 @@ class Pipeline:
         self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
+        #: Each symbol's bar grid (US stocks' 1h bars open at :30), as its real sources see it.
+        self.grids = {sym: self._grid(sym, sources) for sym in settings.symbols}
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -110,6 +113,7 @@ class Pipeline:
             outlier_window=settings.outlier_window,
             correction_window_bars=settings.correction_window_bars,
             fill_gaps=settings.fill_gaps,
+            grids=self.grids,
         )
         self.symbols: dict[str, SymbolState] = {
             sym: SymbolState(FeatureEngine(sym, self.tf.name, settings.periods,
@@ -121,6 +125,12 @@ class Pipeline:
         self._background: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
 
+    def _grid(self, symbol: str, sources: list[Source]) -> Timeframe:
+        for source in sources:
+            if not source.synthetic and source.can_serve(symbol):
+                return source.grid(symbol, self.tf)
+        return self.tf
+
     # -- start-up ---------------------------------------------------------------
     async def warm(self, now_ms: int) -> None:
         """Open feature handles on stored history so the first cycle is already right.
@@ -128,8 +138,8 @@ class Pipeline:
         History comes from SQLite; if SQLite has none for a symbol, from Redis. A
         Redis that lost its bars (restarted empty) is refilled from SQLite.
         """
-        current = self.tf.floor(now_ms)
         for sym, st in self.symbols.items():
+            current = self.grids[sym].floor(now_ms)
             bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             from_sqlite = bool(bars)
             if not bars:

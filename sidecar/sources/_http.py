@@ -18,6 +18,7 @@ from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources.base import LatestResult, Source
 from sidecar.symbols import ProviderSymbol, SymbolMap
+from sidecar.timeframe import Timeframe
 
 log = logging.getLogger("sidecar.sources")
 
@@ -76,6 +77,9 @@ class HttpSource(Source):
 
     def can_serve(self, symbol: str) -> bool:
         return self.spelling(symbol) is not None
+
+    def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        return self.symbols.grid(symbol, tf, self.spelling(symbol))
 
     async def _get(
         self, url: str, params: Mapping[str, str] | None = None,

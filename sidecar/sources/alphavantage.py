@@ -27,6 +27,7 @@ from sidecar.sources._parsing import (
     finish,
     http_status_error,
     local_text_to_ms,
+    rebucket,
     to_float,
     zone,
 )
@@ -157,14 +158,15 @@ class AlphaVantageSource(HttpSource):
         spelling = self.spelling(symbol)
         if spelling is None:
             raise ProviderError("unknown_symbol", f"{symbol} is not served by {NAME}", source=NAME)
-        params = query_params(spelling, tf, full)
+        grid = self.symbols.grid(symbol, tf, spelling)
+        params = query_params(spelling, grid.clock, full)  # session grids are folded below
         if not self.budget.try_acquire(1):
             raise self.budget.exhausted()
         reply = await self._get(f"{self.provider.alphavantage_base_url}/query",
                                 params={**params, "apikey": self._key})
-        ctx = ParseContext(symbol, tf, NAME, now_ms, has_volume=spelling.has_volume)
+        ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume=spelling.has_volume)
         try:
-            return parse_time_series(reply.body, reply.status, ctx)
+            bars = parse_time_series(reply.body, reply.status, ctx)
         except ProviderError as err:
             low = str(err).lower()
             if err.error_class == "rate_limited" and "per day" in low and "per minute" not in low:
@@ -172,6 +174,9 @@ class AlphaVantageSource(HttpSource):
             if err.retry_after is None:
                 err.retry_after = reply.retry_after
             raise self._note_error(err) from None
+        if grid.session is not None:
+            return rebucket(bars, ParseContext(symbol, grid, NAME, now_ms, spelling.has_volume))
+        return bars
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
         out: LatestResult = {}

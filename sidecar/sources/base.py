@@ -39,6 +39,10 @@ class Source(abc.ABC):
         """Whether this source knows ``symbol`` (a canonical symbol)."""
         return True
 
+    def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        """``tf`` on the bar grid ``symbol``'s bars sit on (a session can shift it)."""
+        return tf
+
     @abc.abstractmethod
     async def fetch_latest(
         self, symbols: Sequence[str], tf: Timeframe, now_ms: int

@@ -31,6 +31,7 @@ from sidecar.sources._parsing import (
     epoch_to_daily_ms,
     finish,
     http_status_error,
+    rebucket,
     to_float,
     zone,
 )
@@ -134,8 +135,10 @@ class PolygonSource(HttpSource):
         spelling = self.spelling(symbol)
         if spelling is None:
             raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
-        mult, span = timespan(tf)
-        ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.asset_class not in ("fx", "metal", "index"))
+        grid = self.symbols.grid(symbol, tf, spelling)
+        mult, span = timespan(grid.clock)  # clock-aligned only: session grids are folded below
+        has_volume = spelling.asset_class not in ("fx", "metal", "index")
+        ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume)
         url: str | None = (
             f"{self.provider.polygon_base_url}/v2/aggs/ticker/{quote(spelling.ticker, safe=':')}"
             f"/range/{mult}/{span}/{start_ms}/{max(start_ms, end_ms - 1)}"
@@ -165,6 +168,8 @@ class PolygonSource(HttpSource):
                 params = None  # the cursor URL carries its own query
             else:
                 url = None
+        if grid.session is not None:
+            return rebucket(bars, ParseContext(symbol, grid, NAME, now_ms, has_volume))
         return finish(bars, ctx)
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:

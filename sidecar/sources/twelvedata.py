@@ -193,7 +193,8 @@ class TwelveDataSource(HttpSource):
                                             source=NAME)
                 continue
             wanted[symbol] = (spelling.ticker,
-                              ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume))
+                              ParseContext(symbol, self.symbols.grid(symbol, tf, spelling), NAME,
+                                           now_ms, spelling.has_volume))
         affordable = min(len(wanted), self.budget.remaining())
         chosen = list(wanted)[:affordable]
         for symbol in list(wanted)[affordable:]:
@@ -213,7 +214,8 @@ class TwelveDataSource(HttpSource):
         if spelling is None:
             raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
         now_ms = int(time.time() * 1000)
-        ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume)
+        ctx = ParseContext(symbol, self.symbols.grid(symbol, tf, spelling), NAME, now_ms,
+                           spelling.has_volume)
         if not self.budget.try_acquire(1):
             raise self.budget.exhausted()
         # Dates are read in the exchange's zone: ask a day wider and filter exactly below.

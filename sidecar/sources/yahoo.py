@@ -262,6 +262,9 @@ class YahooSource(Source):
         spelling = self.symbols.for_source(NAME, symbol)
         return spelling is not None and not self._known_bad(spelling.ticker)
 
+    def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        return self.symbols.grid(symbol, tf, self.symbols.for_source(NAME, symbol))
+
     def _known_bad(self, ticker: str) -> bool:
         until = self._bad.get(ticker)
         if until is None:
@@ -293,7 +296,8 @@ class YahooSource(Source):
                                      params, self.provider.http_timeout_s),
                 timeout=self.provider.http_timeout_s + 1.0,
             )
-            ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume)
+            grid = self.symbols.grid(symbol, tf, spelling)  # Yahoo's 1h stock bars open at :30
+            ctx = ParseContext(symbol, grid, NAME, now_ms, spelling.has_volume)
             return parse_chart(body, status, ctx, end_ms=end_ms, retry_after=retry_after)
         except TimeoutError:
             err = ProviderError("unavailable", f"timeout fetching {spelling.ticker}", source=NAME)
