@@ -12,16 +12,19 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from redis.exceptions import RedisError
 
+from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.bar import Bar
 from sidecar.breaker import SourceBreaker
 from sidecar.errors import ProviderError
 from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import Source
@@ -71,6 +74,12 @@ class SymbolState:
     last: Bar | None = None  # newest closed bar
     updated_ms: int | None = None  # when a source last answered for this symbol
     needs_rebuild: bool = False
+    via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
+    expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+
+    def stale(self, now_ms: int, stale_after_ms: int) -> bool:
+        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``."""
+        return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
 
 
 @dataclass(slots=True)
@@ -97,8 +106,11 @@ class Pipeline:
         redis_store: RedisStore,
         bar_store: BarStore,
         breakers: dict[str, SourceBreaker] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._clock = clock  # epoch seconds; tests drive it
         self.tf = settings.timeframe
         breakers = breakers or {}
         self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
@@ -121,6 +133,7 @@ class Pipeline:
             for sym in settings.symbols
         }
         self.stats = CycleStats()
+        self.planner = Planner()
         self._redis_backlog: dict[tuple[str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
@@ -170,7 +183,7 @@ class Pipeline:
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
         started = time.perf_counter()
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000)
         results = await self._fetch(now_ms)
 
         to_store: list[Bar] = []
@@ -204,9 +217,11 @@ class Pipeline:
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
-        """Newest bars per symbol: each symbol from the first source that serves it.
+        """Newest bars per symbol, as planned within the budgets (see :mod:`.planner`).
 
-        A symbol whose source fails this cycle is asked of the next source in
+        Each source in priority order is asked for the symbols due at it; the ones
+        it holds but that are not due come from its stream or stay on their last
+        bar. A symbol whose source fails this cycle is asked of the next source in
         priority order, within the same cycle.
         """
         pending = list(self.symbols)
@@ -216,15 +231,35 @@ class Pipeline:
                 break
             if not state.available(now_ms):
                 continue
-            mine = [s for s in pending if state.source.can_serve(s)]
+            source = state.source
+            mine = [s for s in pending if source.can_serve(s)]
             if not mine:
                 continue
-            answers = await self._ask(state, mine, now_ms)
-            for sym in mine:
+            servable = sum(1 for s in self.symbols if source.can_serve(s))
+            interval = self.planner.interval_ms(source, servable, now_ms)
+            plan = self.planner.plan(source, mine, now_ms)
+            for sym, bars in source.peek_latest(plan.idle, self.tf, now_ms).items():
+                out[sym] = bars
+                self.symbols[sym].via = VIA_STREAM
+            for sym in plan.idle:
+                st = self.symbols[sym]
+                st.expect_ms = interval
+                if sym not in out:
+                    st.via = VIA_LAST
+            answers = await self._ask(state, plan.ask, now_ms) if plan.ask else {}
+            for sym in plan.ask:
                 result = answers.get(sym)
+                ok = isinstance(result, list)
+                wait = interval
+                if isinstance(result, BudgetExhausted) and result.retry_after is not None:
+                    wait = min(interval, int(result.retry_after * 1000))  # nothing was sent
+                self.planner.asked(source, sym, ok, now_ms, wait)
                 if isinstance(result, list):
                     out[sym] = result
-            pending = [s for s in pending if s not in out]
+                    st = self.symbols[sym]
+                    st.via, st.expect_ms = VIA_POLL, interval
+            served = set(out) | set(plan.idle)
+            pending = [s for s in pending if s not in served]
         return out
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
@@ -240,9 +275,12 @@ class Pipeline:
 
         calls = [call(chunk) for chunk in chunks]
         merged: dict[str, Any] = {}
-        for result in await asyncio.gather(*calls, return_exceptions=True):
+        for chunk, result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
+                                 strict=True):
             if isinstance(result, BaseException):
                 self._source_failed(state, result, now_ms)
+                if isinstance(result, ProviderError):
+                    merged.update(dict.fromkeys(chunk, result))
                 continue
             merged.update(result)
             failures = [r for r in result.values() if isinstance(r, ProviderError)]
@@ -313,9 +351,10 @@ class Pipeline:
             if bar is None:
                 continue
             values: Values = st.engine.peek(bar) if bar.forming else st.engine.closed_values
-            stale = st.updated_ms is None or now_ms - st.updated_ms > stale_after
-            fmap = features_map(bar, values, now_ms, stale)
+            fmap = features_map(bar, values, now_ms, st.stale(now_ms, stale_after))
             fmap["updated_at"] = st.updated_ms
+            fmap["via"] = st.via
+            fmap["data_age_ms"] = None if st.updated_ms is None else now_ms - st.updated_ms
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 

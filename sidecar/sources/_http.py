@@ -42,6 +42,8 @@ def settle(out: LatestResult) -> LatestResult:
 class HttpSource(Source):
     """Base of the HTTP sources; subclasses implement the two fetches."""
 
+    budget: RateBudget
+
     def __init__(
         self,
         provider: ProviderSettings,

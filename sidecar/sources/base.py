@@ -14,6 +14,7 @@ from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
+from sidecar.rate_budget import RateBudget
 from sidecar.timeframe import Timeframe
 
 #: Per-symbol answer of a batched fetch: the bars (oldest first) or why it failed.
@@ -28,6 +29,10 @@ class Source(abc.ABC):
     synthetic: bool = False
     #: Largest number of symbols one ``fetch_latest`` call should carry.
     max_batch: int = 10_000
+    #: The provider's request budget (``None``: free to ask every cycle, e.g. ``sim``).
+    budget: RateBudget | None = None
+    #: Shortest time between two refreshes of one symbol, whatever the budget allows.
+    min_refresh_s: float = 0.0
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open sessions/streams. Called once before the first fetch."""
@@ -42,6 +47,21 @@ class Source(abc.ABC):
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
         """``tf`` on the bar grid ``symbol``'s bars sit on (a session can shift it)."""
         return tf
+
+    def refresh_interval_s(self, symbols: int) -> float:
+        """How often each of ``symbols`` symbols may be refreshed so the budget lasts.
+
+        One refresh costs one budget unit per symbol (a request, or a batch credit).
+        """
+        pace = self.budget.pace_s(max(1, symbols)) if self.budget is not None else 0.0
+        return max(self.min_refresh_s, pace)
+
+    def peek_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> dict[str, list[Bar]]:
+        """Bars that moved since the last refresh, without a request (a live stream).
+
+        Called for the symbols the cycle does not refresh; only symbols with news appear.
+        """
+        return {}
 
     @abc.abstractmethod
     async def fetch_latest(

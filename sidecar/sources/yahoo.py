@@ -231,6 +231,7 @@ class YahooSource(Source):
 
     name = NAME
     max_batch = 50
+    budget: RateBudget
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget, *,
                  cache_dir: Path, stream_tickers: Sequence[str] = ()) -> None:
@@ -243,6 +244,8 @@ class YahooSource(Source):
                                         thread_name_prefix="yahoo")
         self._bad: dict[str, float] = {}
         self._latest: dict[tuple[str, str], tuple[float, list[Bar]]] = {}
+        self._peeked: dict[str, int] = {}  # ticker -> newest tick time handed to peek_latest
+        self.min_refresh_s = provider.yahoo_poll_s
         self._stream = (YahooStream(provider.yahoo_stream_url, stream_tickers)
                         if provider.yahoo_stream and stream_tickers else None)
         self._requests = 0
@@ -313,17 +316,54 @@ class YahooSource(Source):
 
     def _with_ticks(self, symbol: str, bars: list[Bar], polled_ms: float, tf: Timeframe,
                     now_ms: int) -> list[Bar]:
-        """The cached bars with the forming one moved by newer stream ticks."""
+        """The polled bars with the forming one moved by newer stream ticks.
+
+        A tick in the current period moves the forming bar's close/high/low. Once the
+        polled series is established, a tick in a newer period opens that period's
+        forming bar (open = high = low = close = the tick; volume 0 until the next
+        poll reconciles it); the previous bar then closes with its last known values.
+        Ticks never make bars for a symbol no poll has answered.
+        """
         spelling = self.symbols.for_source(NAME, symbol)
         if self._stream is None or spelling is None or not bars:
             return bars
         tick = self._stream.ticks.get(spelling.ticker)
-        last = bars[-1]
-        if (tick is None or tick.t_ms <= polled_ms or not last.forming
-                or tf.floor(tick.t_ms) != last.t or tf.floor(now_ms) != last.t):
+        if tick is None or tick.t_ms <= polled_ms:
             return bars
-        moved = replace(last, h=max(last.h, tick.price), l=min(last.l, tick.price), c=tick.price)
-        return [*bars[:-1], moved]
+        grid = self.symbols.grid(symbol, tf, spelling)
+        period = grid.floor(tick.t_ms)
+        last = bars[-1]
+        if period != grid.floor(now_ms) or period < last.t:
+            return bars  # a late tick, or one from a period that is already over
+        if period == last.t:
+            if not last.forming:
+                return bars
+            moved = replace(last, h=max(last.h, tick.price), l=min(last.l, tick.price), c=tick.price)
+            return [*bars[:-1], moved]
+        opened = Bar(symbol, grid.name, period, tick.price, tick.price, tick.price, tick.price,
+                     0.0 if spelling.has_volume else None, NAME, forming=True)
+        return [*bars[:-1], replace(last, forming=False), opened]
+
+    def peek_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> dict[str, list[Bar]]:
+        """Forming bars moved by ticks that arrived since the last poll or peek (no request)."""
+        out: dict[str, list[Bar]] = {}
+        if self._stream is None:
+            return out
+        for symbol in symbols:
+            cached = self._latest.get((symbol, tf.name))
+            spelling = self.symbols.for_source(NAME, symbol)
+            if cached is None or spelling is None:
+                continue
+            tick = self._stream.ticks.get(spelling.ticker)
+            if tick is None or tick.t_ms <= self._peeked.get(spelling.ticker, 0):
+                continue
+            self._peeked[spelling.ticker] = tick.t_ms
+            moved = self._with_ticks(symbol, cached[1], cached[0], tf, now_ms)
+            if moved is not cached[1]:
+                # Keep what the ticks made: a bar a later tick closes keeps its last close.
+                self._latest[(symbol, tf.name)] = (cached[0], moved)
+                out[symbol] = moved
+        return out
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
         out: LatestResult = {}
