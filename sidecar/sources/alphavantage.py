@@ -31,7 +31,7 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
 from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 
@@ -153,6 +153,12 @@ class AlphaVantageSource(HttpSource):
         super().__init__(provider, symbols, budget, **kwargs)
         assert provider.alphavantage_api_key
         self._key = provider.alphavantage_api_key
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        """Intraday ``outputsize=full``: the trailing 30 days in one request; daily: all."""
+        if tf.ms >= DAY_MS:
+            return HistoryLimits()
+        return HistoryLimits(span_ms=30 * DAY_MS, lookback_ms=30 * DAY_MS)
 
     async def _series(self, symbol: str, tf: Timeframe, full: bool, now_ms: int) -> list[Bar]:
         spelling = self.spelling(symbol)

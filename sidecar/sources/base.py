@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.bar import Bar
@@ -19,6 +20,27 @@ from sidecar.timeframe import Timeframe
 
 #: Per-symbol answer of a batched fetch: the bars (oldest first) or why it failed.
 LatestResult = dict[str, "list[Bar] | ProviderError"]
+DAY_MS = 86_400_000
+#: Requests go out a while after a backfill is planned: stay this far inside a lookback.
+LOOKBACK_MARGIN_MS = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLimits:
+    """How much history a source serves: per request, and how far back from now.
+
+    ``None`` means no limit. Backfill asks one request per ``span_ms`` at most and
+    never before ``now - lookback_ms`` (Yahoo refuses 1m bars older than 30 days).
+    """
+
+    span_ms: int | None = None
+    lookback_ms: int | None = None
+
+    def earliest(self, now_ms: int) -> int | None:
+        """The oldest open time a request may ask for (an hour inside the limit), or ``None``."""
+        if self.lookback_ms is None:
+            return None
+        return now_ms - self.lookback_ms + LOOKBACK_MARGIN_MS
 
 
 class Source(abc.ABC):
@@ -55,6 +77,10 @@ class Source(abc.ABC):
         """
         pace = self.budget.pace_s(max(1, symbols)) if self.budget is not None else 0.0
         return max(self.min_refresh_s, pace)
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        """This source's range limits for ``tf`` history (none by default)."""
+        return HistoryLimits()
 
     def peek_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> dict[str, list[Bar]]:
         """Bars that moved since the last refresh, without a request (a live stream).

@@ -35,12 +35,16 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
 from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 
 NAME = "polygon"
 MAX_PAGES = 20
+#: ``limit`` counts the minute aggregates a request reads (max 50,000 ~ 34.7 days);
+#: the free tier serves about two years of history.
+MAX_BASE_AGGREGATES = 50_000
+HISTORY_DAYS = 730
 _SPANS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
 log = logging.getLogger("sidecar.sources.polygon")
 
@@ -129,6 +133,10 @@ class PolygonSource(HttpSource):
         super().__init__(provider, symbols, budget, **kwargs)
         assert provider.polygon_api_key
         self._headers = {"Authorization": f"Bearer {provider.polygon_api_key}"}
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        base_ms = min(tf.clock.ms, 60_000) if tf.ms < DAY_MS else DAY_MS
+        return HistoryLimits(span_ms=MAX_BASE_AGGREGATES * base_ms, lookback_ms=HISTORY_DAYS * DAY_MS)
 
     async def _aggs(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int, now_ms: int,
                     max_pages: int) -> list[Bar]:

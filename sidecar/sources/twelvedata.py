@@ -32,7 +32,7 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
 from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 
@@ -156,6 +156,10 @@ class TwelveDataSource(HttpSource):
         assert provider.twelvedata_api_key
         self._headers = {"Authorization": f"apikey {provider.twelvedata_api_key}"}
         self.max_batch = max(1, provider.twelvedata_credits_per_minute)
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        """At most 5,000 values per request (the dates asked are a day wider each side)."""
+        return HistoryLimits(span_ms=max(tf.ms, MAX_OUTPUT * tf.ms - 2 * DAY_MS))
 
     def _interval(self, tf: Timeframe) -> str:
         interval = INTERVALS.get(tf.name)

@@ -43,7 +43,7 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult, Source
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult, Source
 from sidecar.sources.yahoo_stream import YahooStream
 from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
@@ -53,6 +53,11 @@ CHART_URL = "https://query2.finance.yahoo.com/v8/finance/chart/"
 INTERVALS = {"1m": "1m", "2m": "2m", "5m": "5m", "15m": "15m", "30m": "30m", "1h": "60m",
              "90m": "90m", "1d": "1d"}
 _NO_VOLUME_TYPES = ("CURRENCY", "INDEX")
+#: Yahoo's intraday range limits (yfinance and Yahoo's own errors): 1m at most 8 days
+#: per request and only the last 30 days; 2m-90m the last 60 days; 1h the last 730.
+_LIMITS_1M = HistoryLimits(span_ms=8 * DAY_MS, lookback_ms=30 * DAY_MS)
+_LIMITS_UP_TO_90M = HistoryLimits(span_ms=60 * DAY_MS, lookback_ms=60 * DAY_MS)
+_LIMITS_1H = HistoryLimits(span_ms=730 * DAY_MS, lookback_ms=730 * DAY_MS)
 _BAD_SYMBOL_TTL_S = 6 * 3600.0
 log = logging.getLogger("sidecar.sources.yahoo")
 
@@ -267,6 +272,13 @@ class YahooSource(Source):
 
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
         return self.symbols.grid(symbol, tf, self.symbols.for_source(NAME, symbol))
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        if tf.ms >= DAY_MS:
+            return HistoryLimits()
+        if tf.ms <= 60_000:
+            return _LIMITS_1M
+        return _LIMITS_UP_TO_90M if tf.ms <= 90 * 60_000 else _LIMITS_1H
 
     def _known_bad(self, ticker: str) -> bool:
         until = self._bad.get(ticker)

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class FakeProviders:
     def __init__(self) -> None:
         self.queue: dict[str, list[Reply]] = {k: [] for k in ENDPOINTS}
         self.default: dict[str, Reply] = {}
+        #: Answers computed from the request (e.g. bars for the asked range), after the queue.
+        self.responders: dict[str, Callable[[Seen], Reply]] = {}
         self.seen: list[Seen] = []
         self.stream_messages: list[dict[str, Any]] = []
         self.stream_subscriptions: list[Any] = []
@@ -130,7 +133,12 @@ class FakeProviders:
             return web.Response(text="fakecrumb")
         for key, prefix in ENDPOINTS.items():
             if request.path.startswith(prefix):
-                reply = self.queue[key].pop(0) if self.queue[key] else self.default.get(key)
+                if self.queue[key]:
+                    reply: Reply | None = self.queue[key].pop(0)
+                elif key in self.responders:
+                    reply = self.responders[key](self.seen[-1])
+                else:
+                    reply = self.default.get(key)
                 if reply is None:
                     return web.Response(status=404, text="no fake answer configured")
                 return await self._send(request, reply)
