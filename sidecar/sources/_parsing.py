@@ -34,6 +34,17 @@ class ParseContext:
     has_volume: bool = True
 
 
+def decode_answer(body: bytes | str, status: int, source: str,
+                  retry_after: float | None = None) -> Any:
+    """Decode JSON; a non-JSON body is classified by its HTTP status when that is not 200."""
+    try:
+        return decode_json(body, source)
+    except ProviderError:
+        if status != 200:
+            raise http_status_error(status, "(non-JSON body)", source, retry_after) from None
+        raise
+
+
 def decode_json(body: bytes | str, source: str, what: str = "body") -> Any:
     """Decode JSON or raise ``ProviderError("bad_response")`` (truncated, HTML, text)."""
     try:

@@ -16,11 +16,9 @@ from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
-from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources import SourceDisabled
-from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._http import HttpSource, closed_between, keyed_provider
 from sidecar.sources._parsing import (
     ParseContext,
     decode_json,
@@ -32,7 +30,7 @@ from sidecar.sources._parsing import (
     zone,
 )
 from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
-from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
+from sidecar.symbols import ProviderSymbol
 from sidecar.timeframe import Timeframe
 
 NAME = "alphavantage"
@@ -148,12 +146,6 @@ class AlphaVantageSource(HttpSource):
     name = NAME
     max_batch = 1
 
-    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
-                 **kwargs: Any) -> None:
-        super().__init__(provider, symbols, budget, **kwargs)
-        assert provider.alphavantage_api_key
-        self._key = provider.alphavantage_api_key
-
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         """Intraday ``outputsize=full``: the trailing 30 days in one request; daily: all."""
         if tf.ms >= DAY_MS:
@@ -161,50 +153,36 @@ class AlphaVantageSource(HttpSource):
         return HistoryLimits(span_ms=30 * DAY_MS, lookback_ms=30 * DAY_MS)
 
     async def _series(self, symbol: str, tf: Timeframe, full: bool, now_ms: int) -> list[Bar]:
-        spelling = self.spelling(symbol)
-        if spelling is None:
-            raise ProviderError("unknown_symbol", f"{symbol} is not served by {NAME}", source=NAME)
+        spelling = self.require(symbol)
         grid = self.symbols.grid(symbol, tf, spelling)
         params = query_params(spelling, grid.clock, full)  # session grids are folded below
-        if not self.budget.try_acquire(1):
-            raise self.budget.exhausted()
-        reply = await self._get(f"{self.provider.alphavantage_base_url}/query",
-                                params={**params, "apikey": self._key})
+        self.take_budget()
         ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume=spelling.has_volume)
-        try:
-            bars = parse_time_series(reply.body, reply.status, ctx)
-        except ProviderError as err:
-            low = str(err).lower()
-            if err.error_class == "rate_limited" and "per day" in low and "per minute" not in low:
-                self.budget.exhaust_day()
-            if err.retry_after is None:
-                err.retry_after = reply.retry_after
-            raise self._note_error(err) from None
+        bars = await self._get_parsed(
+            f"{self.provider.alphavantage_base_url}/query",
+            lambda reply: parse_time_series(reply.body, reply.status, ctx),
+            params={**params, "apikey": self._key}, daily=_daily_quota_spent)
         if grid.session is not None:
             return rebucket(bars, ParseContext(symbol, grid, NAME, now_ms, spelling.has_volume))
         return bars
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        out: LatestResult = {}
-        for symbol in symbols:
-            try:
-                bars = await self._series(symbol, tf, False, now_ms)
-                out[symbol] = bars[-3:]
-            except ProviderError as err:
-                out[symbol] = err
-        return settle(out)
+        return await self.latest_each(symbols, lambda s: self._series(s, tf, False, now_ms))
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
-        now_ms = int(time.time() * 1000)
-        bars = await self._series(symbol, tf, True, now_ms)
-        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+        bars = await self._series(symbol, tf, True, int(time.time() * 1000))
+        return closed_between(bars, start_ms, end_ms)
+
+
+def _daily_quota_spent(err: ProviderError) -> bool:
+    low = str(err).lower()
+    return "per day" in low and "per minute" not in low
 
 
 def build(settings: Settings, env: Mapping[str, str]) -> AlphaVantageSource:
     """The Alpha Vantage source; :class:`SourceDisabled` without ``ALPHAVANTAGE_API_KEY``."""
-    provider = ProviderSettings.from_env(env)
-    if not provider.alphavantage_api_key:
-        raise SourceDisabled(f"{NAME}: ALPHAVANTAGE_API_KEY missing")
+    provider, symbols = keyed_provider(env, NAME, "ALPHAVANTAGE_API_KEY",
+                                       lambda p: p.alphavantage_api_key)
     budget = RateBudget(NAME, per_second=provider.alphavantage_per_second,
                         per_day=provider.alphavantage_per_day)
-    return AlphaVantageSource(provider, load_symbol_map(provider.symbols_file), budget)
+    return AlphaVantageSource(provider, symbols, budget)

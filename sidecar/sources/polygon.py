@@ -23,8 +23,7 @@ from sidecar.http_session import redact
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources import SourceDisabled
-from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._http import HttpSource, closed_between, keyed_provider
 from sidecar.sources._parsing import (
     ParseContext,
     decode_json,
@@ -36,7 +35,7 @@ from sidecar.sources._parsing import (
     zone,
 )
 from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
-from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.symbols import SymbolMap
 from sidecar.timeframe import Timeframe
 
 NAME = "polygon"
@@ -131,8 +130,7 @@ class PolygonSource(HttpSource):
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:
         super().__init__(provider, symbols, budget, **kwargs)
-        assert provider.polygon_api_key
-        self._headers = {"Authorization": f"Bearer {provider.polygon_api_key}"}
+        self._headers = {"Authorization": f"Bearer {self._key}"}
 
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         base_ms = min(tf.clock.ms, 60_000) if tf.ms < DAY_MS else DAY_MS
@@ -140,9 +138,7 @@ class PolygonSource(HttpSource):
 
     async def _aggs(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int, now_ms: int,
                     max_pages: int) -> list[Bar]:
-        spelling = self.spelling(symbol)
-        if spelling is None:
-            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
+        spelling = self.require(symbol)
         grid = self.symbols.grid(symbol, tf, spelling)
         mult, span = timespan(grid.clock)  # clock-aligned only: session grids are folded below
         has_volume = spelling.asset_class not in ("fx", "metal", "index")
@@ -161,14 +157,12 @@ class PolygonSource(HttpSource):
                 log.warning("polygon: budget spent after %d pages of %s; returning partial range",
                             pages, symbol)
                 break
-            reply = await self._get(url, params=params, headers=self._headers)
             pages += 1
-            try:
-                page, next_url = parse_aggs(reply.body, reply.status, ctx,
-                                            asset_class=spelling.asset_class,
-                                            retry_after=reply.retry_after)
-            except ProviderError as err:
-                raise self._note_error(err) from None
+            page, next_url = await self._get_parsed(
+                url, lambda reply: parse_aggs(reply.body, reply.status, ctx,
+                                              asset_class=spelling.asset_class,
+                                              retry_after=reply.retry_after),
+                params=params, headers=self._headers)
             bars.extend(page)
             if next_url:
                 url = rebase_url(next_url, self.provider.polygon_base_url)
@@ -181,26 +175,17 @@ class PolygonSource(HttpSource):
         return finish(bars, ctx)
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        out: LatestResult = {}
         start = tf.floor(now_ms) - 5 * tf.ms
-        for symbol in symbols:
-            try:
-                bars = await self._aggs(symbol, tf, start, now_ms + 1, now_ms, max_pages=1)
-                out[symbol] = bars[-3:]
-            except ProviderError as err:
-                out[symbol] = err
-        return settle(out)
+        return await self.latest_each(
+            symbols, lambda symbol: self._aggs(symbol, tf, start, now_ms + 1, now_ms, max_pages=1))
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
         now_ms = int(time.time() * 1000)
         bars = await self._aggs(symbol, tf, start_ms, end_ms, now_ms, MAX_PAGES)
-        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+        return closed_between(bars, start_ms, end_ms)
 
 
 def build(settings: Settings, env: Mapping[str, str]) -> PolygonSource:
     """The Polygon source; :class:`SourceDisabled` without ``POLYGON_API_KEY``."""
-    provider = ProviderSettings.from_env(env)
-    if not provider.polygon_api_key:
-        raise SourceDisabled(f"{NAME}: POLYGON_API_KEY missing")
-    budget = RateBudget(NAME, per_minute=provider.polygon_per_minute)
-    return PolygonSource(provider, load_symbol_map(provider.symbols_file), budget)
+    provider, symbols = keyed_provider(env, NAME, "POLYGON_API_KEY", lambda p: p.polygon_api_key)
+    return PolygonSource(provider, symbols, RateBudget(NAME, per_minute=provider.polygon_per_minute))

@@ -33,19 +33,19 @@ from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources._http import settle
+from sidecar.sources._http import ProviderSource, settle
 from sidecar.sources._parsing import (
     ParseContext,
-    decode_json,
+    decode_answer,
     epoch_to_daily_ms,
     finish,
     http_status_error,
     to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult, Source
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
 from sidecar.sources.yahoo_stream import YahooStream
-from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 
 NAME = "yahoo"
@@ -84,12 +84,7 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     err = _chart_error(status, body, retry_after)
     if err is not None:
         raise err
-    try:
-        data = decode_json(body, NAME)
-    except ProviderError:
-        if status != 200:
-            raise http_status_error(status, "(non-JSON body)", NAME, retry_after) from None
-        raise
+    data = decode_answer(body, status, NAME, retry_after)
     chart = data.get("chart") if isinstance(data, dict) else None
     if not isinstance(chart, dict):
         if status != 200:
@@ -231,18 +226,15 @@ def _blocking_chart(session: RebasingSession, ticker: str, params: dict[str, str
     return int(resp.status_code), bytes(resp.content), retry_s
 
 
-class YahooSource(Source):
+class YahooSource(ProviderSource):
     """Chart polls within a self-imposed budget, the stream in between."""
 
     name = NAME
     max_batch = 50
-    budget: RateBudget
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget, *,
                  cache_dir: Path, stream_tickers: Sequence[str] = ()) -> None:
-        self.provider = provider
-        self.symbols = symbols
-        self.budget = budget
+        super().__init__(provider, symbols, budget)
         self._cache_dir = cache_dir
         self._session: RebasingSession | None = None
         self._pool = ThreadPoolExecutor(max_workers=provider.yahoo_workers,
@@ -253,8 +245,6 @@ class YahooSource(Source):
         self.min_refresh_s = provider.yahoo_poll_s
         self._stream = (YahooStream(provider.yahoo_stream_url, stream_tickers)
                         if provider.yahoo_stream and stream_tickers else None)
-        self._requests = 0
-        self._last_error: str | None = None
 
     async def start(self) -> None:
         self._session = shared_session(self.provider.yahoo_base_url, self._cache_dir)
@@ -266,12 +256,10 @@ class YahooSource(Source):
             await self._stream.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def can_serve(self, symbol: str) -> bool:
+    def spelling(self, symbol: str) -> ProviderSymbol | None:
+        """Yahoo's ticker for ``symbol``; ``None`` also while it is cached as unknown."""
         spelling = self.symbols.for_source(NAME, symbol)
-        return spelling is not None and not self._known_bad(spelling.ticker)
-
-    def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
-        return self.symbols.grid(symbol, tf, self.symbols.for_source(NAME, symbol))
+        return None if spelling is None or self._known_bad(spelling.ticker) else spelling
 
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         if tf.ms >= DAY_MS:
@@ -291,14 +279,11 @@ class YahooSource(Source):
 
     async def _chart(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int,
                      now_ms: int) -> list[Bar]:
-        spelling = self.symbols.for_source(NAME, symbol)
-        if spelling is None or self._known_bad(spelling.ticker):
-            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
+        spelling = self.require(symbol)
         interval = INTERVALS.get(tf.name)
         if interval is None:
             raise ProviderError("not_entitled", f"timeframe {tf.name} is not offered", source=NAME)
-        if not self.budget.try_acquire(1):
-            raise self.budget.exhausted()
+        self.take_budget()
         if self._session is None:
             self._session = shared_session(self.provider.yahoo_base_url, self._cache_dir)
         params = {"period1": str(start_ms // 1000), "period2": str(-(-end_ms // 1000)),
@@ -318,13 +303,9 @@ class YahooSource(Source):
             err = ProviderError("unavailable", f"timeout fetching {spelling.ticker}", source=NAME)
         except ProviderError as exc:
             err = exc
-        self._last_error = str(err)[:300]
         if err.error_class == "unknown_symbol":
             self._bad[spelling.ticker] = time.monotonic() + _BAD_SYMBOL_TTL_S
-        elif err.error_class == "rate_limited":
-            self.budget.back_off(err.retry_after if err.retry_after is not None
-                                 else self.provider.cooldown_429_s)
-        raise err
+        raise self.note_error(err)
 
     def _with_ticks(self, symbol: str, bars: list[Bar], polled_ms: float, tf: Timeframe,
                     now_ms: int) -> list[Bar]:
@@ -408,8 +389,7 @@ class YahooSource(Source):
         return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"budget": self.budget.status(), "requests": self._requests,
-                               "known_bad": sorted(self._bad), "last_error": self._last_error}
+        out = {**super().status(), "known_bad": sorted(self._bad)}
         if self._stream is not None:
             out["stream"] = self._stream.status()
         return out
