@@ -154,7 +154,8 @@ class Daemon:
         warm_start = end - max(s.warm_bars, 1) * tf.ms
         full_start = end - s.bootstrap_days * DAY_MS
         for sym in s.symbols:
-            result = await backfill_symbol(sym, tf, sources, store, start_ms=max(warm_start, full_start),
+            result = await backfill_symbol(sym, pipeline.grids[sym], sources, store,
+                                           start_ms=max(warm_start, full_start),
                                            end_ms=end, now_ms=now_ms, redis_store=redis_store,
                                            redis_keep=s.bars_cap)
             log.info("bootstrap warm-up window", extra=result.as_dict())
@@ -163,7 +164,8 @@ class Daemon:
             for sym in s.symbols:
                 if self.should_exit.is_set():
                     return
-                result = await backfill_symbol(sym, tf, sources, store, start_ms=full_start,
+                result = await backfill_symbol(sym, pipeline.grids[sym], sources, store,
+                                               start_ms=full_start,
                                                end_ms=end, now_ms=now_ms,
                                                budget_wait_s=BACKFILL_BUDGET_WAIT_S)
                 log.info("bootstrap done", extra=result.as_dict())
@@ -210,7 +212,7 @@ class Daemon:
                 continue
             for sym, st in pipeline.symbols.items():
                 try:
-                    result = await repair_gaps(sym, self.settings.timeframe, spare, store,
+                    result = await repair_gaps(sym, pipeline.grids[sym], spare, store,
                                                now_ms=int(time.time() * 1000),
                                                redis_store=redis_store)
                 except Exception as exc:

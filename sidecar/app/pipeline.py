@@ -27,7 +27,7 @@ from sidecar.features import FeatureEngine, Values, features_map
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
-from sidecar.sources.base import Source
+from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
 from sidecar.timeframe import Timeframe
 from sidecar.validation import Validator, Verdict
@@ -116,8 +116,8 @@ class Pipeline:
         self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
-        #: Each symbol's bar grid (US stocks' 1h bars open at :30), as its real sources see it.
-        self.grids = {sym: self._grid(sym, sources) for sym in settings.symbols}
+        #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
+        self.grids = {sym: series_grid(sym, self.tf, sources) for sym in settings.symbols}
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -137,12 +137,6 @@ class Pipeline:
         self._redis_backlog: dict[tuple[str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
-
-    def _grid(self, symbol: str, sources: list[Source]) -> Timeframe:
-        for source in sources:
-            if not source.synthetic and source.can_serve(symbol):
-                return source.grid(symbol, self.tf)
-        return self.tf
 
     # -- start-up ---------------------------------------------------------------
     async def warm(self, now_ms: int) -> None:
@@ -264,19 +258,23 @@ class Pipeline:
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
         batch = state.source.max_batch
-        chunks = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
+        by_grid: dict[Timeframe, list[str]] = {}  # one request asks for one bar grid
+        for sym in symbols:
+            by_grid.setdefault(self.grids[sym], []).append(sym)
+        chunks = [(grid, group[i:i + batch]) for grid, group in by_grid.items()
+                  for i in range(0, len(group), batch)]
         state.requests += len(chunks)
-        def call(chunk: list[str]) -> Any:
+        def call(grid: Timeframe, chunk: list[str]) -> Any:
             if state.breaker is None:
-                fetch = state.source.fetch_latest(chunk, self.tf, now_ms)
+                fetch = state.source.fetch_latest(chunk, grid, now_ms)
             else:
-                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, self.tf, now_ms))
+                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, grid, now_ms))
             return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
 
-        calls = [call(chunk) for chunk in chunks]
+        calls = [call(grid, chunk) for grid, chunk in chunks]
         merged: dict[str, Any] = {}
-        for chunk, result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
-                                 strict=True):
+        for (_, chunk), result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
+                                      strict=True):
             if isinstance(result, BaseException):
                 self._source_failed(state, result, now_ms)
                 if isinstance(result, ProviderError):

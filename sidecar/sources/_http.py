@@ -65,6 +65,9 @@ class ProviderSource(Source):
     """Base of the real providers; subclasses implement the two fetches."""
 
     budget: RateBudget
+    #: True for providers that stamp intraday bars on the symbol's session grid (Yahoo,
+    #: Twelve Data); the others stamp the clock's and fold into a session when asked.
+    stamps_sessions: bool = False
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget) -> None:
         self.provider = provider
@@ -89,6 +92,9 @@ class ProviderSource(Source):
         return self.spelling(symbol) is not None
 
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        return self.series_grid(symbol, tf) if self.stamps_sessions else tf
+
+    def series_grid(self, symbol: str, tf: Timeframe) -> Timeframe:
         return self.symbols.grid(symbol, tf, self.spelling(symbol))
 
     def take_budget(self, cost: int = 1) -> None:

@@ -154,7 +154,7 @@ class AlphaVantageSource(HttpSource):
 
     async def _series(self, symbol: str, tf: Timeframe, full: bool, now_ms: int) -> list[Bar]:
         spelling = self.require(symbol)
-        grid = self.symbols.grid(symbol, tf, spelling)
+        grid = self.grid(symbol, tf)
         params = query_params(spelling, grid.clock, full)  # session grids are folded below
         self.take_budget()
         ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume=spelling.has_volume)

@@ -67,7 +67,16 @@ class Source(abc.ABC):
         return True
 
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
-        """``tf`` on the bar grid ``symbol``'s bars sit on (a session can shift it)."""
+        """The grid of the bars this source returns for ``symbol`` when asked for ``tf``.
+
+        A ``tf`` with a session (:meth:`Timeframe.on_session`) asks for bars on that
+        session's grid; a plain one for the source's own stamps (Yahoo's 1h stock bars
+        open at :30, Polygon's on the hour).
+        """
+        return tf
+
+    def series_grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        """The grid the daemon keeps ``symbol``'s ``tf`` series on (the symbol's session)."""
         return tf
 
     def refresh_interval_s(self, symbols: int) -> float:
@@ -108,3 +117,11 @@ class Source(abc.ABC):
     def status(self) -> dict[str, Any]:
         """Facts for ``/health`` (budget left, stream state ...)."""
         return {}
+
+
+def series_grid(symbol: str, tf: Timeframe, sources: Sequence[Source]) -> Timeframe:
+    """``symbol``'s series grid, as the first real source that serves it maps it."""
+    for source in sources:
+        if not source.synthetic and source.can_serve(symbol):
+            return source.series_grid(symbol, tf)
+    return tf

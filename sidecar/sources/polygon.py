@@ -139,7 +139,7 @@ class PolygonSource(HttpSource):
     async def _aggs(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int, now_ms: int,
                     max_pages: int) -> list[Bar]:
         spelling = self.require(symbol)
-        grid = self.symbols.grid(symbol, tf, spelling)
+        grid = self.grid(symbol, tf)
         mult, span = timespan(grid.clock)  # clock-aligned only: session grids are folded below
         has_volume = spelling.asset_class not in ("fx", "metal", "index")
         ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume)

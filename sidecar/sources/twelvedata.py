@@ -143,6 +143,7 @@ class TwelveDataSource(HttpSource):
     """Batched ``/time_series`` within the credit budget (one credit per symbol)."""
 
     name = NAME
+    stamps_sessions = True
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:
@@ -186,7 +187,7 @@ class TwelveDataSource(HttpSource):
                 out[symbol] = err
                 continue
             wanted[symbol] = (spelling.ticker,
-                              ParseContext(symbol, self.symbols.grid(symbol, tf, spelling), NAME,
+                              ParseContext(symbol, self.grid(symbol, tf), NAME,
                                            now_ms, spelling.has_volume))
         affordable = min(len(wanted), self.budget.remaining())
         chosen = list(wanted)[:affordable]
@@ -203,7 +204,7 @@ class TwelveDataSource(HttpSource):
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
         spelling = self.require(symbol)
-        ctx = ParseContext(symbol, self.symbols.grid(symbol, tf, spelling), NAME,
+        ctx = ParseContext(symbol, self.grid(symbol, tf), NAME,
                            int(time.time() * 1000), spelling.has_volume)
         self.take_budget()
         # Dates are read in the exchange's zone: ask a day wider and filter exactly below.

@@ -231,6 +231,7 @@ class YahooSource(ProviderSource):
 
     name = NAME
     max_batch = 50
+    stamps_sessions = True
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget, *,
                  cache_dir: Path, stream_tickers: Sequence[str] = ()) -> None:
@@ -296,7 +297,7 @@ class YahooSource(ProviderSource):
                                      params, self.provider.http_timeout_s),
                 timeout=self.provider.http_timeout_s + 1.0,
             )
-            grid = self.symbols.grid(symbol, tf, spelling)  # Yahoo's 1h stock bars open at :30
+            grid = self.grid(symbol, tf)  # Yahoo's 1h stock bars open at :30
             ctx = ParseContext(symbol, grid, NAME, now_ms, spelling.has_volume)
             return parse_chart(body, status, ctx, end_ms=end_ms, retry_after=retry_after)
         except TimeoutError:
@@ -323,7 +324,7 @@ class YahooSource(ProviderSource):
         tick = self._stream.ticks.get(spelling.ticker)
         if tick is None or tick.t_ms <= polled_ms:
             return bars
-        grid = self.symbols.grid(symbol, tf, spelling)
+        grid = self.grid(symbol, tf)
         period = grid.floor(tick.t_ms)
         last = bars[-1]
         if period != grid.floor(now_ms) or period < last.t:

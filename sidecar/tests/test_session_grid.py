@@ -17,6 +17,7 @@ from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.bar import Bar
 from sidecar.fetch import run_fetch
 from sidecar.settings import Settings
+from sidecar.sources import build_source
 from sidecar.sources._parsing import ParseContext, rebucket
 from sidecar.symbols import load_symbol_map, parse_symbol_map
 from sidecar.timeframe import US_EQUITY_SESSION, Session, Timeframe
@@ -120,25 +121,51 @@ def polygon_halfhour_body() -> bytes:
 
 
 @pytest.mark.asyncio
-async def test_fetch_hourly_from_yahoo_and_polygon_agree(fake: FakeProviders, tmp_path: Path):
+async def test_yahoo_hourly_and_polygon_folded_into_the_session_agree(
+    fake: FakeProviders, tmp_path: Path
+) -> None:
     fake.default["yahoo"] = Reply(body=yahoo_hourly_body())
     fake.default["polygon"] = Reply(body=polygon_halfhour_body())
     env = {"SIDECAR_YAHOO_BASE_URL": fake.base_url, "SIDECAR_YAHOO_STREAM": "0",
            "POLYGON_API_KEY": "K", "SIDECAR_POLYGON_BASE_URL": fake.base_url}
-    settings = Settings(data_dir=tmp_path)
     start, end = OPEN_EDT - HOUR, OPEN_EDT + 8 * HOUR
-    printed = {}
-    for source in ("yahoo", "polygon"):
-        out, err = io.StringIO(), io.StringIO()
-        code = await run_fetch(source, "AAPL", H1, start, end, settings, env, out=out, err=err)
-        assert code == 0 and "rejected" not in err.getvalue(), err.getvalue()
-        printed[source] = [json.loads(x) for x in out.getvalue().splitlines()]
-    expected = aggregate(minute_rows(), OPEN_EDT, HOUR)
-    for source, lines in printed.items():
-        assert [(x["t"], x["o"], x["h"], x["l"], x["c"], x["v"]) for x in lines] == [
-            (t, o, h, l, c, float(v)) for t, o, h, l, c, v in expected], source
+    # fetch: Yahoo's own hourly stamps (09:30 ...) validate on the session grid.
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_fetch("yahoo", "AAPL", H1, start, end, Settings(data_dir=tmp_path), env,
+                           out=out, err=err)
+    assert code == 0 and "rejected" not in err.getvalue(), err.getvalue()
+    yahoo = [json.loads(x) for x in out.getvalue().splitlines()]
+    # The daemon asks Polygon for the session grid: 30-minute aggregates, folded.
+    polygon = build_source("polygon", Settings(), env)
+    assert polygon.grid("AAPL", H1) is H1 and polygon.grid("AAPL", GRID) == GRID
+    assert polygon.series_grid("AAPL", H1) == GRID
+    await polygon.start()
+    try:
+        folded = await polygon.fetch_history("AAPL", GRID, start, end)
+    finally:
+        await polygon.close()
+    expected = [(t, o, h, l, c, float(v)) for t, o, h, l, c, v in aggregate(minute_rows(), OPEN_EDT, HOUR)]
+    assert [(x["t"], x["o"], x["h"], x["l"], x["c"], x["v"]) for x in yahoo] == expected
+    assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in folded] == expected
     assert "/range/30/minute/" in fake.requests_to("polygon")[0].path
     assert fake.requests_to("yahoo")[0].query["interval"] == "60m"
+
+
+@pytest.mark.asyncio
+async def test_fetch_polygon_hourly_prints_its_own_clock_stamps(fake: FakeProviders) -> None:
+    rel = "polygon/aggs_AAPL_1hour_2024-04-29_DELAYED_extended_hours.json"
+    fake.default["polygon"] = Reply.fixture(rel)
+    env = {"POLYGON_API_KEY": "K", "SIDECAR_POLYGON_BASE_URL": fake.base_url}
+    rows = json.loads(fixture(rel))["results"]
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_fetch("polygon", "AAPL", H1, rows[0]["t"], rows[-1]["t"] + HOUR, Settings(), env,
+                           out=out, err=err)
+    assert code == 0 and "rejected" not in err.getvalue(), err.getvalue()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [(x["t"], x["o"], x["h"], x["l"], x["c"], x["v"]) for x in lines] == [
+        (r["t"], float(r["o"]), float(r["h"]), float(r["l"]), float(r["c"]), float(round(r["v"])))
+        for r in rows]
+    assert "/range/1/hour/" in fake.requests_to("polygon")[0].path
 
 
 def test_history_validation_uses_the_grid():
