@@ -229,8 +229,7 @@ class Pipeline:
             mine = [s for s in pending if source.can_serve(s)]
             if not mine:
                 continue
-            servable = sum(1 for s in self.symbols if source.can_serve(s))
-            interval = self.planner.interval_ms(source, servable, now_ms)
+            interval = self.planner.interval_ms(source, self._servable_counter(source), now_ms)
             plan = self.planner.plan(source, mine, now_ms)
             for sym, bars in source.peek_latest(plan.idle, self.tf, now_ms).items():
                 out[sym] = bars
@@ -255,6 +254,9 @@ class Pipeline:
             served = set(out) | set(plan.idle)
             pending = [s for s in pending if s not in served]
         return out
+
+    def _servable_counter(self, source: Source) -> Callable[[], int]:
+        return lambda: sum(1 for s in self.symbols if source.can_serve(s))
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
         batch = state.source.max_batch

@@ -14,6 +14,7 @@ through to the next source in the same cycle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.sources.base import Source
@@ -41,11 +42,14 @@ class Planner:
         self._interval_ms: dict[str, int] = {}
         self._interval_at: dict[str, int] = {}
 
-    def interval_ms(self, source: Source, servable: int, now_ms: int) -> int:
-        """The source's refresh interval per symbol (recomputed at most once a second)."""
+    def interval_ms(self, source: Source, servable: Callable[[], int], now_ms: int) -> int:
+        """The source's refresh interval per symbol (recomputed at most once a second).
+
+        ``servable()`` counts the configured symbols the source can serve.
+        """
         if self._interval_at.get(source.name) != now_ms // 1000:
             self._interval_at[source.name] = now_ms // 1000
-            pace = source.refresh_interval_s(servable)
+            pace = source.refresh_interval_s(servable())
             self._interval_ms[source.name] = 2**62 if pace == float("inf") else int(pace * 1000)
         return self._interval_ms[source.name]
 
