@@ -220,6 +220,8 @@ class Pipeline:
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
+        for st in self.symbols.values():
+            st.via = VIA_LAST  # unless a source serves it below
         for state in self.sources:
             if not pending:
                 break
@@ -235,10 +237,7 @@ class Pipeline:
                 out[sym] = bars
                 self.symbols[sym].via = VIA_STREAM
             for sym in plan.idle:
-                st = self.symbols[sym]
-                st.expect_ms = interval
-                if sym not in out:
-                    st.via = VIA_LAST
+                self.symbols[sym].expect_ms = interval
             answers = await self._ask(state, plan.ask, now_ms) if plan.ask else {}
             for sym in plan.ask:
                 result = answers.get(sym)
