@@ -33,7 +33,7 @@ from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources._http import ProviderSource, settle
+from sidecar.sources._http import ProviderSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
     decode_answer,
@@ -387,7 +387,7 @@ class YahooSource(ProviderSource):
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
         now_ms = int(time.time() * 1000)
         bars = await self._chart(symbol, tf, start_ms, end_ms, now_ms)
-        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+        return closed_between(bars, start_ms, end_ms)
 
     def status(self) -> dict[str, Any]:
         out = {**super().status(), "known_bad": sorted(self._bad)}
