@@ -61,10 +61,6 @@ def _source_info(state: SourceState) -> dict[str, Any]:
     return info
 
 
-def _fresh(updated_ms: int | None, now_ms: int, stale_after_ms: int) -> bool:
-    return updated_ms is not None and now_ms - updated_ms <= stale_after_ms
-
-
 def assess(pipeline: Pipeline, now_ms: int | None = None) -> tuple[str, list[str]]:
     """``(status, reasons)`` — cheap enough to run after every cycle."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -81,7 +77,7 @@ def assess(pipeline: Pipeline, now_ms: int | None = None) -> tuple[str, list[str
     if pipeline.store.last_error:
         reasons.append(f"sqlite: {pipeline.store.last_error}")
     total = len(pipeline.symbols)
-    fresh = sum(_fresh(st.updated_ms, now_ms, stale_after) for st in pipeline.symbols.values())
+    fresh = sum(not st.stale(now_ms, stale_after) for st in pipeline.symbols.values())
     if fresh < total:
         reasons.append(f"{total - fresh} of {total} symbols stale")
     if not (stats.first_cycle_done and now_ms - stats.last_tick_ms < NOT_COLLECTING_MS):
@@ -131,7 +127,9 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
             "forming": bar.forming if bar else None,
             "rsi": _round(feats.get("rsi"), 3),
             "src": bar.src if bar else None,
-            "stale": not _fresh(st.updated_ms, now_ms, stale_after),
+            "stale": st.stale(now_ms, stale_after),
+            "via": st.via,
+            "refresh_interval_ms": st.expect_ms,
         }
     sources = {state.name: _source_info(state) for state in pipeline.sources}
 
