@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _scan(settings: Settings, args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from sidecar.scanner import Scanner
     from sidecar.signals import SignalRules
 
@@ -99,7 +101,7 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
         while True:
             try:
                 rows = await scanner.read(symbols)
-            except OSError as exc:
+            except (RedisError, OSError) as exc:
                 raise SidecarError(f"cannot reach Redis: {exc}") from None
             if clear:
                 print("\x1b[H\x1b[J", end="")
@@ -152,7 +154,8 @@ def _with_tf(settings: Settings, tf: str) -> Settings:
 
 async def _backfill(settings: Settings, days: int | None) -> int:
     from sidecar.app.bootstrap import DAY_MS, backfill_symbol
-    from sidecar.app.daemon import build_sources, open_redis
+    from sidecar.app.daemon import BACKFILL_BUDGET_WAIT_S, build_sources, open_redis
+    from sidecar.sources.base import series_grid
     from sidecar.sqlite_store import BarStore
 
     sources = build_sources(settings)
@@ -168,9 +171,11 @@ async def _backfill(settings: Settings, days: int | None) -> int:
         start = end - (days if days is not None else settings.bootstrap_days) * DAY_MS
         failed = 0
         for sym in settings.symbols:
-            result = await backfill_symbol(sym, tf, sources, store, start_ms=start, end_ms=end,
+            grid = series_grid(sym, tf, sources)  # the daemon's bar grid for the symbol
+            result = await backfill_symbol(sym, grid, sources, store, start_ms=start, end_ms=end,
                                            now_ms=now, redis_store=redis_store,
-                                           redis_keep=settings.bars_cap)
+                                           redis_keep=settings.bars_cap,
+                                           budget_wait_s=BACKFILL_BUDGET_WAIT_S)
             failed += result.error is not None
             print(json.dumps(result.as_dict()))
         return 1 if failed == len(settings.symbols) else 0

@@ -174,6 +174,11 @@ class RedisStore:
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
         return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
 
+    async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
+        """The bars of a symbol with open time ``>= t_ms``, oldest first."""
+        raw = await self.redis.zrangebyscore(self.keys.bars(tf, symbol), t_ms, "+inf")
+        return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
+
     async def bar_count(self, symbol: str, tf: str) -> int:
         return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
 

@@ -20,7 +20,7 @@ from sidecar.errors import ConfigError
 from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.scanner import Scanner
-from sidecar.settings import IndicatorPeriods
+from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.signals import RULES, SignalRules, evaluate
 from sidecar.tests.conftest import REPO, RedisServer
 from sidecar.tests.test_daemon import free_port, start, wait_ready
@@ -170,6 +170,16 @@ def scan_json(env: dict[str, str], *extra: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.stdout.decode().splitlines()]
 
 
+async def first_update(env: dict[str, str]) -> list[dict[str, Any]]:
+    scanner = Scanner.from_settings(Settings.from_env(env), env=env)
+    try:
+        async for rows in scanner.updates(["AAPL", "XAUUSD"]):
+            return rows
+    finally:
+        await scanner.close()
+    raise AssertionError("the subscription ended")
+
+
 def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server: RedisServer) -> None:
     """The real daemon, the real 2 s TTL: signals while it runs, none once it is gone."""
     port = free_port()
@@ -190,6 +200,23 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
             ("AAPL", "AAPL", "rsi_below"), ("XAUUSD", "XAUUSD", "rsi_below")]
         rows = scan_json(env)
         assert all(r["macd_hist_prev"] is not None for r in rows)
+        text = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--signals"], cwd=REPO, env=env,
+                              capture_output=True, timeout=30, check=True).stdout.decode().splitlines()
+        assert "signal(s) over 2 fresh of 2 symbols" in text[0]
+        assert sorted(line.split()[:3] for line in text[1:]) == [
+            ["AAPL", "AAPL", "rsi_below"], ["XAUUSD", "XAUUSD", "rsi_below"]]
+        # Push instead of polling: rows right after each of the daemon's cycles.
+        pushed = asyncio.run(asyncio.wait_for(first_update(env), 10))
+        assert [r["symbol"] for r in pushed] == ["AAPL", "XAUUSD"] and not any(r["stale"] for r in pushed)
+        # --watch prints a fresh batch every second until Ctrl-C.
+        watch = subprocess.Popen([sys.executable, "-m", "sidecar", "scan", "--json", "--watch"], cwd=REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(3)
+        watch.send_signal(signal.SIGINT)
+        out, _ = watch.communicate(timeout=10)
+        assert watch.returncode == 0
+        batches = [json.loads(line)["symbol"] for line in out.decode().splitlines()]
+        assert len(batches) >= 4 and batches[:2] == ["AAPL", "XAUUSD"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
@@ -200,3 +227,55 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
         assert scan_json(env, "--signals") == []
     rows = scan_json(env)
     assert all(r["stale"] and r.get("missing") for r in rows), rows
+
+
+async def test_scanner_survives_a_redis_restart_and_reports_it_down(tmp_path: Any) -> None:
+    from sidecar.redis_store import connect
+
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    scanner = Scanner(connect(server.url, timeout_s=1.0), "test", owns=True)
+    try:
+        store = RedisStore(scanner.redis, "test")
+        await write(store, [features("AAPL")])
+        assert not (await scanner.read(["AAPL"]))[0]["stale"]
+        server.stop()
+        server.start()  # empty, same socket: the pooled connection is dead
+        rows = await scanner.read(["AAPL"])
+        assert rows[0]["missing"] and rows[0]["stale"]
+        server.stop()
+        with pytest.raises(Exception) as err:
+            await scanner.read(["AAPL"])
+        assert "redis" in type(err.value).__module__ or isinstance(err.value, OSError)
+    finally:
+        await scanner.close()
+        server.stop()
+
+
+def test_scan_says_when_redis_is_unreachable(clean_env: dict[str, str], tmp_path: Any) -> None:
+    env = dict(clean_env, SIDECAR_REDIS_URL=f"unix://{tmp_path}/nothing.sock")
+    out = subprocess.run([sys.executable, "-m", "sidecar", "scan"], cwd=REPO, env=env,
+                         capture_output=True, timeout=30)
+    assert out.returncode == 1 and "cannot reach Redis" in out.stderr.decode()
+
+
+async def test_pipeline_writes_the_previous_histogram_for_forming_and_closed_bars(
+        redis_store: RedisStore, bar_store: Any) -> None:
+    import dataclasses
+
+    from sidecar.app.pipeline import Pipeline
+    from sidecar.tests.test_pipeline import ScriptedSource, series, settings
+
+    t0 = 1_700_000_000_000
+    bars = series("AAA", 80, t0, 3)
+    forming = dataclasses.replace(bars[60], forming=True)
+    steps = [{"AAA": bars[:60]}, {"AAA": [forming]}, {"AAA": [bars[60]]}]
+    pipe = Pipeline(settings(symbols=("AAA",)), [ScriptedSource(steps)], redis_store, bar_store)
+    closes = np.array([b.c for b in bars[:61]])
+    hist = talib.MACD(closes, 12, 26, 9)[2]
+    for k, expect_t in enumerate((bars[59].t, forming.t, bars[60].t)):
+        await pipe.run_cycle(t0 + k * 1000)
+        feats = (await redis_store.read_features(["AAA"], "1s"))[0]
+        assert feats["t"] == expect_t
+        i = (expect_t - t0) // 1000
+        assert (feats["macd_hist"], feats["macd_hist_prev"]) == (hist[i], hist[i - 1])

@@ -103,7 +103,8 @@ async def drive(target: str, url: str, screenshot: Path) -> dict[str, Any]:
         shown: dict[str, Any] = {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            shown = await cdp.evaluate("""(() => ({
+            # null until the page (not about:blank) has loaded
+            shown = await cdp.evaluate("""(() => document.getElementById('spark-line') && ({
                 status: document.getElementById('status').textContent,
                 rows: [...document.querySelectorAll('#symbols tbody tr')].map(
                     tr => [...tr.children].map(td => td.textContent)),
