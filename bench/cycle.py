@@ -42,6 +42,7 @@ HISTORY_BARS = 60  # enough for every handle (MACD needs 34) and the outlier win
 
 async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
     """One N in this process: set up like the daemon, then tick for ``seconds``."""
+    from sidecar.app.daemon import settle_gc
     from sidecar.app.pipeline import Pipeline
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceBreaker
@@ -79,6 +80,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     setup_started = time.perf_counter()
     await pipeline.warm(int(time.time() * 1000))
     warm_s = time.perf_counter() - setup_started
+    settle_gc()  # as Daemon.run does after warm-up
 
     ticker = SecondTicker()
     durations: list[float] = []
