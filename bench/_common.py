@@ -14,15 +14,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from sidecar.redis_server import find_redis_server
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -40,11 +37,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     """p50, p99 and max of ``values`` (same unit), plus the count."""
     return {"n": len(values), "p50": statistics.median(values) if values else float("nan"),
             "p99": percentile(values, 99), "max": max(values) if values else float("nan")}
-
-
-def best_median(fn: Callable[[], float], repeats: int) -> float:
-    """The median of ``repeats`` calls of ``fn`` (each returns one timing)."""
-    return statistics.median(fn() for _ in range(repeats))
 
 
 def interleaved(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -131,33 +123,22 @@ def cli(name: str, run: Callable[[bool], dict[str, Any]], render: Callable[[dict
 
 
 class PrivateRedis:
-    """A real redis-server of our own on a unix socket (no persistence: no fork noise)."""
+    """A real redis-server of our own on a unix socket, without persistence (no fork
+    noise): the test suite's ``RedisServer`` in a temporary directory."""
 
     def __init__(self) -> None:
+        from sidecar.tests.conftest import RedisServer
+
         self._dir = tempfile.TemporaryDirectory(prefix="sidecar-bench-")
-        self.socket = Path(self._dir.name) / "redis.sock"
-        self.url = f"unix://{self.socket}"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server = RedisServer(Path(self._dir.name))
+        self.url = self.server.url
 
     def start(self) -> PrivateRedis:
-        self.proc = subprocess.Popen(
-            [find_redis_server(), "--port", "0", "--unixsocket", str(self.socket),
-             "--unixsocketperm", "700", "--dir", self._dir.name, "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("bench redis-server did not start")
-            time.sleep(0.02)
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+        self.server.stop()
         self._dir.cleanup()
 
     def __enter__(self) -> PrivateRedis:
