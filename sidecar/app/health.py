@@ -6,7 +6,7 @@ import statistics
 import time
 from typing import Any
 
-from sidecar.app.pipeline import Pipeline
+from sidecar.app.pipeline import Pipeline, SourceState
 from sidecar.app.ticker import SecondTicker
 
 
@@ -15,6 +15,17 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def _source_reasons(state: SourceState) -> list[str]:
+    """Why a source is unhealthy: each breaker that is not closed, else a failed last call."""
+    out = [f"source {b.name}: circuit {b.state}, last error {b.status()['last_error_class']}"
+           for b in (state.circuits or ()) if b.state != "closed"]
+    failing = state.last_error_ms is not None and (
+        state.last_success_ms is None or state.last_error_ms > state.last_success_ms)
+    if not out and failing:
+        out.append(f"source {state.name}: circuit closed, last error {state.last_error_class}")
+    return out
 
 
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> dict[str, Any]:
@@ -44,9 +55,6 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
 
     sources: dict[str, Any] = {}
     for state in pipeline.sources:
-        failing = state.last_error_ms is not None and (
-            state.last_success_ms is None or state.last_error_ms > state.last_success_ms
-        )
         info: dict[str, Any] = {
             "circuit": "closed",
             "last_success_ms": state.last_success_ms,
@@ -58,8 +66,7 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
         }
         info.update(state.status())
         sources[state.name] = info
-        if info["circuit"] != "closed" or failing:
-            reasons.append(f"source {state.name}: {info['circuit']}, {state.last_error_class}")
+        reasons.extend(_source_reasons(state))
 
     collecting = stats.first_cycle_done and now_ms - stats.last_tick_ms < 5_000
     if not stats.redis_ok:
