@@ -3,16 +3,19 @@ by default. Everything is computed from the loop's own state (no I/O per request
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar.app.health import health_report
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
+from sidecar.breaker import STATES
 
 
 @dataclass(slots=True)
@@ -25,6 +28,8 @@ class DaemonView:
 
 
 VIEW = web.AppKey("view", DaemonView)
+#: ``asset_class`` label of a breaker that guards every class of its source.
+ALL_CLASSES = "all"
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
@@ -58,6 +63,28 @@ class _PipelineCollector(Collector):
         for st in p.sources:
             errors.add_metric([st.name], st.errors)
         yield errors
+        yield from _circuit_metrics(b for st in p.sources for b in
+                                    (st.circuits.status() if st.circuits is not None else ()))
+
+
+def _circuit_metrics(breakers: Iterable[dict[str, Any]]) -> Iterator[Metric]:
+    """Each breaker's state (one per source, or per source and asset class) and its openings."""
+    labels = ["source", "asset_class"]
+    state = GaugeMetricFamily("sidecar_circuit_state", "1 for the circuit breaker's current state",
+                              labels=[*labels, "state"])
+    opens = CounterMetricFamily("sidecar_circuit_opens", "Times the circuit breaker opened",
+                                labels=labels)
+    success = GaugeMetricFamily("sidecar_circuit_last_success_timestamp_seconds",
+                                "Last call through the breaker that got an answer (epoch s)",
+                                labels=labels)
+    for b in breakers:
+        key = [b["source"], b["asset_class"] or ALL_CLASSES]
+        for name in STATES:
+            state.add_metric([*key, name], 1.0 if b["state"] == name else 0.0)
+        opens.add_metric(key, b["opens"])
+        last = b["last_success_ms"]
+        success.add_metric(key, float("nan") if last is None else last / 1000)
+    yield from (state, opens, success)
 
 
 async def _health(request: web.Request) -> web.Response:

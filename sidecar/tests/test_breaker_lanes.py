@@ -5,26 +5,34 @@ its stock requests answer the real AAPL minute fixture re-stamped to the test's
 clock, its forex requests fail with real HTTP 500s. The ``twelvedata/fx`` breaker
 opens after the configured failures while AAPL goes on being polled from Twelve
 Data; after the reset timeout it admits exactly one probe (a failed one re-opens
-it), and a successful probe closes it. The clock is driven: no sleeps.
+it), and a successful probe closes it; ``/health`` and ``/metrics`` show each breaker.
+A probe carries one symbol; the class's other symbols fall through to the next
+source in the same cycle. The clock is driven: no sleeps.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from fake_providers import FakeProviders, Reply, Seen, fake, fixture  # noqa: F401
 
 from sidecar.app.health import health_report
+from sidecar.app.http import DaemonView, make_app
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
+from sidecar.bar import Bar
 from sidecar.breaker import SourceCircuits
+from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
+from sidecar.sources.base import LatestResult, Source
 from sidecar.sources.twelvedata import TwelveDataSource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map
@@ -46,6 +54,14 @@ def restamped(now_s: float, tz: str) -> bytes:
     if tz == "UTC":
         del doc["meta"]["exchange_timezone"]  # Twelve Data's forex answers state no zone: UTC
     return json.dumps(doc).encode()
+
+
+async def scrape(pipe: Pipeline) -> str:
+    """``/metrics`` over HTTP on 127.0.0.1."""
+    async with TestClient(TestServer(make_app(DaemonView(pipe, SecondTicker())))) as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        return await resp.text()
 
 
 @pytest.mark.asyncio
@@ -116,6 +132,13 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
         assert breakers["stock"]["state"] == "closed"
         assert breakers["stock"]["last_success_ms"] is not None
         assert any("twelvedata/fx" in r for r in report["reasons"])
+        metrics = await scrape(pipe)
+        assert 'sidecar_circuit_state{asset_class="fx",source="twelvedata",state="open"} 1.0' in metrics
+        assert 'sidecar_circuit_state{asset_class="stock",source="twelvedata",state="closed"} 1.0' in metrics
+        assert 'sidecar_circuit_opens_total{asset_class="fx",source="twelvedata"} 1.0' in metrics
+        # Labels range over the configured classes only.
+        assert {line.split('asset_class="')[1].split('"')[0]
+                for line in metrics.splitlines() if line.startswith("sidecar_circuit")} == {"fx", "stock"}
 
         # After the timeout exactly one probe; it fails: open again, for another timeout.
         await run_until(lambda: len(asked("EUR/USD")) > FAIL_MAX, 10)
@@ -137,3 +160,53 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
         assert stock.status()["opens"] == 0 and fx.status()["opens"] == 2
     finally:
         await source.close()
+
+
+class LanedSource(Source):
+    """Serves ``*USD`` symbols as forex and the rest as stocks, one breaker per class."""
+
+    def __init__(self, name: str, *, fx_down: bool = False) -> None:
+        self.name = name
+        self.fx_down = fx_down
+        self.asked: list[list[str]] = []
+
+    def breaker_lane(self, symbol: str) -> str | None:
+        return "fx" if symbol.endswith("USD") else "stock"
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        self.asked.append(list(symbols))
+        if self.fx_down and self.breaker_lane(symbols[0]) == "fx":
+            raise ProviderError("unavailable", "fx feed down", source=self.name)
+        t = tf.floor(now_ms)
+        return {s: [Bar(s, tf.name, t, 1.0, 1.0, 1.0, 1.0, None, self.name, forming=True)]
+                for s in symbols}
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        return []
+
+
+@pytest.mark.asyncio
+async def test_an_open_class_probes_with_one_symbol_the_rest_fall_through(
+    redis_store: RedisStore, bar_store: BarStore
+) -> None:
+    now = [float(T0)]
+    primary, backup = LanedSource("primary", fx_down=True), LanedSource("backup")
+    symbols = ("AAA", "EURUSD", "GBPUSD", "AUDUSD")
+    settings = Settings(symbols=symbols, sources=("primary", "backup"), timeframe=Timeframe.parse("1m"))
+    circuits = SourceCircuits.for_source(primary, symbols, fail_max=1, reset_timeout_s=RESET_S,
+                                         clock=lambda: now[0])
+    pipe = Pipeline(settings, [primary, backup], redis_store, bar_store, {"primary": circuits},
+                    clock=lambda: now[0])
+    out = await pipe._fetch(int(now[0] * 1000))
+    # One request per class: the fx batch failed (circuit open), its symbols went to the backup.
+    assert sorted(map(sorted, primary.asked)) == [["AAA"], ["AUDUSD", "EURUSD", "GBPUSD"]]
+    assert circuits.lane("fx").state == "open" and circuits.lane("stock").state == "closed"
+    assert {s: out[s][0].src for s in symbols} == {"AAA": "primary", "EURUSD": "backup",
+                                                   "GBPUSD": "backup", "AUDUSD": "backup"}
+    primary.asked.clear()
+    now[0] += RESET_S
+    out = await pipe._fetch(int(now[0] * 1000))
+    # The probe carries one symbol; the failure re-opens; every fx symbol is served by the backup.
+    assert [batch for batch in primary.asked if batch != ["AAA"]] == [["EURUSD"]]
+    assert circuits.lane("fx").state == "open"
+    assert all(out[s][0].src == "backup" for s in ("EURUSD", "GBPUSD", "AUDUSD"))
