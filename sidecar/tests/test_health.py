@@ -135,3 +135,25 @@ async def test_nothing_collected_yet_is_down_and_metrics_still_parse(
         assert m[("sidecar_ready", ())] == 0.0
         # No endpoint changes state: other methods are refused.
         assert (await client.post("/health")).status == 405
+
+
+async def test_budget_left_in_health_and_metrics(redis_store: RedisStore, bar_store: BarStore) -> None:
+    from sidecar.rate_budget import RateBudget
+
+    budget = RateBudget("metered", per_minute=10, per_day=100)
+    assert budget.try_acquire(3)
+
+    class Metered(ScriptedSource):
+        name = "metered"
+
+        def status(self) -> dict[str, Any]:
+            return {"budget": budget.status()}
+
+    pipe = Pipeline(settings(), [Metered([])], redis_store, bar_store)
+    async with TestClient(TestServer(make_app(DaemonView(pipe, SecondTicker())))) as client:
+        _, health = await get(client, "/health")
+        info = health["sources"]["metered"]
+        assert (info["budget_left"], info["budget_left_today"]) == (7, 97)
+        m = metrics((await get(client, "/metrics"))[1])
+        assert m[("sidecar_source_budget_remaining", (("source", "metered"),))] == 7
+        assert m[("sidecar_source_budget_remaining_today", (("source", "metered"),))] == 97
