@@ -23,7 +23,7 @@ from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
-from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
@@ -36,6 +36,7 @@ log = logging.getLogger("sidecar.pipeline")
 
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
 @dataclass(slots=True)
@@ -101,10 +102,15 @@ class SymbolState:
     needs_rebuild: bool = False
     via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
     expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+    features: dict[str, Any] | None = None  # the map last written to Redis
 
     def stale(self, now_ms: int, stale_after_ms: int) -> bool:
         """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``."""
         return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+
+#: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
+CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
 
 @dataclass(slots=True)
@@ -119,6 +125,18 @@ class CycleStats:
     redis_down_since: float | None = None
     redis_last_error: str | None = None
     first_cycle_done: bool = False
+    #: Cumulative histogram of cycle durations: count per bucket of CYCLE_BUCKETS_MS (+Inf last).
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * (len(CYCLE_BUCKETS_MS) + 1))
+    duration_sum_ms: float = 0.0
+
+    def record_duration(self, ms: float) -> None:
+        self.last_duration_ms = ms
+        self.durations_ms.append(ms)
+        self.duration_sum_ms += ms
+        i = 0
+        while i < len(CYCLE_BUCKETS_MS) and ms > CYCLE_BUCKETS_MS[i]:
+            i += 1
+        self.duration_buckets[i] += 1
 
 
 class Pipeline:
@@ -167,18 +185,15 @@ class Pipeline:
     async def warm(self, now_ms: int) -> None:
         """Open feature handles on stored history so the first cycle is already right.
 
-        History comes from SQLite; if SQLite has none for a symbol, from Redis. A
-        Redis that lost its bars (restarted empty) is refilled from SQLite.
+        History comes from SQLite, plus the bars Redis has that SQLite lacks (the
+        process was killed before a flush: they are written to SQLite now). A Redis
+        that lost its bars (restarted empty) is refilled from SQLite.
         """
         for sym, st in self.symbols.items():
             current = self.grids[sym].floor(now_ms)
             bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             from_sqlite = bool(bars)
-            if not bars:
-                try:
-                    bars = await self.redis.recent_bars(sym, self.tf.name, self.settings.warm_bars)
-                except RedisError:
-                    bars = []
+            bars = await self._recover_from_redis(sym, bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
             split = len(bars)
@@ -198,6 +213,25 @@ class Pipeline:
                         log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": n})
                 except RedisError as exc:
                     log.warning("could not warm redis", extra={"error": str(exc)})
+
+    async def _recover_from_redis(self, symbol: str, bars: list[Bar]) -> list[Bar]:
+        """Bars Redis has and SQLite lacks (written to Redis, then the process was killed
+        before the next flush) go into the SQLite buffer and the warm-up history."""
+        newest = bars[-1] if bars else None
+        try:
+            newer = await self.redis.bars_since(symbol, self.tf.name, newest.t if newest else 0)
+        except RedisError:
+            return bars
+        if newest is not None and newer and newer[0].t == newest.t:
+            if newer[0].same_values(newest):
+                newer = newer[1:]
+            else:
+                bars = bars[:-1]  # Redis has a later revision of the newest stored bar
+        if not newer:
+            return bars
+        self.store.add(newer)
+        log.info("recovered bars from redis", extra={"symbol": symbol, "bars": len(newer)})
+        return (bars + newer)[-max(self.settings.warm_bars, 1):]
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
@@ -220,7 +254,7 @@ class Pipeline:
         features = self._features(now_ms)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
-        await self._write_redis(to_store, features, tick_ms, now_ms)
+        await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
         if self.store.flush_due():
             self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
@@ -231,8 +265,7 @@ class Pipeline:
         stats = self.stats
         stats.cycles += 1
         stats.last_tick_ms = tick_ms
-        stats.last_duration_ms = (time.perf_counter() - started) * 1000
-        stats.durations_ms.append(stats.last_duration_ms)
+        stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
@@ -389,11 +422,16 @@ class Pipeline:
             fmap["updated_at"] = st.updated_ms
             fmap["via"] = st.via
             fmap["data_age_ms"] = None if st.updated_ms is None else now_ms - st.updated_ms
+            # The histogram one bar back, so a reader sees a zero crossing in one read.
+            fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
+                                      else st.engine.prev_macd_hist)
+            st.features = fmap
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 
     async def _write_redis(
-        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int
+        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+        updated: list[str] | None = None,
     ) -> None:
         stats = self.stats
         if self._redis_backlog:
@@ -402,8 +440,10 @@ class Pipeline:
             bars = list(self._redis_backlog.values())
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "symbols": len(self.symbols)}
+        announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
+                    "features": len(features), "updated": updated or []}
         try:
-            await self.redis.write_cycle(bars, features, heartbeat)
+            await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
             for b in bars:
                 self._redis_backlog[(b.symbol, b.t)] = b
