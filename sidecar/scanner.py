@@ -87,13 +87,14 @@ class Scanner:
                 keys.append(self.keys.heartbeat)
                 self._cached_packed = conn.pack_command("MGET", *keys)
                 self._cached_symbols = wanted
+            packed = self._cached_packed  # ours even if a concurrent read replaces the cache
             try:
-                await conn.send_packed_command(self._cached_packed, check_health=False)
+                await conn.send_packed_command(packed, check_health=False)
                 return cast(list[bytes | None], await conn.read_response())
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 await conn.disconnect()
             # Once more on a new connection (the server may have restarted since this one was used).
-            await conn.send_packed_command(self._cached_packed)
+            await conn.send_packed_command(packed)
             return cast(list[bytes | None], await conn.read_response())
         finally:
             await pool.release(conn)

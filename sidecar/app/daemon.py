@@ -24,7 +24,7 @@ from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
@@ -124,16 +124,17 @@ class Daemon:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
         sources = build_sources(s)
-        breakers = {
-            src.name: SourceBreaker(src.name, fail_max=provider_settings.breaker_fail_max,
-                                    reset_timeout_s=provider_settings.breaker_reset_timeout_s)
+        circuits = {
+            src.name: SourceCircuits.for_source(
+                src, s.symbols, fail_max=provider_settings.breaker_fail_max,
+                reset_timeout_s=provider_settings.breaker_reset_timeout_s)
             for src in sources if not src.synthetic
         }
         redis_store, embedded = await open_redis(s)
         store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
                          flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
         await store.open()
-        pipeline = Pipeline(s, sources, redis_store, store, breakers)
+        pipeline = Pipeline(s, sources, redis_store, store, circuits)
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
         runner = None

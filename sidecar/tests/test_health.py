@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.app.http import DaemonView, make_app
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import SourceCircuits
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.test_pipeline import ScriptedSource, series, settings
@@ -58,9 +58,9 @@ async def test_health_ok_degraded_down_and_metrics(redis_store: RedisStore, bar_
     bars = {s: series(s, 50, T0, i) for i, s in enumerate(("AAA", "BBB"))}
     cursor = [0]
     primary, backup = Switchable("primary", bars, cursor), Switchable("backup", bars, cursor)
-    breaker = SourceBreaker("primary", fail_max=2, reset_timeout_s=3600)
+    circuits = SourceCircuits("primary", fail_max=2, reset_timeout_s=3600)
     pipe = Pipeline(settings(stale_after_ms=300), [primary, backup], redis_store, bar_store,
-                    {"primary": breaker})
+                    {"primary": circuits})
     ticker = SecondTicker()
     view = DaemonView(pipe, ticker)
     async with TestClient(TestServer(make_app(view))) as client:
@@ -101,6 +101,9 @@ async def test_health_ok_degraded_down_and_metrics(redis_store: RedisStore, bar_
         assert m[("sidecar_status", (("status", "ok"),))] == 0.0
         assert m[("sidecar_source_circuit", (("source", "primary"), ("state", "open")))] == 1.0
         assert m[("sidecar_source_circuit", (("source", "backup"), ("state", "closed")))] == 1.0
+        assert m[("sidecar_circuit_state", (("asset_class", "all"), ("source", "primary"),
+                                            ("state", "open")))] == 1.0
+        assert m[("sidecar_circuit_opens_total", (("asset_class", "all"), ("source", "primary")))] == 1
         assert m[("sidecar_cycles_total", ())] == 6
         assert m[("sidecar_cycle_duration_seconds_count", ())] == 6
         assert m[("sidecar_cycle_duration_seconds_bucket", (("le", "+Inf"),))] == 6
@@ -135,3 +138,25 @@ async def test_nothing_collected_yet_is_down_and_metrics_still_parse(
         assert m[("sidecar_ready", ())] == 0.0
         # No endpoint changes state: other methods are refused.
         assert (await client.post("/health")).status == 405
+
+
+async def test_budget_left_in_health_and_metrics(redis_store: RedisStore, bar_store: BarStore) -> None:
+    from sidecar.rate_budget import RateBudget
+
+    budget = RateBudget("metered", per_minute=10, per_day=100)
+    assert budget.try_acquire(3)
+
+    class Metered(ScriptedSource):
+        name = "metered"
+
+        def status(self) -> dict[str, Any]:
+            return {"budget": budget.status()}
+
+    pipe = Pipeline(settings(), [Metered([])], redis_store, bar_store)
+    async with TestClient(TestServer(make_app(DaemonView(pipe, SecondTicker())))) as client:
+        _, health = await get(client, "/health")
+        info = health["sources"]["metered"]
+        assert (info["budget_left"], info["budget_left_today"]) == (7, 97)
+        m = metrics((await get(client, "/metrics"))[1])
+        assert m[("sidecar_source_budget_remaining", (("source", "metered"),))] == 7
+        assert m[("sidecar_source_budget_remaining_today", (("source", "metered"),))] == 97

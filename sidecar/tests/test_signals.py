@@ -279,3 +279,12 @@ async def test_pipeline_writes_the_previous_histogram_for_forming_and_closed_bar
         assert feats["t"] == expect_t
         i = (expect_t - t0) // 1000
         assert (feats["macd_hist"], feats["macd_hist_prev"]) == (hist[i], hist[i - 1])
+
+
+async def test_concurrent_reads_of_different_lists_get_their_own_rows(redis_store: RedisStore) -> None:
+    await write(redis_store, [features(s, rsi=float(i)) for i, s in enumerate(("AAPL", "MSFT", "NVDA"))])
+    scanner = scanner_on(redis_store)
+    lists = [["AAPL", "MSFT"], ["NVDA"], ["MSFT", "NVDA", "AAPL"]] * 20
+    results = await asyncio.gather(*(scanner.read(symbols) for symbols in lists))
+    for symbols, rows in zip(lists, results, strict=True):
+        assert [r["symbol"] for r in rows] == symbols
