@@ -2,7 +2,7 @@
 
 Per N, a fresh process (so its RSS is its own) builds what ``Daemon.run`` builds — the
 real Twelve Data source module (budget raised for the benchmark) pointed at a local
-fake provider (``bench/fake_market.py``, its own process), a circuit breaker, the
+fake provider (``bench/fake_market.py``, its own process), its circuit breakers, the
 Redis store on a real redis-server, the SQLite store on a real file — pre-fills
 history that the fake market continues exactly, warms the pipeline from it and then
 runs ``Pipeline.run_cycle`` on every ``SecondTicker`` tick, like the daemon's main
@@ -45,7 +45,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.app.daemon import settle_gc
     from sidecar.app.pipeline import Pipeline
     from sidecar.app.ticker import SecondTicker
-    from sidecar.breaker import SourceBreaker
+    from sidecar.breaker import SourceCircuits
     from sidecar.provider_settings import ProviderSettings
     from sidecar.rate_budget import RateBudget
     from sidecar.redis_store import RedisStore, connect
@@ -65,8 +65,9 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     # The free tier's 8 credits a minute would serve 8 symbols; the benchmark lifts it.
     budget = RateBudget("twelvedata", per_minute=10**9, per_day=10**12)
     source = TwelveDataSource(provider, load_symbol_map(None), budget)
-    breakers = {source.name: SourceBreaker(source.name, fail_max=provider.breaker_fail_max,
-                                           reset_timeout_s=provider.breaker_reset_timeout_s)}
+    circuits = {source.name: SourceCircuits.for_source(
+        source, symbols, fail_max=provider.breaker_fail_max,
+        reset_timeout_s=provider.breaker_reset_timeout_s)}
     client = connect(redis_url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
     await client.flushall()
     redis_store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap)
@@ -75,7 +76,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     now = int(time.time() * 1000)
     for i in range(n):  # history that the fake market continues exactly
         await store.write_history(fake_market.history(i, now, HISTORY_BARS))
-    pipeline = Pipeline(settings, [source], redis_store, store, breakers)
+    pipeline = Pipeline(settings, [source], redis_store, store, circuits)
     await source.start()
     setup_started = time.perf_counter()
     await pipeline.warm(int(time.time() * 1000))
