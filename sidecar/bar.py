@@ -88,8 +88,8 @@ class Bar:
                 forming=bool(d.get("forming", False)),
                 synthetic=bool(d.get("synthetic", False)),
             )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed bar {d!r}: {exc}") from exc
+        except (KeyError, TypeError, OverflowError) as exc:  # missing, null, Infinity
+            raise ValueError(f"malformed bar {str(d)[:200]}: {exc}") from exc
 
     # -- msgpack array (Redis values) -----------------------------------------
     def pack(self) -> bytes:

@@ -21,10 +21,11 @@ DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_HTTP_PORT = 8787
 
 #: Canonical symbols: they become part of Redis keys and SQL parameters, so the
-#: charset is closed (no spaces, colons, braces, wildcards or quotes).
-SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: charset is closed (no spaces, colons, braces, wildcards or quotes). ``\Z``, not ``$``:
+#: ``$`` also matches before a trailing newline.
+SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}\Z")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:

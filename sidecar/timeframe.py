@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 _UNITS_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_PATTERN = re.compile(r"^([1-9][0-9]{0,3})([smhd])$")
+_PATTERN = re.compile(r"^([1-9][0-9]{0,3})([smhd])\Z")
 
 
 @dataclass(frozen=True, slots=True)

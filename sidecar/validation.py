@@ -54,6 +54,8 @@ def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
         return "misaligned_time"
     if bar.t > now_ms + skew_ms:
         return "future"
+    if bar.t < 0:  # before 1970: a garbled stamp (and beyond int64, which no store holds)
+        return "bad_time"
     return None
 
 

@@ -50,7 +50,7 @@ def classify_error(
     message = str(obj.get("message", ""))[:240]
     try:
         code = int(obj.get("code", http_status))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # null, "abc", Infinity
         code = http_status
     low = message.lower()
     if code == 429 or "run out of api credits" in low:
