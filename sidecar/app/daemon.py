@@ -10,13 +10,15 @@ unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
 import signal
 import time
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol
 from sidecar.app.http import DaemonView, start_http
@@ -30,6 +32,7 @@ from sidecar.redis_store import RedisStore, connect
 from sidecar.settings import Settings
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sqlite_store import BarStore
+from sidecar.symbols import load_symbol_map, mapping_report
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -67,6 +70,41 @@ async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | No
     return store, embedded
 
 
+def redis_refusal(exc: RedisError) -> str | None:
+    """Why Redis refused us for good (a password or certificate problem), else ``None``.
+
+    A server that is down is not a configuration error (the daemon degrades and
+    waits); one that rejects our credentials will not change its mind.
+    """
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+        return f"Redis refused the credentials: {text}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
+        return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
+    return None
+
+
+async def _listen(view: DaemonView, host: str, port: int) -> Any:
+    """Serve the HTTP endpoints; a bind failure names the setting to change."""
+    try:
+        runner = await start_http(view, host, port)
+    except OSError as exc:
+        in_use = exc.errno in (errno.EADDRINUSE, errno.EACCES)
+        setting = "SIDECAR_HTTP_PORT" if in_use else "SIDECAR_HTTP_HOST"
+        raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    if not _is_loopback(host):
+        log.warning("HTTP endpoints listen beyond this machine: anyone who can reach "
+                    f"{host}:{port} sees symbols, prices and source state (README: Security)")
+    return runner
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Daemon:
     """``python -m sidecar run``."""
 
@@ -96,8 +134,14 @@ class Daemon:
     async def run(self) -> int:
         s = self.settings
         self._install_signals()
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
         provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
+        symbol_map = load_symbol_map(provider_settings.symbols_file)
+        for symbol, problem in mapping_report(symbol_map, s.symbols):
+            log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
         sources = build_sources(s)
         breakers = {
             src.name: SourceBreaker(src.name, fail_max=provider_settings.breaker_fail_max,
@@ -115,7 +159,7 @@ class Daemon:
         try:
             for source in sources:
                 await source.start()
-            runner = await start_http(view, s.http_host, s.http_port)
+            runner = await _listen(view, s.http_host, s.http_port)
             log.info("daemon starting", extra={
                 "symbols": len(s.symbols), "sources": [x.name for x in sources],
                 "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
@@ -125,6 +169,9 @@ class Daemon:
                 await redis_store.write_meta({"tf": s.timeframe.name, "symbols": list(s.symbols),
                                               "started_at": now_ms})
             except RedisError as exc:
+                refused = redis_refusal(exc)
+                if refused:
+                    raise ConfigError("SIDECAR_REDIS_URL", refused) from None
                 log.warning("redis not reachable at start", extra={"error": str(exc)})
             if await store.is_empty():
                 log.warning("bootstrap needed: the bar store is empty",
