@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime
 
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.settings import Settings
+from sidecar.settings import SYMBOL_RE, Settings
 from sidecar.timeframe import Timeframe
 
 FEATURE_COLUMNS = ("symbol", "t", "close", "rsi", "ema", "bb_lower", "bb_upper", "atr", "vwap",
@@ -80,7 +80,12 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
             settings = _with_tf(settings, args.timeframe)
         except ValueError as exc:
             raise ConfigError("--timeframe", str(exc)) from None
-    symbols = [s.strip().upper() for s in args.symbols.split(",")] if args.symbols else list(settings.symbols)
+    symbols = list(settings.symbols)
+    if args.symbols:
+        symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+        for sym in symbols:
+            if not SYMBOL_RE.match(sym):
+                raise ConfigError("--symbols", f"{sym[:40]!r} is not a valid symbol ({SYMBOL_RE.pattern})")
     scanner = Scanner.from_settings(settings)
     try:
         rows = await scanner.read(symbols)

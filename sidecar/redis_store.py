@@ -29,6 +29,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 
 from sidecar.bar import Bar
+from sidecar.settings import SYMBOL_RE
 
 SCHEMA_VERSION = 1
 
@@ -59,7 +60,11 @@ return nb
 
 
 class Keys:
-    """Key names under one prefix."""
+    """Key names under one prefix.
+
+    A symbol outside the canonical charset raises ``ValueError``: it is refused at
+    configuration, so reaching here is a bug, and it must not reach a key either.
+    """
 
     __slots__ = ("base",)
 
@@ -67,10 +72,10 @@ class Keys:
         self.base = f"{prefix}:v{SCHEMA_VERSION}"
 
     def bars(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:bars:{tf}:{symbol}"
+        return f"{self.base}:bars:{tf}:{_checked(symbol)}"
 
     def features(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:feat:{tf}:{symbol}"
+        return f"{self.base}:feat:{tf}:{_checked(symbol)}"
 
     @property
     def heartbeat(self) -> str:
@@ -83,6 +88,12 @@ class Keys:
     @property
     def cycles_channel(self) -> str:
         return f"{self.base}:cycles"
+
+
+def _checked(symbol: str) -> str:
+    if not SYMBOL_RE.match(symbol):
+        raise ValueError(f"not a canonical symbol, refusing it as part of a Redis key: {symbol[:40]!r}")
+    return symbol
 
 
 def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:

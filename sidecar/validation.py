@@ -191,8 +191,14 @@ class Validator:
                 del st.recent[t]
 
     # -- the check --------------------------------------------------------------
-    def check(self, bar: Bar, now_ms: int) -> Outcome:
-        """Decide what happens to ``bar``; counts and logs rejections."""
+    def check(self, bar: Bar, now_ms: int, symbol: str | None = None) -> Outcome:
+        """Decide what happens to ``bar``; counts and logs rejections.
+
+        ``symbol``: the symbol that was asked for; a bar labelled otherwise is rejected
+        (``wrong_symbol``), whatever the source put in it.
+        """
+        if symbol is not None and bar.symbol != symbol:
+            return self._reject(bar, "wrong_symbol")
         reason = check_bar(bar, self._tf, now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)

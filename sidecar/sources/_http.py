@@ -91,9 +91,14 @@ class HttpSource(Source):
         return reply
 
     def _note_error(self, err: ProviderError) -> ProviderError:
-        """Record ``err`` and back off the budget on a provider rate limit."""
+        """Record ``err`` and back off the budget on a provider rate limit.
+
+        The message is redacted in place: a provider that echoes the request (URL,
+        headers) into its error body must not carry our key into logs or ``fetch`` output.
+        """
         err.source = err.source or self.name
-        self._last_error = redact(str(err), self.provider.secrets())[:300]
+        err.args = (redact(str(err), self.provider.secrets()),)
+        self._last_error = str(err)[:300]
         if err.error_class == "rate_limited":
             self.budget.back_off(
                 err.retry_after if err.retry_after is not None else self.provider.cooldown_429_s

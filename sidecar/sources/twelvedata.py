@@ -175,7 +175,7 @@ class TwelveDataSource(HttpSource):
                 self.budget.exhaust_day()
             raise self._note_error(err) from None
         for value in result.values():
-            if isinstance(value, ProviderError) and value.error_class == "rate_limited":
+            if isinstance(value, ProviderError):
                 self._note_error(value)
         return result
 
