@@ -29,6 +29,7 @@ from sidecar.errors import ConfigError, ProviderError
 from sidecar.settings import SYMBOL_RE
 from sidecar.sources import alphavantage, polygon, twelvedata, yahoo
 from sidecar.sources._parsing import ParseContext
+from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
 from sidecar.timeframe import Timeframe
@@ -340,7 +341,7 @@ def incoming_bar(draw: st.DrawFn) -> tuple[int | None, Any]:
     return draw(st.integers(-15, 3)), fields
 
 
-class _GarbageSource:
+class _GarbageSource(Source):
     """A source answering each cycle with the drawn bars (times relative to that cycle)."""
 
     name = "garbage"
@@ -411,7 +412,7 @@ def test_no_invalid_bar_is_ever_stored(redis_server: Any, tmp_path_factory: pyte
         store = BarStore(tmp_path_factory.mktemp("garbage") / "bars.sqlite3")
         await store.open()
         try:
-            pipeline = Pipeline(settings, [_GarbageSource(list(cycles))], redis, store)  # type: ignore[list-item]
+            pipeline = Pipeline(settings, [_GarbageSource(list(cycles))], redis, store)
             for _ in cycles:
                 await pipeline.run_cycle(int(time.time() * 1000))
             await pipeline.drain()

@@ -16,6 +16,7 @@ import pytest
 from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from test_daemon import free_port
 
+from sidecar.sources.base import Source
 from sidecar.tests.conftest import REPO, RedisServer
 
 KEYS = {
@@ -323,22 +324,11 @@ def test_sql_is_never_built_from_values() -> None:
                         raise AssertionError(f"{path}: SQL built with an operator: {ast.unparse(node)}")
 
 
-class _Mislabelling:
+class _Mislabelling(Source):
     """A source whose bars carry hostile symbols (as a hostile provider body could)."""
 
     name = "hostile"
-    synthetic = False
     max_batch = 100
-
-    def can_serve(self, symbol: str) -> bool:
-        return True
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def status(self) -> dict[str, Any]:
-        return {}
 
     async def fetch_latest(self, symbols: Any, tf: Any, now_ms: int) -> dict[str, Any]:
         from sidecar.bar import Bar
