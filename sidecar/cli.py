@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _scan(settings: Settings, args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from sidecar.redis_store import redis_refusal
     from sidecar.scanner import Scanner
 
     if args.timeframe:
@@ -89,7 +92,10 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
     scanner = Scanner.from_settings(settings)
     try:
         rows = await scanner.read(symbols)
-    except OSError as exc:
+    except (OSError, RedisError) as exc:
+        refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
+        if refused:
+            raise ConfigError("SIDECAR_REDIS_URL", refused) from None
         raise SidecarError(f"cannot reach Redis: {exc}") from None
     finally:
         await scanner.close()

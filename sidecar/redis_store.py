@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import AuthenticationError, RedisError
 
 from sidecar.bar import Bar
 from sidecar.settings import SYMBOL_RE
@@ -94,6 +95,20 @@ def _checked(symbol: str) -> str:
     if not SYMBOL_RE.match(symbol):
         raise ValueError(f"not a canonical symbol, refusing it as part of a Redis key: {symbol[:40]!r}")
     return symbol
+
+
+def redis_refusal(exc: RedisError) -> str | None:
+    """Why Redis refused us for good (a password or certificate problem), else ``None``.
+
+    A server that is down is not a configuration error (the daemon degrades and
+    waits); one that rejects our credentials will not change its mind.
+    """
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+        return f"Redis refused the credentials: {text}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
+        return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
+    return None
 
 
 def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:

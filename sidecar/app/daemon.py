@@ -18,7 +18,7 @@ import signal
 import time
 from typing import Any
 
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import RedisError
 
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol
 from sidecar.app.http import DaemonView, start_http
@@ -28,7 +28,7 @@ from sidecar.breaker import SourceBreaker
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore, connect, redis_refusal
 from sidecar.settings import Settings
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sqlite_store import BarStore
@@ -68,20 +68,6 @@ async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | No
                        features_ttl_ms=settings.features_ttl_ms,
                        heartbeat_ttl_ms=settings.heartbeat_ttl_ms)
     return store, embedded
-
-
-def redis_refusal(exc: RedisError) -> str | None:
-    """Why Redis refused us for good (a password or certificate problem), else ``None``.
-
-    A server that is down is not a configuration error (the daemon degrades and
-    waits); one that rejects our credentials will not change its mind.
-    """
-    text = str(exc)
-    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
-        return f"Redis refused the credentials: {text}"
-    if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
-        return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
-    return None
 
 
 async def _listen(view: DaemonView, host: str, port: int) -> Any:
