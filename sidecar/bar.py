@@ -11,6 +11,8 @@ import msgpack
 # Bit flags of the msgpack array encoding (see README "Redis layout").
 FLAG_FORMING = 1
 FLAG_SYNTHETIC = 2
+#: 9999-12-31: the last instant ``datetime`` (and any sane store) can represent.
+MAX_EPOCH_MS = 253_402_300_799_000
 
 
 @dataclass(slots=True)

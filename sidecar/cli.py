@@ -8,12 +8,16 @@ import json
 import sys
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.settings import SYMBOL_RE, Settings
 from sidecar.timeframe import Timeframe
 
-FEATURE_COLUMNS = ("symbol", "t", "close", "rsi", "ema", "bb_lower", "bb_upper", "atr", "vwap",
+if TYPE_CHECKING:
+    from sidecar.signals import SignalRules
+
+FEATURE_COLUMNS = ("symbol", "broker", "t", "close", "rsi", "ema", "bb_lower", "bb_upper", "atr", "vwap",
                    "macd_hist", "mom", "age_ms", "stale")
 
 
@@ -24,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="print the current features from Redis")
     scan.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
     scan.add_argument("--timeframe", help="default: SIDECAR_TIMEFRAME")
-    scan.add_argument("--json", action="store_true", help="one JSON object per symbol")
+    scan.add_argument("--json", action="store_true", help="one JSON object per symbol (or signal)")
+    scan.add_argument("--signals", action="store_true",
+                      help="print the signals of the rules in SIDECAR_SIGNAL_* instead of the table")
+    scan.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     bf = sub.add_parser("backfill", help="fill SQLite (and Redis) with history, then exit")
     bf.add_argument("--days", type=int, help="default: SIDECAR_BOOTSTRAP_DAYS")
     fetch = sub.add_parser("fetch", help="one request through a source; prints bars as JSON lines")
@@ -58,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_daemon(settings)
         if args.command == "scan":
-            return asyncio.run(_scan(settings, args))
+            try:
+                return asyncio.run(_scan(settings, args))
+            except KeyboardInterrupt:  # --watch ends with Ctrl-C
+                return 0
         if args.command == "backfill":
             return asyncio.run(_backfill(settings, args.days))
         if args.command == "fetch":
@@ -77,6 +87,7 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
 
     from sidecar.redis_store import redis_refusal
     from sidecar.scanner import Scanner
+    from sidecar.signals import SignalRules
 
     if args.timeframe:
         try:
@@ -89,20 +100,52 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
         for sym in symbols:
             if not SYMBOL_RE.match(sym):
                 raise ConfigError("--symbols", f"{sym[:40]!r} is not a valid symbol ({SYMBOL_RE.pattern})")
+    rules = SignalRules.from_env() if args.signals else None
     scanner = Scanner.from_settings(settings)
+    clear = args.watch and sys.stdout.isatty() and not args.json
     try:
-        rows = await scanner.read(symbols)
-    except (OSError, RedisError) as exc:
-        refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
-        if refused:
-            raise ConfigError("SIDECAR_REDIS_URL", refused) from None
-        raise SidecarError(f"cannot reach Redis: {exc}") from None
+        while True:
+            try:
+                rows = await scanner.read(symbols)
+            except (RedisError, OSError) as exc:
+                refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
+                if refused:
+                    raise ConfigError("SIDECAR_REDIS_URL", refused) from None
+                raise SidecarError(f"cannot reach Redis: {exc}") from None
+            if clear:
+                print("\x1b[H\x1b[J", end="")
+            _print_scan(rows, rules, as_json=args.json)
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            # Just after the next wall-clock second: the daemon's cycle has landed by then.
+            await asyncio.sleep(1.05 - (time.time() % 1.0))
     finally:
         await scanner.close()
-    if args.json:
+
+
+def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_json: bool) -> None:
+    if rules is not None:
+        from sidecar.signals import evaluate
+
+        signals = evaluate(rows, rules)
+        if as_json:
+            for sig in signals:
+                print(json.dumps(sig.as_dict()))
+            return
+        stamp = datetime.now(UTC).strftime("%H:%M:%S")
+        fresh = sum(1 for r in rows if not r["stale"])
+        print(f"{stamp}  {len(signals)} signal(s) over {fresh} fresh of {len(rows)} symbols")
+        for sig in signals:
+            bar_time = datetime.fromtimestamp(sig.t / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+            values = " ".join(f"{k}={v:.6g}" for k, v in sig.values.items())
+            print(f"{sig.symbol:<10} {sig.broker:<10} {sig.rule:<17} {bar_time}"
+                  f"{' forming' if sig.forming else ''}  {values}")
+        return
+    if as_json:
         for row in rows:
             print(json.dumps(row))
-        return 0
+        return
     print(" ".join(f"{c:>11}" for c in FEATURE_COLUMNS))
     for row in rows:
         cells = []
@@ -110,7 +153,6 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
             v = row.get(c)
             cells.append(f"{v:>11.4f}" if isinstance(v, float) else f"{v!s:>11}")
         print(" ".join(cells))
-    return 0
 
 
 def _with_tf(settings: Settings, tf: str) -> Settings:
@@ -121,7 +163,8 @@ def _with_tf(settings: Settings, tf: str) -> Settings:
 
 async def _backfill(settings: Settings, days: int | None) -> int:
     from sidecar.app.bootstrap import DAY_MS, backfill_symbol
-    from sidecar.app.daemon import build_sources, open_redis
+    from sidecar.app.daemon import BACKFILL_BUDGET_WAIT_S, build_sources, open_redis
+    from sidecar.sources.base import series_grid
     from sidecar.sqlite_store import BarStore
 
     sources = build_sources(settings)
@@ -137,9 +180,11 @@ async def _backfill(settings: Settings, days: int | None) -> int:
         start = end - (days if days is not None else settings.bootstrap_days) * DAY_MS
         failed = 0
         for sym in settings.symbols:
-            result = await backfill_symbol(sym, tf, sources, store, start_ms=start, end_ms=end,
+            grid = series_grid(sym, tf, sources)  # the daemon's bar grid for the symbol
+            result = await backfill_symbol(sym, grid, sources, store, start_ms=start, end_ms=end,
                                            now_ms=now, redis_store=redis_store,
-                                           redis_keep=settings.bars_cap)
+                                           redis_keep=settings.bars_cap,
+                                           budget_wait_s=BACKFILL_BUDGET_WAIT_S)
             failed += result.error is not None
             print(json.dumps(result.as_dict()))
         return 1 if failed == len(settings.symbols) else 0

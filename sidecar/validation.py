@@ -13,10 +13,10 @@ import enum
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.timeframe import Timeframe
 
 log = logging.getLogger("sidecar.validation")
@@ -50,12 +50,12 @@ def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
         return "bad_volume"
     if bar.tf != tf.name:
         return "wrong_timeframe"
-    if bar.t % tf.ms != 0:
+    if not 0 <= bar.t <= MAX_EPOCH_MS:  # before 1970 or past 9999: a garbled stamp
+        return "bad_time"
+    if not tf.is_aligned(bar.t):
         return "misaligned_time"
     if bar.t > now_ms + skew_ms:
         return "future"
-    if bar.t < 0:  # before 1970: a garbled stamp (and beyond int64, which no store holds)
-        return "bad_time"
     return None
 
 
@@ -115,6 +115,7 @@ class Validator:
     __slots__ = (
         "_correction_ms",
         "_fill_gaps",
+        "_grids",
         "_outlier_k",
         "_skew_ms",
         "_states",
@@ -137,8 +138,11 @@ class Validator:
         outlier_window: int = 50,
         correction_window_bars: int = 10,
         fill_gaps: bool = False,
+        grids: Mapping[str, Timeframe] | None = None,
     ) -> None:
         self._tf = tf
+        #: Symbols whose bars sit on a session grid (``Timeframe.on_session``), by symbol.
+        self._grids = {sym: g for sym, g in (grids or {}).items() if g.session is not None}
         self._skew_ms = skew_ms
         self._outlier_k = outlier_k
         self._window = outlier_window
@@ -199,7 +203,7 @@ class Validator:
         """
         if symbol is not None and bar.symbol != symbol:
             return self._reject(bar, "wrong_symbol")
-        reason = check_bar(bar, self._tf, now_ms, self._skew_ms)
+        reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)
         st = self._state(bar.symbol)

@@ -12,26 +12,31 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from redis.exceptions import RedisError
 
+from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.bar import Bar
 from sidecar.breaker import SourceBreaker
 from sidecar.errors import ProviderError
-from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
+from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
-from sidecar.sources.base import Source
+from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
+from sidecar.timeframe import Timeframe
 from sidecar.validation import Validator, Verdict
 
 log = logging.getLogger("sidecar.pipeline")
 
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
 @dataclass(slots=True)
@@ -70,6 +75,17 @@ class SymbolState:
     last: Bar | None = None  # newest closed bar
     updated_ms: int | None = None  # when a source last answered for this symbol
     needs_rebuild: bool = False
+    via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
+    expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+    features: dict[str, Any] | None = None  # the map last written to Redis
+
+    def stale(self, now_ms: int, stale_after_ms: int) -> bool:
+        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``."""
+        return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+
+#: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
+CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
 
 @dataclass(slots=True)
@@ -84,6 +100,18 @@ class CycleStats:
     redis_down_since: float | None = None
     redis_last_error: str | None = None
     first_cycle_done: bool = False
+    #: Cumulative histogram of cycle durations: count per bucket of CYCLE_BUCKETS_MS (+Inf last).
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * (len(CYCLE_BUCKETS_MS) + 1))
+    duration_sum_ms: float = 0.0
+
+    def record_duration(self, ms: float) -> None:
+        self.last_duration_ms = ms
+        self.durations_ms.append(ms)
+        self.duration_sum_ms += ms
+        i = 0
+        while i < len(CYCLE_BUCKETS_MS) and ms > CYCLE_BUCKETS_MS[i]:
+            i += 1
+        self.duration_buckets[i] += 1
 
 
 class Pipeline:
@@ -96,13 +124,18 @@ class Pipeline:
         redis_store: RedisStore,
         bar_store: BarStore,
         breakers: dict[str, SourceBreaker] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._clock = clock  # epoch seconds; tests drive it
         self.tf = settings.timeframe
         breakers = breakers or {}
         self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
+        #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
+        self.grids = {sym: series_grid(sym, self.tf, sources) for sym in settings.symbols}
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -110,6 +143,7 @@ class Pipeline:
             outlier_window=settings.outlier_window,
             correction_window_bars=settings.correction_window_bars,
             fill_gaps=settings.fill_gaps,
+            grids=self.grids,
         )
         self.symbols: dict[str, SymbolState] = {
             sym: SymbolState(FeatureEngine(sym, self.tf.name, settings.periods,
@@ -117,6 +151,7 @@ class Pipeline:
             for sym in settings.symbols
         }
         self.stats = CycleStats()
+        self.planner = Planner()
         self._redis_backlog: dict[tuple[str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
@@ -125,18 +160,15 @@ class Pipeline:
     async def warm(self, now_ms: int) -> None:
         """Open feature handles on stored history so the first cycle is already right.
 
-        History comes from SQLite; if SQLite has none for a symbol, from Redis. A
-        Redis that lost its bars (restarted empty) is refilled from SQLite.
+        History comes from SQLite, plus the bars Redis has that SQLite lacks (the
+        process was killed before a flush: they are written to SQLite now). A Redis
+        that lost its bars (restarted empty) is refilled from SQLite.
         """
-        current = self.tf.floor(now_ms)
         for sym, st in self.symbols.items():
+            current = self.grids[sym].floor(now_ms)
             bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             from_sqlite = bool(bars)
-            if not bars:
-                try:
-                    bars = await self.redis.recent_bars(sym, self.tf.name, self.settings.warm_bars)
-                except RedisError:
-                    bars = []
+            bars = await self._recover_from_redis(sym, bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
             split = len(bars)
@@ -157,10 +189,29 @@ class Pipeline:
                 except RedisError as exc:
                     log.warning("could not warm redis", extra={"error": str(exc)})
 
+    async def _recover_from_redis(self, symbol: str, bars: list[Bar]) -> list[Bar]:
+        """Bars Redis has and SQLite lacks (written to Redis, then the process was killed
+        before the next flush) go into the SQLite buffer and the warm-up history."""
+        newest = bars[-1] if bars else None
+        try:
+            newer = await self.redis.bars_since(symbol, self.tf.name, newest.t if newest else 0)
+        except RedisError:
+            return bars
+        if newest is not None and newer and newer[0].t == newest.t:
+            if newer[0].same_values(newest):
+                newer = newer[1:]
+            else:
+                bars = bars[:-1]  # Redis has a later revision of the newest stored bar
+        if not newer:
+            return bars
+        self.store.add(newer)
+        log.info("recovered bars from redis", extra={"symbol": symbol, "bars": len(newer)})
+        return (bars + newer)[-max(self.settings.warm_bars, 1):]
+
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
         started = time.perf_counter()
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000)
         results = await self._fetch(now_ms)
 
         to_store: list[Bar] = []
@@ -178,7 +229,7 @@ class Pipeline:
         features = self._features(now_ms)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
-        await self._write_redis(to_store, features, tick_ms, now_ms)
+        await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
         if self.store.flush_due():
             self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
@@ -189,50 +240,79 @@ class Pipeline:
         stats = self.stats
         stats.cycles += 1
         stats.last_tick_ms = tick_ms
-        stats.last_duration_ms = (time.perf_counter() - started) * 1000
-        stats.durations_ms.append(stats.last_duration_ms)
+        stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
-        """Newest bars per symbol: each symbol from the first source that serves it.
+        """Newest bars per symbol, as planned within the budgets (see :mod:`.planner`).
 
-        A symbol whose source fails this cycle is asked of the next source in
+        Each source in priority order is asked for the symbols due at it; the ones
+        it holds but that are not due come from its stream or stay on their last
+        bar. A symbol whose source fails this cycle is asked of the next source in
         priority order, within the same cycle.
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
+        for st in self.symbols.values():
+            st.via = VIA_LAST  # unless a source serves it below
         for state in self.sources:
             if not pending:
                 break
             if not state.available(now_ms):
                 continue
-            mine = [s for s in pending if state.source.can_serve(s)]
+            source = state.source
+            mine = [s for s in pending if source.can_serve(s)]
             if not mine:
                 continue
-            answers = await self._ask(state, mine, now_ms)
-            for sym in mine:
+            interval = self.planner.interval_ms(source, self._servable_counter(source), now_ms)
+            plan = self.planner.plan(source, mine, now_ms)
+            for sym, bars in source.peek_latest(plan.idle, self.tf, now_ms).items():
+                out[sym] = bars
+                self.symbols[sym].via = VIA_STREAM
+            for sym in plan.idle:
+                self.symbols[sym].expect_ms = interval
+            answers = await self._ask(state, plan.ask, now_ms) if plan.ask else {}
+            for sym in plan.ask:
                 result = answers.get(sym)
+                ok = isinstance(result, list)
+                wait = interval
+                if isinstance(result, BudgetExhausted) and result.retry_after is not None:
+                    wait = min(interval, int(result.retry_after * 1000))  # nothing was sent
+                self.planner.asked(source, sym, ok, now_ms, wait)
                 if isinstance(result, list):
                     out[sym] = result
-            pending = [s for s in pending if s not in out]
+                    st = self.symbols[sym]
+                    st.via, st.expect_ms = VIA_POLL, interval
+            served = set(out) | set(plan.idle)
+            pending = [s for s in pending if s not in served]
         return out
+
+    def _servable_counter(self, source: Source) -> Callable[[], int]:
+        return lambda: sum(1 for s in self.symbols if source.can_serve(s))
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
         batch = state.source.max_batch
-        chunks = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
+        by_grid: dict[Timeframe, list[str]] = {}  # one request asks for one bar grid
+        for sym in symbols:
+            by_grid.setdefault(self.grids[sym], []).append(sym)
+        chunks = [(grid, group[i:i + batch]) for grid, group in by_grid.items()
+                  for i in range(0, len(group), batch)]
         state.requests += len(chunks)
-        def call(chunk: list[str]) -> Any:
+        def call(grid: Timeframe, chunk: list[str]) -> Any:
             if state.breaker is None:
-                fetch = state.source.fetch_latest(chunk, self.tf, now_ms)
+                fetch = state.source.fetch_latest(chunk, grid, now_ms)
             else:
-                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, self.tf, now_ms))
+                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, grid, now_ms))
             return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
 
-        calls = [call(chunk) for chunk in chunks]
+        calls = [call(grid, chunk) for grid, chunk in chunks]
         merged: dict[str, Any] = {}
-        for result in await asyncio.gather(*calls, return_exceptions=True):
+        for (_, chunk), result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
+                                      strict=True):
             if isinstance(result, BaseException):
                 self._source_failed(state, result, now_ms)
+                if isinstance(result, ProviderError):
+                    merged.update(dict.fromkeys(chunk, result))
                 continue
             merged.update(result)
             failures = [r for r in result.values() if isinstance(r, ProviderError)]
@@ -303,14 +383,20 @@ class Pipeline:
             if bar is None:
                 continue
             values: Values = st.engine.peek(bar) if bar.forming else st.engine.closed_values
-            stale = st.updated_ms is None or now_ms - st.updated_ms > stale_after
-            fmap = features_map(bar, values, now_ms, stale)
+            fmap = features_map(bar, values, now_ms, st.stale(now_ms, stale_after))
             fmap["updated_at"] = st.updated_ms
+            fmap["via"] = st.via
+            fmap["data_age_ms"] = None if st.updated_ms is None else now_ms - st.updated_ms
+            # The histogram one bar back, so a reader sees a zero crossing in one read.
+            fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
+                                      else st.engine.prev_macd_hist)
+            st.features = fmap
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 
     async def _write_redis(
-        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int
+        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+        updated: list[str] | None = None,
     ) -> None:
         stats = self.stats
         if self._redis_backlog:
@@ -319,8 +405,10 @@ class Pipeline:
             bars = list(self._redis_backlog.values())
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "symbols": len(self.symbols)}
+        announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
+                    "features": len(features), "updated": updated or []}
         try:
-            await self.redis.write_cycle(bars, features, heartbeat)
+            await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
             for b in bars:
                 self._redis_backlog[(b.symbol, b.t)] = b

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.sources._parsing import MAX_EPOCH_MS
+from sidecar.bar import MAX_EPOCH_MS
 
 log = logging.getLogger("sidecar.sources.yahoo_stream")
 

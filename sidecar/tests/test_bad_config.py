@@ -31,9 +31,29 @@ def variables_read_by_the_package() -> set[str]:
     return found
 
 
+# ``scan --signals`` reads these (test_settings and test_provider_settings hold the others).
+SIGNAL_BAD_VALUES: dict[str, list[str]] = {
+    "SIDECAR_SIGNAL_RULES": ["rsi_below,moon", " , "],
+    "SIDECAR_SIGNAL_RSI_BELOW": ["abc", "-1", "nan"],
+    "SIDECAR_SIGNAL_RSI_ABOVE": ["101", "x"],
+    "SIDECAR_SIGNAL_VWAP_PCT": ["-1", "inf"],
+    "SIDECAR_SIGNAL_CLOSED_ONLY": ["maybe"],
+}
+
+
+@pytest.mark.parametrize(("var", "value"), [(n, v) for n, vs in SIGNAL_BAD_VALUES.items() for v in vs])
+def test_bad_signal_values_name_the_variable(var: str, value: str) -> None:
+    from sidecar.errors import ConfigError
+    from sidecar.signals import SignalRules
+
+    with pytest.raises(ConfigError) as info:
+        SignalRules.from_env({var: value})
+    assert info.value.setting == var and str(info.value).startswith(f"{var}: ")
+
+
 def test_every_variable_the_package_reads_has_a_bad_value_test() -> None:
     """A new setting anywhere in the package fails here until it gets a bad-value row."""
-    covered = set(SETTINGS_BAD_VALUES) | set(PROVIDER_BAD_VALUES)
+    covered = set(SETTINGS_BAD_VALUES) | set(PROVIDER_BAD_VALUES) | set(SIGNAL_BAD_VALUES)
     read = variables_read_by_the_package()
     assert len(read) > 60
     assert read - covered == set(), "these variables have no bad-value test"
