@@ -363,3 +363,25 @@ async def test_hostile_replay_file_is_refused_at_start(clean_env: dict[str, str]
                SIDECAR_HTTP_PORT=str(free_port()))
     code, _, err = await run(["run"], env)
     assert code == 2 and b"SIDECAR_REPLAY_FILE" in err and b"not a canonical symbol" in err, err
+
+
+def test_hostile_names_inside_provider_bodies_label_nothing() -> None:
+    """Bars are labelled with the symbol asked for, never with a name found in a body."""
+    from sidecar.sources._parsing import ParseContext
+    from sidecar.sources.polygon import parse_aggs
+    from sidecar.sources.twelvedata import parse_batch
+    from sidecar.timeframe import Timeframe
+
+    tf = Timeframe.parse("1d")
+    body = json.loads(fixture("twelvedata/time_series_batch_fx_USD-CZK_EUR_GBP_CHF_1day_2023-08.json"))
+    first = next(iter(body))
+    for hostile in HOSTILE:
+        body[hostile] = dict(body[first], meta=dict(body[first]["meta"], symbol=hostile))
+    out = parse_batch(json.dumps(body), 200, {first: ParseContext("USDCZK", tf, "twelvedata", 2 * 10**12)})
+    assert list(out) == [first] and {b.symbol for b in out[first]} == {"USDCZK"}  # type: ignore[union-attr]
+    aggs = json.loads(fixture("polygon/openbb_aggs_AAPL_1day_2023-01-01_2023-01-10.json"))
+    aggs["ticker"] = "x' OR 1=1"
+    for row in aggs["results"]:
+        row["T"] = "A:B"
+    bars, _ = parse_aggs(json.dumps(aggs), 200, ParseContext("AAPL", tf, "polygon", 2 * 10**12))
+    assert bars and {b.symbol for b in bars} == {"AAPL"}
