@@ -1,4 +1,4 @@
-"""``python -m sidecar {run,scan,backfill,fetch}``."""
+"""``python -m sidecar {run,scan,backfill,fetch,symbols}``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--timeframe", default=None)
     fetch.add_argument("--start", help="ISO 8601 (UTC if no zone)")
     fetch.add_argument("--end", help="ISO 8601 (UTC if no zone)")
+    syms = sub.add_parser("symbols", help="print the symbol mapping: asset class, broker and "
+                                          "provider spellings")
+    syms.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
+    syms.add_argument("--all", action="store_true", help="also every entry of the mapping file")
+    syms.add_argument("--json", action="store_true", help="one JSON object per symbol")
     return p
+
+
+def _symbols_arg(text: str | None, settings: Settings) -> list[str]:
+    """``--symbols A,B`` (upper-cased, canonical or refused), or the configured symbols."""
+    if not text:
+        return list(settings.symbols)
+    symbols = [s.strip().upper() for s in text.split(",") if s.strip()]
+    for sym in symbols:
+        if not SYMBOL_RE.match(sym):
+            raise ConfigError("--symbols", f"{sym[:40]!r} is not a canonical symbol ({SYMBOL_RE.pattern})")
+    return symbols
 
 
 def _iso_ms(text: str, flag: str) -> int:
@@ -73,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_backfill(settings, args.days))
         if args.command == "fetch":
             return asyncio.run(_fetch(settings, args))
+        if args.command == "symbols":
+            return _symbols(settings, args)
     except ConfigError as exc:
         print(f"sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -94,12 +112,7 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
             settings = _with_tf(settings, args.timeframe)
         except ValueError as exc:
             raise ConfigError("--timeframe", str(exc)) from None
-    symbols = list(settings.symbols)
-    if args.symbols:
-        symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
-        for sym in symbols:
-            if not SYMBOL_RE.match(sym):
-                raise ConfigError("--symbols", f"{sym[:40]!r} is not a valid symbol ({SYMBOL_RE.pattern})")
+    symbols = _symbols_arg(args.symbols, settings)
     rules = SignalRules.from_env() if args.signals else None
     scanner = Scanner.from_settings(settings)
     clear = args.watch and sys.stdout.isatty() and not args.json
@@ -209,3 +222,41 @@ async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     start = _iso_ms(args.start, "--start") if args.start else None
     end = _iso_ms(args.end, "--end") if args.end else None
     return await run_fetch(args.source, args.symbol, tf, start, end, settings, os.environ)
+
+
+SYMBOL_COLUMNS = ("symbol", "asset_class", "broker", "yahoo", "alphavantage", "twelvedata", "polygon",
+                  "session")
+
+
+def _symbols(settings: Settings, args: argparse.Namespace) -> int:
+    """The mapping of the configured (or given) symbols, as the daemon and the scanner use it."""
+    import os
+
+    from sidecar.provider_settings import ProviderSettings
+    from sidecar.symbols import load_symbol_map
+
+    symbol_map = load_symbol_map(ProviderSettings.from_env(os.environ).symbols_file)
+    if symbol_map.rejected:  # the daemon runs without them; this command is where to fix them
+        raise ConfigError("SIDECAR_SYMBOLS_FILE", "; ".join(symbol_map.rejected.values()))
+    symbols = _symbols_arg(args.symbols, settings)
+    if args.all:
+        symbols += [s for s in symbol_map if s not in symbols]
+    rows = [symbol_map.entry(sym).as_dict() for sym in symbols]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"  # cannot serve (or no session: the clock's grid)
+        if isinstance(value, dict):
+            return f"{value['from']}/{value['to']}"
+        return str(value)
+
+    print(f"mapping: {symbol_map.path}", file=sys.stderr, flush=True)
+    table = [list(SYMBOL_COLUMNS)] + [[cell(row[c]) for c in SYMBOL_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(SYMBOL_COLUMNS))]
+    for line in table:
+        print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip())
+    return 0

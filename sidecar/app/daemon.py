@@ -25,7 +25,7 @@ from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
@@ -136,16 +136,17 @@ class Daemon:
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
         sources = build_sources(s)
-        breakers = {
-            src.name: SourceBreaker(src.name, fail_max=provider_settings.breaker_fail_max,
-                                    reset_timeout_s=provider_settings.breaker_reset_timeout_s)
+        circuits = {
+            src.name: SourceCircuits.for_source(
+                src, s.symbols, fail_max=provider_settings.breaker_fail_max,
+                reset_timeout_s=provider_settings.breaker_reset_timeout_s)
             for src in sources if not src.synthetic
         }
         redis_store, embedded = await open_redis(s)
         store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
                          flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
         await store.open()
-        pipeline = Pipeline(s, sources, redis_store, store, breakers)
+        pipeline = Pipeline(s, sources, redis_store, store, circuits)
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
         runner = None

@@ -41,6 +41,15 @@ def _failing(state: SourceState) -> bool:
         state.last_success_ms is None or state.last_error_ms > state.last_success_ms)
 
 
+def _source_reasons(state: SourceState) -> list[str]:
+    """Why a source is unhealthy: each breaker that is not closed, else a failed last call."""
+    out = [f"source {b.name}: circuit {b.state}, last error {b.status()['last_error_class']}"
+           for b in (state.circuits or ()) if b.state != "closed"]
+    if not out and _failing(state):
+        out.append(f"source {state.name}: circuit closed, last error {state.last_error_class}")
+    return out
+
+
 def _source_info(state: SourceState) -> dict[str, Any]:
     info: dict[str, Any] = {
         "circuit": "closed",
@@ -68,10 +77,7 @@ def assess(pipeline: Pipeline, now_ms: int | None = None) -> tuple[str, list[str
     stale_after = pipeline.settings.stale_after_ms
     reasons: list[str] = []
     for state in pipeline.sources:
-        circuit = state.breaker.state if state.breaker is not None else "closed"
-        if circuit != "closed" or _failing(state):
-            reasons.append(f"source {state.name}: circuit {circuit}, "
-                           f"last error {state.last_error_class}")
+        reasons.extend(_source_reasons(state))
     if not stats.redis_ok:
         reasons.append(f"redis unreachable: {stats.redis_last_error}")
     if pipeline.store.last_error:

@@ -9,7 +9,7 @@ never disagree. Labels range over the configured sources and symbols only.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,13 @@ from prometheus_client.registry import Collector
 from sidecar.app.health import health_report
 from sidecar.app.pipeline import CYCLE_BUCKETS_MS, Pipeline
 from sidecar.app.ticker import SecondTicker
+from sidecar.breaker import STATES
 from sidecar.logs import redact
 
 STATUS_PAGE = Path(__file__).with_name("status.html")
 STATUSES = ("ok", "degraded", "down")
-CIRCUITS = ("closed", "open", "half_open")
+#: ``asset_class`` label of a breaker that guards every class of its source.
+ALL_CLASSES = "all"
 
 
 @dataclass(slots=True)
@@ -116,6 +118,7 @@ class _PipelineCollector(Collector):
                                 value=1.0 if r["redis"]["ok"] else 0.0)
 
         yield from self._sources(r["sources"])
+        yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))
         yield from self._symbols(r["symbols"])
 
     @staticmethod
@@ -132,7 +135,7 @@ class _PipelineCollector(Collector):
         budget_day = GaugeMetricFamily("sidecar_source_budget_remaining_today",
                                        "Requests left in the daily allowance", labels=["source"])
         for name, info in sources.items():
-            for state in CIRCUITS:
+            for state in STATES:
                 circuit.add_metric([name, state], 1.0 if info["circuit"] == state else 0.0)
             requests.add_metric([name], info["requests"])
             errors.add_metric([name], info["errors"])
@@ -142,6 +145,25 @@ class _PipelineCollector(Collector):
             if info.get("budget_left_today") is not None:
                 budget_day.add_metric([name], info["budget_left_today"])
         yield from (circuit, requests, errors, success, budget, budget_day)
+
+    @staticmethod
+    def _circuits(breakers: Iterable[dict[str, Any]]) -> Iterator[Metric]:
+        """Each breaker's state (one per source, or per source and asset class) and openings."""
+        labels = ["source", "asset_class"]
+        state = GaugeMetricFamily("sidecar_circuit_state", "1 for the circuit breaker's current state",
+                                  labels=[*labels, "state"])
+        opens = CounterMetricFamily("sidecar_circuit_opens", "Times the circuit breaker opened",
+                                    labels=labels)
+        success = GaugeMetricFamily("sidecar_circuit_last_success_timestamp_seconds",
+                                    "Last call through the breaker that got an answer (epoch s)",
+                                    labels=labels)
+        for b in breakers:
+            key = [b["source"], b["asset_class"] or ALL_CLASSES]
+            for name in STATES:
+                state.add_metric([*key, name], 1.0 if b["state"] == name else 0.0)
+            opens.add_metric(key, b["opens"])
+            success.add_metric(key, _ms_to_s(b["last_success_ms"]))
+        yield from (state, opens, success)
 
     @staticmethod
     def _symbols(symbols: dict[str, Any]) -> Iterator[Metric]:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.bar import Bar
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
 from sidecar.rate_budget import BudgetExhausted
@@ -44,7 +44,8 @@ class SourceState:
     """What ``/health`` says about one source."""
 
     source: Source
-    breaker: SourceBreaker | None = None
+    #: Its circuit breakers (one, or one per asset class); ``None``: never guarded (``sim``).
+    circuits: SourceCircuits | None = None
     last_success_ms: int | None = None
     last_error_class: str | None = None
     last_error_ms: int | None = None
@@ -55,16 +56,40 @@ class SourceState:
     def name(self) -> str:
         return self.source.name
 
-    def available(self, now_ms: int) -> bool:
-        """Whether this source may be asked this cycle (its circuit admits a call)."""
-        return self.breaker is None or self.breaker.allows()
+    def breaker(self, symbol: str) -> SourceBreaker | None:
+        """The breaker that guards this source's requests for ``symbol``."""
+        if self.circuits is None:
+            return None
+        return self.circuits.lane(self.source.breaker_lane(symbol))
+
+    def admits(self, symbol: str) -> bool:
+        """Whether ``symbol`` may be asked of this source now (its circuit admits a call)."""
+        breaker = self.breaker(symbol)
+        return breaker is None or breaker.allows()
+
+    def one_probe_each(self, symbols: list[str]) -> list[str]:
+        """``symbols`` minus all but the first of each breaker that is not closed.
+
+        A circuit that is open past its timeout (or half-open) admits one probe:
+        it is spent on one symbol, so probing a failing provider costs one request.
+        The others are left for the next source this cycle and stay due here.
+        """
+        out: list[str] = []
+        probing: set[str] = set()
+        for sym in symbols:
+            breaker = self.breaker(sym)
+            if breaker is not None and breaker.state != "closed":
+                if breaker.name in probing:
+                    continue
+                probing.add(breaker.name)
+            out.append(sym)
+        return out
 
     def status(self) -> dict[str, Any]:
         out = dict(self.source.status())
-        if self.breaker is not None:
-            br = self.breaker.status()
-            out["circuit"] = br.get("state", "closed")
-            out["breaker"] = br
+        if self.circuits is not None:
+            out["circuit"] = self.circuits.state  # the worst of its breakers
+            out["breakers"] = self.circuits.status()
         return out
 
 
@@ -123,15 +148,15 @@ class Pipeline:
         sources: list[Source],
         redis_store: RedisStore,
         bar_store: BarStore,
-        breakers: dict[str, SourceBreaker] | None = None,
+        circuits: dict[str, SourceCircuits] | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._clock = clock  # epoch seconds; tests drive it
         self.tf = settings.timeframe
-        breakers = breakers or {}
-        self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
+        circuits = circuits or {}
+        self.sources = [SourceState(s, circuits.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
         #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
@@ -249,7 +274,8 @@ class Pipeline:
         Each source in priority order is asked for the symbols due at it; the ones
         it holds but that are not due come from its stream or stay on their last
         bar. A symbol whose source fails this cycle is asked of the next source in
-        priority order, within the same cycle.
+        priority order, within the same cycle; so is a symbol whose circuit at a
+        source is open (each source has one breaker, or one per asset class).
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
@@ -258,10 +284,8 @@ class Pipeline:
         for state in self.sources:
             if not pending:
                 break
-            if not state.available(now_ms):
-                continue
             source = state.source
-            mine = [s for s in pending if source.can_serve(s)]
+            mine = [s for s in pending if source.can_serve(s) and state.admits(s)]
             if not mine:
                 continue
             interval = self.planner.interval_ms(source, self._servable_counter(source), now_ms)
@@ -271,9 +295,12 @@ class Pipeline:
                 self.symbols[sym].via = VIA_STREAM
             for sym in plan.idle:
                 self.symbols[sym].expect_ms = interval
-            answers = await self._ask(state, plan.ask, now_ms) if plan.ask else {}
-            for sym in plan.ask:
+            ask = state.one_probe_each(plan.ask)
+            answers = await self._ask(state, ask, now_ms) if ask else {}
+            for sym in ask:
                 result = answers.get(sym)
+                if isinstance(result, BreakerOpen):
+                    continue  # refused by its circuit: nothing was sent, it stays due
                 ok = isinstance(result, list)
                 wait = interval
                 if isinstance(result, BudgetExhausted) and result.retry_after is not None:
@@ -291,24 +318,32 @@ class Pipeline:
         return lambda: sum(1 for s in self.symbols if source.can_serve(s))
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
-        batch = state.source.max_batch
-        by_grid: dict[Timeframe, list[str]] = {}  # one request asks for one bar grid
+        source = state.source
+        batch = source.max_batch
+        # One request asks for one bar grid and goes through one breaker (asset class).
+        groups: dict[tuple[Timeframe, str | None], list[str]] = {}
         for sym in symbols:
-            by_grid.setdefault(self.grids[sym], []).append(sym)
-        chunks = [(grid, group[i:i + batch]) for grid, group in by_grid.items()
+            groups.setdefault((self.grids[sym], source.breaker_lane(sym)), []).append(sym)
+        chunks = [(grid, group[i:i + batch]) for (grid, _), group in groups.items()
                   for i in range(0, len(group), batch)]
         state.requests += len(chunks)
+
         def call(grid: Timeframe, chunk: list[str]) -> Any:
-            if state.breaker is None:
-                fetch = state.source.fetch_latest(chunk, grid, now_ms)
+            breaker = state.breaker(chunk[0])
+            if breaker is None:
+                fetch = source.fetch_latest(chunk, grid, now_ms)
             else:
-                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, grid, now_ms))
+                fetch = breaker.call(lambda: source.fetch_latest(chunk, grid, now_ms))
             return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
 
         calls = [call(grid, chunk) for grid, chunk in chunks]
         merged: dict[str, Any] = {}
         for (_, chunk), result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
                                       strict=True):
+            if isinstance(result, BreakerOpen):
+                state.requests -= 1  # refused before anything was sent
+                merged.update(dict.fromkeys(chunk, result))
+                continue
             if isinstance(result, BaseException):
                 self._source_failed(state, result, now_ms)
                 if isinstance(result, ProviderError):

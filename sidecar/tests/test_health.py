@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.app.http import DaemonView, make_app
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import SourceCircuits
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.test_pipeline import ScriptedSource, series, settings
@@ -58,9 +58,9 @@ async def test_health_ok_degraded_down_and_metrics(redis_store: RedisStore, bar_
     bars = {s: series(s, 50, T0, i) for i, s in enumerate(("AAA", "BBB"))}
     cursor = [0]
     primary, backup = Switchable("primary", bars, cursor), Switchable("backup", bars, cursor)
-    breaker = SourceBreaker("primary", fail_max=2, reset_timeout_s=3600)
+    circuits = SourceCircuits("primary", fail_max=2, reset_timeout_s=3600)
     pipe = Pipeline(settings(stale_after_ms=300), [primary, backup], redis_store, bar_store,
-                    {"primary": breaker})
+                    {"primary": circuits})
     ticker = SecondTicker()
     view = DaemonView(pipe, ticker)
     async with TestClient(TestServer(make_app(view))) as client:
@@ -101,6 +101,9 @@ async def test_health_ok_degraded_down_and_metrics(redis_store: RedisStore, bar_
         assert m[("sidecar_status", (("status", "ok"),))] == 0.0
         assert m[("sidecar_source_circuit", (("source", "primary"), ("state", "open")))] == 1.0
         assert m[("sidecar_source_circuit", (("source", "backup"), ("state", "closed")))] == 1.0
+        assert m[("sidecar_circuit_state", (("asset_class", "all"), ("source", "primary"),
+                                            ("state", "open")))] == 1.0
+        assert m[("sidecar_circuit_opens_total", (("asset_class", "all"), ("source", "primary")))] == 1
         assert m[("sidecar_cycles_total", ())] == 6
         assert m[("sidecar_cycle_duration_seconds_count", ())] == 6
         assert m[("sidecar_cycle_duration_seconds_bucket", (("le", "+Inf"),))] == 6
