@@ -89,7 +89,8 @@ async def test_keys_never_appear_in_any_output(fake: FakeProviders, clean_env: d
     env = provider_env(clean_env, fake)
     env.update(SIDECAR_SOURCES="alphavantage,twelvedata,polygon,sim", SIDECAR_SYMBOLS="AAPL,EURUSD",
                SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="50",
-               SIDECAR_BREAKER_RESET_S="1", SIDECAR_FETCH_TIMEOUT_S="3")
+               SIDECAR_BREAKER_RESET_S="1", SIDECAR_FETCH_TIMEOUT_S="3",
+               SIDECAR_REDIS_URL=redis_server.url, SIDECAR_REDIS_PREFIX="keys")
     # Files, not pipes: a debug log fills a pipe nobody reads and blocks the daemon.
     out_file, err_file = tmp_path / "daemon.out", tmp_path / "daemon.err"
     with out_file.open("wb") as out_fh, err_file.open("wb") as err_fh:
