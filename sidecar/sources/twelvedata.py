@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from math import isfinite
 from typing import Any
 
 from sidecar.bar import Bar
@@ -79,25 +80,33 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
         raise ProviderError("bad_response", "series without values", source=NAME)
     tz = zone(meta.get("exchange_timezone"), "UTC")
     daily = ctx.tf.ms >= 86_400_000
+    symbol, tf_name, src, has_volume = ctx.symbol, ctx.tf.name, ctx.src, ctx.has_volume
     bars: list[Bar] = []
+    # The hot loop of every cycle (one row per symbol per bar asked): prices that are
+    # strings take float() directly; anything else goes through to_float's checks.
     for row in values:
-        if not isinstance(row, dict):
+        if type(row) is not dict:
             continue
         try:
-            o = to_float(row["open"])
-            h = to_float(row["high"])
-            l = to_float(row["low"])
-            c = to_float(row["close"])
+            o, h, l, c = row["open"], row["high"], row["low"], row["close"]
+            if type(o) is str and type(h) is str and type(l) is str and type(c) is str:
+                o, h, l, c = float(o), float(h), float(l), float(c)
+                if not (isfinite(o) and isfinite(h) and isfinite(l) and isfinite(c)):
+                    continue
+            else:
+                o, h, l, c = to_float(o), to_float(h), to_float(l), to_float(c)
             t = local_text_to_ms(str(row["datetime"]), tz, daily)
         except (KeyError, ValueError, TypeError):
             continue  # null or malformed row dropped
         v: float | None = None
-        if ctx.has_volume and row.get("volume") not in (None, ""):
-            try:
-                v = to_float(row["volume"])
-            except ValueError:
-                v = None
-        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+        if has_volume:
+            volume = row.get("volume")
+            if volume is not None and volume != "":
+                try:
+                    v = to_float(volume)
+                except ValueError:
+                    v = None
+        bars.append(Bar(symbol, tf_name, t, o, h, l, c, v, src))
     return finish(bars, ctx)
 
 
