@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from math import isfinite
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
@@ -71,7 +72,42 @@ def classify_error(
     return ProviderError("bad_response", f"{code} {message}", source=NAME)
 
 
-def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
+class ClosedRows:
+    """The bars of closed rows already parsed, by symbol and row: a repeated row is not parsed again.
+
+    Every cycle re-delivers the closed rows of the last cycle unchanged; a row equal
+    to the one a bar was made from (all its fields) gets that same bar back. Closed
+    bars are never changed after parsing, so sharing one is safe. A revised row (a
+    correction) differs, is parsed and replaces the entry. At most :attr:`PER_SERIES`
+    rows are kept per series (the newest).
+    """
+
+    __slots__ = ("_series",)
+    PER_SERIES = 2 * LATEST_BARS
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, ZoneInfo, bool], dict[str, tuple[dict[str, Any], Bar]]] = {}
+
+    def series(self, ctx: ParseContext, tz: ZoneInfo) -> dict[str, tuple[dict[str, Any], Bar]]:
+        """The memo of one series (symbol, grid, zone, volume) as parsed with ``ctx``."""
+        key = (ctx.symbol, ctx.tf.name, tz, ctx.has_volume)
+        rows = self._series.get(key)
+        if rows is None:
+            rows = self._series[key] = {}
+        return rows
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self._series.values())
+
+
+def _remember(rows: dict[str, tuple[dict[str, Any], Bar]], stamp: str, row: dict[str, Any],
+              bar: Bar) -> None:
+    rows[stamp] = (row, bar)
+    if len(rows) > ClosedRows.PER_SERIES:
+        del rows[min(rows, key=lambda s: rows[s][1].t)]
+
+
+def _series_bars(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | None = None) -> list[Bar]:
     if obj.get("status") == "error" or ("code" in obj and "values" not in obj):
         raise classify_error(obj, 200)
     values = obj.get("values")
@@ -81,12 +117,20 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
     tz = zone(meta.get("exchange_timezone"), "UTC")
     daily = ctx.tf.ms >= 86_400_000
     symbol, tf_name, src, has_volume = ctx.symbol, ctx.tf.name, ctx.src, ctx.has_volume
+    closed_before = ctx.now_ms - ctx.tf.ms  # a bar opened at or before this has closed
+    rows = memo.series(ctx, tz) if memo is not None else None
     bars: list[Bar] = []
     # The hot loop of every cycle (one row per symbol per bar asked): prices that are
     # strings take float() directly; anything else goes through to_float's checks.
     for row in values:
         if type(row) is not dict:
             continue
+        stamp = row.get("datetime")
+        if rows is not None and type(stamp) is str:
+            known = rows.get(stamp)
+            if known is not None and known[0] == row:
+                bars.append(known[1])
+                continue
         try:
             o, h, l, c = row["open"], row["high"], row["low"], row["close"]
             if type(o) is str and type(h) is str and type(l) is str and type(c) is str:
@@ -106,7 +150,10 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
                     v = to_float(volume)
                 except ValueError:
                     v = None
-        bars.append(Bar(symbol, tf_name, t, o, h, l, c, v, src))
+        bar = Bar(symbol, tf_name, t, o, h, l, c, v, src)
+        bars.append(bar)
+        if rows is not None and type(stamp) is str and t <= closed_before:
+            _remember(rows, stamp, row, bar)
     return finish(bars, ctx)
 
 
@@ -129,16 +176,18 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext,
 
 
 def parse_batch(body: bytes | str, status: int, contexts: Mapping[str, ParseContext],
-                retry_after: float | None = None) -> dict[str, list[Bar] | ProviderError]:
+                retry_after: float | None = None,
+                memo: ClosedRows | None = None) -> dict[str, list[Bar] | ProviderError]:
     """Per requested Twelve Data symbol: its bars, or the error it got inside the batch.
 
     ``contexts`` maps the requested spelling (``EUR/USD``) to its parse context. An
     error for the whole request raises. A one-symbol request answers the plain shape.
+    ``memo``: closed rows parsed before (see :class:`ClosedRows`), reused when unchanged.
     """
     data = _checked_json(body, status, retry_after)
     if len(contexts) == 1 and ("values" in data or "meta" in data):
         (ticker, ctx), = contexts.items()
-        return {ticker: _series_bars(data, ctx)}
+        return {ticker: _series_bars(data, ctx, memo)}
     out: dict[str, list[Bar] | ProviderError] = {}
     for ticker, ctx in contexts.items():
         item = data.get(ticker)
@@ -147,7 +196,7 @@ def parse_batch(body: bytes | str, status: int, contexts: Mapping[str, ParseCont
                                         source=NAME)
             continue
         try:
-            out[ticker] = _series_bars(item, ctx)
+            out[ticker] = _series_bars(item, ctx, memo)
         except ProviderError as err:
             out[ticker] = err
     return out
@@ -166,6 +215,8 @@ class TwelveDataSource(HttpSource):
         super().__init__(provider, symbols, budget, **kwargs)
         self._headers = {"Authorization": f"apikey {self._key}"}
         self.max_batch = max(1, provider.twelvedata_credits_per_minute)
+        #: The latest bars' closed rows come again every cycle: parsed once (ClosedRows).
+        self._closed_rows = ClosedRows()
 
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         """At most 5,000 values per request (the dates asked are a day wider each side)."""
@@ -178,11 +229,12 @@ class TwelveDataSource(HttpSource):
         return interval
 
     async def _request(self, contexts: Mapping[str, ParseContext], tf: Timeframe,
-                       extra: Mapping[str, str]) -> dict[str, list[Bar] | ProviderError]:
+                       extra: Mapping[str, str], memo: ClosedRows | None = None,
+                       ) -> dict[str, list[Bar] | ProviderError]:
         params = {"symbol": ",".join(contexts), "interval": self._interval(tf), **extra}
         result = await self._get_parsed(
             f"{self.provider.twelvedata_base_url}/time_series",
-            lambda reply: parse_batch(reply.body, reply.status, contexts, reply.retry_after),
+            lambda reply: parse_batch(reply.body, reply.status, contexts, reply.retry_after, memo),
             params=params, headers=self._headers, daily=lambda err: "day" in str(err).lower())
         for value in result.values():
             if isinstance(value, ProviderError):
@@ -213,7 +265,8 @@ class TwelveDataSource(HttpSource):
             self.take_budget(len(chosen))
             contexts = {wanted[s][0]: wanted[s][1] for s in chosen}
             # The three newest rows are all a cycle keeps (parsing is its main cost).
-            result = await self._request(contexts, tf, {"outputsize": str(LATEST_BARS)})
+            result = await self._request(contexts, tf, {"outputsize": str(LATEST_BARS)},
+                                         self._closed_rows)
             for symbol in chosen:
                 value = result[wanted[symbol][0]]
                 out[symbol] = value if isinstance(value, ProviderError) else value[-LATEST_BARS:]

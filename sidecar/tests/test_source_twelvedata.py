@@ -154,3 +154,33 @@ async def test_429_whole_batch_raises_and_backs_off(fake: FakeProviders):
         assert budget.remaining() > 0
     finally:
         await src.close()
+
+
+def test_closed_rows_are_parsed_once_and_revisions_are_not_missed():
+    """A repeated closed row gets its bar back; a changed one, the forming one and a
+    shifted zone are parsed anew; every answer equals the parse without the memo."""
+    from sidecar.sources.twelvedata import ClosedRows
+
+    body = fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json")
+    newest = parse_time_series(body, 200, ctx())[-1].t
+    now = newest + 30_000  # the newest row is still forming
+    c = ParseContext("X", Timeframe.parse("1m"), "twelvedata", now, True)
+    memo = ClosedRows()
+    first = parse_batch(body, 200, {"X": c}, memo=memo)["X"]
+    again = parse_batch(body, 200, {"X": c}, memo=memo)["X"]
+    plain = parse_batch(body, 200, {"X": c})["X"]
+    assert isinstance(first, list) and isinstance(again, list) and isinstance(plain, list)
+    assert [b.to_json_dict() for b in again] == [b.to_json_dict() for b in plain]
+    assert again[-1].forming and again[-1] is not first[-1]  # the forming bar: always parsed
+    assert all(a is b for a, b in zip(again[-1 - ClosedRows.PER_SERIES:-1],
+                                      first[-1 - ClosedRows.PER_SERIES:-1], strict=True))
+    assert len(memo) == ClosedRows.PER_SERIES  # bounded per series
+
+    raw = json.loads(body)
+    raw["values"][1]["close"] = "999.5"  # a correction of the newest closed bar
+    revised = parse_batch(json.dumps(raw), 200, {"X": c}, memo=memo)["X"]
+    assert isinstance(revised, list) and revised[-2].c == 999.5 and revised[-3] is first[-3]
+    raw["meta"]["exchange_timezone"] = "UTC"  # another zone: other open times, parsed anew
+    shifted = parse_batch(json.dumps(raw), 200, {"X": c}, memo=memo)["X"]
+    assert isinstance(shifted, list) and shifted[-3] is not first[-3]
+    assert shifted[-3].t == first[-3].t - 4 * 3_600_000
