@@ -42,10 +42,10 @@ HISTORY_BARS = 60  # enough for every handle (MACD needs 34) and the outlier win
 
 async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
     """One N in this process: set up like the daemon, then tick for ``seconds``."""
-    from sidecar.app.daemon import settle_gc
     from sidecar.app.pipeline import Pipeline
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceCircuits
+    from sidecar.gc_tuning import settle_gc
     from sidecar.provider_settings import ProviderSettings
     from sidecar.rate_budget import RateBudget
     from sidecar.redis_store import RedisStore, connect

@@ -10,6 +10,10 @@ redis-server. Timed, interleaved read by read on the same kind of client:
 * ``scanner_signals`` — ``Scanner.read`` then ``signals.evaluate`` with every rule on:
   what a trading process does each second.
 
+All three run in one process after ``sidecar.gc_tuning.settle_gc()`` (as the README
+asks of a trading process, and as the daemon does after warm-up): without it, full
+collections walking the imported modules set the p99 of every case alike.
+
     .venv/bin/python -m bench.scanner_read [--smoke]
 """
 
@@ -26,6 +30,7 @@ import numpy as np
 from bench._common import PrivateRedis, cli, summary, table
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS, features_map
+from sidecar.gc_tuning import settle_gc
 from sidecar.redis_store import RedisStore, connect
 from sidecar.scanner import Scanner
 from sidecar.signals import SignalRules, evaluate
@@ -86,6 +91,7 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
             for fn in cases.values():
                 await fn()
         signals = await read_signals()
+        settle_gc()  # what a trading process does after start-up (README "Scanner")
         for i in range(reads):
             order = list(cases.items())
             if i % 2:

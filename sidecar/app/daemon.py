@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import ipaddress
 import logging
 import os
@@ -28,6 +27,7 @@ from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.gc_tuning import settle_gc
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, connect, redis_refusal
@@ -42,23 +42,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REDIS_DOWN = 3
 RETENTION_EVERY_S = 3_600.0
-#: Allocations between young-generation collections (CPython's default is 700).
-GC_GEN0_THRESHOLD = 20_000
-
-
-def settle_gc() -> None:
-    """Keep the warmed state out of the cyclic GC's way; call once after warm-up.
-
-    The state built at start (feature handles, validator memory, history) lives as long
-    as the daemon. Frozen, full collections no longer walk it: at 5,000 symbols each
-    one otherwise stalled a cycle for ~100 ms and the GC took ~35% of the CPU
-    (bench/cycle.py). A higher young threshold makes collections rarer; the cycle
-    creates few reference cycles, so little garbage waits for them.
-    """
-    gc.collect()
-    gc.freeze()
-    _, gen1, _ = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, 1_000)
 GAP_REPAIR_EVERY_S = 60.0
 #: Gap repair only spends budgets that sustain at least one request a minute, so it
 #: never eats the few daily requests of a source like Alpha Vantage (25/day).
