@@ -100,6 +100,8 @@ class Timeframe:
         """
         if session is None or self.ms >= DAY_MS or self._phases(session) == {0}:
             return replace(self, session=None) if self.session is not None else self
+        if session == self.session:  # already on it (asked per symbol every cycle)
+            return self
         return replace(self, session=session)
 
     @property
