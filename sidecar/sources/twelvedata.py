@@ -83,7 +83,7 @@ class ClosedRows:
     """
 
     __slots__ = ("_series",)
-    PER_SERIES = 2 * LATEST_BARS
+    PER_SERIES = LATEST_BARS
 
     def __init__(self) -> None:
         self._series: dict[tuple[str, str, ZoneInfo, bool], dict[str, tuple[dict[str, Any], Bar]]] = {}
