@@ -33,7 +33,7 @@ from sidecar.bar import Bar
 SCHEMA_VERSION = 1
 
 _WRITE_CYCLE_LUA = """
--- KEYS: nb bar keys, nf feature keys, heartbeat key
+-- KEYS: nb bar keys, nf feature keys, heartbeat key, meta key
 -- ARGV: nb, nf, cap, feat_ttl_ms, hb_ttl_ms, hb_payload, (t, bar)*nb, feat*nf
 local nb = tonumber(ARGV[1])
 local nf = tonumber(ARGV[2])
@@ -54,7 +54,8 @@ end
 if ARGV[6] ~= '' then
   redis.call('SET', KEYS[nb + nf + 1], ARGV[6], 'PX', ARGV[5])
 end
-return nb
+-- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed).
+return redis.call('EXISTS', KEYS[nb + nf + 2])
 """
 
 
@@ -123,12 +124,16 @@ class RedisStore:
         bars: Sequence[Bar],
         features: Sequence[tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> bool:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
-        map) with their TTL, and the heartbeat — all in one ``EVALSHA``."""
+        map) with their TTL, and the heartbeat — all in one ``EVALSHA``.
+
+        Returns whether the meta key exists: ``False`` means Redis lost its data
+        since :meth:`write_meta` (restarted empty) and should be refilled."""
         keys: list[str] = [self.keys.bars(b.tf, b.symbol) for b in bars]
         keys.extend(self.keys.features(tf, sym) for tf, sym, _ in features)
         keys.append(self.keys.heartbeat)
+        keys.append(self.keys.meta)
         hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
         args: list[Any] = [
             len(bars), len(features), self.bars_cap, self._features_ttl_ms,
@@ -138,7 +143,7 @@ class RedisStore:
             args.append(b.t)
             args.append(b.pack())
         args.extend(payload for _, _, payload in features)
-        await self._script(keys=keys, args=args)
+        return bool(await self._script(keys=keys, args=args))
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""

@@ -1,0 +1,240 @@
+"""Faults caused for real against a running daemon: crashes, Redis and SQLite trouble,
+clock jumps and load. Each test starts the daemon as a user does (``python -m sidecar
+run``), with a real redis-server and a real SQLite file, and breaks something."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+
+from sidecar.bar import Bar
+from sidecar.features import FEATURE_FIELDS
+from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.test_daemon import free_port, http_get
+from sidecar.tests.test_features import assert_row_equal, batch_values
+
+SYMBOLS = ("AAPL", "BTCUSD")
+
+
+class Daemon:
+    """``python -m sidecar run`` in a subprocess, its JSON log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, wrapper: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "sidecar", "run"],
+                                         cwd=REPO, env=self.env, stdout=log, stderr=log)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log_text()}"
+            try:
+                if http_get(self.port, "/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
+
+    def health(self) -> dict[str, Any]:
+        return http_get(self.port, "/health")[1]
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def messages(self) -> list[str]:
+        return [rec.get("msg", "") for rec in self.logs()]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test starts; any still running at the end is killed."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture
+def redis_servers() -> Iterator[list[RedisServer]]:
+    started: list[RedisServer] = []
+    yield started
+    for r in started:
+        r.kill()
+
+
+def daemon_env(clean_env: dict[str, str], server: RedisServer, **extra: str) -> dict[str, str]:
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=",".join(SYMBOLS),
+               SIDECAR_TIMEFRAME="1s", SIDECAR_REDIS_URL=server.url, SIDECAR_REDIS_PREFIX="f",
+               SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_FLUSH_INTERVAL_S="1")
+    env.update(extra)
+    return env
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 20, every: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def redis_client(server: RedisServer) -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(server.socket), socket_timeout=5)
+
+
+def redis_bars(r: redis.Redis, symbol: str, prefix: str = "f", tf: str = "1s") -> list[Bar]:
+    members = r.zrange(f"{prefix}:v1:bars:{tf}:{symbol}", 0, -1, withscores=True)
+    scores = [score for _, score in members]
+    assert len(scores) == len(set(scores)), f"{symbol}: duplicate bars in Redis"
+    return [Bar.unpack(symbol, tf, raw) for raw, _ in members]
+
+
+def sqlite_bars(path: Path, symbol: str, tf: str = "1s") -> list[Bar]:
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        rows = db.execute("SELECT symbol, tf, t, o, h, l, c, v, src, forming, synthetic FROM bars "
+                          "WHERE symbol = ? AND tf = ? ORDER BY t", (symbol, tf)).fetchall()
+    finally:
+        db.close()
+    return [Bar(s, f, t, o, h, l, c, v, src, bool(fm), bool(sy)) for s, f, t, o, h, l, c, v, src, fm, sy in rows]
+
+
+def ohlcv(b: Bar) -> tuple[Any, ...]:
+    return (b.t, b.o, b.h, b.l, b.c, b.v)
+
+
+def assert_redis_in_sqlite(r: redis.Redis, db_path: Path, symbols: tuple[str, ...] = SYMBOLS) -> int:
+    """Every bar Redis holds is in SQLite with the same values; returns how many."""
+    n = 0
+    for sym in symbols:
+        stored = {b.t: ohlcv(b) for b in sqlite_bars(db_path, sym)}
+        in_redis = redis_bars(r, sym)
+        missing = [b.t for b in in_redis if stored.get(b.t) != ohlcv(b)]
+        assert not missing, f"{sym}: {len(missing)} bars in Redis are not in SQLite: {missing[:5]}"
+        n += len(in_redis)
+    return n
+
+
+# -- 1. crash ---------------------------------------------------------------------------
+
+
+def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis_servers.append(server)
+    r = redis_client(server)
+    # A day of history (bootstrapped in line, all of it the warm-up window), then live
+    # bars that only reach the SQLite buffer: the flush interval is an hour.
+    env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400",
+                     SIDECAR_FLUSH_INTERVAL_S="3600")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    first = Daemon(env, tmp_path / "run1.log")
+    daemons.append(first)
+    first.wait_ready()
+    wait_for("live bars in the buffer", lambda: first.health()["sqlite"]["buffered"] >= 8)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    reached_redis = {sym: redis_bars(r, sym) for sym in SYMBOLS}
+    lost = 0
+    for sym in SYMBOLS:
+        stored_t = {x.t for x in sqlite_bars(db_path, sym)}
+        lost += sum(1 for b in reached_redis[sym] if b.t not in stored_t)
+    assert lost >= 8, "the crash should have lost buffered bars from SQLite"
+
+    # Restart; catch the very first cycle's features (the heartbeat and the features are
+    # written by one script, so one MULTI reads a consistent cycle).
+    second = Daemon(dict(env, SIDECAR_FLUSH_INTERVAL_S="1"), tmp_path / "run2.log")
+    daemons.append(second)
+    first_cycle = wait_for("the first cycle of the restarted daemon",
+                           lambda: _cycle_snapshot(r, second.proc.pid), timeout=60, every=0.01)
+    second.wait_ready()
+    time.sleep(1.5)  # one flush interval
+
+    for sym in SYMBOLS:
+        stored = {b.t: ohlcv(b) for b in sqlite_bars(db_path, sym)}
+        missing = [b.t for b in reached_redis[sym] if stored.get(b.t) != ohlcv(b)]
+        assert not missing, f"{sym}: bars that reached Redis are missing in SQLite: {missing[:5]}"
+    assert any(rec.get("msg") == "stores reconciled" for rec in second.logs())
+    assert second.stop() == 0
+
+    heartbeat, features, newest = first_cycle
+    assert heartbeat["cycle"] == 0, "the snapshot is not the first cycle"
+    for sym in SYMBOLS:
+        feat, bar_now = features[sym], newest[sym]
+        assert feat is not None and feat["t"] == bar_now.t
+        series = [b for b in sqlite_bars(db_path, sym) if b.t < bar_now.t] + [bar_now]
+        assert len(series) > 86_400
+        assert [b.t for b in series] == sorted({b.t for b in series}), "duplicate or unordered bars"
+        values = [feat[name] for name in FEATURE_FIELDS]
+        assert_row_equal(values, batch_values(series), len(series) - 1)
+        assert feat["macd_signal"] is not None and feat["vwap"] is not None
+    assert_redis_in_sqlite(r, db_path)
+
+
+def _cycle_snapshot(r: redis.Redis, pid: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Bar]] | None:
+    pipe = r.pipeline(transaction=True)
+    pipe.get("f:v1:heartbeat")
+    for sym in SYMBOLS:
+        pipe.get(f"f:v1:feat:1s:{sym}")
+        pipe.zrange(f"f:v1:bars:1s:{sym}", -1, -1)
+    hb_raw, *rest = pipe.execute()
+    if hb_raw is None:
+        return None
+    heartbeat = msgpack.unpackb(hb_raw)
+    if heartbeat["pid"] != pid:
+        return None
+    features: dict[str, Any] = {}
+    newest: dict[str, Bar] = {}
+    for i, sym in enumerate(SYMBOLS):
+        raw_feat, raw_bars = rest[2 * i], rest[2 * i + 1]
+        features[sym] = None if raw_feat is None else msgpack.unpackb(raw_feat)
+        newest[sym] = Bar.unpack(sym, "1s", raw_bars[0])
+    return heartbeat, features, newest
