@@ -5,7 +5,6 @@ run``), with a real redis-server and a real SQLite file, and breaks something.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -238,3 +237,132 @@ def _cycle_snapshot(r: redis.Redis, pid: int) -> tuple[dict[str, Any], dict[str,
         features[sym] = None if raw_feat is None else msgpack.unpackb(raw_feat)
         newest[sym] = Bar.unpack(sym, "1s", raw_bars[0])
     return heartbeat, features, newest
+
+
+# -- 2. Redis outage --------------------------------------------------------------------
+
+OUTAGE_S = 30
+
+
+def _durable_redis(tmp_path: Path, redis_servers: list[RedisServer]) -> RedisServer:
+    """A redis-server that keeps its data through a SIGKILL (AOF, fsync always)."""
+    server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    redis_servers.append(server)
+    return server
+
+
+def assert_stores_equal(r: redis.Redis, db_path: Path, symbols: tuple[str, ...] = SYMBOLS) -> None:
+    """Redis holds exactly SQLite's newest bars (as many as Redis keeps)."""
+    for sym in symbols:
+        in_redis = [ohlcv(b) for b in redis_bars(r, sym)]
+        stored = [ohlcv(b) for b in sqlite_bars(db_path, sym)][-len(in_redis):] if in_redis else []
+        assert in_redis, f"{sym}: no bars in Redis"
+        assert in_redis == stored, f"{sym}: Redis and SQLite differ"
+
+
+def fresh_features(r: redis.Redis, symbols: tuple[str, ...] = SYMBOLS) -> bool:
+    now_ms = time.time() * 1000
+    for sym in symbols:
+        raw = r.get(f"f:v1:feat:1s:{sym}")
+        if raw is None or now_ms - msgpack.unpackb(raw)["computed_at"] > 2_000:
+            return False
+    return True
+
+
+def test_redis_killed_for_30_s_then_back_with_its_data(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    server = _durable_redis(tmp_path, redis_servers)
+    env = daemon_env(clean_env, server)
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    wait_for("status ok", lambda: daemon.health()["status"] == "ok")
+    before = daemon.health()
+
+    server.kill()
+    down_at = time.monotonic()
+    seen: list[dict[str, Any]] = []
+    while time.monotonic() - down_at < OUTAGE_S:
+        time.sleep(1)
+        assert daemon.proc.poll() is None, f"daemon exited during the outage:\n{daemon.log_text()}"
+        seen.append(daemon.health())
+    during = seen[3:]  # the first seconds may still show the last good cycle
+    assert all(h["status"] == "degraded" and not h["redis"]["ok"] for h in during), during[0]
+    assert all(any("redis unreachable" in why for why in h["reasons"]) for h in during)
+    last = seen[-1]
+    assert last["cycle"]["count"] - before["cycle"]["count"] >= OUTAGE_S - 5, "the loop stalled"
+    assert last["sqlite"]["flushed_rows"] > seen[0]["sqlite"]["flushed_rows"], "SQLite stopped"
+    assert last["sqlite"]["last_error"] is None
+
+    server.start()  # same directory: the AOF brings the data back
+    r = redis_client(server)
+    wait_for("redis ok again", lambda: daemon.health()["redis"]["ok"])
+    wait_for("status ok again", lambda: daemon.health()["status"] == "ok")
+    wait_for("fresh features", lambda: fresh_features(r))
+    assert daemon.stop() == 0  # final flush: SQLite holds everything
+    assert_stores_equal(r, db_path)
+    outage_bars = [b for b in redis_bars(r, SYMBOLS[0])
+                   if b.t >= last["now_ms"] - OUTAGE_S * 1000 + 5_000 and b.t <= last["now_ms"]]
+    assert len(outage_bars) >= OUTAGE_S - 10, "bars of the outage were not rewritten to Redis"
+    messages = daemon.messages()
+    assert "redis write failed; buffering" in messages and "redis is back" in messages
+    assert "redis lost its data; refilling it from sqlite" not in messages
+
+
+def test_redis_restarted_empty_is_warmed_from_sqlite(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    server = _durable_redis(tmp_path, redis_servers)
+    env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    r = redis_client(server)
+    assert len(redis_bars(r, SYMBOLS[0])) == 5_000
+    time.sleep(2)
+
+    server.kill()
+    for leftover in server.directory.glob("append*"):
+        if leftover.is_dir():
+            for f in leftover.iterdir():
+                f.unlink()
+        else:
+            leftover.unlink()
+    time.sleep(3)
+    server.start()
+    r = redis_client(server)
+    assert r.dbsize() == 0 or r.get("f:v1:meta") is None  # really empty
+    wait_for("bars back in Redis", lambda: all(len(redis_bars(r, s)) == 5_000 for s in SYMBOLS))
+    wait_for("fresh features", lambda: fresh_features(r))
+    assert r.get("f:v1:meta") is not None
+    wait_for("status ok", lambda: daemon.health()["status"] == "ok")
+    assert daemon.stop() == 0
+    assert_stores_equal(r, db_path)
+    assert "redis refilled from sqlite" in daemon.messages()
+
+
+def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    server = _durable_redis(tmp_path, redis_servers)
+    env = daemon_env(clean_env, server, SIDECAR_REDIS_DOWN_EXIT_S="4", SIDECAR_FLUSH_INTERVAL_S="3600")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    time.sleep(2)
+    r = redis_client(server)
+    reached = {sym: redis_bars(r, sym) for sym in SYMBOLS}
+    server.kill()
+    killed_ms = time.time() * 1000
+    assert daemon.proc.wait(30) == 3  # EXIT_REDIS_DOWN, for PM2 to restart it
+    for sym in SYMBOLS:
+        stored = sqlite_bars(db_path, sym)
+        stored_by_t = {b.t: ohlcv(b) for b in stored}
+        assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
+        assert stored[-1].t >= killed_ms + 2_000, "bars of the outage were not kept in SQLite"
+    assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
