@@ -5,6 +5,7 @@ run``), with a real redis-server and a real SQLite file, and breaks something.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -366,3 +367,166 @@ def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
         assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
         assert stored[-1].t >= killed_ms + 2_000, "bars of the outage were not kept in SQLite"
     assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
+
+
+# -- 3. SQLite trouble ------------------------------------------------------------------
+
+LOCK_S = 20
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+def _lock_database(path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process holding the database's write lock (``BEGIN EXCLUSIVE``)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    return holder
+
+
+def _missing_from_sqlite(r: redis.Redis, db_path: Path) -> int:
+    """Bars (final values) Redis has and SQLite lacks; a dropped final revision counts too."""
+    missing = 0
+    for sym in SYMBOLS:
+        stored = {b.t: (*ohlcv(b), b.forming) for b in sqlite_bars(db_path, sym)}
+        missing += sum(1 for b in redis_bars(r, sym) if stored.get(b.t) != (*ohlcv(b), b.forming))
+    return missing
+
+
+def test_sqlite_locked_by_another_process_for_20_s(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    # Two daemons side by side, both locked out for the same 20 s: one with room in
+    # memory (nothing lost), one whose buffer bound is small (the oldest dropped, counted).
+    runs = []
+    for name, bound in (("roomy", "1000000"), ("tight", "12")):
+        server = RedisServer(tmp_path / f"redis-{name}")
+        server.start()
+        redis_servers.append(server)
+        env = daemon_env(dict(clean_env, SIDECAR_DATA_DIR=str(tmp_path / name)), server,
+                         SIDECAR_BUFFER_MAX_ROWS=bound)
+        daemon = Daemon(env, tmp_path / f"{name}.log")
+        daemons.append(daemon)
+        runs.append((daemon, redis_client(server), Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"))
+    for daemon, _, _ in runs:
+        daemon.wait_ready()
+    time.sleep(2)
+
+    holders = [_lock_database(db_path, LOCK_S) for _, _, db_path in runs]
+    locked_at = time.monotonic()
+    peak = [0, 0]
+    while time.monotonic() - locked_at < LOCK_S - 1:
+        time.sleep(1)
+        for i, (daemon, r, _) in enumerate(runs):
+            h = daemon.health()
+            peak[i] = max(peak[i], h["sqlite"]["buffered"])
+            assert fresh_features(r), "features stopped while SQLite was locked"
+        if time.monotonic() - locked_at > 8:  # past the busy timeout: the flush failed
+            for daemon, _, _ in runs:
+                h = daemon.health()
+                assert h["status"] == "degraded" and "locked" in (h["sqlite"]["last_error"] or ""), h
+    roomy, tight = runs
+    assert tight[0].health()["sqlite"]["buffered"] <= 12
+    for holder in holders:
+        assert holder.wait(30) == 0
+
+    for daemon, _, _ in runs:
+        wait_for("the buffer written", lambda d=daemon: d.health()["sqlite"]["last_error"] is None
+                 and d.health()["sqlite"]["buffered"] <= 4, timeout=30)
+    assert peak[0] >= LOCK_S, "bars were not kept in memory"
+    dropped = tight[0].health()["sqlite"]["dropped"]
+    assert dropped >= LOCK_S, "the tight buffer should have dropped bars"
+    assert f"sidecar_sqlite_dropped_bars_total {float(dropped)}" in tight[0].metrics()
+    assert roomy[0].health()["sqlite"]["dropped"] == 0
+    for daemon, _, _ in runs:
+        assert daemon.stop() == 0
+        messages = daemon.messages()
+        assert "sqlite flush failed; bars kept in memory" in messages
+        assert "sqlite flush recovered" in messages
+        failed = next(rec for rec in daemon.logs() if rec["msg"] == "sqlite flush failed; bars kept in memory")
+        assert "locked" in failed["error"]
+    assert_redis_in_sqlite(roomy[1], roomy[2])
+    # Exactly the bars counted as dropped are missing, and they are the oldest of the lock.
+    assert _missing_from_sqlite(tight[1], tight[2]) == dropped
+    assert "sqlite buffer full: dropped oldest bars" in tight[0].messages()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, so the disk can really fill up (needs root and mount permission)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill a disk for real: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_keeps_bars_in_memory_until_space_returns(
+        clean_env: dict[str, str], tmp_path: Path, small_disk: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis_servers.append(server)
+    db_path = small_disk / "bars.sqlite3"
+    env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(db_path))
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    time.sleep(2)
+    filler = small_disk / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+    assert os.statvfs(small_disk).f_bavail == 0
+    r = redis_client(server)
+    wait_for("a failed flush", lambda: "full" in (daemon.health()["sqlite"]["last_error"] or ""))
+    buffered = daemon.health()["sqlite"]["buffered"]
+    for _ in range(4):
+        time.sleep(1)
+        assert fresh_features(r), "features stopped while the disk was full"
+    h = daemon.health()
+    assert h["status"] == "degraded" and h["sqlite"]["buffered"] > buffered
+    filler.unlink()
+    wait_for("the buffer written", lambda: daemon.health()["sqlite"]["last_error"] is None, timeout=30)
+    assert daemon.stop() == 0
+    assert_redis_in_sqlite(r, db_path)
+    failed = next(rec for rec in daemon.logs() if rec["msg"] == "sqlite flush failed; bars kept in memory")
+    assert "full" in failed["error"]
+
+
+def test_database_file_deleted_underneath_is_restored(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis_servers.append(server)
+    env = daemon_env(clean_env, server)
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    time.sleep(3)
+    for f in db_path.parent.glob("bars.sqlite3*"):  # what a careless `rm bars.sqlite3*` does
+        f.unlink()
+    r = redis_client(server)
+    wait_for("the file restored", lambda: "sqlite file restored" in daemon.messages())
+    for _ in range(3):
+        time.sleep(1)
+        assert fresh_features(r)
+    assert daemon.health()["sqlite"]["last_error"] is None
+    assert daemon.stop() == 0
+    assert "sqlite file was deleted underneath the daemon; restoring it from the open connection" \
+        in daemon.messages()
+    # Everything, including the bars flushed into the deleted file, is in the new one.
+    assert assert_redis_in_sqlite(r, db_path) >= 2 * 5
+    assert sqlite_bars(db_path, SYMBOLS[0])[0].t == redis_bars(r, SYMBOLS[0])[0].t
