@@ -4,6 +4,7 @@ run``), with a real redis-server and a real SQLite file, and breaks something.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -530,3 +531,81 @@ def test_database_file_deleted_underneath_is_restored(
     # Everything, including the bars flushed into the deleted file, is in the new one.
     assert assert_redis_in_sqlite(r, db_path) >= 2 * 5
     assert sqlite_bars(db_path, SYMBOLS[0])[0].t == redis_bars(r, SYMBOLS[0])[0].t
+
+
+# -- 4. clock trouble -------------------------------------------------------------------
+
+
+def _libfaketime() -> str | None:
+    """libfaketime (Debian package ``faketime``; scripts/test installs it when missing)."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") +
+                   glob.glob("/usr/lib/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+        redis_servers: list[RedisServer]) -> None:
+    lib = _libfaketime()
+    if lib is None:
+        pytest.skip("libfaketime not installed (apt-get install faketime; scripts/test does it as root)")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis_servers.append(server)
+    r = redis_client(server)
+    offset_file = tmp_path / "offset"
+    offset_file.write_text("+0\n")
+    # Only the daemon's wall clock moves (time.time, CLOCK_REALTIME); its monotonic
+    # clock, Redis' clock and this test's clock stay true.
+    env = daemon_env(clean_env, server, LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset_file),
+                     FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    time.sleep(2)
+
+    def newest() -> int:
+        return max(redis_bars(r, sym)[-1].t for sym in SYMBOLS)
+
+    samples: list[tuple[float, int]] = []  # (true monotonic time, cycle count)
+    start = daemon.health()
+    skew_ms = 2_000
+    # Back 3 min, forward 6 min, back 3 min (to the true time).
+    for offset_s, must_accept in ((-180, False), (180, True), (0, False)):
+        before_newest = newest()
+        before = daemon.health()
+        offset_file.write_text(f"{offset_s:+d}\n")
+        phase_end = time.monotonic() + 6
+        while time.monotonic() < phase_end:
+            h = daemon.health()
+            samples.append((time.monotonic(), h["cycle"]["count"]))
+            assert r.get("f:v1:heartbeat") is not None, "the loop stopped writing Redis"
+            fake_now_ms = time.time() * 1000 + offset_s * 1000
+            if not must_accept:
+                # Bars made before the clock went back are in its future now: refused.
+                assert newest() == before_newest, f"a future bar was accepted at offset {offset_s}"
+            else:
+                assert newest() <= fake_now_ms + skew_ms
+            time.sleep(0.25)
+        after = daemon.health()
+        if must_accept:
+            assert newest() > before_newest + 170_000, "no bars after the clock leapt forward"
+        else:
+            assert after["bars"]["rejected"].get("future", 0) > before["bars"]["rejected"].get("future", 0)
+    end = daemon.health()
+    assert daemon.stop() == 0
+
+    # One cycle per true second throughout: no burst after a leap, no stall after a step back.
+    elapsed = samples[-1][0] - samples[0][0]
+    cycles = samples[-1][1] - samples[0][1]
+    assert elapsed - 3 <= cycles <= elapsed + 2, (cycles, elapsed)
+    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+        assert c1 - c0 <= 2 + (t1 - t0), f"burst: {c1 - c0} cycles in {t1 - t0:.2f} s"
+    advanced_at = [t1 for (_, c0), (t1, c1) in itertools.pairwise(samples) if c1 > c0]
+    stall = max(b - a for a, b in itertools.pairwise(advanced_at))
+    assert stall < 3, f"stall: no cycle for {stall:.1f} s"
+    assert end["cycle"]["clock_jumps"] - start["cycle"]["clock_jumps"] >= 3
+    # A leap of minutes is a clock jump, not hundreds of missed ticks.
+    assert end["cycle"]["missed_ticks"] - start["cycle"]["missed_ticks"] < 5
