@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sidecar.app.health import health_report
+from sidecar.app.health import health_report, process_report
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 
@@ -58,6 +58,14 @@ class _PipelineCollector(Collector):
         for st in p.sources:
             errors.add_metric([st.name], st.errors)
         yield errors
+        proc = process_report()
+        yield GaugeMetricFamily("sidecar_asyncio_tasks", "asyncio tasks alive in the daemon",
+                                value=proc["asyncio_tasks"])
+        if proc["rss_bytes"] is not None:
+            yield GaugeMetricFamily("sidecar_resident_memory_bytes", "Resident memory of the daemon",
+                                    value=proc["rss_bytes"])
+            yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
+                                    value=proc["open_fds"])
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -609,3 +609,60 @@ def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
     assert end["cycle"]["clock_jumps"] - start["cycle"]["clock_jumps"] >= 3
     # A leap of minutes is a clock jump, not hundreds of missed ticks.
     assert end["cycle"]["missed_ticks"] - start["cycle"]["missed_ticks"] < 5
+
+
+# -- 5. load ----------------------------------------------------------------------------
+
+#: Seconds of the soak: 120 in the suite; ``scripts/soak`` runs 600 (or its argument).
+SOAK_S = max(90.0, float(os.environ.get("SIDECAR_SOAK_S", "120")))
+SOAK_SYMBOLS = 1_000
+#: Per-symbol state fills up over the first ~50 bars (validator windows, the feature
+#: engine's history until every handle is open); measured: RSS is flat from then on.
+SOAK_WARM_UP_S = 60.0
+
+
+@pytest.mark.timeout(SOAK_S + 180)
+def test_soak_1000_symbols_memory_ticks_fds_and_tasks_stay_flat(
+        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon]) -> None:
+    symbols = ",".join(f"S{i:04d}" for i in range(SOAK_SYMBOLS))
+    # Embedded Redis, as a user runs it; 1-second bars: every cycle closes 1,000 bars.
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=symbols, SIDECAR_TIMEFRAME="1s",
+               SIDECAR_BOOTSTRAP_DAYS="0")
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_ready()
+    started = time.monotonic()
+    time.sleep(SOAK_WARM_UP_S)
+    warm = daemon.health()
+    samples = [warm]
+    while time.monotonic() - started < SOAK_S:
+        time.sleep(5)
+        samples.append(daemon.health())
+    end = samples[-1]
+    assert daemon.stop() == 0
+
+    def proc(h: dict[str, Any], key: str) -> int:
+        return int(h["process"][key])
+
+    elapsed = (end["now_ms"] - warm["now_ms"]) / 1000
+    growth = proc(end, "rss_bytes") / proc(warm, "rss_bytes") - 1
+    summary = {
+        "symbols": SOAK_SYMBOLS, "seconds": round(time.monotonic() - started),
+        "rss_mb_warm": round(proc(warm, "rss_bytes") / 2**20, 1),
+        "rss_mb_end": round(proc(end, "rss_bytes") / 2**20, 1),
+        "rss_growth_pct": round(100 * growth, 2),
+        "fds": [proc(h, "open_fds") for h in (warm, end)],
+        "tasks": [proc(h, "asyncio_tasks") for h in (warm, end)],
+        "missed_ticks": [warm["cycle"]["missed_ticks"], end["cycle"]["missed_ticks"]],
+        "cycle_p50_ms": end["cycle"]["p50_ms"], "cycle_p99_ms": end["cycle"]["p99_ms"],
+        "bars_flushed": end["sqlite"]["flushed_rows"],
+    }
+    print("soak:", json.dumps(summary))
+    assert growth < 0.05, f"memory grew after warm-up: {summary}"
+    assert end["cycle"]["missed_ticks"] == warm["cycle"]["missed_ticks"], f"missed ticks: {summary}"
+    assert end["cycle"]["count"] - warm["cycle"]["count"] >= elapsed - 2, summary
+    assert max(proc(h, "open_fds") for h in samples) <= proc(warm, "open_fds") + 2, summary
+    assert proc(end, "open_fds") <= proc(warm, "open_fds") + 1, summary
+    assert proc(end, "asyncio_tasks") <= proc(warm, "asyncio_tasks") + 1, summary
+    assert end["status"] == "ok" and end["sqlite"]["dropped"] == 0, end["reasons"]
+    assert end["sqlite"]["flushed_rows"] >= SOAK_SYMBOLS * (SOAK_S - 15)
