@@ -110,7 +110,8 @@ def _with_tf(settings: Settings, tf: str) -> Settings:
 
 async def _backfill(settings: Settings, days: int | None) -> int:
     from sidecar.app.bootstrap import DAY_MS, backfill_symbol
-    from sidecar.app.daemon import build_sources, open_redis
+    from sidecar.app.daemon import BACKFILL_BUDGET_WAIT_S, build_sources, open_redis
+    from sidecar.sources.base import series_grid
     from sidecar.sqlite_store import BarStore
 
     sources = build_sources(settings)
@@ -126,9 +127,11 @@ async def _backfill(settings: Settings, days: int | None) -> int:
         start = end - (days if days is not None else settings.bootstrap_days) * DAY_MS
         failed = 0
         for sym in settings.symbols:
-            result = await backfill_symbol(sym, tf, sources, store, start_ms=start, end_ms=end,
+            grid = series_grid(sym, tf, sources)  # the daemon's bar grid for the symbol
+            result = await backfill_symbol(sym, grid, sources, store, start_ms=start, end_ms=end,
                                            now_ms=now, redis_store=redis_store,
-                                           redis_keep=settings.bars_cap)
+                                           redis_keep=settings.bars_cap,
+                                           budget_wait_s=BACKFILL_BUDGET_WAIT_S)
             failed += result.error is not None
             print(json.dumps(result.as_dict()))
         return 1 if failed == len(settings.symbols) else 0

@@ -66,7 +66,8 @@ async def run_fetch(
         return EXIT_CODES.get(exc.error_class, 1)
     finally:
         await source.close()
-    accepted, rejected = validate_history(bars, tf, now_ms, settings.clock_skew_ms)
+    grid = source.grid(symbol, tf)  # US stocks' 1h bars open at :30
+    accepted, rejected = validate_history(bars, grid, now_ms, settings.clock_skew_ms)
     for bar in accepted:
         out.write(json.dumps(bar.to_json_dict()) + "\n")
     out.flush()

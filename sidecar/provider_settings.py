@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.errors import ConfigError
+from sidecar.settings import EnvReader
 
 DEFAULT_ALPHAVANTAGE_URL = "https://www.alphavantage.co"
 DEFAULT_TWELVEDATA_URL = "https://api.twelvedata.com"
@@ -24,15 +25,8 @@ DEFAULT_YAHOO_STREAM_URL = "wss://streamer.finance.yahoo.com/?version=2"
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
 
 
-def _raw(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None or value.strip() == "":
-        return None
-    return value.strip()
-
-
-def _key(env: Mapping[str, str], name: str) -> str | None:
-    value = _raw(env, name)
+def _key(r: EnvReader, name: str) -> str | None:
+    value = r.raw(name)
     if value is None:
         return None
     if not _KEY_RE.match(value):
@@ -41,8 +35,9 @@ def _key(env: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
-    value = _raw(env, name)
+def _url(r: EnvReader, name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+    """A ``schemes`` URL (a base URL: no query string, no trailing slash)."""
+    value = r.raw(name)
     if value is None:
         return default
     if not value.startswith(tuple(f"{s}://" for s in schemes)) or len(value.split("://", 1)[1]) == 0:
@@ -50,43 +45,6 @@ def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[
     if "?" in value and schemes != ("ws", "wss"):
         raise ConfigError(name, "a base URL must not carry a query string")
     return value.rstrip("/") if schemes != ("ws", "wss") else value
-
-
-def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    text = _raw(env, name)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(name, f"expected a number, got {text!r}") from None
-    if not low <= value <= high:  # also refuses NaN
-        raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
-    return value
-
-
-def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    text = _raw(env, name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(name, f"expected an integer, got {text!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
-    return value
-
-
-def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
-    text = _raw(env, name)
-    if text is None:
-        return default
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(name, f"expected true/false, got {text!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,48 +87,42 @@ class ProviderSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderSettings:
         """Read the provider variables; raise :class:`ConfigError` naming a bad one."""
-        env = os.environ if env is None else env
+        r = EnvReader(os.environ if env is None else env)
         http = ("http", "https")
-        symbols_raw = _raw(env, "SIDECAR_SYMBOLS_FILE")
+        symbols_raw = r.raw("SIDECAR_SYMBOLS_FILE")
         symbols_file = Path(symbols_raw).expanduser() if symbols_raw else None
         if symbols_file is not None and not symbols_file.is_file():
             raise ConfigError("SIDECAR_SYMBOLS_FILE", f"no such file: {symbols_file}")
-        stream_url = _url(env, "SIDECAR_YAHOO_STREAM_URL", DEFAULT_YAHOO_STREAM_URL, ("ws", "wss"))
-        assert stream_url is not None
         return cls(
-            alphavantage_api_key=_key(env, "ALPHAVANTAGE_API_KEY"),
-            twelvedata_api_key=_key(env, "TWELVEDATA_API_KEY"),
-            polygon_api_key=_key(env, "POLYGON_API_KEY"),
-            yahoo_base_url=_url(env, "SIDECAR_YAHOO_BASE_URL", None, http),
-            alphavantage_base_url=_url(
-                env, "SIDECAR_ALPHAVANTAGE_BASE_URL", DEFAULT_ALPHAVANTAGE_URL, http
-            ) or DEFAULT_ALPHAVANTAGE_URL,
-            twelvedata_base_url=_url(
-                env, "SIDECAR_TWELVEDATA_BASE_URL", DEFAULT_TWELVEDATA_URL, http
-            ) or DEFAULT_TWELVEDATA_URL,
-            polygon_base_url=_url(env, "SIDECAR_POLYGON_BASE_URL", DEFAULT_POLYGON_URL, http)
-            or DEFAULT_POLYGON_URL,
-            yahoo_stream_url=stream_url,
-            yahoo_stream=_boolean(env, "SIDECAR_YAHOO_STREAM", True),
-            http_timeout_s=_number(env, "SIDECAR_HTTP_TIMEOUT_S", 10.0, 0.1, 300.0),
-            http_connect_timeout_s=_number(env, "SIDECAR_HTTP_CONNECT_TIMEOUT_S", 5.0, 0.1, 300.0),
-            http_pool_size=_integer(env, "SIDECAR_HTTP_POOL_SIZE", 20, 1, 1_000),
-            yahoo_workers=_integer(env, "SIDECAR_YAHOO_WORKERS", 4, 1, 64),
-            alphavantage_per_day=_integer(env, "SIDECAR_ALPHAVANTAGE_PER_DAY", 25, 0, 10_000_000),
-            alphavantage_per_second=_integer(env, "SIDECAR_ALPHAVANTAGE_PER_SECOND", 1, 1, 1_000),
-            twelvedata_credits_per_minute=_integer(
-                env, "SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE", 8, 1, 100_000
-            ),
-            twelvedata_credits_per_day=_integer(
-                env, "SIDECAR_TWELVEDATA_CREDITS_PER_DAY", 800, 0, 100_000_000
-            ),
-            polygon_per_minute=_integer(env, "SIDECAR_POLYGON_PER_MINUTE", 5, 1, 100_000),
-            yahoo_per_minute=_integer(env, "SIDECAR_YAHOO_PER_MINUTE", 60, 1, 100_000),
-            yahoo_per_day=_integer(env, "SIDECAR_YAHOO_PER_DAY", 20_000, 0, 100_000_000),
-            yahoo_poll_s=_number(env, "SIDECAR_YAHOO_POLL_S", 5.0, 0.0, 86_400.0),
-            cooldown_429_s=_number(env, "SIDECAR_429_COOLDOWN_S", 60.0, 0.0, 86_400.0),
-            breaker_fail_max=_integer(env, "SIDECAR_BREAKER_FAIL_MAX", 5, 1, 1_000),
-            breaker_reset_timeout_s=_number(env, "SIDECAR_BREAKER_RESET_S", 30.0, 0.01, 86_400.0),
+            alphavantage_api_key=_key(r, "ALPHAVANTAGE_API_KEY"),
+            twelvedata_api_key=_key(r, "TWELVEDATA_API_KEY"),
+            polygon_api_key=_key(r, "POLYGON_API_KEY"),
+            yahoo_base_url=_url(r, "SIDECAR_YAHOO_BASE_URL", None, http),
+            alphavantage_base_url=_url(r, "SIDECAR_ALPHAVANTAGE_BASE_URL", None, http)
+            or DEFAULT_ALPHAVANTAGE_URL,
+            twelvedata_base_url=_url(r, "SIDECAR_TWELVEDATA_BASE_URL", None, http)
+            or DEFAULT_TWELVEDATA_URL,
+            polygon_base_url=_url(r, "SIDECAR_POLYGON_BASE_URL", None, http) or DEFAULT_POLYGON_URL,
+            yahoo_stream_url=_url(r, "SIDECAR_YAHOO_STREAM_URL", None, ("ws", "wss"))
+            or DEFAULT_YAHOO_STREAM_URL,
+            yahoo_stream=r.boolean("SIDECAR_YAHOO_STREAM", True),
+            http_timeout_s=r.number("SIDECAR_HTTP_TIMEOUT_S", 10.0, low=0.1, high=300.0),
+            http_connect_timeout_s=r.number("SIDECAR_HTTP_CONNECT_TIMEOUT_S", 5.0, low=0.1, high=300.0),
+            http_pool_size=r.integer("SIDECAR_HTTP_POOL_SIZE", 20, low=1, high=1_000),
+            yahoo_workers=r.integer("SIDECAR_YAHOO_WORKERS", 4, low=1, high=64),
+            alphavantage_per_day=r.integer("SIDECAR_ALPHAVANTAGE_PER_DAY", 25, low=0, high=10_000_000),
+            alphavantage_per_second=r.integer("SIDECAR_ALPHAVANTAGE_PER_SECOND", 1, low=1, high=1_000),
+            twelvedata_credits_per_minute=r.integer("SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE", 8,
+                                                    low=1, high=100_000),
+            twelvedata_credits_per_day=r.integer("SIDECAR_TWELVEDATA_CREDITS_PER_DAY", 800,
+                                                 low=0, high=100_000_000),
+            polygon_per_minute=r.integer("SIDECAR_POLYGON_PER_MINUTE", 5, low=1, high=100_000),
+            yahoo_per_minute=r.integer("SIDECAR_YAHOO_PER_MINUTE", 60, low=1, high=100_000),
+            yahoo_per_day=r.integer("SIDECAR_YAHOO_PER_DAY", 20_000, low=0, high=100_000_000),
+            yahoo_poll_s=r.number("SIDECAR_YAHOO_POLL_S", 5.0, low=0.0, high=86_400.0),
+            cooldown_429_s=r.number("SIDECAR_429_COOLDOWN_S", 60.0, low=0.0, high=86_400.0),
+            breaker_fail_max=r.integer("SIDECAR_BREAKER_FAIL_MAX", 5, low=1, high=1_000),
+            breaker_reset_timeout_s=r.number("SIDECAR_BREAKER_RESET_S", 30.0, low=0.01, high=86_400.0),
             symbols_file=symbols_file,
         )
 

@@ -175,6 +175,23 @@ class RateBudget:
                 wait = max(wait, self.seconds_to_reset())
         return wait
 
+    def pace_s(self, cost: int = 1) -> float:
+        """Seconds between two requests of ``cost`` units that this budget sustains.
+
+        Every window must hold at its limit indefinitely, and what is left of the
+        day is spread over the time until the daily reset (00:00 UTC), so a quota
+        lasts the whole day instead of running out in its first minutes.
+        """
+        self._roll_day()
+        pace = 0.0
+        for w in self._windows:
+            pace = max(pace, float("inf") if w.limit == 0 else w.period * cost / w.limit)
+        if self._per_day is not None:
+            left = self._per_day - self._day_used
+            reset = self.seconds_to_reset()
+            pace = max(pace, reset if left < cost else reset * cost / left)
+        return pace
+
     def exhausted(self, message: str = "") -> BudgetExhausted:
         """The error to return when this budget refuses a request."""
         wait = self.wait_time()

@@ -34,7 +34,10 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
 
 
 class _Reader:
-    """Parses typed values out of an environment mapping, naming the variable on error."""
+    """Parses typed values out of an environment mapping, naming the variable on error.
+
+    Shared by every settings dataclass (:data:`EnvReader`, e.g. ``provider_settings``).
+    """
 
     __slots__ = ("env",)
 
@@ -92,6 +95,10 @@ class _Reader:
         if text.lower() not in choices:
             raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}")
         return text.lower()
+
+
+#: The public name of the reader, for the other settings modules.
+EnvReader = _Reader
 
 
 @dataclass(frozen=True, slots=True)

@@ -311,6 +311,17 @@ class BarStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def span(self, symbol: str, tf: str, start: int, end: int) -> tuple[int | None, int | None, int]:
+        """``(first t, last t, count)`` of the stored bars with ``start <= t < end``."""
+        async with self.db.execute(
+            "SELECT MIN(t), MAX(t), COUNT(*) FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ?",
+            (symbol, tf, start, end),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[2] == 0:
+            return None, None, 0
+        return int(row[0]), int(row[1]), int(row[2])
+
     async def gaps(self, symbol: str, tf: str) -> list[tuple[int, int, int, bool]]:
         async with self.db.execute(
             'SELECT start, "end", missing, filled FROM gaps WHERE symbol = ? AND tf = ? ORDER BY start',

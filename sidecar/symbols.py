@@ -17,6 +17,7 @@ from typing import Any, Literal, cast
 
 from sidecar.errors import ConfigError
 from sidecar.settings import SYMBOL_RE
+from sidecar.timeframe import US_EQUITY_SESSION, Session, Timeframe
 
 AssetClass = Literal["stock", "etf", "fx", "crypto", "index", "metal"]
 ASSET_CLASSES: tuple[AssetClass, ...] = ("stock", "etf", "fx", "crypto", "index", "metal")
@@ -24,6 +25,8 @@ PROVIDERS = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_FILE = Path(__file__).with_name("symbols.toml")
 _SETTING = "SIDECAR_SYMBOLS_FILE"
 _EQUITY: tuple[AssetClass, ...] = ("stock", "etf")
+#: Asset classes whose intraday bars follow the US regular session unless the entry says otherwise.
+_SESSION_CLASSES: tuple[AssetClass, ...] = ("stock", "etf", "index")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class SymbolEntry:
     asset_class: AssetClass
     broker: str
     spellings: Mapping[str, ProviderSymbol | None]
+    #: The regular session its intraday bars are anchored at (``None``: the clock's grid).
+    session: Session | None = None
 
 
 def _default_entry(symbol: str) -> SymbolEntry:
@@ -63,7 +68,21 @@ def _default_entry(symbol: str) -> SymbolEntry:
         asset_class="stock",
         broker=symbol,
         spellings={p: ProviderSymbol(symbol, p, symbol, "stock") for p in PROVIDERS},
+        session=US_EQUITY_SESSION,
     )
+
+
+def _parse_session(raw: Any, asset_class: AssetClass, where: str) -> Session | None:
+    if raw is None:
+        return US_EQUITY_SESSION if asset_class in _SESSION_CLASSES else None
+    if raw is False:
+        return None
+    if isinstance(raw, str):
+        try:
+            return Session.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(_SETTING, f"{where}: {exc}") from None
+    raise ConfigError(_SETTING, f"{where}: expected 'HH:MM Zone/Name' or false, got {raw!r}")
 
 
 def _parse_spelling(
@@ -112,6 +131,17 @@ class SymbolMap:
     def entry(self, symbol: str) -> SymbolEntry:
         """The entry of a canonical symbol (a US-stock default when not listed)."""
         return self._entries.get(symbol) or _default_entry(symbol)
+
+    def grid(self, symbol: str, tf: Timeframe, spelling: ProviderSymbol | None = None) -> Timeframe:
+        """``tf`` on the bar grid of ``symbol``'s session (US stocks' 1h bars open at :30).
+
+        A provider spelling passed through (``C:EURUSD``, given as ``spelling``) gets
+        the session of its asset class.
+        """
+        if symbol in self._entries or spelling is None:
+            return tf.on_session(self.entry(symbol).session)
+        default = spelling.asset_class in _SESSION_CLASSES
+        return tf.on_session(US_EQUITY_SESSION if default else None)
 
     def for_source(self, provider: str, symbol: str) -> ProviderSymbol | None:
         """How ``provider`` spells ``symbol``, or ``None`` if it cannot serve it.
@@ -166,10 +196,10 @@ def parse_symbol_map(data: Mapping[str, Any], path: Path | None = None) -> Symbo
             )
         if not isinstance(body, dict):
             raise ConfigError(_SETTING, f"{where}: expected a table")
-        unknown = set(body) - {"asset_class", "broker", *PROVIDERS}
+        unknown = set(body) - {"asset_class", "broker", "session", *PROVIDERS}
         if unknown:
-            raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} "
-                                        f"(known: asset_class, broker, {', '.join(PROVIDERS)})")
+            raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: "
+                                        f"asset_class, broker, session, {', '.join(PROVIDERS)})")
         asset_raw = body.get("asset_class", "stock")
         if asset_raw not in ASSET_CLASSES:
             raise ConfigError(
@@ -182,7 +212,8 @@ def parse_symbol_map(data: Mapping[str, Any], path: Path | None = None) -> Symbo
         spellings = {
             p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
         }
-        entries[canonical] = SymbolEntry(canonical, asset, broker.strip(), spellings)
+        session = _parse_session(body.get("session"), asset, f"{where}.session")
+        entries[canonical] = SymbolEntry(canonical, asset, broker.strip(), spellings, session)
     return SymbolMap(entries, path)
 
 

@@ -13,7 +13,7 @@ import enum
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sidecar.bar import Bar
@@ -50,7 +50,7 @@ def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
         return "bad_volume"
     if bar.tf != tf.name:
         return "wrong_timeframe"
-    if bar.t % tf.ms != 0:
+    if not tf.is_aligned(bar.t):
         return "misaligned_time"
     if bar.t > now_ms + skew_ms:
         return "future"
@@ -113,6 +113,7 @@ class Validator:
     __slots__ = (
         "_correction_ms",
         "_fill_gaps",
+        "_grids",
         "_outlier_k",
         "_skew_ms",
         "_states",
@@ -135,8 +136,11 @@ class Validator:
         outlier_window: int = 50,
         correction_window_bars: int = 10,
         fill_gaps: bool = False,
+        grids: Mapping[str, Timeframe] | None = None,
     ) -> None:
         self._tf = tf
+        #: Symbols whose bars sit on a session grid (``Timeframe.on_session``), by symbol.
+        self._grids = {sym: g for sym, g in (grids or {}).items() if g.session is not None}
         self._skew_ms = skew_ms
         self._outlier_k = outlier_k
         self._window = outlier_window
@@ -191,7 +195,7 @@ class Validator:
     # -- the check --------------------------------------------------------------
     def check(self, bar: Bar, now_ms: int) -> Outcome:
         """Decide what happens to ``bar``; counts and logs rejections."""
-        reason = check_bar(bar, self._tf, now_ms, self._skew_ms)
+        reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)
         st = self._state(bar.symbol)

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from sidecar.app.bootstrap import DAY_MS, backfill_symbol
+from sidecar.app.bootstrap import DAY_MS, backfill_symbol, repair_gaps
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
@@ -37,6 +37,12 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REDIS_DOWN = 3
 RETENTION_EVERY_S = 3_600.0
+GAP_REPAIR_EVERY_S = 60.0
+#: Gap repair only spends budgets that sustain at least one request a minute, so it
+#: never eats the few daily requests of a source like Alpha Vantage (25/day).
+GAP_REPAIR_MAX_PACE_S = 60.0
+#: Background backfill waits this long for a budget before giving a range to the next source.
+BACKFILL_BUDGET_WAIT_S = 120.0
 
 
 def build_sources(settings: Settings) -> list[Source]:
@@ -132,6 +138,7 @@ class Daemon:
             await pipeline.warm(int(time.time() * 1000))
             view.ready = True
             self._spawn(self._retention(store))
+            self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
             await self._main_loop(pipeline, ticker)
         finally:
             await self._shutdown(pipeline, sources, store, redis_store, embedded, runner)
@@ -146,7 +153,8 @@ class Daemon:
         warm_start = end - max(s.warm_bars, 1) * tf.ms
         full_start = end - s.bootstrap_days * DAY_MS
         for sym in s.symbols:
-            result = await backfill_symbol(sym, tf, sources, store, start_ms=max(warm_start, full_start),
+            result = await backfill_symbol(sym, pipeline.grids[sym], sources, store,
+                                           start_ms=max(warm_start, full_start),
                                            end_ms=end, now_ms=now_ms, redis_store=redis_store,
                                            redis_keep=s.bars_cap)
             log.info("bootstrap warm-up window", extra=result.as_dict())
@@ -155,8 +163,10 @@ class Daemon:
             for sym in s.symbols:
                 if self.should_exit.is_set():
                     return
-                result = await backfill_symbol(sym, tf, sources, store, start_ms=full_start,
-                                               end_ms=end, now_ms=now_ms)
+                result = await backfill_symbol(sym, pipeline.grids[sym], sources, store,
+                                               start_ms=full_start,
+                                               end_ms=end, now_ms=now_ms,
+                                               budget_wait_s=BACKFILL_BUDGET_WAIT_S)
                 log.info("bootstrap done", extra=result.as_dict())
 
         if full_start < warm_start:
@@ -180,6 +190,35 @@ class Daemon:
                                  extra={"down_s": round(down_for, 1)})
                     self.exit_code = EXIT_REDIS_DOWN
                     return
+
+    async def _repair_gaps(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
+                           redis_store: RedisStore) -> None:
+        """Backfill the gaps validation recorded, off the hot path, with budget to spare."""
+        while not self.should_exit.is_set():
+            try:
+                await asyncio.wait_for(self.should_exit.wait(), GAP_REPAIR_EVERY_S)
+                return
+            except TimeoutError:
+                pass
+            spare = [s for s in sources if not s.synthetic
+                     and (s.budget is None or s.budget.pace_s() <= GAP_REPAIR_MAX_PACE_S)]
+            if not spare:
+                continue
+            try:
+                await store.flush()  # the gaps found since the last flush
+            except Exception as exc:
+                log.error("gap repair: flush failed", extra={"error": str(exc)})
+                continue
+            for sym, st in pipeline.symbols.items():
+                try:
+                    result = await repair_gaps(sym, pipeline.grids[sym], spare, store,
+                                               now_ms=int(time.time() * 1000),
+                                               redis_store=redis_store)
+                except Exception as exc:
+                    log.error("gap repair failed", extra={"symbol": sym, "error": str(exc)})
+                    continue
+                if result.bars:
+                    st.needs_rebuild = True  # older bars changed: reopen the handles
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():

@@ -53,7 +53,7 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
     for sym, st in pipeline.symbols.items():
         bar = st.forming or st.last
         age = None if st.updated_ms is None else now_ms - st.updated_ms
-        is_fresh = age is not None and age <= stale_after
+        is_fresh = not st.stale(now_ms, stale_after)
         fresh += is_fresh
         symbols[sym] = {
             "newest_bar_t": bar.t if bar else None,
@@ -62,6 +62,8 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
             "last_price": bar.c if bar else None,
             "src": bar.src if bar else None,
             "stale": not is_fresh,
+            "via": st.via,
+            "refresh_interval_ms": st.expect_ms,
         }
 
     sources: dict[str, Any] = {}

@@ -13,21 +13,25 @@ import os
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from redis.exceptions import RedisError
 
+from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
 from sidecar.breaker import SourceBreaker
 from sidecar.errors import ProviderError
 from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
-from sidecar.sources.base import Source
+from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
+from sidecar.timeframe import Timeframe
 from sidecar.validation import Validator, Verdict
 
 log = logging.getLogger("sidecar.pipeline")
@@ -72,6 +76,12 @@ class SymbolState:
     last: Bar | None = None  # newest closed bar
     updated_ms: int | None = None  # when a source last answered for this symbol
     needs_rebuild: bool = False
+    via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
+    expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+
+    def stale(self, now_ms: int, stale_after_ms: int) -> bool:
+        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``."""
+        return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
 
 
 @dataclass(slots=True)
@@ -98,13 +108,18 @@ class Pipeline:
         redis_store: RedisStore,
         bar_store: BarStore,
         breakers: dict[str, SourceBreaker] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._clock = clock  # epoch seconds; tests drive it
         self.tf = settings.timeframe
         breakers = breakers or {}
         self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
+        #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
+        self.grids = {sym: series_grid(sym, self.tf, sources) for sym in settings.symbols}
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -112,6 +127,7 @@ class Pipeline:
             outlier_window=settings.outlier_window,
             correction_window_bars=settings.correction_window_bars,
             fill_gaps=settings.fill_gaps,
+            grids=self.grids,
         )
         self.symbols: dict[str, SymbolState] = {
             sym: SymbolState(FeatureEngine(sym, self.tf.name, settings.periods,
@@ -119,6 +135,7 @@ class Pipeline:
             for sym in settings.symbols
         }
         self.stats = CycleStats()
+        self.planner = Planner()
         self._redis_backlog: dict[tuple[str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._flush_task: asyncio.Task[Any] | None = None
@@ -140,9 +157,9 @@ class Pipeline:
         reached Redis but not SQLite before a crash go to SQLite, and a Redis that
         lost its bars is refilled from SQLite. History then comes from SQLite.
         """
-        current = self.tf.floor(now_ms)
         redis_up = True
         for sym, st in self.symbols.items():
+            current = self.grids[sym].floor(now_ms)
             if redis_up:
                 try:
                     done = await reconcile(sym, self.tf.name, self.redis, self.store, self.settings.bars_cap)
@@ -171,7 +188,7 @@ class Pipeline:
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
         started = time.perf_counter()
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000)
         results = await self._fetch(now_ms)
 
         to_store: list[Bar] = []
@@ -206,45 +223,75 @@ class Pipeline:
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
-        """Newest bars per symbol: each symbol from the first source that serves it.
+        """Newest bars per symbol, as planned within the budgets (see :mod:`.planner`).
 
-        A symbol whose source fails this cycle is asked of the next source in
+        Each source in priority order is asked for the symbols due at it; the ones
+        it holds but that are not due come from its stream or stay on their last
+        bar. A symbol whose source fails this cycle is asked of the next source in
         priority order, within the same cycle.
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
+        for st in self.symbols.values():
+            st.via = VIA_LAST  # unless a source serves it below
         for state in self.sources:
             if not pending:
                 break
             if not state.available(now_ms):
                 continue
-            mine = [s for s in pending if state.source.can_serve(s)]
+            source = state.source
+            mine = [s for s in pending if source.can_serve(s)]
             if not mine:
                 continue
-            answers = await self._ask(state, mine, now_ms)
-            for sym in mine:
+            interval = self.planner.interval_ms(source, self._servable_counter(source), now_ms)
+            plan = self.planner.plan(source, mine, now_ms)
+            for sym, bars in source.peek_latest(plan.idle, self.tf, now_ms).items():
+                out[sym] = bars
+                self.symbols[sym].via = VIA_STREAM
+            for sym in plan.idle:
+                self.symbols[sym].expect_ms = interval
+            answers = await self._ask(state, plan.ask, now_ms) if plan.ask else {}
+            for sym in plan.ask:
                 result = answers.get(sym)
+                ok = isinstance(result, list)
+                wait = interval
+                if isinstance(result, BudgetExhausted) and result.retry_after is not None:
+                    wait = min(interval, int(result.retry_after * 1000))  # nothing was sent
+                self.planner.asked(source, sym, ok, now_ms, wait)
                 if isinstance(result, list):
                     out[sym] = result
-            pending = [s for s in pending if s not in out]
+                    st = self.symbols[sym]
+                    st.via, st.expect_ms = VIA_POLL, interval
+            served = set(out) | set(plan.idle)
+            pending = [s for s in pending if s not in served]
         return out
+
+    def _servable_counter(self, source: Source) -> Callable[[], int]:
+        return lambda: sum(1 for s in self.symbols if source.can_serve(s))
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
         batch = state.source.max_batch
-        chunks = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
+        by_grid: dict[Timeframe, list[str]] = {}  # one request asks for one bar grid
+        for sym in symbols:
+            by_grid.setdefault(self.grids[sym], []).append(sym)
+        chunks = [(grid, group[i:i + batch]) for grid, group in by_grid.items()
+                  for i in range(0, len(group), batch)]
         state.requests += len(chunks)
-        def call(chunk: list[str]) -> Any:
+        def call(grid: Timeframe, chunk: list[str]) -> Any:
             if state.breaker is None:
-                fetch = state.source.fetch_latest(chunk, self.tf, now_ms)
+                fetch = state.source.fetch_latest(chunk, grid, now_ms)
             else:
-                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, self.tf, now_ms))
+                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, grid, now_ms))
             return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
 
-        calls = [call(chunk) for chunk in chunks]
+        calls = [call(grid, chunk) for grid, chunk in chunks]
         merged: dict[str, Any] = {}
-        for result in await asyncio.gather(*calls, return_exceptions=True):
+        for (_, chunk), result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
+                                      strict=True):
             if isinstance(result, BaseException):
                 self._source_failed(state, result, now_ms)
+                if isinstance(result, ProviderError):
+                    merged.update(dict.fromkeys(chunk, result))
                 continue
             merged.update(result)
             failures = [r for r in result.values() if isinstance(r, ProviderError)]
@@ -315,9 +362,10 @@ class Pipeline:
             if bar is None:
                 continue
             values: Values = st.engine.peek(bar) if bar.forming else st.engine.closed_values
-            stale = st.updated_ms is None or now_ms - st.updated_ms > stale_after
-            fmap = features_map(bar, values, now_ms, stale)
+            fmap = features_map(bar, values, now_ms, st.stale(now_ms, stale_after))
             fmap["updated_at"] = st.updated_ms
+            fmap["via"] = st.via
+            fmap["data_age_ms"] = None if st.updated_ms is None else now_ms - st.updated_ms
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 

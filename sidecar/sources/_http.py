@@ -1,25 +1,32 @@
-"""Plumbing shared by the HTTP sources (Alpha Vantage, Twelve Data, Polygon).
+"""Plumbing shared by the provider sources (Yahoo, Alpha Vantage, Twelve Data, Polygon).
 
-Owns the session lifecycle, the symbol mapping lookup, the rate budget and the
-reaction to provider rate limits (back off for ``Retry-After`` or the cooldown).
+:class:`ProviderSource` owns what every provider does the same way: the symbol
+mapping lookup, taking a request from the rate budget, reacting to a provider
+rate limit (back off for ``Retry-After`` or the cooldown; a spent daily quota
+waits for the reset), recording the last error without secrets, and ``/health``
+facts. :class:`HttpSource` adds the one shared aiohttp session and the GET that
+parses its answer. :func:`keyed_provider` is the common part of ``build``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 
+from sidecar.bar import Bar
 from sidecar.errors import ProviderError
 from sidecar.http_session import HttpReply, create_session, http_get, redact
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources.base import LatestResult, Source
-from sidecar.symbols import ProviderSymbol, SymbolMap
+from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
+from sidecar.timeframe import Timeframe
 
 log = logging.getLogger("sidecar.sources")
+T = TypeVar("T")
 
 
 def settle(out: LatestResult) -> LatestResult:
@@ -38,8 +45,100 @@ def settle(out: LatestResult) -> LatestResult:
     return out
 
 
-class HttpSource(Source):
-    """Base of the HTTP sources; subclasses implement the two fetches."""
+def closed_between(bars: list[Bar], start_ms: int, end_ms: int) -> list[Bar]:
+    """The closed bars with ``start_ms <= t < end_ms`` (what ``fetch_history`` returns)."""
+    return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+
+
+def keyed_provider(env: Mapping[str, str], name: str, key_variable: str,
+                   key: Callable[[ProviderSettings], str | None]) -> tuple[ProviderSettings, SymbolMap]:
+    """Provider settings and the symbol map; :class:`SourceDisabled` when the key is missing."""
+    from sidecar.sources import SourceDisabled
+
+    provider = ProviderSettings.from_env(env)
+    if not key(provider):
+        raise SourceDisabled(f"{name}: {key_variable} missing")
+    return provider, load_symbol_map(provider.symbols_file)
+
+
+class ProviderSource(Source):
+    """Base of the real providers; subclasses implement the two fetches."""
+
+    budget: RateBudget
+    #: True for providers that stamp intraday bars on the symbol's session grid (Yahoo,
+    #: Twelve Data); the others stamp the clock's and fold into a session when asked.
+    stamps_sessions: bool = False
+
+    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget) -> None:
+        self.provider = provider
+        self.symbols = symbols
+        self.budget = budget
+        self._requests = 0
+        self._last_error: str | None = None
+
+    def spelling(self, symbol: str) -> ProviderSymbol | None:
+        """This provider's spelling of ``symbol``, or ``None`` if it cannot serve it."""
+        return self.symbols.for_source(self.name, symbol)
+
+    def require(self, symbol: str) -> ProviderSymbol:
+        """This provider's spelling of ``symbol``; ``unknown_symbol`` if it cannot serve it."""
+        spelling = self.spelling(symbol)
+        if spelling is None:
+            raise ProviderError("unknown_symbol", f"{symbol} is not served by {self.name}",
+                                source=self.name)
+        return spelling
+
+    def can_serve(self, symbol: str) -> bool:
+        return self.spelling(symbol) is not None
+
+    def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        return self.series_grid(symbol, tf) if self.stamps_sessions else tf
+
+    def series_grid(self, symbol: str, tf: Timeframe) -> Timeframe:
+        return self.symbols.grid(symbol, tf, self.spelling(symbol))
+
+    def take_budget(self, cost: int = 1) -> None:
+        """Take ``cost`` from the budget or raise :class:`BudgetExhausted` (nothing is sent)."""
+        if not self.budget.try_acquire(cost):
+            raise self.budget.exhausted()
+
+    def note_error(self, err: ProviderError, *, daily: bool = False,
+                   retry_after: float | None = None) -> ProviderError:
+        """Record ``err`` (redacted) and back off on a provider rate limit.
+
+        ``daily``: the provider said its daily quota is spent (refuse until the reset).
+        ``retry_after``: the answer's ``Retry-After``, when the error does not carry one.
+        """
+        err.source = err.source or self.name
+        if err.retry_after is None:
+            err.retry_after = retry_after
+        self._last_error = redact(str(err), self.provider.secrets())[:300]
+        if err.error_class == "rate_limited":
+            if daily:
+                self.budget.exhaust_day()
+            self.budget.back_off(
+                err.retry_after if err.retry_after is not None else self.provider.cooldown_429_s
+            )
+        return err
+
+    async def latest_each(self, symbols: Sequence[str],
+                          fetch: Callable[[str], Awaitable[list[Bar]]]) -> LatestResult:
+        """``fetch_latest`` for one-symbol requests: the newest three bars or the error, each."""
+        out: LatestResult = {}
+        for symbol in symbols:
+            try:
+                out[symbol] = (await fetch(symbol))[-3:]
+            except ProviderError as err:
+                out[symbol] = err
+        return settle(out)
+
+    def status(self) -> dict[str, Any]:
+        return {"budget": self.budget.status(), "requests": self._requests,
+                "last_error": self._last_error}
+
+
+class HttpSource(ProviderSource):
+    """A provider reached through the shared aiohttp session; its key is ``{name}_api_key``."""
 
     def __init__(
         self,
@@ -48,13 +147,12 @@ class HttpSource(Source):
         budget: RateBudget,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self.provider = provider
-        self.symbols = symbols
-        self.budget = budget
+        super().__init__(provider, symbols, budget)
+        key = getattr(provider, f"{self.name}_api_key", None)
+        assert key, f"{self.name} needs its API key"
+        self._key: str = key
         self._session = session
         self._owns_session = session is None
-        self._requests = 0
-        self._last_error: str | None = None
 
     async def start(self) -> None:
         self._get_session()
@@ -70,13 +168,6 @@ class HttpSource(Source):
             self._owns_session = True
         return self._session
 
-    def spelling(self, symbol: str) -> ProviderSymbol | None:
-        """This provider's spelling of ``symbol``, or ``None`` if it cannot serve it."""
-        return self.symbols.for_source(self.name, symbol)
-
-    def can_serve(self, symbol: str) -> bool:
-        return self.spelling(symbol) is not None
-
     async def _get(
         self, url: str, params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
@@ -90,16 +181,17 @@ class HttpSource(Source):
         log.debug("%s GET %s -> %d", self.name, reply.url, reply.status)
         return reply
 
-    def _note_error(self, err: ProviderError) -> ProviderError:
-        """Record ``err`` and back off the budget on a provider rate limit."""
-        err.source = err.source or self.name
-        self._last_error = redact(str(err), self.provider.secrets())[:300]
-        if err.error_class == "rate_limited":
-            self.budget.back_off(
-                err.retry_after if err.retry_after is not None else self.provider.cooldown_429_s
-            )
-        return err
+    async def _get_parsed(
+        self, url: str, parse: Callable[[HttpReply], T], *,
+        params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
+        daily: Callable[[ProviderError], bool] = lambda err: False,
+    ) -> T:
+        """One GET whose answer ``parse`` turns into a result; its errors are noted.
 
-    def status(self) -> dict[str, Any]:
-        return {"budget": self.budget.status(), "requests": self._requests,
-                "last_error": self._last_error}
+        ``daily(err)`` tells whether a rate limit means the day's quota is spent.
+        """
+        reply = await self._get(url, params=params, headers=headers)
+        try:
+            return parse(reply)
+        except ProviderError as err:
+            raise self.note_error(err, daily=daily(err), retry_after=reply.retry_after) from None

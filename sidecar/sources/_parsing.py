@@ -34,6 +34,17 @@ class ParseContext:
     has_volume: bool = True
 
 
+def decode_answer(body: bytes | str, status: int, source: str,
+                  retry_after: float | None = None) -> Any:
+    """Decode JSON; a non-JSON body is classified by its HTTP status when that is not 200."""
+    try:
+        return decode_json(body, source)
+    except ProviderError:
+        if status != 200:
+            raise http_status_error(status, "(non-JSON body)", source, retry_after) from None
+        raise
+
+
 def decode_json(body: bytes | str, source: str, what: str = "body") -> Any:
     """Decode JSON or raise ``ProviderError("bad_response")`` (truncated, HTML, text)."""
     try:
@@ -120,3 +131,24 @@ def http_status_error(
 def ohlc_ok(o: float, h: float, l: float, c: float) -> bool:
     """True when all four prices are finite numbers (nulls were dropped before)."""
     return all(math.isfinite(x) for x in (o, h, l, c))
+
+
+def rebucket(bars: list[Bar], ctx: ParseContext) -> list[Bar]:
+    """Fold finer clock-aligned bars (oldest first) into ``ctx.tf``'s session grid.
+
+    For providers that only stamp bars on the clock's grid (Polygon, Alpha Vantage)
+    when a series sits on a session's (US stocks' 1h bars open at 09:30, 10:30 ...):
+    they are asked for ``ctx.tf.clock`` bars, folded here (first open, highest high,
+    lowest low, last close, summed volume; ``None`` if any part has none).
+    """
+    grid = ctx.tf
+    buckets: dict[int, Bar] = {}
+    for bar in bars:
+        t = grid.floor(bar.t)
+        into = buckets.get(t)
+        if into is None:
+            buckets[t] = Bar(ctx.symbol, grid.name, t, bar.o, bar.h, bar.l, bar.c, bar.v, ctx.src)
+            continue
+        into.h, into.l, into.c = max(into.h, bar.h), min(into.l, bar.l), bar.c
+        into.v = None if into.v is None or bar.v is None else into.v + bar.v
+    return finish(list(buckets.values()), ctx)

@@ -16,22 +16,21 @@ from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
-from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources import SourceDisabled
-from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._http import HttpSource, closed_between, keyed_provider
 from sidecar.sources._parsing import (
     ParseContext,
     decode_json,
     finish,
     http_status_error,
     local_text_to_ms,
+    rebucket,
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult
-from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.symbols import ProviderSymbol
 from sidecar.timeframe import Timeframe
 
 NAME = "alphavantage"
@@ -147,53 +146,43 @@ class AlphaVantageSource(HttpSource):
     name = NAME
     max_batch = 1
 
-    def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
-                 **kwargs: Any) -> None:
-        super().__init__(provider, symbols, budget, **kwargs)
-        assert provider.alphavantage_api_key
-        self._key = provider.alphavantage_api_key
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        """Intraday ``outputsize=full``: the trailing 30 days in one request; daily: all."""
+        if tf.ms >= DAY_MS:
+            return HistoryLimits()
+        return HistoryLimits(span_ms=30 * DAY_MS, lookback_ms=30 * DAY_MS)
 
     async def _series(self, symbol: str, tf: Timeframe, full: bool, now_ms: int) -> list[Bar]:
-        spelling = self.spelling(symbol)
-        if spelling is None:
-            raise ProviderError("unknown_symbol", f"{symbol} is not served by {NAME}", source=NAME)
-        params = query_params(spelling, tf, full)
-        if not self.budget.try_acquire(1):
-            raise self.budget.exhausted()
-        reply = await self._get(f"{self.provider.alphavantage_base_url}/query",
-                                params={**params, "apikey": self._key})
-        ctx = ParseContext(symbol, tf, NAME, now_ms, has_volume=spelling.has_volume)
-        try:
-            return parse_time_series(reply.body, reply.status, ctx)
-        except ProviderError as err:
-            low = str(err).lower()
-            if err.error_class == "rate_limited" and "per day" in low and "per minute" not in low:
-                self.budget.exhaust_day()
-            if err.retry_after is None:
-                err.retry_after = reply.retry_after
-            raise self._note_error(err) from None
+        spelling = self.require(symbol)
+        grid = self.grid(symbol, tf)
+        params = query_params(spelling, grid.clock, full)  # session grids are folded below
+        self.take_budget()
+        ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume=spelling.has_volume)
+        bars = await self._get_parsed(
+            f"{self.provider.alphavantage_base_url}/query",
+            lambda reply: parse_time_series(reply.body, reply.status, ctx),
+            params={**params, "apikey": self._key}, daily=_daily_quota_spent)
+        if grid.session is not None:
+            return rebucket(bars, ParseContext(symbol, grid, NAME, now_ms, spelling.has_volume))
+        return bars
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        out: LatestResult = {}
-        for symbol in symbols:
-            try:
-                bars = await self._series(symbol, tf, False, now_ms)
-                out[symbol] = bars[-3:]
-            except ProviderError as err:
-                out[symbol] = err
-        return settle(out)
+        return await self.latest_each(symbols, lambda s: self._series(s, tf, False, now_ms))
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
-        now_ms = int(time.time() * 1000)
-        bars = await self._series(symbol, tf, True, now_ms)
-        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+        bars = await self._series(symbol, tf, True, int(time.time() * 1000))
+        return closed_between(bars, start_ms, end_ms)
+
+
+def _daily_quota_spent(err: ProviderError) -> bool:
+    low = str(err).lower()
+    return "per day" in low and "per minute" not in low
 
 
 def build(settings: Settings, env: Mapping[str, str]) -> AlphaVantageSource:
     """The Alpha Vantage source; :class:`SourceDisabled` without ``ALPHAVANTAGE_API_KEY``."""
-    provider = ProviderSettings.from_env(env)
-    if not provider.alphavantage_api_key:
-        raise SourceDisabled(f"{NAME}: ALPHAVANTAGE_API_KEY missing")
+    provider, symbols = keyed_provider(env, NAME, "ALPHAVANTAGE_API_KEY",
+                                       lambda p: p.alphavantage_api_key)
     budget = RateBudget(NAME, per_second=provider.alphavantage_per_second,
                         per_day=provider.alphavantage_per_day)
-    return AlphaVantageSource(provider, load_symbol_map(provider.symbols_file), budget)
+    return AlphaVantageSource(provider, symbols, budget)

@@ -23,23 +23,27 @@ from sidecar.http_session import redact
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources import SourceDisabled
-from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._http import HttpSource, closed_between, keyed_provider
 from sidecar.sources._parsing import (
     ParseContext,
     decode_json,
     epoch_to_daily_ms,
     finish,
     http_status_error,
+    rebucket,
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult
-from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.symbols import SymbolMap
 from sidecar.timeframe import Timeframe
 
 NAME = "polygon"
 MAX_PAGES = 20
+#: ``limit`` counts the minute aggregates a request reads (max 50,000 ~ 34.7 days);
+#: the free tier serves about two years of history.
+MAX_BASE_AGGREGATES = 50_000
+HISTORY_DAYS = 730
 _SPANS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
 log = logging.getLogger("sidecar.sources.polygon")
 
@@ -126,16 +130,19 @@ class PolygonSource(HttpSource):
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:
         super().__init__(provider, symbols, budget, **kwargs)
-        assert provider.polygon_api_key
-        self._headers = {"Authorization": f"Bearer {provider.polygon_api_key}"}
+        self._headers = {"Authorization": f"Bearer {self._key}"}
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        base_ms = min(tf.clock.ms, 60_000) if tf.ms < DAY_MS else DAY_MS
+        return HistoryLimits(span_ms=MAX_BASE_AGGREGATES * base_ms, lookback_ms=HISTORY_DAYS * DAY_MS)
 
     async def _aggs(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int, now_ms: int,
                     max_pages: int) -> list[Bar]:
-        spelling = self.spelling(symbol)
-        if spelling is None:
-            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
-        mult, span = timespan(tf)
-        ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.asset_class not in ("fx", "metal", "index"))
+        spelling = self.require(symbol)
+        grid = self.grid(symbol, tf)
+        mult, span = timespan(grid.clock)  # clock-aligned only: session grids are folded below
+        has_volume = spelling.asset_class not in ("fx", "metal", "index")
+        ctx = ParseContext(symbol, grid.clock, NAME, now_ms, has_volume)
         url: str | None = (
             f"{self.provider.polygon_base_url}/v2/aggs/ticker/{quote(spelling.ticker, safe=':')}"
             f"/range/{mult}/{span}/{start_ms}/{max(start_ms, end_ms - 1)}"
@@ -150,14 +157,12 @@ class PolygonSource(HttpSource):
                 log.warning("polygon: budget spent after %d pages of %s; returning partial range",
                             pages, symbol)
                 break
-            reply = await self._get(url, params=params, headers=self._headers)
             pages += 1
-            try:
-                page, next_url = parse_aggs(reply.body, reply.status, ctx,
-                                            asset_class=spelling.asset_class,
-                                            retry_after=reply.retry_after)
-            except ProviderError as err:
-                raise self._note_error(err) from None
+            page, next_url = await self._get_parsed(
+                url, lambda reply: parse_aggs(reply.body, reply.status, ctx,
+                                              asset_class=spelling.asset_class,
+                                              retry_after=reply.retry_after),
+                params=params, headers=self._headers)
             bars.extend(page)
             if next_url:
                 url = rebase_url(next_url, self.provider.polygon_base_url)
@@ -165,29 +170,22 @@ class PolygonSource(HttpSource):
                 params = None  # the cursor URL carries its own query
             else:
                 url = None
+        if grid.session is not None:
+            return rebucket(bars, ParseContext(symbol, grid, NAME, now_ms, has_volume))
         return finish(bars, ctx)
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        out: LatestResult = {}
         start = tf.floor(now_ms) - 5 * tf.ms
-        for symbol in symbols:
-            try:
-                bars = await self._aggs(symbol, tf, start, now_ms + 1, now_ms, max_pages=1)
-                out[symbol] = bars[-3:]
-            except ProviderError as err:
-                out[symbol] = err
-        return settle(out)
+        return await self.latest_each(
+            symbols, lambda symbol: self._aggs(symbol, tf, start, now_ms + 1, now_ms, max_pages=1))
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
         now_ms = int(time.time() * 1000)
         bars = await self._aggs(symbol, tf, start_ms, end_ms, now_ms, MAX_PAGES)
-        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+        return closed_between(bars, start_ms, end_ms)
 
 
 def build(settings: Settings, env: Mapping[str, str]) -> PolygonSource:
     """The Polygon source; :class:`SourceDisabled` without ``POLYGON_API_KEY``."""
-    provider = ProviderSettings.from_env(env)
-    if not provider.polygon_api_key:
-        raise SourceDisabled(f"{NAME}: POLYGON_API_KEY missing")
-    budget = RateBudget(NAME, per_minute=provider.polygon_per_minute)
-    return PolygonSource(provider, load_symbol_map(provider.symbols_file), budget)
+    provider, symbols = keyed_provider(env, NAME, "POLYGON_API_KEY", lambda p: p.polygon_api_key)
+    return PolygonSource(provider, symbols, RateBudget(NAME, per_minute=provider.polygon_per_minute))

@@ -21,19 +21,18 @@ from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources import SourceDisabled
-from sidecar.sources._http import HttpSource, settle
+from sidecar.sources._http import HttpSource, closed_between, keyed_provider, settle
 from sidecar.sources._parsing import (
     ParseContext,
-    decode_json,
+    decode_answer,
     finish,
     http_status_error,
     local_text_to_ms,
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult
-from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.symbols import SymbolMap
 from sidecar.timeframe import Timeframe
 
 NAME = "twelvedata"
@@ -98,12 +97,7 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
 
 
 def _checked_json(body: bytes | str, status: int, retry_after: float | None) -> Any:
-    try:
-        data = decode_json(body, NAME)
-    except ProviderError:
-        if status != 200:
-            raise http_status_error(status, "(non-JSON body)", NAME, retry_after) from None
-        raise
+    data = decode_answer(body, status, NAME, retry_after)
     if isinstance(data, dict) and ("code" in data and "values" not in data
                                    and (data.get("status") == "error" or status != 200)):
         raise classify_error(data, status, retry_after)
@@ -149,13 +143,17 @@ class TwelveDataSource(HttpSource):
     """Batched ``/time_series`` within the credit budget (one credit per symbol)."""
 
     name = NAME
+    stamps_sessions = True
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:
         super().__init__(provider, symbols, budget, **kwargs)
-        assert provider.twelvedata_api_key
-        self._headers = {"Authorization": f"apikey {provider.twelvedata_api_key}"}
+        self._headers = {"Authorization": f"apikey {self._key}"}
         self.max_batch = max(1, provider.twelvedata_credits_per_minute)
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        """At most 5,000 values per request (the dates asked are a day wider each side)."""
+        return HistoryLimits(span_ms=max(tf.ms, MAX_OUTPUT * tf.ms - 2 * DAY_MS))
 
     def _interval(self, tf: Timeframe) -> str:
         interval = INTERVALS.get(tf.name)
@@ -166,17 +164,13 @@ class TwelveDataSource(HttpSource):
     async def _request(self, contexts: Mapping[str, ParseContext], tf: Timeframe,
                        extra: Mapping[str, str]) -> dict[str, list[Bar] | ProviderError]:
         params = {"symbol": ",".join(contexts), "interval": self._interval(tf), **extra}
-        reply = await self._get(f"{self.provider.twelvedata_base_url}/time_series", params=params,
-                                headers=self._headers)
-        try:
-            result = parse_batch(reply.body, reply.status, contexts, reply.retry_after)
-        except ProviderError as err:
-            if err.error_class == "rate_limited" and "day" in str(err).lower():
-                self.budget.exhaust_day()
-            raise self._note_error(err) from None
+        result = await self._get_parsed(
+            f"{self.provider.twelvedata_base_url}/time_series",
+            lambda reply: parse_batch(reply.body, reply.status, contexts, reply.retry_after),
+            params=params, headers=self._headers, daily=lambda err: "day" in str(err).lower())
         for value in result.values():
             if isinstance(value, ProviderError) and value.error_class == "rate_limited":
-                self._note_error(value)
+                self.note_error(value)
         return result
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
@@ -187,20 +181,20 @@ class TwelveDataSource(HttpSource):
             return dict.fromkeys(symbols, err)
         wanted: dict[str, tuple[str, ParseContext]] = {}
         for symbol in symbols:
-            spelling = self.spelling(symbol)
-            if spelling is None:
-                out[symbol] = ProviderError("unknown_symbol", f"{symbol} not served by {NAME}",
-                                            source=NAME)
+            try:
+                spelling = self.require(symbol)
+            except ProviderError as err:
+                out[symbol] = err
                 continue
             wanted[symbol] = (spelling.ticker,
-                              ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume))
+                              ParseContext(symbol, self.grid(symbol, tf), NAME,
+                                           now_ms, spelling.has_volume))
         affordable = min(len(wanted), self.budget.remaining())
         chosen = list(wanted)[:affordable]
         for symbol in list(wanted)[affordable:]:
             out[symbol] = self.budget.exhausted()
         if chosen:
-            if not self.budget.try_acquire(len(chosen)):  # pragma: no cover - checked above
-                raise self.budget.exhausted()
+            self.take_budget(len(chosen))
             contexts = {wanted[s][0]: wanted[s][1] for s in chosen}
             result = await self._request(contexts, tf, {"outputsize": "5"})
             for symbol in chosen:
@@ -209,13 +203,10 @@ class TwelveDataSource(HttpSource):
         return settle({s: out[s] for s in symbols})
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
-        spelling = self.spelling(symbol)
-        if spelling is None:
-            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
-        now_ms = int(time.time() * 1000)
-        ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume)
-        if not self.budget.try_acquire(1):
-            raise self.budget.exhausted()
+        spelling = self.require(symbol)
+        ctx = ParseContext(symbol, self.grid(symbol, tf), NAME,
+                           int(time.time() * 1000), spelling.has_volume)
+        self.take_budget()
         # Dates are read in the exchange's zone: ask a day wider and filter exactly below.
         extra = {
             "start_date": datetime.fromtimestamp(start_ms / 1000 - 86_400, UTC).strftime("%Y-%m-%d"),
@@ -226,14 +217,13 @@ class TwelveDataSource(HttpSource):
         value = result[spelling.ticker]
         if isinstance(value, ProviderError):
             raise value
-        return [b for b in value if start_ms <= b.t < end_ms and not b.forming]
+        return closed_between(value, start_ms, end_ms)
 
 
 def build(settings: Settings, env: Mapping[str, str]) -> TwelveDataSource:
     """The Twelve Data source; :class:`SourceDisabled` without ``TWELVEDATA_API_KEY``."""
-    provider = ProviderSettings.from_env(env)
-    if not provider.twelvedata_api_key:
-        raise SourceDisabled(f"{NAME}: TWELVEDATA_API_KEY missing")
+    provider, symbols = keyed_provider(env, NAME, "TWELVEDATA_API_KEY",
+                                       lambda p: p.twelvedata_api_key)
     budget = RateBudget(NAME, per_minute=provider.twelvedata_credits_per_minute,
                         per_day=provider.twelvedata_credits_per_day)
-    return TwelveDataSource(provider, load_symbol_map(provider.symbols_file), budget)
+    return TwelveDataSource(provider, symbols, budget)

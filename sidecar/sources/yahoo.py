@@ -33,19 +33,19 @@ from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources._http import settle
+from sidecar.sources._http import ProviderSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
-    decode_json,
+    decode_answer,
     epoch_to_daily_ms,
     finish,
     http_status_error,
     to_float,
     zone,
 )
-from sidecar.sources.base import LatestResult, Source
+from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
 from sidecar.sources.yahoo_stream import YahooStream
-from sidecar.symbols import SymbolMap, load_symbol_map
+from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 
 NAME = "yahoo"
@@ -53,6 +53,11 @@ CHART_URL = "https://query2.finance.yahoo.com/v8/finance/chart/"
 INTERVALS = {"1m": "1m", "2m": "2m", "5m": "5m", "15m": "15m", "30m": "30m", "1h": "60m",
              "90m": "90m", "1d": "1d"}
 _NO_VOLUME_TYPES = ("CURRENCY", "INDEX")
+#: Yahoo's intraday range limits (yfinance and Yahoo's own errors): 1m at most 8 days
+#: per request and only the last 30 days; 2m-90m the last 60 days; 1h the last 730.
+_LIMITS_1M = HistoryLimits(span_ms=8 * DAY_MS, lookback_ms=30 * DAY_MS)
+_LIMITS_UP_TO_90M = HistoryLimits(span_ms=60 * DAY_MS, lookback_ms=60 * DAY_MS)
+_LIMITS_1H = HistoryLimits(span_ms=730 * DAY_MS, lookback_ms=730 * DAY_MS)
 _BAD_SYMBOL_TTL_S = 6 * 3600.0
 log = logging.getLogger("sidecar.sources.yahoo")
 
@@ -79,12 +84,7 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     err = _chart_error(status, body, retry_after)
     if err is not None:
         raise err
-    try:
-        data = decode_json(body, NAME)
-    except ProviderError:
-        if status != 200:
-            raise http_status_error(status, "(non-JSON body)", NAME, retry_after) from None
-        raise
+    data = decode_answer(body, status, NAME, retry_after)
     chart = data.get("chart") if isinstance(data, dict) else None
     if not isinstance(chart, dict):
         if status != 200:
@@ -226,27 +226,26 @@ def _blocking_chart(session: RebasingSession, ticker: str, params: dict[str, str
     return int(resp.status_code), bytes(resp.content), retry_s
 
 
-class YahooSource(Source):
+class YahooSource(ProviderSource):
     """Chart polls within a self-imposed budget, the stream in between."""
 
     name = NAME
     max_batch = 50
+    stamps_sessions = True
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget, *,
                  cache_dir: Path, stream_tickers: Sequence[str] = ()) -> None:
-        self.provider = provider
-        self.symbols = symbols
-        self.budget = budget
+        super().__init__(provider, symbols, budget)
         self._cache_dir = cache_dir
         self._session: RebasingSession | None = None
         self._pool = ThreadPoolExecutor(max_workers=provider.yahoo_workers,
                                         thread_name_prefix="yahoo")
         self._bad: dict[str, float] = {}
         self._latest: dict[tuple[str, str], tuple[float, list[Bar]]] = {}
+        self._peeked: dict[str, int] = {}  # ticker -> newest tick time handed to peek_latest
+        self.min_refresh_s = provider.yahoo_poll_s
         self._stream = (YahooStream(provider.yahoo_stream_url, stream_tickers)
                         if provider.yahoo_stream and stream_tickers else None)
-        self._requests = 0
-        self._last_error: str | None = None
 
     async def start(self) -> None:
         self._session = shared_session(self.provider.yahoo_base_url, self._cache_dir)
@@ -258,9 +257,17 @@ class YahooSource(Source):
             await self._stream.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def can_serve(self, symbol: str) -> bool:
+    def spelling(self, symbol: str) -> ProviderSymbol | None:
+        """Yahoo's ticker for ``symbol``; ``None`` also while it is cached as unknown."""
         spelling = self.symbols.for_source(NAME, symbol)
-        return spelling is not None and not self._known_bad(spelling.ticker)
+        return None if spelling is None or self._known_bad(spelling.ticker) else spelling
+
+    def history_limits(self, tf: Timeframe) -> HistoryLimits:
+        if tf.ms >= DAY_MS:
+            return HistoryLimits()
+        if tf.ms <= 60_000:
+            return _LIMITS_1M
+        return _LIMITS_UP_TO_90M if tf.ms <= 90 * 60_000 else _LIMITS_1H
 
     def _known_bad(self, ticker: str) -> bool:
         until = self._bad.get(ticker)
@@ -273,14 +280,11 @@ class YahooSource(Source):
 
     async def _chart(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int,
                      now_ms: int) -> list[Bar]:
-        spelling = self.symbols.for_source(NAME, symbol)
-        if spelling is None or self._known_bad(spelling.ticker):
-            raise ProviderError("unknown_symbol", f"{symbol} not served by {NAME}", source=NAME)
+        spelling = self.require(symbol)
         interval = INTERVALS.get(tf.name)
         if interval is None:
             raise ProviderError("not_entitled", f"timeframe {tf.name} is not offered", source=NAME)
-        if not self.budget.try_acquire(1):
-            raise self.budget.exhausted()
+        self.take_budget()
         if self._session is None:
             self._session = shared_session(self.provider.yahoo_base_url, self._cache_dir)
         params = {"period1": str(start_ms // 1000), "period2": str(-(-end_ms // 1000)),
@@ -293,33 +297,67 @@ class YahooSource(Source):
                                      params, self.provider.http_timeout_s),
                 timeout=self.provider.http_timeout_s + 1.0,
             )
-            ctx = ParseContext(symbol, tf, NAME, now_ms, spelling.has_volume)
+            grid = self.grid(symbol, tf)  # Yahoo's 1h stock bars open at :30
+            ctx = ParseContext(symbol, grid, NAME, now_ms, spelling.has_volume)
             return parse_chart(body, status, ctx, end_ms=end_ms, retry_after=retry_after)
         except TimeoutError:
             err = ProviderError("unavailable", f"timeout fetching {spelling.ticker}", source=NAME)
         except ProviderError as exc:
             err = exc
-        self._last_error = str(err)[:300]
         if err.error_class == "unknown_symbol":
             self._bad[spelling.ticker] = time.monotonic() + _BAD_SYMBOL_TTL_S
-        elif err.error_class == "rate_limited":
-            self.budget.back_off(err.retry_after if err.retry_after is not None
-                                 else self.provider.cooldown_429_s)
-        raise err
+        raise self.note_error(err)
 
     def _with_ticks(self, symbol: str, bars: list[Bar], polled_ms: float, tf: Timeframe,
                     now_ms: int) -> list[Bar]:
-        """The cached bars with the forming one moved by newer stream ticks."""
+        """The polled bars with the forming one moved by newer stream ticks.
+
+        A tick in the current period moves the forming bar's close/high/low. Once the
+        polled series is established, a tick in a newer period opens that period's
+        forming bar (open = high = low = close = the tick; volume 0 until the next
+        poll reconciles it); the previous bar then closes with its last known values.
+        Ticks never make bars for a symbol no poll has answered.
+        """
         spelling = self.symbols.for_source(NAME, symbol)
         if self._stream is None or spelling is None or not bars:
             return bars
         tick = self._stream.ticks.get(spelling.ticker)
-        last = bars[-1]
-        if (tick is None or tick.t_ms <= polled_ms or not last.forming
-                or tf.floor(tick.t_ms) != last.t or tf.floor(now_ms) != last.t):
+        if tick is None or tick.t_ms <= polled_ms:
             return bars
-        moved = replace(last, h=max(last.h, tick.price), l=min(last.l, tick.price), c=tick.price)
-        return [*bars[:-1], moved]
+        grid = self.grid(symbol, tf)
+        period = grid.floor(tick.t_ms)
+        last = bars[-1]
+        if period != grid.floor(now_ms) or period < last.t:
+            return bars  # a late tick, or one from a period that is already over
+        if period == last.t:
+            if not last.forming:
+                return bars
+            moved = replace(last, h=max(last.h, tick.price), l=min(last.l, tick.price), c=tick.price)
+            return [*bars[:-1], moved]
+        opened = Bar(symbol, grid.name, period, tick.price, tick.price, tick.price, tick.price,
+                     0.0 if spelling.has_volume else None, NAME, forming=True)
+        return [*bars[:-1], replace(last, forming=False), opened]
+
+    def peek_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> dict[str, list[Bar]]:
+        """Forming bars moved by ticks that arrived since the last poll or peek (no request)."""
+        out: dict[str, list[Bar]] = {}
+        if self._stream is None:
+            return out
+        for symbol in symbols:
+            cached = self._latest.get((symbol, tf.name))
+            spelling = self.symbols.for_source(NAME, symbol)
+            if cached is None or spelling is None:
+                continue
+            tick = self._stream.ticks.get(spelling.ticker)
+            if tick is None or tick.t_ms <= self._peeked.get(spelling.ticker, 0):
+                continue
+            self._peeked[spelling.ticker] = tick.t_ms
+            moved = self._with_ticks(symbol, cached[1], cached[0], tf, now_ms)
+            if moved is not cached[1]:
+                # Keep what the ticks made: a bar a later tick closes keeps its last close.
+                self._latest[(symbol, tf.name)] = (cached[0], moved)
+                out[symbol] = moved
+        return out
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
         out: LatestResult = {}
@@ -349,11 +387,10 @@ class YahooSource(Source):
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
         now_ms = int(time.time() * 1000)
         bars = await self._chart(symbol, tf, start_ms, end_ms, now_ms)
-        return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
+        return closed_between(bars, start_ms, end_ms)
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"budget": self.budget.status(), "requests": self._requests,
-                               "known_bad": sorted(self._bad), "last_error": self._last_error}
+        out = {**super().status(), "known_bad": sorted(self._bad)}
         if self._stream is not None:
             out["stream"] = self._stream.status()
         return out

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,12 @@ class FakeProviders:
     def __init__(self) -> None:
         self.queue: dict[str, list[Reply]] = {k: [] for k in ENDPOINTS}
         self.default: dict[str, Reply] = {}
+        #: Answers computed from the request (e.g. bars for the asked range), after the queue.
+        self.responders: dict[str, Callable[[Seen], Reply]] = {}
         self.seen: list[Seen] = []
         self.stream_messages: list[dict[str, Any]] = []
         self.stream_subscriptions: list[Any] = []
+        self._sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -129,7 +133,12 @@ class FakeProviders:
             return web.Response(text="fakecrumb")
         for key, prefix in ENDPOINTS.items():
             if request.path.startswith(prefix):
-                reply = self.queue[key].pop(0) if self.queue[key] else self.default.get(key)
+                if self.queue[key]:
+                    reply: Reply | None = self.queue[key].pop(0)
+                elif key in self.responders:
+                    reply = self.responders[key](self.seen[-1])
+                else:
+                    reply = self.default.get(key)
                 if reply is None:
                     return web.Response(status=404, text="no fake answer configured")
                 return await self._send(request, reply)
@@ -149,13 +158,31 @@ class FakeProviders:
     async def _stream(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                break
-            self.stream_subscriptions.append(json.loads(msg.data))
-            for message in self.stream_messages:
-                await ws.send_str(json.dumps({"type": "pricing", "message": message_b64(message)}))
+        self._sockets.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    break
+                self.stream_subscriptions.append(json.loads(msg.data))
+                for message in self.stream_messages:
+                    await ws.send_str(json.dumps({"type": "pricing", "message": message_b64(message)}))
+        finally:
+            self._sockets.discard(ws)
         return ws
+
+    async def send_stream(self, *messages: dict[str, Any]) -> None:
+        """Send pricing messages now to every subscribed stream client."""
+        for ws in list(self._sockets):
+            for message in messages:
+                await ws.send_str(json.dumps({"type": "pricing", "message": message_b64(message)}))
+
+    async def wait_subscribed(self, timeout_s: float = 10.0) -> None:
+        """Until a stream client has subscribed (the daemon's stream is up)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not (self._sockets and self.stream_subscriptions):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("no stream subscription")
+            await asyncio.sleep(0.02)
 
 
 def message_b64(fields: dict[str, Any]) -> str:

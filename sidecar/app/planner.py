@@ -1,0 +1,80 @@
+"""Which symbol is refreshed from which source this second, within the budgets.
+
+Every source has a refresh interval per symbol (:meth:`Source.refresh_interval_s`):
+the pace its rate budget sustains for the symbols it can serve, its daily quota
+spread over the rest of the day (Alpha Vantage's 25/day for five symbols: one
+refresh per symbol every ~4.8 h; Yahoo's self-imposed budget: every few seconds).
+A symbol is *due* at a source when that interval has passed since the source was
+last asked for it. In priority order, each source is asked for its due symbols;
+a symbol it holds (answered last) but that is not due is served without a request:
+from the source's stream when it has news (:meth:`Source.peek_latest`), else from
+its last bar, whose age the features carry. A symbol a source failed for falls
+through to the next source in the same cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.sources.base import Source
+
+#: How the newest bar of a symbol was obtained this cycle.
+VIA_POLL, VIA_STREAM, VIA_LAST = "poll", "stream", "last"
+
+
+@dataclass(slots=True)
+class SourcePlan:
+    """What one source is to do this cycle."""
+
+    ask: list[str] = field(default_factory=list)  # refresh with a request
+    idle: list[str] = field(default_factory=list)  # held by it, not due: stream or last bar
+
+
+class Planner:
+    """Per source and symbol: when it is next due; per symbol: which source holds it."""
+
+    __slots__ = ("_due", "_holder", "_interval_at", "_interval_ms")
+
+    def __init__(self) -> None:
+        self._due: dict[tuple[str, str], int] = {}
+        self._holder: dict[str, str] = {}
+        self._interval_ms: dict[str, int] = {}
+        self._interval_at: dict[str, int] = {}
+
+    def interval_ms(self, source: Source, servable: Callable[[], int], now_ms: int) -> int:
+        """The source's refresh interval per symbol (recomputed at most once a second).
+
+        ``servable()`` counts the configured symbols the source can serve.
+        """
+        if self._interval_at.get(source.name) != now_ms // 1000:
+            self._interval_at[source.name] = now_ms // 1000
+            pace = source.refresh_interval_s(servable())
+            self._interval_ms[source.name] = 2**62 if pace == float("inf") else int(pace * 1000)
+        return self._interval_ms[source.name]
+
+    def plan(self, source: Source, candidates: list[str], now_ms: int) -> SourcePlan:
+        """Split the symbols ``source`` can serve into those to ask and those it holds."""
+        out = SourcePlan()
+        name = source.name
+        for sym in candidates:
+            if self._due.get((name, sym), 0) <= now_ms:
+                out.ask.append(sym)
+            elif self._holder.get(sym) == name:
+                out.idle.append(sym)
+        return out
+
+    def asked(self, source: Source, symbol: str, ok: bool, now_ms: int, interval_ms: int) -> None:
+        """Record a request's outcome: the symbol is next due one interval later."""
+        self._due[(source.name, symbol)] = now_ms + interval_ms
+        if ok:
+            self._holder[symbol] = source.name
+        elif self._holder.get(symbol) == source.name:
+            del self._holder[symbol]
+
+    def holder(self, symbol: str) -> str | None:
+        """The source whose answer the symbol's newest bar came from."""
+        return self._holder.get(symbol)
+
+    def next_due_ms(self, source: Source, symbol: str) -> int | None:
+        return self._due.get((source.name, symbol))
