@@ -171,6 +171,12 @@ class RedisStore:
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
         return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
 
+    async def recent_packed(self, symbol: str, tf: str, n: int) -> list[tuple[int, bytes]]:
+        """The newest ``n`` bars of a symbol as stored, ``(t, packed bar)``, oldest first."""
+        raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1, withscores=True)
+        return [(int(item[1]), item[0]) for item in raw
+                if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
+
     async def bar_count(self, symbol: str, tf: str) -> int:
         return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
 

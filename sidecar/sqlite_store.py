@@ -294,6 +294,12 @@ class BarStore:
         async with self.db.execute(sql, (symbol, tf, start, end)) as cur:
             return [_bar(r) for r in await cur.fetchall()]
 
+    async def packed_between(self, symbol: str, tf: str, start: int, end: int) -> dict[int, bytes]:
+        """Stored bars with ``start <= t < end`` as ``{t: Bar.pack()}`` (the Redis member form)."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ?"
+        async with self.db.execute(sql, (symbol, tf, start, end)) as cur:
+            return {int(r[2]): _bar(r).pack() for r in await cur.fetchall()}
+
     async def newest_time(self, symbol: str, tf: str) -> int | None:
         async with self.db.execute(
             "SELECT MAX(t) FROM bars WHERE symbol = ? AND tf = ?", (symbol, tf)

@@ -88,18 +88,30 @@ class Daemon:
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; any still running at the end is killed."""
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """``daemons(env, name)`` starts a daemon logging to ``{name}.log``; all are killed at the end."""
     started: list[Daemon] = []
-    yield started
+
+    def start(env: dict[str, str], name: str = "daemon") -> Daemon:
+        started.append(Daemon(env, tmp_path / f"{name}.log"))
+        return started[-1]
+
+    yield start
     for d in started:
         d.kill()
 
 
 @pytest.fixture
-def redis_servers() -> Iterator[list[RedisServer]]:
+def redis_servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """``redis_servers(name, *options)`` starts a redis-server; all are killed at the end."""
     started: list[RedisServer] = []
-    yield started
+
+    def start(name: str = "redis", *options: str) -> RedisServer:
+        started.append(RedisServer(tmp_path / name, *options))
+        started[-1].start()
+        return started[-1]
+
+    yield start
     for r in started:
         r.kill()
 
@@ -165,19 +177,16 @@ def assert_redis_in_sqlite(r: redis.Redis, db_path: Path, symbols: tuple[str, ..
 
 
 def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    redis_servers.append(server)
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers()
     r = redis_client(server)
     # A day of history (bootstrapped in line, all of it the warm-up window), then live
     # bars that only reach the SQLite buffer: the flush interval is an hour.
     env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400",
                      SIDECAR_FLUSH_INTERVAL_S="3600")
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
-    first = Daemon(env, tmp_path / "run1.log")
-    daemons.append(first)
+    first = daemons(env, "run1")
     first.wait_ready()
     wait_for("live bars in the buffer", lambda: first.health()["sqlite"]["buffered"] >= 8)
     first.proc.send_signal(signal.SIGKILL)
@@ -192,8 +201,7 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
 
     # Restart; catch the very first cycle's features (the heartbeat and the features are
     # written by one script, so one MULTI reads a consistent cycle).
-    second = Daemon(dict(env, SIDECAR_FLUSH_INTERVAL_S="1"), tmp_path / "run2.log")
-    daemons.append(second)
+    second = daemons(dict(env, SIDECAR_FLUSH_INTERVAL_S="1"), "run2")
     first_cycle = wait_for("the first cycle of the restarted daemon",
                            lambda: _cycle_snapshot(r, second.proc.pid), timeout=60, every=0.01)
     second.wait_ready()
@@ -246,12 +254,8 @@ def _cycle_snapshot(r: redis.Redis, pid: int) -> tuple[dict[str, Any], dict[str,
 OUTAGE_S = 30
 
 
-def _durable_redis(tmp_path: Path, redis_servers: list[RedisServer]) -> RedisServer:
-    """A redis-server that keeps its data through a SIGKILL (AOF, fsync always)."""
-    server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    redis_servers.append(server)
-    return server
+#: redis-server options that keep its data through a SIGKILL (AOF, fsync always).
+DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 def assert_stores_equal(r: redis.Redis, db_path: Path, symbols: tuple[str, ...] = SYMBOLS) -> None:
@@ -273,13 +277,12 @@ def fresh_features(r: redis.Redis, symbols: tuple[str, ...] = SYMBOLS) -> bool:
 
 
 def test_redis_killed_for_30_s_then_back_with_its_data(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
-    server = _durable_redis(tmp_path, redis_servers)
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers("redis", *DURABLE)
     env = daemon_env(clean_env, server)
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     wait_for("status ok", lambda: daemon.health()["status"] == "ok")
     before = daemon.health()
@@ -315,13 +318,12 @@ def test_redis_killed_for_30_s_then_back_with_its_data(
 
 
 def test_redis_restarted_empty_is_warmed_from_sqlite(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
-    server = _durable_redis(tmp_path, redis_servers)
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers("redis", *DURABLE)
     env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400")
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     r = redis_client(server)
     assert len(redis_bars(r, SYMBOLS[0])) == 5_000
@@ -348,13 +350,12 @@ def test_redis_restarted_empty_is_warmed_from_sqlite(
 
 
 def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
-    server = _durable_redis(tmp_path, redis_servers)
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers("redis", *DURABLE)
     env = daemon_env(clean_env, server, SIDECAR_REDIS_DOWN_EXIT_S="4", SIDECAR_FLUSH_INTERVAL_S="3600")
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     time.sleep(2)
     r = redis_client(server)
@@ -402,19 +403,16 @@ def _missing_from_sqlite(r: redis.Redis, db_path: Path) -> int:
 
 
 def test_sqlite_locked_by_another_process_for_20_s(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
     # Two daemons side by side, both locked out for the same 20 s: one with room in
     # memory (nothing lost), one whose buffer bound is small (the oldest dropped, counted).
     runs = []
     for name, bound in (("roomy", "1000000"), ("tight", "12")):
-        server = RedisServer(tmp_path / f"redis-{name}")
-        server.start()
-        redis_servers.append(server)
+        server = redis_servers(f"redis-{name}")
         env = daemon_env(dict(clean_env, SIDECAR_DATA_DIR=str(tmp_path / name)), server,
                          SIDECAR_BUFFER_MAX_ROWS=bound)
-        daemon = Daemon(env, tmp_path / f"{name}.log")
-        daemons.append(daemon)
+        daemon = daemons(env, name)
         runs.append((daemon, redis_client(server), Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"))
     for daemon, _, _ in runs:
         daemon.wait_ready()
@@ -475,15 +473,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_full_keeps_bars_in_memory_until_space_returns(
-        clean_env: dict[str, str], tmp_path: Path, small_disk: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    redis_servers.append(server)
+        clean_env: dict[str, str], tmp_path: Path, small_disk: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers()
     db_path = small_disk / "bars.sqlite3"
     env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(db_path))
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     time.sleep(2)
     filler = small_disk / "filler"
@@ -506,15 +501,12 @@ def test_disk_full_keeps_bars_in_memory_until_space_returns(
 
 
 def test_database_file_deleted_underneath_is_restored(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    redis_servers.append(server)
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers()
     env = daemon_env(clean_env, server)
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     time.sleep(3)
     for f in db_path.parent.glob("bars.sqlite3*"):  # what a careless `rm bars.sqlite3*` does
@@ -546,14 +538,12 @@ def _libfaketime() -> str | None:
 
 
 def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
-        redis_servers: list[RedisServer]) -> None:
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
     lib = _libfaketime()
     if lib is None:
         pytest.skip("libfaketime not installed (apt-get install faketime; scripts/test does it as root)")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    redis_servers.append(server)
+    server = redis_servers()
     r = redis_client(server)
     offset_file = tmp_path / "offset"
     offset_file.write_text("+0\n")
@@ -561,8 +551,7 @@ def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
     # clock, Redis' clock and this test's clock stay true.
     env = daemon_env(clean_env, server, LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset_file),
                      FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     time.sleep(2)
 
@@ -623,13 +612,12 @@ SOAK_WARM_UP_S = 60.0
 
 @pytest.mark.timeout(SOAK_S + 180)
 def test_soak_1000_symbols_memory_ticks_fds_and_tasks_stay_flat(
-        clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon]) -> None:
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]) -> None:
     symbols = ",".join(f"S{i:04d}" for i in range(SOAK_SYMBOLS))
     # Embedded Redis, as a user runs it; 1-second bars: every cycle closes 1,000 bars.
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=symbols, SIDECAR_TIMEFRAME="1s",
                SIDECAR_BOOTSTRAP_DAYS="0")
-    daemon = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(daemon)
+    daemon = daemons(env, "daemon")
     daemon.wait_ready()
     started = time.monotonic()
     time.sleep(SOAK_WARM_UP_S)
