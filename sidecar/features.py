@@ -88,7 +88,8 @@ class FeatureEngine:
 
     __slots__ = (
         "_anchor_ms", "_hist_c", "_hist_h", "_hist_l", "_hist_v", "_ind",
-        "_session", "_vwap", "_warming", "closed_values", "last_closed_t", "symbol", "tf",
+        "_session", "_vwap", "_warming", "closed_values", "last_closed_t", "prev_macd_hist",
+        "symbol", "tf",
     )
 
     def __init__(self, symbol: str, tf: str, periods: IndicatorPeriods, session_anchor_min: int = 0):
@@ -106,6 +107,8 @@ class FeatureEngine:
         self._session: int | None = None
         self.last_closed_t: int | None = None
         self.closed_values: Values = [None] * len(FEATURE_FIELDS)
+        #: MACD histogram of the closed bar before the newest one (for zero crossings).
+        self.prev_macd_hist: float | None = None
 
     # -- history ----------------------------------------------------------------
     def load(self, bars: Sequence[Bar]) -> None:
@@ -126,6 +129,7 @@ class FeatureEngine:
         self._hist_v.reverse()
         last = bars[-1]
         self.last_closed_t = last.t
+        self.prev_macd_hist = self._batch_prev_macd_hist()
         values = self._open_from_history()
         # VWAP over the last session's bars.
         self._vwap = None
@@ -162,6 +166,13 @@ class FeatureEngine:
             self._put(out, ind, ind.handle.value)
         self._warming = warming
         return out
+
+    def _batch_prev_macd_hist(self) -> float | None:
+        """The batch MACD histogram of the second-newest loaded bar (once per load)."""
+        if len(self._hist_c) < 2:
+            return None
+        macd = next(ind for ind in self._ind if ind.name == "macd")
+        return _clean(macd.batch(np.array(self._hist_c[:-1]), **macd.kwargs)[2][-1])
 
     def _arrays(self, inputs: str) -> tuple[np.ndarray, ...] | None:
         if inputs == "c":
@@ -226,6 +237,7 @@ class FeatureEngine:
             self._trim_history()
         out[6] = self._update_vwap(bar)
         self.last_closed_t = bar.t
+        self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
         self.closed_values = out
         return out
 

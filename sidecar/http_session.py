@@ -1,15 +1,15 @@
 """One shared aiohttp session for the HTTP providers, and secret redaction.
 
 Everything that is logged or put into an error message about a request goes
-through :func:`redact` first: it strips ``apikey``/``api_key``/``token`` query
-parameters and ``Authorization`` values, plus any literal secret it is given.
+through :func:`redact` first (:func:`sidecar.logs.redact`): it strips
+``apikey``/``api_key``/``token`` query parameters and ``Authorization`` values,
+plus any literal secret it is given.
 Transport failures become :class:`~sidecar.errors.ProviderError` (``unavailable``).
 """
 
 from __future__ import annotations
 
 import email.utils
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,27 +18,10 @@ from typing import Any
 import aiohttp
 
 from sidecar.errors import ProviderError
+from sidecar.logs import redact as redact  # re-exported: the one redaction
 from sidecar.provider_settings import ProviderSettings
 
 USER_AGENT = "sidecar/0.1 (+market-data daemon)"
-_SECRET_PARAM_RE = re.compile(
-    r"(?i)([?&;]|\b)(apikey|api_key|api-key|apiKey|token|access_token|key)=([^&#\s\"']*)"
-)
-_AUTH_RE = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+|apikey\s+|basic\s+)?[^\s\"',}]+")
-
-
-def redact(text: object, secrets: Iterable[str] = ()) -> str:
-    """``text`` as a string with API keys, tokens and Authorization values replaced.
-
-    Accepts URLs, header dumps and free text. Literal ``secrets`` are also replaced
-    wherever they occur (defence in depth against a key echoed by a provider).
-    """
-    out = str(text)
-    for secret in secrets:
-        if secret:
-            out = out.replace(secret, "***")
-    out = _SECRET_PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}=***", out)
-    return _AUTH_RE.sub(lambda m: f"{m.group(1)}***", out)
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:

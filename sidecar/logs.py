@@ -1,9 +1,14 @@
 """Structured logging: one JSON object per line off a terminal, readable lines on one.
 
-Fields passed with ``extra=`` become JSON keys. Anything that looks like an API
-key in a URL (``apikey=...``, ``api_key=...``, ``token=...``) or a bearer token is
-redacted, and the values of the configured key variables are masked wherever
-they appear.
+Fields passed with ``extra=`` become JSON keys. Every line goes through
+:func:`redact` (the one redaction of the project, also used for HTTP errors,
+``/health`` and ``/metrics``): API keys in URLs (``apikey=...``, ``api_key=...``,
+``token=...``), Authorization values and bearer tokens, and the values of the
+configured key variables wherever they appear.
+
+The daemon logs one line per state change (a source's circuit opening or closing,
+Redis lost and back, status ok/degraded/down, ready, bootstrap finished), never
+one per cycle.
 """
 
 from __future__ import annotations
@@ -14,23 +19,39 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-_URL_SECRET = re.compile(r"(?i)((?:api_?key|apikey|token|access_token)=)[^&\s\"']+")
-_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]+")
+_SECRET_PARAM_RE = re.compile(
+    r"(?i)([?&;]|\b)(apikey|api_key|api-key|apiKey|token|access_token|key)=([^&#\s\"']*)"
+)
+_AUTH_RE = re.compile(
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+|apikey\s+|basic\s+)?[^\s\"',}]+"
+)
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*")
 SECRET_VARIABLES = ("ALPHAVANTAGE_API_KEY", "TWELVEDATA_API_KEY", "POLYGON_API_KEY")
 
 
-def redact(text: str) -> str:
-    """Remove API keys and tokens from ``text``."""
-    text = _URL_SECRET.sub(r"\1***", text)
-    text = _BEARER.sub(r"\1***", text)
+def redact(text: object, secrets: Iterable[str] = ()) -> str:
+    """``text`` as a string with API keys, tokens and Authorization values replaced.
+
+    Accepts URLs (``apikey=``, ``api_key=``, ``token=``, ``key=`` ... query
+    parameters), header dumps and free text. The values of the key variables in
+    the environment, and any literal ``secrets`` given, are replaced wherever they
+    occur (defence in depth against a key echoed by a provider).
+    """
+    out = str(text)
+    for secret in secrets:
+        if secret:
+            out = out.replace(secret, "***")
     for name in SECRET_VARIABLES:
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            out = out.replace(value, "***")
+    out = _SECRET_PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}=***", out)
+    out = _AUTH_RE.sub(lambda m: f"{m.group(1)}***", out)
+    return _BEARER_RE.sub(r"\1***", out)
 
 
 class JsonFormatter(logging.Formatter):

@@ -11,10 +11,10 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   after ``heartbeat_ttl_ms``: the daemon is alive while it exists.
 * ``{prefix}:v1:meta`` — msgpack map ``{schema, tf, symbols, started_at}``.
 * ``{prefix}:v1:cycles`` — pub/sub channel; after each cycle the daemon publishes
-  msgpack ``{cycle, t, symbols}``.
+  msgpack ``{cycle, t, tick, tf, features, updated}`` (inside the same script).
 
 One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
-(bars, features and heartbeat together). ../shared/notes/limits.md measured a Lua
+(bars, features, heartbeat and the cycle announcement together). ../shared/notes/limits.md measured a Lua
 script at about half the time of a pipeline for 500 capped appends; our own
 benchmark against a pipeline and a bare ``MSET`` is still to be written (bench/).
 """
@@ -34,11 +34,11 @@ SCHEMA_VERSION = 1
 
 _WRITE_CYCLE_LUA = """
 -- KEYS: nb bar keys, nf feature keys, heartbeat key, meta key
--- ARGV: nb, nf, cap, feat_ttl_ms, hb_ttl_ms, hb_payload, (t, bar)*nb, feat*nf
+-- ARGV: nb, nf, cap, feat_ttl_ms, hb_ttl_ms, hb_payload, channel, message, (t, bar)*nb, feat*nf
 local nb = tonumber(ARGV[1])
 local nf = tonumber(ARGV[2])
 local keep = -tonumber(ARGV[3]) - 1
-local a = 7
+local a = 9
 for i = 1, nb do
   local k = KEYS[i]
   local t = ARGV[a]
@@ -53,6 +53,9 @@ for i = 1, nf do
 end
 if ARGV[6] ~= '' then
   redis.call('SET', KEYS[nb + nf + 1], ARGV[6], 'PX', ARGV[5])
+end
+if ARGV[8] ~= '' then
+  redis.call('PUBLISH', ARGV[7], ARGV[8])
 end
 -- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed).
 return redis.call('EXISTS', KEYS[nb + nf + 2])
@@ -124,9 +127,12 @@ class RedisStore:
         bars: Sequence[Bar],
         features: Sequence[tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None = None,
+        publish: dict[str, Any] | None = None,
     ) -> bool:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
-        map) with their TTL, and the heartbeat — all in one ``EVALSHA``.
+        map) with their TTL, and the heartbeat, then publish ``publish`` on
+        :attr:`Keys.cycles_channel` — all in one ``EVALSHA``, so subscribers are told
+        only once everything the message announces is readable.
 
         Returns whether the meta key exists: ``False`` means Redis lost its data
         since :meth:`write_meta` (restarted empty) and should be refilled."""
@@ -135,9 +141,10 @@ class RedisStore:
         keys.append(self.keys.heartbeat)
         keys.append(self.keys.meta)
         hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+        message = msgpack.packb(publish) if publish is not None else b""
         args: list[Any] = [
             len(bars), len(features), self.bars_cap, self._features_ttl_ms,
-            self._heartbeat_ttl_ms, hb,
+            self._heartbeat_ttl_ms, hb, self.keys.cycles_channel, message,
         ]
         for b in bars:
             args.append(b.t)
@@ -163,9 +170,6 @@ class RedisStore:
     async def write_meta(self, meta: dict[str, Any]) -> None:
         await self.redis.set(self.keys.meta, msgpack.packb({"schema": SCHEMA_VERSION, **meta}))
 
-    async def publish_cycle(self, message: dict[str, Any]) -> None:
-        await self.redis.publish(self.keys.cycles_channel, msgpack.packb(message))
-
     async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
         """The newest ``n`` bars of a symbol, oldest first."""
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
@@ -176,6 +180,11 @@ class RedisStore:
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1, withscores=True)
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
+
+    async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
+        """The bars of a symbol with open time ``>= t_ms``, oldest first."""
+        raw = await self.redis.zrangebyscore(self.keys.bars(tf, symbol), t_ms, "+inf")
+        return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
 
     async def bar_count(self, symbol: str, tf: str) -> int:
         return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
@@ -190,6 +199,10 @@ class RedisStore:
     async def read_heartbeat(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.heartbeat)
         return None if raw is None else dict(msgpack.unpackb(raw))
+
+    async def clear_heartbeat(self) -> None:
+        """Say at once that the daemon is gone (clean stop): scanners mark everything stale."""
+        await self.redis.delete(self.keys.heartbeat)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

@@ -61,6 +61,25 @@ class SymbolEntry:
     #: The regular session its intraday bars are anchored at (``None``: the clock's grid).
     session: Session | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as ``python -m sidecar symbols --json`` prints it.
+
+        Each provider's spelling is its ticker, Alpha Vantage's currency pairs
+        ``{"from", "to"}`` as in the file, ``None`` where the provider cannot serve it.
+        """
+        out: dict[str, Any] = {"symbol": self.canonical, "asset_class": self.asset_class,
+                               "broker": self.broker,
+                               "session": None if self.session is None else str(self.session)}
+        for provider in PROVIDERS:
+            spelling = self.spellings.get(provider)
+            if spelling is None:
+                out[provider] = None
+            elif spelling.base is not None and spelling.quote is not None:
+                out[provider] = {"from": spelling.base, "to": spelling.quote}
+            else:
+                out[provider] = spelling.ticker
+        return out
+
 
 def _default_entry(symbol: str) -> SymbolEntry:
     return SymbolEntry(

@@ -19,10 +19,11 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol, repair_gaps
+from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
@@ -105,16 +106,17 @@ class Daemon:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
         sources = build_sources(s)
-        breakers = {
-            src.name: SourceBreaker(src.name, fail_max=provider_settings.breaker_fail_max,
-                                    reset_timeout_s=provider_settings.breaker_reset_timeout_s)
+        circuits = {
+            src.name: SourceCircuits.for_source(
+                src, s.symbols, fail_max=provider_settings.breaker_fail_max,
+                reset_timeout_s=provider_settings.breaker_reset_timeout_s)
             for src in sources if not src.synthetic
         }
         redis_store, embedded = await open_redis(s)
         store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
                          flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
         await store.open()
-        pipeline = Pipeline(s, sources, redis_store, store, breakers)
+        pipeline = Pipeline(s, sources, redis_store, store, circuits)
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
         runner = None
@@ -168,12 +170,16 @@ class Daemon:
                                                end_ms=end, now_ms=now_ms,
                                                budget_wait_s=BACKFILL_BUDGET_WAIT_S)
                 log.info("bootstrap done", extra=result.as_dict())
+            log.info("bootstrap finished", extra={"symbols": len(s.symbols), "days": s.bootstrap_days})
 
         if full_start < warm_start:
             self._spawn(rest())
+        else:
+            log.info("bootstrap finished", extra={"symbols": len(s.symbols), "days": s.bootstrap_days})
 
     async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker) -> None:
         s = self.settings
+        status_log = StatusLog()
         while not self.should_exit.is_set():
             tick = await ticker.next(self.should_exit)
             if tick is None:
@@ -183,6 +189,9 @@ class Daemon:
             except SidecarError as exc:
                 log.error("cycle failed", extra={"error": str(exc)})
             stats = pipeline.stats
+            if stats.cycles == 1:
+                log.info("ready", extra={"first_cycle_ms": round(stats.last_duration_ms, 3)})
+            status_log.observe(*assess(pipeline))
             if stats.redis_down_since is not None:
                 down_for = time.monotonic() - stats.redis_down_since
                 if down_for > s.redis_down_exit_s:
@@ -251,6 +260,10 @@ class Daemon:
                 log.warning("source close failed", extra={"source": source.name, "error": str(exc)})
         if runner is not None:
             await runner.cleanup()
+        try:
+            await redis_store.clear_heartbeat()
+        except (RedisError, OSError):
+            pass
         try:
             await redis_store.close()
         except (RedisError, OSError):

@@ -1,16 +1,30 @@
-"""The daemon's health, computed from state the loop already keeps (no I/O)."""
+"""The daemon's health, computed from state the loop already keeps (no I/O).
+
+``status`` is ``down`` when the daemon is not collecting (no cycle for 5 s, or no
+symbol has a fresh bar), ``degraded`` when something is wrong but bars still flow
+(a source's circuit is not closed or its last call failed, Redis unreachable,
+SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import statistics
 import time
 from typing import Any
 
-from sidecar.app.pipeline import Pipeline
+from sidecar.app.pipeline import Pipeline, SourceState
 from sidecar.app.ticker import SecondTicker
+
+log = logging.getLogger("sidecar.health")
+
+#: No cycle for this long means the daemon is not collecting.
+NOT_COLLECTING_MS = 5_000
+#: Cycle durations shown for the status page's sparkline.
+SPARKLINE_CYCLES = 120
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -41,82 +55,130 @@ def process_report() -> dict[str, Any]:
     }
 
 
-def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> dict[str, Any]:
-    """``/health`` JSON: status ok/degraded/down with the reasons behind it."""
-    now_ms = int(time.time() * 1000)
+def _round(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _failing(state: SourceState) -> bool:
+    """The source's last call failed (no success since its last error)."""
+    return state.last_error_ms is not None and (
+        state.last_success_ms is None or state.last_error_ms > state.last_success_ms)
+
+
+def _source_reasons(state: SourceState) -> list[str]:
+    """Why a source is unhealthy: each breaker that is not closed, else a failed last call."""
+    out = [f"source {b.name}: circuit {b.state}, last error {b.status()['last_error_class']}"
+           for b in (state.circuits or ()) if b.state != "closed"]
+    if not out and _failing(state):
+        out.append(f"source {state.name}: circuit closed, last error {state.last_error_class}")
+    return out
+
+
+def _source_info(state: SourceState) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "circuit": "closed",
+        "last_success_ms": state.last_success_ms,
+        "last_error_class": state.last_error_class,
+        "last_error_ms": state.last_error_ms,
+        "errors": state.errors,
+        "requests": state.requests,
+        "synthetic": state.source.synthetic,
+    }
+    info.update(state.status())
+    budget = info.get("budget")
+    if isinstance(budget, dict):
+        info["budget_left"] = budget.get("remaining_now")
+        if "day_limit" in budget:
+            info["budget_left_today"] = budget["day_limit"] - budget.get("day_used", 0)
+    info["failing"] = _failing(state)
+    return info
+
+
+def assess(pipeline: Pipeline, now_ms: int | None = None) -> tuple[str, list[str]]:
+    """``(status, reasons)`` — cheap enough to run after every cycle."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     stats = pipeline.stats
-    reasons: list[str] = []
     stale_after = pipeline.settings.stale_after_ms
-
-    symbols: dict[str, Any] = {}
-    fresh = 0
-    for sym, st in pipeline.symbols.items():
-        bar = st.forming or st.last
-        age = None if st.updated_ms is None else now_ms - st.updated_ms
-        is_fresh = not st.stale(now_ms, stale_after)
-        fresh += is_fresh
-        symbols[sym] = {
-            "newest_bar_t": bar.t if bar else None,
-            "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
-            "updated_age_ms": age,
-            "last_price": bar.c if bar else None,
-            "src": bar.src if bar else None,
-            "stale": not is_fresh,
-            "via": st.via,
-            "refresh_interval_ms": st.expect_ms,
-        }
-
-    sources: dict[str, Any] = {}
+    reasons: list[str] = []
     for state in pipeline.sources:
-        failing = state.last_error_ms is not None and (
-            state.last_success_ms is None or state.last_error_ms > state.last_success_ms
-        )
-        info: dict[str, Any] = {
-            "circuit": "closed",
-            "last_success_ms": state.last_success_ms,
-            "last_error_class": state.last_error_class,
-            "last_error_ms": state.last_error_ms,
-            "errors": state.errors,
-            "requests": state.requests,
-            "synthetic": state.source.synthetic,
-        }
-        info.update(state.status())
-        sources[state.name] = info
-        if info["circuit"] != "closed" or failing:
-            reasons.append(f"source {state.name}: {info['circuit']}, {state.last_error_class}")
-
-    collecting = stats.first_cycle_done and now_ms - stats.last_tick_ms < 5_000
+        reasons.extend(_source_reasons(state))
     if not stats.redis_ok:
         reasons.append(f"redis unreachable: {stats.redis_last_error}")
     if pipeline.store.last_error:
         reasons.append(f"sqlite: {pipeline.store.last_error}")
-    stale = len(symbols) - fresh
-    if stale:
-        reasons.append(f"{stale} of {len(symbols)} symbols stale")
-    if not collecting:
-        status = "down"
-        reasons.insert(0, "not collecting: no cycle in the last 5 s")
-    elif fresh == 0:
-        status = "down"
-    elif reasons:
-        status = "degraded"
-    else:
-        status = "ok"
+    total = len(pipeline.symbols)
+    fresh = sum(not st.stale(now_ms, stale_after) for st in pipeline.symbols.values())
+    if fresh < total:
+        reasons.append(f"{total - fresh} of {total} symbols stale")
+    if not (stats.first_cycle_done and now_ms - stats.last_tick_ms < NOT_COLLECTING_MS):
+        reasons.insert(0, f"not collecting: no cycle in the last {NOT_COLLECTING_MS // 1000} s")
+        return "down", reasons
+    if fresh == 0:
+        reasons.insert(0, "no symbol has a fresh bar")
+        return "down", reasons
+    return ("degraded" if reasons else "ok"), reasons
+
+
+class StatusLog:
+    """Logs one line when the status changes (never per cycle)."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status: str | None = None
+
+    def observe(self, status: str, reasons: list[str]) -> bool:
+        """Record ``status``; log and return True when it differs from the last one."""
+        if status == self.status:
+            return False
+        level = logging.INFO if status == "ok" else logging.WARNING
+        log.log(level, f"status {status}", extra={"status": status, "previous": self.status,
+                                                   "reasons": reasons})
+        self.status = status
+        return True
+
+
+def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> dict[str, Any]:
+    """``/health`` JSON: status ok/degraded/down with the reasons behind it."""
+    now_ms = int(time.time() * 1000)
+    stats = pipeline.stats
+    stale_after = pipeline.settings.stale_after_ms
+    status, reasons = assess(pipeline, now_ms)
+
+    symbols: dict[str, Any] = {}
+    for sym, st in pipeline.symbols.items():
+        bar = st.forming or st.last
+        feats = st.features or {}
+        symbols[sym] = {
+            "newest_bar_t": bar.t if bar else None,
+            "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
+            "updated_age_ms": None if st.updated_ms is None else now_ms - st.updated_ms,
+            "last_price": bar.c if bar else None,
+            "forming": bar.forming if bar else None,
+            "rsi": _round(feats.get("rsi"), 3),
+            "src": bar.src if bar else None,
+            "stale": st.stale(now_ms, stale_after),
+            "via": st.via,
+            "refresh_interval_ms": st.expect_ms,
+        }
+    sources = {state.name: _source_info(state) for state in pipeline.sources}
 
     durations = list(stats.durations_ms)
     validator = pipeline.validator
     return {
         "status": status,
         "reasons": reasons,
-        "ready": ready,
+        "ready": ready and stats.first_cycle_done,
         "now_ms": now_ms,
         "timeframe": pipeline.tf.name,
         "cycle": {
             "count": stats.cycles,
             "last_tick_ms": stats.last_tick_ms,
             "last_ms": round(stats.last_duration_ms, 3),
+            "window_cycles": len(durations),
             "p50_ms": None if not durations else round(statistics.median(durations), 3),
             "p99_ms": _pct(durations, 0.99),
+            "recent_ms": [round(d, 3) for d in durations[-SPARKLINE_CYCLES:]],
             "missed_ticks": ticker.missed,
             "clock_jumps": ticker.clock_jumps,
             "last_lateness_ms": round(ticker.lateness_ms, 3),

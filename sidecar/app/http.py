@@ -1,18 +1,39 @@
-"""HTTP endpoints: ``/health``, ``/ready``, ``/metrics``. Read-only; bound to 127.0.0.1
-by default. Everything is computed from the loop's own state (no I/O per request)."""
+"""HTTP endpoints: ``/`` (status page), ``/health``, ``/ready``, ``/metrics``.
+
+Read-only (GET only, nothing changes state); bound to 127.0.0.1 by default.
+Everything is computed from the loop's own state (no Redis or provider calls per
+request); ``/metrics`` is built from the same report as ``/health``, so they
+never disagree. Labels range over the configured sources and symbols only.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from sidecar.app.health import health_report, process_report
-from sidecar.app.pipeline import Pipeline
+from sidecar.app.health import health_report
+from sidecar.app.pipeline import CYCLE_BUCKETS_MS, Pipeline
 from sidecar.app.ticker import SecondTicker
+from sidecar.breaker import STATES
+from sidecar.logs import redact
+
+STATUS_PAGE = Path(__file__).with_name("status.html")
+STATUSES = ("ok", "degraded", "down")
+#: ``asset_class`` label of a breaker that guards every class of its source.
+ALL_CLASSES = "all"
 
 
 @dataclass(slots=True)
@@ -28,37 +49,74 @@ VIEW = web.AppKey("view", DaemonView)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
+def _ms_to_s(ms: float | None) -> float:
+    return float("nan") if ms is None else ms / 1000
+
+
 class _PipelineCollector(Collector):
+    """Prometheus view of :func:`health_report` plus the cycle-duration histogram."""
+
     def __init__(self, view: DaemonView) -> None:
         self.view = view
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        p, t = self.view.pipeline, self.view.ticker
-        yield CounterMetricFamily("sidecar_cycles", "Cycles run", value=p.stats.cycles)
+    def collect(self) -> Iterator[Metric]:
+        view = self.view
+        p = view.pipeline
+        r = health_report(p, view.ticker, ready=view.ready)
+        cycle, bars, sqlite = r["cycle"], r["bars"], r["sqlite"]
+
+        status = GaugeMetricFamily("sidecar_status", "1 for the current status (ok, degraded, down)",
+                                   labels=["status"])
+        for name in STATUSES:
+            status.add_metric([name], 1.0 if r["status"] == name else 0.0)
+        yield status
+        yield GaugeMetricFamily("sidecar_ready", "1 once history is loaded and a cycle ran",
+                                value=1.0 if r["ready"] else 0.0)
+
+        yield CounterMetricFamily("sidecar_cycles", "Cycles run", value=cycle["count"])
         yield CounterMetricFamily("sidecar_missed_ticks", "Ticks skipped by overrunning cycles",
-                                  value=t.missed)
+                                  value=cycle["missed_ticks"])
         yield GaugeMetricFamily("sidecar_cycle_seconds", "Duration of the last cycle",
-                                value=p.stats.last_duration_ms / 1000)
+                                value=cycle["last_ms"] / 1000)
+        window = p.stats.durations_ms.maxlen
+        for q in ("p50", "p99"):
+            yield GaugeMetricFamily(f"sidecar_cycle_{q}_seconds",
+                                    f"{q} of the cycle duration over the last {window} cycles",
+                                    value=_ms_to_s(cycle[f"{q}_ms"]))
+        stats = p.stats
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*CYCLE_BUCKETS_MS, float("inf")), stats.duration_buckets, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound / 1000), running))
+        yield HistogramMetricFamily("sidecar_cycle_duration_seconds", "Cycle durations",
+                                    buckets=buckets, sum_value=stats.duration_sum_ms / 1000)
+
         yield CounterMetricFamily("sidecar_bars_accepted", "Bars accepted by validation",
-                                  value=p.validator.accepted)
+                                  value=bars["accepted"])
+        yield CounterMetricFamily("sidecar_bars_duplicate", "Identical re-deliveries (not stored)",
+                                  value=bars["duplicates"])
+        yield GaugeMetricFamily("sidecar_bars_held_outliers", "Outliers held for confirmation",
+                                value=bars["held_outliers"])
         rejected = CounterMetricFamily("sidecar_bars_rejected", "Bars rejected, by reason",
                                        labels=["reason"])
-        for reason, n in p.validator.rejected.items():
+        for reason, n in sorted(bars["rejected"].items()):
             rejected.add_metric([reason], n)
         yield rejected
+        yield CounterMetricFamily("sidecar_gaps", "Gaps recorded", value=bars["gaps"])
+
         yield GaugeMetricFamily("sidecar_sqlite_buffered_bars", "Bars waiting for the next flush",
-                                value=p.store.buffered)
+                                value=sqlite["buffered"])
         yield CounterMetricFamily("sidecar_sqlite_flushed_bars", "Bars written to SQLite",
-                                  value=p.store.flushed_rows)
+                                  value=sqlite["flushed_rows"])
         yield CounterMetricFamily("sidecar_sqlite_dropped_bars", "Bars dropped from a full buffer",
-                                  value=p.store.dropped)
+                                  value=sqlite["dropped"])
+        yield GaugeMetricFamily("sidecar_sqlite_last_flush_timestamp_seconds",
+                                "When the last flush finished (epoch s)",
+                                value=_ms_to_s(sqlite["last_flush_ms"]))
         yield GaugeMetricFamily("sidecar_redis_up", "1 if the last Redis write succeeded",
-                                value=1 if p.stats.redis_ok else 0)
-        errors = CounterMetricFamily("sidecar_source_errors", "Source errors", labels=["source"])
-        for st in p.sources:
-            errors.add_metric([st.name], st.errors)
-        yield errors
-        proc = process_report()
+                                value=1.0 if r["redis"]["ok"] else 0.0)
+        proc = r["process"]
         yield GaugeMetricFamily("sidecar_asyncio_tasks", "asyncio tasks alive in the daemon",
                                 value=proc["asyncio_tasks"])
         if proc["rss_bytes"] is not None:
@@ -67,22 +125,96 @@ class _PipelineCollector(Collector):
             yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
                                     value=proc["open_fds"])
 
+        yield from self._sources(r["sources"])
+        yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))
+        yield from self._symbols(r["symbols"])
+
+    @staticmethod
+    def _sources(sources: dict[str, Any]) -> Iterator[Metric]:
+        circuit = GaugeMetricFamily("sidecar_source_circuit", "1 for the circuit's current state",
+                                    labels=["source", "state"])
+        requests = CounterMetricFamily("sidecar_source_requests", "Requests to a source",
+                                       labels=["source"])
+        errors = CounterMetricFamily("sidecar_source_errors", "Source errors", labels=["source"])
+        success = GaugeMetricFamily("sidecar_source_last_success_timestamp_seconds",
+                                    "Last call that returned bars (epoch s)", labels=["source"])
+        budget = GaugeMetricFamily("sidecar_source_budget_remaining",
+                                   "Requests the rate budget allows now", labels=["source"])
+        budget_day = GaugeMetricFamily("sidecar_source_budget_remaining_today",
+                                       "Requests left in the daily allowance", labels=["source"])
+        for name, info in sources.items():
+            for state in STATES:
+                circuit.add_metric([name, state], 1.0 if info["circuit"] == state else 0.0)
+            requests.add_metric([name], info["requests"])
+            errors.add_metric([name], info["errors"])
+            success.add_metric([name], _ms_to_s(info["last_success_ms"]))
+            if info.get("budget_left") is not None:
+                budget.add_metric([name], info["budget_left"])
+            if info.get("budget_left_today") is not None:
+                budget_day.add_metric([name], info["budget_left_today"])
+        yield from (circuit, requests, errors, success, budget, budget_day)
+
+    @staticmethod
+    def _circuits(breakers: Iterable[dict[str, Any]]) -> Iterator[Metric]:
+        """Each breaker's state (one per source, or per source and asset class) and openings."""
+        labels = ["source", "asset_class"]
+        state = GaugeMetricFamily("sidecar_circuit_state", "1 for the circuit breaker's current state",
+                                  labels=[*labels, "state"])
+        opens = CounterMetricFamily("sidecar_circuit_opens", "Times the circuit breaker opened",
+                                    labels=labels)
+        success = GaugeMetricFamily("sidecar_circuit_last_success_timestamp_seconds",
+                                    "Last call through the breaker that got an answer (epoch s)",
+                                    labels=labels)
+        for b in breakers:
+            key = [b["source"], b["asset_class"] or ALL_CLASSES]
+            for name in STATES:
+                state.add_metric([*key, name], 1.0 if b["state"] == name else 0.0)
+            opens.add_metric(key, b["opens"])
+            success.add_metric(key, _ms_to_s(b["last_success_ms"]))
+        yield from (state, opens, success)
+
+    @staticmethod
+    def _symbols(symbols: dict[str, Any]) -> Iterator[Metric]:
+        age = GaugeMetricFamily("sidecar_symbol_bar_age_seconds",
+                                "Age of the newest bar's open time", labels=["symbol"])
+        updated = GaugeMetricFamily("sidecar_symbol_updated_age_seconds",
+                                    "Time since a source last answered for the symbol", labels=["symbol"])
+        stale = GaugeMetricFamily("sidecar_symbol_stale", "1 if the symbol is stale", labels=["symbol"])
+        price = GaugeMetricFamily("sidecar_symbol_last_price", "Close of the newest bar",
+                                  labels=["symbol"])
+        for sym, info in symbols.items():
+            age.add_metric([sym], _ms_to_s(info["newest_bar_age_ms"]))
+            updated.add_metric([sym], _ms_to_s(info["updated_age_ms"]))
+            stale.add_metric([sym], 1.0 if info["stale"] else 0.0)
+            price.add_metric([sym], float("nan") if info["last_price"] is None else info["last_price"])
+        yield from (age, updated, stale, price)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # Error texts can quote provider URLs: redact before anything leaves the process.
+    return web.Response(text=redact(json.dumps(data)), status=status, content_type="application/json")
+
 
 async def _health(request: web.Request) -> web.Response:
     view = request.app[VIEW]
     report = health_report(view.pipeline, view.ticker, ready=view.ready)
-    return web.json_response(report, status=503 if report["status"] == "down" else 200)
+    return _json(report, status=503 if report["status"] == "down" else 200)
 
 
 async def _ready(request: web.Request) -> web.Response:
     view = request.app[VIEW]
     ok = view.ready and view.pipeline.stats.first_cycle_done
-    return web.json_response({"ready": ok}, status=200 if ok else 503)
+    return _json({"ready": ok}, status=200 if ok else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = redact(generate_latest(request.app[REGISTRY]).decode())
+    return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _status_page(request: web.Request) -> web.Response:
+    return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
 
 
 def make_app(view: DaemonView) -> web.Application:
@@ -91,6 +223,7 @@ def make_app(view: DaemonView) -> web.Application:
     registry = CollectorRegistry()
     registry.register(_PipelineCollector(view))
     app[REGISTRY] = registry
+    app.router.add_get("/", _status_page)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)

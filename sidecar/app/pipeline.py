@@ -23,9 +23,9 @@ from redis.exceptions import RedisError
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
-from sidecar.breaker import SourceBreaker
+from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
-from sidecar.features import FeatureEngine, Values, features_map
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
@@ -38,6 +38,7 @@ log = logging.getLogger("sidecar.pipeline")
 
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
 @dataclass(slots=True)
@@ -45,7 +46,8 @@ class SourceState:
     """What ``/health`` says about one source."""
 
     source: Source
-    breaker: SourceBreaker | None = None
+    #: Its circuit breakers (one, or one per asset class); ``None``: never guarded (``sim``).
+    circuits: SourceCircuits | None = None
     last_success_ms: int | None = None
     last_error_class: str | None = None
     last_error_ms: int | None = None
@@ -56,16 +58,40 @@ class SourceState:
     def name(self) -> str:
         return self.source.name
 
-    def available(self, now_ms: int) -> bool:
-        """Whether this source may be asked this cycle (its circuit admits a call)."""
-        return self.breaker is None or self.breaker.allows()
+    def breaker(self, symbol: str) -> SourceBreaker | None:
+        """The breaker that guards this source's requests for ``symbol``."""
+        if self.circuits is None:
+            return None
+        return self.circuits.lane(self.source.breaker_lane(symbol))
+
+    def admits(self, symbol: str) -> bool:
+        """Whether ``symbol`` may be asked of this source now (its circuit admits a call)."""
+        breaker = self.breaker(symbol)
+        return breaker is None or breaker.allows()
+
+    def one_probe_each(self, symbols: list[str]) -> list[str]:
+        """``symbols`` minus all but the first of each breaker that is not closed.
+
+        A circuit that is open past its timeout (or half-open) admits one probe:
+        it is spent on one symbol, so probing a failing provider costs one request.
+        The others are left for the next source this cycle and stay due here.
+        """
+        out: list[str] = []
+        probing: set[str] = set()
+        for sym in symbols:
+            breaker = self.breaker(sym)
+            if breaker is not None and breaker.state != "closed":
+                if breaker.name in probing:
+                    continue
+                probing.add(breaker.name)
+            out.append(sym)
+        return out
 
     def status(self) -> dict[str, Any]:
         out = dict(self.source.status())
-        if self.breaker is not None:
-            br = self.breaker.status()
-            out["circuit"] = br.get("state", "closed")
-            out["breaker"] = br
+        if self.circuits is not None:
+            out["circuit"] = self.circuits.state  # the worst of its breakers
+            out["breakers"] = self.circuits.status()
         return out
 
 
@@ -78,10 +104,15 @@ class SymbolState:
     needs_rebuild: bool = False
     via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
     expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+    features: dict[str, Any] | None = None  # the map last written to Redis
 
     def stale(self, now_ms: int, stale_after_ms: int) -> bool:
         """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``."""
         return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+
+#: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
+CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
 
 @dataclass(slots=True)
@@ -96,6 +127,18 @@ class CycleStats:
     redis_down_since: float | None = None
     redis_last_error: str | None = None
     first_cycle_done: bool = False
+    #: Cumulative histogram of cycle durations: count per bucket of CYCLE_BUCKETS_MS (+Inf last).
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * (len(CYCLE_BUCKETS_MS) + 1))
+    duration_sum_ms: float = 0.0
+
+    def record_duration(self, ms: float) -> None:
+        self.last_duration_ms = ms
+        self.durations_ms.append(ms)
+        self.duration_sum_ms += ms
+        i = 0
+        while i < len(CYCLE_BUCKETS_MS) and ms > CYCLE_BUCKETS_MS[i]:
+            i += 1
+        self.duration_buckets[i] += 1
 
 
 class Pipeline:
@@ -107,15 +150,15 @@ class Pipeline:
         sources: list[Source],
         redis_store: RedisStore,
         bar_store: BarStore,
-        breakers: dict[str, SourceBreaker] | None = None,
+        circuits: dict[str, SourceCircuits] | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._clock = clock  # epoch seconds; tests drive it
         self.tf = settings.timeframe
-        breakers = breakers or {}
-        self.sources = [SourceState(s, breakers.get(s.name)) for s in sources]
+        circuits = circuits or {}
+        self.sources = [SourceState(s, circuits.get(s.name)) for s in sources]
         self.redis = redis_store
         self.store = bar_store
         #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
@@ -168,9 +211,10 @@ class Pipeline:
                                 extra={"error": str(exc)})
                     redis_up = False
                 else:
-                    if done.to_sqlite or done.to_redis:
-                        log.info("stores reconciled", extra={"symbol": sym, "to_sqlite": done.to_sqlite,
-                                                             "to_redis": done.to_redis})
+                    if done.to_sqlite:
+                        log.info("recovered bars from redis", extra={"symbol": sym, "bars": done.to_sqlite})
+                    if done.to_redis:
+                        log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": done.to_redis})
             bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
@@ -206,7 +250,7 @@ class Pipeline:
         features = self._features(now_ms)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
-        await self._write_redis(to_store, features, tick_ms, now_ms)
+        await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
         if self.store.flush_due() and (self._flush_task is None or self._flush_task.done()):
             # One flush at a time: a locked or slow database must not pile up tasks.
             self._flush_task = self._spawn(self.store.flush())
@@ -218,8 +262,7 @@ class Pipeline:
         stats = self.stats
         stats.cycles += 1
         stats.last_tick_ms = tick_ms
-        stats.last_duration_ms = (time.perf_counter() - started) * 1000
-        stats.durations_ms.append(stats.last_duration_ms)
+        stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
     async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
@@ -228,7 +271,8 @@ class Pipeline:
         Each source in priority order is asked for the symbols due at it; the ones
         it holds but that are not due come from its stream or stay on their last
         bar. A symbol whose source fails this cycle is asked of the next source in
-        priority order, within the same cycle.
+        priority order, within the same cycle; so is a symbol whose circuit at a
+        source is open (each source has one breaker, or one per asset class).
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
@@ -237,10 +281,8 @@ class Pipeline:
         for state in self.sources:
             if not pending:
                 break
-            if not state.available(now_ms):
-                continue
             source = state.source
-            mine = [s for s in pending if source.can_serve(s)]
+            mine = [s for s in pending if source.can_serve(s) and state.admits(s)]
             if not mine:
                 continue
             interval = self.planner.interval_ms(source, self._servable_counter(source), now_ms)
@@ -250,9 +292,12 @@ class Pipeline:
                 self.symbols[sym].via = VIA_STREAM
             for sym in plan.idle:
                 self.symbols[sym].expect_ms = interval
-            answers = await self._ask(state, plan.ask, now_ms) if plan.ask else {}
-            for sym in plan.ask:
+            ask = state.one_probe_each(plan.ask)
+            answers = await self._ask(state, ask, now_ms) if ask else {}
+            for sym in ask:
                 result = answers.get(sym)
+                if isinstance(result, BreakerOpen):
+                    continue  # refused by its circuit: nothing was sent, it stays due
                 ok = isinstance(result, list)
                 wait = interval
                 if isinstance(result, BudgetExhausted) and result.retry_after is not None:
@@ -270,24 +315,32 @@ class Pipeline:
         return lambda: sum(1 for s in self.symbols if source.can_serve(s))
 
     async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
-        batch = state.source.max_batch
-        by_grid: dict[Timeframe, list[str]] = {}  # one request asks for one bar grid
+        source = state.source
+        batch = source.max_batch
+        # One request asks for one bar grid and goes through one breaker (asset class).
+        groups: dict[tuple[Timeframe, str | None], list[str]] = {}
         for sym in symbols:
-            by_grid.setdefault(self.grids[sym], []).append(sym)
-        chunks = [(grid, group[i:i + batch]) for grid, group in by_grid.items()
+            groups.setdefault((self.grids[sym], source.breaker_lane(sym)), []).append(sym)
+        chunks = [(grid, group[i:i + batch]) for (grid, _), group in groups.items()
                   for i in range(0, len(group), batch)]
         state.requests += len(chunks)
+
         def call(grid: Timeframe, chunk: list[str]) -> Any:
-            if state.breaker is None:
-                fetch = state.source.fetch_latest(chunk, grid, now_ms)
+            breaker = state.breaker(chunk[0])
+            if breaker is None:
+                fetch = source.fetch_latest(chunk, grid, now_ms)
             else:
-                fetch = state.breaker.call(lambda: state.source.fetch_latest(chunk, grid, now_ms))
+                fetch = breaker.call(lambda: source.fetch_latest(chunk, grid, now_ms))
             return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
 
         calls = [call(grid, chunk) for grid, chunk in chunks]
         merged: dict[str, Any] = {}
         for (_, chunk), result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
                                       strict=True):
+            if isinstance(result, BreakerOpen):
+                state.requests -= 1  # refused before anything was sent
+                merged.update(dict.fromkeys(chunk, result))
+                continue
             if isinstance(result, BaseException):
                 self._source_failed(state, result, now_ms)
                 if isinstance(result, ProviderError):
@@ -366,11 +419,16 @@ class Pipeline:
             fmap["updated_at"] = st.updated_ms
             fmap["via"] = st.via
             fmap["data_age_ms"] = None if st.updated_ms is None else now_ms - st.updated_ms
+            # The histogram one bar back, so a reader sees a zero crossing in one read.
+            fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
+                                      else st.engine.prev_macd_hist)
+            st.features = fmap
             out.append((tf, sym, msgpack.packb(fmap)))
         return out
 
     async def _write_redis(
-        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int
+        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+        updated: list[str] | None = None,
     ) -> None:
         stats = self.stats
         if self._redis_backlog:
@@ -379,8 +437,10 @@ class Pipeline:
             bars = list(self._redis_backlog.values())
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "symbols": len(self.symbols)}
+        announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
+                    "features": len(features), "updated": updated or []}
         try:
-            has_meta = await self.redis.write_cycle(bars, features, heartbeat)
+            has_meta = await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
             for b in bars:
                 self._redis_backlog[(b.symbol, b.t)] = b

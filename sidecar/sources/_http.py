@@ -68,6 +68,9 @@ class ProviderSource(Source):
     #: True for providers that stamp intraday bars on the symbol's session grid (Yahoo,
     #: Twelve Data); the others stamp the clock's and fold into a session when asked.
     stamps_sessions: bool = False
+    #: True for providers whose asset classes fail apart (other endpoints, other
+    #: products): one circuit breaker per asset class instead of one per source.
+    breaker_per_asset_class: bool = False
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget) -> None:
         self.provider = provider
@@ -90,6 +93,10 @@ class ProviderSource(Source):
 
     def can_serve(self, symbol: str) -> bool:
         return self.spelling(symbol) is not None
+
+    def breaker_lane(self, symbol: str) -> str | None:
+        spelling = self.spelling(symbol) if self.breaker_per_asset_class else None
+        return None if spelling is None else spelling.asset_class
 
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
         return self.series_grid(symbol, tf) if self.stamps_sessions else tf

@@ -145,6 +145,8 @@ class AlphaVantageSource(HttpSource):
 
     name = NAME
     max_batch = 1
+    # TIME_SERIES_INTRADAY, FX_INTRADAY and CRYPTO_INTRADAY are separate endpoints.
+    breaker_per_asset_class = True
 
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         """Intraday ``outputsize=full``: the trailing 30 days in one request; daily: all."""

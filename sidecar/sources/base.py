@@ -66,6 +66,15 @@ class Source(abc.ABC):
         """Whether this source knows ``symbol`` (a canonical symbol)."""
         return True
 
+    def breaker_lane(self, symbol: str) -> str | None:
+        """Which of this source's circuit breakers guards the requests for ``symbol``.
+
+        ``None`` (the default): one breaker for the whole source. A source whose
+        asset classes go through different endpoints or products returns the
+        symbol's asset class, so one class failing does not cut off the others.
+        """
+        return None
+
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
         """The grid of the bars this source returns for ``symbol`` when asked for ``tf``.
 

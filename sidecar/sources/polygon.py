@@ -126,6 +126,8 @@ class PolygonSource(HttpSource):
 
     name = NAME
     max_batch = 5
+    # Stocks, forex, crypto and indices are separate products (and entitlements).
+    breaker_per_asset_class = True
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:

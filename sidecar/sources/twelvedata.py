@@ -144,6 +144,8 @@ class TwelveDataSource(HttpSource):
 
     name = NAME
     stamps_sessions = True
+    # Exchanges, forex and crypto are separate data feeds; a batch never mixes classes.
+    breaker_per_asset_class = True
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:

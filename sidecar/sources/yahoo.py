@@ -232,6 +232,7 @@ class YahooSource(ProviderSource):
     name = NAME
     max_batch = 50
     stamps_sessions = True
+    # One breaker: one chart endpoint, one session and one rate limit serve every class.
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget, *,
                  cache_dir: Path, stream_tickers: Sequence[str] = ()) -> None:

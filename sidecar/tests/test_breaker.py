@@ -1,22 +1,32 @@
-"""Circuit breakers: open after fail_max, one probe at a time, close on success; neutral cancels."""
+"""Circuit breakers: open after fail_max, one probe at a time, close on success; neutral cancels.
+
+Time is driven (the breakers' injected clock), never slept.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
 
 import pytest
 
-from sidecar.breaker import BreakerOpen, SourceBreaker
+from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
 
 
-def age(br: SourceBreaker, seconds: float) -> None:
-    """Pretend the breaker opened ``seconds`` earlier (pybreaker reads the wall clock)."""
-    storage = br.breaker._state_storage
-    storage.opened_at = storage.opened_at - timedelta(seconds=seconds)
+class Clock:
+    """Epoch seconds that move only when a test says so."""
+
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def breaker(clock: Clock, fail_max: int = 1, **kw: object) -> SourceBreaker:
+    return SourceBreaker("t", fail_max=fail_max, reset_timeout_s=30, clock=clock, **kw)  # type: ignore[arg-type]
 
 
 async def fail(cls: str = "unavailable") -> None:
@@ -60,11 +70,17 @@ async def test_non_counting_errors_do_not_open():
 
 @pytest.mark.asyncio
 async def test_exactly_one_probe_then_close():
-    br = SourceBreaker("t", fail_max=1, reset_timeout_s=30)
+    clock = Clock()
+    br = breaker(clock)
     with pytest.raises(ProviderError):
         await br.call(fail)
     assert br.state == "open"
-    age(br, 31)
+    clock.t += 29.9
+    assert not br.allows()
+    with pytest.raises(BreakerOpen):
+        await br.call(ok)
+    clock.t += 0.2
+    assert br.allows()
     gate = asyncio.Event()
     started = []
 
@@ -77,6 +93,7 @@ async def test_exactly_one_probe_then_close():
     for _ in range(3):
         await asyncio.sleep(0)
     assert started == [1] and br.status()["probe_in_flight"]
+    assert br.state == "half_open" and not br.allows()
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert results.count("ok") == 1
@@ -86,23 +103,29 @@ async def test_exactly_one_probe_then_close():
 
 @pytest.mark.asyncio
 async def test_failed_probe_reopens():
-    br = SourceBreaker("t", fail_max=1, reset_timeout_s=30)
+    clock = Clock()
+    br = breaker(clock)
     with pytest.raises(ProviderError):
         await br.call(fail)
-    age(br, 31)
+    clock.t += 31
     with pytest.raises(ProviderError):
         await br.call(fail)
-    assert br.state == "open"
+    assert br.state == "open" and br.status()["opens"] == 2
     with pytest.raises(BreakerOpen):
         await br.call(ok)
+    clock.t += 29  # the timeout restarts from the failed probe
+    assert not br.allows()
+    clock.t += 1
+    assert await br.call(ok) == "ok" and br.state == "closed"
 
 
 @pytest.mark.asyncio
 async def test_cancellation_and_budget_refusals_are_neutral():
-    br = SourceBreaker("t", fail_max=1, reset_timeout_s=30)
+    clock = Clock()
+    br = breaker(clock)
     with pytest.raises(ProviderError):
         await br.call(fail)
-    age(br, 31)
+    clock.t += 31
 
     async def hang() -> None:
         await asyncio.sleep(10)
@@ -112,14 +135,15 @@ async def test_cancellation_and_budget_refusals_are_neutral():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert br.state == "open"  # the cancelled probe neither closed nor re-opened it
+    # The cancelled probe neither closed nor re-opened it; the next caller may probe.
+    assert br.state == "half_open" and br.allows()
 
     async def refused() -> None:
         raise BudgetExhausted("nothing sent")
 
     with pytest.raises(BudgetExhausted):
         await br.call(refused)
-    assert br.state == "open" and br.allows()
+    assert br.state == "half_open" and br.allows()
     assert await br.call(ok) == "ok"
     assert br.state == "closed"
 
@@ -142,3 +166,41 @@ async def test_cancellation_does_not_count_when_closed():
     with pytest.raises(ProviderError):
         await br.call(fail)
     assert br.state == "open"
+
+
+@pytest.mark.asyncio
+async def test_each_state_change_is_logged_once(caplog):
+    clock = Clock()
+    br = breaker(clock, fail_max=2, asset_class="fx")
+    assert br.name == "t/fx"
+    with caplog.at_level(logging.INFO, logger="sidecar.breaker"):
+        for _ in range(4):  # two failures open it; the next two are refused, not logged again
+            with pytest.raises((ProviderError, BreakerOpen)):
+                await br.call(fail)
+        clock.t += 30
+        for _ in range(3):
+            await br.call(ok)
+    changes = [(r.previous, r.state, r.asset_class, r.source) for r in caplog.records
+               if r.name == "sidecar.breaker"]
+    assert changes == [("closed", "open", "fx", "t"), ("open", "half_open", "fx", "t"),
+                       ("half_open", "closed", "fx", "t")]
+    assert br.status()["last_state_change_ms"] == int(clock.t * 1000)
+
+
+@pytest.mark.asyncio
+async def test_source_circuits_one_per_lane_worst_state_summarises():
+    clock = Clock()
+    circuits = SourceCircuits("av", ["stock", "fx", "stock"], fail_max=1, reset_timeout_s=30,
+                              clock=clock)
+    assert [b.name for b in circuits] == ["av/fx", "av/stock"]
+    assert circuits.state == "closed"
+    with pytest.raises(ProviderError):
+        await circuits.lane("fx").call(fail)
+    assert circuits.lane("fx").state == "open" and circuits.lane("stock").state == "closed"
+    assert circuits.lane("stock").allows()
+    assert circuits.state == "open"
+    status = {(s["asset_class"], s["state"], s["last_error_class"]) for s in circuits.status()}
+    assert status == {("fx", "open", "unavailable"), ("stock", "closed", None)}
+    assert circuits.lane("crypto").state == "closed"  # a lane not configured gets one on demand
+    whole = SourceCircuits("yahoo")
+    assert [(b.name, b.asset_class) for b in whole] == [("yahoo", None)]

@@ -211,7 +211,7 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
         stored = {b.t: ohlcv(b) for b in sqlite_bars(db_path, sym)}
         missing = [b.t for b in reached_redis[sym] if stored.get(b.t) != ohlcv(b)]
         assert not missing, f"{sym}: bars that reached Redis are missing in SQLite: {missing[:5]}"
-    assert any(rec.get("msg") == "stores reconciled" for rec in second.logs())
+    assert any(rec.get("msg") == "recovered bars from redis" for rec in second.logs())
     assert second.stop() == 0
 
     heartbeat, features, newest = first_cycle

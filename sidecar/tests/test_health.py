@@ -1,0 +1,162 @@
+"""/health, /ready and /metrics over real HTTP on a pipeline with real Redis and SQLite:
+ok → degraded when a source's circuit opens → down when no symbol has a fresh bar."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.app.http import DaemonView, make_app
+from sidecar.app.pipeline import Pipeline
+from sidecar.app.ticker import SecondTicker
+from sidecar.breaker import SourceCircuits
+from sidecar.redis_store import RedisStore
+from sidecar.sqlite_store import BarStore
+from sidecar.tests.test_pipeline import ScriptedSource, series, settings
+
+T0 = 1_700_000_000_000
+
+
+class Switchable(ScriptedSource):
+    """Serves the next bar of each series per call, or fails while ``fail`` is set."""
+
+    def __init__(self, name: str, bars: dict[str, list[Any]], cursor: list[int]) -> None:
+        super().__init__([])
+        self.name = name
+        self.bars = bars
+        self.cursor = cursor  # shared: whichever source answers serves the next bar
+
+    async def fetch_latest(self, symbols, tf, now_ms):  # type: ignore[no-untyped-def]
+        self.steps = [{s: [self.bars[s][self.cursor[0]]] for s in symbols}]
+        result = await super().fetch_latest(symbols, tf, now_ms)
+        self.cursor[0] += 1
+        return result
+
+
+async def get(client: TestClient, path: str) -> tuple[int, Any]:
+    resp = await client.get(path)
+    if path == "/metrics":
+        return resp.status, await resp.text()
+    return resp.status, await resp.json()
+
+
+def metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_health_ok_degraded_down_and_metrics(redis_store: RedisStore, bar_store: BarStore) -> None:
+    bars = {s: series(s, 50, T0, i) for i, s in enumerate(("AAA", "BBB"))}
+    cursor = [0]
+    primary, backup = Switchable("primary", bars, cursor), Switchable("backup", bars, cursor)
+    circuits = SourceCircuits("primary", fail_max=2, reset_timeout_s=3600)
+    pipe = Pipeline(settings(stale_after_ms=300), [primary, backup], redis_store, bar_store,
+                    {"primary": circuits})
+    ticker = SecondTicker()
+    view = DaemonView(pipe, ticker)
+    async with TestClient(TestServer(make_app(view))) as client:
+        status, body = await get(client, "/ready")
+        assert status == 503 and body == {"ready": False}
+
+        view.ready = True
+        tick = int(time.time() * 1000)  # the health clock is the wall clock
+        for _ in range(3):
+            await pipe.run_cycle(tick)
+            tick += 1000
+        status, ready = await get(client, "/ready")
+        assert status == 200 and ready == {"ready": True}
+        status, health = await get(client, "/health")
+        assert status == 200 and health["status"] == "ok", health
+        assert health["sources"]["primary"]["circuit"] == "closed"
+        assert health["sources"]["primary"]["last_success_ms"] is not None
+        assert health["symbols"]["AAA"]["last_price"] == bars["AAA"][2].c
+        assert health["symbols"]["AAA"]["rsi"] is None  # 3 bars: RSI still warming up
+        assert health["cycle"]["count"] == 3 and len(health["cycle"]["recent_ms"]) == 3
+        assert health["bars"]["accepted"] == 6
+
+        # The primary fails until its circuit opens; the backup keeps the symbols fresh.
+        primary.fail = True
+        for _ in range(3):
+            await pipe.run_cycle(tick)
+            tick += 1000
+        status, health = await get(client, "/health")
+        assert status == 200 and health["status"] == "degraded", health
+        assert health["sources"]["primary"]["circuit"] == "open"
+        assert health["sources"]["primary"]["last_error_class"] == "unavailable"
+        assert any("primary" in r and "open" in r for r in health["reasons"])
+        assert not health["symbols"]["AAA"]["stale"]
+
+        status, text = await get(client, "/metrics")
+        m = metrics(text)
+        assert m[("sidecar_status", (("status", "degraded"),))] == 1.0
+        assert m[("sidecar_status", (("status", "ok"),))] == 0.0
+        assert m[("sidecar_source_circuit", (("source", "primary"), ("state", "open")))] == 1.0
+        assert m[("sidecar_source_circuit", (("source", "backup"), ("state", "closed")))] == 1.0
+        assert m[("sidecar_circuit_state", (("asset_class", "all"), ("source", "primary"),
+                                            ("state", "open")))] == 1.0
+        assert m[("sidecar_circuit_opens_total", (("asset_class", "all"), ("source", "primary")))] == 1
+        assert m[("sidecar_cycles_total", ())] == 6
+        assert m[("sidecar_cycle_duration_seconds_count", ())] == 6
+        assert m[("sidecar_cycle_duration_seconds_bucket", (("le", "+Inf"),))] == 6
+        assert m[("sidecar_bars_accepted_total", ())] == 12
+        assert m[("sidecar_symbol_last_price", (("symbol", "BBB"),))] == bars["BBB"][5].c
+        assert m[("sidecar_source_errors_total", (("source", "primary"),))] == 2
+        assert {labels for name, labels in m if name == "sidecar_symbol_stale"} == {
+            (("symbol", "AAA"),), (("symbol", "BBB"),)}
+
+        # Every source fails: no symbol stays fresh -> down, 503.
+        backup.fail = True
+        await pipe.run_cycle(tick)
+        await asyncio.sleep(0.4)  # > stale_after_ms
+        status, health = await get(client, "/health")
+        assert status == 503 and health["status"] == "down", health
+        assert health["reasons"][0] == "no symbol has a fresh bar"
+        assert all(s["stale"] for s in health["symbols"].values())
+        m = metrics((await get(client, "/metrics"))[1])
+        assert m[("sidecar_status", (("status", "down"),))] == 1.0
+        assert m[("sidecar_symbol_stale", (("symbol", "AAA"),))] == 1.0
+
+
+async def test_nothing_collected_yet_is_down_and_metrics_still_parse(
+        redis_store: RedisStore, bar_store: BarStore) -> None:
+    pipe = Pipeline(dataclasses.replace(settings()), [ScriptedSource([])], redis_store, bar_store)
+    async with TestClient(TestServer(make_app(DaemonView(pipe, SecondTicker())))) as client:
+        status, health = await get(client, "/health")
+        assert status == 503 and health["status"] == "down"
+        assert health["reasons"][0].startswith("not collecting")
+        m = metrics((await get(client, "/metrics"))[1])
+        assert math.isnan(m[("sidecar_symbol_last_price", (("symbol", "AAA"),))])
+        assert m[("sidecar_ready", ())] == 0.0
+        # No endpoint changes state: other methods are refused.
+        assert (await client.post("/health")).status == 405
+
+
+async def test_budget_left_in_health_and_metrics(redis_store: RedisStore, bar_store: BarStore) -> None:
+    from sidecar.rate_budget import RateBudget
+
+    budget = RateBudget("metered", per_minute=10, per_day=100)
+    assert budget.try_acquire(3)
+
+    class Metered(ScriptedSource):
+        name = "metered"
+
+        def status(self) -> dict[str, Any]:
+            return {"budget": budget.status()}
+
+    pipe = Pipeline(settings(), [Metered([])], redis_store, bar_store)
+    async with TestClient(TestServer(make_app(DaemonView(pipe, SecondTicker())))) as client:
+        _, health = await get(client, "/health")
+        info = health["sources"]["metered"]
+        assert (info["budget_left"], info["budget_left_today"]) == (7, 97)
+        m = metrics((await get(client, "/metrics"))[1])
+        assert m[("sidecar_source_budget_remaining", (("source", "metered"),))] == 7
+        assert m[("sidecar_source_budget_remaining_today", (("source", "metered"),))] == 97
