@@ -11,6 +11,8 @@ import msgpack
 # Bit flags of the msgpack array encoding (see README "Redis layout").
 FLAG_FORMING = 1
 FLAG_SYNTHETIC = 2
+#: 9999-12-31: the last instant ``datetime`` (and any sane store) can represent.
+MAX_EPOCH_MS = 253_402_300_799_000
 
 
 @dataclass(slots=True)
@@ -88,8 +90,8 @@ class Bar:
                 forming=bool(d.get("forming", False)),
                 synthetic=bool(d.get("synthetic", False)),
             )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed bar {d!r}: {exc}") from exc
+        except (KeyError, TypeError, OverflowError) as exc:  # missing, null, Infinity
+            raise ValueError(f"malformed bar {str(d)[:200]}: {exc}") from exc
 
     # -- msgpack array (Redis values) -----------------------------------------
     def pack(self) -> bytes:

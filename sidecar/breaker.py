@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pybreaker
 
 from sidecar.errors import ProviderError, SidecarError
+from sidecar.logs import redact
 from sidecar.rate_budget import BudgetExhausted
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class SourceBreaker:
             self._last_error_class = (
                 exc.error_class if isinstance(exc, ProviderError) else type(exc).__name__
             )
-            self._last_error = str(exc)[:300]
+            self._last_error = redact(str(exc))[:300]  # /health shows it
         self._report(exc)
 
     def _on_state_change(self, old: str, new: str) -> None:

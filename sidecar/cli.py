@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.settings import Settings
+from sidecar.settings import SYMBOL_RE, Settings
 from sidecar.timeframe import Timeframe
 
 if TYPE_CHECKING:
@@ -49,10 +49,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _symbols_arg(text: str | None, settings: Settings) -> list[str]:
-    """``--symbols A,B`` (upper-cased), or the configured symbols."""
+    """``--symbols A,B`` (upper-cased, canonical or refused), or the configured symbols."""
     if not text:
         return list(settings.symbols)
-    return [s.strip().upper() for s in text.split(",") if s.strip()]
+    symbols = [s.strip().upper() for s in text.split(",") if s.strip()]
+    for sym in symbols:
+        if not SYMBOL_RE.match(sym):
+            raise ConfigError("--symbols", f"{sym[:40]!r} is not a canonical symbol ({SYMBOL_RE.pattern})")
+    return symbols
 
 
 def _iso_ms(text: str, flag: str) -> int:
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _scan(settings: Settings, args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
+    from sidecar.redis_store import redis_refusal
     from sidecar.scanner import Scanner
     from sidecar.signals import SignalRules
 
@@ -116,6 +121,9 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 rows = await scanner.read(symbols)
             except (RedisError, OSError) as exc:
+                refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
+                if refused:
+                    raise ConfigError("SIDECAR_REDIS_URL", refused) from None
                 raise SidecarError(f"cannot reach Redis: {exc}") from None
             if clear:
                 print("\x1b[H\x1b[J", end="")
@@ -225,14 +233,12 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     import os
 
     from sidecar.provider_settings import ProviderSettings
-    from sidecar.settings import SYMBOL_RE
     from sidecar.symbols import load_symbol_map
 
     symbol_map = load_symbol_map(ProviderSettings.from_env(os.environ).symbols_file)
+    if symbol_map.rejected:  # the daemon runs without them; this command is where to fix them
+        raise ConfigError("SIDECAR_SYMBOLS_FILE", "; ".join(symbol_map.rejected.values()))
     symbols = _symbols_arg(args.symbols, settings)
-    for sym in symbols:
-        if not SYMBOL_RE.match(sym):
-            raise ConfigError("--symbols", f"{sym!r} is not a canonical symbol ({SYMBOL_RE.pattern})")
     if args.all:
         symbols += [s for s in symbol_map if s not in symbols]
     rows = [symbol_map.entry(sym).as_dict() for sym in symbols]

@@ -22,7 +22,7 @@ DEFAULT_TWELVEDATA_URL = "https://api.twelvedata.com"
 DEFAULT_POLYGON_URL = "https://api.polygon.io"
 DEFAULT_YAHOO_STREAM_URL = "wss://streamer.finance.yahoo.com/?version=2"
 
-_KEY_RE = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")  # printable ASCII, no spaces
 
 
 def _key(r: EnvReader, name: str) -> str | None:

@@ -27,8 +27,10 @@ from typing import Any
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import AuthenticationError, RedisError
 
 from sidecar.bar import Bar
+from sidecar.settings import SYMBOL_RE
 
 SCHEMA_VERSION = 1
 
@@ -63,7 +65,11 @@ return redis.call('EXISTS', KEYS[nb + nf + 2])
 
 
 class Keys:
-    """Key names under one prefix."""
+    """Key names under one prefix.
+
+    A symbol outside the canonical charset raises ``ValueError``: it is refused at
+    configuration, so reaching here is a bug, and it must not reach a key either.
+    """
 
     __slots__ = ("base",)
 
@@ -71,10 +77,10 @@ class Keys:
         self.base = f"{prefix}:v{SCHEMA_VERSION}"
 
     def bars(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:bars:{tf}:{symbol}"
+        return f"{self.base}:bars:{tf}:{_checked(symbol)}"
 
     def features(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:feat:{tf}:{symbol}"
+        return f"{self.base}:feat:{tf}:{_checked(symbol)}"
 
     @property
     def heartbeat(self) -> str:
@@ -87,6 +93,26 @@ class Keys:
     @property
     def cycles_channel(self) -> str:
         return f"{self.base}:cycles"
+
+
+def _checked(symbol: str) -> str:
+    if not SYMBOL_RE.match(symbol):
+        raise ValueError(f"not a canonical symbol, refusing it as part of a Redis key: {symbol[:40]!r}")
+    return symbol
+
+
+def redis_refusal(exc: RedisError) -> str | None:
+    """Why Redis refused us for good (a password or certificate problem), else ``None``.
+
+    A server that is down is not a configuration error (the daemon degrades and
+    waits); one that rejects our credentials will not change its mind.
+    """
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+        return f"Redis refused the credentials: {text}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
+        return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
+    return None
 
 
 def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:

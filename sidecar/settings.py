@@ -7,11 +7,13 @@ start with that message.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
 from sidecar.timeframe import Timeframe
@@ -21,10 +23,11 @@ DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_HTTP_PORT = 8787
 
 #: Canonical symbols: they become part of Redis keys and SQL parameters, so the
-#: charset is closed (no spaces, colons, braces, wildcards or quotes).
-SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: charset is closed (no spaces, colons, braces, wildcards or quotes). ``\Z``, not ``$``:
+#: ``$`` also matches before a trailing newline.
+SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}\Z")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -187,16 +190,27 @@ class Settings:
             raise ConfigError("SIDECAR_TIMEFRAME", str(exc)) from None
 
         redis_url = r.raw("SIDECAR_REDIS_URL")
-        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                "SIDECAR_REDIS_URL", "must start with redis://, rediss:// or unix://"
-            )
+        if redis_url is not None:
+            _check_redis_url(redis_url)
+        redis_server = r.raw("SIDECAR_REDIS_SERVER")
+        if redis_server is not None and not (os.path.isfile(redis_server)
+                                             and os.access(redis_server, os.X_OK)):
+            raise ConfigError("SIDECAR_REDIS_SERVER", f"not an executable file: {redis_server}")
         prefix = r.string("SIDECAR_REDIS_PREFIX", "sidecar")
         if not _PREFIX_RE.match(prefix):
             raise ConfigError("SIDECAR_REDIS_PREFIX", f"{prefix!r} must match {_PREFIX_RE.pattern}")
 
         data_dir = Path(r.raw("SIDECAR_DATA_DIR") or default_data_dir(env)).expanduser()
+        if data_dir.exists() and not data_dir.is_dir():
+            raise ConfigError("SIDECAR_DATA_DIR", f"not a directory: {data_dir}")
         sqlite_raw = r.raw("SIDECAR_SQLITE_PATH")
+        sqlite_path = Path(sqlite_raw).expanduser() if sqlite_raw else None
+        if sqlite_path is not None and (sqlite_path.is_dir() or (sqlite_path.parent.exists()
+                                                                 and not sqlite_path.parent.is_dir())):
+            raise ConfigError("SIDECAR_SQLITE_PATH", f"not a file path: {sqlite_path}")
+        http_host = r.string("SIDECAR_HTTP_HOST", "127.0.0.1")
+        if not _is_host(http_host):
+            raise ConfigError("SIDECAR_HTTP_HOST", f"{http_host!r} is not an IP address or host name")
         replay_raw = r.raw("SIDECAR_REPLAY_FILE")
         replay_file = Path(replay_raw).expanduser() if replay_raw else None
         if "replay" in sources:
@@ -237,8 +251,8 @@ class Settings:
             redis_url=redis_url,
             redis_prefix=prefix,
             data_dir=data_dir,
-            sqlite_path=Path(sqlite_raw).expanduser() if sqlite_raw else None,
-            http_host=r.string("SIDECAR_HTTP_HOST", "127.0.0.1"),
+            sqlite_path=sqlite_path,
+            http_host=http_host,
             http_port=r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535),
             bars_cap=r.integer("SIDECAR_BARS_CAP", 5_000, low=100, high=1_000_000),
             features_ttl_ms=r.integer("SIDECAR_FEATURES_TTL_MS", 2_000, low=500, high=3_600_000),
@@ -268,6 +282,43 @@ class Settings:
             log_level=r.choice("SIDECAR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )
         return settings
+
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+
+
+def _is_host(text: str) -> bool:
+    """An IPv4/IPv6 address or a DNS host name (what a listening socket can bind)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(_HOSTNAME_RE.match(text))
+    return True
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a Redis URL the client could not use: scheme, port, db, unknown options,
+    a missing CA/cert file. Builds the connection object without connecting."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("SIDECAR_REDIS_URL", "must start with redis://, rediss:// or unix://")
+    from redis.asyncio import ConnectionPool
+
+    try:
+        pool = ConnectionPool.from_url(url)
+        pool.make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        # The message may quote the URL, and the URL may carry a password.
+        raise ConfigError("SIDECAR_REDIS_URL", _without_password(str(exc), url)) from None
+    for option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        path = pool.connection_kwargs.get(option)
+        if path and not os.path.isfile(path):
+            raise ConfigError("SIDECAR_REDIS_URL", f"{option}: no such file: {path}")
+
+
+def _without_password(text: str, url: str) -> str:
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password and len(password) >= 4 else text
 
 
 def _parse_symbols(text: str | None) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ shape. A source that cannot serve a symbol gets ``None`` (skipped, not an error)
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -135,11 +135,14 @@ def _parse_spelling(
 class SymbolMap:
     """The loaded mapping. Build with :func:`load_symbol_map`."""
 
-    __slots__ = ("_entries", "path")
+    __slots__ = ("_entries", "path", "rejected")
 
-    def __init__(self, entries: Mapping[str, SymbolEntry], path: Path | None = None) -> None:
+    def __init__(self, entries: Mapping[str, SymbolEntry], path: Path | None = None,
+                 rejected: Mapping[str, str] | None = None) -> None:
         self._entries = dict(entries)
         self.path = path
+        #: Entries left out for a bad value: symbol -> problem. No source serves them.
+        self.rejected = dict(rejected or {})
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._entries
@@ -170,6 +173,8 @@ class SymbolMap:
         """
         if symbol in self._entries:
             return self._entries[symbol].spellings.get(provider)
+        if symbol in self.rejected:
+            return None  # a guess could fetch another instrument's prices
         if SYMBOL_RE.match(symbol) and not _looks_foreign(provider, symbol):
             return _default_entry(symbol).spellings[provider]
         return passthrough(provider, symbol)
@@ -205,35 +210,56 @@ def passthrough(provider: str, text: str) -> ProviderSymbol:
 
 
 def parse_symbol_map(data: Mapping[str, Any], path: Path | None = None) -> SymbolMap:
-    """Validate a decoded mapping; raises :class:`ConfigError` naming the bad entry."""
+    """Validate a decoded mapping. A bad entry does not stop the others: it is left out
+    and recorded in :attr:`SymbolMap.rejected` (symbol -> the problem, naming the entry)."""
     entries: dict[str, SymbolEntry] = {}
+    rejected: dict[str, str] = {}
     for canonical, body in data.items():
-        where = f"{path or 'mapping'}: [{canonical}]"
-        if not SYMBOL_RE.match(canonical):
-            raise ConfigError(
-                _SETTING, f"{where}: {canonical!r} is not a canonical symbol ({SYMBOL_RE.pattern})"
-            )
-        if not isinstance(body, dict):
-            raise ConfigError(_SETTING, f"{where}: expected a table")
-        unknown = set(body) - {"asset_class", "broker", "session", *PROVIDERS}
-        if unknown:
-            raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: "
-                                        f"asset_class, broker, session, {', '.join(PROVIDERS)})")
-        asset_raw = body.get("asset_class", "stock")
-        if asset_raw not in ASSET_CLASSES:
-            raise ConfigError(
-                _SETTING, f"{where}: asset_class {asset_raw!r} is not one of {', '.join(ASSET_CLASSES)}"
-            )
-        asset = cast(AssetClass, asset_raw)
-        broker = body.get("broker", canonical)
-        if not isinstance(broker, str) or not broker.strip():
-            raise ConfigError(_SETTING, f"{where}: broker must be a non-empty string")
-        spellings = {
-            p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
-        }
-        session = _parse_session(body.get("session"), asset, f"{where}.session")
-        entries[canonical] = SymbolEntry(canonical, asset, broker.strip(), spellings, session)
-    return SymbolMap(entries, path)
+        try:
+            entries[canonical] = _parse_entry(canonical, body, f"{path or 'mapping'}: [{canonical}]")
+        except ConfigError as exc:
+            rejected[canonical] = exc.problem
+    return SymbolMap(entries, path, rejected)
+
+
+def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
+    if not SYMBOL_RE.match(canonical):
+        raise ConfigError(
+            _SETTING, f"{where}: {canonical!r} is not a canonical symbol ({SYMBOL_RE.pattern})"
+        )
+    if not isinstance(body, dict):
+        raise ConfigError(_SETTING, f"{where}: expected a table")
+    unknown = set(body) - {"asset_class", "broker", "session", *PROVIDERS}
+    if unknown:
+        raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: "
+                                    f"asset_class, broker, session, {', '.join(PROVIDERS)})")
+    asset_raw = body.get("asset_class", "stock")
+    if asset_raw not in ASSET_CLASSES:
+        raise ConfigError(
+            _SETTING, f"{where}: asset_class {asset_raw!r} is not one of {', '.join(ASSET_CLASSES)}"
+        )
+    asset = cast(AssetClass, asset_raw)
+    broker = body.get("broker", canonical)
+    if not isinstance(broker, str) or not broker.strip():
+        raise ConfigError(_SETTING, f"{where}: broker must be a non-empty string")
+    spellings = {
+        p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
+    }
+    session = _parse_session(body.get("session"), asset, f"{where}.session")
+    return SymbolEntry(canonical, asset, broker.strip(), spellings, session)
+
+
+def mapping_report(symbol_map: SymbolMap, symbols: Iterable[str]) -> list[tuple[str, str]]:
+    """What to tell the operator at start: ``(symbol, problem)`` for each rejected entry
+    and each configured symbol the mapping does not list (it runs as a US stock)."""
+    report = [(sym, f"mapping entry ignored: {problem}; no provider will serve {sym}")
+              for sym, problem in symbol_map.rejected.items()]
+    where = symbol_map.path or DEFAULT_FILE
+    report.extend(
+        (sym, f"not in the mapping ({where}): fetched as a US stock spelled {sym} everywhere")
+        for sym in symbols if sym not in symbol_map and sym not in symbol_map.rejected
+    )
+    return report
 
 
 def load_symbol_map(path: Path | None = None) -> SymbolMap:

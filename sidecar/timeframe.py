@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _UNITS_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_PATTERN = re.compile(r"^([1-9][0-9]{0,3})([smhd])$")
-_SESSION_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])\s+(\S+)$")
+_PATTERN = re.compile(r"^([1-9][0-9]{0,3})([smhd])\Z")
+_SESSION_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])\s+(\S+)\Z")
 DAY_MS = 86_400_000
 #: Two instants on either side of the usual DST switch, to see every UTC offset of a zone.
 _PROBES_MS = (1_705_276_800_000, 1_721_001_600_000)  # 2024-01-15, 2024-07-15

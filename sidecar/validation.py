@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.timeframe import Timeframe
 
 log = logging.getLogger("sidecar.validation")
@@ -50,6 +50,8 @@ def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
         return "bad_volume"
     if bar.tf != tf.name:
         return "wrong_timeframe"
+    if not 0 <= bar.t <= MAX_EPOCH_MS:  # before 1970 or past 9999: a garbled stamp
+        return "bad_time"
     if not tf.is_aligned(bar.t):
         return "misaligned_time"
     if bar.t > now_ms + skew_ms:
@@ -193,8 +195,14 @@ class Validator:
                 del st.recent[t]
 
     # -- the check --------------------------------------------------------------
-    def check(self, bar: Bar, now_ms: int) -> Outcome:
-        """Decide what happens to ``bar``; counts and logs rejections."""
+    def check(self, bar: Bar, now_ms: int, symbol: str | None = None) -> Outcome:
+        """Decide what happens to ``bar``; counts and logs rejections.
+
+        ``symbol``: the symbol that was asked for; a bar labelled otherwise is rejected
+        (``wrong_symbol``), whatever the source put in it.
+        """
+        if symbol is not None and bar.symbol != symbol:
+            return self._reject(bar, "wrong_symbol")
         reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)

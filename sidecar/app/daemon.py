@@ -10,6 +10,8 @@ unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -27,10 +29,11 @@ from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore, connect, redis_refusal
 from sidecar.settings import Settings
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sqlite_store import BarStore
+from sidecar.symbols import load_symbol_map, mapping_report
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -74,6 +77,27 @@ async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | No
     return store, embedded
 
 
+async def _listen(view: DaemonView, host: str, port: int) -> Any:
+    """Serve the HTTP endpoints; a bind failure names the setting to change."""
+    try:
+        runner = await start_http(view, host, port)
+    except OSError as exc:
+        in_use = exc.errno in (errno.EADDRINUSE, errno.EACCES)
+        setting = "SIDECAR_HTTP_PORT" if in_use else "SIDECAR_HTTP_HOST"
+        raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    if not _is_loopback(host):
+        log.warning("HTTP endpoints listen beyond this machine: anyone who can reach "
+                    f"{host}:{port} sees symbols, prices and source state (README: Security)")
+    return runner
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Daemon:
     """``python -m sidecar run``."""
 
@@ -103,8 +127,14 @@ class Daemon:
     async def run(self) -> int:
         s = self.settings
         self._install_signals()
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
         provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
+        symbol_map = load_symbol_map(provider_settings.symbols_file)
+        for symbol, problem in mapping_report(symbol_map, s.symbols):
+            log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
         sources = build_sources(s)
         circuits = {
             src.name: SourceCircuits.for_source(
@@ -123,7 +153,7 @@ class Daemon:
         try:
             for source in sources:
                 await source.start()
-            runner = await start_http(view, s.http_host, s.http_port)
+            runner = await _listen(view, s.http_host, s.http_port)
             log.info("daemon starting", extra={
                 "symbols": len(s.symbols), "sources": [x.name for x in sources],
                 "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
@@ -132,6 +162,9 @@ class Daemon:
             try:
                 await pipeline.write_meta()
             except RedisError as exc:
+                refused = redis_refusal(exc)
+                if refused:
+                    raise ConfigError("SIDECAR_REDIS_URL", refused) from None
                 log.warning("redis not reachable at start", extra={"error": str(exc)})
             if await store.is_empty():
                 log.warning("bootstrap needed: the bar store is empty",

@@ -240,7 +240,7 @@ class Pipeline:
             st = self.symbols[sym]
             st.updated_ms = now_ms
             for bar in bars:
-                outcome = self.validator.check(bar, now_ms)
+                outcome = self.validator.check(bar, now_ms, symbol=sym)
                 if outcome.verdict is Verdict.DUPLICATE or not outcome.bars:
                     continue
                 for accepted in outcome.bars:

@@ -111,15 +111,18 @@ class ProviderSource(Source):
 
     def note_error(self, err: ProviderError, *, daily: bool = False,
                    retry_after: float | None = None) -> ProviderError:
-        """Record ``err`` (redacted) and back off on a provider rate limit.
+        """Record ``err`` and back off on a provider rate limit.
 
         ``daily``: the provider said its daily quota is spent (refuse until the reset).
         ``retry_after``: the answer's ``Retry-After``, when the error does not carry one.
+        The message is redacted in place: a provider that echoes the request (URL,
+        headers) into its error body must not carry our key into logs or ``fetch`` output.
         """
         err.source = err.source or self.name
         if err.retry_after is None:
             err.retry_after = retry_after
-        self._last_error = redact(str(err), self.provider.secrets())[:300]
+        err.args = (redact(str(err), self.provider.secrets()),)
+        self._last_error = str(err)[:300]
         if err.error_class == "rate_limited":
             if daily:
                 self.budget.exhaust_day()

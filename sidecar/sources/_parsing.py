@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ProviderError
 from sidecar.timeframe import Timeframe
 
@@ -49,7 +49,7 @@ def decode_json(body: bytes | str, source: str, what: str = "body") -> Any:
     """Decode JSON or raise ``ProviderError("bad_response")`` (truncated, HTML, text)."""
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
         text = body[:80] if isinstance(body, str) else body[:80].decode("utf-8", "replace")
         raise ProviderError(
             "bad_response", f"{what} is not JSON: {text.strip()!r}", source=source
@@ -68,9 +68,11 @@ def to_float(value: Any) -> float:
 
 def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
     """The IANA zone ``name`` (``US/Eastern`` works), or ``default`` when missing/unknown."""
+    if not isinstance(name, str) or not name or len(name) > 64:  # a body can carry anything here
+        return ZoneInfo(default)
     try:
-        return ZoneInfo(name or default)
-    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return ZoneInfo(default)
 
 
@@ -80,23 +82,43 @@ def day_ms(d: date) -> int:
 
 
 def local_text_to_ms(text: str, tz: ZoneInfo, daily: bool) -> int:
-    """A naive provider timestamp in ``tz`` to epoch ms UTC.
+    """A naive provider timestamp in ``tz`` to epoch ms UTC; ``ValueError`` if it is none.
 
     Daily bars (``daily``) keep their calendar date and are stamped 00:00 UTC.
     """
     text = text.strip()
-    if daily or len(text) == 10:
-        return day_ms(date.fromisoformat(text[:10]))
-    naive = datetime.fromisoformat(text)
-    if naive.tzinfo is None:
-        naive = naive.replace(tzinfo=tz)
-    return int(naive.timestamp() * 1000)
+    try:
+        if daily or len(text) == 10:
+            return day_ms(date.fromisoformat(text[:10]))
+        naive = datetime.fromisoformat(text)
+        if naive.tzinfo is None:
+            naive = naive.replace(tzinfo=tz)
+        return int(naive.timestamp() * 1000)
+    except OverflowError:  # year 1 or 9999 shifted out of range by the zone
+        raise ValueError(f"time out of range: {text!r}") from None
 
 
 def epoch_to_daily_ms(t_ms: int, tz: ZoneInfo) -> int:
-    """A daily bar stamped at any time of its day in ``tz`` -> 00:00 UTC of that date."""
-    local = datetime.fromtimestamp(t_ms / 1000, tz=UTC).astimezone(tz)
+    """A daily bar stamped at any time of its day in ``tz`` -> 00:00 UTC of that date.
+
+    ``ValueError`` when ``t_ms`` lies outside the years datetime can represent.
+    """
+    try:
+        local = datetime.fromtimestamp(t_ms / 1000, tz=UTC).astimezone(tz)
+    except (OverflowError, OSError):
+        raise ValueError(f"time out of range: {t_ms}") from None
     return day_ms(local.date())
+
+
+def to_epoch_ms(value: Any, unit_ms: int = 1) -> int:
+    """A provider timestamp (a number of ``unit_ms``) as integer epoch ms; ``ValueError`` if not.
+
+    Refuses non-finite numbers and anything beyond year 9999, which no store can hold.
+    """
+    t = int(to_float(value) * unit_ms)
+    if not -MAX_EPOCH_MS <= t <= MAX_EPOCH_MS:
+        raise ValueError(f"time out of range: {value!r}")
+    return t
 
 
 def finish(bars: list[Bar], ctx: ParseContext) -> list[Bar]:

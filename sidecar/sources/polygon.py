@@ -31,6 +31,7 @@ from sidecar.sources._parsing import (
     finish,
     http_status_error,
     rebucket,
+    to_epoch_ms,
     to_float,
     zone,
 )
@@ -98,7 +99,7 @@ def parse_aggs(body: bytes | str, status: int, ctx: ParseContext, *, asset_class
             continue
         try:
             o, h, l, c = (to_float(row[k]) for k in ("o", "h", "l", "c"))
-            t = int(to_float(row["t"]))
+            t = to_epoch_ms(row["t"])
         except (KeyError, ValueError, TypeError):
             continue
         if daily:

@@ -17,39 +17,52 @@ import bisect
 import csv
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ConfigError, ProviderError
+from sidecar.settings import SYMBOL_RE
 from sidecar.sources.base import LatestResult, Source
 from sidecar.timeframe import Timeframe
 
 
 def read_bars(path: Path) -> list[Bar]:
-    """Read a recording; raises :class:`ConfigError` naming the line that is malformed."""
-    bars: list[Bar] = []
-    with path.open(newline="") as fh:
-        first = fh.readline()
-        fh.seek(0)
-        if first.lstrip().startswith("{"):
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"expected a JSON object, got {line.strip()[:80]!r}")
-                    bars.append(Bar.from_json_dict(obj))
-                except ValueError as exc:
-                    raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {exc}") from None
-        else:
-            for lineno, row in enumerate(csv.DictReader(fh), 2):
-                try:
-                    bars.append(Bar.from_json_dict(_csv_flags(dict(row))))
-                except ValueError as exc:
-                    raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {exc}") from None
-    return bars
+    """Read a recording; raises :class:`ConfigError` naming the line that is malformed.
+
+    Symbols must be canonical (they become Redis keys) and timeframes valid.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            first = fh.readline()
+            fh.seek(0)
+            if first.lstrip().startswith("{"):
+                rows: Iterable[tuple[int, Any]] = (
+                    (lineno, line) for lineno, line in enumerate(fh, 1) if line.strip())
+            else:
+                rows = ((lineno, _csv_flags(dict(row))) for lineno, row in enumerate(csv.DictReader(fh), 2))
+            return [_bar(path, lineno, row) for lineno, row in rows]
+    except UnicodeDecodeError as exc:
+        raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}: not UTF-8 text ({exc.reason} at byte "
+                                                 f"{exc.start})") from None
+    except (csv.Error, OSError) as exc:
+        raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}: {exc}") from None
+
+
+def _bar(path: Path, lineno: int, row: str | dict[str, Any]) -> Bar:
+    """One recorded bar (a JSON line or a CSV row); ``ConfigError`` naming the line if bad."""
+    try:
+        obj = json.loads(row) if isinstance(row, str) else row
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {str(row).strip()[:80]!r}")
+        bar = Bar.from_json_dict(obj)
+        if not SYMBOL_RE.match(bar.symbol):
+            raise ValueError(f"{bar.symbol[:40]!r} is not a canonical symbol ({SYMBOL_RE.pattern})")
+        bar.tf = Timeframe.parse(bar.tf).name
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError("SIDECAR_REPLAY_FILE", f"{path}:{lineno}: {str(exc)[:200]}") from None
+    return bar
 
 
 def _csv_flags(row: dict[str, object]) -> dict[str, object]:

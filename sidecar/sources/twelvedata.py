@@ -49,7 +49,7 @@ def classify_error(
     message = str(obj.get("message", ""))[:240]
     try:
         code = int(obj.get("code", http_status))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # null, "abc", Infinity
         code = http_status
     low = message.lower()
     if code == 429 or "run out of api credits" in low:
@@ -171,7 +171,7 @@ class TwelveDataSource(HttpSource):
             lambda reply: parse_batch(reply.body, reply.status, contexts, reply.retry_after),
             params=params, headers=self._headers, daily=lambda err: "day" in str(err).lower())
         for value in result.values():
-            if isinstance(value, ProviderError) and value.error_class == "rate_limited":
+            if isinstance(value, ProviderError):
                 self.note_error(value)
         return result
 

@@ -40,6 +40,7 @@ from sidecar.sources._parsing import (
     epoch_to_daily_ms,
     finish,
     http_status_error,
+    to_epoch_ms,
     to_float,
     zone,
 )
@@ -126,7 +127,7 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     for i, stamp in enumerate(stamps):
         try:
             o, h, l, c = (to_float(arr[i]) for arr in (opens, highs, lows, closes))
-            t = int(stamp) * 1000
+            t = to_epoch_ms(stamp, 1000)
         except (IndexError, ValueError, TypeError):
             continue  # a null minute
         v: float | None = None

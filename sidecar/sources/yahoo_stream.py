@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from sidecar.bar import MAX_EPOCH_MS
 
 log = logging.getLogger("sidecar.sources.yahoo_stream")
 
@@ -32,9 +35,9 @@ def tick_from_message(msg: dict[str, Any]) -> tuple[str, Tick] | None:
         ticker = str(msg["id"])
         price = float(msg["price"])
         t_ms = int(msg["time"])  # protobuf int64 arrives as a string
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
-    if not price > 0 or t_ms <= 0:
+    if not (math.isfinite(price) and price > 0) or not 0 < t_ms <= MAX_EPOCH_MS:
         return None
     return ticker, Tick(price, t_ms)
 

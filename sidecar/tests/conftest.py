@@ -11,12 +11,25 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from sidecar.redis_server import find_redis_server
 from sidecar.redis_store import RedisStore, connect
 from sidecar.sqlite_store import BarStore
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Property tests: a moderate default keeps the suite fast; HYPOTHESIS_PROFILE=thorough
+# runs many more examples on demand.
+hypothesis_settings.register_profile(
+    "sidecar", max_examples=40, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
+)
+hypothesis_settings.register_profile("thorough", parent=hypothesis_settings.get_profile("sidecar"),
+                                     max_examples=2_000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sidecar"))
 
 
 def fixtures_dir() -> Path:

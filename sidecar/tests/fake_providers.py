@@ -51,6 +51,9 @@ class Reply:
     #: Send only this many bytes of ``body`` (with a matching Content-Length): truncated JSON.
     truncate: int | None = None
     content_type: str = "application/json"
+    #: Treat ``body`` as a template: ``{url}`` and ``{authorization}`` become the request's
+    #: URL and Authorization header (providers that echo the request in their errors).
+    echo: bool = False
 
     @classmethod
     def fixture(cls, rel: str, status: int = 200, **kw: Any) -> Reply:
@@ -147,10 +150,15 @@ class FakeProviders:
     async def _send(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        body = reply.body
+        if reply.echo:
+            auth = request.headers.get("Authorization", "")
+            body = body.replace(b"{url}", json.dumps(str(request.url))[1:-1].encode()).replace(
+                b"{authorization}", json.dumps(auth)[1:-1].encode())
         if reply.truncate is None:
-            return web.Response(status=reply.status, body=reply.body, headers=reply.headers,
+            return web.Response(status=reply.status, body=body, headers=reply.headers,
                                 content_type=reply.content_type)
-        body = reply.body[: reply.truncate]
+        body = body[: reply.truncate]
         resp = web.Response(status=reply.status, body=body, headers=reply.headers,
                             content_type=reply.content_type)
         return resp

@@ -80,6 +80,13 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str]) ->
         assert status == 200 and health["status"] == "ok", health
         sock = Path(env["SIDECAR_DATA_DIR"]) / "redis" / "redis.sock"
         assert sock.exists() and (sock.stat().st_mode & 0o077) == 0  # private socket
+        assert (sock.parent.stat().st_mode & 0o777) == 0o700  # in a private directory
+        # The embedded Redis has no TCP port; the HTTP endpoints listen on loopback only.
+        assert "port 0" in (sock.parent / "redis.conf").read_text().splitlines()
+        import redis
+
+        assert redis.Redis(unix_socket_path=str(sock)).config_get("port") == {"port": "0"}
+        assert tcp_listeners(port) == {"127.0.0.1"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
@@ -87,6 +94,24 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str]) ->
             proc.kill()
     # The embedded server was stopped with the daemon.
     assert not any(_answers(sock) for _ in range(3))
+
+
+def tcp_listeners(port: int) -> set[str]:
+    """Addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                raw = bytes.fromhex(addr)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                ip = ipaddress.ip_address(raw)
+                found.add(str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip))
+    return found
 
 
 def _answers(sock: Path) -> bool:

@@ -542,7 +542,7 @@ def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
         redis_servers: Callable[..., RedisServer]) -> None:
     lib = _libfaketime()
     if lib is None:
-        pytest.skip("libfaketime not installed (apt-get install faketime; scripts/test does it as root)")
+        pytest.skip("libfaketime not installed (apt-get install faketime; scripts/system-deps does it as root)")
     server = redis_servers()
     r = redis_client(server)
     offset_file = tmp_path / "offset"

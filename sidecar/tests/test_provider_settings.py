@@ -18,20 +18,67 @@ def test_defaults_and_repr_hides_keys():
     assert set(s.secrets()) == {"SECRETPOLY", "SECRETTD"}
 
 
-@pytest.mark.parametrize(
-    ("env", "var"),
-    [({"SIDECAR_POLYGON_BASE_URL": "ftp://x"}, "SIDECAR_POLYGON_BASE_URL"),
-     ({"SIDECAR_YAHOO_STREAM_URL": "http://x"}, "SIDECAR_YAHOO_STREAM_URL"),
-     ({"SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE": "0"}, "SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE"),
-     ({"SIDECAR_HTTP_TIMEOUT_S": "abc"}, "SIDECAR_HTTP_TIMEOUT_S"),
-     ({"SIDECAR_BREAKER_FAIL_MAX": "1.5"}, "SIDECAR_BREAKER_FAIL_MAX"),
-     ({"SIDECAR_SYMBOLS_FILE": "/nonexistent/x.toml"}, "SIDECAR_SYMBOLS_FILE"),
-     ({"SIDECAR_YAHOO_STREAM": "maybe"}, "SIDECAR_YAHOO_STREAM")],
-)
-def test_bad_values_name_the_variable(env, var):
+_URLS = ["ftp://x", "http://", "localhost:8080", "http://x/path?a=1"]
+# One or more bad values per variable the provider settings read ({dir}, {file}: placeholders).
+BAD_VALUES: dict[str, list[str]] = {
+    "ALPHAVANTAGE_API_KEY": ["has space SECRET", "SECRET" * 50, "tab\tSECRET", "\u00fcSECRET"],
+    "TWELVEDATA_API_KEY": ["has space SECRET", "SECRET\x00"],
+    "POLYGON_API_KEY": ["has space SECRET", "SECRET\u2028x"],
+    "SIDECAR_YAHOO_BASE_URL": _URLS,
+    "SIDECAR_ALPHAVANTAGE_BASE_URL": _URLS,
+    "SIDECAR_TWELVEDATA_BASE_URL": _URLS,
+    "SIDECAR_POLYGON_BASE_URL": _URLS,
+    "SIDECAR_YAHOO_STREAM_URL": ["http://x", "wss://", "streamer"],
+    "SIDECAR_YAHOO_STREAM": ["maybe", "2"],
+    "SIDECAR_HTTP_TIMEOUT_S": ["0", "abc", "nan", "301"],
+    "SIDECAR_HTTP_CONNECT_TIMEOUT_S": ["0.01", "x"],
+    "SIDECAR_HTTP_POOL_SIZE": ["0", "1.5"],
+    "SIDECAR_YAHOO_WORKERS": ["0", "65"],
+    "SIDECAR_ALPHAVANTAGE_PER_DAY": ["-1", "x"],
+    "SIDECAR_ALPHAVANTAGE_PER_SECOND": ["0", "1001"],
+    "SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE": ["0", "eight"],
+    "SIDECAR_TWELVEDATA_CREDITS_PER_DAY": ["-1", "1e3"],
+    "SIDECAR_POLYGON_PER_MINUTE": ["0", "x"],
+    "SIDECAR_YAHOO_PER_MINUTE": ["0", "-1"],
+    "SIDECAR_YAHOO_PER_DAY": ["-5", "x"],
+    "SIDECAR_YAHOO_POLL_S": ["-1", "nan", "86401"],
+    "SIDECAR_429_COOLDOWN_S": ["-1", "inf"],
+    "SIDECAR_BREAKER_FAIL_MAX": ["0", "1.5"],
+    "SIDECAR_BREAKER_RESET_S": ["0", "x"],
+    "SIDECAR_SYMBOLS_FILE": ["/nonexistent/x.toml", "{dir}", "{bad_toml}"],
+}
+
+
+def test_every_variable_read_is_covered():
+    import inspect
+    import re
+
+    from sidecar import provider_settings
+
+    read = set(re.findall(r'"((?:SIDECAR|[A-Z]+)_[A-Z0-9_]+)"', inspect.getsource(provider_settings)))
+    read.discard("SIDECAR_")  # not a variable
+    assert read == set(BAD_VALUES), "a provider variable lacks a bad-value test"
+
+
+def load_like_the_daemon(env):
+    """What the daemon reads at start besides Settings: provider settings and the mapping."""
+    from sidecar.symbols import load_symbol_map
+
+    provider = ProviderSettings.from_env(env)
+    load_symbol_map(provider.symbols_file)
+    return provider
+
+
+@pytest.mark.parametrize(("var", "value"), [(n, v) for n, vs in BAD_VALUES.items() for v in vs])
+def test_bad_values_name_the_variable(var, value, tmp_path):
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[EURUSD\n")
+    value = value.replace("{dir}", str(tmp_path)).replace("{bad_toml}", str(bad_toml))
     with pytest.raises(ConfigError) as info:
-        ProviderSettings.from_env(env)
-    assert info.value.setting == var
+        load_like_the_daemon({var: value})
+    assert info.value.setting == var and str(info.value).startswith(f"{var}: ")
+    if var.endswith("_API_KEY"):
+        assert "SECRET" not in str(info.value)  # a key, even a malformed one, is never echoed
 
 
 def test_bad_key_is_not_echoed():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.errors import ConfigError
-from sidecar.symbols import load_symbol_map, parse_symbol_map
+from sidecar.symbols import load_symbol_map, mapping_report, parse_symbol_map
 
 
 def test_packaged_mapping():
@@ -42,10 +42,16 @@ def test_unlisted_symbol_is_a_us_stock_and_provider_spellings_pass_through():
      ({"EURUSD": {"asset_class": "fx", "alphavantage": {"from": "EUR"}}}, "'from' and 'to'"),
      ({"EURUSD": {"asset_class": "fx", "polygon": 3}}, "expected a ticker")],
 )
-def test_invalid_entries_are_reported(data, msg):
-    with pytest.raises(ConfigError) as info:
-        parse_symbol_map(data)
-    assert info.value.setting == "SIDECAR_SYMBOLS_FILE" and msg in str(info.value)
+def test_invalid_entries_are_reported_and_the_rest_load(data, msg):
+    good = {"BTCUSD": {"asset_class": "crypto", "polygon": "X:BTCUSD"}}
+    m = parse_symbol_map({**data, **good})
+    (bad,) = data
+    assert msg in m.rejected[bad] and bad not in m
+    assert m.for_source("polygon", "BTCUSD").ticker == "X:BTCUSD"
+    # The rejected symbol is served by nobody (not guessed as a US stock).
+    assert all(m.for_source(p, bad) is None for p in ("yahoo", "polygon", "twelvedata", "alphavantage"))
+    report = dict(mapping_report(m, [bad, "BTCUSD", "ZZZZ"]))
+    assert msg in report[bad] and "ZZZZ" in report and "BTCUSD" not in report
 
 
 def test_file_errors(tmp_path):
