@@ -184,6 +184,7 @@ class Pipeline:
         self._flush_task: asyncio.Task[Any] | None = None
         self._refill_task: asyncio.Task[Any] | None = None
         self._refill_needed = False
+        self._meta_written = False  # only then does a missing meta key mean lost data
         self._pid = os.getpid()
         self.meta: dict[str, Any] = {"tf": self.tf.name, "symbols": list(settings.symbols),
                                      "started_at": int(time.time() * 1000)}
@@ -192,6 +193,7 @@ class Pipeline:
     async def write_meta(self) -> None:
         """Write the meta key; its absence later tells that Redis lost its data."""
         await self.redis.write_meta(self.meta)
+        self._meta_written = True
 
     async def warm(self, now_ms: int) -> None:
         """Open feature handles on stored history so the first cycle is already right.
@@ -210,6 +212,7 @@ class Pipeline:
                     log.warning("redis unreachable at start: stores not reconciled",
                                 extra={"error": str(exc)})
                     redis_up = False
+                    self._refill_needed = True  # once Redis answers
                 else:
                     if done.to_sqlite:
                         log.info("recovered bars from redis", extra={"symbol": sym, "bars": done.to_sqlite})
@@ -460,7 +463,7 @@ class Pipeline:
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
-        if not has_meta:
+        if not has_meta and self._meta_written:
             self._refill_needed = True
         if self._refill_needed and (self._refill_task is None or self._refill_task.done()):
             self._refill_task = self._spawn(self._refill_redis())
