@@ -87,8 +87,8 @@ class FeatureEngine:
     """The eight indicators of one symbol and timeframe, kept current bar by bar."""
 
     __slots__ = (
-        "_anchor_ms", "_hist_c", "_hist_h", "_hist_l", "_hist_v", "_ind",
-        "_session", "_vwap", "_warming", "closed_values", "last_closed_t", "prev_macd_hist",
+        "_anchor_ms", "_fast", "_hist_c", "_hist_h", "_hist_l", "_hist_v", "_ind",
+        "_session", "_volma", "_vwap", "_warming", "closed_values", "last_closed_t", "prev_macd_hist",
         "symbol", "tf",
     )
 
@@ -97,6 +97,10 @@ class FeatureEngine:
         self.tf = tf
         self._anchor_ms = session_anchor_min * 60_000
         self._ind = _indicators(periods)
+        self._volma = next(ind for ind in self._ind if ind.inputs == "v")
+        #: The six price handles (rsi, ema, bb, atr, macd, mom) once all are open: the
+        #: steady-state path, which calls them directly without per-indicator dispatch.
+        self._fast: tuple[Any, ...] | None = None
         self._warming = True
         # Closed history kept only while some handle is still warming up.
         self._hist_h: list[float] = []
@@ -145,6 +149,15 @@ class FeatureEngine:
         values[6] = vwap_val
         self.closed_values = values
         self._trim_history()
+        self._refresh_fast()
+
+    def _refresh_fast(self) -> None:
+        price = {ind.name: ind.handle for ind in self._ind if ind.inputs != "v"}
+        if self._warming or any(h is None for h in price.values()):
+            self._fast = None
+        else:
+            self._fast = (price["rsi"], price["ema"], price["bb"], price["atr"], price["macd"],
+                          price["mom"])
 
     def _open_from_history(self) -> Values:
         """Try to open every unopened handle on the kept history; return batch-equal values."""
@@ -207,6 +220,39 @@ class FeatureEngine:
     # -- live bars --------------------------------------------------------------
     def update(self, bar: Bar) -> Values:
         """Commit a closed bar; returns its feature values."""
+        fast = self._fast
+        volma = self._volma.handle
+        if fast is not None and (volma is not None or bar.v is None):
+            # Steady state: every price handle open, called directly.
+            rsi, ema, bb, atr, macd, mom = fast
+            c = bar.c
+            v = bar.v
+            r = rsi.update(c)
+            e = ema.update(c)
+            bu, bm, bl = bb.update(c)
+            a = atr.update(bar.h, bar.l, c)
+            m, ms, mh = macd.update(c)
+            mo = mom.update(c)
+            if v is None:
+                # No volume: the volume series restarts when volume comes back.
+                self._volma.handle = None
+                self._hist_v = []
+                self._vwap = None
+                vwap = vm = None
+            else:
+                vm = volma.update(v)
+                if self._vwap is None or (bar.t - self._anchor_ms) // DAY_MS != self._session:
+                    vwap = self._update_vwap(bar)
+                else:
+                    vwap = self._vwap.update(bar.h, bar.l, c, v)
+            closed: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
+            total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
+            if total != total or vwap != vwap or vm != vm:
+                closed = [None if x is None or x != x else x for x in closed]
+            self.last_closed_t = bar.t
+            self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
+            self.closed_values = closed
+            return closed
         out: Values = [None] * len(FEATURE_FIELDS)
         if bar.v is None:
             # No volume: the volume series restarts when volume comes back.
@@ -235,6 +281,7 @@ class FeatureEngine:
                 if v is not None:
                     out[i] = v
             self._trim_history()
+            self._refresh_fast()
         out[6] = self._update_vwap(bar)
         self.last_closed_t = bar.t
         self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
@@ -275,6 +322,36 @@ class FeatureEngine:
 
     def peek(self, bar: Bar) -> Values:
         """Values the forming ``bar`` would get if it closed now; commits nothing."""
+        fast = self._fast
+        if fast is not None:  # steady state: every price handle open, called directly
+            rsi, ema, bb, atr, macd, mom = fast
+            c = bar.c
+            v = bar.v
+            r = rsi.peek(c)
+            e = ema.peek(c)
+            bu, bm, bl = bb.peek(c)
+            a = atr.peek(bar.h, bar.l, c)
+            m, ms, mh = macd.peek(c)
+            mo = mom.peek(c)
+            vwap: float | None = None
+            vm: float | None = None
+            if v is not None:
+                volma = self._volma.handle
+                if volma is not None:
+                    vm = volma.peek(v)
+                else:  # the volume average is still warming: batch over the short history
+                    vm = float(self._volma.batch(np.array([*self._hist_v, v], dtype=np.float64),
+                                                 **self._volma.kwargs)[-1])
+                if self._vwap is not None and (bar.t - self._anchor_ms) // DAY_MS == self._session:
+                    vwap = self._vwap.peek(bar.h, bar.l, c, v)
+                else:
+                    vwap = float(talib.VWAP(np.array([bar.h]), np.array([bar.l]), np.array([c]),
+                                            np.array([v], dtype=np.float64))[-1])
+            peeked: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
+            total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
+            if total != total or vwap != vwap or vm != vm:
+                peeked = [None if x is None or x != x else x for x in peeked]
+            return peeked
         out: Values = [None] * len(FEATURE_FIELDS)
         for ind in self._ind:
             handle = ind.handle
@@ -307,7 +384,6 @@ class FeatureEngine:
                                np.array([bar.v], dtype=np.float64))[-1]
                 )
         return out
-
 
 _INDEX = {name: i for i, name in enumerate(FEATURE_FIELDS)}
 

@@ -14,9 +14,9 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   msgpack ``{cycle, t, tick, tf, features, updated}`` (inside the same script).
 
 One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
-(bars, features, heartbeat and the cycle announcement together). ../shared/notes/limits.md measured a Lua
-script at about half the time of a pipeline for 500 capped appends; our own
-benchmark against a pipeline and a bare ``MSET`` is still to be written (bench/).
+(bars, features, heartbeat and the cycle announcement together, as msgpack blobs).
+``bench/store.py`` measures it against a pipeline of the same commands (about 4× slower:
+redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (the bound).
 """
 
 from __future__ import annotations
@@ -35,32 +35,36 @@ from sidecar.settings import SYMBOL_RE
 SCHEMA_VERSION = 1
 
 _WRITE_CYCLE_LUA = """
--- KEYS: nb bar keys, nf feature keys, heartbeat key, meta key
--- ARGV: nb, nf, cap, feat_ttl_ms, hb_ttl_ms, hb_payload, channel, message, (t, bar)*nb, feat*nf
-local nb = tonumber(ARGV[1])
-local nf = tonumber(ARGV[2])
-local keep = -tonumber(ARGV[3]) - 1
-local a = 9
-for i = 1, nb do
-  local k = KEYS[i]
-  local t = ARGV[a]
-  redis.call('ZREMRANGEBYSCORE', k, t, t)
-  redis.call('ZADD', k, t, ARGV[a + 1])
-  redis.call('ZREMRANGEBYRANK', k, 0, keep)
-  a = a + 2
+-- KEYS[1]: heartbeat key, KEYS[2]: meta key
+-- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features, channel, message
+--   bars: msgpack array [key, t, member, key, t, member, ...]
+--   features: msgpack array [key, payload, key, payload, ...]
+-- Two msgpack blobs instead of one argument per value: the client packs them in C,
+-- where redis-py would build tens of thousands of arguments in Python. Packed without
+-- the bin type (Redis's cmsgpack does not read it); raw strings are byte-exact.
+local keep = -tonumber(ARGV[1]) - 1
+local bars = cmsgpack.unpack(ARGV[5])
+for i = 1, #bars, 3 do
+  local k, t = bars[i], bars[i + 1]
+  -- A revision replaces the member with the same score; only a new bar can grow the set.
+  local replaced = redis.call('ZREMRANGEBYSCORE', k, t, t)
+  redis.call('ZADD', k, t, bars[i + 2])
+  if replaced == 0 then
+    redis.call('ZREMRANGEBYRANK', k, 0, keep)
+  end
 end
-for i = 1, nf do
-  redis.call('SET', KEYS[nb + i], ARGV[a], 'PX', ARGV[4])
-  a = a + 1
+local feats = cmsgpack.unpack(ARGV[6])
+for i = 1, #feats, 2 do
+  redis.call('SET', feats[i], feats[i + 1], 'PX', ARGV[2])
 end
-if ARGV[6] ~= '' then
-  redis.call('SET', KEYS[nb + nf + 1], ARGV[6], 'PX', ARGV[5])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
 end
 if ARGV[8] ~= '' then
   redis.call('PUBLISH', ARGV[7], ARGV[8])
 end
 -- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed).
-return redis.call('EXISTS', KEYS[nb + nf + 2])
+return redis.call('EXISTS', KEYS[2])
 """
 
 
@@ -162,21 +166,20 @@ class RedisStore:
 
         Returns whether the meta key exists: ``False`` means Redis lost its data
         since :meth:`write_meta` (restarted empty) and should be refilled."""
-        keys: list[str] = [self.keys.bars(b.tf, b.symbol) for b in bars]
-        keys.extend(self.keys.features(tf, sym) for tf, sym, _ in features)
-        keys.append(self.keys.heartbeat)
-        keys.append(self.keys.meta)
+        bars_of = self.keys.bars
+        flat: list[Any] = []
+        for b in bars:
+            flat += (bars_of(b.tf, b.symbol), b.t, b.pack())
+        features_of = self.keys.features
+        feats: list[Any] = []
+        for tf, sym, payload in features:
+            feats += (features_of(tf, sym), payload)
         hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
         message = msgpack.packb(publish) if publish is not None else b""
-        args: list[Any] = [
-            len(bars), len(features), self.bars_cap, self._features_ttl_ms,
-            self._heartbeat_ttl_ms, hb, self.keys.cycles_channel, message,
-        ]
-        for b in bars:
-            args.append(b.t)
-            args.append(b.pack())
-        args.extend(payload for _, _, payload in features)
-        return bool(await self._script(keys=keys, args=args))
+        args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
+                msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False),
+                self.keys.cycles_channel, message]
+        return bool(await self._script(keys=[self.keys.heartbeat, self.keys.meta], args=args))
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""

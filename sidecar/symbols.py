@@ -135,12 +135,14 @@ def _parse_spelling(
 class SymbolMap:
     """The loaded mapping. Build with :func:`load_symbol_map`."""
 
-    __slots__ = ("_entries", "path", "rejected")
+    __slots__ = ("_entries", "_spellings", "path", "rejected")
 
     def __init__(self, entries: Mapping[str, SymbolEntry], path: Path | None = None,
                  rejected: Mapping[str, str] | None = None) -> None:
         self._entries = dict(entries)
         self.path = path
+        #: ``for_source`` answers, asked for every symbol every cycle (the map never changes).
+        self._spellings: dict[tuple[str, str], ProviderSymbol | None] = {}
         #: Entries left out for a bad value: symbol -> problem. No source serves them.
         self.rejected = dict(rejected or {})
 
@@ -171,13 +173,23 @@ class SymbolMap:
         ``symbol`` is canonical; a text that cannot be canonical (``C:EURUSD``,
         ``EURUSD=X``, ``EUR/USD``, ``^NDX``) is taken as the provider's own spelling.
         """
+        key = (provider, symbol)
+        try:
+            return self._spellings[key]
+        except KeyError:
+            pass
+        spelling: ProviderSymbol | None
         if symbol in self._entries:
-            return self._entries[symbol].spellings.get(provider)
-        if symbol in self.rejected:
-            return None  # a guess could fetch another instrument's prices
-        if SYMBOL_RE.match(symbol) and not _looks_foreign(provider, symbol):
-            return _default_entry(symbol).spellings[provider]
-        return passthrough(provider, symbol)
+            spelling = self._entries[symbol].spellings.get(provider)
+        elif symbol in self.rejected:
+            spelling = None  # a guess could fetch another instrument's prices
+        elif SYMBOL_RE.match(symbol) and not _looks_foreign(provider, symbol):
+            spelling = _default_entry(symbol).spellings[provider]
+        else:
+            spelling = passthrough(provider, symbol)
+        if len(self._spellings) < 100_000:
+            self._spellings[key] = spelling
+        return spelling
 
 
 def _looks_foreign(provider: str, symbol: str) -> bool:

@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _UNITS_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -54,6 +55,12 @@ class Session:
 US_EQUITY_SESSION = Session("America/New_York", 9 * 60 + 30)
 
 
+@lru_cache(maxsize=1_024)
+def _phases(tf_ms: int, session: Session) -> frozenset[int]:
+    # Cached: sources ask for every symbol's grid every cycle, and zone lookups are slow.
+    return frozenset((session.open_min * 60_000 - session.utc_offset_ms(t)) % tf_ms for t in _PROBES_MS)
+
+
 @dataclass(frozen=True, slots=True)
 class Timeframe:
     """A fixed-length bar period; ``name`` is its canonical spelling (``"1m"``).
@@ -82,9 +89,9 @@ class Timeframe:
                 return cls(f"{ms // _UNITS_MS[unit]}{unit}", ms)
         raise ValueError(f"{ms} ms is not a whole number of seconds")
 
-    def _phases(self, session: Session) -> set[int]:
+    def _phases(self, session: Session) -> frozenset[int]:
         """Where ``session``'s grid sits relative to the clock's, per UTC offset of its zone."""
-        return {(session.open_min * 60_000 - session.utc_offset_ms(t)) % self.ms for t in _PROBES_MS}
+        return _phases(self.ms, session)
 
     def on_session(self, session: Session | None) -> Timeframe:
         """This timeframe on ``session``'s bar grid; ``self`` when that grid is the clock's.

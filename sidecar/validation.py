@@ -203,6 +203,14 @@ class Validator:
         """
         if symbol is not None and bar.symbol != symbol:
             return self._reject(bar, "wrong_symbol")
+        st = self._states.get(bar.symbol)
+        if st is not None:
+            # Most bars of a cycle are re-deliveries of stored ones (a source repeats the
+            # last closed bars): they passed every rule when they first came.
+            known = st.recent.get(bar.t)
+            if known is not None and known.tf == bar.tf and known.same_values(bar):
+                self.duplicates += 1
+                return Outcome(Verdict.DUPLICATE, [])
         reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)

@@ -9,6 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -81,10 +82,12 @@ def day_ms(d: date) -> int:
     return (d - date(1970, 1, 1)).days * DAY_MS
 
 
+@lru_cache(maxsize=8_192)
 def local_text_to_ms(text: str, tz: ZoneInfo, daily: bool) -> int:
     """A naive provider timestamp in ``tz`` to epoch ms UTC; ``ValueError`` if it is none.
 
     Daily bars (``daily``) keep their calendar date and are stamped 00:00 UTC.
+    Cached: every symbol of a batch carries the same few timestamps.
     """
     text = text.strip()
     try:

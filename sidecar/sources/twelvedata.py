@@ -40,6 +40,8 @@ INTERVALS = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "45m": 
              "1h": "1h", "2h": "2h", "4h": "4h", "1d": "1day"}
 #: Largest ``outputsize`` Twelve Data accepts.
 MAX_OUTPUT = 5000
+#: Bars asked per symbol every cycle: the forming bar and the two closed before it.
+LATEST_BARS = 3
 
 
 def classify_error(
@@ -82,7 +84,10 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
         if not isinstance(row, dict):
             continue
         try:
-            o, h, l, c = (to_float(row[k]) for k in ("open", "high", "low", "close"))
+            o = to_float(row["open"])
+            h = to_float(row["high"])
+            l = to_float(row["low"])
+            c = to_float(row["close"])
             t = local_text_to_ms(str(row["datetime"]), tz, daily)
         except (KeyError, ValueError, TypeError):
             continue  # null or malformed row dropped
@@ -198,10 +203,11 @@ class TwelveDataSource(HttpSource):
         if chosen:
             self.take_budget(len(chosen))
             contexts = {wanted[s][0]: wanted[s][1] for s in chosen}
-            result = await self._request(contexts, tf, {"outputsize": "5"})
+            # The three newest rows are all a cycle keeps (parsing is its main cost).
+            result = await self._request(contexts, tf, {"outputsize": str(LATEST_BARS)})
             for symbol in chosen:
                 value = result[wanted[symbol][0]]
-                out[symbol] = value if isinstance(value, ProviderError) else value[-3:]
+                out[symbol] = value if isinstance(value, ProviderError) else value[-LATEST_BARS:]
         return settle({s: out[s] for s in symbols})
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:

@@ -1,0 +1,239 @@
+"""The whole 1-second cycle for N = 100 … 5,000 symbols, as the daemon runs it.
+
+Per N, a fresh process (so its RSS is its own) builds what ``Daemon.run`` builds — the
+real Twelve Data source module (budget raised for the benchmark) pointed at a local
+fake provider (``bench/fake_market.py``, its own process), its circuit breakers, the
+Redis store on a real redis-server, the SQLite store on a real file — pre-fills
+history that the fake market continues exactly, warms the pipeline from it and then
+runs ``Pipeline.run_cycle`` on every ``SecondTicker`` tick, like the daemon's main
+loop. Every cycle fetches all N symbols over HTTP (batches of ``--batch``), validates
+them, writes Redis (one EVALSHA) and the SQLite buffer (flushed every 10 s in the
+background) and updates the features.
+
+Measured per N: cycle time p50/p99/max (``Pipeline.stats``), CPU time per symbol per
+cycle (the whole process: event loop, aiosqlite thread), missed ticks, tick lateness,
+RSS at start and end of the run. A PNG plots cycle time vs N.
+
+    .venv/bin/python -m bench.cycle [--smoke] [--sizes 100,500] [--seconds 20]
+    .venv/bin/python -m bench.cycle --soak      # 5,000 symbols for 5 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import fake_market
+from bench._common import RESULTS_DIR, PrivateRedis, cli, rss_mb, summary, table
+
+NAME = "cycle"
+REPO = Path(__file__).resolve().parents[1]
+SIZES = (100, 500, 1_000, 2_000, 5_000)
+HISTORY_BARS = 60  # enough for every handle (MACD needs 34) and the outlier window (50)
+
+
+async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
+    """One N in this process: set up like the daemon, then tick for ``seconds``."""
+    from sidecar.app.daemon import settle_gc
+    from sidecar.app.pipeline import Pipeline
+    from sidecar.app.ticker import SecondTicker
+    from sidecar.breaker import SourceCircuits
+    from sidecar.provider_settings import ProviderSettings
+    from sidecar.rate_budget import RateBudget
+    from sidecar.redis_store import RedisStore, connect
+    from sidecar.settings import Settings
+    from sidecar.sources.twelvedata import TwelveDataSource
+    from sidecar.sqlite_store import BarStore
+    from sidecar.symbols import load_symbol_map
+
+    logging.basicConfig(level=logging.ERROR)
+    symbols = tuple(fake_market.symbol_name(i) for i in range(n))
+    tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-cycle-")
+    data = Path(tmp.name)
+    settings = Settings(symbols=symbols, sources=("twelvedata",), redis_url=redis_url, data_dir=data,
+                        warm_bars=HISTORY_BARS)
+    provider = ProviderSettings(twelvedata_api_key="bench-key", twelvedata_base_url=market_url,
+                                twelvedata_credits_per_minute=batch, http_pool_size=20)
+    # The free tier's 8 credits a minute would serve 8 symbols; the benchmark lifts it.
+    budget = RateBudget("twelvedata", per_minute=10**9, per_day=10**12)
+    source = TwelveDataSource(provider, load_symbol_map(None), budget)
+    circuits = {source.name: SourceCircuits.for_source(
+        source, symbols, fail_max=provider.breaker_fail_max,
+        reset_timeout_s=provider.breaker_reset_timeout_s)}
+    client = connect(redis_url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
+    await client.flushall()
+    redis_store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap)
+    store = BarStore(settings.sqlite_file)
+    await store.open()
+    now = int(time.time() * 1000)
+    for i in range(n):  # history that the fake market continues exactly
+        await store.write_history(fake_market.history(i, now, HISTORY_BARS))
+    pipeline = Pipeline(settings, [source], redis_store, store, circuits)
+    await source.start()
+    setup_started = time.perf_counter()
+    await pipeline.warm(int(time.time() * 1000))
+    warm_s = time.perf_counter() - setup_started
+    settle_gc()  # as Daemon.run does after warm-up
+
+    ticker = SecondTicker()
+    durations: list[float] = []
+    cpu_per_symbol_us: list[float] = []
+    lateness: list[float] = []
+    rss_start = rss_mb()
+    rss_samples = [rss_start]
+    await ticker.next()  # the first tick only aligns
+    ticker.missed = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        tick = await ticker.next()
+        assert tick is not None
+        lateness.append(ticker.lateness_ms)
+        cpu0 = time.process_time()
+        await pipeline.run_cycle(tick)
+        cpu_per_symbol_us.append((time.process_time() - cpu0) / n * 1e6)
+        durations.append(pipeline.stats.last_duration_ms)
+        rss_samples.append(rss_mb())
+    await pipeline.drain()
+    state = pipeline.sources[0]
+    out = {
+        "symbols": n, "seconds": seconds, "cycles": len(durations), "batch": batch,
+        "cycle_ms": summary(durations), "cpu_us_per_symbol": summary(cpu_per_symbol_us),
+        "missed_ticks": ticker.missed, "lateness_ms": summary(lateness),
+        "rss_mb": {"start": rss_start, "end": rss_samples[-1], "max": max(rss_samples)},
+        "warm_s": warm_s,
+        "bars_accepted": pipeline.stats.bars_accepted,
+        "bars_accepted_per_cycle": pipeline.stats.bars_accepted / max(1, len(durations)),
+        "rejected": dict(pipeline.validator.rejected), "duplicates": pipeline.validator.duplicates,
+        "source_errors": state.errors, "source_last_error": state.last_error_class,
+        "sqlite_rows_flushed": store.flushed_rows, "redis_ok": pipeline.stats.redis_ok,
+    }
+    await source.close()
+    await store.close()
+    await redis_store.close()
+    tmp.cleanup()
+    return out
+
+
+class FakeMarketProcess:
+    """``bench.fake_market`` in a process of its own."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.fake_market"], stdout=subprocess.PIPE,
+                                     text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"fake market did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.cycle", "--one", str(n), "--seconds", str(seconds),
+           "--redis", redis_url, "--market", market_url, "--batch", str(batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"cycle run for N={n} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["symbols"] for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(ns, [r["cycle_ms"]["p50"] for r in runs], "o-", label="p50")
+    ax.plot(ns, [r["cycle_ms"]["p99"] for r in runs], "s--", label="p99")
+    ax.plot(ns, [r["cycle_ms"]["max"] for r in runs], "^:", label="max", alpha=0.6)
+    ax.axhline(250, color="green", lw=0.8, ls="--", label="target p50 at 5,000 (250 ms)")
+    ax.axhline(500, color="orange", lw=0.8, ls="--", label="target p99 at 5,000 (500 ms)")
+    ax.axhline(1000, color="red", lw=0.8, label="the 1-second budget")
+    ax.set_xlabel("symbols per cycle")
+    ax.set_ylabel("cycle time (ms)")
+    ax.set_title("Whole cycle (fetch, validate, Redis, SQLite buffer, features), 2 cores")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
+    if args.soak:
+        sizes: Sequence[int] = (5_000,)
+        seconds = 300
+    elif smoke:
+        sizes, seconds = (20,), 3
+    else:
+        sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else SIZES
+        seconds = args.seconds
+    market = FakeMarketProcess()
+    try:
+        with PrivateRedis() as redis:
+            runs = [_child(n, seconds, redis.url, market.url, args.batch) for n in sizes]
+    finally:
+        market.stop()
+    out_dir = args.out or RESULTS_DIR
+    results: dict[str, Any] = {"runs": runs, "soak": bool(args.soak),
+                               "targets": {"p50_ms_at_5000": 250, "p99_ms_at_5000": 500, "rss_mb_max": 300}}
+    if not smoke and not args.soak:  # the soak is one size: nothing to plot against N
+        png = out_dir / "cycle.png"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot(runs, png)
+        results["plot"] = png.name
+    return results
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [[x["symbols"], x["cycles"], x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"],
+             x["cpu_us_per_symbol"]["p50"], x["missed_ticks"], x["lateness_ms"]["p99"],
+             f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
+             x["source_errors"]] for x in r["runs"]]
+    return table(["symbols", "cycles", "p50 ms", "p99 ms", "max ms", "CPU µs/symbol", "missed ticks",
+                  "tick late p99 ms", "RSS MB", "bars/cycle", "source errors"], rows)
+
+
+def _extra(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", help="comma-separated symbol counts (default 100,500,1000,2000,5000)")
+    parser.add_argument("--seconds", type=int, default=20, help="seconds of cycles per size")
+    parser.add_argument("--batch", type=int, default=500, help="symbols per provider request")
+    parser.add_argument("--soak", action="store_true", help="5,000 symbols for 5 minutes")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--one" in argv:  # a child run: one N, JSON on stdout
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--one", type=int, required=True)
+        parser.add_argument("--seconds", type=int, required=True)
+        parser.add_argument("--redis", required=True)
+        parser.add_argument("--market", required=True)
+        parser.add_argument("--batch", type=int, default=500)
+        a = parser.parse_args(argv)
+        import uvloop
+
+        result = uvloop.run(run_one(a.one, a.seconds, a.redis, a.market, a.batch))
+        print(json.dumps(result))
+        return result
+    name = NAME + "_soak" if "--soak" in argv else NAME
+    return cli(name, run, render, argv, extra=_extra)
+
+
+if __name__ == "__main__":
+    main()

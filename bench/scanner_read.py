@@ -1,0 +1,122 @@
+"""The scanner's read of 500 symbols (MGET, decode, signal rules) vs a raw MGET + decode.
+
+500 feature maps as the daemon writes them (``features_map`` + ``updated_at`` +
+``macd_hist_prev``, msgpack, through ``RedisStore.write_cycle``) on a real
+redis-server. Timed, interleaved read by read on the same kind of client:
+
+* ``raw`` — redis-py ``MGET`` of the same keys (the 500 features + the heartbeat) and
+  ``msgpack.unpackb`` of each value: the floor;
+* ``scanner`` — ``Scanner.read`` (one MGET, decode, age/stale/broker per row);
+* ``scanner_signals`` — ``Scanner.read`` then ``signals.evaluate`` with every rule on:
+  what a trading process does each second.
+
+    .venv/bin/python -m bench.scanner_read [--smoke]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from bench._common import PrivateRedis, cli, summary, table
+from sidecar.bar import Bar
+from sidecar.features import FEATURE_FIELDS, features_map
+from sidecar.redis_store import RedisStore, connect
+from sidecar.scanner import Scanner
+from sidecar.signals import SignalRules, evaluate
+
+NAME = "scanner_read"
+
+
+def feature_payloads(n: int, now_ms: int) -> list[tuple[str, str, bytes]]:
+    """``n`` symbols' feature maps with plausible values: a few signals fire per read."""
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(n):
+        mid = float(20 + rng.random() * 480)
+        c = mid * (1 + float(rng.normal(0, 0.01)))  # ~5% close outside the bands
+        bar = Bar(f"S{i:05d}", "1m", now_ms - now_ms % 60_000, mid, max(mid, c) * 1.001,
+                  min(mid, c) * 0.999, c, 1e4, "bench", forming=True)
+        hist = float(rng.normal(0, 0.1))
+        values: dict[str, float] = {
+            "rsi": float(rng.normal(50, 10)), "ema": mid, "bb_upper": mid * 1.02, "bb_middle": mid,
+            "bb_lower": mid * 0.98, "atr": mid * 0.004, "vwap": c * (1 + float(rng.normal(0, 0.003))),
+            "vol_ma": 1e4, "macd": hist * 2, "macd_signal": hist, "macd_hist": hist, "mom": mid * 0.001,
+        }
+        fmap = features_map(bar, [values[f] for f in FEATURE_FIELDS], now_ms)
+        fmap["updated_at"] = now_ms
+        # The histogram one bar back: the same sign but for ~5% (a crossing).
+        fmap["macd_hist_prev"] = hist * (-1.0 if rng.random() < 0.05 else 1.0)
+        out.append(("1m", bar.symbol, msgpack.packb(fmap)))
+    return out
+
+
+async def bench(n: int, reads: int) -> dict[str, Any]:
+    with PrivateRedis() as server:
+        writer = RedisStore(connect(server.url), "bench", features_ttl_ms=3_600_000,
+                            heartbeat_ttl_ms=3_600_000)
+        now = int(time.time() * 1000)
+        payloads = feature_payloads(n, now)
+        await writer.write_cycle([], payloads, {"pid": 1, "t": now})
+        symbols = [sym for _, sym, _ in payloads]
+        scanner = Scanner(connect(server.url, pool_size=4), "bench", "1m", stale_after_ms=10**9)
+        raw_client = connect(server.url, pool_size=4)
+        keys = [writer.keys.features("1m", s) for s in symbols] + [writer.keys.heartbeat]
+        rules = SignalRules()
+        unpackb = msgpack.unpackb
+
+        async def raw() -> int:
+            values = await raw_client.mget(keys)
+            return len([None if v is None else unpackb(v) for v in values])
+
+        async def read() -> int:
+            return len(await scanner.read(symbols))
+
+        async def read_signals() -> int:
+            return len(evaluate(await scanner.read(symbols), rules))
+
+        cases = {"raw": raw, "scanner": read, "scanner_signals": read_signals}
+        timings: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(max(3, reads // 20)):  # warm the connections and caches
+            for fn in cases.values():
+                await fn()
+        signals = await read_signals()
+        for i in range(reads):
+            order = list(cases.items())
+            if i % 2:
+                order.reverse()
+            for name, fn in order:
+                t0 = time.perf_counter()
+                await fn()
+                timings[name].append((time.perf_counter() - t0) * 1000)
+        await scanner.close()
+        await raw_client.aclose()
+        await writer.close()
+    stats = {k: summary(v) for k, v in timings.items()}
+    return {"symbols": n, "reads": reads, "signals_per_read": signals, "ms": stats,
+            "ratio_p50": {k: stats[k]["p50"] / stats["raw"]["p50"] for k in stats},
+            "targets": {"ratio_p50_max": 1.3, "p99_ms_max": 10}}
+
+
+def run(smoke: bool) -> dict[str, Any]:
+    return asyncio.run(bench(20, 30) if smoke else bench(500, 1_500))
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [[name, s["p50"], s["p99"], s["max"], r["ratio_p50"][name]] for name, s in r["ms"].items()]
+    return (table([f"read of {r['symbols']} symbols ({r['reads']} reads)", "p50 ms", "p99 ms", "max ms",
+                   "p50 × raw"], rows)
+            + f"\n\nsignals per read: {r['signals_per_read']}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return cli(NAME, run, render, argv)
+
+
+if __name__ == "__main__":
+    main()

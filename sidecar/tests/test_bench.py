@@ -1,0 +1,103 @@
+"""Smoke runs of every benchmark in bench/ (tiny sizes): the scripts keep working and
+write well-formed results. No timing is asserted: speed is measured, not tested."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import __main__ as run_all
+from bench import cycle, features, scanner_read, store, tick
+from sidecar.tests.conftest import have_redis_binary
+
+needs_redis = pytest.mark.skipif(not have_redis_binary(), reason="no redis-server binary")
+
+
+def _load(out: Path, name: str) -> dict:
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert doc["bench"] == name
+    assert doc["smoke"] is True
+    assert doc["machine"]["cpus"] >= 1
+    return doc
+
+
+def _timing(summary: dict) -> None:
+    assert summary["n"] >= 1
+    assert 0 <= summary["p50"] <= summary["p99"] <= summary["max"]
+    assert all(math.isfinite(summary[k]) for k in ("p50", "p99", "max"))
+
+
+def test_features_smoke_is_bit_identical(tmp_path: Path) -> None:
+    features.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "features")
+    ident = doc["identity"]
+    assert ident["bit_identical"] is True and ident["mismatches"] == 0
+    assert ident["values_checked"] > 0 and ident["sessions_crossed"] >= 1
+    for method in ("update", "peek"):
+        row = doc["us_per_bar"][method]
+        assert set(row) == {"engine", "raw_stream", "talipp", "batch_5000"}
+        assert all(v > 0 for v in row.values())
+
+
+def test_identity_check_catches_a_wrong_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check must be able to fail: perturb one indicator and it reports mismatches.
+    real = features.batch_reference
+
+    def off_by_one_ulp(bars, p):
+        out = real(bars, p)
+        out[:, 1] = [math.nextafter(x, math.inf) for x in out[:, 1]]
+        return out
+
+    monkeypatch.setattr(features, "batch_reference", off_by_one_ulp)
+    assert features.check_identity(60, 20)["bit_identical"] is False
+
+
+@needs_redis
+def test_store_smoke(tmp_path: Path) -> None:
+    store.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "store")
+    assert doc["sqlite"]["rows"] == 200 and doc["sqlite"]["barstore_rows_per_s"] > 0
+    for size in doc["redis"].values():
+        assert set(size["ms"]) == {"lua", "lua_per_arg", "pipeline", "mset"}
+    assert doc["redis_verdict"] in ("lua", "pipeline")
+
+
+def test_tick_smoke(tmp_path: Path) -> None:
+    tick.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "tick")
+    assert [r["mode"] for r in doc["runs"]] == ["idle", "gil_load", "loop_load"]
+    for r in doc["runs"]:
+        _timing(r["lateness_ms"])
+
+
+@needs_redis
+def test_scanner_read_smoke(tmp_path: Path) -> None:
+    scanner_read.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "scanner_read")
+    assert set(doc["ms"]) == {"raw", "scanner", "scanner_signals"}
+    for s in doc["ms"].values():
+        _timing(s)
+        assert s["n"] == doc["reads"]
+    assert doc["signals_per_read"] > 0
+
+
+@needs_redis
+def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
+    cycle.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "cycle")
+    (run,) = doc["runs"]
+    assert run["cycles"] >= 1
+    _timing(run["cycle_ms"])
+    # Every symbol came through the Twelve Data source and the validator each cycle.
+    assert run["source_errors"] == 0 and run["redis_ok"] is True
+    assert run["bars_accepted_per_cycle"] >= run["symbols"]
+    assert run["rejected"] == {}
+    assert run["rss_mb"]["end"] > 0
+
+
+def test_run_all_refuses_an_unknown_name() -> None:
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nope"])
