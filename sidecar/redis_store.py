@@ -35,7 +35,7 @@ from sidecar.settings import SYMBOL_RE
 SCHEMA_VERSION = 1
 
 _WRITE_CYCLE_LUA = """
--- KEYS[1]: heartbeat key
+-- KEYS[1]: heartbeat key, KEYS[2]: meta key
 -- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features, channel, message
 --   bars: msgpack array [key, t, member, key, t, member, ...]
 --   features: msgpack array [key, payload, key, payload, ...]
@@ -63,7 +63,8 @@ end
 if ARGV[8] ~= '' then
   redis.call('PUBLISH', ARGV[7], ARGV[8])
 end
-return #bars / 3
+-- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed).
+return redis.call('EXISTS', KEYS[2])
 """
 
 
@@ -157,11 +158,14 @@ class RedisStore:
         features: Sequence[tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None = None,
         publish: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> bool:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
         map) with their TTL, and the heartbeat, then publish ``publish`` on
         :attr:`Keys.cycles_channel` — all in one ``EVALSHA``, so subscribers are told
-        only once everything the message announces is readable."""
+        only once everything the message announces is readable.
+
+        Returns whether the meta key exists: ``False`` means Redis lost its data
+        since :meth:`write_meta` (restarted empty) and should be refilled."""
         bars_of = self.keys.bars
         flat: list[Any] = []
         for b in bars:
@@ -175,7 +179,7 @@ class RedisStore:
         args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
                 msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False),
                 self.keys.cycles_channel, message]
-        await self._script(keys=[self.keys.heartbeat], args=args)
+        return bool(await self._script(keys=[self.keys.heartbeat, self.keys.meta], args=args))
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
@@ -199,6 +203,12 @@ class RedisStore:
         """The newest ``n`` bars of a symbol, oldest first."""
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
         return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
+
+    async def recent_packed(self, symbol: str, tf: str, n: int) -> list[tuple[int, bytes]]:
+        """The newest ``n`` bars of a symbol as stored, ``(t, packed bar)``, oldest first."""
+        raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1, withscores=True)
+        return [(int(item[1]), item[0]) for item in raw
+                if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
 
     async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
         """The bars of a symbol with open time ``>= t_ms``, oldest first."""

@@ -4,15 +4,19 @@ Bars are buffered in memory (a revision overwrites its buffered bar) and written
 as one upsert transaction when the flush interval passes or the buffer reaches
 its size limit, whichever comes first. A failed flush keeps the bars buffered and
 retries; past ``buffer_max_rows`` the oldest buffered bars are dropped *and
-counted* (``dropped``) — never silently. Old rows are deleted in small slices in
-the background.
+counted* (``dropped``) — never silently (while a flush is writing, its batch is
+not counted: those are the oldest bars, and they come back if the flush fails). A database
+file deleted underneath the open connection is restored from that connection at
+the next flush. Old rows are deleted in small slices in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -61,6 +65,9 @@ ON CONFLICT (symbol, tf, t) DO UPDATE SET
 
 _COLUMNS = "symbol, tf, t, o, h, l, c, v, src, forming, synthetic"
 
+#: While bars are being dropped, the error is logged at most this often (with totals).
+DROP_LOG_EVERY_S = 10.0
+
 
 def _row(b: Bar) -> tuple[object, ...]:
     return (b.symbol, b.tf, b.t, b.o, b.h, b.l, b.c, b.v, b.src, int(b.forming), int(b.synthetic))
@@ -76,9 +83,10 @@ class BarStore:
     """The 90-day bar store with its write buffer."""
 
     __slots__ = (
-        "_buffer", "_db", "_flush_lock", "_last_flush_mono", "buffer_max_rows", "dropped",
-        "flush_interval_s", "flush_max_rows", "flushed_rows", "last_error", "last_flush_ms",
-        "last_flush_s", "path", "pending_gaps",
+        "_buffer", "_db", "_drop_logged", "_drop_logged_mono", "_file_id", "_flush_lock",
+        "_inflight", "_last_flush_mono", "buffer_max_rows", "dropped", "flush_interval_s",
+        "flush_max_rows", "flushed_rows", "last_error", "last_flush_ms", "last_flush_s", "path",
+        "pending_gaps",
     )
 
     def __init__(
@@ -94,7 +102,12 @@ class BarStore:
         self.flush_max_rows = flush_max_rows
         self.buffer_max_rows = buffer_max_rows
         self._db: aiosqlite.Connection | None = None
+        # Insertion-ordered: the first keys are the oldest bars (bars arrive in time order).
         self._buffer: dict[tuple[str, str, int], Bar] = {}
+        self._inflight = 0  # rows of the batch a flush is writing right now
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._drop_logged = 0
+        self._drop_logged_mono: float | None = None
         self._flush_lock = asyncio.Lock()
         self._last_flush_mono = time.monotonic()
         self.pending_gaps: list[tuple[str, str, int, int, int, int]] = []
@@ -115,16 +128,55 @@ class BarStore:
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')"
         )
         await self._db.commit()
+        st = os.stat(self.path)
+        self._file_id = (st.st_dev, st.st_ino)
+
+    async def _restore_if_deleted(self) -> None:
+        """Put the database file back if it was deleted (or replaced) underneath us.
+
+        The open connection still reads the deleted file, so everything is copied
+        from it (SQLite's backup API) into a new file at the same path. A foreign
+        file found at the path is kept beside it, never overwritten.
+        """
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._file_id:
+                return
+            aside = self.path.with_name(f"{self.path.name}.replaced-{int(time.time())}")
+            os.replace(self.path, aside)
+            log.error("sqlite file was replaced underneath the daemon; moved the new one aside",
+                      extra={"path": str(self.path), "moved_to": str(aside)})
+        except FileNotFoundError:
+            log.error("sqlite file was deleted underneath the daemon; restoring it from the "
+                      "open connection", extra={"path": str(self.path)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".restoring")
+        tmp.unlink(missing_ok=True)
+        target = sqlite3.connect(tmp, check_same_thread=False)
+        try:
+            await self.db.backup(target)
+        finally:
+            target.close()
+        # Closing the old connection removes its own -wal/-shm names: do it before the
+        # new file (and its WAL) takes the path.
+        await self.db.close()
+        self._db = None
+        os.replace(tmp, self.path)
+        await self.open()
+        log.info("sqlite file restored", extra={"path": str(self.path)})
 
     async def close(self) -> None:
         """Flush everything buffered, then close."""
-        if self._db is None:
-            return
         try:
             await self.flush()
         finally:
-            await self._db.close()
-            self._db = None
+            if self._buffer:
+                log.error("sqlite unavailable at shutdown: bars not written (Redis keeps the "
+                          "newest; they are reconciled at the next start)",
+                          extra={"bars": len(self._buffer), "error": self.last_error})
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -142,18 +194,28 @@ class BarStore:
         buf = self._buffer
         for b in bars:
             buf[(b.symbol, b.tf, b.t)] = b
-        if len(buf) > self.buffer_max_rows:
-            self._drop_oldest(len(buf) - self.buffer_max_rows)
+        self._enforce_bound()
+
+    def _enforce_bound(self) -> None:
+        if self._inflight:
+            return  # the oldest bars are being written; the bound applies if that fails
+        excess = len(self._buffer) - self.buffer_max_rows
+        if excess > 0:
+            self._drop_oldest(excess)
 
     def _drop_oldest(self, n: int) -> None:
-        oldest = sorted(self._buffer, key=lambda k: k[2])[:n]
-        for key in oldest:
+        """Drop the ``n`` bars buffered first (the oldest), count them, log now and then."""
+        for key in list(itertools.islice(self._buffer, n)):
             del self._buffer[key]
         self.dropped += n
-        log.error(
-            "sqlite buffer full: dropped oldest bars",
-            extra={"dropped": n, "dropped_total": self.dropped, "limit": self.buffer_max_rows},
-        )
+        now = time.monotonic()
+        if self._drop_logged_mono is None or now - self._drop_logged_mono >= DROP_LOG_EVERY_S:
+            log.error(
+                "sqlite buffer full: dropped oldest bars",
+                extra={"dropped": self.dropped - self._drop_logged, "dropped_total": self.dropped,
+                       "limit": self.buffer_max_rows, "error": self.last_error},
+            )
+            self._drop_logged, self._drop_logged_mono = self.dropped, now
 
     def add_gap(self, symbol: str, tf: str, start: int, end: int, missing: int, filled: bool) -> None:
         self.pending_gaps.append((symbol, tf, start, end, missing, int(filled)))
@@ -177,9 +239,13 @@ class BarStore:
             if not self._buffer and not self.pending_gaps:
                 return 0
             batch, self._buffer = self._buffer, {}
+            self._inflight = len(batch)
             gaps, self.pending_gaps = self.pending_gaps, []
             started = time.perf_counter()
             try:
+                if self._db is None:  # a restore failed half-way: reopen the path
+                    await self.open()
+                await self._restore_if_deleted()
                 await self.db.executemany(_UPSERT, [_row(b) for b in batch.values()])
                 if gaps:
                     await self.db.executemany(
@@ -187,20 +253,23 @@ class BarStore:
                     )
                 await self.db.commit()
             except (sqlite3.Error, OSError) as exc:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    await self.db.rollback()
-                for key, bar in batch.items():
-                    self._buffer.setdefault(key, bar)
+                if self._db is not None:
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        await self._db.rollback()
+                # Back in front of what arrived meanwhile (oldest first); newer revisions win.
+                self._buffer = {**batch, **self._buffer}
+                self._inflight = 0
                 self.pending_gaps[:0] = gaps
-                if len(self._buffer) > self.buffer_max_rows:
-                    self._drop_oldest(len(self._buffer) - self.buffer_max_rows)
+                self._enforce_bound()
                 if self.last_error != str(exc):
                     log.error("sqlite flush failed; bars kept in memory",
                               extra={"error": str(exc), "buffered": len(self._buffer)})
                 self.last_error = str(exc)
                 return 0
+            finally:
+                self._inflight = 0
             if self.last_error is not None:
-                log.info("sqlite flush recovered", extra={"rows": len(batch)})
+                log.info("sqlite flush recovered", extra={"rows": len(batch), "dropped_total": self.dropped})
             self.last_error = None
             self.flushed_rows += len(batch)
             self.last_flush_ms = int(time.time() * 1000)
@@ -224,6 +293,12 @@ class BarStore:
         sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"
         async with self.db.execute(sql, (symbol, tf, start, end)) as cur:
             return [_bar(r) for r in await cur.fetchall()]
+
+    async def packed_between(self, symbol: str, tf: str, start: int, end: int) -> dict[int, bytes]:
+        """Stored bars with ``start <= t < end`` as ``{t: Bar.pack()}`` (the Redis member form)."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ?"
+        async with self.db.execute(sql, (symbol, tf, start, end)) as cur:
+            return {int(r[2]): _bar(r).pack() for r in await cur.fetchall()}
 
     async def newest_time(self, symbol: str, tf: str) -> int | None:
         async with self.db.execute(

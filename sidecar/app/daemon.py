@@ -161,8 +161,7 @@ class Daemon:
                 "redis": "embedded" if embedded else "external", "sqlite": str(s.sqlite_file)})
             now_ms = int(time.time() * 1000)
             try:
-                await redis_store.write_meta({"tf": s.timeframe.name, "symbols": list(s.symbols),
-                                              "started_at": now_ms})
+                await pipeline.write_meta()
             except RedisError as exc:
                 refused = redis_refusal(exc)
                 if refused:

@@ -8,7 +8,10 @@ SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import resource
 import statistics
 import time
 from typing import Any
@@ -29,6 +32,27 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_report() -> dict[str, Any]:
+    """Resident memory, open file descriptors and asyncio tasks of this process (Linux
+    ``/proc``; ``None`` where unavailable): what a soak watches for leaks."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss: int | None = int(f.read().split()[1]) * _PAGE
+        fds: int | None = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        rss, fds = None, None
+    return {
+        "pid": os.getpid(),
+        "rss_bytes": rss,
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "open_fds": fds,
+        "asyncio_tasks": len(asyncio.all_tasks()),
+    }
 
 
 def _round(x: float | None, digits: int = 6) -> float | None:
@@ -175,5 +199,6 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
             "last_error": pipeline.store.last_error,
         },
         "sources": sources,
+        "process": process_report(),
         "symbols": symbols,
     }

@@ -116,6 +116,14 @@ class _PipelineCollector(Collector):
                                 value=_ms_to_s(sqlite["last_flush_ms"]))
         yield GaugeMetricFamily("sidecar_redis_up", "1 if the last Redis write succeeded",
                                 value=1.0 if r["redis"]["ok"] else 0.0)
+        proc = r["process"]
+        yield GaugeMetricFamily("sidecar_asyncio_tasks", "asyncio tasks alive in the daemon",
+                                value=proc["asyncio_tasks"])
+        if proc["rss_bytes"] is not None:
+            yield GaugeMetricFamily("sidecar_resident_memory_bytes", "Resident memory of the daemon",
+                                    value=proc["rss_bytes"])
+            yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
+                                    value=proc["open_fds"])
 
         yield from self._sources(r["sources"])
         yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))

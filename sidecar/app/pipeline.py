@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import msgpack
 from redis.exceptions import RedisError
 
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
+from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
@@ -179,21 +181,44 @@ class Pipeline:
         self.planner = Planner()
         self._redis_backlog: dict[tuple[str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._flush_task: asyncio.Task[Any] | None = None
+        self._refill_task: asyncio.Task[Any] | None = None
+        self._refill_needed = False
+        self._meta_written = False  # only then does a missing meta key mean lost data
         self._pid = os.getpid()
+        self.meta: dict[str, Any] = {"tf": self.tf.name, "symbols": list(settings.symbols),
+                                     "started_at": int(time.time() * 1000)}
 
     # -- start-up ---------------------------------------------------------------
+    async def write_meta(self) -> None:
+        """Write the meta key; its absence later tells that Redis lost its data."""
+        await self.redis.write_meta(self.meta)
+        self._meta_written = True
+
     async def warm(self, now_ms: int) -> None:
         """Open feature handles on stored history so the first cycle is already right.
 
-        History comes from SQLite, plus the bars Redis has that SQLite lacks (the
-        process was killed before a flush: they are written to SQLite now). A Redis
-        that lost its bars (restarted empty) is refilled from SQLite.
+        First the stores are reconciled (:mod:`sidecar.app.reconcile`): bars that
+        reached Redis but not SQLite before a crash go to SQLite, and a Redis that
+        lost its bars is refilled from SQLite. History then comes from SQLite.
         """
+        redis_up = True
         for sym, st in self.symbols.items():
             current = self.grids[sym].floor(now_ms)
+            if redis_up:
+                try:
+                    done = await reconcile(sym, self.tf.name, self.redis, self.store, self.settings.bars_cap)
+                except (RedisError, OSError) as exc:
+                    log.warning("redis unreachable at start: stores not reconciled",
+                                extra={"error": str(exc)})
+                    redis_up = False
+                    self._refill_needed = True  # once Redis answers
+                else:
+                    if done.to_sqlite:
+                        log.info("recovered bars from redis", extra={"symbol": sym, "bars": done.to_sqlite})
+                    if done.to_redis:
+                        log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": done.to_redis})
             bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
-            from_sqlite = bool(bars)
-            bars = await self._recover_from_redis(sym, bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
             split = len(bars)
@@ -206,32 +231,6 @@ class Pipeline:
             st.last = closed[-1] if closed else None
             st.forming = forming[-1] if forming else None
             self.validator.prime(sym, closed[-(self.settings.correction_window_bars + 2):] + forming)
-            if from_sqlite:
-                try:
-                    if await self.redis.bar_count(sym, self.tf.name) == 0:
-                        n = await self.redis.write_history(bars[-self.settings.bars_cap:])
-                        log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": n})
-                except RedisError as exc:
-                    log.warning("could not warm redis", extra={"error": str(exc)})
-
-    async def _recover_from_redis(self, symbol: str, bars: list[Bar]) -> list[Bar]:
-        """Bars Redis has and SQLite lacks (written to Redis, then the process was killed
-        before the next flush) go into the SQLite buffer and the warm-up history."""
-        newest = bars[-1] if bars else None
-        try:
-            newer = await self.redis.bars_since(symbol, self.tf.name, newest.t if newest else 0)
-        except RedisError:
-            return bars
-        if newest is not None and newer and newer[0].t == newest.t:
-            if newer[0].same_values(newest):
-                newer = newer[1:]
-            else:
-                bars = bars[:-1]  # Redis has a later revision of the newest stored bar
-        if not newer:
-            return bars
-        self.store.add(newer)
-        log.info("recovered bars from redis", extra={"symbol": symbol, "bars": len(newer)})
-        return (bars + newer)[-max(self.settings.warm_bars, 1):]
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
@@ -255,8 +254,9 @@ class Pipeline:
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
         await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
-        if self.store.flush_due():
-            self._spawn(self.store.flush())
+        if self.store.flush_due() and (self._flush_task is None or self._flush_task.done()):
+            # One flush at a time: a locked or slow database must not pile up tasks.
+            self._flush_task = self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
             if st.needs_rebuild:
                 st.needs_rebuild = False
@@ -443,7 +443,7 @@ class Pipeline:
         announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
                     "features": len(features), "updated": updated or []}
         try:
-            await self.redis.write_cycle(bars, features, heartbeat, announce)
+            has_meta = await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
             for b in bars:
                 self._redis_backlog[(b.symbol, b.t)] = b
@@ -463,6 +463,33 @@ class Pipeline:
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
+        if not has_meta and self._meta_written:
+            self._refill_needed = True
+        if self._refill_needed and (self._refill_task is None or self._refill_task.done()):
+            self._refill_task = self._spawn(self._refill_redis())
+
+    async def _refill_redis(self) -> None:
+        """Redis lost its data (restarted empty): put SQLite's recent bars back.
+
+        The cycles meanwhile keep writing the newest bars and features; this only
+        adds the bars Redis lacks (see :func:`reconcile`).
+        """
+        log.warning("redis lost its data; refilling it from sqlite")
+        started = time.perf_counter()
+        try:
+            await self.write_meta()
+            await self.store.flush()
+            total = 0
+            for sym in self.symbols:
+                total += (await reconcile(sym, self.tf.name, self.redis, self.store,
+                                          self.settings.bars_cap)).to_redis
+        except (RedisError, OSError, sqlite3.Error) as exc:
+            log.error("redis refill failed; will retry", extra={"error": str(exc)})
+            return
+        self._refill_needed = False
+        log.info("redis refilled from sqlite", extra={
+            "bars": total, "symbols": len(self.symbols),
+            "seconds": round(time.perf_counter() - started, 3)})
 
     def _record_gaps(self) -> None:
         for gap in self.validator.new_gaps:
@@ -484,10 +511,11 @@ class Pipeline:
         st.engine = engine
         log.info("features rebuilt after a correction", extra={"symbol": symbol, "bars": len(closed)})
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Wait for background work (flushes, rebuilds) to finish, then cancel the rest."""

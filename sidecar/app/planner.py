@@ -57,8 +57,12 @@ class Planner:
         """Split the symbols ``source`` can serve into those to ask and those it holds."""
         out = SourcePlan()
         name = source.name
+        interval = self._interval_ms.get(name, 0)
         for sym in candidates:
-            if self._due.get((name, sym), 0) <= now_ms:
+            due = self._due.get((name, sym), 0)
+            # Due more than an interval ahead: the wall clock stepped back since the
+            # last request; waiting for it to catch up would stall the symbol.
+            if due <= now_ms or due - now_ms > interval:
                 out.ask.append(sym)
             elif self._holder.get(sym) == name:
                 out.idle.append(sym)

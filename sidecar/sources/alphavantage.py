@@ -110,7 +110,7 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext) -> list
         if ctx.has_volume and f.get("volume") is not None:
             try:
                 v = to_float(f["volume"])
-            except ValueError:
+            except (ValueError, TypeError):  # e.g. a list where a number belongs
                 v = None
         bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
     return finish(bars, ctx)

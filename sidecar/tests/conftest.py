@@ -40,9 +40,10 @@ def fixtures_dir() -> Path:
 class RedisServer:
     """A private real redis-server for the test session."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *args: str) -> None:
         self.directory = directory
         self.socket = directory / "redis.sock"
+        self.args = args  # extra redis-server options, e.g. "--appendonly", "yes"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +55,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [find_redis_server(), "--port", "0", "--unixsocket", str(self.socket),
              "--unixsocketperm", "700", "--dir", str(self.directory), "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -62,6 +63,14 @@ class RedisServer:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("test redis-server did not start")
             time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: no save, no goodbye (a crash or an OOM kill)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+        self.socket.unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -108,3 +108,19 @@ async def test_not_due_symbol_is_held_not_asked_of_fallback(
     assert fallback.sent == []  # the primary held the symbol between its refreshes
     assert pipe.symbols["AAA"].expect_ms == 10_000
     assert not pipe.symbols["AAA"].stale(int(now[0] * 1000), settings.stale_after_ms)
+
+
+
+def test_a_wall_clock_step_back_does_not_stall_a_symbol() -> None:
+    """Due times are wall-clock: after the clock steps back by minutes, a symbol asked
+    a second ago is due again rather than waiting three minutes for the clock."""
+    from sidecar.app.planner import Planner
+
+    source = BudgetedSource("p", RateBudget("p", per_minute=60, per_day=20_000))
+    source.min_refresh_s = 5.0
+    planner, t0 = Planner(), DAY0 * 1000
+    interval = planner.interval_ms(source, lambda: 1, t0)
+    assert interval >= 5_000
+    planner.asked(source, "AAA", True, t0, interval)
+    assert planner.plan(source, ["AAA"], t0 + 1_000).idle == ["AAA"]  # not due yet
+    assert planner.plan(source, ["AAA"], t0 + 1_000 - 180_000).ask == ["AAA"]

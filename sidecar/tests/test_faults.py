@@ -1,0 +1,660 @@
+"""Faults caused for real against a running daemon: crashes, Redis and SQLite trouble,
+clock jumps and load. Each test starts the daemon as a user does (``python -m sidecar
+run``), with a real redis-server and a real SQLite file, and breaks something."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+
+from sidecar.bar import Bar
+from sidecar.features import FEATURE_FIELDS
+from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.test_daemon import free_port, http_get
+from sidecar.tests.test_features import assert_row_equal, batch_values
+
+SYMBOLS = ("AAPL", "BTCUSD")
+
+
+class Daemon:
+    """``python -m sidecar run`` in a subprocess, its JSON log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, wrapper: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "sidecar", "run"],
+                                         cwd=REPO, env=self.env, stdout=log, stderr=log)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log_text()}"
+            try:
+                if http_get(self.port, "/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
+
+    def health(self) -> dict[str, Any]:
+        return http_get(self.port, "/health")[1]
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def messages(self) -> list[str]:
+        return [rec.get("msg", "") for rec in self.logs()]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """``daemons(env, name)`` starts a daemon logging to ``{name}.log``; all are killed at the end."""
+    started: list[Daemon] = []
+
+    def start(env: dict[str, str], name: str = "daemon") -> Daemon:
+        started.append(Daemon(env, tmp_path / f"{name}.log"))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """``redis_servers(name, *options)`` starts a redis-server; all are killed at the end."""
+    started: list[RedisServer] = []
+
+    def start(name: str = "redis", *options: str) -> RedisServer:
+        started.append(RedisServer(tmp_path / name, *options))
+        started[-1].start()
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.kill()
+
+
+def daemon_env(clean_env: dict[str, str], server: RedisServer, **extra: str) -> dict[str, str]:
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=",".join(SYMBOLS),
+               SIDECAR_TIMEFRAME="1s", SIDECAR_REDIS_URL=server.url, SIDECAR_REDIS_PREFIX="f",
+               SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_FLUSH_INTERVAL_S="1")
+    env.update(extra)
+    return env
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 20, every: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def redis_client(server: RedisServer) -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(server.socket), socket_timeout=5)
+
+
+def redis_bars(r: redis.Redis, symbol: str, prefix: str = "f", tf: str = "1s") -> list[Bar]:
+    members = r.zrange(f"{prefix}:v1:bars:{tf}:{symbol}", 0, -1, withscores=True)
+    scores = [score for _, score in members]
+    assert len(scores) == len(set(scores)), f"{symbol}: duplicate bars in Redis"
+    return [Bar.unpack(symbol, tf, raw) for raw, _ in members]
+
+
+def sqlite_bars(path: Path, symbol: str, tf: str = "1s") -> list[Bar]:
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        rows = db.execute("SELECT symbol, tf, t, o, h, l, c, v, src, forming, synthetic FROM bars "
+                          "WHERE symbol = ? AND tf = ? ORDER BY t", (symbol, tf)).fetchall()
+    finally:
+        db.close()
+    return [Bar(s, f, t, o, h, l, c, v, src, bool(fm), bool(sy)) for s, f, t, o, h, l, c, v, src, fm, sy in rows]
+
+
+def ohlcv(b: Bar) -> tuple[Any, ...]:
+    return (b.t, b.o, b.h, b.l, b.c, b.v)
+
+
+def assert_redis_in_sqlite(r: redis.Redis, db_path: Path, symbols: tuple[str, ...] = SYMBOLS) -> int:
+    """Every bar Redis holds is in SQLite with the same values; returns how many."""
+    n = 0
+    for sym in symbols:
+        stored = {b.t: ohlcv(b) for b in sqlite_bars(db_path, sym)}
+        in_redis = redis_bars(r, sym)
+        missing = [b.t for b in in_redis if stored.get(b.t) != ohlcv(b)]
+        assert not missing, f"{sym}: {len(missing)} bars in Redis are not in SQLite: {missing[:5]}"
+        n += len(in_redis)
+    return n
+
+
+# -- 1. crash ---------------------------------------------------------------------------
+
+
+def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers()
+    r = redis_client(server)
+    # A day of history (bootstrapped in line, all of it the warm-up window), then live
+    # bars that only reach the SQLite buffer: the flush interval is an hour.
+    env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400",
+                     SIDECAR_FLUSH_INTERVAL_S="3600")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    first = daemons(env, "run1")
+    first.wait_ready()
+    wait_for("live bars in the buffer", lambda: first.health()["sqlite"]["buffered"] >= 8)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    reached_redis = {sym: redis_bars(r, sym) for sym in SYMBOLS}
+    lost = 0
+    for sym in SYMBOLS:
+        stored_t = {x.t for x in sqlite_bars(db_path, sym)}
+        lost += sum(1 for b in reached_redis[sym] if b.t not in stored_t)
+    assert lost >= 8, "the crash should have lost buffered bars from SQLite"
+
+    # Restart; catch the very first cycle's features (the heartbeat and the features are
+    # written by one script, so one MULTI reads a consistent cycle).
+    second = daemons(dict(env, SIDECAR_FLUSH_INTERVAL_S="1"), "run2")
+    first_cycle = wait_for("the first cycle of the restarted daemon",
+                           lambda: _cycle_snapshot(r, second.proc.pid), timeout=60, every=0.01)
+    second.wait_ready()
+    time.sleep(1.5)  # one flush interval
+
+    for sym in SYMBOLS:
+        stored = {b.t: ohlcv(b) for b in sqlite_bars(db_path, sym)}
+        missing = [b.t for b in reached_redis[sym] if stored.get(b.t) != ohlcv(b)]
+        assert not missing, f"{sym}: bars that reached Redis are missing in SQLite: {missing[:5]}"
+    assert any(rec.get("msg") == "recovered bars from redis" for rec in second.logs())
+    assert second.stop() == 0
+
+    heartbeat, features, newest = first_cycle
+    assert heartbeat["cycle"] == 0, "the snapshot is not the first cycle"
+    for sym in SYMBOLS:
+        feat, bar_now = features[sym], newest[sym]
+        assert feat is not None and feat["t"] == bar_now.t
+        series = [b for b in sqlite_bars(db_path, sym) if b.t < bar_now.t] + [bar_now]
+        assert len(series) > 86_400
+        assert [b.t for b in series] == sorted({b.t for b in series}), "duplicate or unordered bars"
+        values = [feat[name] for name in FEATURE_FIELDS]
+        assert_row_equal(values, batch_values(series), len(series) - 1)
+        assert feat["macd_signal"] is not None and feat["vwap"] is not None
+    assert_redis_in_sqlite(r, db_path)
+
+
+def _cycle_snapshot(r: redis.Redis, pid: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Bar]] | None:
+    pipe = r.pipeline(transaction=True)
+    pipe.get("f:v1:heartbeat")
+    for sym in SYMBOLS:
+        pipe.get(f"f:v1:feat:1s:{sym}")
+        pipe.zrange(f"f:v1:bars:1s:{sym}", -1, -1)
+    hb_raw, *rest = pipe.execute()
+    if hb_raw is None:
+        return None
+    heartbeat = msgpack.unpackb(hb_raw)
+    if heartbeat["pid"] != pid:
+        return None
+    features: dict[str, Any] = {}
+    newest: dict[str, Bar] = {}
+    for i, sym in enumerate(SYMBOLS):
+        raw_feat, raw_bars = rest[2 * i], rest[2 * i + 1]
+        features[sym] = None if raw_feat is None else msgpack.unpackb(raw_feat)
+        newest[sym] = Bar.unpack(sym, "1s", raw_bars[0])
+    return heartbeat, features, newest
+
+
+# -- 2. Redis outage --------------------------------------------------------------------
+
+OUTAGE_S = 30
+
+
+#: redis-server options that keep its data through a SIGKILL (AOF, fsync always).
+DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def assert_stores_equal(r: redis.Redis, db_path: Path, symbols: tuple[str, ...] = SYMBOLS) -> None:
+    """Redis holds exactly SQLite's newest bars (as many as Redis keeps)."""
+    for sym in symbols:
+        in_redis = [ohlcv(b) for b in redis_bars(r, sym)]
+        stored = [ohlcv(b) for b in sqlite_bars(db_path, sym)][-len(in_redis):] if in_redis else []
+        assert in_redis, f"{sym}: no bars in Redis"
+        assert in_redis == stored, f"{sym}: Redis and SQLite differ"
+
+
+def fresh_features(r: redis.Redis, symbols: tuple[str, ...] = SYMBOLS) -> bool:
+    now_ms = time.time() * 1000
+    for sym in symbols:
+        raw = r.get(f"f:v1:feat:1s:{sym}")
+        if raw is None or now_ms - msgpack.unpackb(raw)["computed_at"] > 2_000:
+            return False
+    return True
+
+
+def test_redis_killed_for_30_s_then_back_with_its_data(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers("redis", *DURABLE)
+    env = daemon_env(clean_env, server)
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    wait_for("status ok", lambda: daemon.health()["status"] == "ok")
+    before = daemon.health()
+
+    server.kill()
+    down_at = time.monotonic()
+    seen: list[dict[str, Any]] = []
+    while time.monotonic() - down_at < OUTAGE_S:
+        time.sleep(1)
+        assert daemon.proc.poll() is None, f"daemon exited during the outage:\n{daemon.log_text()}"
+        seen.append(daemon.health())
+    during = seen[3:]  # the first seconds may still show the last good cycle
+    assert all(h["status"] == "degraded" and not h["redis"]["ok"] for h in during), during[0]
+    assert all(any("redis unreachable" in why for why in h["reasons"]) for h in during)
+    last = seen[-1]
+    assert last["cycle"]["count"] - before["cycle"]["count"] >= OUTAGE_S - 5, "the loop stalled"
+    assert last["sqlite"]["flushed_rows"] > seen[0]["sqlite"]["flushed_rows"], "SQLite stopped"
+    assert last["sqlite"]["last_error"] is None
+
+    server.start()  # same directory: the AOF brings the data back
+    r = redis_client(server)
+    wait_for("redis ok again", lambda: daemon.health()["redis"]["ok"])
+    wait_for("status ok again", lambda: daemon.health()["status"] == "ok")
+    wait_for("fresh features", lambda: fresh_features(r))
+    assert daemon.stop() == 0  # final flush: SQLite holds everything
+    assert_stores_equal(r, db_path)
+    outage_bars = [b for b in redis_bars(r, SYMBOLS[0])
+                   if b.t >= last["now_ms"] - OUTAGE_S * 1000 + 5_000 and b.t <= last["now_ms"]]
+    assert len(outage_bars) >= OUTAGE_S - 10, "bars of the outage were not rewritten to Redis"
+    messages = daemon.messages()
+    assert "redis write failed; buffering" in messages and "redis is back" in messages
+    assert "redis lost its data; refilling it from sqlite" not in messages
+
+
+def test_redis_restarted_empty_is_warmed_from_sqlite(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers("redis", *DURABLE)
+    env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    r = redis_client(server)
+    assert len(redis_bars(r, SYMBOLS[0])) == 5_000
+    time.sleep(2)
+
+    server.kill()
+    for leftover in server.directory.glob("append*"):
+        if leftover.is_dir():
+            for f in leftover.iterdir():
+                f.unlink()
+        else:
+            leftover.unlink()
+    time.sleep(3)
+    server.start()
+    r = redis_client(server)
+    assert r.dbsize() == 0 or r.get("f:v1:meta") is None  # really empty
+    wait_for("bars back in Redis", lambda: all(len(redis_bars(r, s)) == 5_000 for s in SYMBOLS))
+    wait_for("fresh features", lambda: fresh_features(r))
+    assert r.get("f:v1:meta") is not None
+    wait_for("status ok", lambda: daemon.health()["status"] == "ok")
+    assert daemon.stop() == 0
+    assert_stores_equal(r, db_path)
+    assert "redis refilled from sqlite" in daemon.messages()
+
+
+def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers("redis", *DURABLE)
+    env = daemon_env(clean_env, server, SIDECAR_REDIS_DOWN_EXIT_S="4", SIDECAR_FLUSH_INTERVAL_S="3600")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    time.sleep(2)
+    r = redis_client(server)
+    reached = {sym: redis_bars(r, sym) for sym in SYMBOLS}
+    server.kill()
+    killed_ms = time.time() * 1000
+    assert daemon.proc.wait(30) == 3  # EXIT_REDIS_DOWN, for PM2 to restart it
+    for sym in SYMBOLS:
+        stored = sqlite_bars(db_path, sym)
+        stored_by_t = {b.t: ohlcv(b) for b in stored}
+        assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
+        assert stored[-1].t >= killed_ms + 2_000, "bars of the outage were not kept in SQLite"
+    assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
+
+
+# -- 3. SQLite trouble ------------------------------------------------------------------
+
+LOCK_S = 20
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+def _lock_database(path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process holding the database's write lock (``BEGIN EXCLUSIVE``)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    return holder
+
+
+def _missing_from_sqlite(r: redis.Redis, db_path: Path) -> int:
+    """Bars (final values) Redis has and SQLite lacks; a dropped final revision counts too."""
+    missing = 0
+    for sym in SYMBOLS:
+        stored = {b.t: (*ohlcv(b), b.forming) for b in sqlite_bars(db_path, sym)}
+        missing += sum(1 for b in redis_bars(r, sym) if stored.get(b.t) != (*ohlcv(b), b.forming))
+    return missing
+
+
+def test_sqlite_locked_by_another_process_for_20_s(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    # Two daemons side by side, both locked out for the same 20 s: one with room in
+    # memory (nothing lost), one whose buffer bound is small (the oldest dropped, counted).
+    runs = []
+    for name, bound in (("roomy", "1000000"), ("tight", "12")):
+        server = redis_servers(f"redis-{name}")
+        env = daemon_env(dict(clean_env, SIDECAR_DATA_DIR=str(tmp_path / name)), server,
+                         SIDECAR_BUFFER_MAX_ROWS=bound)
+        daemon = daemons(env, name)
+        runs.append((daemon, redis_client(server), Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"))
+    for daemon, _, _ in runs:
+        daemon.wait_ready()
+    time.sleep(2)
+
+    holders = [_lock_database(db_path, LOCK_S) for _, _, db_path in runs]
+    locked_at = time.monotonic()
+    peak = [0, 0]
+    while time.monotonic() - locked_at < LOCK_S - 1:
+        time.sleep(1)
+        for i, (daemon, r, _) in enumerate(runs):
+            h = daemon.health()
+            peak[i] = max(peak[i], h["sqlite"]["buffered"])
+            assert fresh_features(r), "features stopped while SQLite was locked"
+        if time.monotonic() - locked_at > 8:  # past the busy timeout: the flush failed
+            for daemon, _, _ in runs:
+                h = daemon.health()
+                assert h["status"] == "degraded" and "locked" in (h["sqlite"]["last_error"] or ""), h
+    roomy, tight = runs
+    assert tight[0].health()["sqlite"]["buffered"] <= 12
+    for holder in holders:
+        assert holder.wait(30) == 0
+
+    for daemon, _, _ in runs:
+        wait_for("the buffer written", lambda d=daemon: d.health()["sqlite"]["last_error"] is None
+                 and d.health()["sqlite"]["buffered"] <= 4, timeout=30)
+    assert peak[0] >= LOCK_S, "bars were not kept in memory"
+    dropped = tight[0].health()["sqlite"]["dropped"]
+    assert dropped >= LOCK_S, "the tight buffer should have dropped bars"
+    assert f"sidecar_sqlite_dropped_bars_total {float(dropped)}" in tight[0].metrics()
+    assert roomy[0].health()["sqlite"]["dropped"] == 0
+    for daemon, _, _ in runs:
+        assert daemon.stop() == 0
+        messages = daemon.messages()
+        assert "sqlite flush failed; bars kept in memory" in messages
+        assert "sqlite flush recovered" in messages
+        failed = next(rec for rec in daemon.logs() if rec["msg"] == "sqlite flush failed; bars kept in memory")
+        assert "locked" in failed["error"]
+    assert_redis_in_sqlite(roomy[1], roomy[2])
+    # Exactly the bars counted as dropped are missing, and they are the oldest of the lock.
+    assert _missing_from_sqlite(tight[1], tight[2]) == dropped
+    assert "sqlite buffer full: dropped oldest bars" in tight[0].messages()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, so the disk can really fill up (needs root and mount permission)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill a disk for real: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_keeps_bars_in_memory_until_space_returns(
+        clean_env: dict[str, str], tmp_path: Path, small_disk: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers()
+    db_path = small_disk / "bars.sqlite3"
+    env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(db_path))
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    time.sleep(2)
+    filler = small_disk / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+    assert os.statvfs(small_disk).f_bavail == 0
+    r = redis_client(server)
+    wait_for("a failed flush", lambda: "full" in (daemon.health()["sqlite"]["last_error"] or ""))
+    buffered = daemon.health()["sqlite"]["buffered"]
+    for _ in range(4):
+        time.sleep(1)
+        assert fresh_features(r), "features stopped while the disk was full"
+    h = daemon.health()
+    assert h["status"] == "degraded" and h["sqlite"]["buffered"] > buffered
+    filler.unlink()
+    wait_for("the buffer written", lambda: daemon.health()["sqlite"]["last_error"] is None, timeout=30)
+    assert daemon.stop() == 0
+    assert_redis_in_sqlite(r, db_path)
+    failed = next(rec for rec in daemon.logs() if rec["msg"] == "sqlite flush failed; bars kept in memory")
+    assert "full" in failed["error"]
+
+
+def test_database_file_deleted_underneath_is_restored(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    server = redis_servers()
+    env = daemon_env(clean_env, server)
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    time.sleep(3)
+    for f in db_path.parent.glob("bars.sqlite3*"):  # what a careless `rm bars.sqlite3*` does
+        f.unlink()
+    r = redis_client(server)
+    wait_for("the file restored", lambda: "sqlite file restored" in daemon.messages())
+    for _ in range(3):
+        time.sleep(1)
+        assert fresh_features(r)
+    assert daemon.health()["sqlite"]["last_error"] is None
+    assert daemon.stop() == 0
+    assert "sqlite file was deleted underneath the daemon; restoring it from the open connection" \
+        in daemon.messages()
+    # Everything, including the bars flushed into the deleted file, is in the new one.
+    assert assert_redis_in_sqlite(r, db_path) >= 2 * 5
+    assert sqlite_bars(db_path, SYMBOLS[0])[0].t == redis_bars(r, SYMBOLS[0])[0].t
+
+
+# -- 4. clock trouble -------------------------------------------------------------------
+
+
+def _libfaketime() -> str | None:
+    """libfaketime (Debian package ``faketime``; scripts/test installs it when missing)."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") +
+                   glob.glob("/usr/lib/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer]) -> None:
+    lib = _libfaketime()
+    if lib is None:
+        pytest.skip("libfaketime not installed (apt-get install faketime; scripts/system-deps does it as root)")
+    server = redis_servers()
+    r = redis_client(server)
+    offset_file = tmp_path / "offset"
+    offset_file.write_text("+0\n")
+    # Only the daemon's wall clock moves (time.time, CLOCK_REALTIME); its monotonic
+    # clock, Redis' clock and this test's clock stay true.
+    env = daemon_env(clean_env, server, LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset_file),
+                     FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    time.sleep(2)
+
+    def newest() -> int:
+        return max(redis_bars(r, sym)[-1].t for sym in SYMBOLS)
+
+    samples: list[tuple[float, int]] = []  # (true monotonic time, cycle count)
+    start = daemon.health()
+    skew_ms = 2_000
+    # Back 3 min, forward 6 min, back 3 min (to the true time).
+    for offset_s, must_accept in ((-180, False), (180, True), (0, False)):
+        before_newest = newest()
+        before = daemon.health()
+        offset_file.write_text(f"{offset_s:+d}\n")
+        phase_end = time.monotonic() + 6
+        while time.monotonic() < phase_end:
+            h = daemon.health()
+            samples.append((time.monotonic(), h["cycle"]["count"]))
+            assert r.get("f:v1:heartbeat") is not None, "the loop stopped writing Redis"
+            fake_now_ms = time.time() * 1000 + offset_s * 1000
+            if not must_accept:
+                # Bars made before the clock went back are in its future now: refused.
+                assert newest() == before_newest, f"a future bar was accepted at offset {offset_s}"
+            else:
+                assert newest() <= fake_now_ms + skew_ms
+            time.sleep(0.25)
+        after = daemon.health()
+        if must_accept:
+            assert newest() > before_newest + 170_000, "no bars after the clock leapt forward"
+        else:
+            # The sim keeps offering its newest bar (now in the future): refused, as a
+            # future bar or, unchanged, as a re-delivery recognised before the rules.
+            def refused(h: dict[str, Any]) -> int:
+                return int(h["bars"]["rejected"].get("future", 0) + h["bars"]["duplicates"])
+            assert refused(after) > refused(before), "the source's bars were not offered"
+    end = daemon.health()
+    assert daemon.stop() == 0
+
+    # One cycle per true second throughout: no burst after a leap, no stall after a step back.
+    elapsed = samples[-1][0] - samples[0][0]
+    cycles = samples[-1][1] - samples[0][1]
+    assert elapsed - 3 <= cycles <= elapsed + 2, (cycles, elapsed)
+    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+        assert c1 - c0 <= 2 + (t1 - t0), f"burst: {c1 - c0} cycles in {t1 - t0:.2f} s"
+    advanced_at = [t1 for (_, c0), (t1, c1) in itertools.pairwise(samples) if c1 > c0]
+    stall = max(b - a for a, b in itertools.pairwise(advanced_at))
+    assert stall < 3, f"stall: no cycle for {stall:.1f} s"
+    assert end["cycle"]["clock_jumps"] - start["cycle"]["clock_jumps"] >= 3
+    # A leap of minutes is a clock jump, not hundreds of missed ticks.
+    assert end["cycle"]["missed_ticks"] - start["cycle"]["missed_ticks"] < 5
+
+
+# -- 5. load ----------------------------------------------------------------------------
+
+#: Seconds of the soak: 120 in the suite; ``scripts/soak`` runs 600 (or its argument).
+SOAK_S = max(90.0, float(os.environ.get("SIDECAR_SOAK_S", "120")))
+SOAK_SYMBOLS = 1_000
+#: Per-symbol state fills up over the first ~50 bars (validator windows, the feature
+#: engine's history until every handle is open); measured: RSS is flat from then on.
+SOAK_WARM_UP_S = 60.0
+
+
+@pytest.mark.timeout(SOAK_S + 180)
+def test_soak_1000_symbols_memory_ticks_fds_and_tasks_stay_flat(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]) -> None:
+    symbols = ",".join(f"S{i:04d}" for i in range(SOAK_SYMBOLS))
+    # Embedded Redis, as a user runs it; 1-second bars: every cycle closes 1,000 bars.
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=symbols, SIDECAR_TIMEFRAME="1s",
+               SIDECAR_BOOTSTRAP_DAYS="0")
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    started = time.monotonic()
+    time.sleep(SOAK_WARM_UP_S)
+    warm = daemon.health()
+    samples = [warm]
+    while time.monotonic() - started < SOAK_S:
+        time.sleep(5)
+        samples.append(daemon.health())
+    end = samples[-1]
+    assert daemon.stop() == 0
+
+    def proc(h: dict[str, Any], key: str) -> int:
+        return int(h["process"][key])
+
+    elapsed = (end["now_ms"] - warm["now_ms"]) / 1000
+    growth = proc(end, "rss_bytes") / proc(warm, "rss_bytes") - 1
+    summary = {
+        "symbols": SOAK_SYMBOLS, "seconds": round(time.monotonic() - started),
+        "rss_mb_warm": round(proc(warm, "rss_bytes") / 2**20, 1),
+        "rss_mb_end": round(proc(end, "rss_bytes") / 2**20, 1),
+        "rss_growth_pct": round(100 * growth, 2),
+        "fds": [proc(h, "open_fds") for h in (warm, end)],
+        "tasks": [proc(h, "asyncio_tasks") for h in (warm, end)],
+        "missed_ticks": [warm["cycle"]["missed_ticks"], end["cycle"]["missed_ticks"]],
+        "cycle_p50_ms": end["cycle"]["p50_ms"], "cycle_p99_ms": end["cycle"]["p99_ms"],
+        "bars_flushed": end["sqlite"]["flushed_rows"],
+    }
+    print("soak:", json.dumps(summary))
+    assert growth < 0.05, f"memory grew after warm-up: {summary}"
+    assert end["cycle"]["missed_ticks"] == warm["cycle"]["missed_ticks"], f"missed ticks: {summary}"
+    assert end["cycle"]["count"] - warm["cycle"]["count"] >= elapsed - 2, summary
+    assert max(proc(h, "open_fds") for h in samples) <= proc(warm, "open_fds") + 2, summary
+    assert proc(end, "open_fds") <= proc(warm, "open_fds") + 1, summary
+    assert proc(end, "asyncio_tasks") <= proc(warm, "asyncio_tasks") + 1, summary
+    assert end["status"] == "ok" and end["sqlite"]["dropped"] == 0, end["reasons"]
+    assert end["sqlite"]["flushed_rows"] >= SOAK_SYMBOLS * (SOAK_S - 15)
