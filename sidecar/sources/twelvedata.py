@@ -148,7 +148,7 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | N
             if volume is not None and volume != "":
                 try:
                     v = to_float(volume)
-                except ValueError:
+                except (ValueError, TypeError):  # a list or object where a number belongs
                     v = None
         bar = Bar(symbol, tf_name, t, o, h, l, c, v, src)
         bars.append(bar)

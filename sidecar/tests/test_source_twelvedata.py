@@ -184,3 +184,11 @@ def test_closed_rows_are_parsed_once_and_revisions_are_not_missed():
     shifted = parse_batch(json.dumps(raw), 200, {"X": c}, memo=memo)["X"]
     assert isinstance(shifted, list) and shifted[-3] is not first[-3]
     assert shifted[-3].t == first[-3].t - 4 * 3_600_000
+
+
+def test_volume_of_the_wrong_type_is_dropped_not_raised():
+    body = {"values": [{"datetime": "2023-08-24 09:30:00", "open": "1", "high": "2", "low": "0.5",
+                        "close": "1.5", "volume": [1, 2]}],
+            "meta": {"exchange_timezone": "America/New_York"}, "status": "ok"}
+    bars = parse_time_series(json.dumps(body), 200, ctx())
+    assert len(bars) == 1 and bars[0].v is None and bars[0].c == 1.5
