@@ -37,6 +37,19 @@ async def ok() -> str:
     return "ok"
 
 
+async def cancel_mid_call(br: SourceBreaker) -> None:
+    """Start a call that hangs, cancel it while it is in flight, and see the cancellation."""
+
+    async def hang() -> None:
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(br.call(hang))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.mark.asyncio
 async def test_opens_after_fail_max_and_refuses(caplog):
     br = SourceBreaker("t", fail_max=3, reset_timeout_s=30)
@@ -127,14 +140,7 @@ async def test_cancellation_and_budget_refusals_are_neutral():
         await br.call(fail)
     clock.t += 31
 
-    async def hang() -> None:
-        await asyncio.sleep(10)
-
-    task = asyncio.create_task(br.call(hang))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_mid_call(br)
     # The cancelled probe neither closed nor re-opened it; the next caller may probe.
     assert br.state == "half_open" and br.allows()
 
@@ -154,14 +160,7 @@ async def test_cancellation_does_not_count_when_closed():
     with pytest.raises(ProviderError):
         await br.call(fail)
 
-    async def hang() -> None:
-        await asyncio.sleep(10)
-
-    task = asyncio.create_task(br.call(hang))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_mid_call(br)
     assert br.breaker.fail_counter == 1 and br.state == "closed"
     with pytest.raises(ProviderError):
         await br.call(fail)
