@@ -28,6 +28,7 @@ from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
+from sidecar.parse_worker import ParseWorker, start_for
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, connect, redis_refusal
@@ -108,6 +109,7 @@ class Daemon:
         self.force_exit = False
         self.exit_code = EXIT_OK
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.parse_worker: ParseWorker | None = None
 
     # -- signals ------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -151,9 +153,12 @@ class Daemon:
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
         runner = None
+        parse_worker: ParseWorker | None = None
         try:
             for source in sources:
                 await source.start()
+            parse_worker = await start_for(sources, s.parse_process, len(s.symbols))
+            self.parse_worker = view.parse_worker = parse_worker
             runner = await _listen(view, s.http_host, s.http_port)
             log.info("daemon starting", extra={
                 "symbols": len(s.symbols), "sources": [x.name for x in sources],
@@ -178,7 +183,7 @@ class Daemon:
             self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
             await self._main_loop(pipeline, ticker)
         finally:
-            await self._shutdown(pipeline, sources, store, redis_store, embedded, runner)
+            await self._shutdown(pipeline, sources, store, redis_store, embedded, runner, parse_worker)
         return self.exit_code
 
     async def _bootstrap(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
@@ -226,7 +231,7 @@ class Daemon:
             stats = pipeline.stats
             if stats.cycles == 1:
                 log.info("ready", extra={"first_cycle_ms": round(stats.last_duration_ms, 3)})
-            status_log.observe(*assess(pipeline))
+            status_log.observe(*assess(pipeline, parse_worker=self.parse_worker))
             if stats.redis_down_since is not None:
                 down_for = time.monotonic() - stats.redis_down_since
                 if down_for > s.redis_down_exit_s:
@@ -278,10 +283,12 @@ class Daemon:
 
     async def _shutdown(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
                         redis_store: RedisStore, embedded: EmbeddedRedis | None,
-                        runner: Any) -> None:
+                        runner: Any, parse_worker: ParseWorker | None = None) -> None:
         log.info("shutting down", extra={"buffered": store.buffered})
         self.should_exit.set()
         await pipeline.drain(timeout_s=5.0)
+        if parse_worker is not None:  # after the last cycle: nothing parses any more
+            await parse_worker.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

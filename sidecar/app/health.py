@@ -18,6 +18,7 @@ from typing import Any
 
 from sidecar.app.pipeline import Pipeline, SourceState
 from sidecar.app.ticker import SecondTicker
+from sidecar.parse_worker import ParseWorker
 
 log = logging.getLogger("sidecar.health")
 
@@ -94,7 +95,8 @@ def _source_info(state: SourceState) -> dict[str, Any]:
     return info
 
 
-def assess(pipeline: Pipeline, now_ms: int | None = None) -> tuple[str, list[str]]:
+def assess(pipeline: Pipeline, now_ms: int | None = None,
+           parse_worker: ParseWorker | None = None) -> tuple[str, list[str]]:
     """``(status, reasons)`` — cheap enough to run after every cycle."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     stats = pipeline.stats
@@ -102,6 +104,9 @@ def assess(pipeline: Pipeline, now_ms: int | None = None) -> tuple[str, list[str
     reasons: list[str] = []
     for state in pipeline.sources:
         reasons.extend(_source_reasons(state))
+    if parse_worker is not None and parse_worker.state not in ("alive", "closed"):
+        reasons.append(f"parse worker {parse_worker.state}: answers parsed in the daemon "
+                       f"(last error: {parse_worker.last_error})")
     if not stats.redis_ok:
         reasons.append(f"redis unreachable: {stats.redis_last_error}")
     if pipeline.store.last_error:
@@ -138,12 +143,13 @@ class StatusLog:
         return True
 
 
-def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> dict[str, Any]:
+def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
+                  parse_worker: ParseWorker | None = None) -> dict[str, Any]:
     """``/health`` JSON: status ok/degraded/down with the reasons behind it."""
     now_ms = int(time.time() * 1000)
     stats = pipeline.stats
     stale_after = pipeline.settings.stale_after_ms
-    status, reasons = assess(pipeline, now_ms)
+    status, reasons = assess(pipeline, now_ms, parse_worker)
 
     symbols: dict[str, Any] = {}
     for sym, st in pipeline.symbols.items():
@@ -199,6 +205,8 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool) -> d
             "last_error": pipeline.store.last_error,
         },
         "sources": sources,
+        "parse_worker": ({"enabled": False} if parse_worker is None
+                         else {"enabled": True, **parse_worker.status()}),
         "process": process_report(),
         "symbols": symbols,
     }

@@ -29,6 +29,7 @@ from sidecar.app.pipeline import CYCLE_BUCKETS_MS, Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import STATES
 from sidecar.logs import redact
+from sidecar.parse_worker import ParseWorker
 
 STATUS_PAGE = Path(__file__).with_name("status.html")
 STATUSES = ("ok", "degraded", "down")
@@ -43,6 +44,7 @@ class DaemonView:
     pipeline: Pipeline
     ticker: SecondTicker
     ready: bool = False
+    parse_worker: ParseWorker | None = None
 
 
 VIEW = web.AppKey("view", DaemonView)
@@ -62,7 +64,7 @@ class _PipelineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         view = self.view
         p = view.pipeline
-        r = health_report(p, view.ticker, ready=view.ready)
+        r = health_report(p, view.ticker, ready=view.ready, parse_worker=view.parse_worker)
         cycle, bars, sqlite = r["cycle"], r["bars"], r["sqlite"]
 
         status = GaugeMetricFamily("sidecar_status", "1 for the current status (ok, degraded, down)",
@@ -125,6 +127,7 @@ class _PipelineCollector(Collector):
             yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
                                     value=proc["open_fds"])
 
+        yield from self._parse_worker(r["parse_worker"])
         yield from self._sources(r["sources"])
         yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))
         yield from self._symbols(r["symbols"])
@@ -153,6 +156,26 @@ class _PipelineCollector(Collector):
             if info.get("budget_left_today") is not None:
                 budget_day.add_metric([name], info["budget_left_today"])
         yield from (circuit, requests, errors, success, budget, budget_day)
+
+    @staticmethod
+    def _parse_worker(info: dict[str, Any]) -> Iterator[Metric]:
+        """The parse worker (README: Configuration, SIDECAR_PARSE_PROCESS), when it runs."""
+        if not info["enabled"]:
+            return
+        yield GaugeMetricFamily("sidecar_parse_worker_up", "1 while the parse worker process runs",
+                                value=1.0 if info["alive"] else 0.0)
+        yield CounterMetricFamily("sidecar_parse_worker_restarts", "Parse worker restarts",
+                                  value=info["restarts"])
+        yield CounterMetricFamily("sidecar_parse_worker_jobs", "Answers parsed by the parse worker",
+                                  value=info["jobs"])
+        yield CounterMetricFamily("sidecar_parse_worker_fallbacks",
+                                  "Answers parsed in the daemon because the worker could not",
+                                  value=info["fallbacks"])
+        yield GaugeMetricFamily("sidecar_parse_worker_in_flight", "Jobs the parse worker holds now",
+                                value=info["in_flight"])
+        if info["cpu_s"] is not None:
+            yield CounterMetricFamily("sidecar_parse_worker_cpu_seconds",
+                                      "CPU time of the parse worker process", value=info["cpu_s"])
 
     @staticmethod
     def _circuits(breakers: Iterable[dict[str, Any]]) -> Iterator[Metric]:
@@ -197,7 +220,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     view = request.app[VIEW]
-    report = health_report(view.pipeline, view.ticker, ready=view.ready)
+    report = health_report(view.pipeline, view.ticker, ready=view.ready,
+                           parse_worker=view.parse_worker)
     return _json(report, status=503 if report["status"] == "down" else 200)
 
 

@@ -11,7 +11,8 @@ parses its answer. :func:`keyed_provider` is the common part of ``build``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import aiohttp
@@ -201,7 +202,14 @@ class HttpSource(ProviderSource):
         ``daily(err)`` tells whether a rate limit means the day's quota is spent.
         """
         reply = await self._get(url, params=params, headers=headers)
-        try:
+        with self.noting(reply, daily=daily):
             return parse(reply)
+
+    @contextmanager
+    def noting(self, reply: HttpReply,
+               daily: Callable[[ProviderError], bool] = lambda err: False) -> Iterator[None]:
+        """Note a :class:`ProviderError` raised while turning ``reply`` into a result."""
+        try:
+            yield
         except ProviderError as err:
             raise self.note_error(err, daily=daily(err), retry_after=reply.retry_after) from None

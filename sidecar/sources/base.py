@@ -11,12 +11,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import RateBudget
 from sidecar.timeframe import Timeframe
+
+if TYPE_CHECKING:
+    from sidecar.parse_worker import ParseWorker
 
 #: Per-symbol answer of a batched fetch: the bars (oldest first) or why it failed.
 LatestResult = dict[str, "list[Bar] | ProviderError"]
@@ -55,6 +58,10 @@ class Source(abc.ABC):
     budget: RateBudget | None = None
     #: Shortest time between two refreshes of one symbol, whatever the budget allows.
     min_refresh_s: float = 0.0
+    #: The parse worker's job kind for this source's latest answers (``None``: parsed here).
+    parse_kind: str | None = None
+    #: The parse worker its latest answers go to, when the daemon runs one.
+    parse_worker: ParseWorker | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open sessions/streams. Called once before the first fetch."""

@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
+from sidecar.http_session import HttpReply
+from sidecar.parse_worker import ParseWorker, error_from_wire, error_to_wire
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
@@ -27,7 +29,6 @@ from sidecar.sources._http import HttpSource, closed_between, keyed_provider, se
 from sidecar.sources._parsing import (
     ParseContext,
     decode_answer,
-    finish,
     http_status_error,
     local_text_to_ms,
     to_float,
@@ -72,42 +73,79 @@ def classify_error(
     return ProviderError("bad_response", f"{code} {message}", source=NAME)
 
 
+#: A parsed row on its way to becoming a bar: ``(t, o, h, l, c, v)``.
+Row = tuple[int, float, float, float, float, float | None]
+#: One bar of a parsed series: a new row, or the id of a remembered closed row's bar.
+Item = int | Row
+#: Per requested symbol: its items (oldest first), or the error it got inside the batch.
+SeriesItems = list[Item] | ProviderError
+#: A closed row remembered by a parse: (index of its series in the request, its id, the row).
+Born = tuple[int, int, Row]
+
+
 class ClosedRows:
-    """The bars of closed rows already parsed, by symbol and row: a repeated row is not parsed again.
+    """Closed rows already parsed, by series and row: a repeated row is not parsed again.
 
     Every cycle re-delivers the closed rows of the last cycle unchanged; a row equal
-    to the one a bar was made from (all its fields) gets that same bar back. Closed
-    bars are never changed after parsing, so sharing one is safe. A revised row (a
-    correction) differs, is parsed and replaces the entry. At most :attr:`PER_SERIES`
-    rows are kept per series (the newest).
+    to one seen before (all its fields) is answered by that row's id instead of a new
+    parse. A revised row (a correction) differs, is parsed and replaces the entry. At
+    most :attr:`PER_SERIES` rows are kept per series (the newest).
+
+    The ids are what crosses to the process that builds the bars (:func:`bars_of`):
+    each parse reports the rows it remembered (:attr:`born`, built into a bar once and
+    kept in :attr:`bars` by id) and the ids it forgot (:attr:`dropped`), so a parse in
+    a worker process sends only what changed. Closed bars are never changed after
+    parsing, so sharing one between cycles is safe.
     """
 
-    __slots__ = ("_series",)
+    __slots__ = ("_next_id", "_series", "bars", "born", "dropped")
     PER_SERIES = LATEST_BARS
 
     def __init__(self) -> None:
-        self._series: dict[tuple[str, str, ZoneInfo, bool], dict[str, tuple[dict[str, Any], Bar]]] = {}
+        self._series: dict[tuple[str, str, ZoneInfo, bool], dict[str, tuple[dict[str, Any], int, int]]] = {}
+        self._next_id = 0
+        #: Rows remembered and ids forgotten since :meth:`take` last collected them.
+        self.born: list[Born] = []
+        self.dropped: list[int] = []
+        #: The bars of the remembered rows, by id, where the bars are built (see :func:`bars_of`).
+        self.bars: dict[int, Bar] = {}
 
-    def series(self, ctx: ParseContext, tz: ZoneInfo) -> dict[str, tuple[dict[str, Any], Bar]]:
-        """The memo of one series (symbol, grid, zone, volume) as parsed with ``ctx``."""
+    def series(self, ctx: ParseContext, tz: ZoneInfo) -> dict[str, tuple[dict[str, Any], int, int]]:
+        """The memo of one series (symbol, grid, zone, volume): stamp -> (row, open time, id)."""
         key = (ctx.symbol, ctx.tf.name, tz, ctx.has_volume)
         rows = self._series.get(key)
         if rows is None:
             rows = self._series[key] = {}
         return rows
 
+    def remember(self, rows: dict[str, tuple[dict[str, Any], int, int]], stamp: str,
+                 row: dict[str, Any], index: int, parsed: Row) -> int:
+        """Keep ``row`` (parsed as ``parsed``) of the series at ``index``; returns its id."""
+        ident = self._next_id
+        self._next_id += 1
+        replaced = rows.get(stamp)
+        if replaced is not None:
+            self.dropped.append(replaced[2])
+        rows[stamp] = (row, parsed[0], ident)
+        self.born.append((index, ident, parsed))
+        if len(rows) > self.PER_SERIES:
+            oldest = min(rows, key=lambda s: rows[s][1])
+            self.dropped.append(rows.pop(oldest)[2])
+        return ident
+
+    def take(self) -> tuple[list[Born], list[int]]:
+        """The rows remembered and ids forgotten since the last call (and forget them here)."""
+        born, dropped = self.born, self.dropped
+        self.born, self.dropped = [], []
+        return born, dropped
+
     def __len__(self) -> int:
         return sum(len(rows) for rows in self._series.values())
 
 
-def _remember(rows: dict[str, tuple[dict[str, Any], Bar]], stamp: str, row: dict[str, Any],
-              bar: Bar) -> None:
-    rows[stamp] = (row, bar)
-    if len(rows) > ClosedRows.PER_SERIES:
-        del rows[min(rows, key=lambda s: rows[s][1].t)]
-
-
-def _series_bars(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | None = None) -> list[Bar]:
+def _series_items(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | None = None,
+                  index: int = 0) -> list[Item]:
+    """One series' rows, oldest first, one per open time (the later row wins)."""
     if obj.get("status") == "error" or ("code" in obj and "values" not in obj):
         raise classify_error(obj, 200)
     values = obj.get("values")
@@ -116,10 +154,10 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | N
         raise ProviderError("bad_response", "series without values", source=NAME)
     tz = zone(meta.get("exchange_timezone"), "UTC")
     daily = ctx.tf.ms >= 86_400_000
-    symbol, tf_name, src, has_volume = ctx.symbol, ctx.tf.name, ctx.src, ctx.has_volume
+    has_volume = ctx.has_volume
     closed_before = ctx.now_ms - ctx.tf.ms  # a bar opened at or before this has closed
     rows = memo.series(ctx, tz) if memo is not None else None
-    bars: list[Bar] = []
+    by_t: dict[int, Item] = {}
     # The hot loop of every cycle (one row per symbol per bar asked): prices that are
     # strings take float() directly; anything else goes through to_float's checks.
     for row in values:
@@ -129,7 +167,7 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | N
         if rows is not None and type(stamp) is str:
             known = rows.get(stamp)
             if known is not None and known[0] == row:
-                bars.append(known[1])
+                by_t[known[1]] = known[2]
                 continue
         try:
             o, h, l, c = row["open"], row["high"], row["low"], row["close"]
@@ -150,11 +188,50 @@ def _series_bars(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | N
                     v = to_float(volume)
                 except (ValueError, TypeError):  # a list or object where a number belongs
                     v = None
-        bar = Bar(symbol, tf_name, t, o, h, l, c, v, src)
-        bars.append(bar)
-        if rows is not None and type(stamp) is str and t <= closed_before:
-            _remember(rows, stamp, row, bar)
-    return finish(bars, ctx)
+        parsed: Row = (t, o, h, l, c, v)
+        if memo is not None and rows is not None and type(stamp) is str and t <= closed_before:
+            by_t[t] = memo.remember(rows, stamp, row, index, parsed)
+        else:
+            by_t[t] = parsed
+    return [by_t[t] for t in sorted(by_t)]
+
+
+def bars_of(items: Sequence[SeriesItems], contexts: Sequence[ParseContext], born: Sequence[Born],
+            dropped: Sequence[int], bars: dict[int, Bar]) -> list[list[Bar] | ProviderError]:
+    """Turn parsed series (see :func:`parse_batch_items`) into bars, as :func:`finish` would.
+
+    ``bars`` holds the bars of the remembered rows by id: ``born`` rows are built into
+    it first, the items refer to them, ``dropped`` ids leave it last. The bar still
+    open at ``now_ms`` is marked forming.
+    """
+    for index, ident, (t, o, h, l, c, v) in born:
+        ctx = contexts[index]
+        bars[ident] = Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src)
+    out: list[list[Bar] | ProviderError] = []
+    for ctx, series in zip(contexts, items, strict=True):
+        if isinstance(series, ProviderError):
+            out.append(series)
+            continue
+        symbol, tf_name, src, now_ms, ms = ctx.symbol, ctx.tf.name, ctx.src, ctx.now_ms, ctx.tf.ms
+        made: list[Bar] = []
+        for item in series:
+            if isinstance(item, int):
+                bar = bars[item]
+            else:
+                t, o, h, l, c, v = item
+                bar = Bar(symbol, tf_name, t, o, h, l, c, v, src)
+            bar.forming = bar.t <= now_ms < bar.t + ms
+            made.append(bar)
+        out.append(made)
+    for ident in dropped:
+        bars.pop(ident, None)
+    return out
+
+
+def _series_bars(obj: Mapping[str, Any], ctx: ParseContext) -> list[Bar]:
+    result = bars_of([_series_items(obj, ctx)], [ctx], (), (), {})[0]
+    assert not isinstance(result, ProviderError)
+    return result
 
 
 def _checked_json(body: bytes | str, status: int, retry_after: float | None) -> Any:
@@ -175,6 +252,31 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext,
     return _series_bars(_checked_json(body, status, retry_after), ctx)
 
 
+def parse_batch_items(body: bytes | str, status: int, tickers: Sequence[str],
+                      contexts: Sequence[ParseContext], retry_after: float | None = None,
+                      memo: ClosedRows | None = None) -> list[SeriesItems]:
+    """Per requested Twelve Data symbol (in ``tickers`` order): its rows, or its error.
+
+    The parse half of :func:`parse_batch`, which a parse worker runs (its ``memo``
+    lives there); :func:`bars_of` is the other half. An error for the whole request raises.
+    """
+    data = _checked_json(body, status, retry_after)
+    if len(tickers) == 1 and ("values" in data or "meta" in data):
+        return [_series_items(data, contexts[0], memo, 0)]
+    out: list[SeriesItems] = []
+    for index, (ticker, ctx) in enumerate(zip(tickers, contexts, strict=True)):
+        item = data.get(ticker)
+        if not isinstance(item, dict):
+            out.append(ProviderError("bad_response", f"{ticker} missing from batch answer",
+                                     source=NAME))
+            continue
+        try:
+            out.append(_series_items(item, ctx, memo, index))
+        except ProviderError as err:
+            out.append(err)
+    return out
+
+
 def parse_batch(body: bytes | str, status: int, contexts: Mapping[str, ParseContext],
                 retry_after: float | None = None,
                 memo: ClosedRows | None = None) -> dict[str, list[Bar] | ProviderError]:
@@ -184,22 +286,46 @@ def parse_batch(body: bytes | str, status: int, contexts: Mapping[str, ParseCont
     error for the whole request raises. A one-symbol request answers the plain shape.
     ``memo``: closed rows parsed before (see :class:`ClosedRows`), reused when unchanged.
     """
-    data = _checked_json(body, status, retry_after)
-    if len(contexts) == 1 and ("values" in data or "meta" in data):
-        (ticker, ctx), = contexts.items()
-        return {ticker: _series_bars(data, ctx, memo)}
-    out: dict[str, list[Bar] | ProviderError] = {}
-    for ticker, ctx in contexts.items():
-        item = data.get(ticker)
-        if not isinstance(item, dict):
-            out[ticker] = ProviderError("bad_response", f"{ticker} missing from batch answer",
-                                        source=NAME)
-            continue
-        try:
-            out[ticker] = _series_bars(item, ctx, memo)
-        except ProviderError as err:
-            out[ticker] = err
-    return out
+    tickers, ctxs = list(contexts), list(contexts.values())
+    items = parse_batch_items(body, status, tickers, ctxs, retry_after, memo)
+    if memo is None:
+        return dict(zip(tickers, bars_of(items, ctxs, (), (), {}), strict=True))
+    born, dropped = memo.take()
+    return dict(zip(tickers, bars_of(items, ctxs, born, dropped, memo.bars), strict=True))
+
+
+def _daily(err: ProviderError) -> bool:
+    """Whether a rate limit means the day's credits are spent."""
+    return "day" in str(err).lower()
+
+
+class WorkerParser:
+    """Twelve Data's parse in the parse worker (:mod:`sidecar.parse_worker`): one memo
+    of closed rows for the daemon's source, a batch answer in, rows out."""
+
+    __slots__ = ("_grids", "memo")
+
+    def __init__(self) -> None:
+        self.memo = ClosedRows()
+        self._grids: dict[tuple[str, int], Timeframe] = {}
+
+    def __call__(self, request: tuple[Any, ...]) -> tuple[list[Any], list[Born], list[int]]:
+        """``(body, status, retry_after, tickers, series, now_ms)`` -> ``(items, born, dropped)``.
+
+        ``series``: ``(symbol, grid name, grid ms, has_volume)`` per ticker; errors
+        inside the batch travel as :func:`error_to_wire` tuples.
+        """
+        body, status, retry_after, tickers, series, now_ms = request
+        grids = self._grids
+        contexts = []
+        for symbol, tf_name, tf_ms, has_volume in series:
+            grid = grids.get((tf_name, tf_ms))
+            if grid is None:
+                grid = grids[(tf_name, tf_ms)] = Timeframe(tf_name, tf_ms)
+            contexts.append(ParseContext(symbol, grid, NAME, now_ms, has_volume))
+        items = parse_batch_items(body, status, tickers, contexts, retry_after, self.memo)
+        born, dropped = self.memo.take()
+        return [error_to_wire(x) if isinstance(x, ProviderError) else x for x in items], born, dropped
 
 
 class TwelveDataSource(HttpSource):
@@ -209,6 +335,7 @@ class TwelveDataSource(HttpSource):
     stamps_sessions = True
     # Exchanges, forex and crypto are separate data feeds; a batch never mixes classes.
     breaker_per_asset_class = True
+    parse_kind = NAME
 
     def __init__(self, provider: ProviderSettings, symbols: SymbolMap, budget: RateBudget,
                  **kwargs: Any) -> None:
@@ -232,14 +359,39 @@ class TwelveDataSource(HttpSource):
                        extra: Mapping[str, str], memo: ClosedRows | None = None,
                        ) -> dict[str, list[Bar] | ProviderError]:
         params = {"symbol": ",".join(contexts), "interval": self._interval(tf), **extra}
-        result = await self._get_parsed(
-            f"{self.provider.twelvedata_base_url}/time_series",
-            lambda reply: parse_batch(reply.body, reply.status, contexts, reply.retry_after, memo),
-            params=params, headers=self._headers, daily=lambda err: "day" in str(err).lower())
+        url = f"{self.provider.twelvedata_base_url}/time_series"
+        worker = self.parse_worker if memo is not None else None
+        if worker is None:
+            result = await self._get_parsed(
+                url, lambda reply: parse_batch(reply.body, reply.status, contexts, reply.retry_after, memo),
+                params=params, headers=self._headers, daily=_daily)
+        else:
+            reply = await self._get(url, params=params, headers=self._headers)
+            with self.noting(reply, daily=_daily):
+                result = await self._parse_in_worker(worker, reply, contexts, memo)
         for value in result.values():
             if isinstance(value, ProviderError):
                 self.note_error(value)
         return result
+
+    async def _parse_in_worker(self, worker: ParseWorker, reply: HttpReply,
+                               contexts: Mapping[str, ParseContext], memo: ClosedRows | None,
+                               ) -> dict[str, list[Bar] | ProviderError]:
+        """:func:`parse_batch` in the parse worker; in-process when it cannot answer."""
+        tickers, ctxs = list(contexts), list(contexts.values())
+        series = [(c.symbol, c.tf.name, c.tf.ms, c.has_volume) for c in ctxs]
+        request = (reply.body, reply.status, reply.retry_after, tickers, series,
+                   ctxs[0].now_ms if ctxs else 0)
+
+        def decode(answer: Any) -> list[list[Bar] | ProviderError]:
+            wire, born, dropped = answer
+            items = [error_from_wire(x) if type(x) is tuple else x for x in wire]
+            return bars_of(items, ctxs, born, dropped, worker.book(NAME))
+
+        bars = await worker.run(NAME, request, decode)
+        if bars is None:
+            return parse_batch(reply.body, reply.status, contexts, reply.retry_after, memo)
+        return dict(zip(tickers, bars, strict=True))
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
         out: LatestResult = {}
