@@ -10,8 +10,12 @@ loop. Every cycle fetches all N symbols over HTTP (batches of ``--batch``), vali
 them, writes Redis (one EVALSHA) and the SQLite buffer (flushed every 10 s in the
 background) and updates the features.
 
+Like the daemon, N >= 500 runs the parse worker (``SIDECAR_PARSE_PROCESS=auto``; the
+variable set for the benchmark decides as it would for the daemon).
+
 Measured per N: cycle time p50/p99/max (``Pipeline.stats``), CPU time per symbol per
-cycle (the whole process: event loop, aiosqlite thread), missed ticks, tick lateness,
+cycle (the whole process: event loop, aiosqlite thread; and the parse worker's, from
+``/proc/<pid>/stat``, counted separately and added up), missed ticks, tick lateness,
 RSS at start and end of the run. A PNG plots cycle time vs N.
 
     .venv/bin/python -m bench.cycle [--smoke] [--sizes 100,500] [--seconds 20]
@@ -46,6 +50,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceCircuits
     from sidecar.gc_tuning import settle_gc
+    from sidecar.parse_worker import process_cpu_s, start_for
     from sidecar.provider_settings import ProviderSettings
     from sidecar.rate_budget import RateBudget
     from sidecar.redis_store import RedisStore, connect
@@ -58,8 +63,9 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     symbols = tuple(fake_market.symbol_name(i) for i in range(n))
     tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-cycle-")
     data = Path(tmp.name)
+    env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS, as the daemon reads it
     settings = Settings(symbols=symbols, sources=("twelvedata",), redis_url=redis_url, data_dir=data,
-                        warm_bars=HISTORY_BARS)
+                        warm_bars=HISTORY_BARS, parse_process=env_settings.parse_process)
     provider = ProviderSettings(twelvedata_api_key="bench-key", twelvedata_base_url=market_url,
                                 twelvedata_credits_per_minute=batch, http_pool_size=20)
     # The free tier's 8 credits a minute would serve 8 symbols; the benchmark lifts it.
@@ -78,6 +84,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         await store.write_history(fake_market.history(i, now, HISTORY_BARS))
     pipeline = Pipeline(settings, [source], redis_store, store, circuits)
     await source.start()
+    worker = await start_for([source], settings.parse_process, n)
     setup_started = time.perf_counter()
     await pipeline.warm(int(time.time() * 1000))
     warm_s = time.perf_counter() - setup_started
@@ -86,6 +93,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     ticker = SecondTicker()
     durations: list[float] = []
     cpu_per_symbol_us: list[float] = []
+    worker_cpu_us: list[float] = []
     lateness: list[float] = []
     rss_start = rss_mb()
     rss_samples = [rss_start]
@@ -97,15 +105,29 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         assert tick is not None
         lateness.append(ticker.lateness_ms)
         cpu0 = time.process_time()
+        wcpu0 = process_cpu_s(worker.pid) if worker is not None and worker.pid else None
         await pipeline.run_cycle(tick)
         cpu_per_symbol_us.append((time.process_time() - cpu0) / n * 1e6)
+        if wcpu0 is not None and worker is not None and worker.pid:
+            wcpu1 = process_cpu_s(worker.pid)  # its answers are all in by the cycle's end
+            if wcpu1 is not None:
+                worker_cpu_us.append((wcpu1 - wcpu0) / n * 1e6)
         durations.append(pipeline.stats.last_duration_ms)
         rss_samples.append(rss_mb())
     await pipeline.drain()
     state = pipeline.sources[0]
+    worker_status = worker.status() if worker is not None else None
+    if worker is not None:
+        await worker.close()
+    # The worker's CPU is counted in clock ticks (10 ms): per-cycle values are coarse, the
+    # mean over the run is not.
+    worker_mean = sum(worker_cpu_us) / len(worker_cpu_us) if worker_cpu_us else 0.0
     out = {
         "symbols": n, "seconds": seconds, "cycles": len(durations), "batch": batch,
         "cycle_ms": summary(durations), "cpu_us_per_symbol": summary(cpu_per_symbol_us),
+        "parse_worker": worker_status,
+        "worker_cpu_us_per_symbol_mean": worker_mean,
+        "daemon_cpu_us_per_symbol_mean": sum(cpu_per_symbol_us) / max(1, len(cpu_per_symbol_us)),
         "missed_ticks": ticker.missed, "lateness_ms": summary(lateness),
         "rss_mb": {"start": rss_start, "end": rss_samples[-1], "max": max(rss_samples)},
         "warm_s": warm_s,
@@ -202,11 +224,20 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     rows = [[x["symbols"], x["cycles"], x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"],
-             x["cpu_us_per_symbol"]["p50"], x["missed_ticks"], x["lateness_ms"]["p99"],
+             x["cpu_us_per_symbol"]["p50"], *_worker_cells(x), x["missed_ticks"], x["lateness_ms"]["p99"],
              f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
              x["source_errors"]] for x in r["runs"]]
-    return table(["symbols", "cycles", "p50 ms", "p99 ms", "max ms", "CPU µs/symbol", "missed ticks",
+    return table(["symbols", "cycles", "p50 ms", "p99 ms", "max ms", "daemon CPU µs/symbol",
+                  "worker CPU µs/symbol", "daemon + worker mean", "missed ticks",
                   "tick late p99 ms", "RSS MB", "bars/cycle", "source errors"], rows)
+
+
+def _worker_cells(x: dict[str, Any]) -> list[Any]:
+    """The parse worker's CPU per symbol (mean) and the sum with the daemon's mean ("—": none ran)."""
+    if not x.get("parse_worker"):
+        return ["—", "—"]
+    worker = x["worker_cpu_us_per_symbol_mean"]
+    return [round(worker, 1), round(x["daemon_cpu_us_per_symbol_mean"] + worker, 1)]
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:

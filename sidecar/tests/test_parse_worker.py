@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import FakeProviders, Reply, Seen, fake, fixture  # noqa: F401
+from fake_providers import FakeProviders, Reply, Seen, fake, fixture, fixtures_dir  # noqa: F401
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
@@ -122,9 +122,7 @@ async def test_every_fixture_and_fault_body_parses_the_same_in_the_worker(worker
     aapl_ctx = {"AAPL": ctx("AAPL", "1m", now + 4 * 3_600_000 + 30_000)}  # New York: the newest forms
     fx_ctx = {t: ctx(t.replace("/", ""), "1d", 1_693_000_000_000, False)
               for t in ("USD/CZK", "EUR/USD", "GBP/USD", "CHF/USD", "JPY/USD")}
-    for rel in sorted((p.relative_to(p.parents[1]).as_posix()
-                       for p in (Path(os.environ.get("SIDECAR_FIXTURES", REPO.parent / "shared/fixtures"))
-                                 / "twelvedata").glob("*.json"))):
+    for rel in sorted(f"twelvedata/{p.name}" for p in (fixtures_dir() / "twelvedata").glob("*.json")):
         for contexts in (aapl_ctx, fx_ctx):
             here, there = await both(src, worker, memo, fixture(rel), 200, contexts)
             assert here == there, rel
@@ -191,8 +189,8 @@ async def test_worker_killed_mid_job_falls_back_then_restarts(worker: ParseWorke
     assert old is not None
     os.kill(old, signal.SIGSTOP)  # the job below stays in flight until the kill
     job = asyncio.ensure_future(src._parse_in_worker(worker, reply, c, None))
-    while not worker.status()["in_flight"]:
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the job is sent before run() first waits
+    assert worker.status()["in_flight"] == 1
     os.kill(old, signal.SIGKILL)
     assert outcome((await job)["AAPL"]) == expected  # parsed in-process instead
     assert worker.fallbacks == 1 and worker.state == "down" and "exited" in (worker.last_error or "")
