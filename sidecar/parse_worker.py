@@ -59,6 +59,8 @@ START_TIMEOUT_S = 10.0
 #: What each kind of job is parsed by in the worker: ``module:class`` (a callable per request).
 PARSERS = {"twelvedata": "sidecar.sources.twelvedata:WorkerParser"}
 _PR_SET_PDEATHSIG = 1
+#: The environment the worker inherits (plus ``LC_*``): no keys, no Redis URL.
+_CHILD_ENV = ("PATH", "LANG", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "TMPDIR")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 State = Literal["stopped", "starting", "alive", "down", "closed"]
@@ -249,8 +251,9 @@ class ParseWorker:
     async def _spawn(self) -> bool:
         self.state = "starting"
         self._books.clear()  # ids are per worker life
+        # Only what Python needs: the worker has no use for settings, and none for keys.
+        env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV or k.startswith("LC_")}
         package_root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             proc = await asyncio.create_subprocess_exec(

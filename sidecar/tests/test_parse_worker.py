@@ -304,6 +304,7 @@ async def test_daemon_keeps_cycling_when_its_parse_worker_is_sigkilled(
         first = h["parse_worker"]["pid"]
         assert h["parse_worker"]["alive"] and alive(first) and h["status"] == "ok"
         assert h["symbols"]["BTCUSD"]["src"] == "twelvedata"
+        assert b"TDKEY12345" not in Path(f"/proc/{first}/environ").read_bytes()  # no keys there
         cycles = h["cycle"]["count"]
         os.kill(first, signal.SIGKILL)
         h = await until(lambda h: h["parse_worker"]["restarts"] == 1 and h["parse_worker"]["alive"]
