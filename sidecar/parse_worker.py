@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar
 
 from sidecar.bar import Bar
 from sidecar.errors import ErrorClass, ProviderError
+from sidecar.gc_tuning import settle_gc
 
 if TYPE_CHECKING:
     from sidecar.sources.base import Source
@@ -345,6 +346,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     for kind, where in PARSERS.items():
         module, name = where.split(":")
         parsers[kind] = getattr(importlib.import_module(module), name)()
+    settle_gc()  # as the daemon does: each answer's decoded JSON is large and acyclic
     _write_frame(out, ("ready", os.getpid()))
     while True:
         head = inp.read(FRAME.size)
