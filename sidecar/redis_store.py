@@ -75,16 +75,25 @@ class Keys:
     configuration, so reaching here is a bug, and it must not reach a key either.
     """
 
-    __slots__ = ("base",)
+    __slots__ = ("_bars", "_features", "base")
 
     def __init__(self, prefix: str) -> None:
         self.base = f"{prefix}:v{SCHEMA_VERSION}"
+        # Every cycle names every symbol's keys twice: built (and checked) once each.
+        self._bars: dict[tuple[str, str], str] = {}
+        self._features: dict[tuple[str, str], str] = {}
 
     def bars(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:bars:{tf}:{_checked(symbol)}"
+        key = self._bars.get((tf, symbol))
+        if key is None:
+            key = self._bars[(tf, symbol)] = f"{self.base}:bars:{tf}:{_checked(symbol)}"
+        return key
 
     def features(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:feat:{tf}:{_checked(symbol)}"
+        key = self._features.get((tf, symbol))
+        if key is None:
+            key = self._features[(tf, symbol)] = f"{self.base}:feat:{tf}:{_checked(symbol)}"
+        return key
 
     @property
     def heartbeat(self) -> str:

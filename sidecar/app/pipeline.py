@@ -431,6 +431,9 @@ class Pipeline:
             for next_done in asyncio.as_completed(tasks):
                 chunk, result = await next_done
                 deliver(self._answered(state, chunk, result, now_ms, interval))
+                # Answers that came in together are taken one by one: let the write just
+                # spawned go out now, so Redis works on it while the next one is taken.
+                await asyncio.sleep(0)
         finally:
             for task in tasks:
                 task.cancel()  # only if this cycle is cancelled: no request outlives it
