@@ -2,7 +2,10 @@
 
 Where a bar enters (``_fetch``), is checked (``Validator.check``), is applied to
 the symbol's series (``_apply``: forming-bar revision, close, correction), and
-where the cycle's writes go out (one Redis round trip, one buffer append).
+where the cycle's writes go out: each answered request is taken as it arrives
+(``_take``: validated, applied, its features computed, its Redis write sent and its
+bars buffered for SQLite) while the other requests are in flight; the final write
+(``_write_final``) adds the heartbeat and announces the cycle once all are stored.
 """
 
 from __future__ import annotations
