@@ -63,8 +63,9 @@ class SourceState:
     requests: int = 0
     #: The configured symbols it can serve.
     servable: frozenset[str] = frozenset()
-    #: Each servable symbol's breaker lane (:meth:`Source.breaker_lane`).
+    #: Each servable symbol's breaker lane (:meth:`Source.breaker_lane`), and all of them.
     lane_of: dict[str, str | None] = field(default_factory=dict)
+    lanes: frozenset[str | None] = frozenset()
 
     @property
     def name(self) -> str:
@@ -75,6 +76,7 @@ class SourceState:
         source = self.source
         self.servable = frozenset(s for s in symbols if source.can_serve(s))
         self.lane_of = {s: source.breaker_lane(s) for s in symbols if s in self.servable}
+        self.lanes = frozenset(self.lane_of.values())
 
     def breaker(self, symbol: str) -> SourceBreaker | None:
         """The breaker that guards this source's requests for ``symbol``."""
@@ -87,7 +89,7 @@ class SourceState:
         """The state of the breaker of each lane its symbols use; ``None``: all closed (or none)."""
         if self.circuits is None:
             return None
-        states = {lane: self.circuits.lane(lane).state for lane in set(self.lane_of.values())}
+        states = {lane: self.circuits.lane(lane).state for lane in self.lanes}
         return None if all(st == "closed" for st in states.values()) else states
 
     def candidates(self, pending: list[str]) -> list[str]:
@@ -97,7 +99,7 @@ class SourceState:
             return [s for s in pending if s in servable]
         assert self.circuits is not None
         lanes = self.circuits.lane
-        admits = {lane: lanes(lane).allows() for lane in set(self.lane_of.values())}
+        admits = {lane: lanes(lane).allows() for lane in self.lanes}
         lane_of = self.lane_of
         return [s for s in pending if s in servable and admits[lane_of[s]]]
 
@@ -297,7 +299,7 @@ class Pipeline:
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
         cycle = _Cycle()
-        await self._fetch(now_ms, lambda answers: self._take(cycle, answers, now_ms))
+        await self._fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
         self._record_gaps()
         answered = set(cycle.updated)
         features = self._features([s for s in self.symbols if s not in answered], now_ms)
@@ -321,9 +323,13 @@ class Pipeline:
         stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
-    def _take(self, cycle: _Cycle, answers: dict[str, list[Bar]], now_ms: int) -> None:
+    def _take(self, cycle: _Cycle, answers: dict[str, list[Bar]], more: bool, now_ms: int) -> None:
         """One answer's symbols: validate and apply their bars, compute their features,
-        buffer the bars for SQLite and send their Redis write (not awaited here)."""
+        buffer the bars for SQLite and send their Redis write (not awaited here).
+
+        ``more``: other requests are still in flight. Otherwise nothing is left to
+        overlap the write with: the final write carries them, a round trip less.
+        """
         to_store: list[Bar] = []
         check = self.validator.check
         for sym, bars in answers.items():
@@ -341,15 +347,15 @@ class Pipeline:
         cycle.features += len(features)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
-        if self.stats.redis_ok:
+        if more and self.stats.redis_ok:
             cycle.writes.append(self._spawn(self._write_chunk(cycle, to_store, features)))
         else:
-            # Redis is failing: only the final write tries it, with the backlog (as one write).
+            # With the bars owed to Redis: while it fails, the final write is the only try.
             self._backlog(to_store)
             cycle.unwritten += features
 
     async def _fetch(
-        self, now_ms: int, on_answer: Callable[[dict[str, list[Bar]]], None] | None = None,
+        self, now_ms: int, on_answer: Callable[[dict[str, list[Bar]], bool], None] | None = None,
     ) -> dict[str, list[Bar]]:
         """Newest bars per symbol, as planned within the budgets (see :mod:`.planner`).
 
@@ -360,16 +366,17 @@ class Pipeline:
         source is open (each source has one breaker, or one per asset class).
 
         ``on_answer`` gets each request's bars (and the stream's) as soon as they
-        are in, while the other requests are still in flight; all are returned too.
+        are in, and whether other requests of this source are still in flight; all
+        are returned too.
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
 
-        def deliver(answers: dict[str, list[Bar]]) -> None:
+        def deliver(answers: dict[str, list[Bar]], more: bool) -> None:
             if answers:
                 out.update(answers)
                 if on_answer is not None:
-                    on_answer(answers)
+                    on_answer(answers, more)
 
         for st in self.symbols.values():
             st.via = VIA_LAST  # unless a source serves it below
@@ -388,8 +395,8 @@ class Pipeline:
                 st.expect_ms = interval
                 if sym in streamed:
                     st.via = VIA_STREAM
-            deliver(streamed)
             ask = state.one_probe_each(plan.ask)
+            deliver(streamed, bool(ask))
             if ask:
                 await self._ask(state, ask, now_ms, interval, deliver)
             served = set(out)
@@ -403,7 +410,7 @@ class Pipeline:
 
     async def _ask(
         self, state: SourceState, symbols: list[str], now_ms: int, interval: int,
-        deliver: Callable[[dict[str, list[Bar]]], None],
+        deliver: Callable[[dict[str, list[Bar]], bool], None],
     ) -> None:
         """Ask ``state``'s source for ``symbols`` (batched by grid and breaker, all
         requests at once) and hand each request's bars to ``deliver`` as it completes."""
@@ -431,9 +438,9 @@ class Pipeline:
 
         tasks = [asyncio.ensure_future(call(grid, chunk)) for grid, chunk in chunks]
         try:
-            for next_done in asyncio.as_completed(tasks):
+            for taken, next_done in enumerate(asyncio.as_completed(tasks), 1):
                 chunk, result = await next_done
-                deliver(self._answered(state, chunk, result, now_ms, interval))
+                deliver(self._answered(state, chunk, result, now_ms, interval), taken < len(tasks))
                 # Answers that came in together are taken one by one: let the write just
                 # spawned go out now, so Redis works on it while the next one is taken.
                 await asyncio.sleep(0)

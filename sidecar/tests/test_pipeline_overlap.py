@@ -28,16 +28,19 @@ class ChunkedSource(Source):
     """Answers two symbols per request with the bar that just closed.
 
     ``gates``: a request whose first symbol is a key waits for that event.
+    ``slow``: a request whose first symbol is a key answers so many seconds late.
     ``fail``: a request carrying one of these symbols fails as a whole.
     """
 
     max_batch = 2
 
     def __init__(self, name: str, *, fail: Sequence[str] = (),
-                 gates: dict[str, asyncio.Event] | None = None) -> None:
+                 gates: dict[str, asyncio.Event] | None = None,
+                 slow: dict[str, float] | None = None) -> None:
         self.name = name
         self.fail = set(fail)
         self.gates = gates or {}
+        self.slow = slow or {}
         self.asked: list[list[str]] = []
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
@@ -45,6 +48,7 @@ class ChunkedSource(Source):
         gate = self.gates.get(symbols[0])
         if gate is not None:
             await gate.wait()
+        await asyncio.sleep(self.slow.get(symbols[0], 0.0))
         if self.fail & set(symbols):
             raise ProviderError("unavailable", "this request failed", source=self.name)
         t = tf.floor(now_ms) - tf.ms
@@ -128,9 +132,9 @@ async def test_the_announcement_waits_for_every_write_of_the_cycle(
     redis_store: RedisStore, bar_store: BarStore
 ) -> None:
     store = RecordingStore(redis_store)
-    store.delay["AAA"] = 0.3  # the first answer's write completes last
+    store.delay["AAA"] = 0.3  # the first answer's write completes after the others
     now = [T0 / 1000]
-    pipe = pipeline([ChunkedSource("primary")], store, bar_store, now)
+    pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
     pubsub = redis_store.redis.pubsub()
     await pubsub.subscribe(store.keys.cycles_channel)
     read_on_announce: list[list[dict[str, Any] | None]] = []
@@ -149,9 +153,12 @@ async def test_the_announcement_waits_for_every_write_of_the_cycle(
     await pubsub.aclose()
 
     kinds = [(event, kind) for event, kind, _, _ in store.events]
-    assert kinds.count(("done", "chunk")) == 3
-    # The final write (heartbeat + announcement) starts after the third chunk write completed.
+    # The first two answers were written as they came; the last one goes with the final write,
+    # which (heartbeat + announcement) starts only after both chunk writes completed.
+    assert kinds.count(("done", "chunk")) == 2
     assert kinds.index(("start", "final")) > max(i for i, k in enumerate(kinds) if k == ("done", "chunk"))
+    assert [w for e, k, _, w in store.events if (e, k) == ("done", "final")] == [
+        [("EEE", T0 - 1000), ("FFF", T0 - 1000)]]
     assert sorted(announced["updated"]) == list(SYMBOLS) and announced["features"] == 6
     assert all(f is not None and f["t"] == T0 - 1000 and f["via"] == "poll" for f in read_on_announce[0])
     assert await store.read_heartbeat() is not None
@@ -161,20 +168,21 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
     redis_store: RedisStore, bar_store: BarStore
 ) -> None:
     store = RecordingStore(redis_store)
-    store.refuse_chunk = {"CCC"}  # cycle 1: one of three chunk writes fails
+    store.refuse_chunk = {"CCC"}  # cycle 1: one of the two chunk writes fails
     now = [T0 / 1000]
-    pipe = pipeline([ChunkedSource("primary")], store, bar_store, now)
+    pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
     await pipe.run_cycle(T0)
-    # The final write carried the refused chunk's bars and features: nothing missing.
+    assert not store.refuse_chunk  # it was refused
+    # The final write carried the refused chunk's bars and features (and the last answer's).
     assert pipe.stats.redis_ok and not pipe._redis_backlog
     final = [w for e, k, _, w in store.events if (e, k) == ("done", "final")]
-    assert sorted(final[0]) == [("CCC", T0 - 1000), ("DDD", T0 - 1000)]
+    assert sorted(final[0]) == [(s, T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
     assert [f is not None for f in await store.read_features(list(SYMBOLS), TF.name)] == [True] * 6
 
     store.refuse_final = 1  # cycle 2: the chunks are written, the final write fails
     now[0] += 1
     await pipe.run_cycle(T0 + 1000)
-    assert not pipe.stats.redis_ok and not pipe._redis_backlog
+    assert not pipe.stats.redis_ok and sorted(pipe._redis_backlog) == [("EEE", T0), ("FFF", T0)]
     now[0] += 1
     await pipe.run_cycle(T0 + 2000)  # Redis failing: this cycle's bars go out with the final write
     assert pipe.stats.redis_ok and not pipe._redis_backlog
@@ -196,7 +204,7 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
 async def test_a_failed_request_falls_through_to_the_next_source_in_the_cycle(
     redis_store: RedisStore, bar_store: BarStore
 ) -> None:
-    primary = ChunkedSource("primary", fail=("CCC",))
+    primary = ChunkedSource("primary", fail=("CCC",), slow={"EEE": 0.05})
     backup = ChunkedSource("backup")
     store = RecordingStore(redis_store)
     now = [T0 / 1000]
@@ -211,7 +219,8 @@ async def test_a_failed_request_falls_through_to_the_next_source_in_the_cycle(
     assert all(f is not None and f["via"] == "poll" for f in feats.values())
     assert pipe.sources[0].last_error_class == "unavailable" and pipe.sources[0].requests == 3
     assert pipe.planner.holder("CCC") == "backup" and pipe.planner.holder("AAA") == "primary"
-    # Three chunk writes (the primary's two answers, the backup's one), then the final.
-    chunks = sorted(s for e, k, s, _ in store.events if (e, k) == ("done", "chunk"))
-    assert chunks == [["AAA", "BBB"], ["CCC", "DDD"], ["EEE", "FFF"]]
-    assert [k for e, k, _, _ in store.events if e == "start"][-1] == "final"
+    # The first answer was written as it came; each source's last one went with the final write.
+    assert [(e, k, s) for e, k, s, _ in store.events if e == "done"] == [
+        ("done", "chunk", ["AAA", "BBB"]), ("done", "final", ["CCC", "DDD", "EEE", "FFF"])]
+    final = next(w for e, k, _, w in store.events if (e, k) == ("done", "final"))
+    assert sorted(final) == [(s, T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
