@@ -66,17 +66,25 @@ class SourceState:
     #: Each servable symbol's breaker lane (:meth:`Source.breaker_lane`), and all of them.
     lane_of: dict[str, str | None] = field(default_factory=dict)
     lanes: frozenset[str | None] = frozenset()
+    #: Each servable symbol's request group (one bar grid, one breaker), and each group's grid.
+    group_of: dict[str, int] = field(default_factory=dict)
+    group_grid: list[Timeframe] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.source.name
 
-    def learn(self, symbols: list[str]) -> None:
-        """Note which of ``symbols`` the source serves, and through which breaker."""
+    def learn(self, grids: dict[str, Timeframe]) -> None:
+        """Note which of the symbols (keys of ``grids``: each one's bar grid) the source
+        serves, through which breaker, and which can share a request."""
         source = self.source
-        self.servable = frozenset(s for s in symbols if source.can_serve(s))
-        self.lane_of = {s: source.breaker_lane(s) for s in symbols if s in self.servable}
+        self.servable = frozenset(s for s in grids if source.can_serve(s))
+        self.lane_of = {s: source.breaker_lane(s) for s in grids if s in self.servable}
         self.lanes = frozenset(self.lane_of.values())
+        index: dict[tuple[Timeframe, str | None], int] = {}
+        for sym, lane in self.lane_of.items():
+            self.group_of[sym] = index.setdefault((grids[sym], lane), len(index))
+        self.group_grid = [grid for grid, _ in index]
 
     def breaker(self, symbol: str) -> SourceBreaker | None:
         """The breaker that guards this source's requests for ``symbol``."""
@@ -210,12 +218,12 @@ class Pipeline:
         self.tf = settings.timeframe
         circuits = circuits or {}
         self.sources = [SourceState(s, circuits.get(s.name)) for s in sources]
-        for state in self.sources:
-            state.learn(list(settings.symbols))
         self.redis = redis_store
         self.store = bar_store
         #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
         self.grids = {sym: series_grid(sym, self.tf, sources) for sym in settings.symbols}
+        for state in self.sources:
+            state.learn(self.grids)
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -417,11 +425,11 @@ class Pipeline:
         source = state.source
         batch = source.max_batch
         # One request asks for one bar grid and goes through one breaker (asset class).
-        groups: dict[tuple[Timeframe, str | None], list[str]] = {}
-        grids, lane_of = self.grids, state.lane_of
+        groups: dict[int, list[str]] = {}
+        group_of = state.group_of
         for sym in symbols:
-            groups.setdefault((grids[sym], lane_of[sym]), []).append(sym)
-        chunks = [(grid, group[i:i + batch]) for (grid, _), group in groups.items()
+            groups.setdefault(group_of[sym], []).append(sym)
+        chunks = [(state.group_grid[g], group[i:i + batch]) for g, group in groups.items()
                   for i in range(0, len(group), batch)]
         state.requests += len(chunks)
 
@@ -469,20 +477,21 @@ class Pipeline:
             for failure in failures[:1]:
                 self._source_failed(state, failure, now_ms)
         served: dict[str, list[Bar]] = {}
-        asked = self.planner.asked
+        asked, states = self.planner.asked, self.symbols
         for sym in chunk:
             answer = answers.get(sym)
+            if isinstance(answer, list):
+                asked(source, sym, True, now_ms, interval)
+                served[sym] = answer
+                st = states[sym]
+                st.via, st.expect_ms = VIA_POLL, interval
+                continue
             if isinstance(answer, BreakerOpen):
                 continue  # refused by its circuit: nothing was sent, it stays due
-            ok = isinstance(answer, list)
             wait = interval
             if isinstance(answer, BudgetExhausted) and answer.retry_after is not None:
                 wait = min(interval, int(answer.retry_after * 1000))  # nothing was sent
-            asked(source, sym, ok, now_ms, wait)
-            if isinstance(answer, list):
-                served[sym] = answer
-                st = self.symbols[sym]
-                st.via, st.expect_ms = VIA_POLL, interval
+            asked(source, sym, False, now_ms, wait)
         return served
 
     def _source_failed(self, state: SourceState, exc: BaseException, now_ms: int) -> None:
