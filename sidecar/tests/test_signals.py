@@ -211,11 +211,14 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
         # --watch prints a fresh batch every second until Ctrl-C.
         watch = subprocess.Popen([sys.executable, "-m", "sidecar", "scan", "--json", "--watch"], cwd=REPO,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(3)
+        # Ctrl-C once two batches are out (not after a fixed sleep: a loaded machine
+        # may still be importing, and a Ctrl-C there is not what this checks).
+        assert watch.stdout is not None
+        head = [watch.stdout.readline() for _ in range(4)]
         watch.send_signal(signal.SIGINT)
-        out, _ = watch.communicate(timeout=10)
-        assert watch.returncode == 0
-        batches = [json.loads(line)["symbol"] for line in out.decode().splitlines()]
+        out, err = watch.communicate(timeout=20)
+        assert watch.returncode == 0, err.decode()[-2000:]
+        batches = [json.loads(line)["symbol"] for line in b"".join(head + [out]).decode().splitlines()]
         assert len(batches) >= 4 and batches[:2] == ["AAPL", "XAUUSD"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
