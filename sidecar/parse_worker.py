@@ -202,9 +202,11 @@ class ParseWorker:
         self._jobs[job] = (future, decode)
         payload = marshal.dumps((job, kind, request))
         try:
+            # No drain(): it waits for the whole pipe buffer, i.e. for every job queued
+            # behind this one, so all answers of a cycle would be taken at once at the end.
+            # Jobs in flight bound the buffer (one answer body each); a hang times out.
             proc.stdin.write(FRAME.pack(len(payload)))
             proc.stdin.write(payload)
-            await proc.stdin.drain()
             result: T = await asyncio.wait_for(future, self.job_timeout_s)
             return result
         except TimeoutError:
