@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 import numpy as np
 import talib
 from talib import stream
@@ -402,15 +403,42 @@ _INDEX = {name: i for i, name in enumerate(FEATURE_FIELDS)}
 _MACD_HIST = _INDEX["macd_hist"]
 
 
-def features_map(bar: Bar, values: Values, computed_at: int, stale: bool = False) -> dict[str, Any]:
-    """The msgpack map the scanner reads (CONTRACT.md "Features")."""
-    out: dict[str, Any] = {
+def features_map(
+    bar: Bar,
+    values: Values,
+    computed_at: int,
+    stale: bool = False,
+    *,
+    updated_at: int | None = None,
+    via: str | None = None,
+    macd_hist_prev: float | None = None,
+) -> dict[str, Any]:
+    """The msgpack map the scanner reads (CONTRACT.md "Features", README "Redis layout").
+
+    ``updated_at``: when a source last answered for the symbol (``data_age_ms`` is
+    ``computed_at`` minus it); ``via``: how its newest bar came (poll, stream, last);
+    ``macd_hist_prev``: the histogram one bar back, so a zero crossing shows in one read.
+    Built as one literal (keys in a fixed order): this runs per symbol every cycle.
+    """
+    rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
+    return {
         "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v,
+        "rsi": rsi, "ema": ema, "bb_upper": bb_upper, "bb_middle": bb_middle, "bb_lower": bb_lower,
+        "atr": atr, "vwap": vwap, "vol_ma": vol_ma, "macd": macd, "macd_signal": macd_signal,
+        "macd_hist": macd_hist, "mom": mom,
+        "forming": bar.forming, "src": bar.src, "synthetic": bar.synthetic, "stale": stale,
+        "computed_at": computed_at, "updated_at": updated_at, "via": via,
+        "data_age_ms": None if updated_at is None else computed_at - updated_at,
+        "macd_hist_prev": macd_hist_prev,
     }
-    out.update(zip(FEATURE_FIELDS, values, strict=True))
-    out["forming"] = bar.forming
-    out["src"] = bar.src
-    out["synthetic"] = bar.synthetic
-    out["stale"] = stale
-    out["computed_at"] = computed_at
-    return out
+
+
+# One Packer reused for every map (``msgpack.packb`` builds one per call). Packing holds
+# the GIL from start to end for these plain types, so sharing it cannot interleave.
+_pack_map = msgpack.Packer().pack
+
+
+def pack_features(fmap: dict[str, Any]) -> bytes:
+    """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``."""
+    packed: bytes = _pack_map(fmap)
+    return packed
