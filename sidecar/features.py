@@ -17,12 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgpack
 import numpy as np
 import talib
 from talib import stream
 
-from sidecar.bar import Bar
+from sidecar.bar import Bar, pack_msgpack
 from sidecar.settings import IndicatorPeriods
 
 DAY_MS = 86_400_000
@@ -433,12 +432,6 @@ def features_map(
     }
 
 
-# One Packer reused for every map (``msgpack.packb`` builds one per call). Packing holds
-# the GIL from start to end for these plain types, so sharing it cannot interleave.
-_pack_map = msgpack.Packer().pack
-
-
 def pack_features(fmap: dict[str, Any]) -> bytes:
-    """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``."""
-    packed: bytes = _pack_map(fmap)
-    return packed
+    """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``, without a Packer per call."""
+    return pack_msgpack(fmap)
