@@ -222,6 +222,7 @@ class Validator:
             return self._reject(bar, "wrong_symbol")
         st = self._states.get(bar.symbol)
         grid = self._grids.get(bar.symbol, self._tf)
+        known: Bar | None = None
         if st is not None:
             known = st.recent.get(bar.t)
             # Most bars of a cycle are re-deliveries of stored ones (a source repeats the
@@ -246,6 +247,14 @@ class Validator:
             st = self._state(bar.symbol)
         st.vetted_t = bar.t
         newest = st.newest
+        if (known is not None and known is newest and known.tf == bar.tf and st.held is None
+                and not self._is_outlier(st, bar, reference=known.c)):
+            # The newest bar revised, nothing held, no jump: what the general path below
+            # does for it (no gap, no new range), in short.
+            st.newest = bar
+            st.recent[bar.t] = bar
+            self.accepted += 1
+            return Outcome(Verdict.REVISION, [bar])
         if newest is None:
             self._remember(st, bar)
             self.accepted += 1
