@@ -221,7 +221,6 @@ class Validator:
         if symbol is not None and bar.symbol != symbol:
             return self._reject(bar, "wrong_symbol")
         st = self._states.get(bar.symbol)
-        grid = self._grids.get(bar.symbol, self._tf)
         known: Bar | None = None
         if st is not None:
             known = st.recent.get(bar.t)
@@ -230,6 +229,7 @@ class Validator:
             if known is not None and (known is bar or (known.tf == bar.tf and known.same_values(bar))):
                 self.duplicates += 1
                 return _DUPLICATE
+            grid = self._grids.get(bar.symbol, self._tf)
             if bar.t == st.vetted_t and bar.tf == grid.name:
                 # A revision of a bar whose open time already passed the time rules (the
                 # forming bar, every cycle): only the prices and the clock (which may have
@@ -240,7 +240,7 @@ class Validator:
             else:
                 reason = check_bar(bar, grid, now_ms, self._skew_ms)
         else:
-            reason = check_bar(bar, grid, now_ms, self._skew_ms)
+            reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)
         if st is None:
