@@ -11,10 +11,13 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   after ``heartbeat_ttl_ms``: the daemon is alive while it exists.
 * ``{prefix}:v1:meta`` — msgpack map ``{schema, tf, symbols, started_at}``.
 * ``{prefix}:v1:cycles`` — pub/sub channel; after each cycle the daemon publishes
-  msgpack ``{cycle, t, tick, tf, features, updated}`` (inside the same script).
+  msgpack ``{cycle, t, tick, tf, features, updated}`` (inside the cycle's final write).
 
-One cycle's writes go out as a single ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA`
-(bars, features, heartbeat and the cycle announcement together, as msgpack blobs).
+Every write is one ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA` (bars and features as two
+msgpack blobs; optionally the heartbeat and an announcement). The pipeline writes each
+answered request's bars and features as soon as they are ready, then one final write
+with the heartbeat and the announcement once all of them have completed (README
+"Redis layout").
 ``bench/store.py`` measures it against a pipeline of the same commands (about 4× slower:
 redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (the bound).
 """
@@ -75,16 +78,25 @@ class Keys:
     configuration, so reaching here is a bug, and it must not reach a key either.
     """
 
-    __slots__ = ("base",)
+    __slots__ = ("_bars", "_features", "base")
 
     def __init__(self, prefix: str) -> None:
         self.base = f"{prefix}:v{SCHEMA_VERSION}"
+        # Every cycle names every symbol's keys twice: built (and checked) once each.
+        self._bars: dict[tuple[str, str], str] = {}
+        self._features: dict[tuple[str, str], str] = {}
 
     def bars(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:bars:{tf}:{_checked(symbol)}"
+        key = self._bars.get((tf, symbol))
+        if key is None:
+            key = self._bars[(tf, symbol)] = f"{self.base}:bars:{tf}:{_checked(symbol)}"
+        return key
 
     def features(self, tf: str, symbol: str) -> str:
-        return f"{self.base}:feat:{tf}:{_checked(symbol)}"
+        key = self._features.get((tf, symbol))
+        if key is None:
+            key = self._features[(tf, symbol)] = f"{self.base}:feat:{tf}:{_checked(symbol)}"
+        return key
 
     @property
     def heartbeat(self) -> str:
@@ -132,7 +144,7 @@ def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:
 
 
 class RedisStore:
-    """Writes a cycle's bars, features and heartbeat in one round trip; reads them back."""
+    """Writes bars, features, heartbeat and announcement (one script call each time); reads them back."""
 
     __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "keys", "redis")
 
@@ -161,8 +173,9 @@ class RedisStore:
     ) -> bool:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
         map) with their TTL, and the heartbeat, then publish ``publish`` on
-        :attr:`Keys.cycles_channel` — all in one ``EVALSHA``, so subscribers are told
-        only once everything the message announces is readable.
+        :attr:`Keys.cycles_channel` — all in one ``EVALSHA`` (atomic), so subscribers
+        are told only once everything this call writes is readable; the caller makes
+        sure its earlier writes have completed before it announces them.
 
         Returns whether the meta key exists: ``False`` means Redis lost its data
         since :meth:`write_meta` (restarted empty) and should be refilled."""

@@ -2,7 +2,10 @@
 
 Where a bar enters (``_fetch``), is checked (``Validator.check``), is applied to
 the symbol's series (``_apply``: forming-bar revision, close, correction), and
-where the cycle's writes go out (one Redis round trip, one buffer append).
+where the cycle's writes go out: each answered request is taken as it arrives
+(``_take``: validated, applied, its features computed, its Redis write sent and its
+bars buffered for SQLite) while the other requests are in flight; the final write
+(``_write_final``) adds the heartbeat and announces the cycle once all are stored.
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 @dataclass(slots=True)
 class SourceState:
-    """What ``/health`` says about one source."""
+    """What ``/health`` says about one source, and what the cycle needs to know of it.
+
+    Which configured symbols the source serves and which breaker guards each of
+    them only change with the symbol set, so they are learnt once (:meth:`learn`);
+    what a breaker admits is asked once per breaker per cycle, not once per symbol.
+    """
 
     source: Source
     #: Its circuit breakers (one, or one per asset class); ``None``: never guarded (``sim``).
@@ -52,21 +60,55 @@ class SourceState:
     last_error_ms: int | None = None
     errors: int = 0
     requests: int = 0
+    #: The configured symbols it can serve.
+    servable: frozenset[str] = frozenset()
+    #: Each servable symbol's breaker lane (:meth:`Source.breaker_lane`), and all of them.
+    lane_of: dict[str, str | None] = field(default_factory=dict)
+    lanes: frozenset[str | None] = frozenset()
+    #: Each servable symbol's request group (one bar grid, one breaker), and each group's grid.
+    group_of: dict[str, int] = field(default_factory=dict)
+    group_grid: list[Timeframe] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.source.name
 
+    def learn(self, grids: dict[str, Timeframe]) -> None:
+        """Note which of the symbols (keys of ``grids``: each one's bar grid) the source
+        serves, through which breaker, and which can share a request."""
+        source = self.source
+        self.servable = frozenset(s for s in grids if source.can_serve(s))
+        self.lane_of = {s: source.breaker_lane(s) for s in grids if s in self.servable}
+        self.lanes = frozenset(self.lane_of.values())
+        index: dict[tuple[Timeframe, str | None], int] = {}
+        for sym, lane in self.lane_of.items():
+            self.group_of[sym] = index.setdefault((grids[sym], lane), len(index))
+        self.group_grid = [grid for grid, _ in index]
+
     def breaker(self, symbol: str) -> SourceBreaker | None:
         """The breaker that guards this source's requests for ``symbol``."""
         if self.circuits is None:
             return None
-        return self.circuits.lane(self.source.breaker_lane(symbol))
+        lane = self.lane_of[symbol] if symbol in self.lane_of else self.source.breaker_lane(symbol)
+        return self.circuits.lane(lane)
 
-    def admits(self, symbol: str) -> bool:
-        """Whether ``symbol`` may be asked of this source now (its circuit admits a call)."""
-        breaker = self.breaker(symbol)
-        return breaker is None or breaker.allows()
+    def lane_states(self) -> dict[str | None, str] | None:
+        """The state of the breaker of each lane its symbols use; ``None``: all closed (or none)."""
+        if self.circuits is None:
+            return None
+        states = {lane: self.circuits.lane(lane).state for lane in self.lanes}
+        return None if all(st == "closed" for st in states.values()) else states
+
+    def candidates(self, pending: list[str]) -> list[str]:
+        """Those of ``pending`` it serves and whose circuit admits a call now."""
+        servable = self.servable
+        if self.lane_states() is None:
+            return [s for s in pending if s in servable]
+        assert self.circuits is not None
+        lanes = self.circuits.lane
+        admits = {lane: lanes(lane).allows() for lane in self.lanes}
+        lane_of = self.lane_of
+        return [s for s in pending if s in servable and admits[lane_of[s]]]
 
     def one_probe_each(self, symbols: list[str]) -> list[str]:
         """``symbols`` minus all but the first of each breaker that is not closed.
@@ -75,14 +117,18 @@ class SourceState:
         it is spent on one symbol, so probing a failing provider costs one request.
         The others are left for the next source this cycle and stay due here.
         """
+        states = self.lane_states()
+        if states is None:
+            return symbols
         out: list[str] = []
-        probing: set[str] = set()
+        probing: set[str | None] = set()
+        lane_of = self.lane_of
         for sym in symbols:
-            breaker = self.breaker(sym)
-            if breaker is not None and breaker.state != "closed":
-                if breaker.name in probing:
+            lane = lane_of[sym]
+            if states[lane] != "closed":
+                if lane in probing:
                     continue
-                probing.add(breaker.name)
+                probing.add(lane)
             out.append(sym)
         return out
 
@@ -140,6 +186,19 @@ class CycleStats:
         self.duration_buckets[i] += 1
 
 
+@dataclass(slots=True)
+class _Cycle:
+    """One cycle in progress: what its answers covered and which writes are out."""
+
+    #: Symbols with an answer this cycle (polled or streamed): the announcement's ``updated``.
+    updated: list[str] = field(default_factory=list)
+    features: int = 0  # feature maps computed by the answers' writes
+    writes: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Feature maps whose write failed (or was not tried): the final write carries them.
+    unwritten: list[tuple[str, str, bytes]] = field(default_factory=list)
+    has_meta: bool = True  # False once a write found the meta key gone
+
+
 class Pipeline:
     """Owns the per-symbol state and runs one cycle per tick."""
 
@@ -162,6 +221,8 @@ class Pipeline:
         self.store = bar_store
         #: Each symbol's bar grid (US stocks' 1h bars open at :30); sources are asked for it.
         self.grids = {sym: series_grid(sym, self.tf, sources) for sym in settings.symbols}
+        for state in self.sources:
+            state.learn(self.grids)
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -233,26 +294,28 @@ class Pipeline:
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
+        """Fetch, validate, store and compute features for every symbol, then announce.
+
+        Each answered request is taken as soon as it arrives (:meth:`_take`): its
+        bars are validated and applied, its symbols' features computed and its Redis
+        write sent, while the other requests are still in flight. The symbols no
+        answer covered get their features last; once every write of the cycle has
+        completed, the final write carries them with the heartbeat and publishes the
+        cycle announcement, so everything it names is already readable.
+        """
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
-        results = await self._fetch(now_ms)
-
-        to_store: list[Bar] = []
-        for sym, bars in results.items():
-            st = self.symbols[sym]
-            st.updated_ms = now_ms
-            for bar in bars:
-                outcome = self.validator.check(bar, now_ms, symbol=sym)
-                if outcome.verdict is Verdict.DUPLICATE or not outcome.bars:
-                    continue
-                for accepted in outcome.bars:
-                    to_store.extend(self._apply(st, accepted, outcome.verdict))
+        cycle = _Cycle()
+        await self._fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
         self._record_gaps()
-
-        features = self._features(now_ms)
-        self.stats.bars_accepted += len(to_store)
-        self.store.add(to_store)
-        await self._write_redis(to_store, features, tick_ms, now_ms, updated=list(results))
+        answered = set(cycle.updated)
+        features = self._features([s for s in self.symbols if s not in answered], now_ms)
+        if cycle.writes:
+            # A pool of connections may reorder them: the announcement waits for all.
+            await asyncio.wait(cycle.writes)
+            for task in cycle.writes:
+                task.result()  # an unexpected error (a bug) is not swallowed
+        await self._write_final(cycle, features, tick_ms, now_ms)
         if self.store.flush_due() and (self._flush_task is None or self._flush_task.done()):
             # One flush at a time: a locked or slow database must not pile up tasks.
             self._flush_task = self._spawn(self.store.flush())
@@ -267,7 +330,40 @@ class Pipeline:
         stats.record_duration((time.perf_counter() - started) * 1000)
         stats.first_cycle_done = True
 
-    async def _fetch(self, now_ms: int) -> dict[str, list[Bar]]:
+    def _take(self, cycle: _Cycle, answers: dict[str, list[Bar]], more: bool, now_ms: int) -> None:
+        """One answer's symbols: validate and apply their bars, compute their features,
+        buffer the bars for SQLite and send their Redis write (not awaited here).
+
+        ``more``: other requests are still in flight. Otherwise nothing is left to
+        overlap the write with: the final write carries them, a round trip less.
+        """
+        to_store: list[Bar] = []
+        check = self.validator.check
+        for sym, bars in answers.items():
+            st = self.symbols[sym]
+            st.updated_ms = now_ms
+            for bar in bars:
+                outcome = check(bar, now_ms, symbol=sym)
+                if outcome.verdict is Verdict.DUPLICATE or not outcome.bars:
+                    continue
+                for accepted in outcome.bars:
+                    to_store.extend(self._apply(st, accepted, outcome.verdict))
+        symbols = list(answers)
+        cycle.updated += symbols
+        features = self._features(symbols, now_ms)
+        cycle.features += len(features)
+        self.stats.bars_accepted += len(to_store)
+        self.store.add(to_store)
+        if more and self.stats.redis_ok:
+            cycle.writes.append(self._spawn(self._write_chunk(cycle, to_store, features)))
+        else:
+            # With the bars owed to Redis: while it fails, the final write is the only try.
+            self._backlog(to_store)
+            cycle.unwritten += features
+
+    async def _fetch(
+        self, now_ms: int, on_answer: Callable[[dict[str, list[Bar]], bool], None] | None = None,
+    ) -> dict[str, list[Bar]]:
         """Newest bars per symbol, as planned within the budgets (see :mod:`.planner`).
 
         Each source in priority order is asked for the symbols due at it; the ones
@@ -275,86 +371,127 @@ class Pipeline:
         bar. A symbol whose source fails this cycle is asked of the next source in
         priority order, within the same cycle; so is a symbol whose circuit at a
         source is open (each source has one breaker, or one per asset class).
+
+        ``on_answer`` gets each request's bars (and the stream's) as soon as they
+        are in, and whether other requests of this source are still in flight; all
+        are returned too.
         """
         pending = list(self.symbols)
         out: dict[str, list[Bar]] = {}
+
+        def deliver(answers: dict[str, list[Bar]], more: bool) -> None:
+            if answers:
+                out.update(answers)
+                if on_answer is not None:
+                    on_answer(answers, more)
+
         for st in self.symbols.values():
             st.via = VIA_LAST  # unless a source serves it below
         for state in self.sources:
             if not pending:
                 break
             source = state.source
-            mine = [s for s in pending if source.can_serve(s) and state.admits(s)]
+            mine = state.candidates(pending)
             if not mine:
                 continue
-            interval = self.planner.interval_ms(source, self._servable_counter(source), now_ms)
+            interval = self.planner.interval_ms(source, self._servable_counter(state), now_ms)
             plan = self.planner.plan(source, mine, now_ms)
-            for sym, bars in source.peek_latest(plan.idle, self.tf, now_ms).items():
-                out[sym] = bars
-                self.symbols[sym].via = VIA_STREAM
+            streamed = source.peek_latest(plan.idle, self.tf, now_ms)
             for sym in plan.idle:
-                self.symbols[sym].expect_ms = interval
+                st = self.symbols[sym]
+                st.expect_ms = interval
+                if sym in streamed:
+                    st.via = VIA_STREAM
             ask = state.one_probe_each(plan.ask)
-            answers = await self._ask(state, ask, now_ms) if ask else {}
-            for sym in ask:
-                result = answers.get(sym)
-                if isinstance(result, BreakerOpen):
-                    continue  # refused by its circuit: nothing was sent, it stays due
-                ok = isinstance(result, list)
-                wait = interval
-                if isinstance(result, BudgetExhausted) and result.retry_after is not None:
-                    wait = min(interval, int(result.retry_after * 1000))  # nothing was sent
-                self.planner.asked(source, sym, ok, now_ms, wait)
-                if isinstance(result, list):
-                    out[sym] = result
-                    st = self.symbols[sym]
-                    st.via, st.expect_ms = VIA_POLL, interval
-            served = set(out) | set(plan.idle)
+            deliver(streamed, bool(ask))
+            if ask:
+                await self._ask(state, ask, now_ms, interval, deliver)
+            served = set(out)
+            served.update(plan.idle)
             pending = [s for s in pending if s not in served]
         return out
 
-    def _servable_counter(self, source: Source) -> Callable[[], int]:
-        return lambda: sum(1 for s in self.symbols if source.can_serve(s))
+    @staticmethod
+    def _servable_counter(state: SourceState) -> Callable[[], int]:
+        return lambda: len(state.servable)
 
-    async def _ask(self, state: SourceState, symbols: list[str], now_ms: int) -> dict[str, Any]:
+    async def _ask(
+        self, state: SourceState, symbols: list[str], now_ms: int, interval: int,
+        deliver: Callable[[dict[str, list[Bar]], bool], None],
+    ) -> None:
+        """Ask ``state``'s source for ``symbols`` (batched by grid and breaker, all
+        requests at once) and hand each request's bars to ``deliver`` as it completes."""
         source = state.source
         batch = source.max_batch
         # One request asks for one bar grid and goes through one breaker (asset class).
-        groups: dict[tuple[Timeframe, str | None], list[str]] = {}
+        groups: dict[int, list[str]] = {}
+        group_of = state.group_of
         for sym in symbols:
-            groups.setdefault((self.grids[sym], source.breaker_lane(sym)), []).append(sym)
-        chunks = [(grid, group[i:i + batch]) for (grid, _), group in groups.items()
+            groups.setdefault(group_of[sym], []).append(sym)
+        chunks = [(state.group_grid[g], group[i:i + batch]) for g, group in groups.items()
                   for i in range(0, len(group), batch)]
         state.requests += len(chunks)
 
-        def call(grid: Timeframe, chunk: list[str]) -> Any:
+        async def call(grid: Timeframe, chunk: list[str]) -> tuple[list[str], Any]:
             breaker = state.breaker(chunk[0])
-            if breaker is None:
-                fetch = source.fetch_latest(chunk, grid, now_ms)
-            else:
-                fetch = breaker.call(lambda: source.fetch_latest(chunk, grid, now_ms))
-            return asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
+            try:
+                if breaker is None:
+                    fetch = source.fetch_latest(chunk, grid, now_ms)
+                else:
+                    fetch = breaker.call(lambda: source.fetch_latest(chunk, grid, now_ms))
+                return chunk, await asyncio.wait_for(fetch, self.settings.fetch_timeout_s)
+            except Exception as exc:  # every failure is the chunk's answer
+                return chunk, exc
 
-        calls = [call(grid, chunk) for grid, chunk in chunks]
-        merged: dict[str, Any] = {}
-        for (_, chunk), result in zip(chunks, await asyncio.gather(*calls, return_exceptions=True),
-                                      strict=True):
-            if isinstance(result, BreakerOpen):
-                state.requests -= 1  # refused before anything was sent
-                merged.update(dict.fromkeys(chunk, result))
-                continue
-            if isinstance(result, BaseException):
-                self._source_failed(state, result, now_ms)
-                if isinstance(result, ProviderError):
-                    merged.update(dict.fromkeys(chunk, result))
-                continue
-            merged.update(result)
-            failures = [r for r in result.values() if isinstance(r, ProviderError)]
-            if len(failures) < len(result):
+        tasks = [asyncio.ensure_future(call(grid, chunk)) for grid, chunk in chunks]
+        try:
+            for taken, next_done in enumerate(asyncio.as_completed(tasks), 1):
+                chunk, result = await next_done
+                deliver(self._answered(state, chunk, result, now_ms, interval), taken < len(tasks))
+                # Answers that came in together are taken one by one: let the write just
+                # spawned go out now, so Redis works on it while the next one is taken.
+                await asyncio.sleep(0)
+        finally:
+            for task in tasks:
+                task.cancel()  # only if this cycle is cancelled: no request outlives it
+
+    def _answered(
+        self, state: SourceState, chunk: list[str], result: Any, now_ms: int, interval: int,
+    ) -> dict[str, list[Bar]]:
+        """Book one request's outcome (source health, planner, each symbol's path);
+        returns the bars of the symbols it served."""
+        source = state.source
+        if isinstance(result, BreakerOpen):
+            state.requests -= 1  # refused before anything was sent; the symbols stay due
+            return {}
+        answers: dict[str, Any]
+        if isinstance(result, BaseException):
+            self._source_failed(state, result, now_ms)
+            answers = dict.fromkeys(chunk, result) if isinstance(result, ProviderError) else {}
+        else:
+            answers = result
+            failures = [r for r in answers.values() if isinstance(r, ProviderError)]
+            if len(failures) < len(answers):
                 state.last_success_ms = now_ms
             for failure in failures[:1]:
                 self._source_failed(state, failure, now_ms)
-        return merged
+        served: dict[str, list[Bar]] = {}
+        asked, states = self.planner.asked, self.symbols
+        for sym in chunk:
+            answer = answers.get(sym)
+            if isinstance(answer, list):
+                asked(source, sym, True, now_ms, interval)
+                served[sym] = answer
+                st = states[sym]
+                st.via, st.expect_ms = VIA_POLL, interval
+                continue
+            if isinstance(answer, BreakerOpen):
+                continue  # refused by its circuit: nothing was sent, it stays due
+            wait = interval
+            if isinstance(answer, BudgetExhausted) and answer.retry_after is not None:
+                wait = min(interval, int(answer.retry_after * 1000))  # nothing was sent
+            asked(source, sym, False, now_ms, wait)
+        return served
 
     def _source_failed(self, state: SourceState, exc: BaseException, now_ms: int) -> None:
         if isinstance(exc, asyncio.CancelledError):
@@ -408,11 +545,14 @@ class Pipeline:
         stored.append(bar)
         return stored
 
-    def _features(self, now_ms: int) -> list[tuple[str, str, bytes]]:
+    def _features(self, symbols: list[str], now_ms: int) -> list[tuple[str, str, bytes]]:
+        """The feature maps of ``symbols`` (those with a bar), packed for Redis."""
         out: list[tuple[str, str, bytes]] = []
         stale_after = self.settings.stale_after_ms
         tf = self.tf.name
-        for sym, st in self.symbols.items():
+        states = self.symbols
+        for sym in symbols:
+            st = states[sym]
             bar = st.forming or st.last
             if bar is None:
                 continue
@@ -427,44 +567,70 @@ class Pipeline:
             out.append((tf, sym, pack_features(fmap)))
         return out
 
-    async def _write_redis(
-        self, bars: list[Bar], features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
-        updated: list[str] | None = None,
+    async def _write_chunk(
+        self, cycle: _Cycle, bars: list[Bar], features: list[tuple[str, str, bytes]],
     ) -> None:
+        """One answer's bars and features, without heartbeat or announcement."""
+        try:
+            has_meta = await self.redis.write_cycle(bars, features)
+        except (RedisError, OSError) as exc:
+            self._backlog(bars)
+            cycle.unwritten += features  # the final write carries them: the announcement is true
+            self._redis_failed(exc)
+            return
+        self.stats.bars_stored += len(bars)
+        cycle.has_meta = cycle.has_meta and has_meta
+
+    async def _write_final(
+        self, cycle: _Cycle, features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+    ) -> None:
+        """The cycle's last write: the backlog Redis still lacks, the features not yet
+        written, the heartbeat and the announcement (published once all is stored)."""
         stats = self.stats
-        if self._redis_backlog:
-            for b in bars:
-                self._redis_backlog[(b.symbol, b.t)] = b
-            bars = list(self._redis_backlog.values())
+        bars = list(self._redis_backlog.values())
+        announced = cycle.features + len(features)
+        features = features + cycle.unwritten
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "symbols": len(self.symbols)}
         announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
-                    "features": len(features), "updated": updated or []}
+                    "features": announced,
+                    "updated": cycle.updated}
         try:
             has_meta = await self.redis.write_cycle(bars, features, heartbeat, announce)
         except (RedisError, OSError) as exc:
-            for b in bars:
-                self._redis_backlog[(b.symbol, b.t)] = b
-            if len(self._redis_backlog) > MAX_REDIS_BACKLOG:
-                # SQLite still has them; Redis is refilled from there on recovery.
-                for key in sorted(self._redis_backlog, key=lambda k: k[1])[:-MAX_REDIS_BACKLOG]:
-                    del self._redis_backlog[key]
-            if stats.redis_ok:
-                log.error("redis write failed; buffering", extra={"error": str(exc)})
-                stats.redis_down_since = time.monotonic()
-            stats.redis_ok = False
-            stats.redis_last_error = str(exc)
+            self._redis_failed(exc)  # the bars stay in the backlog for the next cycle
             return
         if not stats.redis_ok:
             log.info("redis is back", extra={"rewritten_bars": len(bars)})
-        self._redis_backlog.clear()
+        for b in bars:
+            # Written; a newer revision buffered meanwhile (none can be, today) would stay.
+            if self._redis_backlog.get((b.symbol, b.t)) is b:
+                del self._redis_backlog[(b.symbol, b.t)]
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
-        if not has_meta and self._meta_written:
+        if not (has_meta and cycle.has_meta) and self._meta_written:
             self._refill_needed = True
         if self._refill_needed and (self._refill_task is None or self._refill_task.done()):
             self._refill_task = self._spawn(self._refill_redis())
+
+    def _backlog(self, bars: list[Bar]) -> None:
+        """Keep bars Redis did not get (a newer revision replaces an older one)."""
+        backlog = self._redis_backlog
+        for b in bars:
+            backlog[(b.symbol, b.t)] = b
+        if len(backlog) > MAX_REDIS_BACKLOG:
+            # SQLite still has them; Redis is refilled from there on recovery.
+            for key in sorted(backlog, key=lambda k: k[1])[:-MAX_REDIS_BACKLOG]:
+                del backlog[key]
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        stats = self.stats
+        if stats.redis_ok:
+            log.error("redis write failed; buffering", extra={"error": str(exc)})
+            stats.redis_down_since = time.monotonic()
+        stats.redis_ok = False
+        stats.redis_last_error = str(exc)
 
     async def _refill_redis(self) -> None:
         """Redis lost its data (restarted empty): put SQLite's recent bars back.
