@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,11 @@ FLAG_FORMING = 1
 FLAG_SYNTHETIC = 2
 #: 9999-12-31: the last instant ``datetime`` (and any sane store) can represent.
 MAX_EPOCH_MS = 253_402_300_799_000
+
+#: ``msgpack.packb`` without building a Packer per call (the hot path packs every bar and
+#: feature map of every cycle). Packing these plain types holds the GIL from start to end,
+#: so sharing the Packer cannot interleave two packings; a failed packing resets it.
+pack_msgpack: Callable[[Any], bytes] = msgpack.Packer().pack
 
 
 @dataclass(slots=True)
@@ -97,8 +103,7 @@ class Bar:
     def pack(self) -> bytes:
         """``[t, o, h, l, c, v|nil, src, flags]`` as msgpack."""
         flags = (FLAG_FORMING if self.forming else 0) | (FLAG_SYNTHETIC if self.synthetic else 0)
-        packed: bytes = msgpack.packb([self.t, self.o, self.h, self.l, self.c, self.v, self.src, flags])
-        return packed
+        return pack_msgpack([self.t, self.o, self.h, self.l, self.c, self.v, self.src, flags])
 
     @classmethod
     def unpack(cls, symbol: str, tf: str, data: bytes) -> Bar:

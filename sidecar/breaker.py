@@ -91,6 +91,18 @@ class _ClockedStorage(pybreaker.CircuitMemoryStorage):
         super().__init__(pybreaker.STATE_CLOSED)
         self._clock = clock
         self.opened_clock: float | None = None
+        #: ``closed``, ``open`` or ``half_open``, kept with every state pybreaker stores:
+        #: asked per symbol per cycle, it must not cost three property lookups.
+        self.state_name = _STATE_NAMES[pybreaker.STATE_CLOSED]
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state = state
+        self.state_name = _STATE_NAMES.get(state, state)
 
     @property
     def opened_at(self) -> datetime | None:
@@ -177,7 +189,7 @@ class SourceBreaker:
     @property
     def state(self) -> str:
         """``closed``, ``open`` or ``half_open``."""
-        return _STATE_NAMES.get(self._cb.current_state, self._cb.current_state)
+        return self._storage.state_name
 
     @property
     def breaker(self) -> pybreaker.CircuitBreaker:
@@ -190,7 +202,7 @@ class SourceBreaker:
 
     def allows(self) -> bool:
         """Whether a call would be admitted right now (no side effects)."""
-        state = self.state
+        state = self._storage.state_name
         if state == "closed":
             return True
         if state == "open" and not self._timeout_elapsed():

@@ -21,7 +21,7 @@ import numpy as np
 import talib
 from talib import stream
 
-from sidecar.bar import Bar
+from sidecar.bar import Bar, pack_msgpack
 from sidecar.settings import IndicatorPeriods
 
 DAY_MS = 86_400_000
@@ -88,8 +88,8 @@ class FeatureEngine:
 
     __slots__ = (
         "_anchor_ms", "_fast", "_hist_c", "_hist_h", "_hist_l", "_hist_v", "_ind",
-        "_session", "_volma", "_vwap", "_warming", "closed_values", "last_closed_t", "prev_macd_hist",
-        "symbol", "tf",
+        "_session", "_session_hi", "_session_lo", "_volma", "_vwap", "_warming", "closed_values",
+        "last_closed_t", "prev_macd_hist", "symbol", "tf",
     )
 
     def __init__(self, symbol: str, tf: str, periods: IndicatorPeriods, session_anchor_min: int = 0):
@@ -109,6 +109,10 @@ class FeatureEngine:
         self._hist_v: list[float] = []
         self._vwap: Any = None
         self._session: int | None = None
+        # [lo, hi): the open VWAP handle's session in epoch ms (empty while no handle),
+        # so the per-bar check is two comparisons rather than a division.
+        self._session_lo = 0
+        self._session_hi = 0
         self.last_closed_t: int | None = None
         self.closed_values: Values = [None] * len(FEATURE_FIELDS)
         #: MACD histogram of the closed bar before the newest one (for zero crossings).
@@ -136,20 +140,29 @@ class FeatureEngine:
         self.prev_macd_hist = self._batch_prev_macd_hist()
         values = self._open_from_history()
         # VWAP over the last session's bars.
-        self._vwap = None
-        self._session = session_of(last.t, self._anchor_ms)
+        self._set_vwap(None, session_of(last.t, self._anchor_ms))
         vwap_val: float | None = None
         if last.v is not None:
             sess = [b for b in bars[-len(self._hist_v):] if session_of(b.t, self._anchor_ms) == self._session]
-            self._vwap = stream.VWAP(
+            self._set_vwap(stream.VWAP(
                 np.array([b.h for b in sess]), np.array([b.l for b in sess]),
                 np.array([b.c for b in sess]), np.array([b.v for b in sess], dtype=np.float64),
-            )
+            ), self._session)
             vwap_val = _clean(self._vwap.value)
         values[6] = vwap_val
         self.closed_values = values
         self._trim_history()
         self._refresh_fast()
+
+    def _set_vwap(self, handle: Any, session: int | None) -> None:
+        """Install the session VWAP handle (``None``: closed) and its session bounds."""
+        self._vwap = handle
+        self._session = session
+        if handle is None or session is None:
+            self._session_lo = self._session_hi = 0
+        else:
+            self._session_lo = session * DAY_MS + self._anchor_ms
+            self._session_hi = self._session_lo + DAY_MS
 
     def _refresh_fast(self) -> None:
         price = {ind.name: ind.handle for ind in self._ind if ind.inputs != "v"}
@@ -221,12 +234,12 @@ class FeatureEngine:
     def update(self, bar: Bar) -> Values:
         """Commit a closed bar; returns its feature values."""
         fast = self._fast
+        v = bar.v
         volma = self._volma.handle
-        if fast is not None and (volma is not None or bar.v is None):
+        if fast is not None and (volma is not None or v is None):
             # Steady state: every price handle open, called directly.
             rsi, ema, bb, atr, macd, mom = fast
             c = bar.c
-            v = bar.v
             r = rsi.update(c)
             e = ema.update(c)
             bu, bm, bl = bb.update(c)
@@ -237,20 +250,21 @@ class FeatureEngine:
                 # No volume: the volume series restarts when volume comes back.
                 self._volma.handle = None
                 self._hist_v = []
-                self._vwap = None
+                self._set_vwap(None, self._session)
                 vwap = vm = None
             else:
                 vm = volma.update(v)
-                if self._vwap is None or (bar.t - self._anchor_ms) // DAY_MS != self._session:
-                    vwap = self._update_vwap(bar)
-                else:
+                if self._session_lo <= bar.t < self._session_hi:
                     vwap = self._vwap.update(bar.h, bar.l, c, v)
+                else:
+                    vwap = self._update_vwap(bar)
             closed: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
-            total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
-            if total != total or vwap != vwap or vm != vm:
+            # x != x only for NaN (compared without allocating, unlike a sum).
+            if not (r == r and e == e and bu == bu and bm == bm and bl == bl and a == a
+                    and vwap == vwap and vm == vm and m == m and ms == ms and mh == mh and mo == mo):
                 closed = [None if x is None or x != x else x for x in closed]
             self.last_closed_t = bar.t
-            self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
+            self.prev_macd_hist = self.closed_values[_MACD_HIST]
             self.closed_values = closed
             return closed
         out: Values = [None] * len(FEATURE_FIELDS)
@@ -284,7 +298,7 @@ class FeatureEngine:
             self._refresh_fast()
         out[6] = self._update_vwap(bar)
         self.last_closed_t = bar.t
-        self.prev_macd_hist = self.closed_values[_INDEX["macd_hist"]]
+        self.prev_macd_hist = self.closed_values[_MACD_HIST]
         self.closed_values = out
         return out
 
@@ -309,14 +323,13 @@ class FeatureEngine:
 
     def _update_vwap(self, bar: Bar) -> float | None:
         if bar.v is None:
-            self._vwap = None
+            self._set_vwap(None, self._session)
             return None
         session = session_of(bar.t, self._anchor_ms)
         if self._vwap is None or session != self._session:
-            self._session = session
-            self._vwap = stream.VWAP(
+            self._set_vwap(stream.VWAP(
                 np.array([bar.h]), np.array([bar.l]), np.array([bar.c]), np.array([bar.v])
-            )
+            ), session)
             return _clean(self._vwap.value)
         return _clean(self._vwap.update(bar.h, bar.l, bar.c, bar.v))
 
@@ -342,14 +355,14 @@ class FeatureEngine:
                 else:  # the volume average is still warming: batch over the short history
                     vm = float(self._volma.batch(np.array([*self._hist_v, v], dtype=np.float64),
                                                  **self._volma.kwargs)[-1])
-                if self._vwap is not None and (bar.t - self._anchor_ms) // DAY_MS == self._session:
+                if self._session_lo <= bar.t < self._session_hi:
                     vwap = self._vwap.peek(bar.h, bar.l, c, v)
                 else:
                     vwap = float(talib.VWAP(np.array([bar.h]), np.array([bar.l]), np.array([c]),
                                             np.array([v], dtype=np.float64))[-1])
             peeked: Values = [r, e, bu, bm, bl, a, vwap, vm, m, ms, mh, mo]
-            total = r + e + bu + bm + bl + a + m + ms + mh + mo  # NaN if any is NaN
-            if total != total or vwap != vwap or vm != vm:
+            if not (r == r and e == e and bu == bu and bm == bm and bl == bl and a == a
+                    and vwap == vwap and vm == vm and m == m and ms == ms and mh == mh and mo == mo):
                 peeked = [None if x is None or x != x else x for x in peeked]
             return peeked
         out: Values = [None] * len(FEATURE_FIELDS)
@@ -386,17 +399,39 @@ class FeatureEngine:
         return out
 
 _INDEX = {name: i for i, name in enumerate(FEATURE_FIELDS)}
+_MACD_HIST = _INDEX["macd_hist"]
 
 
-def features_map(bar: Bar, values: Values, computed_at: int, stale: bool = False) -> dict[str, Any]:
-    """The msgpack map the scanner reads (CONTRACT.md "Features")."""
-    out: dict[str, Any] = {
+def features_map(
+    bar: Bar,
+    values: Values,
+    computed_at: int,
+    stale: bool = False,
+    *,
+    updated_at: int | None = None,
+    via: str | None = None,
+    macd_hist_prev: float | None = None,
+) -> dict[str, Any]:
+    """The msgpack map the scanner reads (CONTRACT.md "Features", README "Redis layout").
+
+    ``updated_at``: when a source last answered for the symbol (``data_age_ms`` is
+    ``computed_at`` minus it); ``via``: how its newest bar came (poll, stream, last);
+    ``macd_hist_prev``: the histogram one bar back, so a zero crossing shows in one read.
+    Built as one literal (keys in a fixed order): this runs per symbol every cycle.
+    """
+    rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
+    return {
         "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v,
+        "rsi": rsi, "ema": ema, "bb_upper": bb_upper, "bb_middle": bb_middle, "bb_lower": bb_lower,
+        "atr": atr, "vwap": vwap, "vol_ma": vol_ma, "macd": macd, "macd_signal": macd_signal,
+        "macd_hist": macd_hist, "mom": mom,
+        "forming": bar.forming, "src": bar.src, "synthetic": bar.synthetic, "stale": stale,
+        "computed_at": computed_at, "updated_at": updated_at, "via": via,
+        "data_age_ms": None if updated_at is None else computed_at - updated_at,
+        "macd_hist_prev": macd_hist_prev,
     }
-    out.update(zip(FEATURE_FIELDS, values, strict=True))
-    out["forming"] = bar.forming
-    out["src"] = bar.src
-    out["synthetic"] = bar.synthetic
-    out["stale"] = stale
-    out["computed_at"] = computed_at
-    return out
+
+
+def pack_features(fmap: dict[str, Any]) -> bytes:
+    """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``, without a Packer per call."""
+    return pack_msgpack(fmap)

@@ -34,20 +34,29 @@ class Verdict(enum.Enum):
     REJECTED = "rejected"
 
 
-def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
-    """The reason ``bar`` is invalid on its own, or ``None`` if it passes."""
+_INF = math.inf
+
+
+def price_reason(bar: Bar) -> str | None:
+    """The reason ``bar``'s prices or volume are invalid, or ``None`` if they pass."""
     o, h, l, c, v = bar.o, bar.h, bar.l, bar.c, bar.v
-    if not (
-        math.isfinite(o) and math.isfinite(h) and math.isfinite(l) and math.isfinite(c)
-        and o > 0.0 and h > 0.0 and l > 0.0 and c > 0.0
-    ):
+    # 0 < x < inf: finite and positive in one comparison each (NaN compares false).
+    if not (0.0 < o < _INF and 0.0 < h < _INF and 0.0 < l < _INF and 0.0 < c < _INF):
         return "bad_price"
     if h < o or h < c:
         return "high_below_open_close"
     if l > o or l > c:
         return "low_above_open_close"
-    if v is not None and not (math.isfinite(v) and v >= 0.0):
+    if v is not None and not 0.0 <= v < _INF:
         return "bad_volume"
+    return None
+
+
+def check_bar(bar: Bar, tf: Timeframe, now_ms: int, skew_ms: int) -> str | None:
+    """The reason ``bar`` is invalid on its own, or ``None`` if it passes."""
+    reason = price_reason(bar)
+    if reason is not None:
+        return reason
     if bar.tf != tf.name:
         return "wrong_timeframe"
     if not 0 <= bar.t <= MAX_EPOCH_MS:  # before 1970 or past 9999: a garbled stamp
@@ -98,15 +107,20 @@ class _SymbolState:
     ranges: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     range_sum: float = 0.0
     held: Bar | None = None
+    vetted_t: int = -1  # the open time of the last bar that passed check_bar (-1: none yet)
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What to do with one incoming bar: store ``bars`` (may be empty)."""
+    """What to do with one incoming bar: store ``bars`` (may be empty; read it, never change it:
+    every duplicate shares one outcome)."""
 
     verdict: Verdict
     bars: list[Bar]
     reason: str | None = None
+
+
+_DUPLICATE = Outcome(Verdict.DUPLICATE, [])
 
 
 class Validator:
@@ -117,6 +131,7 @@ class Validator:
         "_fill_gaps",
         "_grids",
         "_outlier_k",
+        "_recent_cap",
         "_skew_ms",
         "_states",
         "_tf",
@@ -147,6 +162,8 @@ class Validator:
         self._outlier_k = outlier_k
         self._window = outlier_window
         self._correction_ms = correction_window_bars * tf.ms
+        #: Stored bars kept per symbol before the ones older than the window are dropped.
+        self._recent_cap = 2 * (correction_window_bars + 1) + 4
         self._fill_gaps = fill_gaps
         self._states: dict[str, _SymbolState] = {}
         self.rejected: Counter[str] = Counter()
@@ -189,7 +206,7 @@ class Validator:
                 st.range_sum += rng
             st.newest = bar
         st.recent[bar.t] = bar
-        if len(st.recent) > 2 * (self._correction_ms // self._tf.ms + 1) + 4:
+        if len(st.recent) > self._recent_cap:
             cutoff = st.newest.t - self._correction_ms
             for t in [t for t in st.recent if t < cutoff]:
                 del st.recent[t]
@@ -204,18 +221,40 @@ class Validator:
         if symbol is not None and bar.symbol != symbol:
             return self._reject(bar, "wrong_symbol")
         st = self._states.get(bar.symbol)
+        known: Bar | None = None
         if st is not None:
+            known = st.recent.get(bar.t)
             # Most bars of a cycle are re-deliveries of stored ones (a source repeats the
             # last closed bars): they passed every rule when they first came.
-            known = st.recent.get(bar.t)
             if known is not None and (known is bar or (known.tf == bar.tf and known.same_values(bar))):
                 self.duplicates += 1
-                return Outcome(Verdict.DUPLICATE, [])
-        reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
+                return _DUPLICATE
+            grid = self._grids.get(bar.symbol, self._tf)
+            if bar.t == st.vetted_t and bar.tf == grid.name:
+                # A revision of a bar whose open time already passed the time rules (the
+                # forming bar, every cycle): only the prices and the clock (which may have
+                # stepped back) can fail now; the verdict is the one check_bar would give.
+                reason = price_reason(bar)
+                if reason is None and bar.t > now_ms + self._skew_ms:
+                    reason = "future"
+            else:
+                reason = check_bar(bar, grid, now_ms, self._skew_ms)
+        else:
+            reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
         if reason is not None:
             return self._reject(bar, reason)
-        st = self._state(bar.symbol)
+        if st is None:
+            st = self._state(bar.symbol)
+        st.vetted_t = bar.t
         newest = st.newest
+        if (known is not None and known is newest and known.tf == bar.tf and st.held is None
+                and not self._is_outlier(st, bar, reference=known.c)):
+            # The newest bar revised, nothing held, no jump: what the general path below
+            # does for it (no gap, no new range), in short.
+            st.newest = bar
+            st.recent[bar.t] = bar
+            self.accepted += 1
+            return Outcome(Verdict.REVISION, [bar])
         if newest is None:
             self._remember(st, bar)
             self.accepted += 1
@@ -225,7 +264,7 @@ class Validator:
             known = st.recent.get(bar.t)
             if known is not None and known.same_values(bar):
                 self.duplicates += 1
-                return Outcome(Verdict.DUPLICATE, [])
+                return _DUPLICATE
             if newest.t - bar.t > self._correction_ms:
                 return self._reject(bar, "stale")
             st.recent[bar.t] = bar
@@ -234,7 +273,7 @@ class Validator:
 
         if bar.t == newest.t and newest.same_values(bar):
             self.duplicates += 1
-            return Outcome(Verdict.DUPLICATE, [])
+            return _DUPLICATE
 
         out: list[Bar] = []
         if st.held is not None:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from redis.exceptions import RedisError
 
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
@@ -28,7 +27,7 @@ from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
-from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
@@ -557,16 +556,15 @@ class Pipeline:
             bar = st.forming or st.last
             if bar is None:
                 continue
-            values: Values = st.engine.peek(bar) if bar.forming else st.engine.closed_values
-            fmap = features_map(bar, values, now_ms, st.stale(now_ms, stale_after))
-            fmap["updated_at"] = st.updated_ms
-            fmap["via"] = st.via
-            fmap["data_age_ms"] = None if st.updated_ms is None else now_ms - st.updated_ms
-            # The histogram one bar back, so a reader sees a zero crossing in one read.
-            fmap["macd_hist_prev"] = (st.engine.closed_values[MACD_HIST] if bar.forming
-                                      else st.engine.prev_macd_hist)
+            engine = st.engine
+            values: Values = engine.peek(bar) if bar.forming else engine.closed_values
+            fmap = features_map(
+                bar, values, now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
+                # The histogram one bar back, so a reader sees a zero crossing in one read.
+                macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
+            )
             st.features = fmap
-            out.append((tf, sym, msgpack.packb(fmap)))
+            out.append((tf, sym, pack_features(fmap)))
         return out
 
     async def _write_chunk(

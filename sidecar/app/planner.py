@@ -37,7 +37,9 @@ class Planner:
     __slots__ = ("_due", "_holder", "_interval_at", "_interval_ms")
 
     def __init__(self) -> None:
-        self._due: dict[tuple[str, str], int] = {}
+        #: Per source name, per symbol: when it is next due (epoch ms). Nested rather than
+        #: keyed by (source, symbol): no tuple to build and hash per symbol per cycle.
+        self._due: dict[str, dict[str, int]] = {}
         self._holder: dict[str, str] = {}
         self._interval_ms: dict[str, int] = {}
         self._interval_at: dict[str, int] = {}
@@ -58,19 +60,26 @@ class Planner:
         out = SourcePlan()
         name = source.name
         interval = self._interval_ms.get(name, 0)
+        due_of = self._due.get(name, {}).get
+        holder_of = self._holder.get
+        ask, idle = out.ask.append, out.idle.append
+        # Due more than an interval ahead: the wall clock stepped back since the last
+        # request; waiting for it to catch up would stall the symbol.
+        latest = now_ms + interval
         for sym in candidates:
-            due = self._due.get((name, sym), 0)
-            # Due more than an interval ahead: the wall clock stepped back since the
-            # last request; waiting for it to catch up would stall the symbol.
-            if due <= now_ms or due - now_ms > interval:
-                out.ask.append(sym)
-            elif self._holder.get(sym) == name:
-                out.idle.append(sym)
+            due = due_of(sym, 0)
+            if due <= now_ms or due > latest:
+                ask(sym)
+            elif holder_of(sym) == name:
+                idle(sym)
         return out
 
     def asked(self, source: Source, symbol: str, ok: bool, now_ms: int, interval_ms: int) -> None:
         """Record a request's outcome: the symbol is next due one interval later."""
-        self._due[(source.name, symbol)] = now_ms + interval_ms
+        due = self._due.get(source.name)
+        if due is None:
+            due = self._due[source.name] = {}
+        due[symbol] = now_ms + interval_ms
         if ok:
             self._holder[symbol] = source.name
         elif self._holder.get(symbol) == source.name:
@@ -81,4 +90,4 @@ class Planner:
         return self._holder.get(symbol)
 
     def next_due_ms(self, source: Source, symbol: str) -> int | None:
-        return self._due.get((source.name, symbol))
+        return self._due.get(source.name, {}).get(symbol)

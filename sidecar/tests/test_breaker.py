@@ -203,3 +203,15 @@ async def test_source_circuits_one_per_lane_worst_state_summarises():
     assert circuits.lane("crypto").state == "closed"  # a lane not configured gets one on demand
     whole = SourceCircuits("yahoo")
     assert [(b.name, b.asset_class) for b in whole] == [("yahoo", None)]
+
+
+def test_state_follows_every_state_pybreaker_stores():
+    # The state name is mirrored when pybreaker stores a state, not read through it.
+    clock = Clock()
+    br = breaker(clock)
+    for move, want in ((br.breaker.open, "open"), (br.breaker.half_open, "half_open"),
+                       (br.breaker.close, "closed"), (br.breaker.open, "open")):
+        move()
+        assert br.state == want == {"closed": "closed", "open": "open",
+                                    "half-open": "half_open"}[br.breaker.current_state]
+        assert br.allows() is (want != "open")

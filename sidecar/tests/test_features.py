@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 import talib
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.bar import Bar
-from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, session_of
+from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, features_map, pack_features, session_of
 from sidecar.settings import IndicatorPeriods
 
 TF_MS = 60_000
@@ -136,3 +139,42 @@ def test_vwap_restarts_at_each_session() -> None:
         values = dict(zip(FEATURE_FIELDS, engine.update(bar), strict=True))
         if bar.t % DAY_MS == 0:  # first bar of a session: VWAP is its typical price
             assert values["vwap"] == pytest.approx((bar.h + bar.l + bar.c) / 3, rel=1e-12)
+
+
+def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,
+                          updated_at: int | None, via: str, prev: float | None) -> dict[str, object]:
+    """The features map as the pipeline built it key by key before it was one literal."""
+    out: dict[str, object] = {"symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v}
+    out.update(zip(FEATURE_FIELDS, values, strict=True))
+    out.update(forming=bar.forming, src=bar.src, synthetic=bar.synthetic, stale=stale,
+               computed_at=computed_at, updated_at=updated_at, via=via,
+               data_age_ms=None if updated_at is None else computed_at - updated_at,
+               macd_hist_prev=prev)
+    return out
+
+
+@given(
+    values=st.lists(st.one_of(st.none(), st.floats(allow_nan=False)), min_size=12, max_size=12),
+    v=st.one_of(st.none(), st.floats(min_value=0, allow_infinity=False)),
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    t=st.integers(0, 253_402_300_799_000),
+    age=st.one_of(st.none(), st.integers(0, 10**10)),
+    via=st.sampled_from(["poll", "stream", "last"]),
+    prev=st.one_of(st.none(), st.floats(allow_nan=False)),
+)
+def test_packed_features_are_the_bytes_readers_always_got(
+    values: list[float | None], v: float | None, flags: tuple[bool, bool, bool], t: int,
+    age: int | None, via: str, prev: float | None,
+) -> None:
+    forming, synthetic, stale = flags
+    bar = Bar("BRK.B", "1m", t, 1.0, 2.0, 0.5, 1.5, v, "twelvedata", forming, synthetic)
+    now = t + 5_000
+    updated = None if age is None else now - age
+    fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev)
+    legacy = _map_as_first_written(bar, values, now, stale, updated, via, prev)
+    packed = pack_features(fmap)
+    assert packed == msgpack.packb(legacy)  # byte for byte, key order included
+    decoded = msgpack.unpackb(packed)
+    assert decoded == legacy
+    assert [type(x) for x in decoded.values()] == [type(x) for x in legacy.values()]
+    assert pack_features(fmap) == packed  # the shared packer leaves nothing behind

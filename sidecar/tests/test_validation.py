@@ -227,6 +227,28 @@ def test_revision_of_forming_bar() -> None:
     assert not val.gaps and not val.new_gaps
 
 
+@pytest.mark.parametrize(("bad", "reason"), BAD_BARS)
+def test_revision_of_a_vetted_bar_gets_the_reason_check_bar_gives(bad: Bar, reason: str) -> None:
+    # The forming bar's revisions skip the time rules its open time already passed:
+    # every other rule must still give the verdict it gives a bar seen for the first time.
+    val = primed(20)
+    assert val.check(mk(20, 100.0, forming=True), NOW).verdict is Verdict.NEW
+    revised = replace(bad, t=bad.t + 20 * M, forming=True)
+    assert check_bar(revised, TF, NOW, 2_000) == reason
+    out = val.check(revised, NOW)
+    assert (out.verdict, out.reason) == (Verdict.REJECTED, reason)
+    assert val.newest(SYM) == mk(20, 100.0, forming=True)
+
+
+def test_revision_after_the_clock_stepped_back_is_future() -> None:
+    val = primed(20)
+    assert val.check(mk(20, 100.0, forming=True), NOW).verdict is Verdict.NEW
+    before = T0 + 20 * M - 2_001  # the wall clock stepped back past the bar's open time
+    out = val.check(mk(20, 100.2, forming=True), before)
+    assert (out.verdict, out.reason) == (Verdict.REJECTED, "future")
+    assert val.check(mk(20, 100.2, forming=True), NOW).verdict is Verdict.REVISION
+
+
 def test_symbols_are_independent() -> None:
     val = primed(5)
     other = mk(0, 50.0, symbol="MSFT")
