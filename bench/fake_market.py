@@ -94,9 +94,9 @@ def _series(sym: str, now_ms: int, output: int = OUTPUT) -> str:
         meta = (f'{{"symbol":"{sym}","interval":"1min","currency":"USD",'
                 f'"exchange_timezone":"America/New_York","exchange":"NASDAQ","mic_code":"XNGS",'
                 f'"type":"Common Stock"}}')
-        tail = f'{rows}],"meta":{meta},"status":"ok"}}'
+        tail = f'{"," if rows else ""}{rows}],"meta":{meta},"status":"ok"}}'
         _closed[(sym, current, output)] = tail
-    return f'{{"values":[{_row(i, current, now_ms)},{tail}'
+    return f'{{"values":[{_row(i, current, now_ms)}{tail}'
 
 
 class FakeMarket:

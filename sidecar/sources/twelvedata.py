@@ -43,8 +43,15 @@ INTERVALS = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "45m": 
              "1h": "1h", "2h": "2h", "4h": "4h", "1d": "1day"}
 #: Largest ``outputsize`` Twelve Data accepts.
 MAX_OUTPUT = 5000
-#: Bars asked per symbol every cycle: the forming bar and the two closed before it.
+#: Bars asked per symbol when nothing is known of it yet: the forming bar and two closed.
 LATEST_BARS = 3
+#: A closed bar is asked again for this long after it closed, so a provider that revises
+#: a bar late (trades reported after the close) is heard; after that a cycle asks only
+#: for the bars not yet seen closed (in steady state: the forming bar alone).
+REVISION_WINDOW_MS = 10_000
+#: At most this many bars per symbol in one cycle's request; a longer hole is left to
+#: gap repair (:func:`sidecar.app.bootstrap.repair_gaps`), which asks for ranges.
+MAX_LATEST_BARS = 30
 
 
 def classify_error(
@@ -341,6 +348,8 @@ class TwelveDataSource(HttpSource):
                  **kwargs: Any) -> None:
         super().__init__(provider, symbols, budget, **kwargs)
         self._headers = {"Authorization": f"apikey {self._key}"}
+        #: When each symbol last got bars from a cycle's request (epoch ms, as asked).
+        self._answered_ms: dict[str, int] = {}
         self.max_batch = max(1, provider.twelvedata_credits_per_minute)
         #: The latest bars' closed rows come again every cycle: parsed once (ClosedRows).
         self._closed_rows = ClosedRows()
@@ -416,13 +425,38 @@ class TwelveDataSource(HttpSource):
         if chosen:
             self.take_budget(len(chosen))
             contexts = {wanted[s][0]: wanted[s][1] for s in chosen}
-            # The three newest rows are all a cycle keeps (parsing is its main cost).
-            result = await self._request(contexts, tf, {"outputsize": str(LATEST_BARS)},
+            rows = self.rows_wanted(chosen, wanted[chosen[0]][1].tf, now_ms)
+            result = await self._request(contexts, tf, {"outputsize": str(rows)},
                                          self._closed_rows)
+            answered = self._answered_ms
             for symbol in chosen:
                 value = result[wanted[symbol][0]]
-                out[symbol] = value if isinstance(value, ProviderError) else value[-LATEST_BARS:]
+                if isinstance(value, ProviderError):
+                    out[symbol] = value
+                else:
+                    out[symbol] = value[-rows:]
+                    answered[symbol] = now_ms
         return settle({s: out[s] for s in symbols})
+
+    def rows_wanted(self, symbols: Sequence[str], grid: Timeframe, now_ms: int) -> int:
+        """Bars to ask per symbol (one ``outputsize`` for the request): from the bar that
+        was forming when the least recently answered of ``symbols`` was last answered (its
+        final values) or that closed within :data:`REVISION_WINDOW_MS`, to the forming one.
+
+        Parsing is the largest part of a cycle, and in steady state (answered every
+        second) this is the forming bar alone, plus the one that just closed for the
+        first seconds after a close. A symbol never answered gets :data:`LATEST_BARS`.
+        """
+        oldest = now_ms - REVISION_WINDOW_MS
+        answered = self._answered_ms
+        for symbol in symbols:
+            last = answered.get(symbol)
+            if last is None:
+                return LATEST_BARS
+            if last < oldest:
+                oldest = last
+        bars = 1 + (grid.floor(now_ms) - grid.floor(oldest)) // grid.ms
+        return max(1, min(MAX_LATEST_BARS, bars))
 
     async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
         spelling = self.require(symbol)

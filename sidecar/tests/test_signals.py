@@ -218,7 +218,7 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
         watch.send_signal(signal.SIGINT)
         out, err = watch.communicate(timeout=20)
         assert watch.returncode == 0, err.decode()[-2000:]
-        batches = [json.loads(line)["symbol"] for line in b"".join(head + [out]).decode().splitlines()]
+        batches = [json.loads(line)["symbol"] for line in b"".join([*head, out]).decode().splitlines()]
         assert len(batches) >= 4 and batches[:2] == ["AAPL", "XAUUSD"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

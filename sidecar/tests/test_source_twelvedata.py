@@ -192,3 +192,49 @@ def test_volume_of_the_wrong_type_is_dropped_not_raised():
             "meta": {"exchange_timezone": "America/New_York"}, "status": "ok"}
     bars = parse_time_series(json.dumps(body), 200, ctx())
     assert len(bars) == 1 and bars[0].v is None and bars[0].c == 1.5
+
+
+def _minute_body(*tickers: str, rows: int, now_ms: int) -> dict[str, object]:
+    """A batch answer of ``rows`` 1-minute rows per ticker (UTC stamps), newest first."""
+    current = now_ms - now_ms % 60_000
+    values = [{"datetime": datetime.fromtimestamp((current - k * 60_000) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+               "open": "1", "high": "2", "low": "1", "close": "1.5", "volume": "3"} for k in range(rows)]
+    return {t: {"meta": {"symbol": t, "exchange_timezone": "UTC"}, "status": "ok", "values": values}
+            for t in tickers}
+
+
+@pytest.mark.asyncio
+async def test_rows_asked_cover_what_was_not_seen_closed(fake: FakeProviders):
+    """Three rows for a symbol never answered; then the forming bar alone, plus the bars
+    closed since the least recently answered symbol of the request (their final values)
+    or within the revision window; never more than MAX_LATEST_BARS."""
+    from sidecar.sources.twelvedata import LATEST_BARS, MAX_LATEST_BARS, REVISION_WINDOW_MS
+
+    src = make(fake, RateBudget("twelvedata", per_minute=10**6, per_day=10**9))
+    tf = Timeframe.parse("1m")
+    start = NOW - NOW % 60_000 + 20_000  # 20 s into a minute
+
+    async def asked(symbols: list[str], now_ms: int, rows_in_body: int) -> int:
+        fake.push("td", Reply.json(_minute_body("AAPL", "MSFT", rows=rows_in_body, now_ms=now_ms)))
+        res = await src.fetch_latest(symbols, tf, now_ms)
+        assert all(isinstance(v, list) for v in res.values())
+        return int(fake.requests_to("td")[-1].query["outputsize"])
+
+    try:
+        assert await asked(["AAPL", "MSFT"], start, 3) == LATEST_BARS  # never answered
+        assert await asked(["AAPL", "MSFT"], start + 1_000, 1) == 1  # same minute: forming only
+        # 1 s after the close: the closed bar's final values, and the new forming bar ...
+        assert await asked(["AAPL", "MSFT"], start + 41_000, 2) == 2
+        # ... asked again within the revision window after the close, then not.
+        assert await asked(["AAPL", "MSFT"], start + 40_000 + REVISION_WINDOW_MS - 1_000, 2) == 2
+        assert await asked(["AAPL", "MSFT"], start + 40_000 + REVISION_WINDOW_MS + 1_000, 1) == 1
+        # MSFT alone, answered 3 minutes later: the bars it has not seen closed.
+        later = start + 40_000 + REVISION_WINDOW_MS + 1_000 + 180_000
+        assert await asked(["MSFT"], later, 4) == 4
+        # A request asks as far back as its least recently answered symbol needs.
+        assert await asked(["AAPL", "MSFT"], later + 1_000, 4) == 4
+        assert await asked(["AAPL", "MSFT"], later + 2_000, 1) == 1
+        # A long outage is gap repair's: a cycle never asks more than MAX_LATEST_BARS.
+        assert await asked(["AAPL"], later + 3 * 3_600_000, MAX_LATEST_BARS) == MAX_LATEST_BARS
+    finally:
+        await src.close()
