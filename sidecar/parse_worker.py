@@ -51,7 +51,7 @@ OK, REFUSED = 0, 1
 #: ``SIDECAR_PARSE_PROCESS=auto`` starts the worker from this many symbols (see README).
 AUTO_MIN_SYMBOLS = 500
 MODES = ("auto", "on", "off")
-#: A job not answered in this long means the worker hangs (a 500-symbol batch takes ~6 ms).
+#: No answer to any job in this long means the worker hangs (a 500-symbol batch takes ~3-6 ms).
 JOB_TIMEOUT_S = 0.5
 #: Restart delays after consecutive deaths; a worker that lived STABLE_S starts over.
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -207,9 +207,20 @@ class ParseWorker:
             # Jobs in flight bound the buffer (one answer body each); a hang times out.
             proc.stdin.write(FRAME.pack(len(payload)))
             proc.stdin.write(payload)
-            result: T = await asyncio.wait_for(future, self.job_timeout_s)
-            return result
+            # Hung means no answer to any job for a whole window: a job queued behind
+            # others (ten per cycle at 5,000 symbols) waits for them, on a busy machine
+            # longer than one window, while the worker is answering all along.
+            answered = self.jobs
+            while True:
+                try:
+                    result: T = await asyncio.wait_for(asyncio.shield(future), self.job_timeout_s)
+                    return result
+                except TimeoutError:
+                    if self.jobs == answered or proc is not self._proc:
+                        raise
+                    answered = self.jobs
         except TimeoutError:
+            future.cancel()  # shielded above: nobody awaits it any more
             if proc is self._proc:
                 self._lost(f"hung: no answer within {self.job_timeout_s} s")
         except WorkerLost:

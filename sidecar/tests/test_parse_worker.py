@@ -222,6 +222,30 @@ async def test_hung_worker_is_replaced_and_its_job_parsed_here() -> None:
         await w.close()
 
 
+async def test_a_queue_longer_than_the_hang_window_is_not_a_hang() -> None:
+    """Jobs queued behind others wait for them (ten a cycle at 5,000 symbols): while the
+    worker answers one job after another, none is declared hung, however long the queue."""
+    w = ParseWorker(job_timeout_s=0.4, backoff_s=(0.01,))
+    await w.start()
+    try:
+        src = source()
+        now = 1_692_900_000_000
+        tickers = [f"S{i:04d}" for i in range(5_000)]
+        c = {t: ctx(t, "1m", now) for t in tickers}
+        row = {"datetime": "2023-08-24 17:59:00", "open": "1.5", "high": "2", "low": "1", "close": "1.25",
+               "volume": "9"}
+        body = json.dumps({t: {"values": [row], "meta": {"exchange_timezone": "UTC"}} for t in tickers}).encode()
+        reply = HttpReply(200, body, None, "application/json", "u")
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(src._parse_in_worker(w, reply, c, None) for _ in range(16)))
+        took = time.perf_counter() - started
+        assert w.fallbacks == 0 and w.restarts == 0 and w.state == "alive", (w.last_error, took)
+        assert all(len(a) == 5_000 and a["S4999"][0].c == 1.25 for a in answers)
+        assert took > w.job_timeout_s, "the queue must outlast one window for this to test anything"
+    finally:
+        await w.close()
+
+
 async def test_close_leaves_no_child_and_later_jobs_parse_here(worker: ParseWorker) -> None:
     pid = worker.pid
     assert pid is not None and alive(pid)
