@@ -371,6 +371,100 @@ def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
     assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
 
 
+FREEZE_S = 8
+#: A small SIDECAR_REDIS_TIMEOUT_S for the frozen-Redis tests: every Redis call of a cycle
+#: gives up after it, so a hung server costs a cycle well under its one second.
+FROZEN_TIMEOUT_S = "0.25"
+
+
+@pytest.fixture
+def frozen() -> Iterator[list[RedisServer]]:
+    """Servers a test SIGSTOPs; each is SIGCONTed at the end, whatever happened."""
+    stopped: list[RedisServer] = []
+    yield stopped
+    for server in stopped:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+
+
+def _freeze(server: RedisServer, frozen: list[RedisServer]) -> None:
+    """SIGSTOP: the socket still accepts connections (the kernel queues them and the
+    bytes sent), but nothing answers: a hung server or a partition dropping packets."""
+    assert server.proc is not None
+    frozen.append(server)
+    server.proc.send_signal(signal.SIGSTOP)
+
+
+def test_redis_frozen_for_8_s_neither_stalls_the_loop_nor_loses_a_bar(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer], frozen: list[RedisServer]) -> None:
+    server = redis_servers()
+    env = daemon_env(clean_env, server, SIDECAR_REDIS_TIMEOUT_S=FROZEN_TIMEOUT_S)
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    wait_for("status ok", lambda: daemon.health()["status"] == "ok")
+    before = daemon.health()
+
+    _freeze(server, frozen)
+    frozen_at = time.monotonic()
+    seen: list[dict[str, Any]] = []
+    while time.monotonic() - frozen_at < FREEZE_S:
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None, f"daemon exited while Redis hung:\n{daemon.log_text()}"
+        seen.append(daemon.health())  # http_get gives up after 2 s: /health must not wait on Redis
+    last = seen[-1]
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGCONT)
+
+    during = [h for h in seen if h["now_ms"] - before["now_ms"] > 3_000]
+    assert during and all(h["status"] == "degraded" and not h["redis"]["ok"] for h in during), during[:1]
+    assert all(any(why.startswith("redis unreachable") for why in h["reasons"]) for h in during)
+    assert "timeout" in (last["redis"]["last_error"] or "").lower(), last["redis"]
+    # The loop kept its pace: cycles did not wait on the hung server beyond the timeout.
+    assert last["cycle"]["count"] - before["cycle"]["count"] >= FREEZE_S - 3, "the loop stalled"
+    assert last["sqlite"]["flushed_rows"] > seen[0]["sqlite"]["flushed_rows"], "SQLite stopped"
+
+    r = redis_client(server)
+    wait_for("redis ok again", lambda: daemon.health()["redis"]["ok"])
+    wait_for("fresh features", lambda: fresh_features(r), timeout=10)
+    wait_for("status ok again", lambda: daemon.health()["status"] == "ok")
+    assert daemon.stop() == 0  # final flush: SQLite holds everything
+    # Nothing lost, nothing doubled: Redis is exactly SQLite's newest bars, and every
+    # bar of the frozen period is there once (redis_bars fails on a duplicate score).
+    assert_stores_equal(r, db_path)
+    for sym in SYMBOLS:
+        frozen_bars = [b.t for b in redis_bars(r, sym) if before["now_ms"] < b.t <= last["now_ms"] - 1_000]
+        assert len(frozen_bars) >= FREEZE_S - 2, f"{sym}: bars of the frozen period missing from Redis"
+        assert frozen_bars == sorted(set(frozen_bars))
+    messages = daemon.messages()
+    assert "redis write failed; buffering" in messages and "redis is back" in messages
+
+
+def test_redis_frozen_past_its_bound_exits_non_zero_after_flushing(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+        redis_servers: Callable[..., RedisServer], frozen: list[RedisServer]) -> None:
+    # A hang counts as a refusal: past SIDECAR_REDIS_DOWN_EXIT_S the daemon exits 3.
+    server = redis_servers()
+    env = daemon_env(clean_env, server, SIDECAR_REDIS_TIMEOUT_S=FROZEN_TIMEOUT_S,
+                     SIDECAR_REDIS_DOWN_EXIT_S="3", SIDECAR_FLUSH_INTERVAL_S="3600")
+    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
+    daemon = daemons(env, "daemon")
+    daemon.wait_ready()
+    time.sleep(2)
+    r = redis_client(server)
+    reached = {sym: redis_bars(r, sym) for sym in SYMBOLS}
+    _freeze(server, frozen)
+    frozen_ms = time.time() * 1000
+    assert daemon.proc.wait(30) == 3  # EXIT_REDIS_DOWN, for PM2 to restart it
+    for sym in SYMBOLS:
+        stored = sqlite_bars(db_path, sym)
+        stored_by_t = {b.t: ohlcv(b) for b in stored}
+        assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
+        assert stored[-1].t >= frozen_ms + 2_000, "bars of the hang were not kept in SQLite"
+    assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
+
+
 # -- 3. SQLite trouble ------------------------------------------------------------------
 
 LOCK_S = 20
