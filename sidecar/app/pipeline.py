@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile
@@ -197,6 +198,9 @@ class _Cycle:
     #: Feature maps whose write failed (or was not tried): the final write carries them.
     unwritten: list[tuple[str, str, bytes]] = field(default_factory=list)
     has_meta: bool = True  # False once a write found the meta key gone
+    #: A chunk write waited out SIDECAR_REDIS_TIMEOUT_S (Redis hangs): the final write is
+    #: not tried this cycle, so a hung server costs a cycle one timeout, not two.
+    redis_timed_out: bool = False
 
 
 class Pipeline:
@@ -576,6 +580,7 @@ class Pipeline:
         except (RedisError, OSError) as exc:
             self._backlog(bars)
             cycle.unwritten += features  # the final write carries them: the announcement is true
+            cycle.redis_timed_out = cycle.redis_timed_out or isinstance(exc, (RedisTimeout, TimeoutError))
             self._redis_failed(exc)
             return
         self.stats.bars_stored += len(bars)
@@ -587,6 +592,8 @@ class Pipeline:
         """The cycle's last write: the backlog Redis still lacks, the features not yet
         written, the heartbeat and the announcement (published once all is stored)."""
         stats = self.stats
+        if cycle.redis_timed_out:
+            return  # the bars wait in the backlog; the next cycle recomputes every feature
         bars = list(self._redis_backlog.values())
         announced = cycle.features + len(features)
         features = features + cycle.unwritten

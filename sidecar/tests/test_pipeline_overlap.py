@@ -9,6 +9,7 @@ from typing import Any
 
 import msgpack
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
@@ -69,6 +70,7 @@ class RecordingStore(RedisStore):
         self.delay: dict[str, float] = {}  # a chunk write with this symbol waits so long
         self.refuse_chunk: set[str] = set()  # a chunk write with this symbol fails once
         self.refuse_final = 0  # so many final writes fail
+        self.hang_chunk: set[str] = set()  # a chunk write with this symbol times out once
 
     async def write_cycle(self, bars: Sequence[Bar], features: Sequence[tuple[str, str, bytes]],
                           heartbeat: dict[str, Any] | None = None,
@@ -79,6 +81,10 @@ class RecordingStore(RedisStore):
         self.events.append(("start", kind, symbols, written))
         if kind == "chunk":
             await asyncio.sleep(max((self.delay.get(s, 0.0) for s in symbols), default=0.0))
+            if self.hang_chunk & set(symbols):
+                self.hang_chunk -= set(symbols)
+                self.events.append(("failed", kind, symbols, written))
+                raise RedisTimeout("Timeout reading from socket (test)")
             if self.refuse_chunk & set(symbols):
                 self.refuse_chunk -= set(symbols)
                 self.events.append(("failed", kind, symbols, written))
@@ -199,6 +205,35 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
     assert pipe.stats.bars_stored == pipe.stats.bars_accepted == 18
     for sym in SYMBOLS:
         assert [b.t for b in await store.recent_bars(sym, TF.name, 10)] == [T0 - 1000, T0, T0 + 1000]
+
+
+async def test_a_timed_out_chunk_write_skips_the_final_write_of_that_cycle(
+    redis_store: RedisStore, bar_store: BarStore
+) -> None:
+    # A hung Redis: the chunk write waited out the timeout. The final write would wait
+    # as long again on the same server, so the cycle leaves its bars in the backlog.
+    store = RecordingStore(redis_store)
+    store.hang_chunk = {"CCC"}
+    now = [T0 / 1000]
+    pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
+    await pipe.run_cycle(T0)
+    assert not store.hang_chunk  # it timed out
+    assert [k for e, k, _, _ in store.events if e == "start"] == ["chunk", "chunk"]  # no final
+    assert not pipe.stats.redis_ok and "Timeout" in (pipe.stats.redis_last_error or "")
+    assert sorted(pipe._redis_backlog) == [(s, T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
+
+    now[0] += 1
+    await pipe.run_cycle(T0 + 1000)  # Redis answers again: one final write carries the backlog
+    assert pipe.stats.redis_ok and not pipe._redis_backlog
+    written: dict[tuple[str, int], int] = {}
+    for event, _, _, bars in store.events:
+        if event == "done":
+            for key in bars:
+                written[key] = written.get(key, 0) + 1
+    assert written == dict.fromkeys({(s, T0 + k * 1000 - 1000) for s in SYMBOLS for k in range(2)}, 1)
+    assert [f is not None and f["t"] == T0 for f in await store.read_features(list(SYMBOLS), TF.name)] \
+        == [True] * 6
+    assert await store.read_heartbeat() is not None
 
 
 async def test_a_failed_request_falls_through_to_the_next_source_in_the_cycle(
