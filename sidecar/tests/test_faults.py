@@ -349,28 +349,6 @@ def test_redis_restarted_empty_is_warmed_from_sqlite(
     assert "redis refilled from sqlite" in daemon.messages()
 
 
-def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
-        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
-        redis_servers: Callable[..., RedisServer]) -> None:
-    server = redis_servers("redis", *DURABLE)
-    env = daemon_env(clean_env, server, SIDECAR_REDIS_DOWN_EXIT_S="4", SIDECAR_FLUSH_INTERVAL_S="3600")
-    db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
-    daemon = daemons(env, "daemon")
-    daemon.wait_ready()
-    time.sleep(2)
-    r = redis_client(server)
-    reached = {sym: redis_bars(r, sym) for sym in SYMBOLS}
-    server.kill()
-    killed_ms = time.time() * 1000
-    assert daemon.proc.wait(30) == 3  # EXIT_REDIS_DOWN, for PM2 to restart it
-    for sym in SYMBOLS:
-        stored = sqlite_bars(db_path, sym)
-        stored_by_t = {b.t: ohlcv(b) for b in stored}
-        assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
-        assert stored[-1].t >= killed_ms + 2_000, "bars of the outage were not kept in SQLite"
-    assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
-
-
 FREEZE_S = 8
 #: A small SIDECAR_REDIS_TIMEOUT_S for the frozen-Redis tests: every Redis call of a cycle
 #: gives up after it, so a hung server costs a cycle well under its one second.
@@ -441,27 +419,36 @@ def test_redis_frozen_for_8_s_neither_stalls_the_loop_nor_loses_a_bar(
     assert "redis write failed; buffering" in messages and "redis is back" in messages
 
 
-def test_redis_frozen_past_its_bound_exits_non_zero_after_flushing(
-        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
+@pytest.mark.parametrize("fault", ["refused", "frozen"])
+def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
+        fault: str, clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
         redis_servers: Callable[..., RedisServer], frozen: list[RedisServer]) -> None:
-    # A hang counts as a refusal: past SIDECAR_REDIS_DOWN_EXIT_S the daemon exits 3.
-    server = redis_servers()
-    env = daemon_env(clean_env, server, SIDECAR_REDIS_TIMEOUT_S=FROZEN_TIMEOUT_S,
-                     SIDECAR_REDIS_DOWN_EXIT_S="3", SIDECAR_FLUSH_INTERVAL_S="3600")
+    """Killed (connections refused) or frozen (they hang): past SIDECAR_REDIS_DOWN_EXIT_S
+    the daemon flushes and exits 3, and SQLite holds the bars of the outage."""
+    if fault == "refused":
+        server = redis_servers("redis", *DURABLE)
+        env = daemon_env(clean_env, server, SIDECAR_REDIS_DOWN_EXIT_S="4", SIDECAR_FLUSH_INTERVAL_S="3600")
+    else:
+        server = redis_servers()
+        env = daemon_env(clean_env, server, SIDECAR_REDIS_TIMEOUT_S=FROZEN_TIMEOUT_S,
+                         SIDECAR_REDIS_DOWN_EXIT_S="3", SIDECAR_FLUSH_INTERVAL_S="3600")
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
     time.sleep(2)
     r = redis_client(server)
     reached = {sym: redis_bars(r, sym) for sym in SYMBOLS}
-    _freeze(server, frozen)
-    frozen_ms = time.time() * 1000
+    if fault == "refused":
+        server.kill()
+    else:
+        _freeze(server, frozen)
+    down_ms = time.time() * 1000
     assert daemon.proc.wait(30) == 3  # EXIT_REDIS_DOWN, for PM2 to restart it
     for sym in SYMBOLS:
         stored = sqlite_bars(db_path, sym)
         stored_by_t = {b.t: ohlcv(b) for b in stored}
         assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
-        assert stored[-1].t >= frozen_ms + 2_000, "bars of the hang were not kept in SQLite"
+        assert stored[-1].t >= down_ms + 2_000, "bars of the outage were not kept in SQLite"
     assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
 
 
