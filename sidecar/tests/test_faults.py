@@ -182,8 +182,11 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
     server = redis_servers()
     r = redis_client(server)
     # A day of history (bootstrapped in line, all of it the warm-up window), then live
-    # bars that only reach the SQLite buffer: the flush interval is an hour.
-    env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="86400",
+    # bars that only reach the SQLite buffer: the flush interval is an hour. The window
+    # must hold the whole series (a day plus the live bars, > 86,400): TA-Lib's running
+    # sums (BBANDS, SMA) start where their input starts, so a batch over a longer series
+    # than the handles were opened on can differ in the last bit.
+    env = daemon_env(clean_env, server, SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="200000",
                      SIDECAR_FLUSH_INTERVAL_S="3600")
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     first = daemons(env, "run1")
