@@ -1,6 +1,6 @@
 """Circuit breakers for the data sources, on pybreaker, used the asyncio way.
 
-pybreaker has no native asyncio support (see shared/notes/providers.md). This
+pybreaker has no native asyncio support. This
 wrapper admits a call first (open -> refuse; open after its timeout -> half-open,
 and half-open lets exactly one probe through at a time), awaits the request
 outside of pybreaker, and then reports the outcome with ``with breaker.calling():``:

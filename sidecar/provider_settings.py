@@ -66,7 +66,7 @@ class ProviderSettings:
     http_connect_timeout_s: float = 5.0
     http_pool_size: int = 20
     yahoo_workers: int = 4
-    # budgets (numbers are today's free tiers; see shared/notes/providers.md)
+    # budgets (numbers are today's free tiers)
     alphavantage_per_day: int = 25
     alphavantage_per_second: int = 1
     twelvedata_credits_per_minute: int = 8

@@ -33,8 +33,8 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sidecar")
 
 
 def fixtures_dir() -> Path:
-    """``../shared/fixtures`` beside the project, or ``SIDECAR_FIXTURES``."""
-    return Path(os.environ.get("SIDECAR_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    """The recorded provider bodies kept in the repository (see its ``PROVENANCE.tsv``)."""
+    return Path(__file__).resolve().parent / "fixtures"
 
 
 class RedisServer:

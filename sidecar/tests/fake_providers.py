@@ -1,7 +1,6 @@
 """A local fake of the four providers, for tests (aiohttp on 127.0.0.1, random port).
 
-It serves the recorded bodies of ``../shared/fixtures`` (read in place, never
-copied) at the providers' real paths, and injects faults on demand: any status,
+It serves the recorded bodies of ``sidecar/tests/fixtures`` (see its ``PROVENANCE.tsv``) at the providers' real paths, and injects faults on demand: any status,
 body, headers (``Retry-After``), a delay (timeouts) or a truncated body.
 Every request is recorded (path, query, headers) so tests can check that nothing
 was sent, or that no key leaked into a URL.
@@ -28,16 +27,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def fixtures_dir() -> Path:
-    """``../shared/fixtures`` beside the project, or ``SIDECAR_FIXTURES``."""
-    return Path(os.environ.get("SIDECAR_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    """The recorded provider bodies kept in the repository (``sidecar/tests/fixtures``)."""
+    return Path(__file__).resolve().parent / "fixtures"
 
 
 def fixture(rel: str) -> bytes:
-    """The bytes of one recorded body; skips the test (saying why) if the folder is missing."""
-    base = fixtures_dir()
-    if not base.is_dir():
-        pytest.skip(f"provider fixtures not found at {base} (set SIDECAR_FIXTURES)")
-    return (base / rel).read_bytes()
+    """The bytes of one recorded body."""
+    return (fixtures_dir() / rel).read_bytes()
 
 
 @dataclass

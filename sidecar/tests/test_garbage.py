@@ -3,7 +3,7 @@
 The property: a parser returns well-typed bars labelled as asked, or raises a
 classified :class:`ProviderError` — never anything else. Replay files are
 configuration, so their classified error is a :class:`ConfigError` naming
-``SIDECAR_REPLAY_FILE``. Real bodies come from ``../shared/fixtures`` (read in
+``SIDECAR_REPLAY_FILE``. Real bodies come from ``sidecar/tests/fixtures`` (read in
 place); mutations replace, delete or duplicate nodes at any depth, then
 optionally cut or splice the serialized bytes.
 
