@@ -100,6 +100,27 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+
+async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStore,
+                       redis_store: RedisStore, *, now_ms: int) -> int:
+    """Backfill every symbol's recorded gaps from ``sources``; returns the bars added.
+
+    A symbol that got bars has older history changed: its feature handles are
+    rebuilt after the next cycle (:meth:`Pipeline.history_changed`).
+    """
+    added = 0
+    for sym in pipeline.symbols:
+        try:
+            result = await repair_gaps(sym, pipeline.grids[sym], sources, store,
+                                       now_ms=now_ms, redis_store=redis_store)
+        except Exception as exc:
+            log.error("gap repair failed", extra={"symbol": sym, "error": str(exc)})
+            continue
+        if result.bars:
+            added += result.bars
+            pipeline.history_changed(sym)
+    return added
+
 class Daemon:
     """``python -m sidecar run``."""
 
@@ -258,16 +279,7 @@ class Daemon:
             except Exception as exc:
                 log.error("gap repair: flush failed", extra={"error": str(exc)})
                 continue
-            for sym, st in pipeline.symbols.items():
-                try:
-                    result = await repair_gaps(sym, pipeline.grids[sym], spare, store,
-                                               now_ms=int(time.time() * 1000),
-                                               redis_store=redis_store)
-                except Exception as exc:
-                    log.error("gap repair failed", extra={"symbol": sym, "error": str(exc)})
-                    continue
-                if result.bars:
-                    st.needs_rebuild = True  # older bars changed: reopen the handles
+            await repair_round(pipeline, spare, store, redis_store, now_ms=int(time.time() * 1000))
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():

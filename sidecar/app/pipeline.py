@@ -147,7 +147,11 @@ class SymbolState:
     forming: Bar | None = None
     last: Bar | None = None  # newest closed bar
     updated_ms: int | None = None  # when a source last answered for this symbol
+    #: Older closed bars changed (a correction, gap repair): reopen the handles.
     needs_rebuild: bool = False
+    #: While a rebuild reads history: every closed bar applied meanwhile, by open time
+    #: (the read may or may not see them; the rebuild lays them over what it read).
+    rebuilding: dict[int, Bar] | None = None
     via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
     expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
     features: dict[str, Any] | None = None  # the map last written to Redis
@@ -324,8 +328,10 @@ class Pipeline:
             # One flush at a time: a locked or slow database must not pile up tasks.
             self._flush_task = self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
-            if st.needs_rebuild:
+            if st.needs_rebuild and st.rebuilding is None:
+                # One rebuild per symbol at a time; a change meanwhile starts the next one.
                 st.needs_rebuild = False
+                st.rebuilding = {}
                 self._spawn(self._rebuild(sym))
 
         stats = self.stats
@@ -520,34 +526,43 @@ class Pipeline:
         forming = st.forming
         if verdict is Verdict.CORRECTION:
             st.needs_rebuild = True
+            if st.rebuilding is not None:
+                st.rebuilding[bar.t] = bar
             return [bar]
         if forming is not None and bar.t == forming.t:
             if bar.forming:
                 st.forming = bar
             else:
-                st.engine.update(bar)
-                st.last, st.forming = bar, None
+                self._close(st, bar)
             return [bar]
         if st.last is not None and bar.t <= st.last.t:
             # A revision of the newest closed bar: values change, handles must be rebuilt.
             st.last = bar
             st.needs_rebuild = True
+            if st.rebuilding is not None:
+                st.rebuilding[bar.t] = bar
             return [bar]
         stored: list[Bar] = []
         if forming is not None:
             # A newer bar closes the forming one with its last revision.
             closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
                          forming.c, forming.v, forming.src, False, forming.synthetic)
-            st.engine.update(closed)
-            st.last, st.forming = closed, None
+            self._close(st, closed)
             stored.append(closed)
         if bar.forming:
             st.forming = bar
         else:
-            st.engine.update(bar)
-            st.last = bar
+            self._close(st, bar)
         stored.append(bar)
         return stored
+
+    @staticmethod
+    def _close(st: SymbolState, bar: Bar) -> None:
+        """Commit a closed bar to the symbol's handles (and to a rebuild in flight)."""
+        st.engine.update(bar)
+        st.last, st.forming = bar, None
+        if st.rebuilding is not None:
+            st.rebuilding[bar.t] = bar
 
     def _features(self, symbols: list[str], now_ms: int) -> list[tuple[str, str, bytes]]:
         """The feature maps of ``symbols`` (those with a bar), packed for Redis."""
@@ -667,20 +682,48 @@ class Pipeline:
             self.store.add_gap(gap.symbol, self.tf.name, gap.start, gap.end, gap.missing, gap.filled)
         self.validator.new_gaps.clear()
 
+    def history_changed(self, symbol: str) -> None:
+        """Older closed bars of ``symbol`` changed in the stores (gap repair): its
+        feature handles are reopened on the stored history after the next cycle."""
+        self.symbols[symbol].needs_rebuild = True
+
     async def _rebuild(self, symbol: str) -> None:
-        """Reopen a symbol's handles after a correction changed a closed bar."""
+        """Reopen a symbol's handles after older closed bars changed (a correction, gap repair).
+
+        The history is read from Redis (SQLite if Redis fails) while cycles go on, so
+        the read may miss what they apply meanwhile. Nothing is lost or counted twice:
+        the new handles are opened, without an ``await`` between, on the read bars
+        overlaid with the bars Redis still owes (the backlog) and every closed bar
+        applied since the rebuild started (:attr:`SymbolState.rebuilding`), up to
+        the symbol's newest closed bar.
+        """
         st = self.symbols[symbol]
         try:
-            bars = await self.redis.recent_bars(symbol, self.tf.name, self.settings.warm_bars)
-        except RedisError:
-            await self.store.flush()
-            bars = await self.store.last_bars(symbol, self.tf.name, self.settings.warm_bars)
-        closed = [b for b in bars if not b.forming and (st.forming is None or b.t < st.forming.t)]
+            try:
+                bars = await self.redis.recent_bars(symbol, self.tf.name, self.settings.warm_bars)
+            except (RedisError, OSError):
+                await self.store.flush()
+                bars = await self.store.last_bars(symbol, self.tf.name, self.settings.warm_bars)
+        except BaseException:
+            st.needs_rebuild = True  # tried again after the next cycle
+            st.rebuilding = None
+            raise
+        applied = st.rebuilding or {}
+        series = {b.t: b for b in bars}
+        for (sym, t), b in self._redis_backlog.items():
+            if sym == symbol:
+                series[t] = b
+        series.update(applied)
+        newest = st.last.t if st.last is not None else -1
+        closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
+        if len(closed) > self.settings.warm_bars:
+            closed = closed[-self.settings.warm_bars:]
         engine = FeatureEngine(symbol, self.tf.name, self.settings.periods,
                                self.settings.session_anchor_min)
         engine.load(closed)
         st.engine = engine
-        log.info("features rebuilt after a correction", extra={"symbol": symbol, "bars": len(closed)})
+        st.rebuilding = None
+        log.info("features rebuilt", extra={"symbol": symbol, "bars": len(closed)})
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
