@@ -23,6 +23,9 @@ from sidecar.errors import SidecarError
 
 log = logging.getLogger("sidecar.redis_server")
 
+#: How long a started server that listens may take to load its dataset before it answers.
+LOAD_TIMEOUT_S = 600.0
+
 
 def find_redis_server() -> str:
     """Path of a real ``redis-server`` binary; raises if there is none."""
@@ -106,6 +109,7 @@ class EmbeddedRedis:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        said = False
         while loop.time() < deadline:
             if self._proc.poll() is not None:
                 raise SidecarError(
@@ -116,9 +120,27 @@ class EmbeddedRedis:
                 log.info("embedded redis started", extra={"socket": str(self.socket),
                                                           "pid": self._proc.pid})
                 return self.url
+            if self.socket.exists() and not said and (self.directory / "dump.rdb").exists():
+                # Listening but silent: it reads its dataset (a large RDB may take minutes).
+                log.warning("embedded redis is loading its dataset; waiting for it")
+                said = True
+                deadline = loop.time() + LOAD_TIMEOUT_S
             await asyncio.sleep(0.05)
         self._proc.kill()
-        raise SidecarError(f"embedded redis-server did not answer on {self.socket} in {timeout_s}s")
+        raise SidecarError(f"embedded redis-server did not answer on {self.socket} in time")
+
+    def running(self) -> bool:
+        """The server this object started or adopted still runs."""
+        if self._proc is not None:
+            return self._proc.poll() is None
+        pid = _read_pid(self.pidfile)
+        return pid is not None and _alive(pid)
+
+    async def restart(self, timeout_s: float = 10.0) -> str:
+        """Start the server again (it reloads its RDB) after it died; returns its URL."""
+        self._proc = None
+        self.adopted = False
+        return await self.start(timeout_s)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Save and stop the server (started or adopted by us)."""

@@ -24,16 +24,22 @@ redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from sidecar.bar import Bar
 from sidecar.settings import SYMBOL_RE
+
+log = logging.getLogger("sidecar.redis")
 
 SCHEMA_VERSION = 1
 
@@ -129,6 +135,41 @@ def redis_refusal(exc: RedisError) -> str | None:
     if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
         return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
     return None
+
+
+async def wait_loaded(
+    redis: Redis, should_stop: asyncio.Event, *,
+    running: Callable[[], bool] | None = None, poll_s: float = 0.1,
+) -> bool:
+    """Wait while Redis answers ``LOADING`` (it is reading its dataset from disk).
+
+    A loading server holds data: it must not be taken for an empty one. A server
+    busy loading a large file may not answer at all until done: when ``running``
+    is given (a server we started: whether its process still runs), a server that
+    does not answer is waited for as long as it runs. Returns True once it answers
+    normally (or is unreachable otherwise: that is the callers' outage path),
+    False if ``should_stop`` was set first.
+    """
+    said = False
+    while not should_stop.is_set():
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            silent = isinstance(exc, (RedisConnectionError, RedisTimeout, TimeoutError, OSError))
+            if not (isinstance(exc, BusyLoadingError) or (silent and running is not None and running())):
+                return True
+            if not said:
+                log.warning("redis is loading its dataset; waiting for it")
+                said = True
+            try:
+                await asyncio.wait_for(should_stop.wait(), poll_s)
+            except TimeoutError:
+                pass
+            continue
+        if said:
+            log.info("redis finished loading its dataset")
+        return True
+    return False
 
 
 def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:

@@ -31,7 +31,7 @@ from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
-from sidecar.redis_store import RedisStore, connect, redis_refusal
+from sidecar.redis_store import RedisStore, connect, redis_refusal, wait_loaded
 from sidecar.settings import Settings
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sqlite_store import BarStore
@@ -43,6 +43,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REDIS_DOWN = 3
 RETENTION_EVERY_S = 3_600.0
+#: How often the embedded Redis server is checked, and the back-off of failed restarts.
+REDIS_WATCH_EVERY_S = 0.25
+REDIS_RESTART_MIN_S = 0.5
+REDIS_RESTART_MAX_S = 10.0
 GAP_REPAIR_EVERY_S = 60.0
 #: Gap repair only spends budgets that sustain at least one request a minute, so it
 #: never eats the few daily requests of a source like Alpha Vantage (25/day).
@@ -185,6 +189,8 @@ class Daemon:
                 "symbols": len(s.symbols), "sources": [x.name for x in sources],
                 "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
                 "redis": "embedded" if embedded else "external", "sqlite": str(s.sqlite_file)})
+            await wait_loaded(redis_store.redis, self.should_exit,
+                              running=None if embedded is None else embedded.running)
             now_ms = int(time.time() * 1000)
             try:
                 await pipeline.write_meta()
@@ -200,6 +206,8 @@ class Daemon:
             await pipeline.warm(int(time.time() * 1000))
             settle_gc()
             view.ready = True
+            if embedded is not None:
+                self._spawn(self._supervise_redis(embedded, pipeline))
             self._spawn(self._retention(store))
             self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
             await self._main_loop(pipeline, ticker)
@@ -280,6 +288,35 @@ class Daemon:
                 log.error("gap repair: flush failed", extra={"error": str(exc)})
                 continue
             await repair_round(pipeline, spare, store, redis_store, now_ms=int(time.time() * 1000))
+
+    async def _supervise_redis(self, embedded: EmbeddedRedis, pipeline: Pipeline) -> None:
+        """Restart the embedded server at once if it dies (from its RDB), then let the
+        pipeline put back what the restarted server lacks. An external Redis is only
+        reconnected to (by the client, on the next write)."""
+        backoff_s = REDIS_RESTART_MIN_S
+        while not self.should_exit.is_set():
+            try:
+                await asyncio.wait_for(self.should_exit.wait(), REDIS_WATCH_EVERY_S)
+                return
+            except TimeoutError:
+                pass
+            if embedded.running():
+                continue
+            log.error("embedded redis died; restarting it")
+            try:
+                await embedded.restart()
+            except SidecarError as exc:
+                log.error("embedded redis restart failed; retrying",
+                          extra={"error": str(exc), "retry_s": backoff_s})
+                try:
+                    await asyncio.wait_for(self.should_exit.wait(), backoff_s)
+                except TimeoutError:
+                    pass
+                backoff_s = min(backoff_s * 2, REDIS_RESTART_MAX_S)
+                continue
+            backoff_s = REDIS_RESTART_MIN_S
+            await wait_loaded(pipeline.redis.redis, self.should_exit, running=embedded.running)
+            pipeline.redis_replaced()
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():

@@ -682,6 +682,11 @@ class Pipeline:
             self.store.add_gap(gap.symbol, self.tf.name, gap.start, gap.end, gap.missing, gap.filled)
         self.validator.new_gaps.clear()
 
+    def redis_replaced(self) -> None:
+        """Redis came back as another server (restarted, maybe from an older snapshot):
+        the bars it lacks are put back from SQLite (only what differs, see :func:`reconcile`)."""
+        self._refill_needed = True
+
     def history_changed(self, symbol: str) -> None:
         """Older closed bars of ``symbol`` changed in the stores (gap repair): its
         feature handles are reopened on the stored history after the next cycle."""
