@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fixtures_dir() -> Path:

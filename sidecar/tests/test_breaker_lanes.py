@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fake_providers import FakeProviders, Reply, Seen, fake, fixture  # noqa: F401
 
 from sidecar.app.health import health_report
 from sidecar.app.http import DaemonView, make_app
@@ -36,6 +35,7 @@ from sidecar.sources.base import LatestResult, Source
 from sidecar.sources.twelvedata import TwelveDataSource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, Seen, fake, fixture  # noqa: F401
 from sidecar.timeframe import Timeframe
 
 T0 = 1_763_802_000  # 2025-11-22 09:00 UTC, epoch seconds

@@ -7,7 +7,6 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -15,6 +14,7 @@ from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources._parsing import ParseContext
 from sidecar.sources.alphavantage import AlphaVantageSource, parse_time_series
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.timeframe import Timeframe
 
 NOW = 1_900_000_000_000

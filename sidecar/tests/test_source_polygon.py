@@ -6,7 +6,6 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -14,6 +13,7 @@ from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources._parsing import ParseContext
 from sidecar.sources.polygon import PolygonSource, parse_aggs, rebase_url
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.timeframe import Timeframe
 
 NOW = 1_900_000_000_000

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -15,6 +14,7 @@ from sidecar.sources._parsing import ParseContext
 from sidecar.sources.yahoo import YahooSource, parse_chart
 from sidecar.sources.yahoo_stream import YahooStream
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.timeframe import Timeframe
 
 AAPL_1M = "yahoo/chart_AAPL_1m_2024-10-02_regular_only_with_nulls.json"

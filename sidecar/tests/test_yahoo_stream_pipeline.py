@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import talib
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
@@ -27,6 +26,7 @@ from sidecar.settings import Settings
 from sidecar.sources.yahoo import YahooSource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 AAPL_1M = "yahoo/chart_AAPL_1m_2024-10-02_regular_only_with_nulls.json"
 T = 1_760_000_040_000  # a minute open; the test's "now" is a few seconds after it
