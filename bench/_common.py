@@ -127,7 +127,7 @@ class PrivateRedis:
     noise): the test suite's ``RedisServer`` in a temporary directory."""
 
     def __init__(self) -> None:
-        from sidecar.tests.conftest import RedisServer
+        from sidecar.tests.helpers import RedisServer
 
         self._dir = tempfile.TemporaryDirectory(prefix="sidecar-bench-")
         self.server = RedisServer(Path(self._dir.name))

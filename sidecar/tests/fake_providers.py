@@ -22,8 +22,6 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def fixtures_dir() -> Path:
     """The recorded provider bodies kept in the repository (``sidecar/tests/fixtures``)."""

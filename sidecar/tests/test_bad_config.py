@@ -9,15 +9,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_daemon import free_port, http_get, wait_ready
-from test_provider_settings import BAD_VALUES as PROVIDER_BAD_VALUES
-from test_settings import BAD_VALUES as SETTINGS_BAD_VALUES
 
 from sidecar.settings import Settings
-from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.helpers import (
+    PROVIDER_BAD_VALUES,
+    REPO,
+    SETTINGS_BAD_VALUES,
+    Daemon,
+    RedisServer,
+    free_port,
+    http_get,
+)
 
 PACKAGE = REPO / "sidecar"
 _VARIABLE = re.compile(r'"((?:SIDECAR|ALPHAVANTAGE|TWELVEDATA|POLYGON)_[A-Z0-9_]+)"')
@@ -128,7 +134,8 @@ bloomberg = "XAU Curncy"
 
 
 def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, str], tmp_path: Path,
-                                                           redis_server: RedisServer) -> None:
+                                                           redis_server: RedisServer,
+                                                           daemons: Callable[..., Daemon]) -> None:
     mapping = tmp_path / "symbols.toml"
     mapping.write_text(MAPPING)
     port = free_port()
@@ -136,10 +143,10 @@ def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, 
                SIDECAR_SYMBOLS_FILE=str(mapping), SIDECAR_HTTP_PORT=str(port),
                SIDECAR_REDIS_URL=redis_server.url, SIDECAR_REDIS_PREFIX="mapping",
                SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_TIMEFRAME="1s")
-    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
+        daemon.wait_ready(30)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             _, health = http_get(port, "/health")
@@ -152,8 +159,7 @@ def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, 
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.stderr is not None
-    log = proc.stderr.read().decode()
+    log = daemon.log_text()
     problems = [line for line in log.splitlines() if '"symbol mapping"' in line]
     assert any("GBPUSD" in line and "asset_class 'forex'" in line for line in problems), log
     assert any("XAUUSD" in line and "bloomberg" in line for line in problems), log

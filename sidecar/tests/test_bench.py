@@ -11,7 +11,7 @@ import pytest
 
 from bench import __main__ as run_all
 from bench import cycle, features, scanner_read, store, tick
-from sidecar.tests.conftest import have_redis_binary
+from sidecar.tests.helpers import have_redis_binary
 
 needs_redis = pytest.mark.skipif(not have_redis_binary(), reason="no redis-server binary")
 

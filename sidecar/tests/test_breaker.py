@@ -13,16 +13,7 @@ import pytest
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
-
-
-class Clock:
-    """Epoch seconds that move only when a test says so."""
-
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from sidecar.tests.helpers import Clock
 
 
 def breaker(clock: Clock, fail_max: int = 1, **kw: object) -> SourceBreaker:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -10,62 +9,26 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sidecar.bar import Bar
-from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get, scan
 
 SYMBOLS = "AAPL,MSFT,EURUSD,BTCUSD"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        try:
-            if http_get(port, "/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("daemon not ready in time")
-
-
-def scan(env: dict[str, str]) -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json"], cwd=REPO, env=env,
-                         capture_output=True, timeout=30, check=True)
-    return [json.loads(line) for line in out.stdout.decode().splitlines()]
-
-
-def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str]) -> None:
+def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str],
+                                                   daemons: Callable[..., Daemon]) -> None:
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS,
                SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="2")
     started = time.monotonic()
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
+        daemon.wait_ready(30)
         rows: list[dict[str, Any]] = []
         while time.monotonic() - started < 10:
             rows = scan(env)
@@ -125,16 +88,17 @@ def _answers(sock: Path) -> bool:
 
 
 def test_sigterm_with_full_buffer_loses_no_bar(clean_env: dict[str, str], redis_server: RedisServer,
-                                               tmp_path: Path) -> None:
+                                               daemons: Callable[..., Daemon]) -> None:
     port = free_port()
     prefix = f"t{os.getpid()}"
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS, SIDECAR_TIMEFRAME="1s",
                SIDECAR_HTTP_PORT=str(port), SIDECAR_REDIS_URL=redis_server.url,
                SIDECAR_REDIS_PREFIX=prefix, SIDECAR_FLUSH_INTERVAL_S="3600",
                SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_WARM_BARS="0")
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
+        daemon.wait_ready(30)
         time.sleep(4)
         _, health = http_get(port, "/health")
         assert health["sqlite"]["buffered"] > 0 and health["sqlite"]["flushed_rows"] == 0

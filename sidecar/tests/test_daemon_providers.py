@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import FakeProviders, Reply, Seen, fake  # noqa: F401
 
-from sidecar.tests.test_daemon import free_port, http_get, scan, start, wait_ready
+from sidecar.tests.fake_providers import FakeProviders, Reply, Seen, fake  # noqa: F401
+from sidecar.tests.helpers import Daemon, free_port, http_get, scan
 
 MIN = 60_000
 
@@ -61,7 +62,7 @@ async def until(check: Any, timeout_s: float, what: str) -> Any:
 
 @pytest.mark.asyncio
 async def test_daemon_on_fake_providers_stream_and_fallback(
-    fake: FakeProviders, clean_env: dict[str, str], tmp_path: Path
+    fake: FakeProviders, clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]
 ) -> None:
     fake.responders["yahoo"] = yahoo_chart
     fake.responders["polygon"] = polygon_aggs
@@ -73,9 +74,10 @@ async def test_daemon_on_fake_providers_stream_and_fallback(
                POLYGON_API_KEY="PGKEY123", SIDECAR_POLYGON_PER_MINUTE="1000",
                SIDECAR_BREAKER_FAIL_MAX="2", SIDECAR_BREAKER_RESET_S="600",
                SIDECAR_FETCH_TIMEOUT_S="3", SIDECAR_OUTLIER_K="0")
-    proc = await asyncio.to_thread(start, env)
+    daemon = await asyncio.to_thread(daemons, env)
+    proc = daemon.proc
     try:
-        await asyncio.to_thread(wait_ready, proc, port, 60)
+        await asyncio.to_thread(daemon.wait_ready, 60)
 
         async def fresh_from(src: str) -> Any:
             rows = await asyncio.to_thread(scan, env)

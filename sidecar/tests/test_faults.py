@@ -22,83 +22,9 @@ import redis
 
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, http_get
-from sidecar.tests.test_features import assert_row_equal, batch_values
+from sidecar.tests.helpers import Daemon, RedisServer, assert_row_equal, batch_values
 
 SYMBOLS = ("AAPL", "BTCUSD")
-
-
-class Daemon:
-    """``python -m sidecar run`` in a subprocess, its JSON log in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, wrapper: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "sidecar", "run"],
-                                         cwd=REPO, env=self.env, stdout=log, stderr=log)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log_text()}"
-            try:
-                if http_get(self.port, "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
-
-    def health(self) -> dict[str, Any]:
-        return http_get(self.port, "/health")[1]
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def messages(self) -> list[str]:
-        return [rec.get("msg", "") for rec in self.logs()]
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``daemons(env, name)`` starts a daemon logging to ``{name}.log``; all are killed at the end."""
-    started: list[Daemon] = []
-
-    def start(env: dict[str, str], name: str = "daemon") -> Daemon:
-        started.append(Daemon(env, tmp_path / f"{name}.log"))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.kill()
 
 
 @pytest.fixture

@@ -12,57 +12,7 @@ from hypothesis import strategies as st
 from sidecar.bar import Bar
 from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, features_map, pack_features, session_of
 from sidecar.settings import IndicatorPeriods
-
-TF_MS = 60_000
-T0 = 1_727_827_200_000 + 13 * 3_600_000  # a UTC day, mid-morning: sessions roll over inside
-
-
-def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
-    rng = np.random.default_rng(seed)
-    closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
-    opens = np.concatenate([[100.0], closes[:-1]])
-    highs = np.maximum(opens, closes) * (1 + rng.uniform(0, 0.002, n))
-    lows = np.minimum(opens, closes) * (1 - rng.uniform(0, 0.002, n))
-    vols = rng.integers(1, 5_000, n).astype(float)
-    return [
-        Bar("TEST", "1m", T0 + i * TF_MS, float(opens[i]), float(highs[i]), float(lows[i]),
-            float(closes[i]), float(vols[i]) if volume else None, "test")
-        for i in range(n)
-    ]
-
-
-def batch_values(bars: list[Bar], anchor_min: int = 0) -> dict[str, np.ndarray]:
-    h = np.array([b.h for b in bars])
-    l = np.array([b.l for b in bars])
-    c = np.array([b.c for b in bars])
-    out: dict[str, np.ndarray] = {
-        "rsi": talib.RSI(c, 14), "ema": talib.EMA(c, 20), "atr": talib.ATR(h, l, c, 14),
-        "mom": talib.MOM(c, 10),
-    }
-    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0)
-    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, 12, 26, 9)
-    if bars[0].v is None:
-        out["vol_ma"] = np.full(len(bars), np.nan)
-        out["vwap"] = np.full(len(bars), np.nan)
-        return out
-    v = np.array([b.v for b in bars], dtype=float)
-    out["vol_ma"] = talib.SMA(v, 20)
-    vwap = np.full(len(bars), np.nan)
-    sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars])
-    for s in np.unique(sessions):
-        idx = np.nonzero(sessions == s)[0]
-        vwap[idx] = talib.VWAP(h[idx], l[idx], c[idx], v[idx])
-    out["vwap"] = vwap
-    return out
-
-
-def assert_row_equal(values: list[float | None], expected: dict[str, np.ndarray], i: int) -> None:
-    for name, got in zip(FEATURE_FIELDS, values, strict=True):
-        want = expected[name][i]
-        if np.isnan(want):
-            assert got is None, f"{name}[{i}]: expected null during warm-up, got {got}"
-        else:
-            assert got == want, f"{name}[{i}]: {got!r} != batch {want!r}"  # bit-identical
+from sidecar.tests.helpers import assert_row_equal, batch_values, make_series
 
 
 @pytest.mark.parametrize("anchor_min", [0, 13 * 60 + 30])

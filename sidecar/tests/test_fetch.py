@@ -6,11 +6,11 @@ import io
 import json
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import EXIT_CODES
 from sidecar.fetch import run_fetch
 from sidecar.settings import Settings
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.timeframe import Timeframe
 
 

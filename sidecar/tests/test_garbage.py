@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import fixture, message_b64
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from sidecar.sources._parsing import ParseContext
 from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
+from sidecar.tests.fake_providers import fixture, message_b64
 from sidecar.timeframe import Timeframe
 
 NOW = 1_727_900_000_000

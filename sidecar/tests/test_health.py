@@ -18,7 +18,7 @@ from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.test_pipeline import ScriptedSource, series, settings
+from sidecar.tests.helpers import ScriptedSource, series, settings
 
 T0 = 1_700_000_000_000
 

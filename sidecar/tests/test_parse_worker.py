@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import FakeProviders, Reply, Seen, fake, fixture, fixtures_dir  # noqa: F401
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
@@ -28,8 +27,8 @@ from sidecar.rate_budget import RateBudget
 from sidecar.sources._parsing import ParseContext
 from sidecar.sources.twelvedata import ClosedRows, TwelveDataSource, parse_batch
 from sidecar.symbols import load_symbol_map
-from sidecar.tests.conftest import REPO
-from sidecar.tests.test_daemon import free_port, http_get, start, wait_ready
+from sidecar.tests.fake_providers import FakeProviders, Reply, Seen, fake, fixture, fixtures_dir  # noqa: F401
+from sidecar.tests.helpers import REPO, Daemon, free_port, http_get
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -300,7 +299,7 @@ def time_series(seen: Seen) -> Reply:
 
 
 async def test_daemon_keeps_cycling_when_its_parse_worker_is_sigkilled(
-        fake: FakeProviders, clean_env: dict[str, str], tmp_path: Path) -> None:
+        fake: FakeProviders, clean_env: dict[str, str], daemons: Callable[..., Daemon]) -> None:
     fake.responders["td"] = time_series
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="twelvedata", SIDECAR_SYMBOLS="BTCUSD,ETHUSD",
@@ -308,9 +307,10 @@ async def test_daemon_keeps_cycling_when_its_parse_worker_is_sigkilled(
                SIDECAR_TWELVEDATA_BASE_URL=fake.base_url, TWELVEDATA_API_KEY="TDKEY12345",
                SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE="100000", SIDECAR_TWELVEDATA_CREDITS_PER_DAY="10000000",
                SIDECAR_PARSE_PROCESS="on", SIDECAR_FETCH_TIMEOUT_S="3")
-    proc = await asyncio.to_thread(start, env)
+    daemon = await asyncio.to_thread(daemons, env)
+    proc = daemon.proc
     try:
-        await asyncio.to_thread(wait_ready, proc, port, 60)
+        await asyncio.to_thread(daemon.wait_ready, 60)
 
         async def health() -> dict[str, Any]:
             return (await asyncio.to_thread(http_get, port, "/health"))[1]
@@ -343,7 +343,7 @@ async def test_daemon_keeps_cycling_when_its_parse_worker_is_sigkilled(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 20) == 0
         assert not alive(second)
-        log = proc.stderr.read().decode() if proc.stderr else ""
+        log = daemon.log_text()
         assert "parse worker lost" in log and log.count("parse worker started") == 2
         assert "parse worker stopped" in log and "TDKEY12345" not in log
     finally:

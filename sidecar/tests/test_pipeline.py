@@ -3,58 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 import talib
 
 from sidecar.app.pipeline import Pipeline
-from sidecar.bar import Bar
-from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
-from sidecar.settings import Settings
-from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import ScriptedSource, series, settings
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1s")
-
-
-class ScriptedSource(Source):
-    """Serves a prepared list of bars: each call returns the next step's bars."""
-
-    name = "scripted"
-
-    def __init__(self, steps: list[dict[str, list[Bar]]], fail: bool = False) -> None:
-        self.steps = steps
-        self.fail = fail
-        self.calls = 0
-
-    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        self.calls += 1
-        if self.fail:
-            raise ProviderError("unavailable", "scripted outage", source=self.name)
-        step = self.steps.pop(0) if self.steps else {}
-        return {s: step.get(s, []) for s in symbols}
-
-    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
-        return []
-
-
-def settings(**kw: object) -> Settings:
-    base = Settings(symbols=("AAA", "BBB"), sources=("scripted",), timeframe=TF, warm_bars=5_000,
-                    outlier_k=0.0, clock_skew_ms=10**12)
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
-
-
-def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
-    rng = np.random.default_rng(seed)
-    c = 50 * np.exp(np.cumsum(rng.normal(0, 0.003, n)))
-    o = np.concatenate([[50.0], c[:-1]])
-    return [Bar(symbol, "1s", t0 + i * 1000, float(o[i]), float(max(o[i], c[i]) * 1.001),
-                float(min(o[i], c[i]) * 0.999), float(c[i]), float(100 + i % 17), "scripted")
-            for i in range(n)]
 
 
 async def test_cycles_store_bars_and_features_equal_batch_after_restart(

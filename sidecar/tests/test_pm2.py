@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ import redis
 from sidecar.bar import Bar
 from sidecar.scanner import Scanner
 from sidecar.settings import Settings
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, http_get, start
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get
 
 PM2 = REPO / "node_modules" / ".bin" / "pm2"
 SYMBOLS = ["AAPL", "EURUSD", "BTCUSD"]
@@ -147,7 +146,8 @@ def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
         assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in in_redis] == stored
 
 
-def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], tmp_path: Path) -> None:
+def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], tmp_path: Path,
+                                                     daemons: Callable[..., Daemon]) -> None:
     """What makes PM2 restart it: Redis gone longer than SIDECAR_REDIS_DOWN_EXIT_S -> exit 3."""
     server = RedisServer(tmp_path / "redis")
     server.start()
@@ -155,7 +155,8 @@ def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], 
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL", SIDECAR_HTTP_PORT=str(port),
                SIDECAR_REDIS_URL=server.url, SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_REDIS_DOWN_EXIT_S="2",
                SIDECAR_REDIS_TIMEOUT_S="0.2")
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
         wait_for(lambda: http_get(port, "/ready")[0] == 200, 30, "/ready")
         server.stop()
@@ -164,7 +165,7 @@ def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], 
         if proc.poll() is None:
             proc.kill()
         server.stop()
-    events = [json.loads(line) for line in proc.stderr.read().decode().splitlines()] if proc.stderr else []
+    events = [json.loads(line) for line in daemon.log_text().splitlines()]
     messages = [e["msg"] for e in events]
     assert messages.count("redis write failed; buffering") == 1, messages
     assert "redis unreachable for too long; exiting for a restart" in messages

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from sidecar.app.reconcile import reconcile
-from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
-
-
-def bar(t: int, c: float = 10.0, forming: bool = False) -> Bar:
-    return Bar("AAPL", "1s", t * 1000, 10.0, max(c, 10.0), min(c, 10.0), c, 5.0, "sim", forming)
+from sidecar.tests.helpers import bar
 
 
 async def test_both_directions_closed_beats_forming_and_redis_wins_otherwise(
         redis_store: RedisStore, bar_store: BarStore) -> None:
     # SQLite: bars 0..9 (5 with another close, 8 closed); Redis: 5..12 (8 still forming there).
-    await bar_store.write_history([bar(t, 11.0 if t == 5 else 10.0) for t in range(10)])
-    await redis_store.write_history([bar(t, 10.0, forming=t in (8, 12)) for t in range(5, 13)])
+    await bar_store.write_history([bar(t * 1000, 11.0 if t == 5 else 10.0, tf="1s") for t in range(10)])
+    await redis_store.write_history([bar(t * 1000, 10.0, tf="1s", forming=t in (8, 12)) for t in range(5, 13)])
 
     done = await reconcile("AAPL", "1s", redis_store, bar_store, keep=100)
     assert (done.to_sqlite, done.to_redis) == (4, 6)  # 5, 10, 11, 12 | 0..4, 8
@@ -33,7 +29,7 @@ async def test_both_directions_closed_beats_forming_and_redis_wins_otherwise(
 
 
 async def test_empty_redis_gets_the_newest_keep_bars(redis_store: RedisStore, bar_store: BarStore) -> None:
-    await bar_store.write_history([bar(t) for t in range(300)])
+    await bar_store.write_history([bar(t * 1000, tf="1s") for t in range(300)])
     done = await reconcile("AAPL", "1s", redis_store, bar_store, keep=120)
     assert done.to_redis == 120
     assert [b.t for b in await redis_store.recent_bars("AAPL", "1s", 1000)] == [
@@ -42,8 +38,8 @@ async def test_empty_redis_gets_the_newest_keep_bars(redis_store: RedisStore, ba
 
 async def test_redis_short_of_its_cap_is_filled_with_older_stored_bars(
         redis_store: RedisStore, bar_store: BarStore) -> None:
-    await bar_store.write_history([bar(t) for t in range(300)])
-    await redis_store.write_history([bar(t) for t in range(290, 300)])
+    await bar_store.write_history([bar(t * 1000, tf="1s") for t in range(300)])
+    await redis_store.write_history([bar(t * 1000, tf="1s") for t in range(290, 300)])
     done = await reconcile("AAPL", "1s", redis_store, bar_store, keep=120)
     assert (done.to_sqlite, done.to_redis) == (0, 110)
     assert len(await redis_store.recent_bars("AAPL", "1s", 1000)) == 120

@@ -8,26 +8,27 @@ import msgpack
 
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore
+from sidecar.tests.helpers import bar
+
+M = 60_000  # one minute, the bars' timeframe
 
 
-def bar(t: int, c: float = 100.0, forming: bool = False) -> Bar:
-    return Bar("AAPL", "1m", t * 60_000, c, c + 1, c - 1, c, 10.0, "test", forming=forming)
 
 
 async def test_bars_are_capped_on_every_write(redis_store: RedisStore) -> None:
     redis_store.bars_cap = 5_000
-    await redis_store.write_history(bar(i) for i in range(5_200))
+    await redis_store.write_history(bar(i * M) for i in range(5_200))
     assert await redis_store.bar_count("AAPL", "1m") == 5_000
-    await redis_store.write_cycle([bar(5_200)], [])
+    await redis_store.write_cycle([bar(5_200 * M)], [])
     recent = await redis_store.recent_bars("AAPL", "1m", 10_000)
     assert len(recent) == 5_000
     assert recent[0].t == 201 * 60_000 and recent[-1].t == 5_200 * 60_000  # oldest dropped
 
 
 async def test_forming_bar_is_replaced_in_place_never_duplicated(redis_store: RedisStore) -> None:
-    await redis_store.write_cycle([bar(1), bar(2, 100.0, forming=True)], [])
-    await redis_store.write_cycle([bar(2, 101.0, forming=True)], [])
-    await redis_store.write_cycle([bar(2, 102.0, forming=False)], [])
+    await redis_store.write_cycle([bar(1 * M), bar(2 * M, 100.0, forming=True)], [])
+    await redis_store.write_cycle([bar(2 * M, 101.0, forming=True)], [])
+    await redis_store.write_cycle([bar(2 * M, 102.0, forming=False)], [])
     recent = await redis_store.recent_bars("AAPL", "1m", 10)
     assert [(b.t, b.c, b.forming) for b in recent] == [(60_000, 100.0, False), (120_000, 102.0, False)]
 

@@ -13,11 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
-from test_daemon import free_port
 
 from sidecar.sources.base import Source
-from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import REPO, RedisServer, free_port
 
 KEYS = {
     "ALPHAVANTAGE_API_KEY": "AVk3yQ7zz91xq",

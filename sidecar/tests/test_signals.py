@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -22,9 +23,16 @@ from sidecar.redis_store import RedisStore
 from sidecar.scanner import Scanner
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.signals import RULES, SignalRules, evaluate
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, start, wait_ready
-from sidecar.tests.test_features import make_series
+from sidecar.tests.helpers import (
+    REPO,
+    Daemon,
+    RedisServer,
+    ScriptedSource,
+    free_port,
+    make_series,
+    series,
+    settings,
+)
 
 BAR_T = 1_727_875_800_000
 
@@ -180,7 +188,8 @@ async def first_update(env: dict[str, str]) -> list[dict[str, Any]]:
     raise AssertionError("the subscription ended")
 
 
-def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server: RedisServer) -> None:
+def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server: RedisServer,
+                                         daemons: Callable[..., Daemon]) -> None:
     """The real daemon, the real 2 s TTL: signals while it runs, none once it is gone."""
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,XAUUSD",
@@ -188,9 +197,10 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
                SIDECAR_REDIS_PREFIX=f"sig{time.time_ns()}", SIDECAR_BOOTSTRAP_DAYS="1",
                # rsi < 100 holds for any defined RSI: every fresh symbol must signal.
                SIDECAR_SIGNAL_RULES="rsi_below", SIDECAR_SIGNAL_RSI_BELOW="100")
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
+        daemon.wait_ready(30)
         signals: list[dict[str, Any]] = []
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and len(signals) < 2:
@@ -267,7 +277,6 @@ async def test_pipeline_writes_the_previous_histogram_for_forming_and_closed_bar
     import dataclasses
 
     from sidecar.app.pipeline import Pipeline
-    from sidecar.tests.test_pipeline import ScriptedSource, series, settings
 
     t0 = 1_700_000_000_000
     bars = series("AAA", 80, t0, 3)

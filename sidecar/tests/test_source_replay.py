@@ -11,6 +11,7 @@ import pytest
 from sidecar.bar import Bar
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.sources.replay import ReplaySource, read_bars
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1m")
@@ -20,12 +21,6 @@ START_MS = 1_727_827_200_000 + 20_000  # the daemon starts 20 s into a minute
 START_FLOOR = START_MS - 20_000
 
 
-class Clock:
-    def __init__(self, t_ms: int) -> None:
-        self.t_ms = t_ms
-
-    def __call__(self) -> float:
-        return self.t_ms / 1000
 
 
 def recorded(symbol: str = "AAPL", n: int = 6, *, base: float = 100.0, tf: str = "1m") -> list[Bar]:
@@ -146,7 +141,7 @@ def make_source(tmp_path: Path, bars: list[Bar], clock: Clock, speed: float = 1.
 
 async def test_speed_one_shifts_by_whole_bars_and_paces_by_clock(tmp_path: Path) -> None:
     bars = recorded("AAPL", 6)
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, bars, clock)
     shift = START_FLOOR - R0
     assert shift % M == 0
@@ -178,7 +173,7 @@ async def test_speed_one_shifts_by_whole_bars_and_paces_by_clock(tmp_path: Path)
 
 async def test_history_is_released_and_shifted(tmp_path: Path) -> None:
     bars = recorded("AAPL", 6)
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, bars, clock)
     await src.fetch_latest(["AAPL"], TF, START_MS)
     clock.t_ms = START_FLOOR + 3 * M + 1
@@ -191,7 +186,7 @@ async def test_history_is_released_and_shifted(tmp_path: Path) -> None:
 
 async def test_other_speed_keeps_recorded_stamps(tmp_path: Path) -> None:
     bars = recorded("AAPL", 6)
-    clock = Clock(START_FLOOR)
+    clock = Clock.from_ms(START_FLOOR)
     src = make_source(tmp_path, bars, clock, speed=60.0)
     res = await src.fetch_latest(["AAPL"], TF, START_FLOOR + 1_500)  # 90 s of recording
     out = res["AAPL"]
@@ -206,7 +201,7 @@ async def test_other_speed_keeps_recorded_stamps(tmp_path: Path) -> None:
 async def test_last_revision_wins(tmp_path: Path) -> None:
     bars = recorded("AAPL", 3)
     revised = Bar("AAPL", "1m", R0 + M, 200.0, 201.0, 199.0, 200.5, 1.0, "yahoo")
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, [*bars, revised], clock)
     res = await src.fetch_latest(["AAPL"], TF, START_FLOOR + 10 * M)
     out = res["AAPL"]
@@ -215,7 +210,7 @@ async def test_last_revision_wins(tmp_path: Path) -> None:
 
 
 async def test_unknown_symbol_in_result_dict(tmp_path: Path) -> None:
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, recorded("AAPL", 3), clock)
     res = await src.fetch_latest(["AAPL", "ZZZZ"], TF, START_FLOOR + 2 * M)
     assert isinstance(res["AAPL"], list) and len(res["AAPL"]) == 2
@@ -235,7 +230,7 @@ async def test_unknown_symbol_in_result_dict(tmp_path: Path) -> None:
 
 async def test_symbols_share_one_origin(tmp_path: Path) -> None:
     late = [Bar("MSFT", "1m", R0 + 2 * M, 5.0, 6.0, 4.0, 5.5, 1.0, "x")]
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, recorded("AAPL", 3) + late, clock)
     res = await src.fetch_latest(["AAPL", "MSFT"], TF, START_FLOOR + 3 * M)
     msft = res["MSFT"]

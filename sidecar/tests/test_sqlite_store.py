@@ -9,15 +9,12 @@ from pathlib import Path
 import pytest
 
 from sidecar import sqlite_store
-from sidecar.bar import Bar
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import Clock, bar
 
 DAY = 86_400_000
 
 
-def bar(t: int, c: float = 100.0, symbol: str = "AAPL", forming: bool = False) -> Bar:
-    return Bar(symbol, "1m", t, c, c + 1, c - 1, c, None if symbol == "EURUSD" else 5.0, "test",
-               forming=forming)
 
 
 async def test_schema_is_wal_without_rowid_with_primary_key(bar_store: BarStore) -> None:
@@ -38,14 +35,14 @@ async def test_empty_store_is_detected(bar_store: BarStore) -> None:
 async def test_flush_happens_after_ten_seconds_or_at_size_limit(
     bar_store: BarStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [1_000.0]
-    monkeypatch.setattr(sqlite_store.time, "monotonic", lambda: now[0])
-    bar_store._last_flush_mono = now[0]
+    now = Clock(1_000.0)
+    monkeypatch.setattr(sqlite_store.time, "monotonic", now)
+    bar_store._last_flush_mono = now.t
     bar_store.flush_max_rows = 100
     bar_store.add([bar(i * 60_000) for i in range(10)])
-    now[0] += 9.9
+    now.advance(9.9)
     assert not bar_store.flush_due()
-    now[0] += 0.1
+    now.advance(0.1)
     assert bar_store.flush_due()  # 10 s passed
     assert await bar_store.flush() == 10
     assert not bar_store.flush_due()
@@ -69,7 +66,7 @@ async def test_revision_overwrites_buffer_and_row(bar_store: BarStore) -> None:
 
 async def test_reads_last_n_and_time_range_and_volume_none(bar_store: BarStore) -> None:
     await bar_store.write_history([bar(i * 60_000) for i in range(100)])
-    await bar_store.write_history([bar(i * 60_000, symbol="EURUSD") for i in range(3)])
+    await bar_store.write_history([bar(i * 60_000, symbol="EURUSD", v=None) for i in range(3)])
     last = await bar_store.last_bars("AAPL", "1m", 5)
     assert [b.t for b in last] == [i * 60_000 for i in range(95, 100)]
     rng = await bar_store.bars_between("AAPL", "1m", 10 * 60_000, 13 * 60_000)

@@ -18,14 +18,14 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
-from sidecar.tests.conftest import REPO
-from sidecar.tests.test_daemon import free_port, start, wait_ready
+from sidecar.tests.helpers import REPO, Daemon, free_port
 
 SYMBOLS = ["AAPL", "EURUSD", "BTCUSD", "XAUUSD"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -126,7 +126,8 @@ async def drive(target: str, url: str, screenshot: Path) -> dict[str, Any]:
         return shown
 
 
-def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], tmp_path: Path) -> None:
+def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], tmp_path: Path,
+                                                    daemons: Callable[..., Daemon]) -> None:
     chromium = find_chromium()
     if chromium is None:
         if os.environ.get("CI") or os.environ.get("SIDECAR_REQUIRE_FIXTURES"):
@@ -136,11 +137,12 @@ def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], t
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=",".join(SYMBOLS),
                SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="1")
-    daemon = start(env)
+    sidecar = daemons(env)
+    daemon = sidecar.proc
     profile = tmp_path / "chromium-profile"
     browser: subprocess.Popen[bytes] | None = None
     try:
-        wait_ready(daemon, port)
+        sidecar.wait_ready(30)
         browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                     "--remote-debugging-port=0", "about:blank"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
