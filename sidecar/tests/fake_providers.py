@@ -1,7 +1,8 @@
 """A local fake of the four providers, for tests (aiohttp on 127.0.0.1, random port).
 
 It serves the recorded bodies of ``sidecar/tests/fixtures`` (see its ``PROVENANCE.tsv``) at the providers' real paths, and injects faults on demand: any status,
-body, headers (``Retry-After``), a delay (timeouts) or a truncated body.
+body, headers (``Retry-After``), a delay (timeouts), a truncated body or one cut
+mid-transfer.
 Every request is recorded (path, query, headers) so tests can check that nothing
 was sent, or that no key leaked into a URL.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,9 @@ class Reply:
     delay_s: float = 0.0
     #: Send only this many bytes of ``body`` (with a matching Content-Length): truncated JSON.
     truncate: int | None = None
+    #: Announce all of ``body`` (its Content-Length), send only this many bytes, then drop
+    #: the connection: a body cut mid-transfer.
+    cut: int | None = None
     content_type: str = "application/json"
     #: Treat ``body`` as a template: ``{url}`` and ``{authorization}`` become the request's
     #: URL and Authorization header (providers that echo the request in their errors).
@@ -151,12 +154,26 @@ class FakeProviders:
             auth = request.headers.get("Authorization", "")
             body = body.replace(b"{url}", json.dumps(str(request.url))[1:-1].encode()).replace(
                 b"{authorization}", json.dumps(auth)[1:-1].encode())
+        if reply.cut is not None:
+            return await self._send_cut(request, reply, body)
         if reply.truncate is None:
             return web.Response(status=reply.status, body=body, headers=reply.headers,
                                 content_type=reply.content_type)
         body = body[: reply.truncate]
         resp = web.Response(status=reply.status, body=body, headers=reply.headers,
                             content_type=reply.content_type)
+        return resp
+
+    @staticmethod
+    async def _send_cut(request: web.Request, reply: Reply, body: bytes) -> web.StreamResponse:
+        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+        resp.content_type = reply.content_type
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: reply.cut])
+        transport = request.transport
+        assert transport is not None
+        transport.close()  # what was written still goes out, then the connection ends
         return resp
 
     async def _stream(self, request: web.Request) -> web.WebSocketResponse:
