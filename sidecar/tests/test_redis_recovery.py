@@ -5,6 +5,11 @@ Redis is down."""
 from __future__ import annotations
 
 import logging
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +21,8 @@ from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore, connect
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.conftest import RedisServer
+from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.test_daemon import free_port, wait_ready
 from sidecar.tests.test_pipeline import ScriptedSource, series, settings
 
 T0 = 1_700_000_000_000
@@ -123,3 +129,58 @@ async def test_a_failed_refill_is_retried_until_it_succeeds(
     await pipe.drain(timeout_s=30)
     assert "redis refilled from sqlite" in [r.getMessage() for r in caplog.records]
     await assert_redis_holds(store_on, hist)
+
+
+def _log_has(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until the daemon's log file holds ``text``; fails if the daemon exits first."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert proc.poll() is None, f"daemon exited {proc.returncode}:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{path.read_text()}"
+        time.sleep(0.1)
+
+
+def test_daemon_started_while_redis_is_down_refills_it_when_it_comes_up(
+        clean_env: dict[str, str], tmp_path: Path) -> None:
+    """An empty data directory (bootstrap needed) and no Redis listening: the daemon
+    bootstraps SQLite, runs its cycles degraded, and once Redis is up it holds SQLite's
+    newest bars, the ones of the outage included."""
+    server = RedisServer(tmp_path / "late-redis")  # not started yet
+    prefix = "late"
+    port = free_port()
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,BTCUSD", SIDECAR_TIMEFRAME="1s",
+               SIDECAR_HTTP_PORT=str(port), SIDECAR_REDIS_URL=server.url, SIDECAR_REDIS_PREFIX=prefix,
+               SIDECAR_BOOTSTRAP_DAYS="1", SIDECAR_WARM_BARS="600", SIDECAR_BARS_CAP="100",
+               SIDECAR_FLUSH_INTERVAL_S="1")
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
+                                stdout=log, stderr=log)
+    try:
+        wait_ready(proc, port, timeout=60)
+        _log_has(log_path, "redis write failed; buffering", proc)
+        outage_from = time.time() * 1000
+        time.sleep(3)  # a few cycles' bars exist only in SQLite and the backlog
+        server.start()
+        _log_has(log_path, "redis is back", proc)
+        _log_has(log_path, "redis refilled from sqlite", proc)
+        _log_has(log_path, "bootstrap finished", proc, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        in_redis = {}
+        if server.proc is not None:
+            client = redis.Redis(unix_socket_path=str(server.socket))
+            in_redis = {sym: [Bar.unpack(sym, "1s", raw)  # type: ignore[arg-type]
+                              for raw in client.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)]
+                        for sym in ("AAPL", "BTCUSD")}
+            server.stop()
+    db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
+    for sym, bars in in_redis.items():
+        rows = db.execute("SELECT t, o, h, l, c, v FROM bars WHERE symbol=? AND tf='1s' ORDER BY t DESC "
+                          "LIMIT 100", (sym,)).fetchall()[::-1]
+        assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in bars] == rows, sym
+        assert sum(outage_from <= b.t for b in bars) >= 3, f"{sym}: the outage's bars are not in Redis"
