@@ -111,20 +111,25 @@ class FakeProviders:
     def requests_to(self, endpoint: str) -> list[Seen]:
         return [s for s in self.seen if s.path.startswith(ENDPOINTS[endpoint])]
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on ``port`` (0: any free one; a given one: back where a closed server was)."""
         app = web.Application()
         app.router.add_get("/stream", self._stream)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def close(self) -> None:
+        """Stop listening, close the stream connections (the cleanup would wait for them)."""
         if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+            await self.drop_stream()
             await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -196,6 +201,11 @@ class FakeProviders:
         for ws in list(self._sockets):
             for message in messages:
                 await ws.send_str(json.dumps({"type": "pricing", "message": message_b64(message)}))
+
+    async def drop_stream(self) -> None:
+        """Close every stream connection (a server going away, a load balancer's reset)."""
+        for ws in list(self._sockets):
+            await ws.close()
 
     async def wait_subscribed(self, timeout_s: float = 10.0) -> None:
         """Until a stream client has subscribed (the daemon's stream is up)."""
