@@ -18,6 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
@@ -205,9 +207,18 @@ async def backfill_symbol(
     result.got_first, result.got_last, result.stored = await store.span(
         symbol, tf.name, start_ms, end_ms)
     if redis_store is not None and result.bars:
-        recent = await store.last_bars(symbol, tf.name, redis_keep)
-        await redis_store.write_history(recent)
+        await _copy_to_redis(redis_store, await store.last_bars(symbol, tf.name, redis_keep))
     return result
+
+
+async def _copy_to_redis(redis_store: RedisStore, bars: list[Bar]) -> None:
+    """Copy backfilled bars to Redis; SQLite has them, so a Redis that is down only costs
+    a warning (the daemon refills Redis from SQLite once it answers)."""
+    try:
+        await redis_store.write_history(bars)
+    except (RedisError, OSError) as exc:
+        log.warning("backfill: redis unreachable; the bars are in sqlite only",
+                    extra={"bars": len(bars), "error": str(exc)})
 
 
 async def repair_gaps(
@@ -263,9 +274,8 @@ async def repair_gaps(
         through = start
         await store.set_meta(key, str(through))
     if redis_store is not None and result.bars:
-        recent = await store.bars_between(symbol, tf.name, result.got_first or 0,
-                                          (result.got_last or 0) + 1)
-        await redis_store.write_history(recent)
+        await _copy_to_redis(redis_store, await store.bars_between(
+            symbol, tf.name, result.got_first or 0, (result.got_last or 0) + 1))
     if todo:
         log.info("gaps repaired", extra=result.as_dict())
     return result

@@ -631,10 +631,10 @@ class Pipeline:
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
-        if not (has_meta and cycle.has_meta) and self._meta_written:
-            self._refill_needed = True
+        lost = not (has_meta and cycle.has_meta) and self._meta_written
+        self._refill_needed = self._refill_needed or lost
         if self._refill_needed and (self._refill_task is None or self._refill_task.done()):
-            self._refill_task = self._spawn(self._refill_redis())
+            self._refill_task = self._spawn(self._refill_redis(lost))
 
     def _backlog(self, bars: list[Bar]) -> None:
         """Keep bars Redis did not get (a newer revision replaces an older one)."""
@@ -642,9 +642,14 @@ class Pipeline:
         for b in bars:
             backlog[(b.symbol, b.t)] = b
         if len(backlog) > MAX_REDIS_BACKLOG:
-            # SQLite still has them; Redis is refilled from there on recovery.
+            # SQLite still has them; Redis is refilled from there on recovery, even
+            # when it comes back with its data (its meta key does not tell of these).
             for key in sorted(backlog, key=lambda k: k[1])[:-MAX_REDIS_BACKLOG]:
                 del backlog[key]
+            if not self._refill_needed:
+                log.warning("redis backlog full: the oldest bars wait in sqlite for a refill",
+                            extra={"kept": MAX_REDIS_BACKLOG})
+                self._refill_needed = True
 
     def _redis_failed(self, exc: BaseException) -> None:
         stats = self.stats
@@ -654,13 +659,16 @@ class Pipeline:
         stats.redis_ok = False
         stats.redis_last_error = str(exc)
 
-    async def _refill_redis(self) -> None:
-        """Redis lost its data (restarted empty): put SQLite's recent bars back.
+    async def _refill_redis(self, lost: bool = True) -> None:
+        """Redis lacks bars SQLite has: put SQLite's recent bars back.
 
-        The cycles meanwhile keep writing the newest bars and features; this only
-        adds the bars Redis lacks (see :func:`reconcile`).
+        Redis lost its data (restarted empty), was unreachable when the daemon
+        started, or the backlog dropped bars past its bound. The cycles meanwhile
+        keep writing the newest bars and features; this only adds the bars Redis
+        lacks (see :func:`reconcile`). ``lost``: Redis was found without its meta key.
         """
-        log.warning("redis lost its data; refilling it from sqlite")
+        log.warning("redis lost its data; refilling it from sqlite" if lost
+                    else "redis lacks bars; refilling it from sqlite")
         started = time.perf_counter()
         try:
             await self.write_meta()

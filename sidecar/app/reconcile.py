@@ -5,7 +5,9 @@ a SIGKILL Redis holds the bars of the lost SQLite buffer, and after Redis restar
 empty (or from an old snapshot) SQLite holds bars Redis lacks. :func:`reconcile`
 copies each symbol's recent bars both ways: a bar only one store has goes to the
 other; where both have it and they differ, a closed bar beats a forming one and
-otherwise Redis (written first) wins. Upserts keep both stores free of duplicates.
+otherwise the store that saw the later writes wins: Redis (written first), unless
+SQLite holds bars newer than any in Redis (Redis came back from an older snapshot,
+so SQLite has the revisions made since). Upserts keep both stores free of duplicates.
 
 The comparison is on the packed form (Redis members as stored, SQLite rows packed
 the same way), so stores that agree cost two reads per symbol and no decoding.
@@ -41,18 +43,20 @@ async def reconcile(symbol: str, tf: str, redis: RedisStore, store: BarStore, ke
     if in_redis:
         first, last = min(in_redis), max(in_redis)
         stored = await store.packed_between(symbol, tf, first, last + 1)
+        newer = await store.bars_between(symbol, tf, last + 1, _END)
+        sqlite_later = bool(newer)  # SQLite saw writes Redis did not: its revisions win
         for t, member in in_redis.items():
             theirs = stored.get(t)
             if theirs == member:
                 continue
             mine = Bar.unpack(symbol, tf, member)
             old = None if theirs is None else Bar.unpack(symbol, tf, theirs)
-            if old is not None and mine.forming and not old.forming:
+            if old is not None and ((mine.forming and not old.forming)
+                                    or (sqlite_later and mine.forming == old.forming)):
                 to_redis.append(old)
             else:
                 to_sqlite.append(mine)
         to_redis.extend(Bar.unpack(symbol, tf, m) for t, m in stored.items() if t not in in_redis)
-        newer = await store.bars_between(symbol, tf, last + 1, _END)
         to_redis.extend(newer[-keep:])
         room = keep - len(in_redis) - len(newer)
         if room > 0:  # Redis holds fewer than it keeps: older stored bars fill it up

@@ -6,8 +6,10 @@ Test modules import these as ``sidecar.tests.helpers``; no test module imports a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import socket
@@ -16,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,11 +231,46 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        """Until the log holds ``text``; fail with the log's tail if the daemon exits first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"no {text!r} in the log:\n{self.log_tail()}"
+            time.sleep(0.1)
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+        """Until ``check()`` is true (an ``OSError`` counts as not yet); fail if the daemon exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"daemon exited while waiting for {what}:\n{self.log_tail()}"
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"never saw {what}:\n{self.log_tail()}"
+            time.sleep(0.1)
+
+    def embedded_redis_pid(self) -> int | None:
+        """The pid in the embedded Redis server's pidfile, if the daemon runs one."""
+        if "SIDECAR_REDIS_URL" in self.env:
+            return None
+        try:
+            return int((Path(self.env["SIDECAR_DATA_DIR"]) / "redis" / "redis.pid").read_text().strip())
+        except (KeyError, OSError, ValueError):
+            return None
+
     def kill(self) -> None:
-        """SIGKILL if still running, and reap it."""
+        """SIGKILL if still running, and reap it; then the embedded Redis it leaves
+        running (a killed daemon leaves it for the next start to adopt)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        pid = self.embedded_redis_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class RedisServer:

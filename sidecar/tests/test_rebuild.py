@@ -24,8 +24,7 @@ from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore, connect
 from sidecar.sources.base import LatestResult
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.test_features import assert_row_equal, batch_values
-from sidecar.tests.test_pipeline import ScriptedSource, series, settings
+from sidecar.tests.helpers import ScriptedSource, assert_row_equal, batch_values, series, settings
 from sidecar.timeframe import Timeframe
 
 T0 = 1_700_000_000_000

@@ -6,13 +6,11 @@ Real daemon processes, the real embedded ``redis-server``, real SQLite files.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,65 +19,9 @@ from redis.asyncio import Redis
 from sidecar.redis_server import find_redis_server
 from sidecar.redis_store import RedisStore, connect, wait_loaded
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, http_get, scan
+from sidecar.tests.helpers import Daemon, RedisServer, free_port, http_get, scan
 
 SYMBOLS = "AAPL,MSFT,EURUSD,BTCUSD"
-#: Bounds on waits for events (a hang fails the test; speed is measured in bench/).
-WAIT_S = 60.0
-
-
-class Daemon:
-    """A ``sidecar run`` process whose output goes to a log file the test can read."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.data = Path(env["SIDECAR_DATA_DIR"])
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"daemon exited while waiting for {what}:\n{self.log()[-4000:]}"
-            try:
-                if check():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"never saw {what}:\n{self.log()[-4000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(WAIT_S)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL the daemon, then the embedded Redis it leaves running (for adoption)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(WAIT_S)
-        self._log.close()
-        pid = redis_pid(self.data)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def fresh_rows(env: dict[str, str], after_ms: int) -> bool:
@@ -131,15 +73,14 @@ async def pad_embedded(data: Path) -> None:
 
 
 def test_embedded_redis_killed_is_restarted_and_refilled(
-    clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+    clean_env: dict[str, str], daemons: Callable[..., Daemon],
 ) -> None:
     port = free_port()
     data = Path(clean_env["SIDECAR_DATA_DIR"])
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS, SIDECAR_HTTP_PORT=str(port),
                SIDECAR_BOOTSTRAP_DAYS="1")
-    d = Daemon(env, tmp_path / "daemon.log")
-    daemons.append(d)
-    d.wait_for("/ready", lambda: http_get(port, "/ready")[0] == 200)
+    d = daemons(env)
+    d.wait_ready()
     d.wait_for("fresh features", lambda: fresh_rows(env, 0))
     first = redis_pid(data)
     assert first is not None
@@ -147,24 +88,23 @@ def test_embedded_redis_killed_is_restarted_and_refilled(
     killed_ms = int(time.time() * 1000)
     d.wait_for("a new embedded redis", lambda: redis_pid(data) not in (None, first))
     d.wait_for("fresh features after the restart", lambda: fresh_rows(env, killed_ms))
-    d.wait_for("the refill", lambda: "redis refilled from sqlite" in d.log())
+    d.wait_log("redis refilled from sqlite")
     d.wait_for("/health ok", lambda: http_get(port, "/health")[1]["status"] == "ok")
     for sym in SYMBOLS.split(","):
         stored, cached = asyncio.run(newest_bars_in_both(data, sym, 200))
         assert len(stored) == 200 and cached == stored, sym
     assert d.stop() == 0
-    assert "embedded redis died; restarting it" in d.log()
+    assert "embedded redis died; restarting it" in d.log_text()
     assert redis_pid(data) is None or not Path(f"/proc/{redis_pid(data)}").exists()
 
 
 def test_a_restart_waits_for_a_loading_redis_and_rewrites_nothing(
-    clean_env: dict[str, str], tmp_path: Path, daemons: list[Daemon],
+    clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
 ) -> None:
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS, SIDECAR_HTTP_PORT=str(port),
                SIDECAR_BOOTSTRAP_DAYS="1")
-    first = Daemon(env, tmp_path / "first.log")
-    daemons.append(first)
+    first = daemons(env, name="first")
     first.wait_for("fresh features", lambda: fresh_rows(env, 0))
     asyncio.run(pad_embedded(Path(clean_env["SIDECAR_DATA_DIR"])))
     assert first.stop() == 0  # the embedded server saves its RDB on the way out
@@ -174,12 +114,11 @@ def test_a_restart_waits_for_a_loading_redis_and_rewrites_nothing(
     slow = tmp_path / "slow-redis-server"
     slow.write_text(f'#!/bin/sh\nexec "{find_redis_server()}" "$@" --key-load-delay 6000\n')
     slow.chmod(0o755)
-    second = Daemon(dict(env, SIDECAR_REDIS_SERVER=str(slow)), tmp_path / "second.log")
-    daemons.append(second)
-    second.wait_for("/ready", lambda: http_get(port, "/ready")[0] == 200)
+    second = daemons(dict(env, SIDECAR_REDIS_SERVER=str(slow)), name="second")
+    second.wait_ready()
     restarted_ms = int(time.time() * 1000)
     second.wait_for("fresh features", lambda: fresh_rows(env, restarted_ms))
-    log = second.log()
+    log = second.log_text()
     assert "warmed redis from sqlite" not in log and "redis lost its data" not in log
     assert second.stop() == 0
 
