@@ -20,6 +20,9 @@ from sidecar.sqlite_store import BarStore
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Under CI every skip must be on sidecar/tests/skip_allowlist.txt.
+pytest_plugins = ("sidecar.tests.skip_gate",)
+
 # Property tests: a moderate default keeps the suite fast; HYPOTHESIS_PROFILE=thorough
 # runs many more examples on demand.
 hypothesis_settings.register_profile(
