@@ -4,7 +4,6 @@ a real SQLite file per test."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -116,11 +115,3 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     env["SIDECAR_LOG_FORMAT"] = "json"
     env.pop("PYTHONPATH", None)
     return env
-
-
-def have_redis_binary() -> bool:
-    try:
-        find_redis_server()
-    except Exception:
-        return shutil.which("redis-server") is not None
-    return True
