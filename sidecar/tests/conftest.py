@@ -5,7 +5,7 @@ Helpers that are not fixtures live in ``sidecar.tests.helpers``."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,9 @@ from hypothesis import settings as hypothesis_settings
 from sidecar.redis_store import RedisStore, connect
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.helpers import Daemon, RedisServer
+
+# Under CI every skip must be on sidecar/tests/skip_allowlist.txt.
+pytest_plugins = ("sidecar.tests.skip_gate",)
 
 # Property tests: a moderate default keeps the suite fast; HYPOTHESIS_PROFILE=thorough
 # runs many more examples on demand.
@@ -69,13 +72,14 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def daemons(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``daemons(env, name="daemon", args=("run",))`` starts ``python -m sidecar`` logging to
-    ``{name}.log`` in the test's tmp dir. Every daemon started is killed at teardown, and
-    a failed test's report ends with each one's log tail."""
+    """``daemons(env, name="daemon", args=("run",), wrapper=())`` starts ``python -m sidecar``
+    logging to ``{name}.log`` in the test's tmp dir. Every daemon started is killed at
+    teardown, and a failed test's report ends with each one's log tail."""
     started = request.node.stash.setdefault(STARTED_DAEMONS, [])
 
-    def start(env: dict[str, str], name: str = "daemon", args: tuple[str, ...] = ("run",)) -> Daemon:
-        started.append(Daemon(env, tmp_path / f"{name}.log", args))
+    def start(env: dict[str, str], name: str = "daemon", args: tuple[str, ...] = ("run",),
+              wrapper: Sequence[str] = ()) -> Daemon:
+        started.append(Daemon(env, tmp_path / f"{name}.log", args, wrapper))
         return started[-1]
 
     yield start

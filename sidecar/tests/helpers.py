@@ -161,12 +161,14 @@ class Daemon:
     """``python -m sidecar <args>`` in a subprocess: stderr (its log) goes to ``log_path``,
     stdout to ``log_path`` with the suffix ``.out``; no pipe is left for nobody to read.
 
+    ``wrapper``: a command the daemon runs under (e.g. ``nsenter ...``).
     The HTTP port is ``SIDECAR_HTTP_PORT`` from ``env`` when set, else a free one (then
     written into :attr:`env`). Use the ``daemons`` fixture, which kills every daemon it
     started at teardown and adds the log tails to a failed test's report.
     """
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ("run",)) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ("run",),
+                 wrapper: Sequence[str] = ()) -> None:
         self.port = int(env["SIDECAR_HTTP_PORT"]) if "SIDECAR_HTTP_PORT" in env else free_port()
         self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
         self.log_path = log_path
@@ -174,7 +176,8 @@ class Daemon:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log, open(self.out_path, "ab") as out:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", *args], cwd=REPO, env=self.env, stdout=out, stderr=log)
+                [*wrapper, sys.executable, "-m", "sidecar", *args], cwd=REPO, env=self.env, stdout=out,
+                stderr=log)
 
     @property
     def pid(self) -> int:

@@ -11,9 +11,6 @@ import pytest
 
 from bench import __main__ as run_all
 from bench import cycle, features, scanner_read, store, tick
-from sidecar.tests.helpers import have_redis_binary
-
-needs_redis = pytest.mark.skipif(not have_redis_binary(), reason="no redis-server binary")
 
 
 def _load(out: Path, name: str) -> dict:
@@ -55,7 +52,6 @@ def test_identity_check_catches_a_wrong_value(monkeypatch: pytest.MonkeyPatch) -
     assert features.check_identity(60, 20)["bit_identical"] is False
 
 
-@needs_redis
 def test_store_smoke(tmp_path: Path) -> None:
     store.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "store")
@@ -73,7 +69,6 @@ def test_tick_smoke(tmp_path: Path) -> None:
         _timing(r["lateness_ms"])
 
 
-@needs_redis
 def test_scanner_read_smoke(tmp_path: Path) -> None:
     scanner_read.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "scanner_read")
@@ -84,7 +79,6 @@ def test_scanner_read_smoke(tmp_path: Path) -> None:
     assert doc["signals_per_read"] > 0
 
 
-@needs_redis
 def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     cycle.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "cycle")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import redis
 
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS
-from sidecar.tests.helpers import Daemon, RedisServer, assert_row_equal, batch_values
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, assert_row_equal, batch_values
 
 SYMBOLS = ("AAPL", "BTCUSD")
 
@@ -467,33 +469,61 @@ def test_sqlite_locked_by_another_process_for_20_s(
     assert "sqlite buffer full: dropped oldest bars" in tight[0].messages()
 
 
+@dataclass(frozen=True)
+class SmallDisk:
+    """A 4 MiB tmpfs: ``path`` where the daemon started with ``wrapper`` sees it, ``view``
+    the same directory as this process reaches it."""
+
+    path: Path
+    view: Path
+    wrapper: list[str]
+
+
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, so the disk can really fill up (needs root and mount permission)."""
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 4 MiB tmpfs, so the disk can really fill up: mounted here with root's mount
+    permission, else in a user and mount namespace of its own (no privilege needed), held
+    by a process the daemon joins with ``nsenter``."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill a disk for real: {done.stderr.strip()}")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)]
+    done = subprocess.run(mount, capture_output=True, text=True)
+    if done.returncode == 0:
+        try:
+            yield SmallDisk(mount_point, mount_point, [])
+        finally:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        return
+    # The holder lives until its stdin closes, so it never outlives this process.
+    holder = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--mount",
+         "sh", "-c", '"$@" && echo mounted && exec cat', "sh", *mount],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None and holder.stderr is not None
     try:
-        yield mount_point
+        if holder.stdout.readline().strip() != "mounted":
+            holder.wait(10)
+            pytest.skip(f"cannot mount a tmpfs to fill a disk for real: {done.stderr.strip()}; "
+                        f"nor in a user namespace: {holder.stderr.read().strip()}")
+        view = Path(f"/proc/{holder.pid}/root") / mount_point.relative_to("/")
+        yield SmallDisk(mount_point, view, ["nsenter", f"--target={holder.pid}", "--user", "--mount",
+                                            "--preserve-credentials", f"--wd={REPO}"])
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        holder.stdin.close()
+        holder.wait(10)
 
 
 def test_disk_full_keeps_bars_in_memory_until_space_returns(
-        clean_env: dict[str, str], tmp_path: Path, small_disk: Path, daemons: Callable[..., Daemon],
+        clean_env: dict[str, str], tmp_path: Path, small_disk: SmallDisk, daemons: Callable[..., Daemon],
         redis_servers: Callable[..., RedisServer]) -> None:
     server = redis_servers()
-    db_path = small_disk / "bars.sqlite3"
-    env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(db_path))
-    daemon = daemons(env, "daemon")
+    env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(small_disk.path / "bars.sqlite3"))
+    daemon = daemons(env, "daemon", wrapper=small_disk.wrapper)
     daemon.wait_ready()
     time.sleep(2)
-    filler = small_disk / "filler"
+    filler = small_disk.view / "filler"
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
-    assert os.statvfs(small_disk).f_bavail == 0
+    assert os.statvfs(small_disk.view).f_bavail == 0
     r = redis_client(server)
     wait_for("a failed flush", lambda: "full" in (daemon.health()["sqlite"]["last_error"] or ""))
     buffered = daemon.health()["sqlite"]["buffered"]
@@ -505,7 +535,9 @@ def test_disk_full_keeps_bars_in_memory_until_space_returns(
     filler.unlink()
     wait_for("the buffer written", lambda: daemon.health()["sqlite"]["last_error"] is None, timeout=30)
     assert daemon.stop() == 0
-    assert_redis_in_sqlite(r, db_path)
+    # SQLite would resolve a /proc/<pid>/root view to this process's own root: read a copy.
+    stored = Path(shutil.copytree(small_disk.view, tmp_path / "disk-copy"))
+    assert_redis_in_sqlite(r, stored / "bars.sqlite3")
     failed = next(rec for rec in daemon.logs() if rec["msg"] == "sqlite flush failed; bars kept in memory")
     assert "full" in failed["error"]
 

@@ -2,8 +2,8 @@
 
 A daemon (sim source) serves ``/``; the page must show every configured symbol with
 a price, a drawn sparkline, and no console errors or exceptions. A screenshot goes to
-``artifacts/status-page.png``. Without Chromium the test skips, unless ``CI`` or
-``SIDECAR_REQUIRE_FIXTURES`` is set (then it fails): scripts/test installs it.
+``artifacts/status-page.png``. Without Chromium the test skips, which fails a CI run
+(``skip_gate.py``): scripts/test installs it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import base64
 import itertools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -130,9 +129,6 @@ def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], t
                                                     daemons: Callable[..., Daemon]) -> None:
     chromium = find_chromium()
     if chromium is None:
-        if os.environ.get("CI") or os.environ.get("SIDECAR_REQUIRE_FIXTURES"):
-            pytest.fail("Chromium is required here (CI/SIDECAR_REQUIRE_FIXTURES set) but not installed; "
-                        "scripts/test installs it with apt-get")
         pytest.skip("Chromium not installed (apt-get install chromium, or run scripts/test as root)")
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=",".join(SYMBOLS),
