@@ -19,7 +19,7 @@ import pytest
 from sidecar.app.health import StatusLog
 from sidecar.logs import JsonFormatter, TextFormatter, redact
 from sidecar.tests.conftest import REPO
-from sidecar.tests.test_daemon import free_port, start, wait_ready
+from sidecar.tests.test_daemon import free_port, http_get, start, wait_ready
 
 KEY = "Zq9kT3stK3yValue77"
 
@@ -103,8 +103,9 @@ def test_daemon_logs_state_changes_not_cycles_and_never_a_key(clean_env: dict[st
     proc = start(env)
     try:
         wait_ready(proc, port)
-        started = time.monotonic()
-        while time.monotonic() - started < 5:  # about five cycles
+        deadline = time.monotonic() + 60
+        while http_get(port, "/health")[1]["cycle"]["count"] < 5:  # five cycles
+            assert time.monotonic() < deadline, "five cycles did not come"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
