@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import cycle, features, scanner_read, store, tick
+from bench import cycle, daemon_soak, features, scanner_read, store, tick
 
 
 def _load(out: Path, name: str) -> dict:
@@ -90,6 +90,14 @@ def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     assert run["bars_accepted_per_cycle"] >= run["symbols"]
     assert run["rejected"] == {}
     assert run["rss_mb"]["end"] > 0
+
+
+def test_daemon_soak_smoke_samples_a_running_daemon(tmp_path: Path) -> None:
+    daemon_soak.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "daemon_soak")
+    assert doc["samples"] >= 2 and doc["cycles"] >= 1
+    assert doc["rss_mb"]["warm"] > 0 and doc["rss_mb"]["end"] > 0 and math.isfinite(doc["rss_growth_pct"])
+    assert doc["missed_ticks"] >= 0 and all(n > 0 for n in doc["open_fds"] + doc["asyncio_tasks"])
 
 
 def test_run_all_refuses_an_unknown_name() -> None:

@@ -32,7 +32,7 @@ async def cancel_mid_call(br: SourceBreaker) -> None:
     """Start a call that hangs, cancel it while it is in flight, and see the cancellation."""
 
     async def hang() -> None:
-        await asyncio.sleep(10)
+        await asyncio.sleep(10)  # hangs
 
     task = asyncio.create_task(br.call(hang))
     await asyncio.sleep(0)

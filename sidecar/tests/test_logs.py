@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.app.health import StatusLog
 from sidecar.logs import JsonFormatter, TextFormatter, redact
-from sidecar.tests.helpers import REPO, Daemon, free_port
+from sidecar.tests.helpers import REPO, Daemon, free_port, http_get
 
 KEY = "Zq9kT3stK3yValue77"
 
@@ -104,9 +104,10 @@ def test_daemon_logs_state_changes_not_cycles_and_never_a_key(clean_env: dict[st
     daemon = daemons(env)
     proc = daemon.proc
     try:
-        daemon.wait_ready(30)
-        started = time.monotonic()
-        while time.monotonic() - started < 5:  # about five cycles
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        while http_get(port, "/health")[1]["cycle"]["count"] < 5:  # five cycles
+            assert time.monotonic() < deadline, "five cycles did not come"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import talib
-
 from sidecar.app.pipeline import Pipeline
 from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import ScriptedSource, series, settings
+from sidecar.tests.helpers import ScriptedSource, assert_row_equal, batch_values, series, settings
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1s")
@@ -31,6 +28,7 @@ async def test_cycles_store_bars_and_features_equal_batch_after_restart(
                                       l=min(bars[i + 1].o, bars[i + 1].l), forming=True)
             step[s] = [bars[i], nxt]
         steps.append(step)
+    final_step = steps[-1]
     source = ScriptedSource(steps)
     pipe = Pipeline(settings(), [source], redis_store, bar_store)
     await pipe.warm(t0)
@@ -38,32 +36,26 @@ async def test_cycles_store_bars_and_features_equal_batch_after_restart(
         await pipe.run_cycle(t0 + k * 1000)
     assert pipe.validator.rejected == {}
     await bar_store.flush()
-    stored = await bar_store.last_bars("AAA", "1s", 10_000)
-    assert len(stored) == 400  # 399 closed + the forming one, no duplicates
-    assert [b.t for b in stored] == [b.t for b in hist["AAA"]]
-    assert await redis_store.bar_count("AAA", "1s") == 400
+    for s, bars in hist.items():
+        # 399 closed bars as served, then the forming revision of the last: every field.
+        expected = [*bars[:399], final_step[s][1]]
+        assert await bar_store.last_bars(s, "1s", 10_000) == expected, s
+        assert await redis_store.recent_bars(s, "1s", 10_000) == expected, s
 
     # Restart: a fresh pipeline warms from SQLite; its first cycle equals a cold batch.
-    closed = hist["AAA"][:399]
-    last = hist["AAA"][399]
-    restart_source = ScriptedSource([{"AAA": [last], "BBB": [hist["BBB"][399]]}])
+    restart_source = ScriptedSource([{s: [bars[399]] for s, bars in hist.items()}])
     pipe2 = Pipeline(settings(), [restart_source], redis_store, bar_store)
-    await pipe2.warm(last.t + 1000)
-    await pipe2.run_cycle(last.t + 1000)
-    feats = (await redis_store.read_features(["AAA"], "1s"))[0]
-    assert feats is not None
-    series_all = [*closed, last]
-    c = np.array([b.c for b in series_all])
-    h = np.array([b.h for b in series_all])
-    lo = np.array([b.l for b in series_all])
-    assert feats["t"] == last.t and feats["close"] == last.c
-    assert feats["rsi"] == talib.RSI(c, 14)[-1]
-    assert feats["ema"] == talib.EMA(c, 20)[-1]
-    assert feats["atr"] == talib.ATR(h, lo, c, 14)[-1]
-    macd, signal, hist_ = talib.MACD(c, 12, 26, 9)
-    assert (feats["macd"], feats["macd_signal"], feats["macd_hist"]) == (macd[-1], signal[-1], hist_[-1])
-    assert feats["mom"] == talib.MOM(c, 10)[-1]
-    assert set(FEATURE_FIELDS) <= set(feats)
+    await pipe2.warm(hist["AAA"][399].t + 1000)
+    await pipe2.run_cycle(hist["AAA"][399].t + 1000)
+    await bar_store.flush()
+    for s, bars in hist.items():
+        assert await bar_store.last_bars(s, "1s", 10_000) == bars, s  # the forming bar closed as served
+        assert await redis_store.recent_bars(s, "1s", 10_000) == bars, s
+        feats = (await redis_store.read_features([s], "1s"))[0]
+        assert feats is not None
+        assert feats["t"] == bars[-1].t and feats["close"] == bars[-1].c
+        assert feats["macd_signal"] is not None and feats["vwap"] is not None  # past the warm-up
+        assert_row_equal([feats[name] for name in FEATURE_FIELDS], batch_values(bars), len(bars) - 1)
 
 
 async def test_fallback_to_next_source_in_the_same_cycle(

@@ -101,14 +101,20 @@ def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
         first = pm2.app()
         pid = first["pid"]
         assert first["pm2_env"]["status"] == "online" and first["pm2_env"]["restart_time"] == 0
-        time.sleep(2)  # a few bars only in Redis and the SQLite buffer
+        r = redis.Redis(unix_socket_path=str(redis_server.socket))
+
+        def fewest_bars() -> int:
+            return min(int(r.zcard(f"{prefix}:v1:bars:1s:{sym}")) for sym in SYMBOLS)
+
+        wait_for(lambda: fewest_bars() >= 2, 30, "a few bars only in Redis and the SQLite buffer")
 
         os.kill(pid, signal.SIGKILL)
         restarted = wait_for(lambda: (a := pm2.app())["pid"] not in (0, pid) and a, 30, "a restart")
         assert restarted["pm2_env"]["restart_time"] == 1
         wait_for(lambda: http_get(port, "/ready")[0] == 200, 30, "/ready after the restart")
         wait_for(lambda: fresh_features(env), 15, "fresh features after the restart")
-        time.sleep(2)
+        restarted_with = fewest_bars()
+        wait_for(lambda: fewest_bars() >= restarted_with + 2, 30, "new bars after the restart")
 
         pm2.run("stop", APP)
         stopped = pm2.app()
@@ -134,7 +140,6 @@ def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
     assert logs.splitlines()[0][:4].isdigit()  # every line starts with PM2's timestamp
 
     # No bar lost: everything the daemon put in Redis is in SQLite, with the same values.
-    r = redis.Redis(unix_socket_path=str(redis_server.socket))
     db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
     for sym in SYMBOLS:
         in_redis = [Bar.unpack(sym, "1s", raw) for raw in r.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)]

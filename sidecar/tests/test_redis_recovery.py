@@ -143,7 +143,9 @@ def test_daemon_started_while_redis_is_down_refills_it_when_it_comes_up(
         daemon.wait_ready()
         daemon.wait_log("redis write failed; buffering")
         outage_from = time.time() * 1000
-        time.sleep(3)  # a few cycles' bars exist only in SQLite and the backlog
+        cycles = daemon.health()["cycle"]["count"]
+        # A few cycles whose bars exist only in SQLite and the backlog.
+        daemon.wait_for("three cycles during the outage", lambda: daemon.health()["cycle"]["count"] >= cycles + 3)
         server.start()
         daemon.wait_log("redis is back")
         daemon.wait_log("redis refilled from sqlite")
