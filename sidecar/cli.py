@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ConfigError, SidecarError
@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("source")
     fetch.add_argument("symbol")
     fetch.add_argument("--timeframe", default=None)
-    fetch.add_argument("--start", help="ISO 8601 (UTC if no zone)")
-    fetch.add_argument("--end", help="ISO 8601 (UTC if no zone)")
+    fetch.add_argument("--start", help="ISO 8601, UTC if no zone; a date alone is that day's start")
+    fetch.add_argument("--end", help="ISO 8601, UTC if no zone, exclusive; a date alone includes that "
+                                     "day (--start D --end D: the bars of day D)")
     syms = sub.add_parser("symbols", help="print the symbol mapping: asset class, broker and "
                                           "provider spellings")
     syms.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
@@ -59,7 +60,16 @@ def _symbols_arg(text: str | None, settings: Settings) -> list[str]:
     return symbols
 
 
-def _iso_ms(text: str, flag: str) -> int:
+def _iso_ms(text: str, flag: str, *, end: bool = False) -> int:
+    """Epoch ms of an ISO 8601 time (UTC if no zone). A date alone (``2024-03-15``) is
+    that day's 00:00 UTC, or with ``end`` the next day's: an end date includes its day."""
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        return int(((start + timedelta(days=1)) if end else start).timestamp() * 1000)
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
@@ -220,7 +230,7 @@ async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError("--timeframe", str(exc)) from None
     start = _iso_ms(args.start, "--start") if args.start else None
-    end = _iso_ms(args.end, "--end") if args.end else None
+    end = _iso_ms(args.end, "--end", end=True) if args.end else None
     return await run_fetch(args.source, args.symbol, tf, start, end, settings, os.environ)
 
 
