@@ -1,4 +1,4 @@
-"""``python -m sidecar {run,scan,backfill,fetch,symbols}``."""
+"""``sidecar {run,scan,status,backfill,fetch,symbols}`` (also ``python -m sidecar ...``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ConfigError, SidecarError
@@ -22,7 +22,8 @@ FEATURE_COLUMNS = ("symbol", "broker", "t", "close", "rsi", "ema", "bb_lower", "
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
+    p = argparse.ArgumentParser(prog="sidecar", description="The market-data daemon and its clients "
+                                "(also: python -m sidecar).")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the daemon in the foreground")
     scan = sub.add_parser("scan", help="print the current features from Redis")
@@ -32,14 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--signals", action="store_true",
                       help="print the signals of the rules in SIDECAR_SIGNAL_* instead of the table")
     scan.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status = sub.add_parser("status", help="is the daemon alive: its heartbeat and meta from Redis "
+                                           "(exit 0 alive, 1 not)")
+    status.add_argument("--json", action="store_true", help="one JSON object")
     bf = sub.add_parser("backfill", help="fill SQLite (and Redis) with history, then exit")
     bf.add_argument("--days", type=int, help="default: SIDECAR_BOOTSTRAP_DAYS")
     fetch = sub.add_parser("fetch", help="one request through a source; prints bars as JSON lines")
     fetch.add_argument("source")
     fetch.add_argument("symbol")
     fetch.add_argument("--timeframe", default=None)
-    fetch.add_argument("--start", help="ISO 8601 (UTC if no zone)")
-    fetch.add_argument("--end", help="ISO 8601 (UTC if no zone)")
+    fetch.add_argument("--start", help="ISO 8601, UTC if no zone; a date alone is that day's start")
+    fetch.add_argument("--end", help="ISO 8601, UTC if no zone, exclusive; a date alone includes that "
+                                     "day (--start D --end D: the bars of day D)")
     syms = sub.add_parser("symbols", help="print the symbol mapping: asset class, broker and "
                                           "provider spellings")
     syms.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
@@ -59,7 +64,16 @@ def _symbols_arg(text: str | None, settings: Settings) -> list[str]:
     return symbols
 
 
-def _iso_ms(text: str, flag: str) -> int:
+def _iso_ms(text: str, flag: str, *, end: bool = False) -> int:
+    """Epoch ms of an ISO 8601 time (UTC if no zone). A date alone (``2024-03-15``) is
+    that day's 00:00 UTC, or with ``end`` the next day's: an end date includes its day."""
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        return int(((start + timedelta(days=1)) if end else start).timestamp() * 1000)
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
@@ -85,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_scan(settings, args))
             except KeyboardInterrupt:  # --watch ends with Ctrl-C
                 return 0
+        if args.command == "status":
+            return asyncio.run(_status(settings, as_json=args.json))
         if args.command == "backfill":
             return asyncio.run(_backfill(settings, args.days))
         if args.command == "fetch":
@@ -168,6 +184,49 @@ def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_jso
         print(" ".join(cells))
 
 
+async def _status(settings: Settings, *, as_json: bool) -> int:
+    """The daemon's heartbeat (alive while it exists) and meta key, read from its Redis."""
+    from redis.exceptions import RedisError
+
+    from sidecar.redis_store import RedisStore, connect, redis_refusal
+
+    where = "SIDECAR_REDIS_URL" if settings.redis_url else f"the embedded socket {settings.redis_socket}"
+    url = settings.redis_url or f"unix://{settings.redis_socket}"
+    store = RedisStore(connect(url, pool_size=1, timeout_s=settings.redis_timeout_s), settings.redis_prefix)
+    try:
+        heartbeat = await store.read_heartbeat()
+        meta = await store.read_meta()
+    except (RedisError, OSError) as exc:
+        refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
+        if refused:
+            raise ConfigError("SIDECAR_REDIS_URL", refused) from None
+        heartbeat = meta = None
+        error: str | None = f"cannot reach Redis at {where}: {exc}"
+    else:
+        error = None
+    finally:
+        await store.close()
+    now = int(time.time() * 1000)
+    report: dict[str, Any] = {
+        "alive": heartbeat is not None,
+        "heartbeat": heartbeat,
+        "heartbeat_age_ms": None if heartbeat is None else now - int(heartbeat["t"]),
+        "meta": meta,
+        "uptime_s": None if heartbeat is None or meta is None
+        else round((now - int(meta["started_at"])) / 1000),
+        "error": error,
+    }
+    if as_json:
+        print(json.dumps(report))
+    elif heartbeat is None:
+        print(f"not running: {error or f'no heartbeat in Redis at {where}'}")
+    else:
+        print(f"alive: pid {heartbeat['pid']}, cycle {heartbeat['cycle']}, timeframe {heartbeat['tf']}, "
+              f"{heartbeat['symbols']} symbols, last cycle {report['heartbeat_age_ms']} ms ago"
+              + (f", up {report['uptime_s']} s" if report["uptime_s"] is not None else ""))
+    return 0 if heartbeat is not None else 1
+
+
 def _with_tf(settings: Settings, tf: str) -> Settings:
     import dataclasses
 
@@ -220,7 +279,7 @@ async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError("--timeframe", str(exc)) from None
     start = _iso_ms(args.start, "--start") if args.start else None
-    end = _iso_ms(args.end, "--end") if args.end else None
+    end = _iso_ms(args.end, "--end", end=True) if args.end else None
     return await run_fetch(args.source, args.symbol, tf, start, end, settings, os.environ)
 
 

