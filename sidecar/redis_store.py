@@ -262,7 +262,7 @@ class RedisStore:
             groups.setdefault(bucket_of(b.symbol), ([], []))[0].extend((key, b.t, b.pack()))
         for tf, sym, payload in features:
             groups.setdefault(bucket_of(sym), ([], []))[1].extend((keys.features(tf, sym), payload))
-        head = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, b""]
+        head: list[Any] = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, b""]
         calls = [
             self._script(keys=[str(flat[0] if flat else feats[0])],
                          args=[*head, msgpack.packb(flat, use_bin_type=False),
