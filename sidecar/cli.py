@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--timeframe", default=None)
     fetch.add_argument("--start", help="ISO 8601 (UTC if no zone)")
     fetch.add_argument("--end", help="ISO 8601 (UTC if no zone)")
+    status = sub.add_parser("status", help="the daemons (shards) writing to Redis: owners, "
+                                           "heartbeats, cycle times, symbols nobody owns")
+    status.add_argument("--json", action="store_true", help="one JSON object")
     syms = sub.add_parser("symbols", help="print the symbol mapping: asset class, broker and "
                                           "provider spellings")
     syms.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_fetch(settings, args))
         if args.command == "symbols":
             return _symbols(settings, args)
+        if args.command == "status":
+            return asyncio.run(_status(settings, as_json=args.json))
     except ConfigError as exc:
         print(f"sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -135,6 +140,66 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
             await asyncio.sleep(1.05 - (time.time() % 1.0))
     finally:
         await scanner.close()
+
+
+async def _status(settings: Settings, *, as_json: bool) -> int:
+    """Every shard that registered in Redis (and an unsharded daemon): its owner
+    process, heartbeat, cycle time and symbols; then the configured symbols no live
+    daemon owns. Exits 1 when some are unowned."""
+    from redis.exceptions import RedisError
+
+    from sidecar.redis_store import RedisStore, open_client
+
+    url = settings.redis_url or f"unix://{settings.redis_socket}"
+    client = await open_client(url, pool_size=2, timeout_s=settings.redis_timeout_s)
+    store = RedisStore(client, settings.redis_prefix)
+    try:
+        registry = await store.read_shards()
+        indexes = sorted({int(name.split("/")[0]) for name in registry})
+        beats = await store.read_heartbeats([None, *indexes])
+    except (RedisError, OSError) as exc:
+        raise SidecarError(f"cannot reach Redis: {exc}") from None
+    finally:
+        await store.close()
+    now = int(time.time() * 1000)
+    rows: list[dict[str, Any]] = []
+    live_owned: set[str] = set()
+    for name in sorted(registry, key=lambda n: tuple(int(x) for x in n.split("/"))):
+        meta = registry[name]
+        shard, count = (int(x) for x in name.split("/"))
+        beat = beats.get(shard)
+        live = beat is not None and beat.get("shards") == count
+        owned = list(meta.get("owned", []))
+        if live:
+            assert beat is not None
+            owned = list(beat.get("owned", owned))
+            live_owned.update(owned)
+        rows.append({"shard": name, "live": live, "pid": (beat or meta).get("pid"),
+                     "http_port": meta.get("http_port"),
+                     "heartbeat_age_ms": now - beat["t"] if live and beat else None,
+                     "cycle": beat.get("cycle") if live and beat else None,
+                     "cycle_ms": beat.get("cycle_ms") if live and beat else None,
+                     "symbols": len(owned), "owned": owned})
+    single = beats.get(None)
+    if single is not None:
+        live_owned.update(settings.symbols)  # an unsharded daemon: all its configured symbols
+        rows.append({"shard": "-", "live": True, "pid": single.get("pid"), "http_port": None,
+                     "heartbeat_age_ms": now - single["t"], "cycle": single.get("cycle"),
+                     "cycle_ms": single.get("cycle_ms"), "symbols": single.get("symbols"), "owned": []})
+    unowned = [s for s in settings.symbols if s not in live_owned]
+    if as_json:
+        print(json.dumps({"shards": rows, "unowned": unowned}))
+    else:
+        print(f"{'shard':<8}{'live':<6}{'pid':>8}{'port':>7}{'hb age ms':>11}{'cycle':>8}"
+              f"{'cycle ms':>10}{'symbols':>9}")
+        for r in rows:
+            cell = {k: "-" if r[k] is None else r[k]
+                    for k in ("pid", "http_port", "heartbeat_age_ms", "cycle", "cycle_ms")}
+            print(f"{r['shard']:<8}{'yes' if r['live'] else 'no':<6}{cell['pid']:>8}"
+                  f"{cell['http_port']:>7}{cell['heartbeat_age_ms']:>11}{cell['cycle']:>8}"
+                  f"{cell['cycle_ms']:>10}{r['symbols']:>9}")
+        print(f"unowned ({len(unowned)}): {', '.join(unowned) if unowned else '-'}")
+    return 1 if unowned else 0
 
 
 def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_json: bool) -> None:

@@ -84,6 +84,10 @@ return redis.call('EXISTS', KEYS[2])
 """
 
 
+#: A client on one server or on a Redis Cluster (:func:`open_client` tells which).
+AnyRedis = Redis | RedisCluster
+
+
 def redis_refusal(exc: RedisError) -> str | None:
     """Why Redis refused us for good (a password or certificate problem), else ``None``.
 
@@ -99,7 +103,7 @@ def redis_refusal(exc: RedisError) -> str | None:
 
 
 async def wait_loaded(
-    redis: Redis, should_stop: asyncio.Event, *,
+    redis: AnyRedis, should_stop: asyncio.Event, *,
     running: Callable[[], bool] | None = None, poll_s: float = 0.1,
 ) -> bool:
     """Wait while Redis answers ``LOADING`` (it is reading its dataset from disk).
@@ -143,10 +147,6 @@ def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:
         socket_connect_timeout=timeout_s,
     )
     return Redis(connection_pool=pool)
-
-
-#: A client on one server or on a Redis Cluster (:func:`open_client` tells which).
-AnyRedis = Redis | RedisCluster
 
 
 async def is_cluster(client: Redis) -> bool | None:

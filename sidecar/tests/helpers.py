@@ -87,6 +87,9 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_REPLAY_SPEED": ["0", "10001", "nan"],
     "SIDECAR_LOG_FORMAT": ["xml"],
     "SIDECAR_LOG_LEVEL": ["verbose", "critical"],
+    "SIDECAR_SHARD": ["1/1", "3/2", "a/b", "1", "0/0", "0/2000"],
+    "SIDECAR_SHARDS": ["0", "x", "1025"],
+    "SIDECAR_REDIS_READ_REPLICAS": ["maybe"],
 }
 
 
@@ -163,14 +166,16 @@ class Daemon:
 
     ``wrapper``: a command the daemon runs under (e.g. ``nsenter ...``).
     The HTTP port is ``SIDECAR_HTTP_PORT`` from ``env`` when set, else a free one (then
-    written into :attr:`env`). Use the ``daemons`` fixture, which kills every daemon it
+    written into :attr:`env`); plus ``i`` for shard ``SIDECAR_SHARD=i/N``. Use the ``daemons`` fixture, which kills every daemon it
     started at teardown and adds the log tails to a failed test's report.
     """
 
     def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ("run",),
                  wrapper: Sequence[str] = ()) -> None:
-        self.port = int(env["SIDECAR_HTTP_PORT"]) if "SIDECAR_HTTP_PORT" in env else free_port()
-        self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
+        base = int(env["SIDECAR_HTTP_PORT"]) if "SIDECAR_HTTP_PORT" in env else free_port()
+        self.env = dict(env, SIDECAR_HTTP_PORT=str(base))
+        #: A shard (``SIDECAR_SHARD=i/N``) listens on the base port + i.
+        self.port = base + int(env.get("SIDECAR_SHARD", "0/1").split("/")[0])
         self.log_path = log_path
         self.out_path = log_path.with_suffix(".out")
         log_path.parent.mkdir(parents=True, exist_ok=True)
