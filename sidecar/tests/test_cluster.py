@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,7 +167,7 @@ def _base_port() -> int:
 def test_three_shards_share_the_cluster_and_the_scanner_reads_all(
         clean_env: dict[str, str], redis_cluster: LocalCluster, daemons: Callable[..., Daemon],
         tmp_path: Path) -> None:
-    prefix = f"three{time.monotonic_ns() % 10**6}"
+    prefix = f"three{os.getpid()}"
     base = _base_port()
     shards = start_shards(daemons, clean_env, redis_cluster, prefix, 3, base, tmp_path / "data", "three")
     assert [d.port for d in shards] == [base, base + 1, base + 2]  # base port + i
@@ -210,7 +211,7 @@ def _fresh_rows(env: dict[str, str]) -> list[dict[str, Any]]:
 def test_two_shards_become_three_and_moved_symbols_keep_their_history(
         clean_env: dict[str, str], redis_cluster: LocalCluster, daemons: Callable[..., Daemon],
         tmp_path: Path) -> None:
-    prefix = f"grow{time.monotonic_ns() % 10**6}"
+    prefix = f"grow{os.getpid()}"
     base = _base_port()
     data = tmp_path / "data"
     two = start_shards(daemons, clean_env, redis_cluster, prefix, 2, base, data, "two")
