@@ -153,6 +153,93 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
         await scanner.close()
 
 
+async def _status(settings: Settings, *, as_json: bool) -> int:
+    """Whether the daemon runs, from its Redis: the unsharded daemon's heartbeat and meta,
+    and every shard that registered (owner process, heartbeat, cycle time, symbols),
+    then the configured symbols no live daemon owns. Exits 0 when some daemon is alive
+    and every symbol has a live owner, else 1."""
+    from redis.exceptions import RedisError
+
+    from sidecar.redis_store import RedisStore, open_client, redis_refusal
+
+    where = "SIDECAR_REDIS_URL" if settings.redis_url else f"the embedded socket {settings.redis_socket}"
+    url = settings.redis_url or f"unix://{settings.redis_socket}"
+    registry: dict[str, dict[str, Any]] = {}
+    beats: dict[int | None, dict[str, Any] | None] = {}
+    meta: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        client = await open_client(url, pool_size=2, timeout_s=settings.redis_timeout_s)
+        store = RedisStore(client, settings.redis_prefix)
+        try:
+            registry = await store.read_shards()
+            indexes = sorted({int(name.split("/")[0]) for name in registry})
+            beats = await store.read_heartbeats([None, *indexes])
+            meta = await store.read_meta()
+        finally:
+            await store.close()
+    except (RedisError, OSError) as exc:
+        refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
+        if refused:
+            raise ConfigError("SIDECAR_REDIS_URL", refused) from None
+        error = f"cannot reach Redis at {where}: {exc}"
+    now = int(time.time() * 1000)
+    shards: list[dict[str, Any]] = []
+    live_owned: set[str] = set()
+    for name in sorted(registry, key=lambda n: tuple(int(x) for x in n.split("/"))):
+        entry = registry[name]
+        shard, count = (int(x) for x in name.split("/"))
+        beat = beats.get(shard)
+        live = beat is not None and beat.get("shards") == count
+        owned = list(entry.get("owned", []))
+        if live and beat is not None:
+            owned = list(beat.get("owned", owned))
+            live_owned.update(owned)
+        shards.append({"shard": name, "live": live, "pid": (beat or entry).get("pid"),
+                       "http_port": entry.get("http_port"),
+                       "heartbeat_age_ms": now - beat["t"] if live and beat else None,
+                       "cycle": beat.get("cycle") if live and beat else None,
+                       "cycle_ms": beat.get("cycle_ms") if live and beat else None,
+                       "symbols": len(owned), "owned": owned})
+    heartbeat = beats.get(None)
+    if heartbeat is not None:
+        live_owned.update(settings.symbols)  # an unsharded daemon: all its configured symbols
+    unowned = [s for s in settings.symbols if s not in live_owned]
+    alive = heartbeat is not None or any(r["live"] for r in shards)
+    report: dict[str, Any] = {
+        "alive": alive,
+        "heartbeat": heartbeat,
+        "heartbeat_age_ms": None if heartbeat is None else now - int(heartbeat["t"]),
+        "meta": meta,
+        "uptime_s": None if heartbeat is None or meta is None
+        else round((now - int(meta["started_at"])) / 1000),
+        "shards": shards,
+        "unowned": unowned,
+        "error": error,
+    }
+    if as_json:
+        print(json.dumps(report))
+    else:
+        if heartbeat is not None:
+            print(f"alive: pid {heartbeat['pid']}, cycle {heartbeat['cycle']}, timeframe {heartbeat['tf']}, "
+                  f"{heartbeat['symbols']} symbols, last cycle {report['heartbeat_age_ms']} ms ago"
+                  + (f", up {report['uptime_s']} s" if report["uptime_s"] is not None else ""))
+        elif not shards:
+            print(f"not running: {error or f'no heartbeat in Redis at {where}'}")
+        if shards:
+            print(f"{'shard':<8}{'live':<6}{'pid':>8}{'port':>7}{'hb age ms':>11}{'cycle':>8}"
+                  f"{'cycle ms':>10}{'symbols':>9}")
+            for r in shards:
+                cell = {k: "-" if r[k] is None else r[k]
+                        for k in ("pid", "http_port", "heartbeat_age_ms", "cycle", "cycle_ms")}
+                print(f"{r['shard']:<8}{'yes' if r['live'] else 'no':<6}{cell['pid']:>8}"
+                      f"{cell['http_port']:>7}{cell['heartbeat_age_ms']:>11}{cell['cycle']:>8}"
+                      f"{cell['cycle_ms']:>10}{r['symbols']:>9}")
+        if alive:
+            print(f"unowned ({len(unowned)}): {', '.join(unowned) if unowned else '-'}")
+    return 0 if alive and not unowned else 1
+
+
 def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_json: bool) -> None:
     if rules is not None:
         from sidecar.signals import evaluate
@@ -182,49 +269,6 @@ def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_jso
             v = row.get(c)
             cells.append(f"{v:>11.4f}" if isinstance(v, float) else f"{v!s:>11}")
         print(" ".join(cells))
-
-
-async def _status(settings: Settings, *, as_json: bool) -> int:
-    """The daemon's heartbeat (alive while it exists) and meta key, read from its Redis."""
-    from redis.exceptions import RedisError
-
-    from sidecar.redis_store import RedisStore, connect, redis_refusal
-
-    where = "SIDECAR_REDIS_URL" if settings.redis_url else f"the embedded socket {settings.redis_socket}"
-    url = settings.redis_url or f"unix://{settings.redis_socket}"
-    store = RedisStore(connect(url, pool_size=1, timeout_s=settings.redis_timeout_s), settings.redis_prefix)
-    try:
-        heartbeat = await store.read_heartbeat()
-        meta = await store.read_meta()
-    except (RedisError, OSError) as exc:
-        refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
-        if refused:
-            raise ConfigError("SIDECAR_REDIS_URL", refused) from None
-        heartbeat = meta = None
-        error: str | None = f"cannot reach Redis at {where}: {exc}"
-    else:
-        error = None
-    finally:
-        await store.close()
-    now = int(time.time() * 1000)
-    report: dict[str, Any] = {
-        "alive": heartbeat is not None,
-        "heartbeat": heartbeat,
-        "heartbeat_age_ms": None if heartbeat is None else now - int(heartbeat["t"]),
-        "meta": meta,
-        "uptime_s": None if heartbeat is None or meta is None
-        else round((now - int(meta["started_at"])) / 1000),
-        "error": error,
-    }
-    if as_json:
-        print(json.dumps(report))
-    elif heartbeat is None:
-        print(f"not running: {error or f'no heartbeat in Redis at {where}'}")
-    else:
-        print(f"alive: pid {heartbeat['pid']}, cycle {heartbeat['cycle']}, timeframe {heartbeat['tf']}, "
-              f"{heartbeat['symbols']} symbols, last cycle {report['heartbeat_age_ms']} ms ago"
-              + (f", up {report['uptime_s']} s" if report["uptime_s"] is not None else ""))
-    return 0 if heartbeat is not None else 1
 
 
 def _with_tf(settings: Settings, tf: str) -> Settings:

@@ -31,20 +31,23 @@ from typing import Any
 
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import LoadBalancingStrategy
 from redis.commands.core import AsyncScript
 from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from sidecar.bar import Bar
-from sidecar.settings import SYMBOL_RE
+from sidecar.keys import SCHEMA_VERSION, Keys, bucket_of
 
 log = logging.getLogger("sidecar.redis")
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "Keys", "RedisStore", "connect", "open_client"]
 
 _WRITE_CYCLE_LUA = """
--- KEYS[1]: heartbeat key, KEYS[2]: meta key
+-- KEYS[1]: heartbeat key, KEYS[2]: meta key; or, on a cluster, KEYS[1]: a key of the
+--   one bucket the bars and features belong to (then no heartbeat, no announcement)
 -- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features, channel, message
 --   bars: msgpack array [key, t, member, key, t, member, ...]
 --   features: msgpack array [key, payload, key, payload, ...]
@@ -72,55 +75,17 @@ end
 if ARGV[8] ~= '' then
   redis.call('PUBLISH', ARGV[7], ARGV[8])
 end
--- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed).
+-- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed). A write
+-- of one cluster bucket names only a key of its slot, and answers 1.
+if #KEYS < 2 then
+  return 1
+end
 return redis.call('EXISTS', KEYS[2])
 """
 
 
-class Keys:
-    """Key names under one prefix.
-
-    A symbol outside the canonical charset raises ``ValueError``: it is refused at
-    configuration, so reaching here is a bug, and it must not reach a key either.
-    """
-
-    __slots__ = ("_bars", "_features", "base")
-
-    def __init__(self, prefix: str) -> None:
-        self.base = f"{prefix}:v{SCHEMA_VERSION}"
-        # Every cycle names every symbol's keys twice: built (and checked) once each.
-        self._bars: dict[tuple[str, str], str] = {}
-        self._features: dict[tuple[str, str], str] = {}
-
-    def bars(self, tf: str, symbol: str) -> str:
-        key = self._bars.get((tf, symbol))
-        if key is None:
-            key = self._bars[(tf, symbol)] = f"{self.base}:bars:{tf}:{_checked(symbol)}"
-        return key
-
-    def features(self, tf: str, symbol: str) -> str:
-        key = self._features.get((tf, symbol))
-        if key is None:
-            key = self._features[(tf, symbol)] = f"{self.base}:feat:{tf}:{_checked(symbol)}"
-        return key
-
-    @property
-    def heartbeat(self) -> str:
-        return f"{self.base}:heartbeat"
-
-    @property
-    def meta(self) -> str:
-        return f"{self.base}:meta"
-
-    @property
-    def cycles_channel(self) -> str:
-        return f"{self.base}:cycles"
-
-
-def _checked(symbol: str) -> str:
-    if not SYMBOL_RE.match(symbol):
-        raise ValueError(f"not a canonical symbol, refusing it as part of a Redis key: {symbol[:40]!r}")
-    return symbol
+#: A client on one server or on a Redis Cluster (:func:`open_client` tells which).
+AnyRedis = Redis | RedisCluster
 
 
 def redis_refusal(exc: RedisError) -> str | None:
@@ -138,7 +103,7 @@ def redis_refusal(exc: RedisError) -> str | None:
 
 
 async def wait_loaded(
-    redis: Redis, should_stop: asyncio.Event, *,
+    redis: AnyRedis, should_stop: asyncio.Event, *,
     running: Callable[[], bool] | None = None, poll_s: float = 0.1,
 ) -> bool:
     """Wait while Redis answers ``LOADING`` (it is reading its dataset from disk).
@@ -184,22 +149,66 @@ def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:
     return Redis(connection_pool=pool)
 
 
+async def is_cluster(client: Redis) -> bool | None:
+    """Whether the server behind ``client`` is a Redis Cluster node (``INFO cluster``);
+    ``None`` when it cannot be asked (unreachable)."""
+    try:
+        info = await client.info("cluster")
+    except (RedisError, OSError):
+        return None
+    return bool(int(info.get("cluster_enabled", 0) or 0))
+
+
+def connect_cluster(url: str, *, timeout_s: float = 2.0, read_from_replicas: bool = False) -> RedisCluster:
+    """A Redis Cluster client that starts from the node of ``url`` and learns the others.
+
+    MOVED/ASK redirects and a failover are followed by the client (it refreshes its
+    slot map); ``read_from_replicas`` sends reads to replicas (``READONLY``).
+    """
+    kwargs: dict[str, Any] = {}
+    if read_from_replicas:
+        kwargs["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
+    return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                 **kwargs)
+
+
+async def open_client(url: str, *, pool_size: int = 20, timeout_s: float = 2.0,
+                      read_from_replicas: bool = False) -> AnyRedis:
+    """:func:`connect`, or :func:`connect_cluster` when ``url`` names a cluster node.
+
+    A server that does not answer is taken for a single server (the daemon's outage
+    path); nothing but the URL is needed to find a cluster.
+    """
+    single = connect(url, pool_size=pool_size, timeout_s=timeout_s)
+    if not url.startswith("unix://") and await is_cluster(single):
+        await single.aclose()
+        await single.connection_pool.disconnect()
+        cluster = connect_cluster(url, timeout_s=timeout_s, read_from_replicas=read_from_replicas)
+        await cluster.initialize()
+        return cluster
+    return single
+
+
 class RedisStore:
     """Writes bars, features, heartbeat and announcement (one script call each time); reads them back."""
 
-    __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "keys", "redis")
+    __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "cluster", "keys",
+                 "redis")
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         prefix: str = "sidecar",
         *,
         bars_cap: int = 5_000,
         features_ttl_ms: int = 2_000,
         heartbeat_ttl_ms: int = 3_000,
+        shard: int | None = None,
     ) -> None:
         self.redis = redis
-        self.keys = Keys(prefix)
+        #: On a cluster each write goes out per bucket (one slot per script call).
+        self.cluster = isinstance(redis, RedisCluster)
+        self.keys = Keys(prefix, cluster=self.cluster, shard=shard)
         self.bars_cap = bars_cap
         self._features_ttl_ms = features_ttl_ms
         self._heartbeat_ttl_ms = heartbeat_ttl_ms
@@ -220,6 +229,8 @@ class RedisStore:
 
         Returns whether the meta key exists: ``False`` means Redis lost its data
         since :meth:`write_meta` (restarted empty) and should be refilled."""
+        if self.cluster:
+            return await self._write_cluster(bars, features, heartbeat, publish)
         bars_of = self.keys.bars
         flat: list[Any] = []
         for b in bars:
@@ -234,6 +245,39 @@ class RedisStore:
                 msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False),
                 self.keys.cycles_channel, message]
         return bool(await self._script(keys=[self.keys.heartbeat, self.keys.meta], args=args))
+
+    async def _write_cluster(
+        self,
+        bars: Sequence[Bar],
+        features: Sequence[tuple[str, str, bytes]],
+        heartbeat: dict[str, Any] | None,
+        publish: dict[str, Any] | None,
+    ) -> bool:
+        """:meth:`write_cycle` on a cluster: one script call per bucket (each touches one
+        slot), all at once, then the heartbeat and announcement once they completed."""
+        keys = self.keys
+        groups: dict[int, tuple[list[Any], list[Any]]] = {}
+        for b in bars:
+            key = keys.bars(b.tf, b.symbol)
+            groups.setdefault(bucket_of(b.symbol), ([], []))[0].extend((key, b.t, b.pack()))
+        for tf, sym, payload in features:
+            groups.setdefault(bucket_of(sym), ([], []))[1].extend((keys.features(tf, sym), payload))
+        head: list[Any] = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, b""]
+        calls = [
+            self._script(keys=[str(flat[0] if flat else feats[0])],
+                         args=[*head, msgpack.packb(flat, use_bin_type=False),
+                               msgpack.packb(feats, use_bin_type=False), keys.cycles_channel, b""])
+            for flat, feats in groups.values()
+        ]
+        if calls:
+            await asyncio.gather(*calls)
+        if heartbeat is None and publish is None:
+            return True
+        hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+        message = msgpack.packb(publish) if publish is not None else b""
+        empty = msgpack.packb([])
+        args = [*head[:3], hb, empty, empty, keys.cycles_channel, message]
+        return bool(await self._script(keys=[keys.heartbeat, keys.meta], args=args))
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
@@ -251,7 +295,26 @@ class RedisStore:
         return n
 
     async def write_meta(self, meta: dict[str, Any]) -> None:
-        await self.redis.set(self.keys.meta, msgpack.packb({"schema": SCHEMA_VERSION, **meta}))
+        """The meta key; a sharded daemon also enters ``meta`` in the shard registry
+        (:attr:`Keys.shards`, field ``i/N``) for ``python -m sidecar status``."""
+        packed = msgpack.packb({"schema": SCHEMA_VERSION, **meta})
+        await self.redis.set(self.keys.meta, packed)
+        if "shard" in meta and "shards" in meta:
+            await self.redis.hset(self.keys.shards, f"{meta['shard']}/{meta['shards']}", packed)
+
+    async def read_shards(self) -> dict[str, dict[str, Any]]:
+        """The shard registry: ``i/N`` -> the meta that shard wrote at its start."""
+        raw = await self.redis.hgetall(self.keys.shards)
+        return {k.decode() if isinstance(k, bytes) else k: dict(msgpack.unpackb(v)) for k, v in raw.items()}
+
+    async def read_heartbeats(self, shards: Iterable[int | None]) -> dict[int | None, dict[str, Any] | None]:
+        """The heartbeat of each of ``shards`` (``None``: the unsharded daemon's)."""
+        wanted = list(shards)
+        out: dict[int | None, dict[str, Any] | None] = {}
+        for shard in wanted:
+            raw = await self.redis.get(self.keys.heartbeat_of(shard))
+            out[shard] = None if raw is None else dict(msgpack.unpackb(raw))
+        return out
 
     async def read_meta(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.meta)
@@ -277,10 +340,15 @@ class RedisStore:
         return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
 
     async def read_features(self, symbols: Sequence[str], tf: str) -> list[dict[str, Any] | None]:
-        """Features of many symbols in one ``MGET``; ``None`` where a key is missing."""
+        """Features of many symbols in one ``MGET`` (one per slot on a cluster); ``None``
+        where a key is missing."""
         if not symbols:
             return []
-        raw = await self.redis.mget([self.keys.features(tf, s) for s in symbols])
+        keys = [self.keys.features(tf, s) for s in symbols]
+        if isinstance(self.redis, RedisCluster):
+            raw = await self.redis.mget_nonatomic(keys)
+        else:
+            raw = await self.redis.mget(keys)
         return [None if item is None else msgpack.unpackb(item) for item in raw]
 
     async def read_heartbeat(self) -> dict[str, Any] | None:
@@ -295,5 +363,11 @@ class RedisStore:
         return bool(await self.redis.ping())
 
     async def close(self) -> None:
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        await close_client(self.redis)
+
+
+async def close_client(client: AnyRedis) -> None:
+    """Close a client and every connection it holds."""
+    await client.aclose()
+    if isinstance(client, Redis):
+        await client.connection_pool.disconnect()

@@ -168,6 +168,12 @@ class Settings:
     # logging
     log_format: str = "auto"
     log_level: str = "info"
+    # shards (README "Shards")
+    #: This daemon's shard index (``None``: unsharded) and the number of shards.
+    shard: int | None = None
+    shards: int = 1
+    #: Scanners read from replicas on a Redis Cluster (``READONLY``).
+    read_replicas: bool = False
 
     @property
     def sqlite_file(self) -> Path:
@@ -246,6 +252,21 @@ class Settings:
         if not match:
             raise ConfigError("SIDECAR_SESSION_ANCHOR", f"expected HH:MM (UTC), got {anchor!r}")
 
+        shard, shards = _parse_shard(r)
+        read_replicas = r.boolean("SIDECAR_REDIS_READ_REPLICAS", False)
+        http_port = r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535)
+        if shard is not None:
+            if redis_url is None:
+                raise ConfigError("SIDECAR_REDIS_URL", "shards write to one shared Redis: set its URL "
+                                                       "(the embedded server is one daemon's own)")
+            # Each shard its own data directory, SQLite file and HTTP port.
+            data_dir = data_dir / f"shard-{shard}"
+            if sqlite_path is not None:
+                sqlite_path = sqlite_path.with_name(f"{sqlite_path.stem}.shard-{shard}{sqlite_path.suffix}")
+            if http_port and http_port + shard > 65535:
+                raise ConfigError("SIDECAR_HTTP_PORT", f"{http_port} + shard {shard} is past 65535")
+            http_port = http_port + shard if http_port else 0
+
         settings = cls(
             symbols=symbols,
             sources=sources,
@@ -255,7 +276,7 @@ class Settings:
             data_dir=data_dir,
             sqlite_path=sqlite_path,
             http_host=http_host,
-            http_port=r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535),
+            http_port=http_port,
             bars_cap=r.integer("SIDECAR_BARS_CAP", 5_000, low=100, high=1_000_000),
             features_ttl_ms=r.integer("SIDECAR_FEATURES_TTL_MS", 2_000, low=500, high=3_600_000),
             heartbeat_ttl_ms=r.integer("SIDECAR_HEARTBEAT_TTL_MS", 3_000, low=1_000, high=600_000),
@@ -283,6 +304,9 @@ class Settings:
             replay_speed=r.number("SIDECAR_REPLAY_SPEED", 1.0, low=0.01, high=10_000.0),
             log_format=r.choice("SIDECAR_LOG_FORMAT", "auto", ("auto", "json", "text")),
             log_level=r.choice("SIDECAR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            shard=shard,
+            shards=shards,
+            read_replicas=read_replicas,
         )
         return settings
 
@@ -322,6 +346,33 @@ def _check_redis_url(url: str) -> None:
 def _without_password(text: str, url: str) -> str:
     password = urlsplit(url).password
     return text.replace(password, "***") if password and len(password) >= 4 else text
+
+
+_SHARD_RE = re.compile(r"^([0-9]{1,4})/([0-9]{1,4})\Z")
+
+
+def _parse_shard(r: _Reader) -> tuple[int | None, int]:
+    """``(shard, shards)`` from ``SIDECAR_SHARD=i/N``, or PM2's ``NODE_APP_INSTANCE=i``
+    with ``SIDECAR_SHARDS=N``; ``SIDECAR_SHARDS`` alone (a scanner) gives ``(None, N)``."""
+    shards = r.integer("SIDECAR_SHARDS", 1, low=1, high=1024)
+    text = r.raw("SIDECAR_SHARD")
+    if text is not None:
+        match = _SHARD_RE.match(text)
+        if not match:
+            raise ConfigError("SIDECAR_SHARD", f"expected i/N (e.g. 0/3), got {text!r}")
+        shard, count = int(match.group(1)), int(match.group(2))
+        if not 1 <= count <= 1024 or shard >= count:
+            raise ConfigError("SIDECAR_SHARD", f"needs 0 <= i < N <= 1024, got {text!r}")
+        if r.raw("SIDECAR_SHARDS") is not None and shards != count:
+            raise ConfigError("SIDECAR_SHARDS", f"{shards} disagrees with SIDECAR_SHARD={text}")
+        return shard, count
+    instance = r.raw("NODE_APP_INSTANCE")
+    if shards > 1 and instance is not None:
+        if not instance.isdigit() or int(instance) >= shards:
+            raise ConfigError("NODE_APP_INSTANCE", f"{instance!r} is not a shard index below "
+                                                   f"SIDECAR_SHARDS={shards}")
+        return int(instance), shards
+    return None, shards
 
 
 def _parse_symbols(text: str | None) -> tuple[str, ...]:

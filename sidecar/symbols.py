@@ -60,6 +60,8 @@ class SymbolEntry:
     spellings: Mapping[str, ProviderSymbol | None]
     #: The regular session its intraday bars are anchored at (``None``: the clock's grid).
     session: Session | None = None
+    #: An explicit shard index (``shard = i`` in the file); ``None``: by hash (sidecar.shards).
+    shard: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as ``python -m sidecar symbols --json`` prints it.
@@ -241,10 +243,13 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
         )
     if not isinstance(body, dict):
         raise ConfigError(_SETTING, f"{where}: expected a table")
-    unknown = set(body) - {"asset_class", "broker", "session", *PROVIDERS}
+    unknown = set(body) - {"asset_class", "broker", "session", "shard", *PROVIDERS}
     if unknown:
         raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: "
-                                    f"asset_class, broker, session, {', '.join(PROVIDERS)})")
+                                    f"asset_class, broker, session, shard, {', '.join(PROVIDERS)})")
+    shard = body.get("shard")
+    if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or shard < 0):
+        raise ConfigError(_SETTING, f"{where}: shard must be a shard index (an integer >= 0)")
     asset_raw = body.get("asset_class", "stock")
     if asset_raw not in ASSET_CLASSES:
         raise ConfigError(
@@ -258,7 +263,7 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
         p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
     }
     session = _parse_session(body.get("session"), asset, f"{where}.session")
-    return SymbolEntry(canonical, asset, broker.strip(), spellings, session)
+    return SymbolEntry(canonical, asset, broker.strip(), spellings, session, shard)
 
 
 def mapping_report(symbol_map: SymbolMap, symbols: Iterable[str]) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -24,6 +25,7 @@ from sidecar.app.bootstrap import DAY_MS, backfill_symbol, repair_gaps
 from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
+from sidecar.app.reconcile import reconcile
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
@@ -31,8 +33,9 @@ from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
 from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
-from sidecar.redis_store import RedisStore, connect, redis_refusal, wait_loaded
+from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
 from sidecar.settings import Settings
+from sidecar.shards import owned
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map, mapping_report
@@ -70,16 +73,18 @@ def build_sources(settings: Settings) -> list[Source]:
 
 
 async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | None]:
-    """Connect to ``SIDECAR_REDIS_URL``, or start/adopt the embedded server."""
+    """Connect to ``SIDECAR_REDIS_URL`` (a single server or any node of a Redis Cluster),
+    or start/adopt the embedded server."""
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if url is None:
         embedded = EmbeddedRedis(settings.redis_socket)
         url = await embedded.start()
-    client = connect(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
+    client = await open_client(url, pool_size=settings.redis_pool_size,
+                               timeout_s=settings.redis_timeout_s)
     store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap,
                        features_ttl_ms=settings.features_ttl_ms,
-                       heartbeat_ttl_ms=settings.heartbeat_ttl_ms)
+                       heartbeat_ttl_ms=settings.heartbeat_ttl_ms, shard=settings.shard)
     return store, embedded
 
 
@@ -161,6 +166,15 @@ class Daemon:
             raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
         provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
         symbol_map = load_symbol_map(provider_settings.symbols_file)
+        if s.shard is not None:
+            explicit = {sym: shard for sym in symbol_map
+                        if (shard := symbol_map.entry(sym).shard) is not None}
+            mine = owned(s.symbols, s.shard, s.shards, explicit)
+            if not mine:
+                raise ConfigError("SIDECAR_SHARD", f"shard {s.shard}/{s.shards} owns none of the "
+                                                   f"{len(s.symbols)} symbols")
+            s = self.settings = dataclasses.replace(s, symbols=mine)
+            log.info("shard", extra={"shard": f"{s.shard}/{s.shards}", "owned": list(mine)})
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
         sources = build_sources(s)
@@ -188,7 +202,8 @@ class Daemon:
             log.info("daemon starting", extra={
                 "symbols": len(s.symbols), "sources": [x.name for x in sources],
                 "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
-                "redis": "embedded" if embedded else "external", "sqlite": str(s.sqlite_file)})
+                "redis": "embedded" if embedded else ("cluster" if redis_store.cluster else "external"),
+                "sqlite": str(s.sqlite_file)})
             await wait_loaded(redis_store.redis, self.should_exit,
                               running=None if embedded is None else embedded.running)
             now_ms = int(time.time() * 1000)
@@ -199,6 +214,8 @@ class Daemon:
                 if refused:
                     raise ConfigError("SIDECAR_REDIS_URL", refused) from None
                 log.warning("redis not reachable at start", extra={"error": str(exc)})
+            if s.shard is not None:
+                await self._adopt(pipeline, store, redis_store)
             if await store.is_empty():
                 log.warning("bootstrap needed: the bar store is empty",
                             extra={"days": s.bootstrap_days})
@@ -214,6 +231,22 @@ class Daemon:
         finally:
             await self._shutdown(pipeline, sources, store, redis_store, embedded, runner, parse_worker)
         return self.exit_code
+
+    async def _adopt(self, pipeline: Pipeline, store: BarStore, redis_store: RedisStore) -> None:
+        """Take over the history of symbols this shard now owns (the number of shards
+        changed) from Redis: a symbol SQLite has no bar of gets Redis's bars."""
+        tf = pipeline.tf.name
+        for sym in pipeline.symbols:
+            if await store.last_bars(sym, tf, 1):
+                continue
+            try:
+                done = await reconcile(sym, tf, redis_store, store, self.settings.bars_cap)
+            except (RedisError, OSError) as exc:
+                log.warning("redis unreachable: moved symbols not warmed from it",
+                            extra={"error": str(exc)})
+                return
+            if done.to_sqlite:
+                log.info("moved symbol warmed from redis", extra={"symbol": sym, "bars": done.to_sqlite})
 
     async def _bootstrap(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
                          redis_store: RedisStore, now_ms: int) -> None:

@@ -254,7 +254,12 @@ class Pipeline:
         self._refill_needed = False
         self._meta_written = False  # only then does a missing meta key mean lost data
         self._pid = os.getpid()
+        #: A shard says which shard it is and which symbols it owns (README "Shards").
+        self._shard_info: dict[str, Any] = {} if settings.shard is None else {
+            "shard": settings.shard, "shards": settings.shards, "owned": list(settings.symbols)}
         self.meta: dict[str, Any] = {"tf": self.tf.name, "symbols": list(settings.symbols),
+                                     "pid": self._pid, "http_port": settings.http_port,
+                                     **self._shard_info,
                                      "started_at": int(time.time() * 1000)}
 
     # -- start-up ---------------------------------------------------------------
@@ -613,7 +618,8 @@ class Pipeline:
         announced = cycle.features + len(features)
         features = features + cycle.unwritten
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
-                     "tf": self.tf.name, "symbols": len(self.symbols)}
+                     "tf": self.tf.name, "symbols": len(self.symbols),
+                     "cycle_ms": round(stats.last_duration_ms, 3), **self._shard_info}
         announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
                     "features": announced,
                     "updated": cycle.updated}

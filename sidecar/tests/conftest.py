@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore, connect, connect_cluster
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Daemon, RedisServer
+from sidecar.tests.helpers import Daemon, LocalCluster, RedisServer, have_cluster_binaries
 
 # Under CI every skip must be on sidecar/tests/skip_allowlist.txt.
 pytest_plugins = ("sidecar.tests.skip_gate",)
@@ -46,6 +46,30 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 async def redis_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
     client = connect(redis_server.url)
     await client.flushall()
+    store = RedisStore(client, "test")
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster on 127.0.0.1: 3 masters, 3 replicas (scripts/system-deps)."""
+    if not have_cluster_binaries():
+        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: LocalCluster) -> AsyncIterator[RedisStore]:
+    """A :class:`RedisStore` on the emptied local cluster."""
+    redis_cluster.flush()
+    client = connect_cluster(redis_cluster.url)
+    await client.initialize()
     store = RedisStore(client, "test")
     yield store
     await store.close()

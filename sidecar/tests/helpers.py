@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -87,6 +88,9 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_REPLAY_SPEED": ["0", "10001", "nan"],
     "SIDECAR_LOG_FORMAT": ["xml"],
     "SIDECAR_LOG_LEVEL": ["verbose", "critical"],
+    "SIDECAR_SHARD": ["1/1", "3/2", "a/b", "1", "0/0", "0/2000"],
+    "SIDECAR_SHARDS": ["0", "x", "1025"],
+    "SIDECAR_REDIS_READ_REPLICAS": ["maybe"],
 }
 
 
@@ -132,6 +136,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports_below_ephemeral(n: int) -> int:
+    """The first of ``n`` consecutive ports that are free now, chosen below the kernel's
+    ephemeral range so that no outgoing connection takes one meanwhile."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    rng = random.Random()
+    while True:
+        base = rng.randrange(10_000, max(low - n, 10_001))
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
 def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
     """GET ``path`` from the daemon's HTTP port: the status and the JSON body."""
     try:
@@ -163,14 +187,16 @@ class Daemon:
 
     ``wrapper``: a command the daemon runs under (e.g. ``nsenter ...``).
     The HTTP port is ``SIDECAR_HTTP_PORT`` from ``env`` when set, else a free one (then
-    written into :attr:`env`). Use the ``daemons`` fixture, which kills every daemon it
+    written into :attr:`env`); plus ``i`` for shard ``SIDECAR_SHARD=i/N``. Use the ``daemons`` fixture, which kills every daemon it
     started at teardown and adds the log tails to a failed test's report.
     """
 
     def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ("run",),
                  wrapper: Sequence[str] = ()) -> None:
-        self.port = int(env["SIDECAR_HTTP_PORT"]) if "SIDECAR_HTTP_PORT" in env else free_port()
-        self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
+        base = int(env["SIDECAR_HTTP_PORT"]) if "SIDECAR_HTTP_PORT" in env else free_port()
+        self.env = dict(env, SIDECAR_HTTP_PORT=str(base))
+        #: A shard (``SIDECAR_SHARD=i/N``) listens on the base port + i.
+        self.port = base + int(env.get("SIDECAR_SHARD", "0/1").split("/")[0])
         self.log_path = log_path
         self.out_path = log_path.with_suffix(".out")
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,3 +510,155 @@ def assert_row_equal(values: list[float | None], expected: dict[str, np.ndarray]
             assert got is None, f"{name}[{i}]: expected null during warm-up, got {got}"
         else:
             assert got == want, f"{name}[{i}]: {got!r} != batch {want!r}"  # bit-identical
+
+
+# -- a local Redis Cluster -------------------------------------------------------------
+
+#: Debian's redis-server and redis-cli (scripts/system-deps): the cluster needs both.
+SYSTEM_REDIS_SERVER = "/usr/bin/redis-server"
+SYSTEM_REDIS_CLI = "/usr/bin/redis-cli"
+
+
+def have_cluster_binaries() -> bool:
+    """True when the redis-server and redis-cli a local cluster needs are installed."""
+    return all(os.access(p, os.X_OK) for p in (SYSTEM_REDIS_SERVER, SYSTEM_REDIS_CLI))
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too."""
+    while True:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port + 10_000 > 65_535:
+                continue
+            try:
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+            return port
+
+
+class LocalCluster:
+    """A real Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas
+    each, one ``redis-server --cluster-enabled yes`` per node on free ports, joined by
+    ``redis-cli --cluster create``. :meth:`start` returns once every node says
+    ``cluster_state:ok`` and every replica has finished its first sync."""
+
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 1) -> None:
+        self.directory = directory
+        self.masters = masters
+        self.replicas = replicas
+        self.ports: list[int] = []
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """``redis://`` of the first node: any node will do."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def cli(self, port: int, *args: str, timeout: float = 10) -> str:
+        """``redis-cli -p port args...``: its stdout."""
+        out = subprocess.run([SYSTEM_REDIS_CLI, "-h", "127.0.0.1", "-p", str(port), *args],
+                             capture_output=True, timeout=timeout, check=True)
+        return out.stdout.decode()
+
+    def start_node(self, port: int) -> None:
+        """Start (or restart, from its nodes file) the node on ``port``."""
+        node_dir = self.directory / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [SYSTEM_REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--logfile", str(node_dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.cli(port, "PING").strip() == "PONG":
+                    return
+            except subprocess.SubprocessError:
+                pass
+            if time.monotonic() > deadline or self.procs[port].poll() is not None:
+                raise RuntimeError(f"cluster node on port {port} did not start")
+            time.sleep(0.05)
+
+    def start(self, timeout: float = 60) -> None:
+        self.ports = []
+        while len(self.ports) < self.masters * (1 + self.replicas):
+            port = _free_cluster_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        for port in self.ports:
+            self.start_node(port)
+        subprocess.run([SYSTEM_REDIS_CLI, "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       capture_output=True, timeout=60, check=True)
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every running node says ``cluster_state:ok`` and agrees on the masters,
+        and every replica is in sync with its master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._ok():
+                    return
+            except subprocess.SubprocessError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local cluster never reached cluster_state:ok")
+            time.sleep(0.1)
+
+    def _ok(self) -> bool:
+        running = [p for p in self.ports if self.procs[p].poll() is None]
+        for port in running:
+            if "cluster_state:ok" not in self.cli(port, "CLUSTER", "INFO"):
+                return False
+            if len(self.master_ports(port)) != self.masters:
+                return False
+            info = self.cli(port, "INFO", "replication")
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
+
+    def master_ports(self, via: int | None = None) -> list[int]:
+        """The ports of the masters that serve slots, as node ``via`` sees them."""
+        out = []
+        for line in self.cli(via or self.ports[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8:
+                out.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(out)
+
+    def master_of_slot(self, slot: int) -> int:
+        """The port of the master serving ``slot``."""
+        for line in self.cli(self.ports[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for span in fields[8:]:
+                low, _, high = span.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise LookupError(slot)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (a crash)."""
+        proc = self.procs[port]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def flush(self) -> None:
+        """Empty every master."""
+        for port in self.master_ports():
+            self.cli(port, "FLUSHALL")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

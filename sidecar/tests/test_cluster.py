@@ -1,0 +1,255 @@
+"""On a real local Redis Cluster (3 masters, 3 replicas): the scanner's one round trip
+per node, replica reads, shards' heartbeats, and sharded daemons (3 shards; 2 -> 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from sidecar.redis_store import RedisStore, connect, connect_cluster
+from sidecar.scanner import Scanner
+from sidecar.shards import owned, shard_of
+from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import REPO, Daemon, LocalCluster, free_ports_below_ephemeral
+
+SYMBOLS = [f"S{i:03d}" for i in range(500)]
+
+
+def fmap(symbol: str, i: int) -> bytes:
+    return msgpack.packb({"symbol": symbol, "i": i, "computed_at": int(time.time() * 1000),
+                          "stale": False})
+
+
+async def fill(store: RedisStore, symbols: list[str]) -> None:
+    await store.write_cycle([], [("1m", s, fmap(s, i)) for i, s in enumerate(symbols)],
+                            {"pid": 1, "t": 0})
+
+
+async def test_scanner_finds_the_cluster_and_reads_one_round_trip_per_node(
+        cluster_store: RedisStore, redis_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill(cluster_store, SYMBOLS)
+    scanner = Scanner(connect(redis_cluster.url), "test", "1m", 60_000, owns=True,
+                      probe_url=redis_cluster.url)
+    rounds: list[str] = []
+    real_round = Scanner._node_round
+
+    async def counted(part: Any) -> Any:
+        rounds.append(part.node.name)
+        return await real_round(part)
+
+    monkeypatch.setattr(Scanner, "_node_round", staticmethod(counted))
+    before = {p: _mgets(redis_cluster, p) for p in redis_cluster.master_ports()}
+    try:
+        rows = await scanner.read(SYMBOLS)
+        assert isinstance(scanner.redis, RedisCluster)
+        assert [r["i"] for r in rows] == list(range(500))
+        assert not any(r["stale"] for r in rows)
+        # One round trip per master, and on each one MGET per slot it serves.
+        assert sorted(rounds) == sorted(f"127.0.0.1:{p}" for p in before)
+        slots: dict[int, set[int]] = {p: set() for p in before}
+        for key in [scanner.keys.features("1m", s) for s in SYMBOLS] + [scanner.keys.heartbeat]:
+            slot = key_slot(key.encode())
+            slots[redis_cluster.master_of_slot(slot)].add(slot)
+        for port, count in before.items():
+            assert _mgets(redis_cluster, port) - count == len(slots[port])
+        # Another list (the features again: their TTL is 2 s): planned anew.
+        await fill(cluster_store, SYMBOLS)
+        rounds.clear()
+        assert [r["i"] for r in await scanner.read(SYMBOLS[::-1])] == list(range(499, -1, -1))
+        assert len(rounds) == 3
+    finally:
+        await scanner.close()
+
+
+def _mgets(cluster: LocalCluster, port: int) -> int:
+    for line in cluster.cli(port, "INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_mget:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_scanner_reads_from_replicas(cluster_store: RedisStore, redis_cluster: LocalCluster) -> None:
+    await fill(cluster_store, SYMBOLS)
+    client = connect_cluster(redis_cluster.url, read_from_replicas=True)
+    await client.initialize()
+    scanner = Scanner(client, "test", "1m", 60_000, owns=True, read_replicas=True)
+    try:
+        deadline = time.monotonic() + 30
+        rows = await scanner.read(SYMBOLS)
+        while any(r.get("missing") for r in rows):  # replication is asynchronous
+            assert time.monotonic() < deadline, "replicas never caught up"
+            await asyncio.sleep(0.05)
+            rows = await scanner.read(SYMBOLS)
+        assert [r["i"] for r in rows] == list(range(500))
+        assert scanner._plan is not None
+        assert {part.node.server_type for part in scanner._plan} == {"replica"}
+    finally:
+        await scanner.close()
+
+
+async def test_rows_of_a_shard_without_heartbeat_are_stale(cluster_store: RedisStore) -> None:
+    symbols = SYMBOLS[:60]
+    shard0 = RedisStore(cluster_store.redis, "test", shard=0)
+    await shard0.write_cycle([], [("1m", s, fmap(s, i)) for i, s in enumerate(symbols)], {"pid": 1})
+    scanner = Scanner(cluster_store.redis, "test", "1m", 60_000, shards=2)
+    rows = await scanner.read(symbols)
+    for sym, row in zip(symbols, rows, strict=True):
+        assert row["stale"] == (shard_of(sym, 2) == 1), sym
+    assert {shard_of(s, 2) for s in symbols} == {0, 1}
+
+
+def test_shard_assignment_is_stable_disjoint_and_explicit() -> None:
+    parts = [owned(SYMBOLS, i, 3) for i in range(3)]
+    assert sorted(sum(parts, ())) == sorted(SYMBOLS)
+    assert all(parts)
+    assert shard_of("AAPL", 3) == 3_060_094_812 % 3 == 0  # zlib.crc32(b"AAPL"), documented
+    assert shard_of("AAPL", 3, {"AAPL": 2}) == 2
+    assert shard_of("AAPL", 2, {"AAPL": 2}) == shard_of("AAPL", 2)  # out of range: the hash
+
+
+# -- sharded daemons -------------------------------------------------------------------
+
+DAEMON_SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "EURUSD", "BTCUSD", "AMD",
+                  "INTC", "ORCL"]
+
+
+def shard_env(clean_env: dict[str, str], cluster: LocalCluster, prefix: str, shard: str,
+              base_port: int, data: Path) -> dict[str, str]:
+    return dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=",".join(DAEMON_SYMBOLS),
+                SIDECAR_TIMEFRAME="1s", SIDECAR_REDIS_URL=cluster.url, SIDECAR_REDIS_PREFIX=prefix,
+                SIDECAR_HTTP_PORT=str(base_port), SIDECAR_DATA_DIR=str(data), SIDECAR_SHARD=shard,
+                SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_WARM_BARS="100", SIDECAR_FLUSH_INTERVAL_S="0.5",
+                SIDECAR_HEARTBEAT_TTL_MS="3000")
+
+
+def status(env: dict[str, str]) -> dict[str, Any]:
+    env = {k: v for k, v in env.items() if k != "SIDECAR_SHARD"}
+    out = subprocess.run([sys.executable, "-m", "sidecar", "status", "--json"], cwd=REPO, env=env,
+                         capture_output=True, timeout=30)
+    return dict(json.loads(out.stdout))
+
+
+def live_owners(env: dict[str, str]) -> dict[str, list[str]]:
+    return {r["shard"]: r["owned"] for r in status(env)["shards"] if r["live"]}
+
+
+def start_shards(daemons: Callable[..., Daemon], clean_env: dict[str, str], cluster: LocalCluster,
+                 prefix: str, n: int, base_port: int, data: Path, tag: str) -> list[Daemon]:
+    started = [daemons(shard_env(clean_env, cluster, prefix, f"{i}/{n}", base_port, data),
+                       name=f"{tag}-shard{i}") for i in range(n)]
+    for d in started:
+        d.wait_ready()
+    return started
+
+
+def _base_port() -> int:
+    """A port with the next few free too, below the kernel's ephemeral range (where
+    outgoing connections, the cluster clients' among them, would take them)."""
+    return free_ports_below_ephemeral(4)
+
+
+def test_three_shards_share_the_cluster_and_the_scanner_reads_all(
+        clean_env: dict[str, str], redis_cluster: LocalCluster, daemons: Callable[..., Daemon],
+        tmp_path: Path) -> None:
+    prefix = f"three{os.getpid()}"
+    base = _base_port()
+    shards = start_shards(daemons, clean_env, redis_cluster, prefix, 3, base, tmp_path / "data", "three")
+    assert [d.port for d in shards] == [base, base + 1, base + 2]  # base port + i
+    env = dict(shards[0].env)
+    env.pop("SIDECAR_SHARD")
+    env["SIDECAR_SHARDS"] = "3"
+    deadline = time.monotonic() + 60
+    while len(owners := live_owners(env)) < 3:
+        assert time.monotonic() < deadline, status(env)
+        time.sleep(0.2)
+    assert sorted(chain.from_iterable(owners.values())) == sorted(DAEMON_SYMBOLS)  # disjoint, complete
+    for i in range(3):
+        assert owners[f"{i}/3"] == [s for s in DAEMON_SYMBOLS if shard_of(s, 3) == i]
+        assert (tmp_path / "data" / f"shard-{i}" / "bars.sqlite3").exists()
+    assert status(env)["unowned"] == []
+    rows = _fresh_rows(env)
+    assert [r["symbol"] for r in rows] == DAEMON_SYMBOLS
+    assert all(r["src"] == "sim" for r in rows)
+    # A shard stops: status names the symbols nobody owns now.
+    shards[1].stop()
+    deadline = time.monotonic() + 30
+    while not (unowned := status(env)["unowned"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert unowned == owners["1/3"]
+
+
+def _fresh_rows(env: dict[str, str]) -> list[dict[str, Any]]:
+    """``scan --json`` until no row is stale (the shards have all written)."""
+    deadline = time.monotonic() + 60
+    while True:
+        out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json"], cwd=REPO, env=env,
+                             capture_output=True, timeout=30, check=True)
+        rows = [json.loads(line) for line in out.stdout.decode().splitlines()]
+        if rows and not any(r["stale"] for r in rows):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.3)
+
+
+def test_two_shards_become_three_and_moved_symbols_keep_their_history(
+        clean_env: dict[str, str], redis_cluster: LocalCluster, daemons: Callable[..., Daemon],
+        tmp_path: Path) -> None:
+    prefix = f"grow{os.getpid()}"
+    base = _base_port()
+    data = tmp_path / "data"
+    two = start_shards(daemons, clean_env, redis_cluster, prefix, 2, base, data, "two")
+    env = dict(two[0].env)
+    env.pop("SIDECAR_SHARD")
+    env["SIDECAR_SHARDS"] = "2"
+    _fresh_rows(env)
+    for d in two:
+        assert d.stop() == 0
+    # Symbols whose owner changes from 2 to 3 shards: to shard 2 (a new, empty data dir).
+    moved = [s for s in DAEMON_SYMBOLS if shard_of(s, 3) == 2]
+    assert moved
+    three = start_shards(daemons, clean_env, redis_cluster, prefix, 3, base, data, "three")
+    env["SIDECAR_SHARDS"] = "3"
+    rows = _fresh_rows(env)
+    assert [r["symbol"] for r in rows] == DAEMON_SYMBOLS
+    owners = live_owners(env)
+    assert sorted(owners) == ["0/3", "1/3", "2/3"]  # the 2-shard entries are no longer live
+    assert sorted(chain.from_iterable(owners.values())) == sorted(DAEMON_SYMBOLS)  # no key has two writers
+    for sym in moved:
+        three[2].wait_log(f'"symbol": "{sym}"')
+    assert "moved symbol warmed from redis" in three[2].messages()
+    for d in three:
+        assert d.stop() == 0
+    # The new owner's SQLite holds the history the old owners wrote before the move.
+    async def oldest() -> dict[str, int]:
+        store = BarStore(data / "shard-2" / "bars.sqlite3")
+        await store.open()
+        try:
+            return {s: (await store.last_bars(s, "1s", 10_000))[0].t for s in moved}
+        finally:
+            await store.close()
+    first = asyncio.run(oldest())
+    started_three = _start_ms(three[2])
+    assert all(t < started_three for t in first.values()), (first, started_three)
+
+
+def _start_ms(daemon: Daemon) -> int:
+    """When the daemon logged its start (epoch ms)."""
+    for rec in daemon.logs():
+        if rec.get("msg") == "daemon starting":
+            return int(datetime.fromisoformat(rec["ts"]).replace(tzinfo=UTC).timestamp() * 1000)
+    raise AssertionError("no start in the log")
