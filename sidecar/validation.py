@@ -5,7 +5,8 @@ alignment, clock). :class:`Validator` adds the rules that need memory of what wa
 already accepted per symbol: ordering, revisions, corrections, duplicates,
 outliers (held, not stored) and gaps (recorded, optionally filled with bars
 marked synthetic). With a symbol's trading calendar, only bars whose time overlaps
-its open hours are expected: a weekend, a holiday or a lunch break is no gap.
+its regular hours are expected (a weekend, a holiday or a lunch break is no gap) and
+accepted (extended-hours bars are rejected as ``outside_session``).
 Every rejection is counted by reason and logged once.
 """
 
@@ -245,9 +246,9 @@ class Validator:
                 if reason is None and bar.t > now_ms + self._skew_ms:
                     reason = "future"
             else:
-                reason = check_bar(bar, grid, now_ms, self._skew_ms)
+                reason = self._vet(bar, grid, now_ms)
         else:
-            reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
+            reason = self._vet(bar, self._grids.get(bar.symbol, self._tf), now_ms)
         if reason is not None:
             return self._reject(bar, reason)
         if st is None:
@@ -350,8 +351,21 @@ class Validator:
         bound = self._outlier_k * typical
         return abs(bar.c - reference) > bound or bar.h - bar.l > bound
 
+    def _vet(self, bar: Bar, grid: Timeframe, now_ms: int) -> str | None:
+        """:func:`check_bar`, then the symbol's regular hours: a bar wholly outside them
+        (pre- or post-market, a provider's entry stamped at the close) is ``outside_session``."""
+        reason = check_bar(bar, grid, now_ms, self._skew_ms)
+        if reason is None and self._calendars:
+            calendar = self._calendars.get(bar.symbol)
+            if calendar is not None and not calendar.open_slots(bar.t, bar.t + grid.ms, grid.ms):
+                return "outside_session"
+        return reason
+
     def _reject(self, bar: Bar, reason: str) -> Outcome:
         self.rejected[reason] += 1
+        if reason == "outside_session":  # routine (extended-hours feeds): counted, not warned
+            log.debug("bar outside regular hours", extra={"symbol": bar.symbol, "t": bar.t})
+            return Outcome(Verdict.REJECTED, [], reason)
         log.warning(
             "bar rejected",
             extra={"reason": reason, "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "o": bar.o,

@@ -26,6 +26,7 @@ from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.helpers import Clock, bar, settings
 from sidecar.timeframe import Timeframe
+from sidecar.validation import Validator, Verdict
 
 MIN = 60_000
 TF_1M = Timeframe.parse("1m")
@@ -230,3 +231,25 @@ def test_session_anchor_setting_overrides_the_calendar(redis_store: RedisStore, 
     t = ms("2024-12-02T09:45:00-05:00")
     assert own.symbols["AAPL"].engine._bounds(t)[0] == ms("2024-12-02T09:30:00-05:00")
     assert fixed.symbols["AAPL"].engine._bounds(t)[0] == ms("2024-12-02T00:00:00+00:00")
+
+
+def test_bars_outside_regular_hours_are_rejected() -> None:
+    """Pre- and post-market bars, the entry some feeds stamp at the close, and a bar in
+    Hong Kong's lunch break are counted as ``outside_session`` and not accepted."""
+    nyse, hk = get_calendar("XNYS"), get_calendar("XHKG")
+    validator = Validator(TF_1M, calendars={"AAPL": nyse, "0700": hk}, outlier_k=0.0)
+    now = ms("2024-12-03T00:00:00+00:00")
+    cases = [
+        ("AAPL", "2024-12-02T15:59:00-05:00", Verdict.NEW),
+        ("AAPL", "2024-12-02T16:00:00-05:00", Verdict.REJECTED),  # the close's "live" entry
+        ("AAPL", "2024-12-02T17:30:00-05:00", Verdict.REJECTED),  # post-market
+        ("AAPL", "2024-12-02T04:00:00-05:00", Verdict.REJECTED),  # pre-market
+        ("0700", "2024-12-02T11:59:00+08:00", Verdict.NEW),
+        ("0700", "2024-12-02T12:30:00+08:00", Verdict.REJECTED),  # lunch
+        ("0700", "2024-12-02T13:00:00+08:00", Verdict.NEW),
+    ]
+    for sym, when, verdict in cases:
+        outcome = validator.check(bar(ms(when), symbol=sym), now, symbol=sym)
+        assert outcome.verdict is verdict, (sym, when)
+    assert validator.rejected == {"outside_session": 4}
+    assert validator.gaps.get("0700") is None  # 11:59 → 13:00 misses nothing
