@@ -6,7 +6,7 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   msgpack ``[t, o, h, l, c, v|nil, src, flags]``; the newest ``bars_cap`` bars. A
   revision replaces the member with the same score, so bars never duplicate.
 * ``{prefix}:v1:feat:{tf}:{symbol}`` — msgpack map of features, expires after
-  ``features_ttl_ms``.
+  ``features_ttl_ms`` (while its market is closed: that long after it reopens).
 * ``{prefix}:v1:heartbeat`` — msgpack map ``{pid, t, cycle, tf, symbols}``, expires
   after ``heartbeat_ttl_ms``: the daemon is alive while it exists.
 * ``{prefix}:v1:meta`` — msgpack map ``{schema, tf, symbols, started_at}``.
@@ -50,7 +50,7 @@ _WRITE_CYCLE_LUA = """
 --   one bucket the bars and features belong to (then no heartbeat, no announcement)
 -- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features, channel, message
 --   bars: msgpack array [key, t, member, key, t, member, ...]
---   features: msgpack array [key, payload, key, payload, ...]
+--   features: msgpack array [key, payload, ttl_ms, key, payload, ttl_ms, ...] (ttl 0: feat_ttl_ms)
 -- Two msgpack blobs instead of one argument per value: the client packs them in C,
 -- where redis-py would build tens of thousands of arguments in Python. Packed without
 -- the bin type (Redis's cmsgpack does not read it); raw strings are byte-exact.
@@ -66,8 +66,10 @@ for i = 1, #bars, 3 do
   end
 end
 local feats = cmsgpack.unpack(ARGV[6])
-for i = 1, #feats, 2 do
-  redis.call('SET', feats[i], feats[i + 1], 'PX', ARGV[2])
+for i = 1, #feats, 3 do
+  local ttl = feats[i + 2]
+  if ttl == 0 then ttl = ARGV[2] end
+  redis.call('SET', feats[i], feats[i + 1], 'PX', ttl)
 end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
@@ -86,6 +88,10 @@ return redis.call('EXISTS', KEYS[2])
 
 #: A client on one server or on a Redis Cluster (:func:`open_client` tells which).
 AnyRedis = Redis | RedisCluster
+
+
+#: One feature map to write: ``(tf, symbol, packed map, ttl_ms)``; ttl 0 is the store's default.
+FeatureRow = tuple[str, str, bytes, int]
 
 
 def redis_refusal(exc: RedisError) -> str | None:
@@ -214,15 +220,21 @@ class RedisStore:
         self._heartbeat_ttl_ms = heartbeat_ttl_ms
         self._script: AsyncScript = redis.register_script(_WRITE_CYCLE_LUA)
 
+    @property
+    def features_ttl_ms(self) -> int:
+        """How long a features key lives after it is written (while its market is open)."""
+        return self._features_ttl_ms
+
     async def write_cycle(
         self,
         bars: Sequence[Bar],
-        features: Sequence[tuple[str, str, bytes]],
+        features: Sequence[FeatureRow | tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None = None,
         publish: dict[str, Any] | None = None,
     ) -> bool:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
-        map) with their TTL, and the heartbeat, then publish ``publish`` on
+        map[, ttl_ms]) with their TTL (the store's default where none is given), and the
+        heartbeat, then publish ``publish`` on
         :attr:`Keys.cycles_channel` — all in one ``EVALSHA`` (atomic), so subscribers
         are told only once everything this call writes is readable; the caller makes
         sure its earlier writes have completed before it announces them.
@@ -237,8 +249,8 @@ class RedisStore:
             flat += (bars_of(b.tf, b.symbol), b.t, b.pack())
         features_of = self.keys.features
         feats: list[Any] = []
-        for tf, sym, payload in features:
-            feats += (features_of(tf, sym), payload)
+        for row in features:
+            feats += (features_of(row[0], row[1]), row[2], row[3] if len(row) > 3 else 0)
         hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
         message = msgpack.packb(publish) if publish is not None else b""
         args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
@@ -249,7 +261,7 @@ class RedisStore:
     async def _write_cluster(
         self,
         bars: Sequence[Bar],
-        features: Sequence[tuple[str, str, bytes]],
+        features: Sequence[FeatureRow | tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None,
         publish: dict[str, Any] | None,
     ) -> bool:
@@ -260,8 +272,10 @@ class RedisStore:
         for b in bars:
             key = keys.bars(b.tf, b.symbol)
             groups.setdefault(bucket_of(b.symbol), ([], []))[0].extend((key, b.t, b.pack()))
-        for tf, sym, payload in features:
-            groups.setdefault(bucket_of(sym), ([], []))[1].extend((keys.features(tf, sym), payload))
+        for row in features:
+            tf, sym, payload = row[0], row[1], row[2]
+            groups.setdefault(bucket_of(sym), ([], []))[1].extend(
+                (keys.features(tf, sym), payload, row[3] if len(row) > 3 else 0))
         head: list[Any] = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, b""]
         calls = [
             self._script(keys=[str(flat[0] if flat else feats[0])],

@@ -153,9 +153,13 @@ class Settings:
     outlier_window: int = 50
     correction_window_bars: int = 10
     fill_gaps: bool = False
+    #: Follow each symbol's trading calendar (no requests, gaps or expiry while closed).
+    market_hours: bool = True
     # features
     periods: IndicatorPeriods = field(default_factory=IndicatorPeriods)
-    session_anchor_min: int = 0
+    #: VWAP session start, minutes past 00:00 UTC for every symbol (SIDECAR_SESSION_ANCHOR);
+    #: ``None``: each symbol's own session open (its calendar; 00:00 UTC without one).
+    session_anchor_min: int | None = None
     # cycle
     fetch_timeout_s: float = 0.8
     stale_after_ms: int = 5_000
@@ -247,9 +251,9 @@ class Settings:
             mom=r.integer("SIDECAR_MOM_PERIOD", 10, low=1, high=1000),
         )
 
-        anchor = r.string("SIDECAR_SESSION_ANCHOR", "00:00")
+        anchor = r.string("SIDECAR_SESSION_ANCHOR", "")
         match = re.match(r"^([01][0-9]|2[0-3]):([0-5][0-9])$", anchor)
-        if not match:
+        if anchor and not match:
             raise ConfigError("SIDECAR_SESSION_ANCHOR", f"expected HH:MM (UTC), got {anchor!r}")
 
         shard, shards = _parse_shard(r)
@@ -294,8 +298,9 @@ class Settings:
             outlier_window=r.integer("SIDECAR_OUTLIER_WINDOW", 50, low=2, high=100_000),
             correction_window_bars=r.integer("SIDECAR_CORRECTION_WINDOW_BARS", 10, low=0, high=100_000),
             fill_gaps=r.boolean("SIDECAR_FILL_GAPS", False),
+            market_hours=r.boolean("SIDECAR_MARKET_HOURS", True),
             periods=periods,
-            session_anchor_min=int(match.group(1)) * 60 + int(match.group(2)),
+            session_anchor_min=int(match.group(1)) * 60 + int(match.group(2)) if match else None,
             fetch_timeout_s=r.number("SIDECAR_FETCH_TIMEOUT_S", 0.8, low=0.05, high=60.0),
             stale_after_ms=r.integer("SIDECAR_STALE_AFTER_MS", 5_000, low=500, high=86_400_000),
             parse_process=r.choice("SIDECAR_PARSE_PROCESS", "auto", ("auto", "on", "off")),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from sidecar import calendars
 from sidecar.errors import ConfigError
 from sidecar.settings import SYMBOL_RE
 from sidecar.timeframe import US_EQUITY_SESSION, Session, Timeframe
@@ -27,6 +28,11 @@ _SETTING = "SIDECAR_SYMBOLS_FILE"
 _EQUITY: tuple[AssetClass, ...] = ("stock", "etf")
 #: Asset classes whose intraday bars follow the US regular session unless the entry says otherwise.
 _SESSION_CLASSES: tuple[AssetClass, ...] = ("stock", "etf", "index")
+#: The trading calendar of each asset class unless the entry names one (``calendars``).
+DEFAULT_CALENDARS: dict[AssetClass, str] = {
+    "stock": "XNYS", "etf": "XNYS", "index": "XNYS",
+    "fx": calendars.FX, "metal": calendars.FX, "crypto": calendars.ALWAYS_OPEN,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,8 @@ class SymbolEntry:
     session: Session | None = None
     #: An explicit shard index (``shard = i`` in the file); ``None``: by hash (sidecar.shards).
     shard: int | None = None
+    #: Its trading calendar (:mod:`sidecar.calendars`): when its market is open.
+    calendar: str = "XNYS"
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as ``python -m sidecar symbols --json`` prints it.
@@ -71,7 +79,8 @@ class SymbolEntry:
         """
         out: dict[str, Any] = {"symbol": self.canonical, "asset_class": self.asset_class,
                                "broker": self.broker,
-                               "session": None if self.session is None else str(self.session)}
+                               "session": None if self.session is None else str(self.session),
+                               "calendar": self.calendar}
         for provider in PROVIDERS:
             spelling = self.spellings.get(provider)
             if spelling is None:
@@ -93,9 +102,34 @@ def _default_entry(symbol: str) -> SymbolEntry:
     )
 
 
-def _parse_session(raw: Any, asset_class: AssetClass, where: str) -> Session | None:
+#: The exchange whose calendar a session in this zone follows, unless the entry names one.
+_ZONE_CALENDARS = {
+    "America/New_York": "XNYS", "Europe/London": "XLON", "Europe/Berlin": "XETR",
+    "Asia/Tokyo": "XTKS", "Asia/Hong_Kong": "XHKG",
+}
+
+
+def _parse_calendar(raw: Any, asset_class: AssetClass, where: str, zone: str | None = None) -> str:
     if raw is None:
-        return US_EQUITY_SESSION if asset_class in _SESSION_CLASSES else None
+        if asset_class in _SESSION_CLASSES and zone in _ZONE_CALENDARS:
+            return _ZONE_CALENDARS[zone]
+        return DEFAULT_CALENDARS[asset_class]
+    if not isinstance(raw, str):
+        raise ConfigError(_SETTING, f"{where}: expected a calendar name, got {raw!r}")
+    try:
+        return calendars.resolve(raw)
+    except ValueError as exc:
+        raise ConfigError(_SETTING, f"{where}: {exc}") from None
+
+
+def _parse_session(raw: Any, asset_class: AssetClass, where: str, calendar: str = "XNYS") -> Session | None:
+    if raw is None:
+        if asset_class not in _SESSION_CLASSES:
+            return None
+        if calendar == "XNYS":
+            return US_EQUITY_SESSION
+        zone, open_min = calendars.regular_open(calendar)
+        return Session(zone, open_min)
     if raw is False:
         return None
     if isinstance(raw, str):
@@ -168,6 +202,13 @@ class SymbolMap:
             return tf.on_session(self.entry(symbol).session)
         default = spelling.asset_class in _SESSION_CLASSES
         return tf.on_session(US_EQUITY_SESSION if default else None)
+
+    def calendar(self, symbol: str, spelling: ProviderSymbol | None = None) -> str:
+        """The name of ``symbol``'s trading calendar (a passed-through provider spelling,
+        given as ``spelling``, gets its asset class's)."""
+        if symbol in self._entries or spelling is None:
+            return self.entry(symbol).calendar
+        return DEFAULT_CALENDARS[spelling.asset_class]
 
     def for_source(self, provider: str, symbol: str) -> ProviderSymbol | None:
         """How ``provider`` spells ``symbol``, or ``None`` if it cannot serve it.
@@ -243,10 +284,10 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
         )
     if not isinstance(body, dict):
         raise ConfigError(_SETTING, f"{where}: expected a table")
-    unknown = set(body) - {"asset_class", "broker", "session", "shard", *PROVIDERS}
+    unknown = set(body) - {"asset_class", "broker", "session", "calendar", "shard", *PROVIDERS}
     if unknown:
-        raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: "
-                                    f"asset_class, broker, session, shard, {', '.join(PROVIDERS)})")
+        raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: asset_class, "
+                                    f"broker, session, calendar, shard, {', '.join(PROVIDERS)})")
     shard = body.get("shard")
     if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or shard < 0):
         raise ConfigError(_SETTING, f"{where}: shard must be a shard index (an integer >= 0)")
@@ -262,8 +303,13 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
     spellings = {
         p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
     }
-    session = _parse_session(body.get("session"), asset, f"{where}.session")
-    return SymbolEntry(canonical, asset, broker.strip(), spellings, session, shard)
+    raw_session = body.get("session")
+    given = _parse_session(raw_session, asset, f"{where}.session") if raw_session is not None else None
+    calendar = _parse_calendar(body.get("calendar"), asset, f"{where}.calendar",
+                               given.zone if given is not None else None)
+    session = given if raw_session is not None else _parse_session(
+        None, asset, f"{where}.session", calendar)
+    return SymbolEntry(canonical, asset, broker.strip(), spellings, session, shard, calendar)
 
 
 def mapping_report(symbol_map: SymbolMap, symbols: Iterable[str]) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from sidecar.bar import Bar
+from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
@@ -231,8 +232,12 @@ async def repair_gaps(
     redis_store: RedisStore | None = None,
     budget_wait_s: float = 0.0,
     sleep: Sleep = asyncio.sleep,
+    calendar: MarketCalendar | None = None,
 ) -> BackfillResult:
     """Backfill the gaps the validator recorded for ``symbol`` (oldest first), as above.
+
+    With the symbol's ``calendar``, a gap that lies wholly in closed hours (recorded before
+    the calendar was known) is done without asking any source.
 
     A gap is done when a source answered for its range (with bars, or with none:
     a market closed overnight); a gap no source could answer is retried next time.
@@ -246,6 +251,10 @@ async def repair_gaps(
     result = BackfillResult(symbol, tf.name, None, todo[0][0] if todo else 0,
                             todo[-1][1] + tf.ms if todo else 0)
     for start, end in todo:
+        if calendar is not None and not calendar.open_slots(start, end + tf.ms, tf.ms):
+            through = start
+            await store.set_meta(key, str(through))
+            continue
         answered = False
         for source in sources:
             if not source.can_serve(symbol):

@@ -121,7 +121,8 @@ async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStor
     for sym in pipeline.symbols:
         try:
             result = await repair_gaps(sym, pipeline.grids[sym], sources, store,
-                                       now_ms=now_ms, redis_store=redis_store)
+                                       now_ms=now_ms, redis_store=redis_store,
+                                       calendar=pipeline.calendars.get(sym))
         except Exception as exc:
             log.error("gap repair failed", extra={"symbol": sym, "error": str(exc)})
             continue
@@ -188,7 +189,7 @@ class Daemon:
         store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
                          flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
         await store.open()
-        pipeline = Pipeline(s, sources, redis_store, store, circuits)
+        pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map)
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
         runner = None

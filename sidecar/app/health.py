@@ -1,9 +1,10 @@
 """The daemon's health, computed from state the loop already keeps (no I/O).
 
 ``status`` is ``down`` when the daemon is not collecting (no cycle for 5 s, or no
-symbol has a fresh bar), ``degraded`` when something is wrong but bars still flow
-(a source's circuit is not closed or its last call failed, Redis unreachable,
-SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
+symbol whose market is open has a fresh bar), ``degraded`` when something is wrong
+but bars still flow (a source's circuit is not closed or its last call failed, Redis
+unreachable, SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
+A symbol whose market is closed (its calendar) is counted apart, never as stale.
 """
 
 from __future__ import annotations
@@ -112,13 +113,15 @@ def assess(pipeline: Pipeline, now_ms: int | None = None,
     if pipeline.store.last_error:
         reasons.append(f"sqlite: {pipeline.store.last_error}")
     total = len(pipeline.symbols)
-    fresh = sum(not st.stale(now_ms, stale_after) for st in pipeline.symbols.values())
-    if fresh < total:
-        reasons.append(f"{total - fresh} of {total} symbols stale")
+    # A symbol whose market is closed is neither fresh nor stale: nothing new is due.
+    trading = [st for st in pipeline.symbols.values() if st.market_open]
+    fresh = sum(not st.stale(now_ms, stale_after) for st in trading)
+    if fresh < len(trading):
+        reasons.append(f"{len(trading) - fresh} of {total} symbols stale")
     if not (stats.first_cycle_done and now_ms - stats.last_tick_ms < NOT_COLLECTING_MS):
         reasons.insert(0, f"not collecting: no cycle in the last {NOT_COLLECTING_MS // 1000} s")
         return "down", reasons
-    if fresh == 0:
+    if fresh == 0 and trading:
         reasons.insert(0, "no symbol has a fresh bar")
         return "down", reasons
     return ("degraded" if reasons else "ok"), reasons
@@ -166,6 +169,9 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
             "stale": st.stale(now_ms, stale_after),
             "via": st.via,
             "refresh_interval_ms": st.expect_ms,
+            "calendar": cal.name if (cal := pipeline.calendars.get(sym)) is not None else None,
+            "market_open": st.market_open,
+            "next_open": st.next_open,
         }
     sources = {state.name: _source_info(state) for state in pipeline.sources}
 
@@ -208,5 +214,19 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         "parse_worker": ({"enabled": False} if parse_worker is None
                          else {"enabled": True, **parse_worker.status()}),
         "process": process_report(),
+        "market": _market(pipeline, now_ms),
         "symbols": symbols,
+    }
+
+
+def _market(pipeline: Pipeline, now_ms: int) -> dict[str, Any]:
+    """How many symbols trade now, how many wait for their market to open, how many are stale."""
+    stale_after = pipeline.settings.stale_after_ms
+    states = pipeline.symbols.values()
+    closed = sum(not st.market_open for st in states)
+    return {
+        "hours": pipeline.settings.market_hours,
+        "open": len(pipeline.symbols) - closed,
+        "closed": closed,
+        "stale": sum(st.stale(now_ms, stale_after) for st in states),
     }

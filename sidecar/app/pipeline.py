@@ -1,11 +1,13 @@
 """The 1-second cycle: fetch → validate → Redis + SQLite buffer → features.
 
 Where a bar enters (``_fetch``), is checked (``Validator.check``), is applied to
-the symbol's series (``_apply``: forming-bar revision, close, correction), and
-where the cycle's writes go out: each answered request is taken as it arrives
-(``_take``: validated, applied, its features computed, its Redis write sent and its
-bars buffered for SQLite) while the other requests are in flight; the final write
-(``_write_final``) adds the heartbeat and announces the cycle once all are stored.
+the symbol's series (``_apply``: forming-bar revision, close, correction), where a
+symbol's market hours hold it back (``_market_hours``: while its calendar says closed,
+no request, no gap, its features kept readable), and where the cycle's writes go out:
+each answered request is taken as it arrives (``_take``: validated, applied, its
+features computed, its Redis write sent and its bars buffered for SQLite) while the
+other requests are in flight; the final write (``_write_final``) adds the heartbeat
+and announces the cycle once all are stored.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
+from sidecar.calendars import MarketCalendar, get_calendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.rate_budget import BudgetExhausted
-from sidecar.redis_store import RedisStore
+from sidecar.redis_store import FeatureRow, RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
+from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 from sidecar.validation import Validator, Verdict
 
@@ -42,6 +46,8 @@ log = logging.getLogger("sidecar.pipeline")
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
 MACD_HIST = FEATURE_FIELDS.index("macd_hist")
+#: After its market closes, a symbol is still asked this long, for its last bar's final values.
+CLOSE_GRACE_MS = 60_000
 
 
 @dataclass(slots=True)
@@ -155,9 +161,16 @@ class SymbolState:
     via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
     expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
     features: dict[str, Any] | None = None  # the map last written to Redis
+    #: Its calendar says its market is open (always, for a symbol without a calendar).
+    market_open: bool = True
+    #: While closed: when its market opens next (epoch ms; ``None`` while open).
+    next_open: int | None = None
 
     def stale(self, now_ms: int, stale_after_ms: int) -> bool:
-        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``."""
+        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``;
+        never while its market is closed (nothing new is expected then)."""
+        if not self.market_open:
+            return False
         return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
 
 
@@ -200,7 +213,7 @@ class _Cycle:
     features: int = 0  # feature maps computed by the answers' writes
     writes: list[asyncio.Task[None]] = field(default_factory=list)
     #: Feature maps whose write failed (or was not tried): the final write carries them.
-    unwritten: list[tuple[str, str, bytes]] = field(default_factory=list)
+    unwritten: list[FeatureRow] = field(default_factory=list)
     has_meta: bool = True  # False once a write found the meta key gone
     #: A chunk write waited out SIDECAR_REDIS_TIMEOUT_S (Redis hangs): the final write is
     #: not tried this cycle, so a hung server costs a cycle one timeout, not two.
@@ -219,7 +232,9 @@ class Pipeline:
         circuits: dict[str, SourceCircuits] | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        symbol_map: SymbolMap | None = None,
     ) -> None:
+        """``symbol_map`` names each symbol's calendar (the packaged mapping if not given)."""
         self.settings = settings
         self._clock = clock  # epoch seconds; tests drive it
         self.tf = settings.timeframe
@@ -231,6 +246,16 @@ class Pipeline:
         self.grids = {sym: series_grid(sym, self.tf, sources) for sym in settings.symbols}
         for state in self.sources:
             state.learn(self.grids)
+        #: Each symbol's trading calendar, for symbols a real source serves (simulated
+        #: series trade around the clock) while ``settings.market_hours`` is on.
+        self.calendars: dict[str, MarketCalendar] = {}
+        if settings.market_hours:
+            smap = symbol_map if symbol_map is not None else load_symbol_map()
+            for sym in settings.symbols:
+                if any(not src.synthetic and src.can_serve(sym) for src in sources):
+                    self.calendars[sym] = get_calendar(smap.calendar(sym))
+        #: Symbols not asked this cycle: their market is closed (past the close's grace).
+        self._closed: frozenset[str] = frozenset()
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -239,11 +264,10 @@ class Pipeline:
             correction_window_bars=settings.correction_window_bars,
             fill_gaps=settings.fill_gaps,
             grids=self.grids,
+            calendars=self.calendars,
         )
         self.symbols: dict[str, SymbolState] = {
-            sym: SymbolState(FeatureEngine(sym, self.tf.name, settings.periods,
-                                           settings.session_anchor_min))
-            for sym in settings.symbols
+            sym: SymbolState(self._engine(sym)) for sym in settings.symbols
         }
         self.stats = CycleStats()
         self.planner = Planner()
@@ -261,6 +285,14 @@ class Pipeline:
                                      "pid": self._pid, "http_port": settings.http_port,
                                      **self._shard_info,
                                      "started_at": int(time.time() * 1000)}
+
+    def _engine(self, symbol: str) -> FeatureEngine:
+        """A fresh feature engine; VWAP anchored at SIDECAR_SESSION_ANCHOR if set, else at
+        the symbol's own session open (its calendar), else at 00:00 UTC."""
+        anchor = self.settings.session_anchor_min
+        calendar = self.calendars.get(symbol)
+        sessions = calendar.session_bounds if anchor is None and calendar is not None else None
+        return FeatureEngine(symbol, self.tf.name, self.settings.periods, anchor or 0, sessions)
 
     # -- start-up ---------------------------------------------------------------
     async def write_meta(self) -> None:
@@ -319,7 +351,9 @@ class Pipeline:
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
         cycle = _Cycle()
+        self._market_hours(now_ms)
         await self._fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
+        self._settle_closed(now_ms)
         self._record_gaps()
         answered = set(cycle.updated)
         features = self._features([s for s in self.symbols if s not in answered], now_ms)
@@ -391,7 +425,8 @@ class Pipeline:
         are in, and whether other requests of this source are still in flight; all
         are returned too.
         """
-        pending = list(self.symbols)
+        closed = self._closed
+        pending = [s for s in self.symbols if s not in closed] if closed else list(self.symbols)
         out: dict[str, list[Bar]] = {}
 
         def deliver(answers: dict[str, list[Bar]], more: bool) -> None:
@@ -426,9 +461,46 @@ class Pipeline:
             pending = [s for s in pending if s not in served]
         return out
 
-    @staticmethod
-    def _servable_counter(state: SourceState) -> Callable[[], int]:
-        return lambda: len(state.servable)
+    def _servable_counter(self, state: SourceState) -> Callable[[], int]:
+        """Counts the symbols ``state`` serves whose market is open: the budget is theirs."""
+        closed = self._closed
+        return lambda: len(state.servable) - sum(1 for s in closed if s in state.servable)
+
+    def _market_hours(self, now_ms: int) -> None:
+        """Note which markets are open now (one calendar query per calendar, not per symbol)."""
+        if not self.calendars:
+            return
+        by_calendar: dict[str, tuple[bool, bool, int | None]] = {}
+        closed: list[str] = []
+        states = self.symbols
+        for sym, cal in self.calendars.items():
+            known = by_calendar.get(cal.name)
+            if known is None:
+                is_open = cal.is_open(now_ms)
+                asked = is_open or cal.is_open(now_ms - CLOSE_GRACE_MS)
+                known = by_calendar[cal.name] = (is_open, asked, None if is_open else cal.next_open(now_ms))
+            st = states[sym]
+            st.market_open, st.next_open = known[0], known[2]
+            if not known[1]:
+                closed.append(sym)
+        self._closed = frozenset(closed)
+
+    def _settle_closed(self, now_ms: int) -> None:
+        """Close the forming bar of a symbol whose market closed once its time has passed
+        (no later bar will come to close it until the market reopens)."""
+        stored: list[Bar] = []
+        for sym in self._closed:
+            st = self.symbols[sym]
+            forming = st.forming
+            if forming is None or forming.t + self.tf.ms > now_ms:
+                continue
+            closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
+                         forming.c, forming.v, forming.src, False, forming.synthetic)
+            self._close(st, closed)
+            stored.append(closed)
+        if stored:
+            self.store.add(stored)
+            self._backlog(stored)  # the cycle's final write carries them
 
     async def _ask(
         self, state: SourceState, symbols: list[str], now_ms: int, interval: int,
@@ -569,9 +641,11 @@ class Pipeline:
         if st.rebuilding is not None:
             st.rebuilding[bar.t] = bar
 
-    def _features(self, symbols: list[str], now_ms: int) -> list[tuple[str, str, bytes]]:
-        """The feature maps of ``symbols`` (those with a bar), packed for Redis."""
-        out: list[tuple[str, str, bytes]] = []
+    def _features(self, symbols: list[str], now_ms: int) -> list[FeatureRow]:
+        """The feature maps of ``symbols`` (those with a bar), packed for Redis; while a
+        symbol's market is closed, its map is kept until shortly after the market opens."""
+        out: list[FeatureRow] = []
+        ttl = self.redis.features_ttl_ms
         stale_after = self.settings.stale_after_ms
         tf = self.tf.name
         states = self.symbols
@@ -586,13 +660,15 @@ class Pipeline:
                 bar, values, now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
                 # The histogram one bar back, so a reader sees a zero crossing in one read.
                 macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
+                market_open=st.market_open, next_open=st.next_open,
             )
             st.features = fmap
-            out.append((tf, sym, pack_features(fmap)))
+            hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
+            out.append((tf, sym, pack_features(fmap), hold))
         return out
 
     async def _write_chunk(
-        self, cycle: _Cycle, bars: list[Bar], features: list[tuple[str, str, bytes]],
+        self, cycle: _Cycle, bars: list[Bar], features: list[FeatureRow],
     ) -> None:
         """One answer's bars and features, without heartbeat or announcement."""
         try:
@@ -607,7 +683,7 @@ class Pipeline:
         cycle.has_meta = cycle.has_meta and has_meta
 
     async def _write_final(
-        self, cycle: _Cycle, features: list[tuple[str, str, bytes]], tick_ms: int, now_ms: int,
+        self, cycle: _Cycle, features: list[FeatureRow], tick_ms: int, now_ms: int,
     ) -> None:
         """The cycle's last write: the backlog Redis still lacks, the features not yet
         written, the heartbeat and the announcement (published once all is stored)."""
@@ -737,8 +813,7 @@ class Pipeline:
         closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
         if len(closed) > self.settings.warm_bars:
             closed = closed[-self.settings.warm_bars:]
-        engine = FeatureEngine(symbol, self.tf.name, self.settings.periods,
-                               self.settings.session_anchor_min)
+        engine = self._engine(symbol)
         engine.load(closed)
         st.engine = engine
         st.rebuilding = None

@@ -90,6 +90,9 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
            if not k.startswith("SIDECAR_") and not k.endswith("_API_KEY")}
     env["SIDECAR_DATA_DIR"] = str(tmp_path / "data")
     env["SIDECAR_LOG_FORMAT"] = "json"
+    # A daemon on the wall clock must not behave differently by the hour the test runs at:
+    # market hours are tested on a driven clock (test_market_hours.py).
+    env["SIDECAR_MARKET_HOURS"] = "off"
     env.pop("PYTHONPATH", None)
     return env
 

@@ -81,6 +81,7 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_OUTLIER_WINDOW": ["1", "x"],
     "SIDECAR_CORRECTION_WINDOW_BARS": ["-1", "100001"],
     "SIDECAR_FILL_GAPS": ["maybe", "2"],
+    "SIDECAR_MARKET_HOURS": ["sometimes"],
     "SIDECAR_FETCH_TIMEOUT_S": ["0.01", "61", "nan"],
     "SIDECAR_STALE_AFTER_MS": ["499", "x"],
     "SIDECAR_PARSE_PROCESS": ["maybe", "1", "process"],
@@ -439,9 +440,10 @@ class ScriptedSource(Source):
 
 def settings(**kw: object) -> Settings:
     """Settings for a pipeline on :class:`ScriptedSource` (symbols AAA and BBB, 1 s bars,
-    no outlier or clock-skew checks); keywords replace fields."""
+    no outlier or clock-skew checks, no market hours: scripted series trade at any hour
+    of the driven clock); keywords replace fields."""
     base = Settings(symbols=("AAA", "BBB"), sources=("scripted",), timeframe=TF_1S, warm_bars=5_000,
-                    outlier_k=0.0, clock_skew_ms=10**12)
+                    outlier_k=0.0, clock_skew_ms=10**12, market_hours=False)
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 

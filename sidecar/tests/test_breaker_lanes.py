@@ -87,7 +87,8 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
     source = TwelveDataSource(provider, load_symbol_map(),
                               RateBudget("twelvedata", per_minute=8, clock=now, wall_clock=now))
     settings = Settings(symbols=("AAPL", "EURUSD"), sources=("twelvedata",),
-                        timeframe=Timeframe.parse("1m"), outlier_k=0.0, fetch_timeout_s=5.0)
+                        timeframe=Timeframe.parse("1m"), outlier_k=0.0, fetch_timeout_s=5.0,
+                        market_hours=False)  # T0 is a Saturday: the lanes, not the calendar, are tested
     circuits = SourceCircuits.for_source(source, settings.symbols, fail_max=FAIL_MAX,
                                          reset_timeout_s=RESET_S, clock=now)
     assert [b.name for b in circuits] == ["twelvedata/fx", "twelvedata/stock"]
@@ -190,7 +191,8 @@ async def test_an_open_class_probes_with_one_symbol_the_rest_fall_through(
     now = Clock(float(T0))
     primary, backup = LanedSource("primary", fx_down=True), LanedSource("backup")
     symbols = ("AAA", "EURUSD", "GBPUSD", "AUDUSD")
-    settings = Settings(symbols=symbols, sources=("primary", "backup"), timeframe=Timeframe.parse("1m"))
+    settings = Settings(symbols=symbols, sources=("primary", "backup"), timeframe=Timeframe.parse("1m"),
+                        market_hours=False)
     circuits = SourceCircuits.for_source(primary, symbols, fail_max=1, reset_timeout_s=RESET_S,
                                          clock=now)
     pipe = Pipeline(settings, [primary, backup], redis_store, bar_store, {"primary": circuits},

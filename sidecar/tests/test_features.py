@@ -92,14 +92,15 @@ def test_vwap_restarts_at_each_session() -> None:
 
 
 def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,
-                          updated_at: int | None, via: str, prev: float | None) -> dict[str, object]:
+                          updated_at: int | None, via: str, prev: float | None,
+                          next_open: int | None) -> dict[str, object]:
     """The features map as the pipeline built it key by key before it was one literal."""
     out: dict[str, object] = {"symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v}
     out.update(zip(FEATURE_FIELDS, values, strict=True))
     out.update(forming=bar.forming, src=bar.src, synthetic=bar.synthetic, stale=stale,
                computed_at=computed_at, updated_at=updated_at, via=via,
                data_age_ms=None if updated_at is None else computed_at - updated_at,
-               macd_hist_prev=prev)
+               macd_hist_prev=prev, market_open=next_open is None, next_open=next_open)
     return out
 
 
@@ -111,17 +112,19 @@ def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int
     age=st.one_of(st.none(), st.integers(0, 10**10)),
     via=st.sampled_from(["poll", "stream", "last"]),
     prev=st.one_of(st.none(), st.floats(allow_nan=False)),
+    next_open=st.one_of(st.none(), st.integers(0, 253_402_300_799_000)),
 )
 def test_packed_features_are_the_bytes_readers_always_got(
     values: list[float | None], v: float | None, flags: tuple[bool, bool, bool], t: int,
-    age: int | None, via: str, prev: float | None,
+    age: int | None, via: str, prev: float | None, next_open: int | None,
 ) -> None:
     forming, synthetic, stale = flags
     bar = Bar("BRK.B", "1m", t, 1.0, 2.0, 0.5, 1.5, v, "twelvedata", forming, synthetic)
     now = t + 5_000
     updated = None if age is None else now - age
-    fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev)
-    legacy = _map_as_first_written(bar, values, now, stale, updated, via, prev)
+    fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev,
+                        market_open=next_open is None, next_open=next_open)
+    legacy = _map_as_first_written(bar, values, now, stale, updated, via, prev, next_open)
     packed = pack_features(fmap)
     assert packed == msgpack.packb(legacy)  # byte for byte, key order included
     decoded = msgpack.unpackb(packed)

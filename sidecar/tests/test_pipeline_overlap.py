@@ -77,7 +77,7 @@ class RecordingStore(RedisStore):
                           heartbeat: dict[str, Any] | None = None,
                           publish: dict[str, Any] | None = None) -> bool:
         kind = "final" if publish is not None else "chunk"
-        symbols = sorted({sym for _, sym, _ in features})
+        symbols = sorted({row[1] for row in features})
         written = [(b.symbol, b.t) for b in bars]
         self.events.append(("start", kind, symbols, written))
         if kind == "chunk":
@@ -101,7 +101,7 @@ class RecordingStore(RedisStore):
 
 def settings() -> Settings:
     return Settings(symbols=SYMBOLS, sources=("primary", "backup"), timeframe=TF, outlier_k=0.0,
-                    clock_skew_ms=10**12)
+                    clock_skew_ms=10**12, market_hours=False)
 
 
 def pipeline(sources: list[Source], store: RedisStore, bar_store: BarStore,

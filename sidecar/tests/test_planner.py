@@ -59,7 +59,7 @@ async def test_budgets_hold_over_a_simulated_day(redis_store: RedisStore, bar_st
     av_like = BudgetedSource("fallback", RateBudget("fallback", per_second=1, per_day=25,
                                                     clock=now, wall_clock=now))
     settings = Settings(symbols=SYMBOLS, sources=("primary", "fallback"),
-                        timeframe=Timeframe.parse("1m"))
+                        timeframe=Timeframe.parse("1m"), market_hours=False)  # budgets over a whole day
     pipe = Pipeline(settings, [yahoo_like, av_like], redis_store, bar_store, clock=now)
     served_last = 0
     for second in range(86_400):
@@ -94,7 +94,7 @@ async def test_not_due_symbol_is_held_not_asked_of_fallback(
     fallback = BudgetedSource("fallback", RateBudget("fallback", per_minute=600, clock=now,
                                                      wall_clock=now))
     settings = Settings(symbols=("AAA",), sources=("primary", "fallback"),
-                        timeframe=Timeframe.parse("1m"))
+                        timeframe=Timeframe.parse("1m"), market_hours=False)
     pipe = Pipeline(settings, [primary, fallback], redis_store, bar_store, clock=now)
     for second in range(60):
         now.t = DAY0 + second

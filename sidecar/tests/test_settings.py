@@ -35,7 +35,8 @@ def test_defaults_from_empty_env(tmp_path: Path) -> None:
     assert s.http_port == DEFAULT_HTTP_PORT
     assert s.periods == IndicatorPeriods()
     assert (s.periods.macd_fast, s.periods.macd_slow, s.periods.macd_signal) == (12, 26, 9)
-    assert s.session_anchor_min == 0
+    assert s.session_anchor_min is None  # each symbol's own session open
+    assert s.market_hours
     assert s.clock_skew_ms == 2_000
     assert s.outlier_k == 15.0
     assert s.correction_window_bars == 10
