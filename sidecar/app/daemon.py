@@ -46,6 +46,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REDIS_DOWN = 3
 RETENTION_EVERY_S = 3_600.0
+#: How often Redis's identity is checked (a restart from an older snapshot keeps the meta key).
+REDIS_IDENTITY_EVERY_S = 1.0
 #: How often the embedded Redis server is checked, and the back-off of failed restarts.
 REDIS_WATCH_EVERY_S = 0.25
 REDIS_RESTART_MIN_S = 0.5
@@ -110,6 +112,13 @@ def _is_loopback(host: str) -> bool:
 
 
 
+def redis_run_ids(info: dict[str, Any]) -> frozenset[str]:
+    """The ``run_id`` of the server (or of every cluster node) in an ``INFO server`` reply."""
+    if "run_id" in info:
+        return frozenset({str(info["run_id"])})
+    return frozenset(str(v["run_id"]) for v in info.values() if isinstance(v, dict) and "run_id" in v)
+
+
 async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStore,
                        redis_store: RedisStore, *, now_ms: int) -> int:
     """Backfill every symbol's recorded gaps from ``sources``; returns the bars added.
@@ -129,6 +138,8 @@ async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStor
         if result.bars:
             added += result.bars
             pipeline.history_changed(sym)
+            if not result.in_redis:
+                pipeline.redis_replaced()  # put back once it answers
     return added
 
 class Daemon:
@@ -226,6 +237,7 @@ class Daemon:
             view.ready = True
             if embedded is not None:
                 self._spawn(self._supervise_redis(embedded, pipeline))
+            self._spawn(self._watch_redis_identity(pipeline))
             self._spawn(self._retention(store))
             self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
             await self._main_loop(pipeline, ticker)
@@ -322,6 +334,27 @@ class Daemon:
                 log.error("gap repair: flush failed", extra={"error": str(exc)})
                 continue
             await repair_round(pipeline, spare, store, redis_store, now_ms=int(time.time() * 1000))
+
+    async def _watch_redis_identity(self, pipeline: Pipeline) -> None:
+        """Notice a Redis that restarted under us (its ``run_id`` changed): it may have
+        come back from an older snapshot, still holding the meta key but missing the bars
+        written since. The pipeline then puts back what it lacks (only what differs)."""
+        known: frozenset[str] | None = None
+        while not self.should_exit.is_set():
+            try:
+                await asyncio.wait_for(self.should_exit.wait(), REDIS_IDENTITY_EVERY_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                ids = redis_run_ids(await pipeline.redis.redis.info("server"))
+            except (RedisError, OSError):
+                continue  # an outage: the write path notices and recovers it
+            if known is not None and ids and ids != known:
+                log.warning("redis restarted; checking what it lacks")
+                pipeline.redis_replaced()
+            if ids:
+                known = ids
 
     async def _supervise_redis(self, embedded: EmbeddedRedis, pipeline: Pipeline) -> None:
         """Restart the embedded server at once if it dies (from its RDB), then let the
