@@ -30,7 +30,8 @@ MAX_BACKOFF_S = 60.0
 @dataclass(slots=True)
 class MarketNews:
     """What the stream brought for one market. ``candles``: open time -> (row, seq);
-    ``trades``: ``(ts_ms, price, amount, seq)`` in arrival order."""
+    ``trades``: ``(ts_ms, price, amount, seq)`` in arrival order. ``connected``: it
+    answered since its last failure; ``failing``: it failed since its last answer."""
 
     candles: dict[int, tuple[list[float], int]] = field(default_factory=dict)
     trades: list[tuple[int, float, float, int]] = field(default_factory=list)
@@ -76,8 +77,9 @@ class ExchangeStream:
         self._tasks = []
 
     def healthy(self) -> bool:
-        """True while every market's subscription is up (the polls can slow down)."""
-        return bool(self.news) and all(n.connected for n in self.news.values())
+        """False from a market's failure until its stream answers again (the polls then
+        go every second); before any failure the subscriptions are taken as up."""
+        return bool(self._tasks) and not any(n.failing for n in self.news.values())
 
     async def _watch(self, market: str) -> None:
         news = self.news[market]
