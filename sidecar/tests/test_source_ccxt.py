@@ -8,8 +8,11 @@ the day-old cache, or the exchange; history pages with since/limit.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from fake_exchange import FakeExchange, case, exchange, markets_file, path_of  # noqa: F401
-from fake_providers import Reply
+from fake_providers import REPO, Reply
 
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.rate_budget import BudgetExhausted
@@ -283,3 +286,59 @@ def test_mapping_spells_each_exchange() -> None:
     assert symbols.for_source("ccxt:binance", "EURUSD") is None  # no ccxt key: not served
     passed = symbols.for_source("ccxt:binance", "ETH/BTC")
     assert passed is not None and (passed.ticker, passed.asset_class) == ("ETH/BTC", "crypto")
+
+
+async def test_fetch_command_line(exchange: FakeExchange, clean_env: dict[str, str], tmp_path: Path) -> None:
+    c = case("binance", "fetchOHLCV_1")
+    exchange.route("/api/v3/klines", Reply(body=c["body"]),
+                   Reply(status=429, body=b'{"code":-1003,"msg":"Too many requests."}'))
+    env = {**clean_env, **env_for(exchange, "binance"), "SIDECAR_DATA_DIR": str(tmp_path)}
+    args = ["fetch", "ccxt:binance", "BTCUSD", "--timeframe", "1h",
+            "--start", "2024-01-30T16:00:00Z", "--end", "2024-01-30T19:00:00Z"]
+    for expected_code in (0, 10):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", *args, cwd=REPO, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == expected_code, stderr.decode()
+        if expected_code:
+            assert stderr.decode().startswith("rate_limited: ccxt:binance:") and stdout == b""
+            continue
+        lines = [json.loads(line) for line in stdout.decode().splitlines()]
+        assert [[r["t"], r["o"], r["h"], r["l"], r["c"], r["v"]] for r in lines] == c["expected"]
+        assert {(r["symbol"], r["tf"], r["src"]) for r in lines} == {("BTCUSD", "1h", "ccxt:binance")}
+
+
+def test_ccxt_is_imported_only_when_a_ccxt_source_is_configured(tmp_path: Path) -> None:
+    code = ("import sys; from sidecar.settings import Settings; from sidecar.sources import build_source; "
+            "import sidecar.app.daemon, sidecar.cli; "
+            "build_source('sim', Settings(data_dir=__import__('pathlib').Path(sys.argv[1]))); "
+            "assert 'ccxt' not in sys.modules, 'ccxt imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True, timeout=60)
+
+
+async def test_the_circuit_counts_only_what_should_count(exchange: FakeExchange, tmp_path: Path) -> None:
+    from sidecar.breaker import SourceCircuits
+
+    tf = Timeframe.parse("1m")
+    source = make(exchange, "binance", tmp_path)
+    breaker = SourceCircuits.for_source(source, ["BTCUSD"], fail_max=3).lane(None)
+    now = int(time.time() * 1000)
+    try:
+        # Unknown markets (local BadSymbol, the exchange's -1121) and a spent budget: still closed.
+        exchange.default_by_path["/api/v3/klines"] = Reply(status=400, body=b'{"code":-1121,"msg":"Invalid symbol."}')
+        for symbols in (["DOGE/EUR"], ["BTCUSD"], ["BTCUSD"], ["BTCUSD"]):
+            await breaker.call(lambda s=symbols: source.fetch_latest(s, tf, now))
+        assert source.budget.try_acquire(source.budget.remaining())
+        await breaker.call(lambda: source.fetch_latest(["BTCUSD"], tf, now))
+        assert breaker.state == "closed"
+        # Three outages in a row open it.
+        await source.close()
+        source = make(exchange, "binance", tmp_path)
+        exchange.default_by_path["/api/v3/klines"] = Reply(status=503, body=b"")
+        for _ in range(3):
+            with pytest.raises(ProviderError):
+                await breaker.call(lambda: source.fetch_latest(["BTCUSD"], tf, now))
+        assert breaker.state == "open"
+    finally:
+        await source.close()
