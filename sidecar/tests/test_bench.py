@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import cycle, features, scanner_read, store, tick
+from bench import ccxt_source, cycle, features, scanner_read, store, tick
 from sidecar.tests.conftest import have_redis_binary
 
 needs_redis = pytest.mark.skipif(not have_redis_binary(), reason="no redis-server binary")
@@ -96,6 +96,16 @@ def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     assert run["bars_accepted_per_cycle"] >= run["symbols"]
     assert run["rejected"] == {}
     assert run["rss_mb"]["end"] > 0
+
+
+def test_ccxt_source_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("ccxt")
+    ccxt_source.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "ccxt_source")
+    for name in ("ccxt", "polygon"):
+        assert doc[name]["bars_per_s"] > 0 and doc[name]["cpu_ms_per_symbol"] > 0
+    assert doc["stream"]["peeked_symbols"] == doc["symbols"] and doc["stream"]["updates_per_s"] > 0
+    assert doc["import"]["import_s"] > 0
 
 
 def test_run_all_refuses_an_unknown_name() -> None:
