@@ -344,7 +344,16 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     symbols = _symbols_arg(args.symbols, settings)
     if args.all:
         symbols += [s for s in symbol_map if s not in symbols]
-    rows = [symbol_map.entry(sym).as_dict() for sym in symbols]
+    # Each configured ccxt exchange gets its own column; without one, the default spelling.
+    exchanges = [s for s in settings.sources if s.startswith("ccxt:")]
+    rows = []
+    for sym in symbols:
+        row = symbol_map.entry(sym).as_dict()
+        for name in exchanges:
+            spelling = symbol_map.for_source(name, sym)
+            row[name] = None if spelling is None else spelling.ticker
+        rows.append(row)
+    columns = (*SYMBOL_COLUMNS[:-1], *(exchanges or ["ccxt"]), SYMBOL_COLUMNS[-1])
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -353,13 +362,15 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     def cell(value: Any) -> str:
         if value is None:
             return "-"  # cannot serve (or no session: the clock's grid)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "from" in value:
             return f"{value['from']}/{value['to']}"
+        if isinstance(value, dict):  # the ccxt table: its default spelling
+            return cell(value.get("default"))
         return str(value)
 
     print(f"mapping: {symbol_map.path}", file=sys.stderr, flush=True)
-    table = [list(SYMBOL_COLUMNS)] + [[cell(row[c]) for c in SYMBOL_COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(SYMBOL_COLUMNS))]
+    table = [list(columns)] + [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip())
     return 0

@@ -27,7 +27,8 @@ DEFAULT_HTTP_PORT = 8787
 #: ``$`` also matches before a trailing newline.
 SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}\Z")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
-_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
+#: A source name: ``yahoo``, or ``ccxt:<exchange id>`` for an exchange through ccxt.
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(:[a-z][a-z0-9_]{0,31})?\Z")
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:

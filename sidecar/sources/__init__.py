@@ -25,6 +25,7 @@ KNOWN_SOURCES: dict[str, str] = {
     "alphavantage": "sidecar.sources.alphavantage",
     "twelvedata": "sidecar.sources.twelvedata",
     "polygon": "sidecar.sources.polygon",
+    "ccxt:<exchange id>": "sidecar.sources.ccxt_exchange",
 }
 
 
@@ -45,6 +46,10 @@ def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = 
         if settings.replay_file is None:
             raise ConfigError("SIDECAR_REPLAY_FILE", "the replay source needs a file of bars")
         return ReplaySource(settings.replay_file, speed=settings.replay_speed)
+    if name.startswith("ccxt:"):
+        from sidecar.sources.ccxt_exchange import build as build_exchange
+
+        return build_exchange(settings, env, name.partition(":")[2])
     module_name = KNOWN_SOURCES.get(name)
     if module_name is None:
         raise ConfigError(

@@ -5,8 +5,8 @@ Free tier: 5 requests per minute, delayed or end-of-day data. The key travels in
 their host rewritten to the configured base URL. Status values are never
 whitelisted (``DELAYED`` and others exist): real HTTP statuses and the presence
 of ``results`` decide. ``results: null`` is an empty answer. ``t`` is epoch ms UTC;
-volume may be in exponent form; indices have no ``v``; forex ``v`` is a tick count,
-so FX volume is reported as ``None``.
+volume may be in exponent form and is fractional for crypto (kept as given); indices
+have no ``v``; forex ``v`` is a tick count, so FX volume is reported as ``None``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def parse_aggs(body: bytes | str, status: int, ctx: ParseContext, *, asset_class
         v: float | None = None
         if ctx.has_volume and row.get("v") is not None:
             try:
-                v = float(round(to_float(row["v"])))
+                v = to_float(row["v"])  # crypto volumes are fractional: kept as given
             except ValueError:
                 v = None
         bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
