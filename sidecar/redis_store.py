@@ -264,6 +264,15 @@ class RedisStore:
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
 
+    async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
+        """The newest ``n`` bars of each symbol, oldest first, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.zrange(self.keys.bars(tf, sym), -n, -1)
+        replies = await pipe.execute()
+        return {sym: [Bar.unpack(sym, tf, item) for item in raw if isinstance(item, bytes)]
+                for sym, raw in zip(symbols, replies, strict=True)}
+
     async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
         """The bars of a symbol with open time ``>= t_ms``, oldest first."""
         raw = await self.redis.zrangebyscore(self.keys.bars(tf, symbol), t_ms, "+inf")

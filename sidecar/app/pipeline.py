@@ -304,7 +304,7 @@ class Pipeline:
         """
         self.warmup = WarmupProgress(started_ms=now_ms)
         keep = self.settings.correction_window_bars + 2
-        tails = await self.store.tails(self.symbols, self.tf.name, keep + 1)
+        tails = await self._stored_tails(keep + 1)
         cold: list[str] = []
         for sym, st in self.symbols.items():
             st.warming = True
@@ -327,6 +327,30 @@ class Pipeline:
             self.validator.prime(sym, closed[-keep:] + forming)
         self.warmup.cold = len(cold)
         return cold
+
+    async def _stored_tails(self, n: int) -> dict[str, list[Bar]]:
+        """Each symbol's newest ``n`` bars in either store, oldest first.
+
+        Redis gets every cycle's bars at once, SQLite at the next flush: after a crash
+        Redis holds bars SQLite lacks, and where both hold a bar Redis saw the later
+        revision unless it holds it forming and SQLite closed (as :func:`reconcile`).
+        """
+        names = list(self.symbols)
+        tails = await self.store.tails(names, self.tf.name, n)
+        try:
+            in_redis = await self.redis.tails(names, self.tf.name, n)
+        except (RedisError, OSError):
+            return tails  # reconciled once Redis answers
+        for sym, bars in in_redis.items():
+            if not bars:
+                continue
+            merged = {b.t: b for b in tails.get(sym, [])}
+            for b in bars:
+                old = merged.get(b.t)
+                if old is None or not (b.forming and not old.forming):
+                    merged[b.t] = b
+            tails[sym] = [merged[t] for t in sorted(merged)][-n:]
+        return tails
 
     async def warm_symbol(self, symbol: str) -> int:
         """Reconcile one symbol's stores and open its handles on the warm window.
