@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from prometheus_client import generate_latest
+
+from sidecar.app.health import health_report
+from sidecar.app.http import REGISTRY, DaemonView, make_app
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.app.warmup import warm_up
@@ -95,6 +99,15 @@ async def test_slow_history_leaves_the_others_live_and_ends_equal_to_batch(
         assert feats["BBB"] is not None and feats["BBB"]["warming"] is True
         assert feats["BBB"]["t"] == feats["AAA"]["t"]  # BBB is served live all the same
         assert loop.ticker.missed == 0 and pipe.stats.cycles >= 4
+        # Warm-up is visible in /health and /metrics.
+        report = health_report(pipe, loop.ticker, ready=True)
+        assert report["ready"] and report["symbols"]["BBB"]["warming"] and not report["symbols"]["AAA"]["warming"]
+        w = report["warmup"]
+        assert (w["live"], w["warming"], w["waiting"], w["done"], w["cold"]) == (1, 1, 0, False, 2)
+        assert w["history_bars"] >= HISTORY
+        metrics = generate_latest(make_app(DaemonView(pipe, loop.ticker, ready=True))[REGISTRY]).decode()
+        assert 'sidecar_warmup_symbols{state="warming"} 1.0' in metrics
+        assert "sidecar_warmup_done 0.0" in metrics
 
         source.release.set()
         await _until("BBB warm", lambda: warming.done(), loop)
@@ -103,6 +116,7 @@ async def test_slow_history_leaves_the_others_live_and_ends_equal_to_batch(
     finally:
         warming.cancel()
     assert loop.ticker.missed == 0
+    assert health_report(pipe, loop.ticker, ready=True)["warmup"]["live"] == 2
     assert pipe.warmup.finished_ms is not None and pipe.warmup.history_bars >= 2 * HISTORY
     assert pipe.validator.gaps == {} and pipe.validator.rejected == {}  # late history: no gap
     await bar_store.flush()
