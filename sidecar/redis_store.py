@@ -130,7 +130,8 @@ def redis_refusal(exc: RedisError) -> str | None:
     waits); one that rejects our credentials will not change its mind.
     """
     text = str(exc)
-    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+    if (isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS"))
+            or "called with the client already authenticated" in text):  # HELLO without a password
         return f"Redis refused the credentials: {text}"
     if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
         return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
