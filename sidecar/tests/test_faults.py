@@ -276,6 +276,7 @@ def test_redis_restarted_empty_is_warmed_from_sqlite(
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
+    daemon.wait_for("warm-up done", lambda: daemon.health()["warmup"]["done"], timeout=120)
     r = redis_client(server)
     assert len(redis_bars(r, SYMBOLS[0])) == 5_000
     wait_cycles(daemon, 2)
