@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench._common import cli, table
+from bench._common import cli, table, terminate
 
 NAME = "startup"
 REPO = Path(__file__).resolve().parents[1]
@@ -90,12 +89,7 @@ def one_start(data: str, symbols: int) -> dict[str, Any]:
                         out["cold_symbols"] = h["warmup"]["cold"]
             time.sleep(POLL_S)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 120)
     return out
 
 
