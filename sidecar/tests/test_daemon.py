@@ -31,8 +31,8 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str],
         daemon.wait_ready()
         deadline = time.monotonic() + 60
         rows = scan(env)
-        while any(r["stale"] for r in rows):
-            assert time.monotonic() < deadline, f"features never fresh: {rows}"
+        while any(r["stale"] or r.get("warming") for r in rows):  # warm: handles on the history
+            assert time.monotonic() < deadline, f"features never fresh and warm: {rows}"
             time.sleep(0.3)
             rows = scan(env)
         assert [r["symbol"] for r in rows] == SYMBOLS.split(",")
