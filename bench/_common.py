@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,6 +122,16 @@ def cli(name: str, run: Callable[[bool], dict[str, Any]], render: Callable[[dict
     print(render(results))
     print(f"\nresults: {path}")
     return results
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM a daemon and wait for it; SIGKILL if it does not stop in ``timeout_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class PrivateRedis:

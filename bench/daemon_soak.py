@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench._common import cli, table
+from bench._common import cli, table, terminate
 
 NAME = "daemon_soak"
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +74,7 @@ def measure(symbols: int, warm_up_s: float, seconds: float) -> dict[str, Any]:
                 time.sleep(min(SAMPLE_EVERY_S, max(0.0, end_at - time.monotonic())))
                 samples.append(_health(port))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 60)
     got = [s for s in samples if s is not None]
     warm, end = got[0], got[-1]
 

@@ -279,7 +279,8 @@ def _with_tf(settings: Settings, tf: str) -> Settings:
 
 async def _backfill(settings: Settings, days: int | None) -> int:
     from sidecar.app.bootstrap import DAY_MS, backfill_symbol
-    from sidecar.app.daemon import BACKFILL_BUDGET_WAIT_S, build_sources, open_redis
+    from sidecar.app.daemon import build_sources, open_redis
+    from sidecar.app.warmup import BUDGET_WAIT_S as BACKFILL_BUDGET_WAIT_S
     from sidecar.sources.base import series_grid
     from sidecar.sqlite_store import BarStore
 

@@ -101,7 +101,8 @@ def redis_refusal(exc: RedisError) -> str | None:
     waits); one that rejects our credentials will not change its mind.
     """
     text = str(exc)
-    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+    if (isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS"))
+            or "called with the client already authenticated" in text):  # HELLO without a password
         return f"Redis refused the credentials: {text}"
     if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
         return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
@@ -344,6 +345,15 @@ class RedisStore:
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1, withscores=True)
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
+
+    async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
+        """The newest ``n`` bars of each symbol, oldest first, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.zrange(self.keys.bars(tf, sym), -n, -1)
+        replies = await pipe.execute()
+        return {sym: [Bar.unpack(sym, tf, item) for item in raw if isinstance(item, bytes)]
+                for sym, raw in zip(symbols, replies, strict=True)}
 
     async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
         """The bars of a symbol with open time ``>= t_ms``, oldest first."""

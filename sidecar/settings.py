@@ -21,6 +21,7 @@ from sidecar.timeframe import Timeframe
 DEFAULT_SYMBOLS = ("AAPL", "MSFT", "NVDA", "EURUSD", "BTCUSD")
 DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_HTTP_PORT = 8787
+_DAY_MS = 86_400_000
 
 #: Canonical symbols: they become part of Redis keys and SQL parameters, so the
 #: charset is closed (no spaces, colons, braces, wildcards or quotes). ``\Z``, not ``$``:
@@ -272,6 +273,11 @@ class Settings:
                 raise ConfigError("SIDECAR_HTTP_PORT", f"{http_port} + shard {shard} is past 65535")
             http_port = http_port + shard if http_port else 0
 
+        warm_bars = r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000)
+        # ``sim`` makes up its history: by default only the days the warm window spans
+        # (a demo needs features, not 90 days of made-up bars per symbol).
+        bootstrap_default = (max(1, -(-warm_bars * timeframe.ms // _DAY_MS)) if sources == ("sim",)
+                             else 90)
         settings = cls(
             symbols=symbols,
             sources=sources,
@@ -292,8 +298,8 @@ class Settings:
             flush_max_rows=r.integer("SIDECAR_FLUSH_MAX_ROWS", 20_000, low=1, high=10_000_000),
             buffer_max_rows=r.integer("SIDECAR_BUFFER_MAX_ROWS", 2_000_000, low=1, high=100_000_000),
             retention_days=r.integer("SIDECAR_RETENTION_DAYS", 90, low=1, high=36_500),
-            warm_bars=r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000),
-            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", 90, low=0, high=36_500),
+            warm_bars=warm_bars,
+            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", bootstrap_default, low=0, high=36_500),
             clock_skew_ms=r.integer("SIDECAR_CLOCK_SKEW_MS", 2_000, low=0, high=600_000),
             outlier_k=r.number("SIDECAR_OUTLIER_K", 15.0, low=0.0, high=1e6),
             outlier_window=r.integer("SIDECAR_OUTLIER_WINDOW", 50, low=2, high=100_000),

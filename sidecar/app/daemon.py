@@ -10,23 +10,26 @@ unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import time
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from sidecar.app.bootstrap import DAY_MS, backfill_symbol, repair_gaps
+from sidecar.app.bootstrap import DAY_MS, repair_gaps
 from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.reconcile import reconcile
 from sidecar.app.ticker import SecondTicker
+from sidecar.app.warmup import warm_up
 from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
@@ -56,8 +59,6 @@ GAP_REPAIR_EVERY_S = 60.0
 #: Gap repair only spends budgets that sustain at least one request a minute, so it
 #: never eats the few daily requests of a source like Alpha Vantage (25/day).
 GAP_REPAIR_MAX_PACE_S = 60.0
-#: Background backfill waits this long for a budget before giving a range to the next source.
-BACKFILL_BUDGET_WAIT_S = 120.0
 
 
 def build_sources(settings: Settings) -> list[Source]:
@@ -142,6 +143,37 @@ async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStor
                 pipeline.redis_replaced()  # put back once it answers
     return added
 
+async def _open_sqlite(store: BarStore, stack: contextlib.AsyncExitStack) -> None:
+    """Open the bar store and register its close (which flushes what is buffered)."""
+    try:
+        await store.open()
+    except (sqlite3.Error, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await store.close()
+        raise SidecarError(f"cannot open the SQLite store {store.path}: {exc}") from None
+
+    async def close() -> None:
+        await store.close()
+        log.info("sqlite flushed", extra={"rows_total": store.flushed_rows, "dropped": store.dropped})
+
+    stack.push_async_callback(close)
+
+
+async def _close_source(source: Source) -> None:
+    try:
+        await asyncio.wait_for(source.close(), 3.0)
+    except Exception as exc:
+        log.warning("source close failed", extra={"source": source.name, "error": str(exc)})
+
+
+async def _close_redis(redis_store: RedisStore) -> None:
+    """Take the heartbeat down (readers see the daemon gone at once) and close the pool."""
+    with contextlib.suppress(RedisError, OSError):
+        await redis_store.clear_heartbeat()
+    with contextlib.suppress(RedisError, OSError):
+        await redis_store.close()
+
+
 class Daemon:
     """``python -m sidecar run``."""
 
@@ -170,8 +202,28 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self) -> int:
-        s = self.settings
+        """Start-up → main loop → shutdown; returns the exit code.
+
+        Each start-up step registers its teardown on one :class:`AsyncExitStack` as
+        soon as what it started exists, so a failure at any step (SQLite cannot
+        open, the port is taken, Redis refuses) releases exactly what was started,
+        in reverse order, and the error reaches the caller (its exit code).
+        """
         self._install_signals()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(lambda: log.info("stopped", extra={"exit_code": self.exit_code}))
+            pipeline, ticker, _view = await self._startup(stack)
+            await self._main_loop(pipeline, ticker)
+        return self.exit_code
+
+    async def _startup(self, stack: contextlib.AsyncExitStack) -> tuple[Pipeline, SecondTicker, DaemonView]:
+        """Everything before the first cycle; the history comes in the background.
+
+        The order of teardown is the reverse of this: the loop stops taking bars,
+        background work gets a few seconds, the parse worker, sources and HTTP stop,
+        SQLite is flushed and closed, Redis closed and the embedded server stopped.
+        """
+        s = self.settings
         try:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -197,53 +249,62 @@ class Daemon:
             for src in sources if not src.synthetic
         }
         redis_store, embedded = await open_redis(s)
+        if embedded is not None:
+            stack.push_async_callback(embedded.stop)
+        stack.push_async_callback(_close_redis, redis_store)
         store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
                          flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
-        await store.open()
+        await _open_sqlite(store, stack)
+        for source in sources:
+            stack.push_async_callback(_close_source, source)
+            await source.start()
+        parse_worker = await start_for(sources, s.parse_process, len(s.symbols))
+        if parse_worker is not None:
+            stack.push_async_callback(parse_worker.close)  # after the last cycle: nothing parses
         pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map)
         ticker = SecondTicker()
-        view = DaemonView(pipeline, ticker)
-        runner = None
-        parse_worker: ParseWorker | None = None
+        view = DaemonView(pipeline, ticker, parse_worker=parse_worker)
+        self.parse_worker = parse_worker
+        runner = await _listen(view, s.http_host, s.http_port)
+        stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(self._stop_background, pipeline)
+        log.info("daemon starting", extra={
+            "symbols": len(s.symbols), "sources": [x.name for x in sources],
+            "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
+            "redis": "embedded" if embedded else ("cluster" if redis_store.cluster else "external"),
+            "sqlite": str(s.sqlite_file)})
+        await wait_loaded(redis_store.redis, self.should_exit,
+                          running=None if embedded is None else embedded.running)
         try:
-            for source in sources:
-                await source.start()
-            parse_worker = await start_for(sources, s.parse_process, len(s.symbols))
-            self.parse_worker = view.parse_worker = parse_worker
-            runner = await _listen(view, s.http_host, s.http_port)
-            log.info("daemon starting", extra={
-                "symbols": len(s.symbols), "sources": [x.name for x in sources],
-                "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
-                "redis": "embedded" if embedded else ("cluster" if redis_store.cluster else "external"),
-                "sqlite": str(s.sqlite_file)})
-            await wait_loaded(redis_store.redis, self.should_exit,
-                              running=None if embedded is None else embedded.running)
-            now_ms = int(time.time() * 1000)
-            try:
-                await pipeline.write_meta()
-            except RedisError as exc:
-                refused = redis_refusal(exc)
-                if refused:
-                    raise ConfigError("SIDECAR_REDIS_URL", refused) from None
-                log.warning("redis not reachable at start", extra={"error": str(exc)})
-            if s.shard is not None:
-                await self._adopt(pipeline, store, redis_store)
-            if await store.is_empty():
-                log.warning("bootstrap needed: the bar store is empty",
-                            extra={"days": s.bootstrap_days})
-                await self._bootstrap(pipeline, sources, store, redis_store, now_ms)
-            await pipeline.warm(int(time.time() * 1000))
-            settle_gc()
-            view.ready = True
-            if embedded is not None:
-                self._spawn(self._supervise_redis(embedded, pipeline))
-            self._spawn(self._watch_redis_identity(pipeline))
-            self._spawn(self._retention(store))
-            self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
-            await self._main_loop(pipeline, ticker)
-        finally:
-            await self._shutdown(pipeline, sources, store, redis_store, embedded, runner, parse_worker)
-        return self.exit_code
+            await pipeline.write_meta()
+        except RedisError as exc:
+            refused = redis_refusal(exc)
+            if refused:
+                raise ConfigError("SIDECAR_REDIS_URL", refused) from None
+            log.warning("redis not reachable at start", extra={"error": str(exc)})
+        if s.shard is not None:
+            await self._adopt(pipeline, store, redis_store)
+        cold = await pipeline.begin_warmup(int(time.time() * 1000))
+        self._spawn(warm_up(pipeline, sources, store, redis_store, cold,
+                            stopping=self.should_exit.is_set))
+        settle_gc()
+        view.ready = True
+        if embedded is not None:
+            self._spawn(self._supervise_redis(embedded, pipeline))
+        self._spawn(self._watch_redis_identity(pipeline))
+        self._spawn(self._retention(store))
+        self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
+        return pipeline, ticker, view
+
+    async def _stop_background(self, pipeline: Pipeline) -> None:
+        """First step of shutdown: no more cycles, background work finishes or is cancelled."""
+        log.info("shutting down", extra={"buffered": pipeline.store.buffered})
+        self.should_exit.set()
+        await pipeline.drain(timeout_s=5.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
 
     async def _adopt(self, pipeline: Pipeline, store: BarStore, redis_store: RedisStore) -> None:
         """Take over the history of symbols this shard now owns (the number of shards
@@ -260,37 +321,6 @@ class Daemon:
                 return
             if done.to_sqlite:
                 log.info("moved symbol warmed from redis", extra={"symbol": sym, "bars": done.to_sqlite})
-
-    async def _bootstrap(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
-                         redis_store: RedisStore, now_ms: int) -> None:
-        """Backfill enough for the features first (in line), the rest in the background."""
-        s = self.settings
-        tf = s.timeframe
-        end = tf.floor(now_ms)
-        warm_start = end - max(s.warm_bars, 1) * tf.ms
-        full_start = end - s.bootstrap_days * DAY_MS
-        for sym in s.symbols:
-            result = await backfill_symbol(sym, pipeline.grids[sym], sources, store,
-                                           start_ms=max(warm_start, full_start),
-                                           end_ms=end, now_ms=now_ms, redis_store=redis_store,
-                                           redis_keep=s.bars_cap)
-            log.info("bootstrap warm-up window", extra=result.as_dict())
-
-        async def rest() -> None:
-            for sym in s.symbols:
-                if self.should_exit.is_set():
-                    return
-                result = await backfill_symbol(sym, pipeline.grids[sym], sources, store,
-                                               start_ms=full_start,
-                                               end_ms=end, now_ms=now_ms,
-                                               budget_wait_s=BACKFILL_BUDGET_WAIT_S)
-                log.info("bootstrap done", extra=result.as_dict())
-            log.info("bootstrap finished", extra={"symbols": len(s.symbols), "days": s.bootstrap_days})
-
-        if full_start < warm_start:
-            self._spawn(rest())
-        else:
-            log.info("bootstrap finished", extra={"symbols": len(s.symbols), "days": s.bootstrap_days})
 
     async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker) -> None:
         s = self.settings
@@ -396,39 +426,6 @@ class Daemon:
                 await asyncio.wait_for(self.should_exit.wait(), RETENTION_EVERY_S)
             except TimeoutError:
                 pass
-
-    async def _shutdown(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
-                        redis_store: RedisStore, embedded: EmbeddedRedis | None,
-                        runner: Any, parse_worker: ParseWorker | None = None) -> None:
-        log.info("shutting down", extra={"buffered": store.buffered})
-        self.should_exit.set()
-        await pipeline.drain(timeout_s=5.0)
-        if parse_worker is not None:  # after the last cycle: nothing parses any more
-            await parse_worker.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
-        await store.close()  # flushes everything buffered
-        log.info("sqlite flushed", extra={"rows_total": store.flushed_rows, "dropped": store.dropped})
-        for source in sources:
-            try:
-                await asyncio.wait_for(source.close(), 3.0)
-            except Exception as exc:
-                log.warning("source close failed", extra={"source": source.name, "error": str(exc)})
-        if runner is not None:
-            await runner.cleanup()
-        try:
-            await redis_store.clear_heartbeat()
-        except (RedisError, OSError):
-            pass
-        try:
-            await redis_store.close()
-        except (RedisError, OSError):
-            pass
-        if embedded is not None:
-            await embedded.stop()
-        log.info("stopped", extra={"exit_code": self.exit_code})
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -146,6 +146,31 @@ class StatusLog:
         return True
 
 
+def warmup_report(pipeline: Pipeline) -> dict[str, Any]:
+    """Start-up warm-up: symbols ``live`` (handles open on the warm window), ``warming``
+    (served from live bars, flagged ``warming``), ``waiting`` (no bar yet); history fetched."""
+    warming = waiting = 0
+    for st in pipeline.symbols.values():
+        if st.warming:
+            if st.last is None and st.forming is None:
+                waiting += 1
+            else:
+                warming += 1
+    w = pipeline.warmup
+    return {
+        "done": w.finished_ms is not None,
+        "live": len(pipeline.symbols) - warming - waiting,
+        "warming": warming,
+        "waiting": waiting,
+        "cold": w.cold,
+        "history_bars": w.history_bars,
+        "history_requests": w.history_requests,
+        "failed": w.failed,
+        "started_ms": w.started_ms,
+        "finished_ms": w.finished_ms,
+    }
+
+
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
                   parse_worker: ParseWorker | None = None) -> dict[str, Any]:
     """``/health`` JSON: status ok/degraded/down with the reasons behind it."""
@@ -177,6 +202,8 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
 
     durations = list(stats.durations_ms)
     validator = pipeline.validator
+    for sym, st in pipeline.symbols.items():
+        symbols[sym]["warming"] = st.warming
     return {
         "status": status,
         "reasons": reasons,
@@ -210,6 +237,7 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
             "last_flush_ms": pipeline.store.last_flush_ms,
             "last_error": pipeline.store.last_error,
         },
+        "warmup": warmup_report(pipeline),
         "sources": sources,
         "parse_worker": ({"enabled": False} if parse_worker is None
                          else {"enabled": True, **parse_worker.status()}),

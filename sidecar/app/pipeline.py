@@ -165,6 +165,8 @@ class SymbolState:
     market_open: bool = True
     #: While closed: when its market opens next (epoch ms; ``None`` while open).
     next_open: int | None = None
+    #: Its handles are not yet open on the warm window (start-up): the features map says so.
+    warming: bool = False
 
     def stale(self, now_ms: int, stale_after_ms: int) -> bool:
         """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``;
@@ -172,6 +174,20 @@ class SymbolState:
         if not self.market_open:
             return False
         return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+
+@dataclass(slots=True)
+class WarmupProgress:
+    """How far start-up warm-up got: history fetched, symbols whose handles are open."""
+
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    #: Symbols with nothing stored at start: their warm window is fetched from the sources.
+    cold: int = 0
+    history_bars: int = 0
+    history_requests: int = 0
+    #: Symbols whose warm-up failed (their handles run on live bars only, flagged warming).
+    failed: int = 0
 
 
 #: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
@@ -270,12 +286,14 @@ class Pipeline:
             sym: SymbolState(self._engine(sym)) for sym in settings.symbols
         }
         self.stats = CycleStats()
+        self.warmup = WarmupProgress()
         self.planner = Planner()
         self._redis_backlog: dict[tuple[str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._flush_task: asyncio.Task[Any] | None = None
         self._refill_task: asyncio.Task[Any] | None = None
         self._refill_needed = False
+        self._warm_redis_down = False  # warm-up found Redis unreachable: it reads SQLite
         self._meta_written = False  # only then does a missing meta key mean lost data
         self._pid = os.getpid()
         #: A shard says which shard it is and which symbols it owns (README "Shards").
@@ -301,29 +319,38 @@ class Pipeline:
         self._meta_written = True
 
     async def warm(self, now_ms: int) -> None:
-        """Open feature handles on stored history so the first cycle is already right.
+        """Open every symbol's feature handles on stored history, before the first cycle.
 
-        First the stores are reconciled (:mod:`sidecar.app.reconcile`): bars that
-        reached Redis but not SQLite before a crash go to SQLite, and a Redis that
-        lost its bars is refilled from SQLite. History then comes from SQLite.
+        :meth:`begin_warmup` then :meth:`warm_symbol` for each symbol, in line (the
+        daemon runs the second part in the background while the cycles go on).
         """
-        redis_up = True
+        await self.begin_warmup(now_ms)
+        for sym in self.symbols:
+            await self.warm_symbol(sym)
+        self.warmup.finished_ms = int(self._clock() * 1000)
+
+    async def begin_warmup(self, now_ms: int) -> list[str]:
+        """Put every symbol in warm-up; returns those with nothing stored (cold).
+
+        One read of each symbol's newest stored bars (a few, not the warm window)
+        teaches the validator where the series stopped, so a gap while the daemon
+        was down is recorded, and sets the newest closed and forming bar, so features
+        are served from the first cycle (flagged ``warming``). From here every closed
+        bar applied is also kept in :attr:`SymbolState.rebuilding` until
+        :meth:`warm_symbol` opens the handles on history plus those bars.
+        """
+        self.warmup = WarmupProgress(started_ms=now_ms)
+        keep = self.settings.correction_window_bars + 2
+        tails = await self._stored_tails(keep + 1)
+        cold: list[str] = []
         for sym, st in self.symbols.items():
+            st.warming = True
+            st.rebuilding = {}
+            bars = tails.get(sym, [])
+            if not bars:
+                cold.append(sym)
+                continue
             current = self.grids[sym].floor(now_ms)
-            if redis_up:
-                try:
-                    done = await reconcile(sym, self.tf.name, self.redis, self.store, self.settings.bars_cap)
-                except (RedisError, OSError) as exc:
-                    log.warning("redis unreachable at start: stores not reconciled",
-                                extra={"error": str(exc)})
-                    redis_up = False
-                    self._refill_needed = True  # once Redis answers
-                else:
-                    if done.to_sqlite:
-                        log.info("recovered bars from redis", extra={"symbol": sym, "bars": done.to_sqlite})
-                    if done.to_redis:
-                        log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": done.to_redis})
-            bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
             split = len(bars)
@@ -332,10 +359,76 @@ class Pipeline:
             closed, forming = bars[:split], bars[split:]
             for b in closed:
                 b.forming = False
-            st.engine.load(closed)
             st.last = closed[-1] if closed else None
             st.forming = forming[-1] if forming else None
-            self.validator.prime(sym, closed[-(self.settings.correction_window_bars + 2):] + forming)
+            self.validator.prime(sym, closed[-keep:] + forming)
+        self.warmup.cold = len(cold)
+        return cold
+
+    async def _stored_tails(self, n: int) -> dict[str, list[Bar]]:
+        """Each symbol's newest ``n`` bars in either store, oldest first.
+
+        Redis gets every cycle's bars at once, SQLite at the next flush: after a crash
+        Redis holds bars SQLite lacks, and where both hold a bar Redis saw the later
+        revision unless it holds it forming and SQLite closed (as :func:`reconcile`).
+        """
+        names = list(self.symbols)
+        tails = await self.store.tails(names, self.tf.name, n)
+        try:
+            in_redis = await self.redis.tails(names, self.tf.name, n)
+        except (RedisError, OSError):
+            return tails  # reconciled once Redis answers
+        for sym, bars in in_redis.items():
+            if not bars:
+                continue
+            merged = {b.t: b for b in tails.get(sym, [])}
+            for b in bars:
+                old = merged.get(b.t)
+                if old is None or not (b.forming and not old.forming):
+                    merged[b.t] = b
+            tails[sym] = [merged[t] for t in sorted(merged)][-n:]
+        return tails
+
+    async def warm_symbol(self, symbol: str) -> int:
+        """Reconcile one symbol's stores and open its handles on the warm window.
+
+        The stores are reconciled first (:mod:`sidecar.app.reconcile`: bars that
+        reached Redis but not SQLite before a crash go to SQLite, a Redis that lost
+        its bars is refilled from SQLite). The window is then read from Redis, which
+        holds what SQLite holds after that (from SQLite when Redis fails or keeps
+        fewer bars than the window), and laid under the bars applied meanwhile
+        (:meth:`_open_handles`). Returns the closed bars the handles were opened on.
+        """
+        n = self.settings.warm_bars
+        bars: list[Bar] | None = None
+        try:
+            if self._warm_redis_down:
+                raise OSError("unreachable")  # one failed reconcile is enough: not every symbol waits
+            done = await reconcile(symbol, self.tf.name, self.redis, self.store, self.settings.bars_cap)
+        except (RedisError, OSError) as exc:
+            if not self._warm_redis_down:
+                log.warning("redis unreachable at start: stores not reconciled",
+                            extra={"error": str(exc)})
+            self._warm_redis_down = True
+            self._refill_needed = True  # once Redis answers
+        else:
+            if done.to_sqlite:
+                log.info("recovered bars from redis", extra={"symbol": symbol, "bars": done.to_sqlite})
+            if done.to_redis:
+                log.info("warmed redis from sqlite", extra={"symbol": symbol, "bars": done.to_redis})
+            if n <= self.settings.bars_cap:
+                try:
+                    bars = await self.redis.recent_bars(symbol, self.tf.name, n)
+                except (RedisError, OSError):
+                    bars = None
+        if bars is None:
+            bars = await self.store.last_bars(symbol, self.tf.name, n)
+        return self._open_handles(symbol, bars, warm=True)
+
+    @property
+    def warming(self) -> int:
+        """Symbols whose handles are not yet open on the warm window."""
+        return sum(st.warming for st in self.symbols.values())
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
@@ -662,6 +755,8 @@ class Pipeline:
                 macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
                 market_open=st.market_open, next_open=st.next_open,
             )
+            if st.warming:
+                fmap["warming"] = True
             st.features = fmap
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
             out.append((tf, sym, pack_features(fmap), hold))
@@ -803,6 +898,22 @@ class Pipeline:
             st.needs_rebuild = True  # tried again after the next cycle
             st.rebuilding = None
             raise
+        n = self._open_handles(symbol, bars, warm=st.warming)
+        log.info("features rebuilt", extra={"symbol": symbol, "bars": n})
+
+    def _open_handles(self, symbol: str, bars: list[Bar], *, warm: bool) -> int:
+        """Open ``symbol``'s handles on ``bars`` (read from a store) overlaid with the bars
+        Redis still owes (the backlog) and every closed bar applied since the read began
+        (:attr:`SymbolState.rebuilding`), up to the symbol's newest closed bar; no
+        ``await`` here, so no bar can slip between. Returns how many bars they hold.
+
+        ``warm``: start-up. History may then reach past the newest closed bar applied
+        so far (it was fetched after the cycles began, or no source answered yet): it
+        extends the series up to the forming bar, and the validator learns its tail,
+        so re-delivered bars are duplicates and the next one is checked for a gap
+        against it. The symbol's features are no longer flagged ``warming``.
+        """
+        st = self.symbols[symbol]
         applied = st.rebuilding or {}
         series = {b.t: b for b in bars}
         for (sym, t), b in self._redis_backlog.items():
@@ -810,6 +921,9 @@ class Pipeline:
                 series[t] = b
         series.update(applied)
         newest = st.last.t if st.last is not None else -1
+        if warm:
+            limit = st.forming.t if st.forming is not None else 2**62
+            newest = max([newest, *(t for t, b in series.items() if t < limit and not b.forming)])
         closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
         if len(closed) > self.settings.warm_bars:
             closed = closed[-self.settings.warm_bars:]
@@ -817,7 +931,13 @@ class Pipeline:
         engine.load(closed)
         st.engine = engine
         st.rebuilding = None
-        log.info("features rebuilt", extra={"symbol": symbol, "bars": len(closed)})
+        if warm:
+            st.warming = False
+            if closed:
+                if st.last is None or closed[-1].t > st.last.t:
+                    st.last = closed[-1]
+                self.validator.prime(symbol, closed[-(self.settings.correction_window_bars + 2):])
+        return len(closed)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

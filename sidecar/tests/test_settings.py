@@ -175,3 +175,12 @@ def test_default_data_dir_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("HOME", str(tmp_path))
     s = Settings.from_env({})
     assert s.data_dir == tmp_path / ".local" / "share" / "sidecar"
+
+
+def test_sim_history_default_is_the_warm_window() -> None:
+    """``sim`` alone: the bootstrap spans the days of the warm window, not 90."""
+    base = {"SIDECAR_SOURCES": "sim"}
+    assert Settings.from_env(base).bootstrap_days == 4  # 5,000 one-minute bars: 3.5 days
+    assert Settings.from_env(dict(base, SIDECAR_TIMEFRAME="1s")).bootstrap_days == 1
+    assert Settings.from_env(dict(base, SIDECAR_BOOTSTRAP_DAYS="30")).bootstrap_days == 30
+    assert Settings.from_env({"SIDECAR_SOURCES": "yahoo"}).bootstrap_days == 90
