@@ -5,6 +5,12 @@ flushed, background work gets a few seconds and is then cancelled, Redis and the
 embedded server are closed, and the process exits 0. A second SIGINT forces exit.
 The process exits non-zero when it cannot do its job at all (bad config, Redis
 unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
+
+The daemon's time is one :data:`~sidecar.clock.Clock`, given to the pipeline (bar
+grid, validation, calendars, features), the ticker and ``/health``: the wall clock,
+or, when ``replay`` plays at a speed other than 1, the recording's time
+(:meth:`Daemon._replay_step`: closed markets with nothing recorded pass at once, and
+the clock stops when the recording is exhausted).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from sidecar.app.pipeline import Pipeline
 from sidecar.app.reconcile import reconcile
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
+from sidecar.clock import Clock, WallClock, iso_ms
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
@@ -37,6 +44,7 @@ from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loa
 from sidecar.settings import Settings
 from sidecar.shards import owned
 from sidecar.sources import Source, SourceDisabled, build_source
+from sidecar.sources.replay import ReplaySource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map, mapping_report
 
@@ -141,6 +149,8 @@ class Daemon:
         self.exit_code = EXIT_OK
         self._tasks: set[asyncio.Task[Any]] = set()
         self.parse_worker: ParseWorker | None = None
+        #: The daemon's time (a replay at speed puts the recording's time here).
+        self.clock: Clock = WallClock()
 
     # -- signals ------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -179,6 +189,8 @@ class Daemon:
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
         sources = build_sources(s)
+        replay = next((src for src in sources if isinstance(src, ReplaySource) and src.clock), None)
+        clock = self.clock = replay.clock if replay is not None and replay.clock else WallClock()
         circuits = {
             src.name: SourceCircuits.for_source(
                 src, s.symbols, fail_max=provider_settings.breaker_fail_max,
@@ -189,8 +201,9 @@ class Daemon:
         store = BarStore(s.sqlite_file, flush_interval_s=s.flush_interval_s,
                          flush_max_rows=s.flush_max_rows, buffer_max_rows=s.buffer_max_rows)
         await store.open()
-        pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map)
-        ticker = SecondTicker()
+        pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map,
+                            clock=clock)
+        ticker = SecondTicker(clock=clock)
         view = DaemonView(pipeline, ticker)
         runner = None
         parse_worker: ParseWorker | None = None
@@ -207,7 +220,7 @@ class Daemon:
                 "sqlite": str(s.sqlite_file)})
             await wait_loaded(redis_store.redis, self.should_exit,
                               running=None if embedded is None else embedded.running)
-            now_ms = int(time.time() * 1000)
+            now_ms = int(clock() * 1000)
             try:
                 await pipeline.write_meta()
             except RedisError as exc:
@@ -221,14 +234,18 @@ class Daemon:
                 log.warning("bootstrap needed: the bar store is empty",
                             extra={"days": s.bootstrap_days})
                 await self._bootstrap(pipeline, sources, store, redis_store, now_ms)
-            await pipeline.warm(int(time.time() * 1000))
+            await pipeline.warm(int(clock() * 1000))
             settle_gc()
             view.ready = True
             if embedded is not None:
                 self._spawn(self._supervise_redis(embedded, pipeline))
             self._spawn(self._retention(store))
             self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
-            await self._main_loop(pipeline, ticker)
+            if replay is not None and replay.clock is not None:
+                replay.clock.begin()
+                log.info("replaying", extra={"speed": replay.clock.speed,
+                                             "from": iso_ms(int(replay.clock() * 1000))})
+            await self._main_loop(pipeline, ticker, replay)
         finally:
             await self._shutdown(pipeline, sources, store, redis_store, embedded, runner, parse_worker)
         return self.exit_code
@@ -280,7 +297,8 @@ class Daemon:
         else:
             log.info("bootstrap finished", extra={"symbols": len(s.symbols), "days": s.bootstrap_days})
 
-    async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker) -> None:
+    async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker,
+                         replay: ReplaySource | None = None) -> None:
         s = self.settings
         status_log = StatusLog()
         while not self.should_exit.is_set():
@@ -294,6 +312,8 @@ class Daemon:
             stats = pipeline.stats
             if stats.cycles == 1:
                 log.info("ready", extra={"first_cycle_ms": round(stats.last_duration_ms, 3)})
+            if replay is not None:
+                self._replay_step(pipeline, replay)
             status_log.observe(*assess(pipeline, parse_worker=self.parse_worker))
             if stats.redis_down_since is not None:
                 down_for = time.monotonic() - stats.redis_down_since
@@ -302,6 +322,30 @@ class Daemon:
                                  extra={"down_s": round(down_for, 1)})
                     self.exit_code = EXIT_REDIS_DOWN
                     return
+
+    @staticmethod
+    def _replay_step(pipeline: Pipeline, replay: ReplaySource) -> None:
+        """After a cycle on the recording's time: say so and stop the clock once the
+        recording is exhausted; else, while every symbol's market is closed, move the
+        clock at once to the next open or the next recorded bar, whichever is first."""
+        clock = replay.clock
+        if clock is None or clock.finished:
+            return
+        now_ms = int(clock() * 1000)
+        if replay.exhausted(now_ms):
+            clock.finish()
+            log.info("replay finished: the recording is exhausted", extra={
+                "recorded_time": iso_ms(now_ms), "bars_stored": pipeline.stats.bars_accepted})
+            return
+        states = pipeline.symbols.values()
+        if not states or any(st.market_open for st in states):
+            return
+        nexts = [st.next_open for st in states if st.next_open is not None]
+        release = replay.next_release_ms(now_ms)
+        if release is not None:
+            nexts.append(release)
+        if nexts and clock.skip_to(min(nexts) / 1000):
+            log.debug("replay: closed hours skipped", extra={"to": iso_ms(min(nexts))})
 
     async def _repair_gaps(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
                            redis_store: RedisStore) -> None:
@@ -321,7 +365,7 @@ class Daemon:
             except Exception as exc:
                 log.error("gap repair: flush failed", extra={"error": str(exc)})
                 continue
-            await repair_round(pipeline, spare, store, redis_store, now_ms=int(time.time() * 1000))
+            await repair_round(pipeline, spare, store, redis_store, now_ms=int(self.clock() * 1000))
 
     async def _supervise_redis(self, embedded: EmbeddedRedis, pipeline: Pipeline) -> None:
         """Restart the embedded server at once if it dies (from its RDB), then let the
@@ -354,7 +398,7 @@ class Daemon:
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():
-            cutoff = int(time.time() * 1000) - self.settings.retention_days * DAY_MS
+            cutoff = int(self.clock() * 1000) - self.settings.retention_days * DAY_MS
             try:
                 await store.delete_older_than(cutoff)
             except Exception as exc:
