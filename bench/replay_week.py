@@ -22,14 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench._common import cli, table
+from bench._common import cli, daemon_health, free_port, table
 
 NAME = "replay_week"
 REPO = Path(__file__).resolve().parents[1]
@@ -37,24 +35,6 @@ SPEED = 10_000
 WEEK = ("2024-11-25T00:00:00-05:00", "2024-11-30T00:00:00-05:00")
 #: Smoke: Friday alone (the early close).
 DAY = ("2024-11-29T00:00:00-05:00", "2024-11-30T00:00:00-05:00")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _health(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-            return dict(json.loads(resp.read()))
-    except urllib.error.HTTPError as exc:
-        return dict(json.loads(exc.read()))
-    except OSError:
-        return None
 
 
 def _ts(records: list[dict[str, Any]], msg: str) -> float:
@@ -70,7 +50,7 @@ def measure(span: tuple[str, str]) -> dict[str, Any]:
     from sidecar.calendars import get_calendar
     from sidecar.tests.helpers import write_recording
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="sidecar-replay-") as tmp:
         data = Path(tmp)
         recording = data / "aapl.jsonl"
@@ -90,7 +70,7 @@ def measure(span: tuple[str, str]) -> dict[str, Any]:
                                     stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 300
-            while (h := _health(port)) is None or not h.get("clock", {}).get("exhausted"):
+            while (h := daemon_health(port)) is None or not h.get("clock", {}).get("exhausted"):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the replay did not finish (exit {proc.poll()})")
                 time.sleep(0.2)
