@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 BENCHMARKS = ("features", "store", "tick", "scanner_read", "cluster_read", "cycle", "daemon_soak",
-              "ccxt_source")
+              "ccxt_source", "replay_week")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,6 +134,29 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
         proc.wait()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def daemon_health(port: int) -> dict[str, Any] | None:
+    """A daemon's ``/health`` body (a 503 carries one too); ``None`` while it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+    except OSError:
+        return None
+
+
 class PrivateRedis:
     """A real redis-server of our own on a unix socket, without persistence (no fork
     noise): the test suite's ``RedisServer`` in a temporary directory."""

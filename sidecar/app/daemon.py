@@ -5,6 +5,12 @@ flushed, background work gets a few seconds and is then cancelled, Redis and the
 embedded server are closed, and the process exits 0. A second SIGINT forces exit.
 The process exits non-zero when it cannot do its job at all (bad config, Redis
 unreachable past ``SIDECAR_REDIS_DOWN_EXIT_S``), so PM2 restarts it.
+
+The daemon's time is one :data:`~sidecar.clock.Clock`, given to the pipeline (bar
+grid, validation, calendars, features), the ticker and ``/health``: the wall clock,
+or, when ``replay`` plays at a speed other than 1, the recording's time
+(:meth:`Daemon._replay_step`: closed markets with nothing recorded pass at once, and
+the clock stops when the recording is exhausted).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from sidecar.app.reconcile import reconcile
 from sidecar.app.ticker import SecondTicker
 from sidecar.app.warmup import warm_up
 from sidecar.breaker import SourceCircuits
+from sidecar.clock import Clock, WallClock, iso_ms
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
@@ -40,6 +47,7 @@ from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loa
 from sidecar.settings import Settings
 from sidecar.shards import owned
 from sidecar.sources import Source, SourceDisabled, build_source
+from sidecar.sources.replay import ReplaySource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map, mapping_report
 
@@ -184,6 +192,10 @@ class Daemon:
         self.exit_code = EXIT_OK
         self._tasks: set[asyncio.Task[Any]] = set()
         self.parse_worker: ParseWorker | None = None
+        #: The daemon's time (a replay at speed puts the recording's time here).
+        self.clock: Clock = WallClock()
+        #: The replay source whose recording sets the clock (speed other than 1), if any.
+        self._replay: ReplaySource | None = None
 
     # -- signals ------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -213,7 +225,12 @@ class Daemon:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(lambda: log.info("stopped", extra={"exit_code": self.exit_code}))
             pipeline, ticker, _view = await self._startup(stack)
-            await self._main_loop(pipeline, ticker)
+            replay = self._replay
+            if replay is not None and replay.clock is not None:
+                replay.clock.begin()
+                log.info("replaying", extra={"speed": replay.clock.speed,
+                                             "from": iso_ms(int(replay.clock() * 1000))})
+            await self._main_loop(pipeline, ticker, replay)
         return self.exit_code
 
     async def _startup(self, stack: contextlib.AsyncExitStack) -> tuple[Pipeline, SecondTicker, DaemonView]:
@@ -242,6 +259,8 @@ class Daemon:
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
         sources = build_sources(s)
+        replay = next((src for src in sources if isinstance(src, ReplaySource) and src.clock), None)
+        clock = self.clock = replay.clock if replay is not None and replay.clock else WallClock()
         circuits = {
             src.name: SourceCircuits.for_source(
                 src, s.symbols, fail_max=provider_settings.breaker_fail_max,
@@ -261,8 +280,9 @@ class Daemon:
         parse_worker = await start_for(sources, s.parse_process, len(s.symbols))
         if parse_worker is not None:
             stack.push_async_callback(parse_worker.close)  # after the last cycle: nothing parses
-        pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map)
-        ticker = SecondTicker()
+        pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map,
+                            clock=clock)
+        ticker = SecondTicker(clock=clock)
         view = DaemonView(pipeline, ticker, parse_worker=parse_worker)
         self.parse_worker = parse_worker
         runner = await _listen(view, s.http_host, s.http_port)
@@ -284,7 +304,7 @@ class Daemon:
             log.warning("redis not reachable at start", extra={"error": str(exc)})
         if s.shard is not None:
             await self._adopt(pipeline, store, redis_store)
-        cold = await pipeline.begin_warmup(int(time.time() * 1000))
+        cold = await pipeline.begin_warmup(int(clock() * 1000))
         self._spawn(warm_up(pipeline, sources, store, redis_store, cold,
                             stopping=self.should_exit.is_set))
         settle_gc()
@@ -294,6 +314,7 @@ class Daemon:
         self._spawn(self._watch_redis_identity(pipeline))
         self._spawn(self._retention(store))
         self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
+        self._replay = replay
         return pipeline, ticker, view
 
     async def _stop_background(self, pipeline: Pipeline) -> None:
@@ -322,7 +343,8 @@ class Daemon:
             if done.to_sqlite:
                 log.info("moved symbol warmed from redis", extra={"symbol": sym, "bars": done.to_sqlite})
 
-    async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker) -> None:
+    async def _main_loop(self, pipeline: Pipeline, ticker: SecondTicker,
+                         replay: ReplaySource | None = None) -> None:
         s = self.settings
         status_log = StatusLog()
         while not self.should_exit.is_set():
@@ -336,6 +358,8 @@ class Daemon:
             stats = pipeline.stats
             if stats.cycles == 1:
                 log.info("ready", extra={"first_cycle_ms": round(stats.last_duration_ms, 3)})
+            if replay is not None:
+                self._replay_step(pipeline, replay)
             status_log.observe(*assess(pipeline, parse_worker=self.parse_worker))
             if stats.redis_down_since is not None:
                 down_for = time.monotonic() - stats.redis_down_since
@@ -344,6 +368,30 @@ class Daemon:
                                  extra={"down_s": round(down_for, 1)})
                     self.exit_code = EXIT_REDIS_DOWN
                     return
+
+    @staticmethod
+    def _replay_step(pipeline: Pipeline, replay: ReplaySource) -> None:
+        """After a cycle on the recording's time: say so and stop the clock once the
+        recording is exhausted; else, while every symbol's market is closed, move the
+        clock at once to the next open or the next recorded bar, whichever is first."""
+        clock = replay.clock
+        if clock is None or clock.finished:
+            return
+        now_ms = int(clock() * 1000)
+        if replay.exhausted(now_ms):
+            clock.finish()
+            log.info("replay finished: the recording is exhausted", extra={
+                "recorded_time": iso_ms(now_ms), "bars_stored": pipeline.stats.bars_accepted})
+            return
+        states = pipeline.symbols.values()
+        if not states or any(st.market_open for st in states):
+            return
+        nexts = [st.next_open for st in states if st.next_open is not None]
+        release = replay.next_release_ms(now_ms)
+        if release is not None:
+            nexts.append(release)
+        if nexts and clock.skip_to(min(nexts) / 1000):
+            log.debug("replay: closed hours skipped", extra={"to": iso_ms(min(nexts))})
 
     async def _repair_gaps(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
                            redis_store: RedisStore) -> None:
@@ -363,7 +411,7 @@ class Daemon:
             except Exception as exc:
                 log.error("gap repair: flush failed", extra={"error": str(exc)})
                 continue
-            await repair_round(pipeline, spare, store, redis_store, now_ms=int(time.time() * 1000))
+            await repair_round(pipeline, spare, store, redis_store, now_ms=int(self.clock() * 1000))
 
     async def _watch_redis_identity(self, pipeline: Pipeline) -> None:
         """Notice a Redis that restarted under us (its ``run_id`` changed): it may have
@@ -417,7 +465,7 @@ class Daemon:
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():
-            cutoff = int(time.time() * 1000) - self.settings.retention_days * DAY_MS
+            cutoff = int(self.clock() * 1000) - self.settings.retention_days * DAY_MS
             try:
                 await store.delete_older_than(cutoff)
             except Exception as exc:

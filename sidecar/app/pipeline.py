@@ -30,6 +30,7 @@ from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.calendars import MarketCalendar, get_calendar
+from sidecar.clock import Clock, as_clock
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.rate_budget import BudgetExhausted
@@ -198,6 +199,9 @@ CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000
 class CycleStats:
     cycles: int = 0
     last_tick_ms: int = 0
+    #: Wall-clock time (epoch ms) the last cycle started: on a replay clock, whether
+    #: the daemon still collects is judged by it.
+    last_wall_ms: int = 0
     last_duration_ms: float = 0.0
     durations_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
     bars_accepted: int = 0
@@ -247,12 +251,19 @@ class Pipeline:
         bar_store: BarStore,
         circuits: dict[str, SourceCircuits] | None = None,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] = time.time,
         symbol_map: SymbolMap | None = None,
     ) -> None:
-        """``symbol_map`` names each symbol's calendar (the packaged mapping if not given)."""
+        """``clock``: the daemon's time (a callable returning epoch seconds is a wall
+        clock; tests drive one); ``symbol_map`` names each symbol's calendar (the
+        packaged mapping if not given)."""
         self.settings = settings
-        self._clock = clock  # epoch seconds; tests drive it
+        self.clock = as_clock(clock)
+        self._clock = self.clock
+        #: No answer for this long (on the daemon's clock) makes a symbol stale.
+        self.stale_after_ms = int(settings.stale_after_ms * self.clock.speed)
+        #: The clock's reading at the previous cycle (markets open since then are asked).
+        self._prev_now_ms: int | None = None
         self.tf = settings.timeframe
         circuits = circuits or {}
         self.sources = [SourceState(s, circuits.get(s.name)) for s in sources]
@@ -443,6 +454,7 @@ class Pipeline:
         """
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
+        self.stats.last_wall_ms = int(self.clock.wall() * 1000)
         cycle = _Cycle()
         self._market_hours(now_ms)
         await self._fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
@@ -560,9 +572,17 @@ class Pipeline:
         return lambda: len(state.servable) - sum(1 for s in closed if s in state.servable)
 
     def _market_hours(self, now_ms: int) -> None:
-        """Note which markets are open now (one calendar query per calendar, not per symbol)."""
+        """Note which markets are open now (one calendar query per calendar, not per symbol).
+
+        A symbol is asked while its market is open, for :data:`CLOSE_GRACE_MS` after it
+        closes, and once more if its market was open at any time since the previous
+        cycle (a clock that moves many minutes per cycle, as a fast replay's does).
+        """
         if not self.calendars:
             return
+        prev = self._prev_now_ms
+        self._prev_now_ms = now_ms
+        since = now_ms - CLOSE_GRACE_MS if prev is None else min(prev, now_ms - CLOSE_GRACE_MS)
         by_calendar: dict[str, tuple[bool, bool, int | None]] = {}
         closed: list[str] = []
         states = self.symbols
@@ -570,7 +590,8 @@ class Pipeline:
             known = by_calendar.get(cal.name)
             if known is None:
                 is_open = cal.is_open(now_ms)
-                asked = is_open or cal.is_open(now_ms - CLOSE_GRACE_MS)
+                opened = cal.next_open(since)
+                asked = is_open or cal.is_open(since) or (opened is not None and opened < now_ms)
                 known = by_calendar[cal.name] = (is_open, asked, None if is_open else cal.next_open(now_ms))
             st = states[sym]
             st.market_open, st.next_open = known[0], known[2]
@@ -739,7 +760,7 @@ class Pipeline:
         symbol's market is closed, its map is kept until shortly after the market opens."""
         out: list[FeatureRow] = []
         ttl = self.redis.features_ttl_ms
-        stale_after = self.settings.stale_after_ms
+        stale_after = self.stale_after_ms
         tf = self.tf.name
         states = self.symbols
         for sym in symbols:

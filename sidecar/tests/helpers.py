@@ -27,6 +27,7 @@ import numpy as np
 import talib
 
 from sidecar.bar import Bar
+from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
@@ -410,6 +411,33 @@ class Clock:
     @t_ms.setter
     def t_ms(self, value: float) -> None:
         self.t = value / 1000
+
+
+# -- a recording for replay ------------------------------------------------------------
+
+
+def write_recording(path: Path, symbol: str, calendar: MarketCalendar, start_ms: int, end_ms: int,
+                    *, tf: str = "1m", seed: int = 11, price: float = 230.0) -> list[Bar]:
+    """A recording as ``python -m sidecar fetch`` writes it (JSON lines, oldest first):
+    one ``tf`` bar per step of every regular session of ``calendar`` overlapping
+    ``[start_ms, end_ms)`` (holidays and early closes as the exchange had them), a seeded
+    random walk with the day's U-shaped volume. Returns the bars written."""
+    rng = np.random.default_rng(seed)
+    tf_ms = Timeframe.parse(tf).ms
+    bars: list[Bar] = []
+    c = price
+    for session in calendar.sessions_between(start_ms, end_ms):
+        n = (session.close - session.open) // tf_ms
+        for i in range(n):
+            o = c
+            c = o * float(np.exp(rng.normal(0, 0.0008)))
+            wick = abs(float(rng.normal(0, 0.0004)))
+            edge = min(i, n - 1 - i) / max(n, 1)  # 0 at the open and the close
+            v = float(int(rng.integers(20_000, 60_000) * (1 + 4 * max(0.0, 0.15 - edge) / 0.15)))
+            bars.append(Bar(symbol, tf, session.open + i * tf_ms, round(o, 4), round(max(o, c) * (1 + wick), 4),
+                            round(min(o, c) * (1 - wick), 4), round(c, 4), v, "yahoo"))
+    path.write_text("".join(json.dumps(b.to_json_dict()) + "\n" for b in bars))
+    return bars
 
 
 # -- a scripted source and its series --------------------------------------------------
