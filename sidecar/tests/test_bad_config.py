@@ -57,9 +57,29 @@ def test_bad_signal_values_name_the_variable(var: str, value: str) -> None:
     assert info.value.setting == var and str(info.value).startswith(f"{var}: ")
 
 
+#: The variable that names the configuration file (its contents: test_config.py).
+CONFIG_BAD_VALUES: dict[str, list[str]] = {
+    "SIDECAR_CONFIG": ["/nonexistent/sidecar.toml", "{dir}", "{bad_toml}"],
+}
+
+
+@pytest.mark.parametrize("value", CONFIG_BAD_VALUES["SIDECAR_CONFIG"])
+def test_bad_config_file_is_named(value: str, tmp_path: Path) -> None:
+    from sidecar.config import Configuration
+    from sidecar.errors import ConfigError
+
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[EURUSD\n")
+    path = value.replace("{dir}", str(tmp_path)).replace("{bad_toml}", str(bad_toml))
+    with pytest.raises(ConfigError) as info:
+        Configuration.load(None, {"SIDECAR_CONFIG": path}, cwd=tmp_path)
+    assert info.value.setting == path
+
+
 def test_every_variable_the_package_reads_has_a_bad_value_test() -> None:
     """A new setting anywhere in the package fails here until it gets a bad-value row."""
-    covered = set(SETTINGS_BAD_VALUES) | set(PROVIDER_BAD_VALUES) | set(SIGNAL_BAD_VALUES)
+    covered = (set(SETTINGS_BAD_VALUES) | set(PROVIDER_BAD_VALUES) | set(SIGNAL_BAD_VALUES)
+               | set(CONFIG_BAD_VALUES))
     read = variables_read_by_the_package()
     assert len(read) > 60
     assert read - covered == set(), "these variables have no bad-value test"
