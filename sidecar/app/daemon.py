@@ -31,14 +31,14 @@ from sidecar.breaker import SourceCircuits
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
-from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
 from sidecar.settings import Settings
 from sidecar.shards import owned
 from sidecar.sources import Source, SourceDisabled, build_source
+from sidecar.sources._http import Providers
 from sidecar.sqlite_store import BarStore
-from sidecar.symbols import load_symbol_map, mapping_report
+from sidecar.symbols import mapping_report
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -58,12 +58,16 @@ GAP_REPAIR_MAX_PACE_S = 60.0
 BACKFILL_BUDGET_WAIT_S = 120.0
 
 
-def build_sources(settings: Settings) -> list[Source]:
-    """Create the configured sources in priority order; report disabled ones."""
+def build_sources(settings: Settings, providers: Providers | None = None) -> list[Source]:
+    """Create the configured sources in priority order; report disabled ones.
+
+    ``providers``: the provider settings and symbol map (read from the environment if not given).
+    """
     sources: list[Source] = []
+    providers = providers or Providers.from_env()
     for name in settings.sources:
         try:
-            sources.append(build_source(name, settings))
+            sources.append(build_source(name, settings, providers=providers))
         except SourceDisabled as exc:
             log.warning("source disabled", extra={"source": name, "why": str(exc)})
     if not sources:
@@ -165,8 +169,8 @@ class Daemon:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
-        provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
-        symbol_map = load_symbol_map(provider_settings.symbols_file)
+        providers = Providers.from_env()  # refuses bad values now
+        provider_settings, symbol_map = providers.settings, providers.symbols
         if s.shard is not None:
             explicit = {sym: shard for sym in symbol_map
                         if (shard := symbol_map.entry(sym).shard) is not None}
@@ -178,7 +182,7 @@ class Daemon:
             log.info("shard", extra={"shard": f"{s.shard}/{s.shards}", "owned": list(mine)})
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
-        sources = build_sources(s)
+        sources = build_sources(s, providers)
         circuits = {
             src.name: SourceCircuits.for_source(
                 src, s.symbols, fail_max=provider_settings.breaker_fail_max,

@@ -1,6 +1,8 @@
 """Data sources, by name. ``build_source`` turns a name from ``SIDECAR_SOURCES`` into one.
 
-Each provider module exposes ``build(settings, env) -> Source`` and raises
+Each provider module exposes ``build(settings, providers) -> Source`` (``providers``:
+the provider settings and the symbol map, :class:`~sidecar.sources._http.Providers`,
+read once for all the sources) and raises
 :class:`SourceDisabled` when it cannot run (e.g. its API key is missing), so the
 daemon can report it at start and go on with the others.
 """
@@ -10,10 +12,14 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.settings import Settings
 from sidecar.sources.base import LatestResult, Source
+
+if TYPE_CHECKING:
+    from sidecar.sources._http import Providers
 
 __all__ = ["KNOWN_SOURCES", "LatestResult", "Source", "SourceDisabled", "build_source"]
 
@@ -32,9 +38,12 @@ class SourceDisabled(SidecarError):
     """A configured source cannot run here; the message says why (never a secret)."""
 
 
-def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = None) -> Source:
-    """Create the source called ``name``; raises ``ConfigError`` or ``SourceDisabled``."""
-    env = os.environ if env is None else env
+def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = None,
+                 providers: Providers | None = None) -> Source:
+    """Create the source called ``name``; raises ``ConfigError`` or ``SourceDisabled``.
+
+    ``providers`` (read from ``env`` when not given) is shared by the sources built together.
+    """
     if name == "sim":
         from sidecar.sources.sim import SimSource
 
@@ -56,5 +65,9 @@ def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = 
         if exc.name == module_name:
             raise SourceDisabled(f"{name}: not available in this build") from None
         raise
-    source: Source = module.build(settings, env)
+    if providers is None:
+        from sidecar.sources._http import Providers
+
+        providers = Providers.from_env(os.environ if env is None else env)
+    source: Source = module.build(settings, providers)
     return source

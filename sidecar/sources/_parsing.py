@@ -17,9 +17,7 @@ import orjson
 
 from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ProviderError
-from sidecar.timeframe import Timeframe
-
-DAY_MS = 86_400_000
+from sidecar.timeframe import DAY_MS, Timeframe
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +33,11 @@ class ParseContext:
     src: str
     now_ms: int
     has_volume: bool = True
+
+    @property
+    def daily(self) -> bool:
+        """Whether the bars are daily or longer (stamped 00:00 UTC of their date)."""
+        return self.tf.ms >= DAY_MS
 
 
 def decode_answer(body: bytes | str, status: int, source: str,

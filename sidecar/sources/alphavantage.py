@@ -16,9 +16,9 @@ from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
+from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
-from sidecar.settings import Settings
-from sidecar.sources._http import HttpSource, closed_between, keyed_provider
+from sidecar.sources._http import HttpSource, closed_between
 from sidecar.sources._parsing import (
     ParseContext,
     decode_json,
@@ -29,9 +29,9 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.symbols import ProviderSymbol
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "alphavantage"
 _INTRADAY = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "1h": "60min"}
@@ -90,7 +90,7 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext) -> list
     meta_f = _fields(meta)
     tz = zone(meta_f.get("time zone"), "UTC")
     market = meta_f.get("market code")
-    daily = ctx.tf.ms >= 86_400_000
+    daily = ctx.daily
     bars: list[Bar] = []
     for stamp, row in data[series_key].items():
         if not isinstance(row, dict):
@@ -148,6 +148,11 @@ class AlphaVantageSource(HttpSource):
     # TIME_SERIES_INTRADAY, FX_INTRADAY and CRYPTO_INTRADAY are separate endpoints.
     breaker_per_asset_class = True
 
+    @classmethod
+    def make_budget(cls, provider: ProviderSettings) -> RateBudget:
+        return RateBudget(NAME, per_second=provider.alphavantage_per_second,
+                          per_day=provider.alphavantage_per_day)
+
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         """Intraday ``outputsize=full``: the trailing 30 days in one request; daily: all."""
         if tf.ms >= DAY_MS:
@@ -181,10 +186,4 @@ def _daily_quota_spent(err: ProviderError) -> bool:
     return "per day" in low and "per minute" not in low
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> AlphaVantageSource:
-    """The Alpha Vantage source; :class:`SourceDisabled` without ``ALPHAVANTAGE_API_KEY``."""
-    provider, symbols = keyed_provider(env, NAME, "ALPHAVANTAGE_API_KEY",
-                                       lambda p: p.alphavantage_api_key)
-    budget = RateBudget(NAME, per_second=provider.alphavantage_per_second,
-                        per_day=provider.alphavantage_per_day)
-    return AlphaVantageSource(provider, symbols, budget)
+build = AlphaVantageSource.build

@@ -22,8 +22,7 @@ from sidecar.errors import ProviderError
 from sidecar.http_session import redact
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
-from sidecar.settings import Settings
-from sidecar.sources._http import HttpSource, closed_between, keyed_provider
+from sidecar.sources._http import HttpSource, closed_between
 from sidecar.sources._parsing import (
     ParseContext,
     decode_json,
@@ -35,9 +34,9 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.symbols import SymbolMap
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "polygon"
 MAX_PAGES = 20
@@ -91,7 +90,7 @@ def parse_aggs(body: bytes | str, status: int, ctx: ParseContext, *, asset_class
         results = []
     if not isinstance(results, list):
         raise ProviderError("bad_response", "results is not a list", source=NAME)
-    daily = ctx.tf.ms >= 86_400_000
+    daily = ctx.daily
     tz = zone("America/New_York" if asset_class in ("stock", "etf", "index") else "UTC")
     bars: list[Bar] = []
     for row in results:
@@ -134,6 +133,10 @@ class PolygonSource(HttpSource):
                  **kwargs: Any) -> None:
         super().__init__(provider, symbols, budget, **kwargs)
         self._headers = {"Authorization": f"Bearer {self._key}"}
+
+    @classmethod
+    def make_budget(cls, provider: ProviderSettings) -> RateBudget:
+        return RateBudget(NAME, per_minute=provider.polygon_per_minute)
 
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         base_ms = min(tf.clock.ms, 60_000) if tf.ms < DAY_MS else DAY_MS
@@ -188,7 +191,4 @@ class PolygonSource(HttpSource):
         return closed_between(bars, start_ms, end_ms)
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> PolygonSource:
-    """The Polygon source; :class:`SourceDisabled` without ``POLYGON_API_KEY``."""
-    provider, symbols = keyed_provider(env, NAME, "POLYGON_API_KEY", lambda p: p.polygon_api_key)
-    return PolygonSource(provider, symbols, RateBudget(NAME, per_minute=provider.polygon_per_minute))
+build = PolygonSource.build

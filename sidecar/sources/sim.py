@@ -17,10 +17,9 @@ import numpy as np
 
 from sidecar.bar import Bar
 from sidecar.sources.base import LatestResult, Source
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 
 _SIGMA_PER_SECOND = 1.5e-4  # ~35 % annualised volatility over a 6.5 h session
-_DAY_MS = 86_400_000
 #: At most this many seconds are simulated per call; a longer pause is a jump.
 _MAX_STEPS = 300
 
@@ -32,7 +31,7 @@ def _symbol_hash(seed: int, symbol: str) -> int:
 
 def volume_profile(t_ms: np.ndarray | int) -> np.ndarray:
     """Relative trading intensity over the UTC day: busy at both ends, quiet mid-day."""
-    frac = (np.asarray(t_ms, dtype=np.float64) % _DAY_MS) / _DAY_MS
+    frac = (np.asarray(t_ms, dtype=np.float64) % DAY_MS) / DAY_MS
     return np.asarray(0.5 + 2.0 * (2.0 * frac - 1.0) ** 2)
 
 

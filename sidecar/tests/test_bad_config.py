@@ -189,13 +189,14 @@ def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, 
 
 def test_a_rejected_entry_is_served_by_no_provider(tmp_path: Path) -> None:
     from sidecar.sources import polygon, twelvedata
+    from sidecar.sources._http import Providers
 
     mapping = tmp_path / "symbols.toml"
     mapping.write_text(MAPPING)
     env = {"SIDECAR_SYMBOLS_FILE": str(mapping), "POLYGON_API_KEY": "k" * 8, "TWELVEDATA_API_KEY": "k" * 8}
     settings = Settings.from_env({"SIDECAR_SYMBOLS": "EURUSD,GBPUSD", "XDG_DATA_HOME": str(tmp_path)})
     for module in (polygon, twelvedata):
-        source = module.build(settings, env)
+        source = module.build(settings, Providers.from_env(env))
         assert source.can_serve("EURUSD") and not source.can_serve("GBPUSD")
         assert not source.can_serve("XAUUSD")
 
