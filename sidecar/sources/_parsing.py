@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -136,6 +137,48 @@ def to_epoch_ms(value: Any, unit_ms: int = 1) -> int:
     if not -MAX_EPOCH_MS <= t <= MAX_EPOCH_MS:
         raise ValueError(f"time out of range: {value!r}")
     return t
+
+
+@dataclass(frozen=True, slots=True)
+class RowFields:
+    """A provider's names for the four prices and the volume of one row."""
+
+    open: str = "open"
+    high: str = "high"
+    low: str = "low"
+    close: str = "close"
+    volume: str = "volume"
+    #: Volume rounded to a whole number (providers that send fractional aggregates).
+    whole_volume: bool = False
+
+
+def rows_to_bars(rows: Iterable[Any], ctx: ParseContext, fields: RowFields,
+                 open_time: Callable[[Mapping[str, Any]], int]) -> list[Bar]:
+    """Bars of a provider's rows (objects), oldest first, via :func:`finish`.
+
+    ``open_time(row)`` is the bar's open time in epoch ms. A row that is not an
+    object, or lacks a price or a time that parses, is dropped; a volume that does not
+    parse is ``None`` (as is every volume when ``ctx.has_volume`` is false).
+    """
+    bars: list[Bar] = []
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        try:
+            o, h, l, c = (to_float(row[k]) for k in (fields.open, fields.high, fields.low, fields.close))
+            t = open_time(row)
+        except (KeyError, ValueError, TypeError):
+            continue  # a null or malformed row
+        v: float | None = None
+        if ctx.has_volume and row.get(fields.volume) is not None:
+            try:
+                v = to_float(row[fields.volume])
+            except (ValueError, TypeError):  # e.g. a list where a number belongs
+                v = None
+            if v is not None and fields.whole_volume:
+                v = float(round(v))
+        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+    return finish(bars, ctx)
 
 
 def finish(bars: list[Bar], ctx: ParseContext) -> list[Bar]:

@@ -25,13 +25,14 @@ from sidecar.rate_budget import RateBudget
 from sidecar.sources._http import HttpSource, closed_between
 from sidecar.sources._parsing import (
     ParseContext,
+    RowFields,
     decode_json,
     epoch_to_daily_ms,
     finish,
     http_status_error,
     rebucket,
+    rows_to_bars,
     to_epoch_ms,
-    to_float,
     zone,
 )
 from sidecar.sources.base import HistoryLimits, LatestResult
@@ -45,6 +46,7 @@ MAX_PAGES = 20
 MAX_BASE_AGGREGATES = 50_000
 HISTORY_DAYS = 730
 _SPANS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
+_FIELDS = RowFields("o", "h", "l", "c", "v", whole_volume=True)
 log = logging.getLogger("sidecar.sources.polygon")
 
 
@@ -90,28 +92,15 @@ def parse_aggs(body: bytes | str, status: int, ctx: ParseContext, *, asset_class
         results = []
     if not isinstance(results, list):
         raise ProviderError("bad_response", "results is not a list", source=NAME)
-    daily = ctx.daily
     tz = zone("America/New_York" if asset_class in ("stock", "etf", "index") else "UTC")
-    bars: list[Bar] = []
-    for row in results:
-        if not isinstance(row, dict):
-            continue
-        try:
-            o, h, l, c = (to_float(row[k]) for k in ("o", "h", "l", "c"))
-            t = to_epoch_ms(row["t"])
-        except (KeyError, ValueError, TypeError):
-            continue
-        if daily:
-            t = epoch_to_daily_ms(t, tz)
-        v: float | None = None
-        if ctx.has_volume and row.get("v") is not None:
-            try:
-                v = float(round(to_float(row["v"])))
-            except ValueError:
-                v = None
-        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+
+    def open_time(row: Mapping[str, Any]) -> int:
+        t = to_epoch_ms(row["t"])
+        return epoch_to_daily_ms(t, tz) if ctx.daily else t
+
     next_url = data.get("next_url")
-    return finish(bars, ctx), next_url if isinstance(next_url, str) and next_url else None
+    return (rows_to_bars(results, ctx, _FIELDS, open_time),
+            next_url if isinstance(next_url, str) and next_url else None)
 
 
 def rebase_url(url: str, base: str) -> str:
