@@ -45,9 +45,12 @@ def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = 
     ``providers`` (read from ``env`` when not given) is shared by the sources built together.
     """
     if name == "sim":
+        from sidecar.sources._http import Providers
         from sidecar.sources.sim import SimSource
 
-        return SimSource(seed=settings.sim_seed)
+        mapped = (providers or Providers.from_env(os.environ if env is None else env)).symbols
+        return SimSource(seed=settings.sim_seed,
+                         asset_classes={s: mapped.entry(s).asset_class for s in mapped})
     if name == "replay":
         from sidecar.sources.replay import ReplaySource
 
