@@ -1,15 +1,17 @@
-"""``sidecar {run,scan,status,backfill,fetch,symbols}`` (also ``python -m sidecar ...``)."""
+"""``sidecar {run,scan,status,backfill,fetch,symbols,config}`` (also ``python -m sidecar ...``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from sidecar.config import Configuration
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.settings import SYMBOL_RE, Settings
 from sidecar.timeframe import Timeframe
@@ -24,32 +26,46 @@ FEATURE_COLUMNS = ("symbol", "broker", "t", "close", "rsi", "ema", "bb_lower", "
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="The market-data daemon and its clients "
                                 "(also: python -m sidecar).")
+    config_help = "TOML configuration file (default: SIDECAR_CONFIG); the environment overrides it"
+    p.add_argument("--config", metavar="PATH", help=config_help)
+    # Also after the command (``sidecar run --config x``); SUPPRESS keeps the one given before.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon in the foreground")
-    scan = sub.add_parser("scan", help="print the current features from Redis")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    command("run", help="run the daemon in the foreground")
+    scan = command("scan", help="print the current features from Redis")
     scan.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
     scan.add_argument("--timeframe", help="default: SIDECAR_TIMEFRAME")
     scan.add_argument("--json", action="store_true", help="one JSON object per symbol (or signal)")
     scan.add_argument("--signals", action="store_true",
                       help="print the signals of the rules in SIDECAR_SIGNAL_* instead of the table")
     scan.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
-    status = sub.add_parser("status", help="is the daemon alive: its heartbeat and meta from Redis "
+    status = command("status", help="is the daemon alive: its heartbeat and meta from Redis "
                                            "(exit 0 alive, 1 not)")
     status.add_argument("--json", action="store_true", help="one JSON object")
-    bf = sub.add_parser("backfill", help="fill SQLite (and Redis) with history, then exit")
+    bf = command("backfill", help="fill SQLite (and Redis) with history, then exit")
     bf.add_argument("--days", type=int, help="default: SIDECAR_BOOTSTRAP_DAYS")
-    fetch = sub.add_parser("fetch", help="one request through a source; prints bars as JSON lines")
+    fetch = command("fetch", help="one request through a source; prints bars as JSON lines")
     fetch.add_argument("source")
     fetch.add_argument("symbol")
     fetch.add_argument("--timeframe", default=None)
     fetch.add_argument("--start", help="ISO 8601, UTC if no zone; a date alone is that day's start")
     fetch.add_argument("--end", help="ISO 8601, UTC if no zone, exclusive; a date alone includes that "
                                      "day (--start D --end D: the bars of day D)")
-    syms = sub.add_parser("symbols", help="print the symbol mapping: asset class, broker and "
+    syms = command("symbols", help="print the symbol mapping: asset class, broker and "
                                           "provider spellings")
     syms.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
     syms.add_argument("--all", action="store_true", help="also every entry of the mapping file")
     syms.add_argument("--json", action="store_true", help="one JSON object per symbol")
+    conf = command("config", help="print the effective configuration: each setting, its value "
+                                  "(secrets masked) and where it came from (default, file, env, .env)")
+    conf.add_argument("--json", action="store_true", help="one JSON object per setting")
+    conf.add_argument("--reference", action="store_true",
+                      help="print the configuration reference (docs/configuration.md) instead")
     return p
 
 
@@ -84,8 +100,17 @@ def _iso_ms(text: str, flag: str, *, end: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code (2: bad configuration, naming where it came from)."""
     args = _parser().parse_args(argv)
+    config: Configuration | None = None
     try:
+        if args.command == "config" and args.reference:
+            from sidecar.config_reference import reference_markdown
+
+            print(reference_markdown(), end="")
+            return 0
+        config = Configuration.load(args.config, os.environ)
+        config.apply(os.environ)
         settings = Settings.from_env()
         from sidecar.logs import setup_logging
 
@@ -107,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_fetch(settings, args))
         if args.command == "symbols":
             return _symbols(settings, args)
+        if args.command == "config":
+            return _config(config, as_json=args.json)
     except ConfigError as exc:
-        print(f"sidecar: bad configuration: {exc}", file=sys.stderr)
+        where = config.locate(exc.setting) if config is not None else exc.setting
+        print(f"sidecar: bad configuration: {where}: {exc.problem}", file=sys.stderr)
         return 2
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
@@ -315,8 +343,6 @@ async def _backfill(settings: Settings, days: int | None) -> int:
 
 
 async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
-    import os
-
     from sidecar.fetch import run_fetch
 
     try:
@@ -334,8 +360,6 @@ SYMBOL_COLUMNS = ("symbol", "asset_class", "broker", "yahoo", "alphavantage", "t
 
 def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     """The mapping of the configured (or given) symbols, as the daemon and the scanner use it."""
-    import os
-
     from sidecar.provider_settings import ProviderSettings
     from sidecar.symbols import load_symbol_map
 
@@ -374,4 +398,23 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _config(config: Configuration, *, as_json: bool) -> int:
+    """Every setting's effective value (secrets masked) and where it came from."""
+    from sidecar.config import effective_rows
+
+    rows = effective_rows(config, os.environ)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"configuration file: {config.file or '- (--config PATH or SIDECAR_CONFIG)'}")
+    print(f"secrets file: {config.dotenv or '- (.env in the working directory)'}")
+    widths = [max(len(r[c]) for r in [*rows, {"variable": "variable", "value": "value"}])
+              for c in ("variable", "value")]
+    print(f"{'variable':<{widths[0]}}  {'value':<{widths[1]}}  from")
+    for row in rows:
+        print(f"{row['variable']:<{widths[0]}}  {row['value']:<{widths[1]}}  {row['from']}")
     return 0

@@ -25,9 +25,9 @@ from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
-from sidecar.sources.base import DAY_MS, Source
+from sidecar.sources.base import Source
 from sidecar.sqlite_store import BarStore
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 from sidecar.validation import validate_history
 
 log = logging.getLogger("sidecar.bootstrap")

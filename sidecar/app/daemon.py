@@ -41,15 +41,15 @@ from sidecar.clock import Clock, WallClock, iso_ms
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
-from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
 from sidecar.settings import Settings
 from sidecar.shards import owned
 from sidecar.sources import Source, SourceDisabled, build_source
+from sidecar.sources._http import Providers
 from sidecar.sources.replay import ReplaySource
 from sidecar.sqlite_store import BarStore
-from sidecar.symbols import load_symbol_map, mapping_report
+from sidecar.symbols import mapping_report
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -69,12 +69,16 @@ GAP_REPAIR_EVERY_S = 60.0
 GAP_REPAIR_MAX_PACE_S = 60.0
 
 
-def build_sources(settings: Settings) -> list[Source]:
-    """Create the configured sources in priority order; report disabled ones."""
+def build_sources(settings: Settings, providers: Providers | None = None) -> list[Source]:
+    """Create the configured sources in priority order; report disabled ones.
+
+    ``providers``: the provider settings and symbol map (read from the environment if not given).
+    """
     sources: list[Source] = []
+    providers = providers or Providers.from_env()
     for name in settings.sources:
         try:
-            sources.append(build_source(name, settings))
+            sources.append(build_source(name, settings, providers=providers))
         except SourceDisabled as exc:
             log.warning("source disabled", extra={"source": name, "why": str(exc)})
     if not sources:
@@ -245,8 +249,8 @@ class Daemon:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
-        provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
-        symbol_map = load_symbol_map(provider_settings.symbols_file)
+        providers = Providers.from_env()  # refuses bad values now
+        provider_settings, symbol_map = providers.settings, providers.symbols
         if s.shard is not None:
             explicit = {sym: shard for sym in symbol_map
                         if (shard := symbol_map.entry(sym).shard) is not None}
@@ -258,7 +262,7 @@ class Daemon:
             log.info("shard", extra={"shard": f"{s.shard}/{s.shards}", "owned": list(mine)})
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
-        sources = build_sources(s)
+        sources = build_sources(s, providers)
         replay = next((src for src in sources if isinstance(src, ReplaySource) and src.clock), None)
         clock = self.clock = replay.clock if replay is not None and replay.clock else WallClock()
         circuits = {
