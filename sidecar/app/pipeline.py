@@ -18,7 +18,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from sidecar.clock import Clock, as_clock
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.rate_budget import BudgetExhausted
-from sidecar.redis_store import FeatureRow, RedisStore
+from sidecar.redis_store import FeatureRow, PartialWrite, RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
@@ -306,6 +306,8 @@ class Pipeline:
         self._refill_needed = False
         self._warm_redis_down = False  # warm-up found Redis unreachable: it reads SQLite
         self._meta_written = False  # only then does a missing meta key mean lost data
+        #: The cluster's masters as of the last complete write (empty on a single server).
+        self._masters: frozenset[str] = frozenset()
         self._pid = os.getpid()
         #: A shard says which shard it is and which symbols it owns (README "Shards").
         self._shard_info: dict[str, Any] = {} if settings.shard is None else {
@@ -789,6 +791,13 @@ class Pipeline:
         """One answer's bars and features, without heartbeat or announcement."""
         try:
             has_meta = await self.redis.write_cycle(bars, features)
+        except PartialWrite as exc:
+            # Cluster buckets whose master failed: those alone wait for the final write.
+            self._backlog(exc.bars)
+            cycle.unwritten += exc.features
+            self.stats.bars_stored += len(bars) - len(exc.bars)
+            self._redis_failed(exc)
+            return
         except (RedisError, OSError) as exc:
             self._backlog(bars)
             cycle.unwritten += features  # the final write carries them: the announcement is true
@@ -817,15 +826,28 @@ class Pipeline:
                     "updated": cycle.updated}
         try:
             has_meta = await self.redis.write_cycle(bars, features, heartbeat, announce)
+        except PartialWrite as exc:
+            failed = {(b.symbol, b.t) for b in exc.bars}
+            self._unbacklog(b for b in bars if (b.symbol, b.t) not in failed)
+            stats.bars_stored += len(bars) - len(exc.bars)
+            self._redis_failed(exc)  # the failed buckets' bars stay in the backlog
+            return
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)  # the bars stay in the backlog for the next cycle
             return
+        masters = self.redis.masters()
         if not stats.redis_ok:
             log.info("redis is back", extra={"rewritten_bars": len(bars)})
-        for b in bars:
-            # Written; a newer revision buffered meanwhile (none can be, today) would stay.
-            if self._redis_backlog.get((b.symbol, b.t)) is b:
-                del self._redis_backlog[(b.symbol, b.t)]
+            # A master that failed may have acknowledged writes its replica never got
+            # before it took over: what differs from SQLite is put back.
+            self._refill_needed = self._refill_needed or self.redis.cluster
+        if masters != self._masters:
+            if self._masters:
+                log.warning("redis cluster masters changed", extra={
+                    "gone": sorted(self._masters - masters), "new": sorted(masters - self._masters)})
+                self._refill_needed = True
+            self._masters = masters
+        self._unbacklog(bars)
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
@@ -833,6 +855,14 @@ class Pipeline:
         self._refill_needed = self._refill_needed or lost
         if self._refill_needed and (self._refill_task is None or self._refill_task.done()):
             self._refill_task = self._spawn(self._refill_redis(lost))
+
+    def _unbacklog(self, written: Iterable[Bar]) -> None:
+        """Drop bars Redis now has from the backlog."""
+        backlog = self._redis_backlog
+        for b in written:
+            # Written; a newer revision buffered meanwhile (none can be, today) would stay.
+            if backlog.get((b.symbol, b.t)) is b:
+                del backlog[(b.symbol, b.t)]
 
     def _backlog(self, bars: list[Bar]) -> None:
         """Keep bars Redis did not get (a newer revision replaces an older one)."""

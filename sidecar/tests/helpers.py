@@ -564,6 +564,12 @@ def _free_cluster_port() -> int:
             return port
 
 
+def _serving_master(flags: str) -> bool:
+    """Whether ``CLUSTER NODES`` flags name a master not failed (nor suspected to be)."""
+    names = flags.split(",")
+    return "master" in names and "fail" not in names and "fail?" not in names
+
+
 class LocalCluster:
     """A real Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas
     each, one ``redis-server --cluster-enabled yes`` per node on free ports, joined by
@@ -650,25 +656,52 @@ class LocalCluster:
         return True
 
     def master_ports(self, via: int | None = None) -> list[int]:
-        """The ports of the masters that serve slots, as node ``via`` sees them."""
+        """The ports of the masters that serve slots, as node ``via`` (or the first
+        running node) sees them."""
         out = []
-        for line in self.cli(via or self.ports[0], "CLUSTER", "NODES").splitlines():
+        via = via or next(p for p in self.ports if self.procs[p].poll() is None)
+        for line in self.cli(via, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8:
+            if _serving_master(fields[2]) and len(fields) > 8:
                 out.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
         return sorted(out)
 
     def master_of_slot(self, slot: int) -> int:
-        """The port of the master serving ``slot``."""
-        for line in self.cli(self.ports[0], "CLUSTER", "NODES").splitlines():
+        """The port of the master serving ``slot`` (as the first running node sees it)."""
+        via = next(p for p in self.ports if self.procs[p].poll() is None)
+        for line in self.cli(via, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if "master" not in fields[2] or "fail" in fields[2]:
+            if not _serving_master(fields[2]):
                 continue
             for span in fields[8:]:
                 low, _, high = span.partition("-")
                 if low.isdigit() and int(low) <= slot <= int(high or low):
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(slot)
+
+    def wait_failover(self, dead: int, slot: int, timeout: float = 60) -> int:
+        """Until a replica took over ``slot`` from the killed master on port ``dead`` and
+        the cluster is whole again (:meth:`wait_ok`); returns the new master's port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                running = [p for p in self.ports if self.procs[p].poll() is None]
+                if all(dead not in self.master_ports(p) for p in running):
+                    port = self.master_of_slot(slot)
+                    if port != dead:
+                        self.wait_ok(timeout)
+                        return port
+            except (subprocess.SubprocessError, LookupError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from the master on port {dead}")
+            time.sleep(0.05)
+
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master on port ``master``."""
+        lines = [line.split() for line in self.cli(master, "CLUSTER", "NODES").splitlines()]
+        master_id = next(f[0] for f in lines if "myself" in f[2])
+        return next(int(f[1].split("@")[0].rsplit(":", 1)[1]) for f in lines if f[3] == master_id)
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (a crash)."""
