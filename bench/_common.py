@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,28 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str
         for name, fn in cases.items():
             seen[name].append(fn())
     return {name: statistics.median(v) for name, v in seen.items()}
+
+
+async def timed_reads(cases: dict[str, Callable[[], Awaitable[object]]], reads: int,
+                      ) -> dict[str, list[float]]:
+    """Each case's times (ms) over ``reads`` rounds, after a warm-up and ``settle_gc()``;
+    the order of the cases alternates round by round, so noise hits them alike."""
+    from sidecar.gc_tuning import settle_gc
+
+    for _ in range(max(3, reads // 20)):
+        for fn in cases.values():
+            await fn()
+    settle_gc()
+    timings: dict[str, list[float]] = {k: [] for k in cases}
+    for i in range(reads):
+        order = list(cases.items())
+        if i % 2:
+            order.reverse()
+        for name, fn in order:
+            t0 = time.perf_counter()
+            await fn()
+            timings[name].append((time.perf_counter() - t0) * 1000)
+    return timings
 
 
 def machine() -> dict[str, Any]:

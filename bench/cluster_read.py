@@ -26,9 +26,8 @@ from typing import Any
 
 import msgpack
 
-from bench._common import cli, summary, table
+from bench._common import cli, summary, table, timed_reads
 from bench.scanner_read import feature_payloads
-from sidecar.gc_tuning import settle_gc
 from sidecar.redis_store import RedisStore, close_client, connect_cluster
 from sidecar.scanner import Scanner
 from sidecar.tests.helpers import LocalCluster
@@ -79,19 +78,7 @@ async def _bench(cluster: LocalCluster, n: int, reads: int) -> dict[str, Any]:
         return len(await replica_scanner.read(symbols))
 
     cases = {"raw": raw, "scanner": read, "scanner_replicas": read_replicas}
-    timings: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(max(3, reads // 20)):
-        for fn in cases.values():
-            await fn()
-    settle_gc()
-    for i in range(reads):
-        order = list(cases.items())
-        if i % 2:
-            order.reverse()
-        for name, fn in order:
-            t0 = time.perf_counter()
-            await fn()
-            timings[name].append((time.perf_counter() - t0) * 1000)
+    timings = await timed_reads(cases, reads)
     await scanner.close()
     await replica_scanner.close()
     await close_client(raw_client)

@@ -27,10 +27,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from bench._common import PrivateRedis, cli, summary, table
+from bench._common import PrivateRedis, cli, summary, table, timed_reads
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS, features_map
-from sidecar.gc_tuning import settle_gc
 from sidecar.redis_store import RedisStore, connect
 from sidecar.scanner import Scanner
 from sidecar.signals import SignalRules, evaluate
@@ -86,20 +85,9 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
             return len(evaluate(await scanner.read(symbols), rules))
 
         cases = {"raw": raw, "scanner": read, "scanner_signals": read_signals}
-        timings: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(max(3, reads // 20)):  # warm the connections and caches
-            for fn in cases.values():
-                await fn()
         signals = await read_signals()
-        settle_gc()  # what a trading process does after start-up (README "Scanner")
-        for i in range(reads):
-            order = list(cases.items())
-            if i % 2:
-                order.reverse()
-            for name, fn in order:
-                t0 = time.perf_counter()
-                await fn()
-                timings[name].append((time.perf_counter() - t0) * 1000)
+        # Warm-up, then settle_gc() as a trading process does after start-up (README "Scanner").
+        timings = await timed_reads(cases, reads)
         await scanner.close()
         await raw_client.aclose()
         await writer.close()

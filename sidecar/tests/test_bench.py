@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import ccxt_source, cycle, daemon_soak, features, replay_week, scanner_read, store, tick
+from bench import ccxt_source, cycle, daemon_soak, features, replay_week, scanner_read, shards, store, tick
+from sidecar.tests.helpers import have_cluster_binaries
 
 
 def _load(out: Path, name: str) -> dict:
@@ -77,6 +78,20 @@ def test_scanner_read_smoke(tmp_path: Path) -> None:
         _timing(s)
         assert s["n"] == doc["reads"]
     assert doc["signals_per_read"] > 0
+
+
+def test_shards_smoke_runs_real_daemons_on_a_local_cluster(tmp_path: Path) -> None:
+    if not have_cluster_binaries():
+        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
+    shards.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "shards")
+    assert [r["shards"] for r in doc["runs"]] == [1, 2, 4]
+    for run in doc["runs"]:
+        assert sum(r["symbols"] for r in run["per_shard"]) == doc["total_symbols"]
+        assert all(r["cycles"] > 0 and r["capacity"] > 0 for r in run["per_shard"])
+    assert set(doc["scanner"]["ms"]) == {"cluster", "single"}
+    for s in doc["scanner"]["ms"].values():
+        _timing(s)
 
 
 def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """On a real local Redis Cluster (3 masters, 3 replicas): the scanner's one round trip
 per node, replica reads, shards' heartbeats, sharded daemons (3 shards; 2 -> 3; a shard
-killed and back), and a master killed under a running daemon (failover)."""
+killed and back), and failovers: a master killed under a running daemon, a write with a
+master down, a new master that lacks acknowledged writes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,11 +24,21 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from sidecar.redis_store import PartialWrite, RedisStore, connect, connect_cluster
+from sidecar.app.pipeline import Pipeline
+from sidecar.redis_store import PartialWrite, RedisStore, close_client, connect, connect_cluster
 from sidecar.scanner import Scanner
 from sidecar.shards import owned, shard_of
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import REPO, Daemon, LocalCluster, bar, free_ports_below_ephemeral
+from sidecar.tests.helpers import (
+    REPO,
+    Daemon,
+    LocalCluster,
+    ScriptedSource,
+    bar,
+    free_ports_below_ephemeral,
+    series,
+    settings,
+)
 
 SYMBOLS = [f"S{i:03d}" for i in range(500)]
 
@@ -402,5 +414,46 @@ async def test_a_write_with_a_master_down_hands_back_only_that_masters_buckets(
         own_cluster.wait_failover(victim, key_slot(keys.bars("1m", next(iter(lost))).encode()))
         assert await store.write_cycle(caught.value.bars, caught.value.features)
         assert [await store.bar_count(s, "1m") for s in sorted(lost)] == [1] * len(lost)
+    finally:
+        await store.close()
+
+
+async def test_a_failover_that_lost_writes_is_refilled_with_only_what_differs(
+        own_cluster: LocalCluster, bar_store: BarStore, caplog: pytest.LogCaptureFixture) -> None:
+    """A master may acknowledge writes its replica never gets before it takes over: once the
+    pipeline's client finds the new master, Redis is compared with SQLite and gets back
+    exactly the bars it lacks."""
+    client = connect_cluster(own_cluster.url)
+    await client.initialize()
+    store = RedisStore(client, "lost")
+    t0 = 1_700_000_000_000
+    hist = {s: series(s, 40, t0, seed) for seed, s in enumerate(("AAA", "BBB"))}
+    source = ScriptedSource([{s: [bars[i]] for s, bars in hist.items()} for i in range(40)])
+    pipe = Pipeline(settings(), [source], store, bar_store)
+    try:
+        await pipe.write_meta()
+        await pipe.warm(t0)
+        for k in range(30):
+            await pipe.run_cycle(t0 + k * 1000)
+        key = store.keys.bars("1s", "AAA")
+        slot = key_slot(key.encode())
+        old = own_cluster.master_of_slot(slot)
+        own_cluster.cli(own_cluster.replica_of(old), "CLUSTER", "FAILOVER")
+        own_cluster.wait_failover(old, slot)
+        # The new master lacks AAA's five newest bars (the writes its replica never got).
+        other = connect_cluster(own_cluster.url)
+        await other.initialize()
+        assert await other.zremrangebyrank(key, -5, -1) == 5
+        await close_client(other)
+        with caplog.at_level(logging.INFO, logger="sidecar.pipeline"):
+            await pipe.run_cycle(t0 + 30_000)
+            await pipe.drain()
+        messages = [r.getMessage() for r in caplog.records]
+        assert "redis cluster masters changed" in messages
+        refilled = next(r for r in caplog.records if r.getMessage() == "redis refilled from sqlite")
+        assert refilled.__dict__["bars"] == 5
+        await bar_store.flush()
+        for sym, bars in hist.items():
+            assert await store.recent_bars(sym, "1s", 100) == bars[:31], sym
     finally:
         await store.close()
