@@ -19,11 +19,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import aiosqlite
 
+from sidecar import foreground
 from sidecar.bar import Bar
 
 log = logging.getLogger("sidecar.sqlite")
@@ -67,6 +68,8 @@ _COLUMNS = "symbol, tf, t, o, h, l, c, v, src, forming, synthetic"
 
 #: While bars are being dropped, the error is logged at most this often (with totals).
 DROP_LOG_EVERY_S = 10.0
+#: History rows made and inserted between two looks at whether a cycle runs.
+HISTORY_SLICE = 1_000
 
 
 def _row(b: Bar) -> tuple[object, ...]:
@@ -355,12 +358,23 @@ class BarStore:
             return [(int(a), int(b), int(c), bool(d)) for a, b, c, d in await cur.fetchall()]
 
     async def write_history(self, bars: Iterable[Bar]) -> int:
-        """Upsert history bars directly (backfill), bypassing the live buffer."""
-        rows = [_row(b) for b in bars]
+        """Upsert history bars directly (backfill), bypassing the live buffer.
+
+        The rows are made in the writer thread as SQLite consumes them, a slice at a
+        time, pausing while a cycle runs (:mod:`sidecar.foreground`): a large insert
+        costs the event loop nothing and does not compete with a cycle.
+        """
+        todo = list(bars)
+
+        def rows() -> Iterator[tuple[object, ...]]:
+            for i in range(0, len(todo), HISTORY_SLICE):
+                foreground.wait_idle_blocking()
+                yield from map(_row, todo[i:i + HISTORY_SLICE])
+
         async with self._flush_lock:
-            await self.db.executemany(_UPSERT, rows)
+            await self.db.executemany(_UPSERT, rows())
             await self.db.commit()
-        return len(rows)
+        return len(todo)
 
     async def get_meta(self, key: str) -> str | None:
         async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:

@@ -25,6 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from sidecar import foreground
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
@@ -436,6 +437,24 @@ class Pipeline:
             bars = await self.store.last_bars(symbol, self.tf.name, n)
         return self._open_handles(symbol, bars, warm=True)
 
+    def open_fetched(self, symbol: str, bars: list[Bar]) -> int:
+        """Open the handles of a symbol that had nothing stored on the history just
+        fetched for it (which is then all the stores hold of it but the bars the
+        cycles applied meanwhile, which :meth:`_open_handles` lays over it): no
+        reconcile, no read back. Returns the closed bars the handles were opened on."""
+        return self._open_handles(symbol, bars, warm=True)
+
+    def warm_up_failed(self, symbol: str) -> None:
+        """A symbol's warm-up failed: the cycles' rebuild opens its handles from the
+        stores after the next cycle (flagged ``warming`` until then)."""
+        self.history_changed(symbol)
+        self.symbols[symbol].rebuilding = None
+
+    def redis_lacks_history(self) -> None:
+        """History went to SQLite but not to Redis: Redis is refilled from SQLite
+        (only what differs) once it answers."""
+        self._refill_needed = True
+
     @property
     def warming(self) -> int:
         """Symbols whose handles are not yet open on the warm window."""
@@ -452,6 +471,11 @@ class Pipeline:
         completed, the final write carries them with the heartbeat and publishes the
         cycle announcement, so everything it names is already readable.
         """
+        with foreground.cycle():
+            await self._cycle(tick_ms)
+
+    async def _cycle(self, tick_ms: int) -> None:
+        """One cycle (:meth:`run_cycle`), background work held off meanwhile."""
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
         self.stats.last_wall_ms = int(self.clock.wall() * 1000)
