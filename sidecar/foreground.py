@@ -61,7 +61,9 @@ def idle() -> bool:
 
 
 async def wait_idle() -> None:
-    """Return once no cycle is running (at once if none is)."""
+    """Return once no cycle is running; always yields to the event loop first, so a
+    run of background steps lets a due tick in between any two of them."""
+    await asyncio.sleep(0)
     with _lock:
         if _idle.is_set():
             return

@@ -310,6 +310,11 @@ class BarStore:
 
         return await asyncio.to_thread(read)
 
+    def reader(self) -> StoreReader:
+        """A read-only connection for a worker thread (close it there when done)."""
+        return StoreReader(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0,
+                                           check_same_thread=False))
+
     async def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
         """Stored bars with ``start <= t < end``, oldest first."""
         sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"
@@ -402,3 +407,30 @@ class BarStore:
         if deleted:
             log.info("retention removed old bars", extra={"rows": deleted, "cutoff": cutoff_ms})
         return deleted
+
+
+class StoreReader:
+    """Synchronous reads of the bar store on a connection of their own, for a worker
+    thread (the rows are made into bars, or packed, off the event loop)."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def close(self) -> None:
+        self.con.close()
+
+    def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
+        """Stored bars with ``start <= t < end``, oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"
+        return [_bar(r) for r in self.con.execute(sql, (symbol, tf, start, end)).fetchall()]
+
+    def packed_between(self, symbol: str, tf: str, start: int, end: int) -> dict[int, bytes]:
+        """Stored bars with ``start <= t < end`` as ``{t: Bar.pack()}`` (the Redis member form)."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ?"
+        return {int(r[2]): _bar(r).pack() for r in self.con.execute(sql, (symbol, tf, start, end)).fetchall()}
+
+    def last_bars(self, symbol: str, tf: str, n: int, before: int | None = None) -> list[Bar]:
+        """The newest ``n`` stored bars of a symbol (``t < before`` if given), oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t < ? ORDER BY t DESC LIMIT ?"
+        rows = self.con.execute(sql, (symbol, tf, before if before is not None else 2**62, n)).fetchall()
+        return [_bar(r) for r in reversed(rows)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from sidecar import foreground
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
@@ -102,6 +103,7 @@ async def _chunk(source: Source, symbol: str, tf: Timeframe, start: int, end: in
             if wait is None or wait > budget_wait_s:
                 raise
             await sleep(max(wait, 0.05))
+    await foreground.wait_idle()  # a large answer is checked between cycles
     bars, rejected = validate_history(raw, source.grid(symbol, tf), now_ms)
     bars = [b for b in bars if start <= b.t < end]
     result.rejected += sum(rejected.values())

@@ -48,10 +48,12 @@ log = logging.getLogger("sidecar.warmup")
 
 #: Symbols whose warm window is being fetched at once (each source's budget bounds it further).
 FETCH_CONCURRENCY = 16
-#: Symbols whose stores are reconciled and handles opened at once.
-STORE_CONCURRENCY = 4
+#: Batches of stored symbols whose stores are reconciled and handles opened at once.
+STORE_CONCURRENCY = 2
+#: Stored symbols reconciled together (one Redis round trip, one worker-thread call).
+STORE_BATCH = 50
 #: Bars per Redis write of history (one script call; a cycle waits for at most one).
-REDIS_BATCH = 2_000
+REDIS_BATCH = 1_000
 #: A budget refusal waits this long before the range goes to the next source.
 BUDGET_WAIT_S = 120.0
 
@@ -72,35 +74,47 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
         log.warning("bootstrap needed: symbols without stored bars",
                     extra={"symbols": len(cold), "days": s.bootstrap_days})
 
-    async def one(sym: str) -> None:
+    async def fetch(sym: str) -> None:
+        """Fetch a cold symbol's warm window and open its handles on it."""
         try:
-            if sym in cold_set:
-                async with fetch_gate:
-                    now_ms = int(clock() * 1000)
-                    grid = pipeline.grids[sym]
-                    end = grid.floor(now_ms)  # closed bars: up to the one forming now
-                    start = max(end - max(s.warm_bars, 1) * grid.ms, end - s.bootstrap_days * DAY_MS)
-                    result = await backfill_symbol(sym, grid, sources, store, start_ms=start, end_ms=end,
-                                                   now_ms=now_ms, budget_wait_s=BUDGET_WAIT_S, keep=True)
-                    progress.history_bars += result.bars
-                    progress.history_requests += result.requests
-                    log.info("bootstrap warm-up window", extra=result.as_dict())
-                fetched = result.fetched or []
-                if len(fetched) == result.stored:
-                    # All the stores hold of it (but the live bars): open on it, no read back.
-                    await foreground.wait_idle()
-                    pipeline.open_fetched(sym, fetched)
-                    await redis_writer.put(fetched[-s.bars_cap:])
-                    return
-                # Earlier runs stored part of the window: read it as for a stored symbol.
-                await redis_writer.put(await store.last_bars(sym, pipeline.tf.name, s.bars_cap))
-            async with store_gate:
+            async with fetch_gate:
+                now_ms = int(clock() * 1000)
+                grid = pipeline.grids[sym]
+                end = grid.floor(now_ms)  # closed bars: up to the one forming now
+                start = max(end - max(s.warm_bars, 1) * grid.ms, end - s.bootstrap_days * DAY_MS)
+                result = await backfill_symbol(sym, grid, sources, store, start_ms=start, end_ms=end,
+                                               now_ms=now_ms, budget_wait_s=BUDGET_WAIT_S, keep=True)
+                progress.history_bars += result.bars
+                progress.history_requests += result.requests
+                log.info("bootstrap warm-up window", extra=result.as_dict())
+            fetched = result.fetched or []
+            if len(fetched) == result.stored:
+                # All the stores hold of it (but the live bars): open on it, no read back.
                 await foreground.wait_idle()
-                await pipeline.warm_symbol(sym)
+                pipeline.open_fetched(sym, fetched)
+                await redis_writer.put(fetched[-s.bars_cap:])
+                return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # The cycles' rebuild takes over (from the stores, after the next cycle).
+            failed([sym], exc)
+            return
+        await from_stores([sym])  # earlier runs stored part of the window: as a stored symbol
+
+    async def from_stores(batch: list[str]) -> None:
+        """Reconcile the stores of symbols with history stored and open their handles."""
+        try:
+            async with store_gate:
+                await foreground.wait_idle()
+                await pipeline.warm_symbols(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failed([sym for sym in batch if pipeline.symbols[sym].warming], exc)
+
+    def failed(symbols: list[str], exc: Exception) -> None:
+        """The cycles' rebuild takes over (from the stores, after the next cycle)."""
+        for sym in symbols:
             progress.failed += 1
             log.error("warm-up failed", extra={"symbol": sym, "error": str(exc)})
             pipeline.warm_up_failed(sym)
@@ -108,7 +122,9 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
     redis_writer = _RedisHistory(redis_store, pipeline)
     flushing = asyncio.ensure_future(redis_writer.run())
     try:
-        await asyncio.gather(*(one(sym) for sym in pipeline.symbols))
+        warm = [sym for sym in pipeline.symbols if sym not in cold_set]
+        batches = [warm[i:i + STORE_BATCH] for i in range(0, len(warm), STORE_BATCH)]
+        await asyncio.gather(*(fetch(sym) for sym in cold), *(from_stores(b) for b in batches))
         await redis_writer.close()
         await flushing
     finally:
