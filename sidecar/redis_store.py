@@ -411,6 +411,17 @@ class RedisStore:
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
 
+    async def recent_packed_many(self, symbols: Sequence[str], tf: str,
+                                 n: int) -> dict[str, list[tuple[int, bytes]]]:
+        """:meth:`recent_packed` of many symbols in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.zrange(self.keys.bars(tf, sym), -n, -1, withscores=True)
+        replies = await pipe.execute()
+        return {sym: [(int(item[1]), item[0]) for item in raw
+                      if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
+                for sym, raw in zip(symbols, replies, strict=True)}
+
     async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
         """The newest ``n`` bars of each symbol, oldest first, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from sidecar import foreground
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
@@ -62,6 +63,8 @@ class BackfillResult:
     in_redis: bool = True
     #: Why part of the range was not asked (a source's range limit), per source.
     limited: list[str] = field(default_factory=list)
+    #: The bars this run stored, oldest first (only when asked to keep them).
+    fetched: list[Bar] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -100,12 +103,15 @@ async def _chunk(source: Source, symbol: str, tf: Timeframe, start: int, end: in
             if wait is None or wait > budget_wait_s:
                 raise
             await sleep(max(wait, 0.05))
+    await foreground.wait_idle()  # a large answer is checked between cycles
     bars, rejected = validate_history(raw, source.grid(symbol, tf), now_ms)
     bars = [b for b in bars if start <= b.t < end]
     result.rejected += sum(rejected.values())
     if bars:
         await store.write_history(bars)
         result._got(bars)
+        if result.fetched is not None:
+            result.fetched.extend(bars)
 
 
 async def _walk(source: Source, symbol: str, tf: Timeframe, start: int, end: int, *, downward: bool,
@@ -143,14 +149,16 @@ async def backfill_symbol(
     redis_keep: int = 5_000,
     budget_wait_s: float = 0.0,
     sleep: Sleep = asyncio.sleep,
+    keep: bool = False,
 ) -> BackfillResult:
     """Backfill ``[start_ms, end_ms)`` for one symbol, source by source in priority order.
 
     Each source covers what its range limits allow (newest first); what lies beyond
     them is asked of the next source. ``chunk_ms`` is the request span for sources
-    without a span limit.
+    without a span limit. ``keep``: the stored bars are also returned
+    (:attr:`BackfillResult.fetched`, one per open time, oldest first).
     """
-    result = BackfillResult(symbol, tf.name, None, start_ms, end_ms)
+    result = BackfillResult(symbol, tf.name, None, start_ms, end_ms, fetched=[] if keep else None)
     progress_key = f"backfill:{symbol}:{tf.name}"
     saved = await store.get_meta(progress_key)
     # Coverage of earlier runs is [low, high): fetch what is newer, then what is older.
@@ -209,6 +217,8 @@ async def backfill_symbol(
     # What was obtained: the stored range, including what earlier (interrupted) runs got.
     result.got_first, result.got_last, result.stored = await store.span(
         symbol, tf.name, start_ms, end_ms)
+    if result.fetched is not None:
+        result.fetched = sorted({b.t: b for b in result.fetched}.values(), key=lambda b: b.t)
     if redis_store is not None and result.bars:
         recent = await store.last_bars(symbol, tf.name, redis_keep)
         result.in_redis = await _copy_to_redis(redis_store, recent)

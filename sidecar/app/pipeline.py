@@ -25,8 +25,9 @@ from typing import Any
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from sidecar import foreground
 from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
-from sidecar.app.reconcile import reconcile
+from sidecar.app.reconcile import reconcile, reconcile_many
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.calendars import MarketCalendar, get_calendar
@@ -403,21 +404,28 @@ class Pipeline:
         return tails
 
     async def warm_symbol(self, symbol: str) -> int:
-        """Reconcile one symbol's stores and open its handles on the warm window.
+        """:meth:`warm_symbols` for one symbol."""
+        return await self.warm_symbols([symbol])
 
-        The stores are reconciled first (:mod:`sidecar.app.reconcile`: bars that
-        reached Redis but not SQLite before a crash go to SQLite, a Redis that lost
-        its bars is refilled from SQLite). The window is then read from Redis, which
-        holds what SQLite holds after that (from SQLite when Redis fails or keeps
-        fewer bars than the window), and laid under the bars applied meanwhile
-        (:meth:`_open_handles`). Returns the closed bars the handles were opened on.
+    async def warm_symbols(self, symbols: list[str]) -> int:
+        """Reconcile the stores of ``symbols`` and open their handles on the warm window.
+
+        The stores are reconciled first (:func:`reconcile_many`: bars that reached
+        Redis but not SQLite before a crash go to SQLite, a Redis that lost its bars
+        is refilled from SQLite; only what differs is copied, the comparison made in
+        a worker thread). The handles open on each window as Redis holds it afterwards
+        (which the reconcile returns: no second read), from SQLite when Redis fails or
+        keeps fewer bars than the window, laid under the bars applied meanwhile
+        (:meth:`_open_handles`), one symbol at a time between cycles. Returns the
+        closed bars the handles were opened on, over all of them.
         """
-        n = self.settings.warm_bars
-        bars: list[Bar] | None = None
+        n, cap = self.settings.warm_bars, self.settings.bars_cap
+        windows: dict[str, list[Bar]] = {}
         try:
             if self._warm_redis_down:
                 raise OSError("unreachable")  # one failed reconcile is enough: not every symbol waits
-            done = await reconcile(symbol, self.tf.name, self.redis, self.store, self.settings.bars_cap)
+            done = await reconcile_many(symbols, self.tf.name, self.redis, self.store, cap,
+                                        window=n if n <= cap else 0)
         except (RedisError, OSError) as exc:
             if not self._warm_redis_down:
                 log.warning("redis unreachable at start: stores not reconciled",
@@ -425,18 +433,39 @@ class Pipeline:
             self._warm_redis_down = True
             self._refill_needed = True  # once Redis answers
         else:
-            if done.to_sqlite:
-                log.info("recovered bars from redis", extra={"symbol": symbol, "bars": done.to_sqlite})
-            if done.to_redis:
-                log.info("warmed redis from sqlite", extra={"symbol": symbol, "bars": done.to_redis})
-            if n <= self.settings.bars_cap:
-                try:
-                    bars = await self.redis.recent_bars(symbol, self.tf.name, n)
-                except (RedisError, OSError):
-                    bars = None
-        if bars is None:
-            bars = await self.store.last_bars(symbol, self.tf.name, n)
+            for sym, (copied, bars) in done.items():
+                if copied.to_sqlite:
+                    log.info("recovered bars from redis", extra={"symbol": sym, "bars": copied.to_sqlite})
+                if copied.to_redis:
+                    log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": copied.to_redis})
+                if n <= cap:
+                    windows[sym] = bars
+        total = 0
+        for sym in symbols:
+            window = windows.get(sym)
+            if window is None:
+                window = await self.store.last_bars(sym, self.tf.name, n)
+            await foreground.wait_idle()
+            total += self._open_handles(sym, window, warm=True)
+        return total
+
+    def open_fetched(self, symbol: str, bars: list[Bar]) -> int:
+        """Open the handles of a symbol that had nothing stored on the history just
+        fetched for it (which is then all the stores hold of it but the bars the
+        cycles applied meanwhile, which :meth:`_open_handles` lays over it): no
+        reconcile, no read back. Returns the closed bars the handles were opened on."""
         return self._open_handles(symbol, bars, warm=True)
+
+    def warm_up_failed(self, symbol: str) -> None:
+        """A symbol's warm-up failed: the cycles' rebuild opens its handles from the
+        stores after the next cycle (flagged ``warming`` until then)."""
+        self.history_changed(symbol)
+        self.symbols[symbol].rebuilding = None
+
+    def redis_lacks_history(self) -> None:
+        """History went to SQLite but not to Redis: Redis is refilled from SQLite
+        (only what differs) once it answers."""
+        self._refill_needed = True
 
     @property
     def warming(self) -> int:
@@ -454,6 +483,11 @@ class Pipeline:
         completed, the final write carries them with the heartbeat and publishes the
         cycle announcement, so everything it names is already readable.
         """
+        with foreground.cycle():
+            await self._cycle(tick_ms)
+
+    async def _cycle(self, tick_ms: int) -> None:
+        """One cycle (:meth:`run_cycle`), background work held off meanwhile."""
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
         self.stats.last_wall_ms = int(self.clock.wall() * 1000)

@@ -12,14 +12,17 @@ this source unless ``SIDECAR_SOURCES`` names it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from sidecar import foreground
 from sidecar.bar import Bar
 from sidecar.sources.base import LatestResult, Source
 from sidecar.timeframe import DAY_MS, Timeframe
@@ -239,29 +242,14 @@ class SimSource(Source):
         last_open = min(tf.floor(end_ms - 1), anchor_t - tf.ms)
         if last_open < first:
             return []
-        k_max = (anchor_t - first) // tf.ms  # bar k opens at anchor_t - k * tf
-        seed = _symbol_hash(self._seed, f"{symbol}/{tf.name}")
-        rets = np.random.default_rng([seed, 1]).standard_normal(k_max)
-        wick = np.abs(np.random.default_rng([seed, 2]).standard_normal((k_max, 2)))
-        noise = np.random.default_rng([seed, 3]).lognormal(0.0, 0.5, k_max)
         i = self._index[symbol]
-        sigma = float(self._sigma[i]) * math.sqrt(tf.ms / 1000)
-        cum = np.concatenate([[0.0], np.cumsum(sigma * rets)])  # cum[k] = S_k
-        k = np.arange((anchor_t - last_open) // tf.ms, k_max + 1)[::-1]  # oldest first
-        times = anchor_t - k * tf.ms
-        closes = anchor_price * np.exp(-cum[k - 1])
-        opens = anchor_price * np.exp(-cum[k])
-        highs = np.maximum(opens, closes) * np.exp(wick[k - 1, 0] * sigma * 0.5)
-        lows = np.minimum(opens, closes) * np.exp(-wick[k - 1, 1] * sigma * 0.5)
-        vols = np.round(self._base_volume[i] * (tf.ms / 1000) * volume_profile(times) * noise[k - 1])
-        return [
-            Bar(symbol, tf.name, int(t), float(o), float(h), float(lo), float(c), float(v),
-                self.name, forming=False, synthetic=True)
-            for t, o, h, lo, c, v in zip(
-                times.tolist(), opens.tolist(), highs.tolist(), lows.tolist(), closes.tolist(),
-                vols.tolist(), strict=True,
-            )
-        ]
+        walk = _Walk(symbol, tf, self.name, _symbol_hash(self._seed, f"{symbol}/{tf.name}"),
+                     anchor_t, anchor_price, float(self._sigma[i]) * math.sqrt(tf.ms / 1000),
+                     float(self._base_volume[i]) * (tf.ms / 1000))
+        if last_open - first < THREAD_BARS * tf.ms:
+            return walk.bars(first, last_open)
+        # A long range is made in a worker thread that steps aside while a cycle runs.
+        return await asyncio.to_thread(walk.bars, first, last_open)
 
     def _anchor(self, symbol: str, tf: Timeframe) -> tuple[int, float]:
         """Open time of the first live bar of ``symbol`` and its opening price."""
@@ -272,3 +260,51 @@ class SimSource(Source):
             anchor = (tf.floor(int(self._clock() * 1000)), float(self._start_price[i]))
             self._anchors[key] = anchor
         return anchor
+
+
+#: Ranges longer than this many bars are generated in a worker thread.
+THREAD_BARS = 500
+#: Bars made between two looks at whether a cycle runs (in the worker thread).
+SLICE_BARS = 1_000
+
+
+class _Walk(NamedTuple):
+    """One symbol's history walk: generated backwards from its anchor (the first live
+    bar and its opening price) by generators seeded by (seed, symbol, timeframe)."""
+
+    symbol: str
+    tf: Timeframe
+    src: str
+    seed: int
+    anchor_t: int
+    anchor_price: float
+    sigma: float  # per bar
+    volume: float  # base volume per bar
+
+    def bars(self, first: int, last_open: int) -> list[Bar]:
+        """The closed bars opening in ``[first, last_open]``, oldest first."""
+        tf, anchor_t, sigma = self.tf, self.anchor_t, self.sigma
+        k_max = (anchor_t - first) // tf.ms  # bar k opens at anchor_t - k * tf
+        rets = np.random.default_rng([self.seed, 1]).standard_normal(k_max)
+        wick = np.abs(np.random.default_rng([self.seed, 2]).standard_normal((k_max, 2)))
+        noise = np.random.default_rng([self.seed, 3]).lognormal(0.0, 0.5, k_max)
+        cum = np.concatenate([[0.0], np.cumsum(sigma * rets)])  # cum[k] = S_k
+        k = np.arange((anchor_t - last_open) // tf.ms, k_max + 1)[::-1]  # oldest first
+        times = anchor_t - k * tf.ms
+        closes = self.anchor_price * np.exp(-cum[k - 1])
+        opens = self.anchor_price * np.exp(-cum[k])
+        highs = np.maximum(opens, closes) * np.exp(wick[k - 1, 0] * sigma * 0.5)
+        lows = np.minimum(opens, closes) * np.exp(-wick[k - 1, 1] * sigma * 0.5)
+        vols = np.round(self.volume * volume_profile(times) * noise[k - 1])
+        rows = list(zip(times.tolist(), opens.tolist(), highs.tolist(), lows.tolist(), closes.tolist(),
+                        vols.tolist(), strict=True))
+        out: list[Bar] = []
+        in_thread = threading.current_thread() is not threading.main_thread()
+        symbol, name, src = self.symbol, tf.name, self.src
+        for j in range(0, len(rows), SLICE_BARS):
+            if in_thread:
+                foreground.wait_idle_blocking()
+            out.extend(Bar(symbol, name, int(t), float(o), float(h), float(lo), float(c), float(v),
+                           src, forming=False, synthetic=True)
+                       for t, o, h, lo, c, v in rows[j:j + SLICE_BARS])
+        return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import pytest
 from prometheus_client import generate_latest
 
 from sidecar.app.health import health_report
@@ -58,12 +59,17 @@ class Loop:
                 await asyncio.sleep(0)
 
         self.ticker = SecondTicker(clock=clock, sleep=sleep)
+        self.running = False  # a cycle is running
 
     async def cycles(self, n: int) -> None:
         for _ in range(n):
             tick = await self.ticker.next()
             assert tick is not None
-            await self.pipe.run_cycle(tick)
+            self.running = True
+            try:
+                await self.pipe.run_cycle(tick)
+            finally:
+                self.running = False
 
 
 async def _until(what: str, check: object, loop: Loop) -> None:
@@ -75,16 +81,28 @@ async def _until(what: str, check: object, loop: Loop) -> None:
     raise AssertionError(f"never: {what}")
 
 
+def _scripted(names: Sequence[str]) -> tuple[dict[str, list[Bar]], list[dict[str, list[Bar]]]]:
+    """HISTORY + LIVE bars of each symbol, and the cycles' answers: cycle k serves the
+    closed bar HISTORY + k (the first live bar follows the history at once)."""
+    bars = {s: series(s, HISTORY + LIVE, T0, seed) for seed, s in enumerate(names)}
+    return bars, [{s: [b[HISTORY + k]] for s, b in bars.items()} for k in range(LIVE)]
+
+
+def _cold(source: SlowHistorySource, bars: dict[str, list[Bar]], redis_store: RedisStore,
+          bar_store: BarStore) -> tuple[Pipeline, Loop, Clock]:
+    """A pipeline on ``source`` with nothing stored, at the first live bar."""
+    clock = Clock.from_ms(next(iter(bars.values()))[HISTORY].t + 500)
+    pipe = Pipeline(settings(symbols=tuple(bars), bootstrap_days=1), [source], redis_store, bar_store,
+                    clock=clock)
+    return pipe, Loop(pipe, clock), clock
+
+
 async def test_slow_history_leaves_the_others_live_and_ends_equal_to_batch(
     redis_store: RedisStore, bar_store: BarStore
 ) -> None:
-    bars = {s: series(s, HISTORY + LIVE, T0, seed) for seed, s in enumerate(("AAA", "BBB"))}
-    # Cycle k serves the closed bar HISTORY + k: the first live bar follows the history at once.
-    steps = [{s: [b[HISTORY + k]] for s, b in bars.items()} for k in range(LIVE)]
+    bars, steps = _scripted(("AAA", "BBB"))
     source = SlowHistorySource(steps, bars, slow={"BBB"})
-    clock = Clock.from_ms(bars["AAA"][HISTORY].t + 500)
-    pipe = Pipeline(settings(bootstrap_days=1), [source], redis_store, bar_store, clock=clock)
-    loop = Loop(pipe, clock)
+    pipe, loop, clock = _cold(source, bars, redis_store, bar_store)
 
     cold = await pipe.begin_warmup(int(clock.t_ms))
     assert cold == ["AAA", "BBB"]
@@ -158,3 +176,95 @@ async def test_restart_gap_is_recorded_and_handles_open_on_the_stored_window(
     fmap = (await redis_store.read_features(["AAA"], "1s"))[0]
     assert fmap is not None and "warming" not in fmap and fmap["t"] == served[-1].t
     assert_row_equal([fmap[name] for name in FEATURE_FIELDS], batch_values(list(served)), len(served) - 1)
+
+
+async def test_backfill_runs_between_cycles_and_misses_no_tick(
+    redis_store: RedisStore, bar_store: BarStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many cold symbols warm up while the cycles run: every handle opening and every
+    Redis history write happens while no cycle runs, no tick is missed, and each symbol
+    ends equal to TA-Lib batch over history plus live bars."""
+    names = tuple(f"S{i:02d}" for i in range(24))
+    bars, steps = _scripted(names)
+    source = SlowHistorySource(steps, bars, slow=set())
+    pipe, loop, clock = _cold(source, bars, redis_store, bar_store)
+    during_cycle: list[str] = []
+    open_handles, write_history = pipe._open_handles, RedisStore.write_history
+
+    def opening(symbol: str, window: list[Bar], *, warm: bool) -> int:
+        if loop.running:
+            during_cycle.append(f"open {symbol}")
+        return open_handles(symbol, window, warm=warm)
+
+    async def writing(store: RedisStore, history: list[Bar], chunk: int = 2_000) -> int:
+        if loop.running and history[0].t < bars[history[0].symbol][HISTORY].t:
+            during_cycle.append(f"redis {len(history)}")
+        return await write_history(store, history, chunk)
+
+    monkeypatch.setattr(pipe, "_open_handles", opening)
+    monkeypatch.setattr(RedisStore, "write_history", writing)
+
+    cold = await pipe.begin_warmup(int(clock.t_ms))
+    warming = asyncio.ensure_future(warm_up(pipe, [source], bar_store, redis_store, cold, clock=clock))
+    overlapped = 0
+    try:
+        for _ in range(LIVE - 5):
+            if warming.done():
+                break
+            overlapped += pipe.warming > 0
+            await loop.cycles(1)
+            await asyncio.sleep(0.01)  # the time between two cycles, for the background
+        assert warming.done(), "warm-up did not finish"
+        await warming
+        await loop.cycles(1)
+    finally:
+        warming.cancel()
+    assert overlapped >= 1  # cycles ran while symbols were still warming
+    assert during_cycle == []
+    assert loop.ticker.missed == 0 and pipe.warmup.failed == 0 and pipe.warming == 0
+    for s in names:
+        st = pipe.symbols[s]
+        assert st.last is not None
+        served = [b for b in bars[s] if b.t <= st.last.t]
+        fmap = (await redis_store.read_features([s], "1s"))[0]
+        assert fmap is not None and "warming" not in fmap and fmap["t"] == served[-1].t
+        assert_row_equal([fmap[name] for name in FEATURE_FIELDS], batch_values(served), len(served) - 1)
+        assert await redis_store.bar_count(s, "1s") == len(served), s  # history and live bars in Redis
+
+
+class FailingHistorySource(SlowHistorySource):
+    """As :class:`SlowHistorySource`, but the history of the symbols in ``broken`` fails."""
+
+    def __init__(self, steps: list[dict[str, list[Bar]]], bars: dict[str, list[Bar]],
+                 broken: set[str]) -> None:
+        super().__init__(steps, bars, slow=set())
+        self.broken = broken
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        if symbol in self.broken:
+            raise RuntimeError("history broke")
+        return await super().fetch_history(symbol, tf, start_ms, end_ms)
+
+
+async def test_a_failed_warm_up_falls_back_to_the_cycles_rebuild(
+    redis_store: RedisStore, bar_store: BarStore
+) -> None:
+    """A symbol whose warm-up fails is counted, and the cycles' rebuild opens its handles
+    from the stores (its live bars): it stops being flagged and equals batch on them."""
+    bars, steps = _scripted(("AAA", "BBB"))
+    source = FailingHistorySource(steps, bars, broken={"BBB"})
+    pipe, loop, clock = _cold(source, bars, redis_store, bar_store)
+    cold = await pipe.begin_warmup(int(clock.t_ms))
+    await loop.cycles(2)
+    await warm_up(pipe, [source], bar_store, redis_store, cold, clock=clock)
+    assert pipe.warmup.failed == 1 and pipe.warmup.finished_ms is not None
+    assert not pipe.symbols["AAA"].warming
+    await _until("BBB rebuilt", lambda: not pipe.symbols["BBB"].warming, loop)
+    await loop.cycles(1)
+    assert loop.ticker.missed == 0
+    st = pipe.symbols["BBB"]
+    assert st.last is not None
+    live = [b for b in bars["BBB"][HISTORY:] if b.t <= st.last.t]
+    fmap = (await redis_store.read_features(["BBB"], "1s"))[0]
+    assert fmap is not None and "warming" not in fmap and fmap["t"] == live[-1].t
+    assert_row_equal([fmap[name] for name in FEATURE_FIELDS], batch_values(live), len(live) - 1)
