@@ -55,8 +55,10 @@ class Loop:
 
         async def sleep(seconds: float) -> None:
             clock.advance(seconds)
+            # A real pause too: the warm-up's SQLite and history work runs in threads,
+            # whose results land only once they are done.
             for _ in range(5):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.005)
 
         self.ticker = SecondTicker(clock=clock, sleep=sleep)
         self.running = False  # a cycle is running
