@@ -15,9 +15,11 @@ has, so it fills what the stream missed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +35,10 @@ from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews
 from sidecar.sources.ccxt_support import (
     CcxtSettings,
+    any_candle,
     cached_markets,
     classify,
+    holds_candles,
     read_markets_file,
     rebase_urls,
     request_limit,
@@ -53,6 +57,10 @@ MAX_CATCHUP = 30
 LOOKBACK_CANDLES = {"kraken": 720}
 log = logging.getLogger("sidecar.sources.ccxt")
 T = TypeVar("T")
+#: The decoded answers of the requests the current task's ccxt call made (set around the
+#: call, appended by the exchange's response hook). A context variable, not ccxt's
+#: ``last_json_response``: the polls of several symbols share one exchange at once.
+_ANSWERS: ContextVar[list[Any] | None] = ContextVar("ccxt_answers", default=None)
 
 
 class CcxtSource(ProviderSource):
@@ -142,18 +150,42 @@ class CcxtSource(ProviderSource):
         except ccxt.BaseError as exc:
             raise self.note_error(classify(exc, self.name)) from None
 
-    async def _ccxt(self, call: Awaitable[T]) -> T:
-        """Await one ccxt request; its exception becomes the daemon's class (noted)."""
+    async def _ccxt(self, call: Awaitable[T], *, candles: bool = False) -> T:
+        """Await one ccxt request; its exception becomes the daemon's class (noted).
+
+        ``candles``: the call is ``fetch_ohlcv``. ccxt reads a well-formed answer of
+        another shape (``{"foo": 1}``) as no candles (or as rows of ``None``), or chokes
+        on it; when it gives no candle, the answer itself must hold a place for candles,
+        else the error is ``bad_response``.
+        """
         import ccxt
 
         self._requests += 1
+        answers: list[Any] = []
+        token = _ANSWERS.set(answers)
         try:
-            return await call
+            result = await call
         except ccxt.BaseError as exc:
             err = classify(exc, self.name)
         except Exception as exc:  # ccxt choking on a body it did not expect
-            err = ProviderError("bad_response", f"{type(exc).__name__}: {str(exc)[:200]}", source=self.name)
+            err = (self._not_candles(answers) if candles else None) or ProviderError(
+                "bad_response", f"{type(exc).__name__}: {str(exc)[:200]}", source=self.name)
+        else:
+            wrong = self._not_candles(answers) if candles and not any_candle(result) else None
+            if wrong is None:
+                return result
+            err = wrong
+        finally:
+            _ANSWERS.reset(token)
         raise self.note_error(err, retry_after=retry_after(self.exchange.last_response_headers))
+
+    def _not_candles(self, answers: list[Any]) -> ProviderError | None:
+        """``bad_response`` when the last answer has no place for candles, else ``None``."""
+        if not answers or holds_candles(answers[-1]):
+            return None
+        text = json.dumps(answers[-1], default=str)
+        return ProviderError("bad_response", f"{self.config.exchange_id} answered no candles: "
+                                             f"{text[:120]}", source=self.name)
 
     # -- polls -----------------------------------------------------------------
     def refresh_interval_s(self, symbols: int) -> float:
@@ -172,7 +204,7 @@ class CcxtSource(ProviderSource):
             since = max(floor - MAX_CATCHUP * tf.ms, min(since, newest))
         self.take_budget()
         rows = await self._ccxt(self.exchange.fetch_ohlcv(spelling.ticker, tf.name, since,
-                                                          (floor - since) // tf.ms + 1))
+                                                          (floor - since) // tf.ms + 1), candles=True)
         ctx = ParseContext(symbol, tf, self.name, now_ms, spelling.has_volume)
         bars = [b for b in rows_to_bars(rows, ctx) if b.t >= since]
         if bars:
@@ -273,7 +305,8 @@ class CcxtSource(ProviderSource):
                     raise self.budget.exhausted()
                 break
             limit = min(per_request, -(-(end_ms - since) // tf.ms))
-            rows = await self._ccxt(self.exchange.fetch_ohlcv(spelling.ticker, tf.name, since, limit))
+            rows = await self._ccxt(self.exchange.fetch_ohlcv(spelling.ticker, tf.name, since, limit),
+                                    candles=True)
             page = [b for b in rows_to_bars(rows, ctx) if b.t >= since]
             if not page:
                 break
@@ -302,15 +335,18 @@ def make_exchange(config: CcxtSettings, provider: ProviderSettings) -> Any:
                          "api": rebase_urls(exchange.urls.get("api"), config.base_url, config.ws_url)}
     handle_errors = exchange.handle_errors
 
-    def refuse_non_json(code: int, reason: str, url: str, method: str, headers: Any, body: Any,
-                        response: Any, *rest: Any) -> Any:
+    def on_response(code: int, reason: str, url: str, method: str, headers: Any, body: Any,
+                    response: Any, *rest: Any) -> Any:
         # ccxt hands a body that is not JSON on as text, which parses to no candles at all.
         if response is None and body and int(code) < 400:
             raise ccxt.BadResponse(f"{config.exchange_id} {method} {url}: body is not JSON: "
                                    f"{str(body)[:80]!r}")
+        answers = _ANSWERS.get()
+        if answers is not None:  # what the call's shape check reads (CcxtSource._ccxt)
+            answers.append(response)
         return handle_errors(code, reason, url, method, headers, body, response, *rest)
 
-    exchange.handle_errors = refuse_non_json
+    exchange.handle_errors = on_response
     return exchange
 
 

@@ -190,6 +190,28 @@ def rows_to_bars(rows: Any, ctx: ParseContext) -> list[Bar]:
     return finish(bars, ctx)
 
 
+#: Keys whose lists are an exchange's errors or warnings, never candles.
+NOT_CANDLE_KEYS = ("error", "warning", "message", "msg")
+
+
+def holds_candles(answer: Any, depth: int = 4) -> bool:
+    """True when a decoded ``fetch_ohlcv`` answer has a place for candles: a list, at most
+    ``depth`` objects down and not under an error or warning key, that is empty or holds
+    only candle rows (arrays of at least five values, or objects)."""
+    if isinstance(answer, list):
+        return all(isinstance(r, dict) or (isinstance(r, list) and len(r) >= 5) for r in answer)
+    if isinstance(answer, dict) and depth > 0:
+        return any(holds_candles(v, depth - 1) for k, v in answer.items()
+                   if not any(word in str(k).lower() for word in NOT_CANDLE_KEYS))
+    return False
+
+
+def any_candle(rows: Any) -> bool:
+    """True when ccxt's ``fetch_ohlcv`` result has a row with a time and four prices."""
+    return isinstance(rows, list) and any(
+        isinstance(r, list | tuple) and len(r) >= 5 and all(x is not None for x in r[:5]) for r in rows)
+
+
 def request_limit(exchange: Any, market: Mapping[str, Any], default: int = 500) -> int:
     """Most candles one ``fetch_ohlcv`` returns on ``market`` (``features``), else ``default``."""
     try:

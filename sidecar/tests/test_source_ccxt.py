@@ -146,6 +146,41 @@ async def test_error_bodies_and_statuses_give_the_right_class(
         await source.close()
 
 
+KLINES = {"binance": "/api/v3/klines", "kraken": "/0/public/OHLC"}
+
+
+@pytest.mark.parametrize(("exchange_id", "body", "empty_ok"), [
+    ("binance", {"foo": 1}, False),
+    ("binance", [[1706630400000, "1.0"]], False),  # rows, but not candles
+    ("binance", {"code": 0, "data": None}, False),
+    ("binance", [], True),
+    ("kraken", {"foo": 1}, False),
+    ("kraken", {"error": [], "result": {}}, False),  # an empty error list is no place for candles
+    ("kraken", {"error": [], "result": {"XBTUSDT": [], "last": 1706630400}}, True),
+])
+async def test_a_well_formed_answer_of_the_wrong_shape_is_a_bad_response(
+        exchange: FakeExchange, tmp_path: Path, exchange_id: str, body: Any, empty_ok: bool) -> None:
+    exchange.default_by_path[KLINES[exchange_id]] = Reply.json(body)
+    tf, start = Timeframe.parse("1m"), 1706630400000
+    for way in ("history", "poll"):  # a source each: kraken's budget is one request a second
+        source = make(exchange, exchange_id, tmp_path)
+        try:
+            if way == "history":
+                call: Any = source.fetch_history("BTC/USDT", tf, start, start + 180_000)
+            else:  # a poll whose every symbol failed so raises, for the circuit to count
+                call = source.fetch_latest(["BTC/USDT"], tf, int(time.time() * 1000))
+            if empty_ok:  # an empty candle list is no candles, not an error
+                assert await call in ([], {"BTC/USDT": []})
+                continue
+            with pytest.raises(ProviderError) as info:
+                await call
+            assert info.value.error_class == "bad_response" and info.value.counts_as_failure
+            assert f"{exchange_id} answered no candles: {json.dumps(body)[:40]}" in str(info.value)
+            assert "answered no candles" in source.status()["last_error"]
+        finally:
+            await source.close()
+
+
 async def test_unknown_market_fails_locally_without_a_request(exchange: FakeExchange, tmp_path: Path) -> None:
     source = make(exchange, "binance", tmp_path)
     try:
