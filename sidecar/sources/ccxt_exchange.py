@@ -37,6 +37,7 @@ from sidecar.sources.ccxt_support import (
     CcxtSettings,
     any_candle,
     cached_markets,
+    check_markets,
     classify,
     holds_candles,
     read_markets_file,
@@ -44,6 +45,7 @@ from sidecar.sources.ccxt_support import (
     request_limit,
     retry_after,
     rows_to_bars,
+    streams_by_lowercase_id,
     write_markets_cache,
 )
 from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
@@ -376,10 +378,14 @@ def build(settings: Settings, env: Mapping[str, str], exchange_id: str) -> CcxtS
         raise ConfigError("SIDECAR_SOURCES", f"ccxt:{exchange_id}: ccxt has no exchange {exchange_id!r}")
     provider = ProviderSettings.from_env(env)
     config = CcxtSettings.from_env(env, exchange_id)
-    markets = (None if config.markets_file is None else
-               read_markets_file(config.markets_file, f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"))
+    setting = f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"
+    markets = None if config.markets_file is None else read_markets_file(config.markets_file, setting)
     symbols = load_symbol_map(provider.symbols_file)
     exchange = make_exchange(config, provider)
+    mode = stream_mode(config, exchange, settings.timeframe)
+    if markets is not None and config.markets_file is not None:
+        check_markets(markets, config.markets_file, setting,
+                      lowercase_id=mode != "off" and streams_by_lowercase_id(exchange))
     name = f"ccxt:{exchange_id}"
     rate_ms = max(float(exchange.rateLimit or 1000.0), 1.0)
     budget = RateBudget(name, per_second=max(1, int(1000 / rate_ms)),
@@ -387,5 +393,5 @@ def build(settings: Settings, env: Mapping[str, str], exchange_id: str) -> CcxtS
     tickers = [p.ticker for s in settings.symbols if (p := symbols.for_source(name, s)) is not None]
     return CcxtSource(provider, symbols, budget, exchange=exchange, config=config,
                       cache_dir=settings.data_dir / "ccxt", markets=markets,
-                      stream_mode=stream_mode(config, exchange, settings.timeframe),
+                      stream_mode=mode,
                       stream_markets=tickers, stream_tf=settings.timeframe.name)

@@ -148,6 +148,38 @@ def read_markets_file(path: Path, setting: str) -> list[dict[str, Any]]:
     return data
 
 
+#: ccxt.pro classes (and their subclasses) that name a market's streams by its ``lowercaseId``.
+LOWERCASE_ID_STREAMS = ("binance", "htx")
+
+
+def streams_by_lowercase_id(exchange: Any) -> bool:
+    """True when ``exchange`` subscribes to a market's streams by its ``lowercaseId``."""
+    import ccxt.pro
+
+    classes = [getattr(ccxt.pro, name, None) for name in LOWERCASE_ID_STREAMS]
+    return isinstance(exchange, tuple(c for c in classes if isinstance(c, type)))
+
+
+def check_markets(markets: list[dict[str, Any]], path: Path, setting: str, *,
+                  lowercase_id: bool) -> None:
+    """``ConfigError`` naming ``setting`` and the field when a market of a hand-built file
+    lacks what ccxt reads without a default: ``linear`` and ``inverse`` on a contract
+    market (its endpoints and streams follow them), ``lowercaseId`` when ``lowercase_id``
+    (the exchange's streams are named by it)."""
+    for i, market in enumerate(markets):
+        needed = []
+        if market.get("contract") or market.get("type") in ("swap", "future", "delivery", "option"):
+            needed += [f for f in ("linear", "inverse") if not isinstance(market.get(f), bool)]
+        if lowercase_id and not isinstance(market.get("lowercaseId"), str):
+            needed.append("lowercaseId")
+        if needed:
+            why = ("a contract market's endpoints and streams follow 'linear'/'inverse'"
+                   if "linear" in needed or "inverse" in needed else
+                   "the exchange names its streams by 'lowercaseId'")
+            raise ConfigError(setting, f"{path}: market {i} ({market['symbol']}) lacks "
+                                       f"{', '.join(repr(f) for f in needed)} ({why})")
+
+
 def cached_markets(path: Path, max_age_s: float = MARKETS_MAX_AGE_S) -> list[dict[str, Any]] | None:
     """The markets cached at ``path`` if younger than ``max_age_s`` and readable, else ``None``."""
     try:

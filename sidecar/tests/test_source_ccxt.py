@@ -308,6 +308,35 @@ def test_bad_markets_file_and_unknown_exchange(tmp_path: Path) -> None:
         "ccxt:binance", "ccxt:kraken", "yahoo")
 
 
+@pytest.mark.parametrize(("exchange_id", "drop", "stream", "missing"), [
+    ("binance", ("lowercaseId",), "ohlcv", "'lowercaseId'"),  # its streams are named by it
+    ("binance", ("lowercaseId",), "trades", "'lowercaseId'"),
+    ("binance", ("lowercaseId",), "off", None),  # polls do not need it
+    ("binance", ("linear",), "off", "'linear'"),  # a contract market's endpoints follow it
+    ("binance", ("linear", "inverse"), "ohlcv", "'linear', 'inverse'"),
+    ("kraken", ("lowercaseId",), "ohlcv", None),  # kraken names its streams otherwise
+])
+def test_a_hand_built_markets_file_has_what_polls_and_streams_need(
+        tmp_path: Path, exchange_id: str, drop: tuple[str, ...], stream: str, missing: str | None) -> None:
+    markets = json.loads(markets_file(exchange_id).read_text())
+    for market in markets:
+        for name in drop:
+            market.pop(name, None)
+    path = tmp_path / "markets.json"
+    path.write_text(json.dumps(markets))
+    variable = f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"
+    settings = Settings(symbols=("BTCUSD",), sources=(f"ccxt:{exchange_id}",), data_dir=tmp_path)
+    env = {variable: str(path), "SIDECAR_CCXT_STREAM": stream}
+    if missing is None:
+        source = build_source(f"ccxt:{exchange_id}", settings, env)
+        assert isinstance(source, CcxtSource) and source.status()["exchange"] == exchange_id
+        return
+    with pytest.raises(ConfigError) as info:
+        build_source(f"ccxt:{exchange_id}", settings, env)
+    assert info.value.setting == variable
+    assert f"lacks {missing}" in info.value.problem and str(path) in info.value.problem
+
+
 def test_urls_rebased_scheme_and_host_path_and_query_kept() -> None:
     assert rebase_url("https://api.binance.com/api/v3?x=1", "http://127.0.0.1:9000") == \
         "http://127.0.0.1:9000/api/v3?x=1"
