@@ -23,7 +23,7 @@ import pytest
 
 from sidecar.tests.fake_exchange import FakeExchange, exchange  # noqa: F401
 from sidecar.tests.fake_providers import Reply, Seen
-from sidecar.tests.helpers import Daemon, free_port, http_get, scan
+from sidecar.tests.helpers import Daemon, eventually, free_port, http_get, scan
 
 pytest.importorskip("ccxt")
 
@@ -88,16 +88,6 @@ def kline(symbol: str, t: int, close: float) -> dict[str, Any]:
                   "v": "2.5", "x": False}}
 
 
-async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
 @pytest.mark.asyncio
 async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
         exchange: FakeExchange, clean_env: dict[str, str], tmp_path: Path,
@@ -131,7 +121,7 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
             rows = await asyncio.to_thread(scan, env)
             return rows if len(rows) == 2 and all(r.get("src") == src and not r.get("stale") for r in rows) else None
 
-        rows = await until(lambda: fresh_from("ccxt:binance"), 30, "fresh rows from ccxt:binance")
+        rows = await eventually(lambda: fresh_from("ccxt:binance"), 30, "fresh rows from ccxt:binance")
         assert {r["symbol"] for r in rows} == {"BTCUSD", "ETHUSD"}
         assert all(r["rsi"] is not None for r in rows)  # warmed on the bootstrap's history
         h = await health()
@@ -142,7 +132,7 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
         assert set(binance["stream"]["markets"]) == {"BTC/USDT", "ETH/USDT"}
 
         # The stream: a kline moves the forming bar between polls.
-        await until(lambda: asyncio.sleep(0, len(binance_subs()) >= 2), 20, "binance's subscriptions")
+        await eventually(lambda: asyncio.sleep(0, len(binance_subs()) >= 2), 20, "binance's subscriptions")
         assert sorted(p for s in binance_subs() for p in s["params"]) == ["btcusdt@kline_1m",
                                                                          "ethusdt@kline_1m"]
 
@@ -152,7 +142,7 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
             s = (await health())["symbols"]["BTCUSD"]
             return s["last_price"] == 51_234.5 and s["via"] == "stream"
 
-        await until(streamed, 20, "the streamed kline in the forming bar")
+        await eventually(streamed, 20, "the streamed kline in the forming bar")
         h = await health()
         assert h["sources"]["ccxt:binance"]["stream"]["connected"] is True
         assert h["sources"]["ccxt:binance"]["stream"]["markets"]["BTC/USDT"] is True  # it answered
@@ -168,7 +158,7 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
             stream = h["sources"]["ccxt:binance"]["stream"]
             return h if stream["connected"] is False and stream["errors"] >= 1 else None
 
-        h = await until(dropped, 20, "the drop in /health")
+        h = await eventually(dropped, 20, "the drop in /health")
         assert h["sources"]["ccxt:binance"]["stream"]["last_error"]
         polls_at_drop = len(exchange.requests_to(KLINES))
 
@@ -176,7 +166,7 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
             polls = exchange.requests_to(KLINES)[polls_at_drop:]
             return len({p.query["symbol"] for p in polls}) == 2 and len(polls) >= 6
 
-        await until(polled_meanwhile, 30, "polls every second while the stream is down")
+        await eventually(polled_meanwhile, 30, "polls every second while the stream is down")
         # Each asks back over the bars before the forming one (what the stream missed).
         assert all(int(p.query["limit"]) >= 3 for p in exchange.requests_to(KLINES)[polls_at_drop:])
         h = await health()
@@ -198,12 +188,12 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
             return stream["connected"] and stream["reconnects"] >= 1 and \
                 h["symbols"]["BTCUSD"]["last_price"] == 51_300.0
 
-        await until(reconnected, 90, "the stream back")
+        await eventually(reconnected, 90, "the stream back")
 
         # Binance fails: Kraken serves the symbols in the same cycle, Binance's circuit opens.
         first_failure = len(exchange.seen)
         exchange.responders_by_path[KLINES] = lambda seen: Reply(status=503, body=b"", content_type="text/plain")
-        await until(lambda: fresh_from("ccxt:kraken"), 60, "fallback to ccxt:kraken")
+        await eventually(lambda: fresh_from("ccxt:kraken"), 60, "fallback to ccxt:kraken")
         later = exchange.seen[first_failure:]
         failed = next(i for i, s in enumerate(later) if s.path == KLINES)
         to_kraken = next(i for i, s in enumerate(later) if s.path == OHLC)
@@ -216,7 +206,7 @@ async def test_daemon_on_two_exchanges_stream_drop_fallback_and_clean_exit(
             h = await health()
             return h if h["sources"]["ccxt:binance"]["circuit"] == "open" else None
 
-        h = await until(circuit_open, 60, "binance's circuit open")
+        h = await eventually(circuit_open, 60, "binance's circuit open")
         assert h["sources"]["ccxt:binance"]["last_error_class"] == "unavailable"
         assert h["sources"]["ccxt:kraken"]["circuit"] == "closed"
         assert not any(s["stale"] for s in h["symbols"].values())
