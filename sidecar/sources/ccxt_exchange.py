@@ -32,7 +32,7 @@ from sidecar.settings import Settings
 from sidecar.sources._http import ProviderSource, closed_between, settle
 from sidecar.sources._parsing import ParseContext, finish
 from sidecar.sources.base import HistoryLimits, LatestResult
-from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews
+from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews, Trade
 from sidecar.sources.ccxt_support import (
     CcxtSettings,
     any_candle,
@@ -87,7 +87,8 @@ class CcxtSource(ProviderSource):
                         if stream_mode != "off" and stream_markets else None)
         #: (symbol, tf) -> (stream seq when the poll answered, its newest bars).
         self._polled: dict[tuple[str, str], tuple[int, list[Bar]]] = {}
-        self._peeked: dict[tuple[str, str], int] = {}
+        #: (symbol, tf) -> (poll seq, stream seq) of the last peek that moved the bars.
+        self._peeked: dict[tuple[str, str], tuple[int, int]] = {}
         self._newest: dict[tuple[str, str], int] = {}
 
     # -- lifecycle -------------------------------------------------------------
@@ -214,7 +215,7 @@ class CcxtSource(ProviderSource):
             self._newest[key] = bars[-1].t
             self._polled[key] = (seq, bars[-3:])
             if self._stream is not None:
-                self._stream.forget(spelling.ticker, seq)
+                self._stream.forget(spelling.ticker, bars[-1].t)
         return bars
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
@@ -242,9 +243,10 @@ class CcxtSource(ProviderSource):
             news = stream.news.get(spelling.ticker) if spelling is not None else None
             if polled is None or spelling is None or news is None:
                 continue
-            if news.seq <= max(polled[0], self._peeked.get(key, 0)):
+            if (stream.mode == "ohlcv" and news.seq <= polled[0]) or \
+                    self._peeked.get(key) == (polled[0], news.seq):
                 continue  # nothing new since the poll or the last peek
-            self._peeked[key] = news.seq
+            self._peeked[key] = (polled[0], news.seq)
             ctx = ParseContext(symbol, tf, self.name, now_ms, spelling.has_volume)
             moved = (self._with_candles(polled, news, ctx) if stream.mode == "ohlcv"
                      else self._with_trades(polled, news, ctx))
@@ -265,22 +267,26 @@ class CcxtSource(ProviderSource):
 
     @staticmethod
     def _with_trades(polled: tuple[int, list[Bar]], news: MarketNews, ctx: ParseContext) -> list[Bar]:
-        """The polled bars with the trades received since folded in: a trade moves its
-        bar's high, low and close and adds its amount to the volume; a trade in a newer
-        period opens that bar (open = its price). The next poll corrects them."""
+        """The polled bars with the streamed trades they do not hold folded in (oldest
+        first): a trade moves its bar's high, low and close and adds its amount to the
+        volume; a trade in a newer period opens that bar (open = its price). ``[]`` when
+        there is nothing to fold. The next poll corrects them."""
         seq, polled_bars = polled
+        tf, latest, last = ctx.tf, ctx.tf.floor(ctx.now_ms), polled_bars[-1]
+        trades = sorted((t for t in news.trades if last.t <= tf.floor(t.ts) <= latest),
+                        key=lambda t: (t.ts, t.key))
+        fold = trades[in_poll(trades, last, tf, news, seq):]
+        if not fold:
+            return []
         bars = [replace(b) for b in polled_bars]
-        tf, latest = ctx.tf, ctx.tf.floor(ctx.now_ms)
-        for ts, price, amount, s in news.trades:
-            period, last = tf.floor(ts), bars[-1]
-            if s <= seq or period < last.t or period > latest:
-                continue  # before the poll, for an older bar, or ahead of our clock
-            if period == last.t:
-                last.h, last.l, last.c = max(last.h, price), min(last.l, price), price
-                last.v = None if last.v is None else last.v + amount
+        for trade in fold:
+            period, bar = tf.floor(trade.ts), bars[-1]
+            if period == bar.t:
+                bar.h, bar.l, bar.c = max(bar.h, trade.price), min(bar.l, trade.price), trade.price
+                bar.v = None if bar.v is None else bar.v + trade.amount
             else:
-                bars.append(Bar(ctx.symbol, tf.name, period, price, price, price, price,
-                                amount if ctx.has_volume else None, ctx.src))
+                bars.append(Bar(ctx.symbol, tf.name, period, trade.price, trade.price, trade.price,
+                                trade.price, trade.amount if ctx.has_volume else None, ctx.src))
         return finish(bars, ctx)[-3:]
 
     # -- history ---------------------------------------------------------------
@@ -322,6 +328,29 @@ class CcxtSource(ProviderSource):
         if self._stream is not None:
             out["stream"] = self._stream.status()
         return out
+
+
+def in_poll(trades: Sequence[Trade], polled: Bar, tf: Timeframe, news: MarketNews, seq: int) -> int:
+    """How many of ``trades`` (of ``polled``'s period and later, oldest first) the polled
+    forming bar already holds: they lead the list, as the exchange counts them in order.
+
+    When the stream has seen every trade since before the bar opened, the bar's volume
+    says: the trades of its period whose running total stays within it (a trade at the
+    poll's edge is counted by the poll or by the stream, never both nor neither, whichever
+    side of the answer it arrived). Otherwise (a stream that joined mid-bar, no volume) the
+    poll holds the trades that arrived before it answered (stream ``seq``) and any older.
+    """
+    own = [t for t in trades if t.ts < polled.t + tf.ms]
+    if polled.v is not None and news.unbroken_since is not None and news.unbroken_since < polled.t:
+        total, room, held = 0.0, polled.v * (1 + 1e-9) + 1e-12, 0
+        for trade in own:
+            total += trade.amount
+            if total > room:
+                break
+            held += 1
+        return held
+    newest = max((t.ts for t in own if t.seq <= seq), default=None)
+    return 0 if newest is None else sum(1 for t in own if t.ts <= newest)
 
 
 def make_exchange(config: CcxtSettings, provider: ProviderSettings) -> Any:
