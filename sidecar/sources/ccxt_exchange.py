@@ -15,9 +15,11 @@ has, so it fills what the stream missed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,16 +32,20 @@ from sidecar.settings import Settings
 from sidecar.sources._http import ProviderSource, closed_between, settle
 from sidecar.sources._parsing import ParseContext, finish
 from sidecar.sources.base import HistoryLimits, LatestResult
-from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews
+from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews, Trade
 from sidecar.sources.ccxt_support import (
     CcxtSettings,
+    any_candle,
     cached_markets,
+    check_markets,
     classify,
+    holds_candles,
     read_markets_file,
     rebase_urls,
     request_limit,
     retry_after,
     rows_to_bars,
+    streams_by_lowercase_id,
     write_markets_cache,
 )
 from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
@@ -53,6 +59,10 @@ MAX_CATCHUP = 30
 LOOKBACK_CANDLES = {"kraken": 720}
 log = logging.getLogger("sidecar.sources.ccxt")
 T = TypeVar("T")
+#: The decoded answers of the requests the current task's ccxt call made (set around the
+#: call, appended by the exchange's response hook). A context variable, not ccxt's
+#: ``last_json_response``: the polls of several symbols share one exchange at once.
+_ANSWERS: ContextVar[list[Any] | None] = ContextVar("ccxt_answers", default=None)
 
 
 class CcxtSource(ProviderSource):
@@ -77,7 +87,8 @@ class CcxtSource(ProviderSource):
                         if stream_mode != "off" and stream_markets else None)
         #: (symbol, tf) -> (stream seq when the poll answered, its newest bars).
         self._polled: dict[tuple[str, str], tuple[int, list[Bar]]] = {}
-        self._peeked: dict[tuple[str, str], int] = {}
+        #: (symbol, tf) -> (poll seq, stream seq) of the last peek that moved the bars.
+        self._peeked: dict[tuple[str, str], tuple[int, int]] = {}
         self._newest: dict[tuple[str, str], int] = {}
 
     # -- lifecycle -------------------------------------------------------------
@@ -142,18 +153,42 @@ class CcxtSource(ProviderSource):
         except ccxt.BaseError as exc:
             raise self.note_error(classify(exc, self.name)) from None
 
-    async def _ccxt(self, call: Awaitable[T]) -> T:
-        """Await one ccxt request; its exception becomes the daemon's class (noted)."""
+    async def _ccxt(self, call: Awaitable[T], *, candles: bool = False) -> T:
+        """Await one ccxt request; its exception becomes the daemon's class (noted).
+
+        ``candles``: the call is ``fetch_ohlcv``. ccxt reads a well-formed answer of
+        another shape (``{"foo": 1}``) as no candles (or as rows of ``None``), or chokes
+        on it; when it gives no candle, the answer itself must hold a place for candles,
+        else the error is ``bad_response``.
+        """
         import ccxt
 
         self._requests += 1
+        answers: list[Any] = []
+        token = _ANSWERS.set(answers)
         try:
-            return await call
+            result = await call
         except ccxt.BaseError as exc:
             err = classify(exc, self.name)
         except Exception as exc:  # ccxt choking on a body it did not expect
-            err = ProviderError("bad_response", f"{type(exc).__name__}: {str(exc)[:200]}", source=self.name)
+            err = (self._not_candles(answers) if candles else None) or ProviderError(
+                "bad_response", f"{type(exc).__name__}: {str(exc)[:200]}", source=self.name)
+        else:
+            wrong = self._not_candles(answers) if candles and not any_candle(result) else None
+            if wrong is None:
+                return result
+            err = wrong
+        finally:
+            _ANSWERS.reset(token)
         raise self.note_error(err, retry_after=retry_after(self.exchange.last_response_headers))
+
+    def _not_candles(self, answers: list[Any]) -> ProviderError | None:
+        """``bad_response`` when the last answer has no place for candles, else ``None``."""
+        if not answers or holds_candles(answers[-1]):
+            return None
+        text = json.dumps(answers[-1], default=str)
+        return ProviderError("bad_response", f"{self.config.exchange_id} answered no candles: "
+                                             f"{text[:120]}", source=self.name)
 
     # -- polls -----------------------------------------------------------------
     def refresh_interval_s(self, symbols: int) -> float:
@@ -172,7 +207,7 @@ class CcxtSource(ProviderSource):
             since = max(floor - MAX_CATCHUP * tf.ms, min(since, newest))
         self.take_budget()
         rows = await self._ccxt(self.exchange.fetch_ohlcv(spelling.ticker, tf.name, since,
-                                                          (floor - since) // tf.ms + 1))
+                                                          (floor - since) // tf.ms + 1), candles=True)
         ctx = ParseContext(symbol, tf, self.name, now_ms, spelling.has_volume)
         bars = [b for b in rows_to_bars(rows, ctx) if b.t >= since]
         if bars:
@@ -180,7 +215,7 @@ class CcxtSource(ProviderSource):
             self._newest[key] = bars[-1].t
             self._polled[key] = (seq, bars[-3:])
             if self._stream is not None:
-                self._stream.forget(spelling.ticker, seq)
+                self._stream.forget(spelling.ticker, bars[-1].t)
         return bars
 
     async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
@@ -208,9 +243,10 @@ class CcxtSource(ProviderSource):
             news = stream.news.get(spelling.ticker) if spelling is not None else None
             if polled is None or spelling is None or news is None:
                 continue
-            if news.seq <= max(polled[0], self._peeked.get(key, 0)):
+            if (stream.mode == "ohlcv" and news.seq <= polled[0]) or \
+                    self._peeked.get(key) == (polled[0], news.seq):
                 continue  # nothing new since the poll or the last peek
-            self._peeked[key] = news.seq
+            self._peeked[key] = (polled[0], news.seq)
             ctx = ParseContext(symbol, tf, self.name, now_ms, spelling.has_volume)
             moved = (self._with_candles(polled, news, ctx) if stream.mode == "ohlcv"
                      else self._with_trades(polled, news, ctx))
@@ -231,22 +267,26 @@ class CcxtSource(ProviderSource):
 
     @staticmethod
     def _with_trades(polled: tuple[int, list[Bar]], news: MarketNews, ctx: ParseContext) -> list[Bar]:
-        """The polled bars with the trades received since folded in: a trade moves its
-        bar's high, low and close and adds its amount to the volume; a trade in a newer
-        period opens that bar (open = its price). The next poll corrects them."""
+        """The polled bars with the streamed trades they do not hold folded in (oldest
+        first): a trade moves its bar's high, low and close and adds its amount to the
+        volume; a trade in a newer period opens that bar (open = its price). ``[]`` when
+        there is nothing to fold. The next poll corrects them."""
         seq, polled_bars = polled
+        tf, latest, last = ctx.tf, ctx.tf.floor(ctx.now_ms), polled_bars[-1]
+        trades = sorted((t for t in news.trades if last.t <= tf.floor(t.ts) <= latest),
+                        key=lambda t: (t.ts, t.key))
+        fold = trades[in_poll(trades, last, tf, news, seq):]
+        if not fold:
+            return []
         bars = [replace(b) for b in polled_bars]
-        tf, latest = ctx.tf, ctx.tf.floor(ctx.now_ms)
-        for ts, price, amount, s in news.trades:
-            period, last = tf.floor(ts), bars[-1]
-            if s <= seq or period < last.t or period > latest:
-                continue  # before the poll, for an older bar, or ahead of our clock
-            if period == last.t:
-                last.h, last.l, last.c = max(last.h, price), min(last.l, price), price
-                last.v = None if last.v is None else last.v + amount
+        for trade in fold:
+            period, bar = tf.floor(trade.ts), bars[-1]
+            if period == bar.t:
+                bar.h, bar.l, bar.c = max(bar.h, trade.price), min(bar.l, trade.price), trade.price
+                bar.v = None if bar.v is None else bar.v + trade.amount
             else:
-                bars.append(Bar(ctx.symbol, tf.name, period, price, price, price, price,
-                                amount if ctx.has_volume else None, ctx.src))
+                bars.append(Bar(ctx.symbol, tf.name, period, trade.price, trade.price, trade.price,
+                                trade.price, trade.amount if ctx.has_volume else None, ctx.src))
         return finish(bars, ctx)[-3:]
 
     # -- history ---------------------------------------------------------------
@@ -273,7 +313,8 @@ class CcxtSource(ProviderSource):
                     raise self.budget.exhausted()
                 break
             limit = min(per_request, -(-(end_ms - since) // tf.ms))
-            rows = await self._ccxt(self.exchange.fetch_ohlcv(spelling.ticker, tf.name, since, limit))
+            rows = await self._ccxt(self.exchange.fetch_ohlcv(spelling.ticker, tf.name, since, limit),
+                                    candles=True)
             page = [b for b in rows_to_bars(rows, ctx) if b.t >= since]
             if not page:
                 break
@@ -289,6 +330,29 @@ class CcxtSource(ProviderSource):
         return out
 
 
+def in_poll(trades: Sequence[Trade], polled: Bar, tf: Timeframe, news: MarketNews, seq: int) -> int:
+    """How many of ``trades`` (of ``polled``'s period and later, oldest first) the polled
+    forming bar already holds: they lead the list, as the exchange counts them in order.
+
+    When the stream has seen every trade since before the bar opened, the bar's volume
+    says: the trades of its period whose running total stays within it (a trade at the
+    poll's edge is counted by the poll or by the stream, never both nor neither, whichever
+    side of the answer it arrived). Otherwise (a stream that joined mid-bar, no volume) the
+    poll holds the trades that arrived before it answered (stream ``seq``) and any older.
+    """
+    own = [t for t in trades if t.ts < polled.t + tf.ms]
+    if polled.v is not None and news.unbroken_since is not None and news.unbroken_since < polled.t:
+        total, room, held = 0.0, polled.v * (1 + 1e-9) + 1e-12, 0
+        for trade in own:
+            total += trade.amount
+            if total > room:
+                break
+            held += 1
+        return held
+    newest = max((t.ts for t in own if t.seq <= seq), default=None)
+    return 0 if newest is None else sum(1 for t in own if t.ts <= newest)
+
+
 def make_exchange(config: CcxtSettings, provider: ProviderSettings) -> Any:
     """The ccxt exchange object (ccxt.pro's class when it has one), its URLs rebased."""
     import ccxt
@@ -302,15 +366,18 @@ def make_exchange(config: CcxtSettings, provider: ProviderSettings) -> Any:
                          "api": rebase_urls(exchange.urls.get("api"), config.base_url, config.ws_url)}
     handle_errors = exchange.handle_errors
 
-    def refuse_non_json(code: int, reason: str, url: str, method: str, headers: Any, body: Any,
-                        response: Any, *rest: Any) -> Any:
+    def on_response(code: int, reason: str, url: str, method: str, headers: Any, body: Any,
+                    response: Any, *rest: Any) -> Any:
         # ccxt hands a body that is not JSON on as text, which parses to no candles at all.
         if response is None and body and int(code) < 400:
             raise ccxt.BadResponse(f"{config.exchange_id} {method} {url}: body is not JSON: "
                                    f"{str(body)[:80]!r}")
+        answers = _ANSWERS.get()
+        if answers is not None:  # what the call's shape check reads (CcxtSource._ccxt)
+            answers.append(response)
         return handle_errors(code, reason, url, method, headers, body, response, *rest)
 
-    exchange.handle_errors = refuse_non_json
+    exchange.handle_errors = on_response
     return exchange
 
 
@@ -340,10 +407,14 @@ def build(settings: Settings, env: Mapping[str, str], exchange_id: str) -> CcxtS
         raise ConfigError("SIDECAR_SOURCES", f"ccxt:{exchange_id}: ccxt has no exchange {exchange_id!r}")
     provider = ProviderSettings.from_env(env)
     config = CcxtSettings.from_env(env, exchange_id)
-    markets = (None if config.markets_file is None else
-               read_markets_file(config.markets_file, f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"))
+    setting = f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"
+    markets = None if config.markets_file is None else read_markets_file(config.markets_file, setting)
     symbols = load_symbol_map(provider.symbols_file)
     exchange = make_exchange(config, provider)
+    mode = stream_mode(config, exchange, settings.timeframe)
+    if markets is not None and config.markets_file is not None:
+        check_markets(markets, config.markets_file, setting,
+                      lowercase_id=mode != "off" and streams_by_lowercase_id(exchange))
     name = f"ccxt:{exchange_id}"
     rate_ms = max(float(exchange.rateLimit or 1000.0), 1.0)
     budget = RateBudget(name, per_second=max(1, int(1000 / rate_ms)),
@@ -351,5 +422,5 @@ def build(settings: Settings, env: Mapping[str, str], exchange_id: str) -> CcxtS
     tickers = [p.ticker for s in settings.symbols if (p := symbols.for_source(name, s)) is not None]
     return CcxtSource(provider, symbols, budget, exchange=exchange, config=config,
                       cache_dir=settings.data_dir / "ccxt", markets=markets,
-                      stream_mode=stream_mode(config, exchange, settings.timeframe),
+                      stream_mode=mode,
                       stream_markets=tickers, stream_tf=settings.timeframe.name)

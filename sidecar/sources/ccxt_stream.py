@@ -27,14 +27,30 @@ KEEP_TRADES = 20_000
 MAX_BACKOFF_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """One streamed trade: the exchange's time, price and amount, its key (the trade id,
+    else time, price and amount) and the stream's sequence number when it arrived."""
+
+    ts: int
+    price: float
+    amount: float
+    key: str
+    seq: int
+
+
 @dataclass(slots=True)
 class MarketNews:
     """What the stream brought for one market. ``candles``: open time -> (row, seq);
-    ``trades``: ``(ts_ms, price, amount, seq)`` in arrival order. ``connected``: it
-    answered since its last failure; ``failing``: it failed since its last answer."""
+    ``trades``: each trade once (by key), in arrival order; ``unbroken_since``: the time
+    of the first trade since the stream last (re)connected, so every trade after it was
+    seen. ``connected``: it answered since its last failure; ``failing``: it failed
+    since its last answer."""
 
     candles: dict[int, tuple[list[float], int]] = field(default_factory=dict)
-    trades: list[tuple[int, float, float, int]] = field(default_factory=list)
+    trades: list[Trade] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)
+    unbroken_since: int | None = None
     seq: int = 0
     connected: bool = False
     failing: bool = False
@@ -101,6 +117,7 @@ class ExchangeStream:
                     log.warning("stream dropped", extra={"source": self.name, "market": market,
                                                          "error": self._last_error, "retry_s": delay})
                 news.connected, news.failing = False, True
+                news.unbroken_since = None  # trades may be missed until it is back
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 self._reconnects += 1
@@ -135,15 +152,28 @@ class ExchangeStream:
                 amount = float(trade["amount"]) if trade.get("amount") is not None else 0.0
             except (KeyError, TypeError, ValueError, OverflowError):
                 continue
-            if math.isfinite(price) and price > 0 and math.isfinite(amount) and amount >= 0:
-                news.trades.append((ts, price, amount, seq))
-        del news.trades[:-KEEP_TRADES]
+            if not (math.isfinite(price) and price > 0 and math.isfinite(amount) and amount >= 0):
+                continue
+            key = str(trade["id"]) if trade.get("id") is not None else f"{ts}:{price!r}:{amount!r}"
+            if key in news.keys:
+                continue  # delivered again (a resubscription): counted once
+            news.keys.add(key)
+            news.trades.append(Trade(ts, price, amount, key, seq))
+            if news.unbroken_since is None:
+                news.unbroken_since = ts
+        if len(news.trades) > KEEP_TRADES:
+            self._keep(news, news.trades[-KEEP_TRADES:])
 
-    def forget(self, market: str, seq: int) -> None:
-        """Drop the trades that arrived up to ``seq`` (a poll answered after them)."""
+    def forget(self, market: str, before_ms: int) -> None:
+        """Drop the trades older than ``before_ms`` (the forming bar a poll answered)."""
         news = self.news.get(market)
-        if news is not None and news.trades:
-            news.trades = [t for t in news.trades if t[3] > seq]
+        if news is not None and news.trades and news.trades[0].ts < before_ms:
+            self._keep(news, [t for t in news.trades if t.ts >= before_ms])
+
+    @staticmethod
+    def _keep(news: MarketNews, trades: list[Trade]) -> None:
+        news.trades = trades
+        news.keys = {t.key for t in trades}
 
     def status(self) -> dict[str, Any]:
         """Facts for ``/health``."""

@@ -148,6 +148,38 @@ def read_markets_file(path: Path, setting: str) -> list[dict[str, Any]]:
     return data
 
 
+#: ccxt.pro classes (and their subclasses) that name a market's streams by its ``lowercaseId``.
+LOWERCASE_ID_STREAMS = ("binance", "htx")
+
+
+def streams_by_lowercase_id(exchange: Any) -> bool:
+    """True when ``exchange`` subscribes to a market's streams by its ``lowercaseId``."""
+    import ccxt.pro
+
+    classes = [getattr(ccxt.pro, name, None) for name in LOWERCASE_ID_STREAMS]
+    return isinstance(exchange, tuple(c for c in classes if isinstance(c, type)))
+
+
+def check_markets(markets: list[dict[str, Any]], path: Path, setting: str, *,
+                  lowercase_id: bool) -> None:
+    """``ConfigError`` naming ``setting`` and the field when a market of a hand-built file
+    lacks what ccxt reads without a default: ``linear`` and ``inverse`` on a contract
+    market (its endpoints and streams follow them), ``lowercaseId`` when ``lowercase_id``
+    (the exchange's streams are named by it)."""
+    for i, market in enumerate(markets):
+        needed = []
+        if market.get("contract") or market.get("type") in ("swap", "future", "delivery", "option"):
+            needed += [f for f in ("linear", "inverse") if not isinstance(market.get(f), bool)]
+        if lowercase_id and not isinstance(market.get("lowercaseId"), str):
+            needed.append("lowercaseId")
+        if needed:
+            why = ("a contract market's endpoints and streams follow 'linear'/'inverse'"
+                   if "linear" in needed or "inverse" in needed else
+                   "the exchange names its streams by 'lowercaseId'")
+            raise ConfigError(setting, f"{path}: market {i} ({market['symbol']}) lacks "
+                                       f"{', '.join(repr(f) for f in needed)} ({why})")
+
+
 def cached_markets(path: Path, max_age_s: float = MARKETS_MAX_AGE_S) -> list[dict[str, Any]] | None:
     """The markets cached at ``path`` if younger than ``max_age_s`` and readable, else ``None``."""
     try:
@@ -188,6 +220,28 @@ def rows_to_bars(rows: Any, ctx: ParseContext) -> list[Bar]:
             continue
         bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
     return finish(bars, ctx)
+
+
+#: Keys whose lists are an exchange's errors or warnings, never candles.
+NOT_CANDLE_KEYS = ("error", "warning", "message", "msg")
+
+
+def holds_candles(answer: Any, depth: int = 4) -> bool:
+    """True when a decoded ``fetch_ohlcv`` answer has a place for candles: a list, at most
+    ``depth`` objects down and not under an error or warning key, that is empty or holds
+    only candle rows (arrays of at least five values, or objects)."""
+    if isinstance(answer, list):
+        return all(isinstance(r, dict) or (isinstance(r, list) and len(r) >= 5) for r in answer)
+    if isinstance(answer, dict) and depth > 0:
+        return any(holds_candles(v, depth - 1) for k, v in answer.items()
+                   if not any(word in str(k).lower() for word in NOT_CANDLE_KEYS))
+    return False
+
+
+def any_candle(rows: Any) -> bool:
+    """True when ccxt's ``fetch_ohlcv`` result has a row with a time and four prices."""
+    return isinstance(rows, list) and any(
+        isinstance(r, list | tuple) and len(r) >= 5 and all(x is not None for x in r[:5]) for r in rows)
 
 
 def request_limit(exchange: Any, market: Mapping[str, Any], default: int = 500) -> int:

@@ -4,7 +4,9 @@ REST: answers by URL path only (queries carry time-dependent values), with the
 captured bodies of ``sidecar/tests/fixtures/ccxt`` or scripted :class:`Reply`s;
 every request is recorded. Websocket: any path upgraded to a websocket is a stream;
 text frames from the client are recorded as subscriptions (answered the way Binance
-acknowledges them), ``send`` pushes messages to every client, ``drop`` closes them.
+acknowledges them; Kraken's pings are answered with its pong), ``send`` pushes
+messages to the clients (under one path, or all), ``drop`` closes them, and while
+``refuse_streams`` is set an upgrade is answered 503 (the exchange's stream is down).
 
 Use: ``ex = FakeExchange(); await ex.start(); ex.route("/api/v3/klines", Reply(...))``
 with ``SIDECAR_CCXT_BASE_URL_<ID>=ex.base_url``, ``SIDECAR_CCXT_WS_URL_<ID>=ex.ws_url``.
@@ -55,6 +57,8 @@ class FakeExchange(FakeProviders):
         self.responders_by_path: dict[str, Callable[[Seen], Reply]] = {}
         self.subscriptions: list[Any] = []
         self.ws_paths: list[str] = []
+        self.refuse_streams = False
+        self._socket_path: dict[web.WebSocketResponse, str] = {}
 
     @property
     def ws_url(self) -> str:
@@ -87,34 +91,47 @@ class FakeExchange(FakeProviders):
             return web.Response(status=404, text="no fake answer configured")
         return await self._send(request, reply)
 
-    async def _stream(self, request: web.Request) -> web.WebSocketResponse:
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        if self.refuse_streams:
+            return web.Response(status=503, text="stream unavailable")
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self.ws_paths.append(request.path)
         self._sockets.add(ws)
+        self._socket_path[ws] = request.path
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     break
                 sub = json.loads(msg.data)
+                if isinstance(sub, dict) and "ping" in (sub.get("event"), sub.get("method")):
+                    key = "event" if "event" in sub else "method"  # Kraken's v1 / v2 keep-alive
+                    await ws.send_str(json.dumps({key: "pong", "req_id": sub.get("req_id")}))
+                    continue
                 self.subscriptions.append(sub)
                 if isinstance(sub, dict) and "id" in sub:
                     await ws.send_str(json.dumps({"result": None, "id": sub["id"]}))
         finally:
             self._sockets.discard(ws)
+            self._socket_path.pop(ws, None)
         return ws
 
-    async def send(self, *messages: Any) -> None:
-        """Push ``messages`` (JSON) to every connected stream client."""
-        for ws in list(self._sockets):
+    def _clients(self, path: str | None) -> list[web.WebSocketResponse]:
+        return [ws for ws in list(self._sockets)
+                if path is None or self._socket_path.get(ws, "").startswith(path)]
+
+    async def send(self, *messages: Any, path: str | None = None) -> None:
+        """Push ``messages`` (JSON) to the stream clients whose path starts with ``path`` (``None``: all)."""
+        for ws in self._clients(path):
             for message in messages:
                 await ws.send_str(json.dumps(message))
 
-    async def drop(self) -> None:
-        """Close every stream connection (the exchange dropped them)."""
-        for ws in list(self._sockets):
+    async def drop(self, path: str | None = None) -> None:
+        """Close the stream connections whose path starts with ``path`` (``None``: all):
+        the exchange dropped them."""
+        for ws in self._clients(path):
             await ws.close()
-        self._sockets.clear()
+            self._sockets.discard(ws)
 
     async def wait_subscribed(self, timeout_s: float = 10.0, count: int = 1) -> None:
         """Until ``count`` subscriptions in all arrived and a client is connected."""

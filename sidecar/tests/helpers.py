@@ -6,6 +6,7 @@ Test modules import these as ``sidecar.tests.helpers``; no test module imports a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,19 @@ def scan(env: dict[str, str]) -> list[dict[str, Any]]:
     out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json"], cwd=REPO, env=env,
                          capture_output=True, timeout=30, check=True)
     return [json.loads(line) for line in out.stdout.decode().splitlines()]
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str,
+                     every_s: float = 0.3) -> Any:
+    """Await ``check()`` every ``every_s`` until it gives a true value (returned); fail
+    naming ``what`` when ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(every_s)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def tail(path: Path, lines: int = 60) -> str:

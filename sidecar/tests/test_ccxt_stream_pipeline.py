@@ -27,6 +27,7 @@ from sidecar.sources.ccxt_exchange import CcxtSource
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.fake_exchange import FakeExchange, exchange, markets_file  # noqa: F401
 from sidecar.tests.fake_providers import Reply, Seen
+from sidecar.timeframe import Timeframe
 
 pytest.importorskip("ccxt")
 
@@ -224,3 +225,64 @@ async def test_trades_fold_into_the_forming_bar_between_polls(
     finally:
         await source.close()
         await pipe.drain()
+
+
+def trade(i: int, ts: int, price: str, amount: str) -> dict[str, Any]:
+    return {"e": "trade", "E": ts, "s": "BTCUSDT", "t": i, "p": price, "q": amount, "T": ts, "m": True}
+
+
+@pytest.mark.asyncio
+async def test_a_trade_at_a_poll_boundary_is_counted_once(exchange: FakeExchange, tmp_path: Path) -> None:
+    """The polled forming bar's volume tells which streamed trades it holds: a trade the
+    poll counted but the stream delivers after the answer is not added again, and one the
+    stream delivered before an answer made without it is not dropped."""
+    source = make_source(exchange, tmp_path, "trades")
+    tf = Timeframe.parse("1m")
+    stored = series(T)
+    klines = "/api/v3/klines"
+    try:
+        await source.start()
+        await source.markets_ready()
+        await exchange.wait_subscribed()
+        news = source._stream.news["BTC/USDT"]  # type: ignore[union-attr]
+
+        async def delivered(*trades: dict[str, Any]) -> None:
+            await exchange.send(*trades)
+            await until(lambda: {t["t"] for t in trades} <= {int(x.key) for x in news.trades},
+                        f"trades {[t['t'] for t in trades]}")
+
+        # The stream is up before minute T opens: it sees every trade of T.
+        await delivered(trade(0, T - 2_000, "109.0", "0.5"), trade(1, T + 1_000, "110.0", "1.0"),
+                        trade(2, T + 5_000, "110.5", "1.0"))
+        # The exchange answers the poll after trade 3 (T+19.5 s), before it reaches the stream.
+        exchange.responders_by_path[klines] = responder(stored, (110.0, 110.5, 110.0, 110.25, 2.5))
+        bars = (await source.fetch_latest(["BTCUSD"], tf, T + 20_000))["BTCUSD"]
+        assert isinstance(bars, list) and (bars[-1].t, bars[-1].v) == (T, 2.5)
+        await delivered(trade(3, T + 19_500, "110.25", "0.5"))
+        assert source.peek_latest(["BTCUSD"], tf, T + 20_500) == {}  # the poll has it: nothing to add
+        await delivered(trade(4, T + 20_500, "111.0", "0.25"), trade(3, T + 19_500, "110.25", "0.5"))
+        bar = source.peek_latest(["BTCUSD"], tf, T + 21_000)["BTCUSD"][-1]
+        assert (bar.t, bar.h, bar.l, bar.c, bar.v) == (T, 111.0, 110.0, 111.0, 2.75)  # trade 4 once
+
+        # Trade 5 reaches the stream before the next answer, which the exchange made without it.
+        await delivered(trade(5, T + 30_000, "109.0", "0.125"))
+        exchange.responders_by_path[klines] = responder(stored, (110.0, 111.0, 110.0, 111.0, 2.75))
+        bars = (await source.fetch_latest(["BTCUSD"], tf, T + 31_000))["BTCUSD"]
+        assert isinstance(bars, list) and (bars[-1].c, bars[-1].v) == (111.0, 2.75)
+        bar = source.peek_latest(["BTCUSD"], tf, T + 31_500)["BTCUSD"][-1]
+        assert (bar.t, bar.h, bar.l, bar.c, bar.v) == (T, 111.0, 109.0, 109.0, 2.875)  # not missed
+        assert [t.key for t in news.trades] == ["1", "2", "3", "4", "5"]  # older ones forgotten
+
+        # A stream that joined mid-bar cannot vouch for the whole bar: the trades that
+        # arrived before the answer, and any older, are the poll's.
+        await exchange.drop()
+        await until(lambda: news.unbroken_since is None, "the drop")
+        await exchange.wait_subscribed(count=len(exchange.subscriptions) + 1, timeout_s=10.0)
+        await delivered(trade(6, T + 40_000, "112.0", "0.5"))
+        exchange.responders_by_path[klines] = responder(stored, (110.0, 112.0, 109.0, 112.0, 3.375))
+        await source.fetch_latest(["BTCUSD"], tf, T + 41_000)
+        await delivered(trade(7, T + 39_000, "111.5", "0.5"), trade(8, T + 41_500, "108.5", "0.25"))
+        bar = source.peek_latest(["BTCUSD"], tf, T + 42_000)["BTCUSD"][-1]
+        assert (bar.h, bar.l, bar.c, bar.v) == (112.0, 108.5, 108.5, 3.625)  # trade 8 only
+    finally:
+        await source.close()

@@ -146,6 +146,41 @@ async def test_error_bodies_and_statuses_give_the_right_class(
         await source.close()
 
 
+KLINES = {"binance": "/api/v3/klines", "kraken": "/0/public/OHLC"}
+
+
+@pytest.mark.parametrize(("exchange_id", "body", "empty_ok"), [
+    ("binance", {"foo": 1}, False),
+    ("binance", [[1706630400000, "1.0"]], False),  # rows, but not candles
+    ("binance", {"code": 0, "data": None}, False),
+    ("binance", [], True),
+    ("kraken", {"foo": 1}, False),
+    ("kraken", {"error": [], "result": {}}, False),  # an empty error list is no place for candles
+    ("kraken", {"error": [], "result": {"XBTUSDT": [], "last": 1706630400}}, True),
+])
+async def test_a_well_formed_answer_of_the_wrong_shape_is_a_bad_response(
+        exchange: FakeExchange, tmp_path: Path, exchange_id: str, body: Any, empty_ok: bool) -> None:
+    exchange.default_by_path[KLINES[exchange_id]] = Reply.json(body)
+    tf, start = Timeframe.parse("1m"), 1706630400000
+    for way in ("history", "poll"):  # a source each: kraken's budget is one request a second
+        source = make(exchange, exchange_id, tmp_path)
+        try:
+            if way == "history":
+                call: Any = source.fetch_history("BTC/USDT", tf, start, start + 180_000)
+            else:  # a poll whose every symbol failed so raises, for the circuit to count
+                call = source.fetch_latest(["BTC/USDT"], tf, int(time.time() * 1000))
+            if empty_ok:  # an empty candle list is no candles, not an error
+                assert await call in ([], {"BTC/USDT": []})
+                continue
+            with pytest.raises(ProviderError) as info:
+                await call
+            assert info.value.error_class == "bad_response" and info.value.counts_as_failure
+            assert f"{exchange_id} answered no candles: {json.dumps(body)[:40]}" in str(info.value)
+            assert "answered no candles" in source.status()["last_error"]
+        finally:
+            await source.close()
+
+
 async def test_unknown_market_fails_locally_without_a_request(exchange: FakeExchange, tmp_path: Path) -> None:
     source = make(exchange, "binance", tmp_path)
     try:
@@ -271,6 +306,35 @@ def test_bad_markets_file_and_unknown_exchange(tmp_path: Path) -> None:
     assert info.value.setting == "SIDECAR_SOURCES" and "nosuchexchange" in info.value.problem
     assert Settings.from_env({"SIDECAR_SOURCES": "ccxt:binance,ccxt:kraken,yahoo"}).sources == (
         "ccxt:binance", "ccxt:kraken", "yahoo")
+
+
+@pytest.mark.parametrize(("exchange_id", "drop", "stream", "missing"), [
+    ("binance", ("lowercaseId",), "ohlcv", "'lowercaseId'"),  # its streams are named by it
+    ("binance", ("lowercaseId",), "trades", "'lowercaseId'"),
+    ("binance", ("lowercaseId",), "off", None),  # polls do not need it
+    ("binance", ("linear",), "off", "'linear'"),  # a contract market's endpoints follow it
+    ("binance", ("linear", "inverse"), "ohlcv", "'linear', 'inverse'"),
+    ("kraken", ("lowercaseId",), "ohlcv", None),  # kraken names its streams otherwise
+])
+def test_a_hand_built_markets_file_has_what_polls_and_streams_need(
+        tmp_path: Path, exchange_id: str, drop: tuple[str, ...], stream: str, missing: str | None) -> None:
+    markets = json.loads(markets_file(exchange_id).read_text())
+    for market in markets:
+        for name in drop:
+            market.pop(name, None)
+    path = tmp_path / "markets.json"
+    path.write_text(json.dumps(markets))
+    variable = f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"
+    settings = Settings(symbols=("BTCUSD",), sources=(f"ccxt:{exchange_id}",), data_dir=tmp_path)
+    env = {variable: str(path), "SIDECAR_CCXT_STREAM": stream}
+    if missing is None:
+        source = build_source(f"ccxt:{exchange_id}", settings, env)
+        assert isinstance(source, CcxtSource) and source.status()["exchange"] == exchange_id
+        return
+    with pytest.raises(ConfigError) as info:
+        build_source(f"ccxt:{exchange_id}", settings, env)
+    assert info.value.setting == variable
+    assert f"lacks {missing}" in info.value.problem and str(path) in info.value.problem
 
 
 def test_urls_rebased_scheme_and_host_path_and_query_kept() -> None:
