@@ -13,6 +13,7 @@ and announces the cycle once all are stored.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sqlite3
@@ -34,6 +35,7 @@ from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import FeatureRow, RedisStore
+from sidecar.series import Bucket, Grid, Series, aggregate, aggregate_all
 from sidecar.settings import Settings
 from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
@@ -46,6 +48,7 @@ log = logging.getLogger("sidecar.pipeline")
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
 MACD_HIST = FEATURE_FIELDS.index("macd_hist")
+DAY_MS = 86_400_000
 #: After its market closes, a symbol is still asked this long, for its last bar's final values.
 CLOSE_GRACE_MS = 60_000
 
@@ -149,22 +152,66 @@ class SourceState:
 
 @dataclass(slots=True)
 class SymbolState:
-    engine: FeatureEngine
-    forming: Bar | None = None
-    last: Bar | None = None  # newest closed bar
+    """A symbol in the cycle: its series (the base timeframe first, then each higher
+    one, see :mod:`sidecar.series`) and how its sources and market are doing."""
+
+    #: Its series, lowest timeframe first; ``series[0]`` is the base the sources feed.
+    series: list[Series]
     updated_ms: int | None = None  # when a source last answered for this symbol
-    #: Older closed bars changed (a correction, gap repair): reopen the handles.
-    needs_rebuild: bool = False
-    #: While a rebuild reads history: every closed bar applied meanwhile, by open time
-    #: (the read may or may not see them; the rebuild lays them over what it read).
-    rebuilding: dict[int, Bar] | None = None
     via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
     expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
-    features: dict[str, Any] | None = None  # the map last written to Redis
     #: Its calendar says its market is open (always, for a symbol without a calendar).
     market_open: bool = True
     #: While closed: when its market opens next (epoch ms; ``None`` while open).
     next_open: int | None = None
+
+    @property
+    def base(self) -> Series:
+        return self.series[0]
+
+    @property
+    def higher(self) -> list[Series]:
+        return self.series[1:]
+
+    # The base series' state, as the cycle reads and writes it.
+    @property
+    def engine(self) -> FeatureEngine:
+        return self.series[0].engine
+
+    @engine.setter
+    def engine(self, value: FeatureEngine) -> None:
+        self.series[0].engine = value
+
+    @property
+    def forming(self) -> Bar | None:
+        return self.series[0].forming
+
+    @forming.setter
+    def forming(self, value: Bar | None) -> None:
+        self.series[0].forming = value
+
+    @property
+    def last(self) -> Bar | None:
+        return self.series[0].last
+
+    @last.setter
+    def last(self, value: Bar | None) -> None:
+        self.series[0].last = value
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """Some series' older closed bars changed (a correction, gap repair)."""
+        return any(s.needs_rebuild for s in self.series)
+
+    @property
+    def rebuilding(self) -> dict[int, Bar] | None:
+        """While a rebuild reads history: the base bars applied meanwhile."""
+        return self.series[0].rebuilding
+
+    @property
+    def features(self) -> dict[str, Any] | None:
+        """The base feature map last written to Redis."""
+        return self.series[0].features
 
     def stale(self, now_ms: int, stale_after_ms: int) -> bool:
         """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``;
@@ -266,12 +313,21 @@ class Pipeline:
             grids=self.grids,
             calendars=self.calendars,
         )
+        #: Every timeframe kept, lowest (the base the sources are asked for) first.
+        self.timeframes: tuple[Timeframe, ...] = settings.series_timeframes
+        #: Each symbol's grid per higher timeframe (its calendar's sessions, see :class:`Grid`).
+        self.higher_grids: dict[str, list[Grid]] = {
+            sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources))
+                  for tf in self.timeframes[1:]]
+            for sym in settings.symbols
+        }
         self.symbols: dict[str, SymbolState] = {
-            sym: SymbolState(self._engine(sym)) for sym in settings.symbols
+            sym: SymbolState(self._series(sym)) for sym in settings.symbols
         }
         self.stats = CycleStats()
         self.planner = Planner()
-        self._redis_backlog: dict[tuple[str, int], Bar] = {}
+        #: Bars Redis did not get yet, by (symbol, timeframe, open time).
+        self._redis_backlog: dict[tuple[str, str, int], Bar] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._flush_task: asyncio.Task[Any] | None = None
         self._refill_task: asyncio.Task[Any] | None = None
@@ -281,18 +337,29 @@ class Pipeline:
         #: A shard says which shard it is and which symbols it owns (README "Shards").
         self._shard_info: dict[str, Any] = {} if settings.shard is None else {
             "shard": settings.shard, "shards": settings.shards, "owned": list(settings.symbols)}
-        self.meta: dict[str, Any] = {"tf": self.tf.name, "symbols": list(settings.symbols),
+        self.meta: dict[str, Any] = {"tf": self.tf.name, "tfs": [tf.name for tf in self.timeframes],
+                                     "symbols": list(settings.symbols),
                                      "pid": self._pid, "http_port": settings.http_port,
                                      **self._shard_info,
                                      "started_at": int(time.time() * 1000)}
 
-    def _engine(self, symbol: str) -> FeatureEngine:
-        """A fresh feature engine; VWAP anchored at SIDECAR_SESSION_ANCHOR if set, else at
-        the symbol's own session open (its calendar), else at 00:00 UTC."""
+    def _engine(self, symbol: str, tf: Timeframe | None = None) -> FeatureEngine:
+        """A fresh feature engine (on the base timeframe unless ``tf``); VWAP anchored at
+        SIDECAR_SESSION_ANCHOR if set, else at the symbol's own session open (its
+        calendar), else at 00:00 UTC."""
         anchor = self.settings.session_anchor_min
         calendar = self.calendars.get(symbol)
         sessions = calendar.session_bounds if anchor is None and calendar is not None else None
-        return FeatureEngine(symbol, self.tf.name, self.settings.periods, anchor or 0, sessions)
+        return FeatureEngine(symbol, (tf or self.tf).name, self.settings.periods, anchor or 0, sessions)
+
+    def _series(self, symbol: str) -> list[Series]:
+        """The symbol's series, base first, each higher one linked as the next one's ``up``."""
+        out = [Series(symbol, self.tf, self._engine(symbol))]
+        for tf, grid in zip(self.timeframes[1:], self.higher_grids[symbol], strict=True):
+            out.append(Series(symbol, tf, self._engine(symbol, tf), grid, self.tf.ms))
+        for lower, upper in itertools.pairwise(out[1:]):
+            lower.up = upper
+        return out
 
     # -- start-up ---------------------------------------------------------------
     async def write_meta(self) -> None:
@@ -336,6 +403,69 @@ class Pipeline:
             st.last = closed[-1] if closed else None
             st.forming = forming[-1] if forming else None
             self.validator.prime(sym, closed[-(self.settings.correction_window_bars + 2):] + forming)
+            if st.higher:
+                await self._warm_higher(sym, st, now_ms)
+
+    async def _warm_higher(self, symbol: str, st: SymbolState, now_ms: int) -> None:
+        """Open the higher timeframes' handles on their stored history after folding in
+        the stored base bars they lack (back-filled history, a daemon that was down),
+        and set each one's current bucket from its closed base bars.
+
+        Bars aggregated here are stored (SQLite, and Redis with the first cycle's write).
+        """
+        base = st.base
+        warm = self.settings.warm_bars
+        stored: dict[str, list[Bar]] = {}
+        since: dict[str, int] = {}
+        floor = now_ms - self.settings.retention_for(self.tf.name) * DAY_MS
+        for ser in st.higher:
+            bars = [b for b in await self.store.last_bars(symbol, ser.tf.name, warm) if not b.forming]
+            stored[ser.tf.name] = bars
+            # From the newest stored bar's bucket on (a daily bucket opens up to a day before its stamp).
+            if bars:
+                since[ser.tf.name] = bars[-1].t - (DAY_MS if ser.tf.ms >= DAY_MS else 0)
+            else:
+                since[ser.tf.name] = max(floor, now_ms - warm * ser.tf.ms)
+        newest_base = base.last.t if base.last is not None else None
+        base_bars: list[Bar] = []
+        if newest_base is not None:
+            base_bars = [b for b in await self.store.bars_between(symbol, self.tf.name, min(since.values()),
+                                                                  newest_base + 1) if not b.forming]
+        base_forming = base.forming
+        made: list[Bar] = []
+        for ser in st.higher:
+            grid = ser.grid
+            assert grid is not None
+            tf, lo = ser.tf.name, since[ser.tf.name]
+            groups = [g for g in aggregate_all(grid, symbol, (b for b in base_bars if b.t >= lo))
+                      if g[0].lo >= lo]
+            current: tuple[Bucket, list[Bar]] | None = None
+            if groups:
+                bucket, parts = groups[-1]
+                complete = (parts[-1].t + self.tf.ms >= bucket.end
+                            or (base_forming is not None and base_forming.t >= bucket.hi)
+                            or (base_forming is None and now_ms >= bucket.end + self.tf.ms))
+                if not complete:
+                    current = groups.pop()
+            history = {b.t: b for b in stored[tf]}
+            for bucket, parts in groups:
+                bar = aggregate(symbol, tf, bucket.t, parts)
+                old = history.get(bar.t)
+                if old is None or not old.same_values(bar):
+                    made.append(bar)
+                history[bar.t] = bar
+            closed = [history[t] for t in sorted(history)][-warm:] if warm else []
+            ser.engine.load(closed)
+            ser.last = closed[-1] if closed else None
+            done_hi = groups[-1][0].hi if groups else -1
+            if current is not None:
+                ser.restart(current[0], current[1], done_hi)
+            else:
+                ser.restart(None, [], done_hi)
+            ser.view(base_forming)
+        if made:
+            self.store.add(made)
+            self._backlog(made)
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
@@ -367,11 +497,18 @@ class Pipeline:
             # One flush at a time: a locked or slow database must not pile up tasks.
             self._flush_task = self._spawn(self.store.flush())
         for sym, st in self.symbols.items():
-            if st.needs_rebuild and st.rebuilding is None:
+            if st.rebuilding is None and st.needs_rebuild:
                 # One rebuild per symbol at a time; a change meanwhile starts the next one.
-                st.needs_rebuild = False
-                st.rebuilding = {}
-                self._spawn(self._rebuild(sym))
+                todo = [ser for ser in st.series if ser.needs_rebuild]
+                dirty: dict[str, list[Bucket]] = {}
+                for ser in todo:
+                    ser.needs_rebuild = False
+                    if ser.dirty:
+                        dirty[ser.tf.name] = list(ser.dirty.values())
+                        ser.dirty = {}
+                for ser in st.series:
+                    ser.rebuilding = {}
+                self._spawn(self._rebuild(sym, todo, dirty))
 
         stats = self.stats
         stats.cycles += 1
@@ -399,7 +536,7 @@ class Pipeline:
                     to_store.extend(self._apply(st, accepted, outcome.verdict))
         symbols = list(answers)
         cycle.updated += symbols
-        features = self._features(symbols, now_ms)
+        features = self._features(symbols, now_ms, to_store)
         cycle.features += len(features)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
@@ -496,8 +633,8 @@ class Pipeline:
                 continue
             closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
                          forming.c, forming.v, forming.src, False, forming.synthetic)
-            self._close(st, closed)
             stored.append(closed)
+            stored += self._close(st, closed)
         if stored:
             self.store.add(stored)
             self._backlog(stored)  # the cycle's final write carries them
@@ -599,72 +736,98 @@ class Pipeline:
         state.last_error_ms = now_ms
 
     def _apply(self, st: SymbolState, bar: Bar, verdict: Verdict) -> list[Bar]:
-        """Fold an accepted bar into the symbol's series; returns the bars to store."""
-        forming = st.forming
-        if verdict is Verdict.CORRECTION:
-            st.needs_rebuild = True
-            if st.rebuilding is not None:
-                st.rebuilding[bar.t] = bar
+        """Fold an accepted bar into the symbol's series; returns the bars to store
+        (higher timeframes' bars that closed with it included)."""
+        base = st.base
+        forming = base.forming
+        if verdict is Verdict.CORRECTION or (
+                not (forming is not None and bar.t == forming.t)
+                and base.last is not None and bar.t <= base.last.t):
+            # A correction, or a revision of the newest closed bar: values change, the
+            # handles are rebuilt and every higher bar containing it re-aggregated.
+            base.revise(bar)
+            if st.higher:
+                st.higher[0].mark_dirty(bar.t)
             return [bar]
         if forming is not None and bar.t == forming.t:
             if bar.forming:
-                st.forming = bar
-            else:
-                self._close(st, bar)
-            return [bar]
-        if st.last is not None and bar.t <= st.last.t:
-            # A revision of the newest closed bar: values change, handles must be rebuilt.
-            st.last = bar
-            st.needs_rebuild = True
-            if st.rebuilding is not None:
-                st.rebuilding[bar.t] = bar
-            return [bar]
+                base.forming = bar
+                return [bar]
+            return [bar, *self._close(st, bar)]
         stored: list[Bar] = []
         if forming is not None:
             # A newer bar closes the forming one with its last revision.
             closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
                          forming.c, forming.v, forming.src, False, forming.synthetic)
-            self._close(st, closed)
             stored.append(closed)
+            stored += self._close(st, closed)
         if bar.forming:
-            st.forming = bar
+            base.forming = bar
+            stored.append(bar)
         else:
-            self._close(st, bar)
-        stored.append(bar)
+            stored.append(bar)
+            stored += self._close(st, bar)
         return stored
 
     @staticmethod
-    def _close(st: SymbolState, bar: Bar) -> None:
-        """Commit a closed bar to the symbol's handles (and to a rebuild in flight)."""
-        st.engine.update(bar)
-        st.last, st.forming = bar, None
-        if st.rebuilding is not None:
-            st.rebuilding[bar.t] = bar
+    def _close(st: SymbolState, bar: Bar) -> list[Bar]:
+        """Commit a closed base bar to the symbol's handles (and to a rebuild in flight)
+        and fold it upward; returns the higher bars that closed with it."""
+        st.base.close(bar)
+        return st.higher[0].fold(bar) if st.higher else []
 
-    def _features(self, symbols: list[str], now_ms: int) -> list[FeatureRow]:
-        """The feature maps of ``symbols`` (those with a bar), packed for Redis; while a
-        symbol's market is closed, its map is kept until shortly after the market opens."""
+    def _advance(self, st: SymbolState, now_ms: int) -> list[Bar]:
+        """Bring the higher timeframes up to the base's forming bar: close complete
+        buckets, set each forming bar; returns the bars that closed."""
+        out: list[Bar] = []
+        base_forming = st.base.forming
+        for ser in st.higher:
+            out += ser.settle(now_ms, base_forming)
+            ser.view(base_forming)
+        return out
+
+    def _features(self, symbols: list[str], now_ms: int, stored: list[Bar] | None = None) -> list[FeatureRow]:
+        """The feature maps of ``symbols`` on every timeframe (those with a bar), packed
+        for Redis; while a symbol's market is closed, its maps are kept until shortly
+        after the market opens.
+
+        The higher timeframes are brought up to the base first (:meth:`_advance`):
+        the bars that closed go to ``stored``, and so do their forming bars when
+        ``stored`` is given (the symbols a source answered for).
+        """
         out: list[FeatureRow] = []
         ttl = self.redis.features_ttl_ms
         stale_after = self.settings.stale_after_ms
-        tf = self.tf.name
         states = self.symbols
+        settled: list[Bar] = []
         for sym in symbols:
             st = states[sym]
-            bar = st.forming or st.last
-            if bar is None:
-                continue
-            engine = st.engine
-            values: Values = engine.peek(bar) if bar.forming else engine.closed_values
-            fmap = features_map(
-                bar, values, now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
-                # The histogram one bar back, so a reader sees a zero crossing in one read.
-                macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
-                market_open=st.market_open, next_open=st.next_open,
-            )
-            st.features = fmap
+            if st.higher:
+                settled += self._advance(st, now_ms)
+                if stored is not None:
+                    stored += [ser.forming for ser in st.higher if ser.forming is not None]
+            stale = st.stale(now_ms, stale_after)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
-            out.append((tf, sym, pack_features(fmap), hold))
+            for ser in st.series:
+                bar = ser.forming or ser.last
+                if bar is None:
+                    continue
+                engine = ser.engine
+                values: Values = engine.peek(bar) if bar.forming else engine.closed_values
+                fmap = features_map(
+                    bar, values, now_ms, stale, updated_at=st.updated_ms, via=st.via,
+                    # The histogram one bar back, so a reader sees a zero crossing in one read.
+                    macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
+                    market_open=st.market_open, next_open=st.next_open,
+                )
+                ser.features = fmap
+                out.append((ser.tf.name, sym, pack_features(fmap), hold))
+        if settled:
+            if stored is not None:
+                stored += settled
+            else:
+                self.store.add(settled)
+                self._backlog(settled)  # the cycle's final write carries them
         return out
 
     async def _write_chunk(
@@ -694,7 +857,7 @@ class Pipeline:
         announced = cycle.features + len(features)
         features = features + cycle.unwritten
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
-                     "tf": self.tf.name, "symbols": len(self.symbols),
+                     "tf": self.tf.name, "tfs": self.meta["tfs"], "symbols": len(self.symbols),
                      "cycle_ms": round(stats.last_duration_ms, 3), **self._shard_info}
         announce = {"cycle": stats.cycles, "t": now_ms, "tick": tick_ms, "tf": self.tf.name,
                     "features": announced,
@@ -708,8 +871,8 @@ class Pipeline:
             log.info("redis is back", extra={"rewritten_bars": len(bars)})
         for b in bars:
             # Written; a newer revision buffered meanwhile (none can be, today) would stay.
-            if self._redis_backlog.get((b.symbol, b.t)) is b:
-                del self._redis_backlog[(b.symbol, b.t)]
+            if self._redis_backlog.get(b.key) is b:
+                del self._redis_backlog[b.key]
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
@@ -722,11 +885,11 @@ class Pipeline:
         """Keep bars Redis did not get (a newer revision replaces an older one)."""
         backlog = self._redis_backlog
         for b in bars:
-            backlog[(b.symbol, b.t)] = b
+            backlog[b.key] = b
         if len(backlog) > MAX_REDIS_BACKLOG:
             # SQLite still has them; Redis is refilled from there on recovery, even
             # when it comes back with its data (its meta key does not tell of these).
-            for key in sorted(backlog, key=lambda k: k[1])[:-MAX_REDIS_BACKLOG]:
+            for key in sorted(backlog, key=lambda k: k[2])[:-MAX_REDIS_BACKLOG]:
                 del backlog[key]
             if not self._refill_needed:
                 log.warning("redis backlog full: the oldest bars wait in sqlite for a refill",
@@ -757,8 +920,9 @@ class Pipeline:
             await self.store.flush()
             total = 0
             for sym in self.symbols:
-                total += (await reconcile(sym, self.tf.name, self.redis, self.store,
-                                          self.settings.bars_cap)).to_redis
+                for tf in self.timeframes:
+                    total += (await reconcile(sym, tf.name, self.redis, self.store,
+                                              self.settings.bars_cap)).to_redis
         except (RedisError, OSError, sqlite3.Error) as exc:
             log.error("redis refill failed; will retry", extra={"error": str(exc)})
             return
@@ -780,44 +944,100 @@ class Pipeline:
     def history_changed(self, symbol: str) -> None:
         """Older closed bars of ``symbol`` changed in the stores (gap repair): its
         feature handles are reopened on the stored history after the next cycle."""
-        self.symbols[symbol].needs_rebuild = True
+        self.symbols[symbol].base.needs_rebuild = True
 
-    async def _rebuild(self, symbol: str) -> None:
-        """Reopen a symbol's handles after older closed bars changed (a correction, gap repair).
+    async def _history(self, symbol: str, tf: str, n: int) -> list[Bar]:
+        """The newest ``n`` stored bars of a series, from Redis (SQLite if Redis fails)."""
+        try:
+            return await self.redis.recent_bars(symbol, tf, n)
+        except (RedisError, OSError):
+            await self.store.flush()
+            return await self.store.last_bars(symbol, tf, n)
 
-        The history is read from Redis (SQLite if Redis fails) while cycles go on, so
-        the read may miss what they apply meanwhile. Nothing is lost or counted twice:
-        the new handles are opened, without an ``await`` between, on the read bars
-        overlaid with the bars Redis still owes (the backlog) and every closed bar
-        applied since the rebuild started (:attr:`SymbolState.rebuilding`), up to
-        the symbol's newest closed bar.
+    async def _history_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
+        """The stored bars of a series from ``t_ms`` on, from Redis (SQLite if Redis fails)."""
+        try:
+            return await self.redis.bars_since(symbol, tf, t_ms)
+        except (RedisError, OSError):
+            await self.store.flush()
+            return await self.store.bars_between(symbol, tf, t_ms, 2**62)
+
+    async def _rebuild(self, symbol: str, todo: list[Series], dirty: dict[str, list[Bucket]]) -> None:
+        """Reopen the handles of ``todo`` (a symbol's series whose older closed bars
+        changed: a correction, gap repair) after re-aggregating the higher buckets in
+        ``dirty`` (by timeframe) from the stored base bars.
+
+        History is read from Redis (SQLite if Redis fails) while cycles go on, so the
+        reads may miss what they apply meanwhile. Nothing is lost or counted twice: the
+        buckets are re-aggregated and the new handles opened, without an ``await``
+        between, on the read bars overlaid with the bars Redis still owes (the backlog)
+        and every closed bar applied since the rebuild started (:attr:`Series.rebuilding`),
+        up to each series' newest closed bar. A re-aggregated bar is stored like any
+        other (SQLite, and Redis with the next cycle's write).
         """
         st = self.symbols[symbol]
+        warm = self.settings.warm_bars
+        reads: dict[str, list[Bar]] = {}
+        base_span: list[Bar] = []
         try:
-            try:
-                bars = await self.redis.recent_bars(symbol, self.tf.name, self.settings.warm_bars)
-            except (RedisError, OSError):
-                await self.store.flush()
-                bars = await self.store.last_bars(symbol, self.tf.name, self.settings.warm_bars)
+            for ser in todo:
+                reads[ser.tf.name] = await self._history(symbol, ser.tf.name, warm)
+            span_lo = min((b.lo for buckets in dirty.values() for b in buckets), default=None)
+            if span_lo is not None:
+                base_span = await self._history_since(symbol, self.tf.name, span_lo)
         except BaseException:
-            st.needs_rebuild = True  # tried again after the next cycle
-            st.rebuilding = None
+            for ser in todo:
+                ser.needs_rebuild = True  # tried again after the next cycle
+                for b in dirty.get(ser.tf.name, ()):
+                    ser.dirty.setdefault(b.lo, b)
+            for ser in st.series:
+                ser.rebuilding = None
             raise
-        applied = st.rebuilding or {}
-        series = {b.t: b for b in bars}
-        for (sym, t), b in self._redis_backlog.items():
-            if sym == symbol:
-                series[t] = b
-        series.update(applied)
-        newest = st.last.t if st.last is not None else -1
-        closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
-        if len(closed) > self.settings.warm_bars:
-            closed = closed[-self.settings.warm_bars:]
-        engine = self._engine(symbol)
-        engine.load(closed)
-        st.engine = engine
-        st.rebuilding = None
-        log.info("features rebuilt", extra={"symbol": symbol, "bars": len(closed)})
+        base = st.base
+        backlog = self._redis_backlog
+        fixed: list[Bar] = []
+        if dirty:
+            known = {b.t: b for b in base_span}
+            for (sym, tf, t), kept in backlog.items():
+                if sym == symbol and tf == base.tf.name:
+                    known[t] = kept
+            known.update(base.rebuilding or {})
+            newest_base = base.last.t if base.last is not None else -1
+            ordered = [known[t] for t in sorted(known) if t <= newest_base and not known[t].forming]
+            for ser in st.higher:
+                for bucket in sorted(dirty.get(ser.tf.name, ()), key=lambda b: b.lo):
+                    parts = [b for b in ordered if bucket.lo <= b.t < bucket.hi]
+                    if ser.bucket is not None and ser.bucket.lo == bucket.lo:
+                        ser.restart(bucket, parts, 0)  # the current bucket: its aggregate so far
+                        continue
+                    if not parts:
+                        continue
+                    bar = aggregate(symbol, ser.tf.name, bucket.t, parts)
+                    fixed.append(bar)
+                    if ser.rebuilding is not None:
+                        ser.rebuilding[bar.t] = bar
+                    if ser.last is not None and ser.last.t == bar.t:
+                        ser.last = bar
+        for ser in todo:
+            tf = ser.tf.name
+            series = {b.t: b for b in reads[tf]}
+            for (sym, btf, t), kept in backlog.items():
+                if sym == symbol and btf == tf:
+                    series[t] = kept
+            series.update(ser.rebuilding or {})
+            newest = ser.last.t if ser.last is not None else -1
+            closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
+            if len(closed) > warm:
+                closed = closed[-warm:]
+            engine = self._engine(symbol, ser.tf)
+            engine.load(closed)
+            ser.engine = engine
+            log.info("features rebuilt", extra={"symbol": symbol, "tf": tf, "bars": len(closed)})
+        for ser in st.series:
+            ser.rebuilding = None
+        if fixed:
+            self.store.add(fixed)
+            self._backlog(fixed)  # the next cycle's final write carries them
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
