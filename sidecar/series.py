@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sidecar.bar import Bar
@@ -152,7 +153,7 @@ class Series:
         self.last: Bar | None = None  # newest closed bar
         self.needs_rebuild = False
         self.rebuilding: dict[int, Bar] | None = None
-        self.features: dict[str, object] | None = None  # the map last written to Redis
+        self.features: dict[str, Any] | None = None  # the map last written to Redis
         #: The aggregate of the closed base bars of the current bucket, and how many.
         self.acc: Bar | None = None
         self.bucket: Bucket | None = None

@@ -367,6 +367,8 @@ async def test_provider_fixtures_against_the_daemons_aggregation(
                               ParseContext("AAPL", tfs[2], "yahoo", ms("2020-01-10T00:00:00Z"), True))
     assert all(b.t % DAY == 0 for b in yahoo_daily) and daily.t % DAY == 0
 
+    await scanner_health_and_metrics(pipe)
+
     polygon, _ = parse_aggs(fixture("polygon/aggs_AAPL_1hour_2024-04-29_DELAYED_extended_hours.json"), 200,
                          ParseContext("AAPL", tfs[1], "polygon", ms("2024-05-01T00:00:00Z"), True))
     grid = Grid(tfs[1], get_calendar("XNYS"))
@@ -375,3 +377,35 @@ async def test_provider_fixtures_against_the_daemons_aggregation(
     assert len(own_starts) == 7 and all(datetime.fromtimestamp(t / 1000, UTC).minute == 30 for t in own_starts)
     assert polygon and all(b.t % 3_600_000 == 0 for b in polygon)
     assert not own_starts & {b.t for b in polygon}
+
+
+async def scanner_health_and_metrics(pipe: Pipeline) -> None:
+    """The scanner reads every timeframe in one ``MGET``; ``/health`` and ``/metrics``
+    show each timeframe of each symbol."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sidecar.app.health import health_report
+    from sidecar.app.http import DaemonView, _PipelineCollector
+    from sidecar.app.ticker import SecondTicker
+    from sidecar.scanner import Scanner
+
+    scanner = Scanner(pipe.redis.redis, "tfs", "1m", stale_after_ms=10**12)
+    before = (await pipe.redis.redis.info("commandstats")).get("cmdstat_mget", {}).get("calls", 0)
+    rows = await scanner.read(["AAPL", "NOPE"], timeframes=["1m", "1h", "1d"])
+    after = (await pipe.redis.redis.info("commandstats"))["cmdstat_mget"]["calls"]
+    assert after - before == 1
+    assert [(r["symbol"], r["tf"]) for r in rows] == [(s, tf) for s in ("AAPL", "NOPE") for tf in ("1m", "1h", "1d")]
+    assert [r["t"] for r in rows[:3]] == [(await features_of(pipe, "AAPL", tf))["t"] for tf in ("1m", "1h", "1d")]
+    assert all(r.get("missing") for r in rows[3:])
+
+    ticker = SecondTicker()
+    report = health_report(pipe, ticker, ready=True)
+    assert report["timeframes"] == ["1m", "1h", "1d"]
+    per_tf = report["symbols"]["AAPL"]["timeframes"]
+    assert list(per_tf) == ["1m", "1h", "1d"]
+    assert per_tf["1d"]["newest_bar_t"] == ms("2024-10-02T00:00:00Z")
+    registry = CollectorRegistry()
+    registry.register(_PipelineCollector(DaemonView(pipe, ticker, ready=True)))
+    text = generate_latest(registry).decode()
+    for tf in ("1m", "1h", "1d"):
+        assert f'sidecar_series_forming{{symbol="AAPL",tf="{tf}"}}' in text
