@@ -25,6 +25,7 @@ RSS at start and end of the run. A PNG plots cycle time vs N.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -86,8 +87,17 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     store = BarStore(settings.sqlite_file)
     await store.open()
     now = int(time.time() * 1000)
+    base_start = now - now % 60_000 - HISTORY_BARS * 60_000
     for i in range(n):  # history that the fake market continues exactly
-        await store.write_history(fake_market.history(i, now, HISTORY_BARS))
+        base_history = fake_market.history(i, now, HISTORY_BARS)
+        await store.write_history(base_history)
+        for tf in tfs[1:]:
+            # Enough stored bars of each higher timeframe for its handles to open at warm-up
+            # (as after a day of running), ending where the base history begins.
+            first = base_start - base_start % tf.ms
+            await store.write_history([
+                dataclasses.replace(b, tf=tf.name, t=first - (HISTORY_BARS - k) * tf.ms)
+                for k, b in enumerate(base_history)])
     pipeline = Pipeline(settings, [source], redis_store, store, circuits)
     await source.start()
     worker = await start_for([source], settings.parse_process, n)
