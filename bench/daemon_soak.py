@@ -14,46 +14,25 @@ verdict: the test suite checks only what does not depend on the machine's speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench._common import cli, table
+from bench._common import cli, daemon_health, free_port, table, terminate
 
 NAME = "daemon_soak"
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_EVERY_S = 5.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _health(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-            return dict(json.loads(resp.read()))
-    except urllib.error.HTTPError as exc:
-        return dict(json.loads(exc.read()))
-    except OSError:
-        return None
-
-
 def measure(symbols: int, warm_up_s: float, seconds: float) -> dict[str, Any]:
     """Run the daemon for ``warm_up_s + seconds`` and sample its ``/health``."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="sidecar-soak-") as data:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SIDECAR_") and not k.endswith("_API_KEY")}
@@ -64,23 +43,18 @@ def measure(symbols: int, warm_up_s: float, seconds: float) -> dict[str, Any]:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
-            while (h := _health(port)) is None or not h["ready"]:
+            while (h := daemon_health(port)) is None or not h["ready"]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the daemon did not become ready (exit {proc.poll()})")
                 time.sleep(0.2)
             time.sleep(warm_up_s)
-            samples = [_health(port)]
+            samples = [daemon_health(port)]
             end_at = time.monotonic() + seconds
             while time.monotonic() < end_at:
                 time.sleep(min(SAMPLE_EVERY_S, max(0.0, end_at - time.monotonic())))
-                samples.append(_health(port))
+                samples.append(daemon_health(port))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 60)
     got = [s for s in samples if s is not None]
     warm, end = got[0], got[-1]
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-DAY_MS = 86_400_000
+from sidecar.timeframe import DAY_MS
+
 #: The calendar of symbols that trade around the clock (crypto).
 ALWAYS_OPEN = "24/7"
 #: The FX week: Sunday 17:00 to Friday 17:00 New York.

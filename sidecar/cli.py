@@ -1,15 +1,17 @@
-"""``sidecar {run,scan,status,backfill,fetch,symbols}`` (also ``python -m sidecar ...``)."""
+"""``sidecar {run,scan,status,backfill,fetch,symbols,config}`` (also ``python -m sidecar ...``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from sidecar.config import Configuration
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.settings import SYMBOL_RE, Settings
 from sidecar.timeframe import Timeframe
@@ -24,9 +26,18 @@ FEATURE_COLUMNS = ("symbol", "broker", "tf", "t", "close", "rsi", "ema", "bb_low
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="The market-data daemon and its clients "
                                 "(also: python -m sidecar).")
+    config_help = "TOML configuration file (default: SIDECAR_CONFIG); the environment overrides it"
+    p.add_argument("--config", metavar="PATH", help=config_help)
+    # Also after the command (``sidecar run --config x``); SUPPRESS keeps the one given before.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon in the foreground")
-    scan = sub.add_parser("scan", help="print the current features from Redis")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    command("run", help="run the daemon in the foreground")
+    scan = command("scan", help="print the current features from Redis")
     scan.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
     scan.add_argument("--timeframe", help="default: the base timeframe (the lowest of SIDECAR_TIMEFRAMES)")
     scan.add_argument("--timeframes", help="several, comma-separated (e.g. 1m,1h): one MGET for all")
@@ -34,23 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--signals", action="store_true",
                       help="print the signals of the rules in SIDECAR_SIGNAL_* instead of the table")
     scan.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
-    status = sub.add_parser("status", help="is the daemon alive: its heartbeat and meta from Redis "
+    status = command("status", help="is the daemon alive: its heartbeat and meta from Redis "
                                            "(exit 0 alive, 1 not)")
     status.add_argument("--json", action="store_true", help="one JSON object")
-    bf = sub.add_parser("backfill", help="fill SQLite (and Redis) with history, then exit")
+    bf = command("backfill", help="fill SQLite (and Redis) with history, then exit")
     bf.add_argument("--days", type=int, help="default: SIDECAR_BOOTSTRAP_DAYS")
-    fetch = sub.add_parser("fetch", help="one request through a source; prints bars as JSON lines")
+    fetch = command("fetch", help="one request through a source; prints bars as JSON lines")
     fetch.add_argument("source")
     fetch.add_argument("symbol")
     fetch.add_argument("--timeframe", default=None)
     fetch.add_argument("--start", help="ISO 8601, UTC if no zone; a date alone is that day's start")
     fetch.add_argument("--end", help="ISO 8601, UTC if no zone, exclusive; a date alone includes that "
                                      "day (--start D --end D: the bars of day D)")
-    syms = sub.add_parser("symbols", help="print the symbol mapping: asset class, broker and "
+    syms = command("symbols", help="print the symbol mapping: asset class, broker and "
                                           "provider spellings")
     syms.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
     syms.add_argument("--all", action="store_true", help="also every entry of the mapping file")
     syms.add_argument("--json", action="store_true", help="one JSON object per symbol")
+    conf = command("config", help="print the effective configuration: each setting, its value "
+                                  "(secrets masked) and where it came from (default, file, env, .env)")
+    conf.add_argument("--json", action="store_true", help="one JSON object per setting")
+    conf.add_argument("--reference", action="store_true",
+                      help="print the configuration reference (docs/configuration.md) instead")
     return p
 
 
@@ -85,8 +101,17 @@ def _iso_ms(text: str, flag: str, *, end: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code (2: bad configuration, naming where it came from)."""
     args = _parser().parse_args(argv)
+    config: Configuration | None = None
     try:
+        if args.command == "config" and args.reference:
+            from sidecar.config_reference import reference_markdown
+
+            print(reference_markdown(), end="")
+            return 0
+        config = Configuration.load(args.config, os.environ)
+        config.apply(os.environ)
         settings = Settings.from_env()
         from sidecar.logs import setup_logging
 
@@ -108,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_fetch(settings, args))
         if args.command == "symbols":
             return _symbols(settings, args)
+        if args.command == "config":
+            return _config(config, as_json=args.json)
     except ConfigError as exc:
-        print(f"sidecar: bad configuration: {exc}", file=sys.stderr)
+        where = config.locate(exc.setting) if config is not None else exc.setting
+        print(f"sidecar: bad configuration: {where}: {exc.problem}", file=sys.stderr)
         return 2
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
@@ -288,7 +316,8 @@ def _with_tf(settings: Settings, tf: str) -> Settings:
 
 async def _backfill(settings: Settings, days: int | None) -> int:
     from sidecar.app.bootstrap import DAY_MS, backfill_symbol
-    from sidecar.app.daemon import BACKFILL_BUDGET_WAIT_S, build_sources, open_redis
+    from sidecar.app.daemon import build_sources, open_redis
+    from sidecar.app.warmup import BUDGET_WAIT_S as BACKFILL_BUDGET_WAIT_S
     from sidecar.sources.base import series_grid
     from sidecar.sqlite_store import BarStore
 
@@ -323,8 +352,6 @@ async def _backfill(settings: Settings, days: int | None) -> int:
 
 
 async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
-    import os
-
     from sidecar.fetch import run_fetch
 
     try:
@@ -342,8 +369,6 @@ SYMBOL_COLUMNS = ("symbol", "asset_class", "broker", "yahoo", "alphavantage", "t
 
 def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     """The mapping of the configured (or given) symbols, as the daemon and the scanner use it."""
-    import os
-
     from sidecar.provider_settings import ProviderSettings
     from sidecar.symbols import load_symbol_map
 
@@ -353,7 +378,16 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     symbols = _symbols_arg(args.symbols, settings)
     if args.all:
         symbols += [s for s in symbol_map if s not in symbols]
-    rows = [symbol_map.entry(sym).as_dict() for sym in symbols]
+    # Each configured ccxt exchange gets its own column; without one, the default spelling.
+    exchanges = [s for s in settings.sources if s.startswith("ccxt:")]
+    rows = []
+    for sym in symbols:
+        row = symbol_map.entry(sym).as_dict()
+        for name in exchanges:
+            spelling = symbol_map.for_source(name, sym)
+            row[name] = None if spelling is None else spelling.ticker
+        rows.append(row)
+    columns = (*SYMBOL_COLUMNS[:-1], *(exchanges or ["ccxt"]), SYMBOL_COLUMNS[-1])
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -362,13 +396,34 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     def cell(value: Any) -> str:
         if value is None:
             return "-"  # cannot serve (or no session: the clock's grid)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "from" in value:
             return f"{value['from']}/{value['to']}"
+        if isinstance(value, dict):  # the ccxt table: its default spelling
+            return cell(value.get("default"))
         return str(value)
 
     print(f"mapping: {symbol_map.path}", file=sys.stderr, flush=True)
-    table = [list(SYMBOL_COLUMNS)] + [[cell(row[c]) for c in SYMBOL_COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(SYMBOL_COLUMNS))]
+    table = [list(columns)] + [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _config(config: Configuration, *, as_json: bool) -> int:
+    """Every setting's effective value (secrets masked) and where it came from."""
+    from sidecar.config import effective_rows
+
+    rows = effective_rows(config, os.environ)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"configuration file: {config.file or '- (--config PATH or SIDECAR_CONFIG)'}")
+    print(f"secrets file: {config.dotenv or '- (.env in the working directory)'}")
+    widths = [max(len(r[c]) for r in [*rows, {"variable": "variable", "value": "value"}])
+              for c in ("variable", "value")]
+    print(f"{'variable':<{widths[0]}}  {'value':<{widths[1]}}  from")
+    for row in rows:
+        print(f"{row['variable']:<{widths[0]}}  {row['value']:<{widths[1]}}  {row['from']}")
     return 0

@@ -24,8 +24,7 @@ from talib import stream
 
 from sidecar.bar import Bar, pack_msgpack
 from sidecar.settings import IndicatorPeriods
-
-DAY_MS = 86_400_000
+from sidecar.timeframe import DAY_MS
 
 #: Feature fields in the order :meth:`FeatureEngine.values` returns them.
 FEATURE_FIELDS: tuple[str, ...] = (

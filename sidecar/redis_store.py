@@ -43,7 +43,7 @@ from sidecar.keys import SCHEMA_VERSION, Keys, bucket_of
 
 log = logging.getLogger("sidecar.redis")
 
-__all__ = ["SCHEMA_VERSION", "Keys", "RedisStore", "connect", "open_client"]
+__all__ = ["SCHEMA_VERSION", "Keys", "PartialWrite", "RedisStore", "connect", "open_client"]
 
 _WRITE_CYCLE_LUA = """
 -- KEYS[1]: heartbeat key, KEYS[2]: meta key; or, on a cluster, KEYS[1]: a key of the
@@ -94,6 +94,32 @@ AnyRedis = Redis | RedisCluster
 FeatureRow = tuple[str, str, bytes, int]
 
 
+class PartialWrite(RedisError):
+    """Some buckets of a cluster write failed (their slot's master is down or failing
+    over): :attr:`bars` and :attr:`features` were not written, the rest was."""
+
+    def __init__(self, cause: BaseException, bars: list[Bar],
+                 features: list[FeatureRow | tuple[str, str, bytes]], failed: int, buckets: int) -> None:
+        super().__init__(f"{failed} of {buckets} cluster buckets not written: {cause}")
+        self.cause = cause
+        self.bars = bars
+        self.features: list[FeatureRow] = [(row[0], row[1], row[2], row[3] if len(row) > 3 else 0)
+                                            for row in features]
+        self.failed = failed
+
+
+class _Bucket:
+    """The part of a cluster write that goes to one bucket's slot."""
+
+    __slots__ = ("bars", "feats", "flat", "rows")
+
+    def __init__(self) -> None:
+        self.bars: list[Bar] = []
+        self.rows: list[FeatureRow | tuple[str, str, bytes]] = []
+        self.flat: list[Any] = []
+        self.feats: list[Any] = []
+
+
 def redis_refusal(exc: RedisError) -> str | None:
     """Why Redis refused us for good (a password or certificate problem), else ``None``.
 
@@ -101,7 +127,8 @@ def redis_refusal(exc: RedisError) -> str | None:
     waits); one that rejects our credentials will not change its mind.
     """
     text = str(exc)
-    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+    if (isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS"))
+            or "called with the client already authenticated" in text):  # HELLO without a password
         return f"Redis refused the credentials: {text}"
     if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
         return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
@@ -266,32 +293,71 @@ class RedisStore:
         publish: dict[str, Any] | None,
     ) -> bool:
         """:meth:`write_cycle` on a cluster: one script call per bucket (each touches one
-        slot), all at once, then the heartbeat and announcement once they completed."""
+        slot), all at once, then the heartbeat and announcement once they completed.
+
+        Buckets whose slot's master fails (a failover in progress) do not stop the
+        others: their bars and features come back in :class:`PartialWrite`, and the
+        heartbeat is still written (the symbols of the other slots are fresh) but the
+        cycle is not announced."""
         keys = self.keys
-        groups: dict[int, tuple[list[Any], list[Any]]] = {}
+        groups: dict[int, _Bucket] = {}
         for b in bars:
-            key = keys.bars(b.tf, b.symbol)
-            groups.setdefault(bucket_of(b.symbol), ([], []))[0].extend((key, b.t, b.pack()))
+            n = bucket_of(b.symbol)
+            bucket = groups.get(n) or groups.setdefault(n, _Bucket())
+            bucket.bars.append(b)
+            bucket.flat.extend((keys.bars(b.tf, b.symbol), b.t, b.pack()))
         for row in features:
-            tf, sym, payload = row[0], row[1], row[2]
-            groups.setdefault(bucket_of(sym), ([], []))[1].extend(
-                (keys.features(tf, sym), payload, row[3] if len(row) > 3 else 0))
+            sym = row[1]
+            n = bucket_of(sym)
+            bucket = groups.get(n) or groups.setdefault(n, _Bucket())
+            bucket.rows.append(row)
+            bucket.feats.extend((keys.features(row[0], sym), row[2], row[3] if len(row) > 3 else 0))
         head: list[Any] = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, b""]
-        calls = [
-            self._script(keys=[str(flat[0] if flat else feats[0])],
-                         args=[*head, msgpack.packb(flat, use_bin_type=False),
-                               msgpack.packb(feats, use_bin_type=False), keys.cycles_channel, b""])
-            for flat, feats in groups.values()
-        ]
-        if calls:
-            await asyncio.gather(*calls)
-        if heartbeat is None and publish is None:
-            return True
-        hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
-        message = msgpack.packb(publish) if publish is not None else b""
-        empty = msgpack.packb([])
-        args = [*head[:3], hb, empty, empty, keys.cycles_channel, message]
-        return bool(await self._script(keys=[keys.heartbeat, keys.meta], args=args))
+        failed = await self._write_buckets(list(groups.values()), head)
+        if failed:
+            # The client rebuilds its slot map when a node fails, cutting the commands in
+            # flight on the others: one more round, and only the failing slots remain.
+            failed = await self._write_buckets([g for g, _ in failed], head)
+        has_meta = True
+        if heartbeat is not None or publish is not None:
+            hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+            message = msgpack.packb(publish) if publish is not None and not failed else b""
+            empty = msgpack.packb([])
+            args = [*head[:3], hb, empty, empty, keys.cycles_channel, message]
+            try:
+                has_meta = bool(await self._script(keys=[keys.heartbeat, keys.meta], args=args))
+            except (RedisError, OSError) as exc:
+                if not failed:
+                    raise
+                log.debug("heartbeat not written either", extra={"error": str(exc)})
+        if failed:
+            raise PartialWrite(failed[0][1], [b for g, _ in failed for b in g.bars],
+                               [r for g, _ in failed for r in g.rows], len(failed), len(groups))
+        return has_meta
+
+    async def _write_buckets(self, buckets: list[_Bucket], head: list[Any],
+                             ) -> list[tuple[_Bucket, BaseException]]:
+        """One script call per bucket, all at once; the buckets Redis failed to write, with why."""
+        channel = self.keys.cycles_channel
+        calls = [self._script(keys=[str(g.flat[0] if g.flat else g.feats[0])],
+                              args=[*head, msgpack.packb(g.flat, use_bin_type=False),
+                                    msgpack.packb(g.feats, use_bin_type=False), channel, b""])
+                 for g in buckets]
+        failed: list[tuple[_Bucket, BaseException]] = []
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for bucket, outcome in zip(buckets, outcomes, strict=True):
+            if isinstance(outcome, (RedisError, OSError)):
+                failed.append((bucket, outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return failed
+
+    def masters(self) -> frozenset[str]:
+        """The masters of the client's current slot map (``host:port``); empty on a
+        single server. It changes when a replica took over a failed master."""
+        if isinstance(self.redis, RedisCluster):
+            return frozenset(node.name for node in self.redis.get_primaries())
+        return frozenset()
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
@@ -344,6 +410,15 @@ class RedisStore:
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1, withscores=True)
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
+
+    async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
+        """The newest ``n`` bars of each symbol, oldest first, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.zrange(self.keys.bars(tf, sym), -n, -1)
+        replies = await pipe.execute()
+        return {sym: [Bar.unpack(sym, tf, item) for item in raw if isinstance(item, bytes)]
+                for sym, raw in zip(symbols, replies, strict=True)}
 
     async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
         """The bars of a symbol with open time ``>= t_ms``, oldest first."""

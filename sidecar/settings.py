@@ -1,8 +1,10 @@
 """Daemon settings: one plain dataclass, built from the environment.
 
-Every variable is documented in README.md ("Configuration"). A bad value raises
-:class:`~sidecar.errors.ConfigError` naming the variable, and the daemon stops at
-start with that message.
+The environment is the process's, with the values of the configuration file
+filled in beneath it (:mod:`sidecar.config`). Every variable is listed in
+docs/configuration.md, which ``sidecar config --reference`` generates from the reads
+below (:func:`recording`). A bad value raises :class:`~sidecar.errors.ConfigError`
+naming the variable, and the daemon stops at start with that message.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
@@ -21,13 +26,15 @@ from sidecar.timeframe import Timeframe
 DEFAULT_SYMBOLS = ("AAPL", "MSFT", "NVDA", "EURUSD", "BTCUSD")
 DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_HTTP_PORT = 8787
+_DAY_MS = 86_400_000
 
 #: Canonical symbols: they become part of Redis keys and SQL parameters, so the
 #: charset is closed (no spaces, colons, braces, wildcards or quotes). ``\Z``, not ``$``:
 #: ``$`` also matches before a trailing newline.
 SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}\Z")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
-_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
+#: A source name: ``yahoo``, or ``ccxt:<exchange id>`` for an exchange through ccxt.
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(:[a-z][a-z0-9_]{0,31})?\Z")
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -36,10 +43,44 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "sidecar"
 
 
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """One variable as a settings reader read it: its kind, default, bounds and value."""
+
+    name: str
+    #: ``text``, ``integer``, ``number``, ``boolean`` or ``choice``.
+    kind: str
+    default: object = None
+    value: object = None
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+_N = TypeVar("_N", int, float)
+_RECORDS: ContextVar[dict[str, Definition] | None] = ContextVar("sidecar_settings_records", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[dict[str, Definition]]:
+    """Collect the :class:`Definition` of every variable a reader reads inside the block.
+
+    Reading the settings inside it lists every setting with its default and bounds
+    (the configuration reference) and the value it took (``sidecar config``).
+    """
+    records: dict[str, Definition] = {}
+    token = _RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDS.reset(token)
+
+
 class _Reader:
     """Parses typed values out of an environment mapping, naming the variable on error.
 
     Shared by every settings dataclass (:data:`EnvReader`, e.g. ``provider_settings``).
+    Inside :func:`recording` each read also notes the variable's :class:`Definition`.
     """
 
     __slots__ = ("env",)
@@ -47,57 +88,71 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
 
+    @staticmethod
+    def _note(definition: Definition) -> None:
+        records = _RECORDS.get()
+        if records is not None:
+            records[definition.name] = definition
+
     def raw(self, name: str) -> str | None:
+        """The stripped value of ``name``, or ``None`` when unset or blank."""
         value = self.env.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
+        text = None if value is None or value.strip() == "" else value.strip()
+        self._note(Definition(name, "text", value=text))
+        return text
 
     def string(self, name: str, default: str) -> str:
-        return self.raw(name) or default
-
-    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        text = self.raw(name)
-        if text is None:
-            return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(name, f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+        """The value of ``name``, or ``default``."""
+        value = self.raw(name) or default
+        self._note(Definition(name, "text", default, value))
         return value
 
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        """An integer in ``[low, high]``, or ``default``."""
+        return self._bounded(name, default, low, high, int, "integer")
+
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        """A finite number in ``[low, high]``, or ``default``."""
+        return self._bounded(name, default, low, high, float, "number")
+
+    def _bounded(self, name: str, default: _N, low: _N, high: _N, parse: Callable[[str], _N],
+                 kind: str) -> _N:
         text = self.raw(name)
         if text is None:
-            return default
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(name, f"expected a number, got {text!r}") from None
-        if not (low <= value <= high):  # also refuses NaN
-            raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+            value = default
+        else:
+            try:
+                value = parse(text)
+            except ValueError:
+                raise ConfigError(name, f"expected {'an integer' if parse is int else 'a number'}, "
+                                        f"got {text!r}") from None
+            if not (low <= value <= high):  # also refuses NaN
+                raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+        self._note(Definition(name, kind, default, value, low, high))
         return value
 
     def boolean(self, name: str, default: bool) -> bool:
+        """``1/true/yes/on`` or ``0/false/no/off`` (any case), or ``default``."""
         text = self.raw(name)
         if text is None:
-            return default
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(name, f"expected true/false, got {text!r}")
+            value = default
+        elif text.lower() in ("1", "true", "yes", "on"):
+            value = True
+        elif text.lower() in ("0", "false", "no", "off"):
+            value = False
+        else:
+            raise ConfigError(name, f"expected true/false, got {text!r}")
+        self._note(Definition(name, "boolean", default, value))
+        return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (any case), or ``default``."""
         text = self.raw(name)
-        if text is None:
-            return default
-        if text.lower() not in choices:
+        if text is not None and text.lower() not in choices:
             raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}")
-        return text.lower()
+        value = default if text is None else text.lower()
+        self._note(Definition(name, "choice", default, value, choices=choices))
+        return value
 
 
 #: The public name of the reader, for the other settings modules.
@@ -140,11 +195,13 @@ class Settings:
     bars_cap: int = 5_000
     features_ttl_ms: int = 2_000
     heartbeat_ttl_ms: int = 3_000
+    #: Connections of the one Redis pool (not configurable: the cycle's own concurrency).
     redis_pool_size: int = 20
     redis_timeout_s: float = 2.0
     redis_down_exit_s: float = 120.0
     # SQLite
     flush_interval_s: float = 10.0
+    #: A flush starts early at this many buffered bars (not configurable).
     flush_max_rows: int = 20_000
     buffer_max_rows: int = 2_000_000
     retention_days: int = 90
@@ -211,7 +268,7 @@ class Settings:
         symbols = _parse_symbols(r.raw("SIDECAR_SYMBOLS"))
         sources = _parse_sources(r.raw("SIDECAR_SOURCES"))
         timeframes = _parse_timeframes(r)
-        retention_days, retention_by_tf = _parse_retention(r.raw("SIDECAR_RETENTION_DAYS"))
+        retention_days, retention_by_tf = _parse_retention(r)
 
         redis_url = r.raw("SIDECAR_REDIS_URL")
         if redis_url is not None:
@@ -283,6 +340,11 @@ class Settings:
                 raise ConfigError("SIDECAR_HTTP_PORT", f"{http_port} + shard {shard} is past 65535")
             http_port = http_port + shard if http_port else 0
 
+        warm_bars = r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000)
+        # ``sim`` makes up its history: by default only the days the warm window spans
+        # (a demo needs features, not 90 days of made-up bars per symbol).
+        bootstrap_default = (max(1, -(-warm_bars * timeframes[0].ms // _DAY_MS)) if sources == ("sim",)
+                             else 90)
         settings = cls(
             symbols=symbols,
             sources=sources,
@@ -297,16 +359,14 @@ class Settings:
             bars_cap=r.integer("SIDECAR_BARS_CAP", 5_000, low=100, high=1_000_000),
             features_ttl_ms=r.integer("SIDECAR_FEATURES_TTL_MS", 2_000, low=500, high=3_600_000),
             heartbeat_ttl_ms=r.integer("SIDECAR_HEARTBEAT_TTL_MS", 3_000, low=1_000, high=600_000),
-            redis_pool_size=r.integer("SIDECAR_REDIS_POOL_SIZE", 20, low=2, high=1_000),
             redis_timeout_s=r.number("SIDECAR_REDIS_TIMEOUT_S", 2.0, low=0.05, high=60.0),
             redis_down_exit_s=r.number("SIDECAR_REDIS_DOWN_EXIT_S", 120.0, low=1.0, high=86_400.0),
             flush_interval_s=r.number("SIDECAR_FLUSH_INTERVAL_S", 10.0, low=0.1, high=3_600.0),
-            flush_max_rows=r.integer("SIDECAR_FLUSH_MAX_ROWS", 20_000, low=1, high=10_000_000),
             buffer_max_rows=r.integer("SIDECAR_BUFFER_MAX_ROWS", 2_000_000, low=1, high=100_000_000),
             retention_days=retention_days,
             retention_by_tf=retention_by_tf,
-            warm_bars=r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000),
-            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", 90, low=0, high=36_500),
+            warm_bars=warm_bars,
+            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", bootstrap_default, low=0, high=36_500),
             clock_skew_ms=r.integer("SIDECAR_CLOCK_SKEW_MS", 2_000, low=0, high=600_000),
             outlier_k=r.number("SIDECAR_OUTLIER_K", 15.0, low=0.0, high=1e6),
             outlier_window=r.integer("SIDECAR_OUTLIER_WINDOW", 50, low=2, high=100_000),
@@ -437,12 +497,17 @@ def _parse_timeframes(r: _Reader) -> tuple[Timeframe, ...]:
         if not same:
             raise ConfigError("SIDECAR_TIMEFRAME", f"{single!r} is not the lowest of SIDECAR_TIMEFRAMES "
                                                    f"({base.name}); set SIDECAR_TIMEFRAMES only")
+    # What ``sidecar config`` shows: the effective base and list, whichever variable set them.
+    r._note(Definition("SIDECAR_TIMEFRAME", "text", "1m", base.name))
+    r._note(Definition("SIDECAR_TIMEFRAMES", "text", None, ",".join(tf.name for tf in out)))
     return tuple(out)
 
 
-def _parse_retention(text: str | None) -> tuple[int, tuple[tuple[str, int], ...]]:
+def _parse_retention(r: _Reader) -> tuple[int, tuple[tuple[str, int], ...]]:
     """``SIDECAR_RETENTION_DAYS``: ``90`` or ``90,1d:3650,1h:365`` (a default, then per timeframe)."""
     name = "SIDECAR_RETENTION_DAYS"
+    text = r.raw(name)
+    r._note(Definition(name, "text", "90", text or "90"))
     if text is None:
         return 90, ()
     default: int | None = None

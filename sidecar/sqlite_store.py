@@ -288,6 +288,25 @@ class BarStore:
             rows = await cur.fetchall()
         return [_bar(r) for r in reversed(list(rows))]
 
+    async def tails(self, symbols: Iterable[str], tf: str, n: int) -> dict[str, list[Bar]]:
+        """The newest ``n`` stored bars of each symbol, oldest first (``[]``: none stored).
+
+        One thread call on its own read connection, so thousands of symbols cost one
+        hop rather than one per symbol (the daemon reads them at start, before any write).
+        """
+        names = list(symbols)
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? ORDER BY t DESC LIMIT ?"
+
+        def read() -> dict[str, list[Bar]]:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                return {sym: [_bar(r) for r in reversed(con.execute(sql, (sym, tf, n)).fetchall())]
+                        for sym in names}
+            finally:
+                con.close()
+
+        return await asyncio.to_thread(read)
+
     async def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
         """Stored bars with ``start <= t < end``, oldest first."""
         sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"

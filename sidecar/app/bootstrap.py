@@ -25,9 +25,9 @@ from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
-from sidecar.sources.base import DAY_MS, Source
+from sidecar.sources.base import Source
 from sidecar.sqlite_store import BarStore
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 from sidecar.validation import validate_history
 
 log = logging.getLogger("sidecar.bootstrap")
@@ -58,6 +58,8 @@ class BackfillResult:
     #: Bars the store holds in the asked range afterwards (this run's and earlier runs').
     stored: int = 0
     error: str | None = None
+    #: False when the bars could not be copied to Redis (they are in SQLite only).
+    in_redis: bool = True
     #: Why part of the range was not asked (a source's range limit), per source.
     limited: list[str] = field(default_factory=list)
 
@@ -208,18 +210,21 @@ async def backfill_symbol(
     result.got_first, result.got_last, result.stored = await store.span(
         symbol, tf.name, start_ms, end_ms)
     if redis_store is not None and result.bars:
-        await _copy_to_redis(redis_store, await store.last_bars(symbol, tf.name, redis_keep))
+        recent = await store.last_bars(symbol, tf.name, redis_keep)
+        result.in_redis = await _copy_to_redis(redis_store, recent)
     return result
 
 
-async def _copy_to_redis(redis_store: RedisStore, bars: list[Bar]) -> None:
+async def _copy_to_redis(redis_store: RedisStore, bars: list[Bar]) -> bool:
     """Copy backfilled bars to Redis; SQLite has them, so a Redis that is down only costs
-    a warning (the daemon refills Redis from SQLite once it answers)."""
+    a warning, and False (the caller has Redis refilled from SQLite once it answers)."""
     try:
         await redis_store.write_history(bars)
     except (RedisError, OSError) as exc:
         log.warning("backfill: redis unreachable; the bars are in sqlite only",
                     extra={"bars": len(bars), "error": str(exc)})
+        return False
+    return True
 
 
 async def repair_gaps(
@@ -283,7 +288,7 @@ async def repair_gaps(
         through = start
         await store.set_meta(key, str(through))
     if redis_store is not None and result.bars:
-        await _copy_to_redis(redis_store, await store.bars_between(
+        result.in_redis = await _copy_to_redis(redis_store, await store.bars_between(
             symbol, tf.name, result.got_first or 0, (result.got_last or 0) + 1))
     if todo:
         log.info("gaps repaired", extra=result.as_dict())

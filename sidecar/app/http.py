@@ -127,6 +127,16 @@ class _PipelineCollector(Collector):
             yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
                                     value=proc["open_fds"])
 
+        warmup = r["warmup"]
+        symbols = GaugeMetricFamily("sidecar_warmup_symbols",
+                                    "Symbols by warm-up state (live, warming, waiting)", labels=["state"])
+        for state in ("live", "warming", "waiting"):
+            symbols.add_metric([state], warmup[state])
+        yield symbols
+        yield GaugeMetricFamily("sidecar_warmup_done", "1 once every symbol's handles are open",
+                                value=1.0 if warmup["done"] else 0.0)
+        yield CounterMetricFamily("sidecar_warmup_history_bars", "History bars fetched at start-up",
+                                  value=warmup["history_bars"])
         yield from self._parse_worker(r["parse_worker"])
         yield from self._sources(r["sources"])
         yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))

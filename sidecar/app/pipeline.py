@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +31,11 @@ from sidecar.app.reconcile import reconcile
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.calendars import MarketCalendar, get_calendar
+from sidecar.clock import Clock, as_clock
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.rate_budget import BudgetExhausted
-from sidecar.redis_store import FeatureRow, RedisStore
+from sidecar.redis_store import FeatureRow, PartialWrite, RedisStore
 from sidecar.series import Bucket, Grid, Series, aggregate, aggregate_all
 from sidecar.settings import Settings
 from sidecar.sources.base import Source, series_grid
@@ -164,6 +165,8 @@ class SymbolState:
     market_open: bool = True
     #: While closed: when its market opens next (epoch ms; ``None`` while open).
     next_open: int | None = None
+    #: Its handles are not yet open on the warm window (start-up): the features map says so.
+    warming: bool = False
 
     @property
     def base(self) -> Series:
@@ -205,8 +208,15 @@ class SymbolState:
 
     @property
     def rebuilding(self) -> dict[int, Bar] | None:
-        """While a rebuild reads history: the base bars applied meanwhile."""
+        """While a rebuild (or warm-up) reads history: the base bars applied meanwhile."""
         return self.series[0].rebuilding
+
+    @rebuilding.setter
+    def rebuilding(self, value: dict[int, Bar] | None) -> None:
+        """``None`` ends every series' rebuild; a dict starts the base's, the others' empty."""
+        for ser in self.series:
+            ser.rebuilding = None if value is None else {}
+        self.series[0].rebuilding = value
 
     @property
     def features(self) -> dict[str, Any] | None:
@@ -221,6 +231,32 @@ class SymbolState:
         return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
 
 
+@dataclass(slots=True)
+class WarmupProgress:
+    """How far start-up warm-up got: history fetched, symbols whose handles are open."""
+
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    #: Symbols with nothing stored at start: their warm window is fetched from the sources.
+    cold: int = 0
+    history_bars: int = 0
+    history_requests: int = 0
+    #: Symbols whose warm-up failed (their handles run on live bars only, flagged warming).
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class _HigherHistory:
+    """What warm-up reads to fold the base into a symbol's higher timeframes."""
+
+    #: Each higher timeframe's stored closed bars (the newest warm window).
+    stored: dict[str, list[Bar]] = field(default_factory=dict)
+    #: Each one's first bucket folded from the base (the newest stored bar's, else the window's).
+    since: dict[str, int] = field(default_factory=dict)
+    #: The stored closed base bars from the oldest of ``since`` on.
+    base: list[Bar] = field(default_factory=list)
+
+
 #: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
 CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
@@ -229,6 +265,9 @@ CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000
 class CycleStats:
     cycles: int = 0
     last_tick_ms: int = 0
+    #: Wall-clock time (epoch ms) the last cycle started: on a replay clock, whether
+    #: the daemon still collects is judged by it.
+    last_wall_ms: int = 0
     last_duration_ms: float = 0.0
     durations_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
     bars_accepted: int = 0
@@ -278,12 +317,19 @@ class Pipeline:
         bar_store: BarStore,
         circuits: dict[str, SourceCircuits] | None = None,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] = time.time,
         symbol_map: SymbolMap | None = None,
     ) -> None:
-        """``symbol_map`` names each symbol's calendar (the packaged mapping if not given)."""
+        """``clock``: the daemon's time (a callable returning epoch seconds is a wall
+        clock; tests drive one); ``symbol_map`` names each symbol's calendar (the
+        packaged mapping if not given)."""
         self.settings = settings
-        self._clock = clock  # epoch seconds; tests drive it
+        self.clock = as_clock(clock)
+        self._clock = self.clock
+        #: No answer for this long (on the daemon's clock) makes a symbol stale.
+        self.stale_after_ms = int(settings.stale_after_ms * self.clock.speed)
+        #: The clock's reading at the previous cycle (markets open since then are asked).
+        self._prev_now_ms: int | None = None
         self.tf = settings.timeframe
         circuits = circuits or {}
         self.sources = [SourceState(s, circuits.get(s.name)) for s in sources]
@@ -325,6 +371,7 @@ class Pipeline:
             sym: SymbolState(self._series(sym)) for sym in settings.symbols
         }
         self.stats = CycleStats()
+        self.warmup = WarmupProgress()
         self.planner = Planner()
         #: Bars Redis did not get yet, by (symbol, timeframe, open time).
         self._redis_backlog: dict[tuple[str, str, int], Bar] = {}
@@ -332,7 +379,10 @@ class Pipeline:
         self._flush_task: asyncio.Task[Any] | None = None
         self._refill_task: asyncio.Task[Any] | None = None
         self._refill_needed = False
+        self._warm_redis_down = False  # warm-up found Redis unreachable: it reads SQLite
         self._meta_written = False  # only then does a missing meta key mean lost data
+        #: The cluster's masters as of the last complete write (empty on a single server).
+        self._masters: frozenset[str] = frozenset()
         self._pid = os.getpid()
         #: A shard says which shard it is and which symbols it owns (README "Shards").
         self._shard_info: dict[str, Any] = {} if settings.shard is None else {
@@ -368,29 +418,38 @@ class Pipeline:
         self._meta_written = True
 
     async def warm(self, now_ms: int) -> None:
-        """Open feature handles on stored history so the first cycle is already right.
+        """Open every symbol's feature handles on stored history, before the first cycle.
 
-        First the stores are reconciled (:mod:`sidecar.app.reconcile`): bars that
-        reached Redis but not SQLite before a crash go to SQLite, and a Redis that
-        lost its bars is refilled from SQLite. History then comes from SQLite.
+        :meth:`begin_warmup` then :meth:`warm_symbol` for each symbol, in line (the
+        daemon runs the second part in the background while the cycles go on).
         """
-        redis_up = True
+        await self.begin_warmup(now_ms)
+        for sym in self.symbols:
+            await self.warm_symbol(sym)
+        self.warmup.finished_ms = int(self._clock() * 1000)
+
+    async def begin_warmup(self, now_ms: int) -> list[str]:
+        """Put every symbol in warm-up; returns those with nothing stored (cold).
+
+        One read of each symbol's newest stored bars (a few, not the warm window)
+        teaches the validator where the series stopped, so a gap while the daemon
+        was down is recorded, and sets the newest closed and forming bar, so features
+        are served from the first cycle (flagged ``warming``). From here every closed
+        bar applied is also kept in :attr:`SymbolState.rebuilding` until
+        :meth:`warm_symbol` opens the handles on history plus those bars.
+        """
+        self.warmup = WarmupProgress(started_ms=now_ms)
+        keep = self.settings.correction_window_bars + 2
+        tails = await self._stored_tails(keep + 1)
+        cold: list[str] = []
         for sym, st in self.symbols.items():
+            st.warming = True
+            st.rebuilding = {}
+            bars = tails.get(sym, [])
+            if not bars:
+                cold.append(sym)
+                continue
             current = self.grids[sym].floor(now_ms)
-            if redis_up:
-                try:
-                    done = await reconcile(sym, self.tf.name, self.redis, self.store, self.settings.bars_cap)
-                except (RedisError, OSError) as exc:
-                    log.warning("redis unreachable at start: stores not reconciled",
-                                extra={"error": str(exc)})
-                    redis_up = False
-                    self._refill_needed = True  # once Redis answers
-                else:
-                    if done.to_sqlite:
-                        log.info("recovered bars from redis", extra={"symbol": sym, "bars": done.to_sqlite})
-                    if done.to_redis:
-                        log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": done.to_redis})
-            bars = await self.store.last_bars(sym, self.tf.name, self.settings.warm_bars)
             # The newest stored bar stays forming if it was stored while forming:
             # the source's final revision then closes it through the handles once.
             split = len(bars)
@@ -399,44 +458,155 @@ class Pipeline:
             closed, forming = bars[:split], bars[split:]
             for b in closed:
                 b.forming = False
-            st.engine.load(closed)
             st.last = closed[-1] if closed else None
             st.forming = forming[-1] if forming else None
-            self.validator.prime(sym, closed[-(self.settings.correction_window_bars + 2):] + forming)
-            if st.higher:
-                await self._warm_higher(sym, st, now_ms)
+            self.validator.prime(sym, closed[-keep:] + forming)
+        if self.timeframes[1:]:
+            await self._begin_higher()
+        self.warmup.cold = len(cold)
+        return cold
 
-    async def _warm_higher(self, symbol: str, st: SymbolState, now_ms: int) -> None:
+    async def _begin_higher(self) -> None:
+        """Each higher series' newest stored bars, served (flagged ``warming``) until warm-up
+        folds the base into it (:meth:`_fold_up`); one read per timeframe."""
+        names = list(self.symbols)
+        for i, tf in enumerate(self.timeframes[1:], 1):
+            tails = await self._stored_tails(2, tf.name)
+            for sym in names:
+                bars = tails.get(sym, [])
+                ser = self.symbols[sym].series[i]
+                closed = [b for b in bars if not b.forming]
+                ser.last = closed[-1] if closed else None
+                forming = [b for b in bars if b.forming and (ser.last is None or b.t > ser.last.t)]
+                ser.forming = forming[-1] if forming else None
+
+    async def _stored_tails(self, n: int, tf: str | None = None) -> dict[str, list[Bar]]:
+        """Each symbol's newest ``n`` bars of ``tf`` (the base if not given) in either
+        store, oldest first.
+
+        Redis gets every cycle's bars at once, SQLite at the next flush: after a crash
+        Redis holds bars SQLite lacks, and where both hold a bar Redis saw the later
+        revision unless it holds it forming and SQLite closed (as :func:`reconcile`).
+        """
+        names = list(self.symbols)
+        tf = tf or self.tf.name
+        tails = await self.store.tails(names, tf, n)
+        try:
+            in_redis = await self.redis.tails(names, tf, n)
+        except (RedisError, OSError):
+            return tails  # reconciled once Redis answers
+        for sym, bars in in_redis.items():
+            if not bars:
+                continue
+            merged = {b.t: b for b in tails.get(sym, [])}
+            for b in bars:
+                old = merged.get(b.t)
+                if old is None or not (b.forming and not old.forming):
+                    merged[b.t] = b
+            tails[sym] = [merged[t] for t in sorted(merged)][-n:]
+        return tails
+
+    async def warm_symbol(self, symbol: str) -> int:
+        """Reconcile one symbol's stores and open its handles on the warm window.
+
+        The stores are reconciled first (:mod:`sidecar.app.reconcile`: bars that
+        reached Redis but not SQLite before a crash go to SQLite, a Redis that lost
+        its bars is refilled from SQLite). The window is then read from Redis, which
+        holds what SQLite holds after that (from SQLite when Redis fails or keeps
+        fewer bars than the window), and laid under the bars applied meanwhile
+        (:meth:`_open_handles`); the higher timeframes' history is read and the base
+        folded into them (:meth:`_fold_up`). Returns the closed base bars the handles
+        were opened on.
+        """
+        n = self.settings.warm_bars
+        bars: list[Bar] | None = None
+        try:
+            if self._warm_redis_down:
+                raise OSError("unreachable")  # one failed reconcile is enough: not every symbol waits
+            done = await reconcile(symbol, self.tf.name, self.redis, self.store, self.settings.bars_cap)
+        except (RedisError, OSError) as exc:
+            if not self._warm_redis_down:
+                log.warning("redis unreachable at start: stores not reconciled",
+                            extra={"error": str(exc)})
+            self._warm_redis_down = True
+            self._refill_needed = True  # once Redis answers
+        else:
+            if done.to_sqlite:
+                log.info("recovered bars from redis", extra={"symbol": symbol, "bars": done.to_sqlite})
+            if done.to_redis:
+                log.info("warmed redis from sqlite", extra={"symbol": symbol, "bars": done.to_redis})
+            if n <= self.settings.bars_cap:
+                try:
+                    bars = await self.redis.recent_bars(symbol, self.tf.name, n)
+                except (RedisError, OSError):
+                    bars = None
+        if bars is None:
+            bars = await self.store.last_bars(symbol, self.tf.name, n)
+        higher = await self._higher_history(symbol)
+        return self._warm_open(symbol, bars, higher)
+
+    async def _higher_history(self, symbol: str) -> _HigherHistory | None:
+        """What folding the base into the higher timeframes at warm-up needs (:meth:`_fold_up`):
+        each one's stored history (SQLite) and the stored base bars from the oldest
+        bucket any of them lacks on; ``None`` without higher timeframes."""
+        st = self.symbols[symbol]
+        if not st.higher:
+            return None
+        warm = self.settings.warm_bars
+        now_ms = int(self._clock() * 1000)
+        floor = now_ms - self.settings.retention_for(self.tf.name) * DAY_MS
+        out = _HigherHistory()
+        await self.store.flush()  # bars applied before this warm-up began (a failed one) are read too
+        for ser in st.higher:
+            bars = [b for b in await self.store.last_bars(symbol, ser.tf.name, warm) if not b.forming]
+            out.stored[ser.tf.name] = bars
+            # From the newest stored bar's bucket on (a daily bucket opens up to a day before its stamp).
+            if bars:
+                out.since[ser.tf.name] = bars[-1].t - (DAY_MS if ser.tf.ms >= DAY_MS else 0)
+            else:
+                out.since[ser.tf.name] = max(floor, now_ms - warm * ser.tf.ms)
+        lo = min(out.since.values())
+        base = await self.store.bars_between(symbol, self.tf.name, lo, 2**62)
+        out.base = [b for b in base if not b.forming]
+        return out
+
+    def _warm_open(self, symbol: str, bars: list[Bar], higher: _HigherHistory | None) -> int:
+        """Open the base handles on ``bars`` (:meth:`_open_handles`), fold the base into
+        the higher timeframes (:meth:`_fold_up`) and end the symbol's warm-up; no
+        ``await``, so no bar applied meanwhile can slip between."""
+        st = self.symbols[symbol]
+        owed = self._owed(symbol)
+        n = self._open_handles(symbol, st.base, bars, owed, warm=True)
+        if higher is not None:
+            self._fold_up(symbol, st, higher, owed)
+        for ser in st.series:
+            ser.rebuilding = None
+        st.warming = False
+        return n
+
+    def _fold_up(self, symbol: str, st: SymbolState, history: _HigherHistory,
+                 owed: dict[str, dict[int, Bar]]) -> None:
         """Open the higher timeframes' handles on their stored history after folding in
-        the stored base bars they lack (back-filled history, a daemon that was down),
-        and set each one's current bucket from its closed base bars.
+        the base bars they lack (back-filled history, a daemon that was down, the bars
+        the cycles applied during warm-up), and set each one's current bucket from its
+        closed base bars. The base's handles are open (its newest closed bar is known).
 
-        Bars aggregated here are stored (SQLite, and Redis with the first cycle's write).
+        Bars aggregated here are stored (SQLite, and Redis with the next cycle's write).
         """
         base = st.base
         warm = self.settings.warm_bars
-        stored: dict[str, list[Bar]] = {}
-        since: dict[str, int] = {}
-        floor = now_ms - self.settings.retention_for(self.tf.name) * DAY_MS
-        for ser in st.higher:
-            bars = [b for b in await self.store.last_bars(symbol, ser.tf.name, warm) if not b.forming]
-            stored[ser.tf.name] = bars
-            # From the newest stored bar's bucket on (a daily bucket opens up to a day before its stamp).
-            if bars:
-                since[ser.tf.name] = bars[-1].t - (DAY_MS if ser.tf.ms >= DAY_MS else 0)
-            else:
-                since[ser.tf.name] = max(floor, now_ms - warm * ser.tf.ms)
-        newest_base = base.last.t if base.last is not None else None
-        base_bars: list[Bar] = []
-        if newest_base is not None:
-            base_bars = [b for b in await self.store.bars_between(symbol, self.tf.name, min(since.values()),
-                                                                  newest_base + 1) if not b.forming]
+        now_ms = int(self._clock() * 1000)
+        known = {b.t: b for b in history.base}
+        known.update(owed.get(base.tf.name, {}))
+        known.update(base.rebuilding or {})
+        newest_base = base.last.t if base.last is not None else -1
+        base_bars = [known[t] for t in sorted(known) if t <= newest_base and not known[t].forming]
         base_forming = base.forming
         made: list[Bar] = []
         for ser in st.higher:
             grid = ser.grid
             assert grid is not None
-            tf, lo = ser.tf.name, since[ser.tf.name]
+            tf, lo = ser.tf.name, history.since[ser.tf.name]
             groups = [g for g in aggregate_all(grid, symbol, (b for b in base_bars if b.t >= lo))
                       if g[0].lo >= lo]
             current: tuple[Bucket, list[Bar]] | None = None
@@ -447,16 +617,21 @@ class Pipeline:
                             or (base_forming is None and now_ms >= bucket.end + self.tf.ms))
                 if not complete:
                     current = groups.pop()
-            history = {b.t: b for b in stored[tf]}
+            series = {b.t: b for b in history.stored[tf]}
+            series.update((t, b) for t, b in owed.get(tf, {}).items() if not b.forming)
+            series.update(ser.rebuilding or {})
             for bucket, parts in groups:
                 bar = aggregate(symbol, tf, bucket.t, parts)
-                old = history.get(bar.t)
+                old = series.get(bar.t)
                 if old is None or not old.same_values(bar):
                     made.append(bar)
-                history[bar.t] = bar
-            closed = [history[t] for t in sorted(history)][-warm:] if warm else []
-            ser.engine.load(closed)
+                series[bar.t] = bar
+            closed = [series[t] for t in sorted(series)][-warm:] if warm else []
+            engine = self._engine(symbol, ser.tf)
+            engine.load(closed)
+            ser.engine = engine
             ser.last = closed[-1] if closed else None
+            ser.forming = None
             done_hi = groups[-1][0].hi if groups else -1
             if current is not None:
                 ser.restart(current[0], current[1], done_hi)
@@ -466,6 +641,11 @@ class Pipeline:
         if made:
             self.store.add(made)
             self._backlog(made)
+
+    @property
+    def warming(self) -> int:
+        """Symbols whose handles are not yet open on the warm window."""
+        return sum(st.warming for st in self.symbols.values())
 
     # -- the cycle ----------------------------------------------------------------
     async def run_cycle(self, tick_ms: int) -> None:
@@ -480,6 +660,7 @@ class Pipeline:
         """
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
+        self.stats.last_wall_ms = int(self.clock.wall() * 1000)
         cycle = _Cycle()
         self._market_hours(now_ms)
         await self._fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
@@ -604,9 +785,17 @@ class Pipeline:
         return lambda: len(state.servable) - sum(1 for s in closed if s in state.servable)
 
     def _market_hours(self, now_ms: int) -> None:
-        """Note which markets are open now (one calendar query per calendar, not per symbol)."""
+        """Note which markets are open now (one calendar query per calendar, not per symbol).
+
+        A symbol is asked while its market is open, for :data:`CLOSE_GRACE_MS` after it
+        closes, and once more if its market was open at any time since the previous
+        cycle (a clock that moves many minutes per cycle, as a fast replay's does).
+        """
         if not self.calendars:
             return
+        prev = self._prev_now_ms
+        self._prev_now_ms = now_ms
+        since = now_ms - CLOSE_GRACE_MS if prev is None else min(prev, now_ms - CLOSE_GRACE_MS)
         by_calendar: dict[str, tuple[bool, bool, int | None]] = {}
         closed: list[str] = []
         states = self.symbols
@@ -614,7 +803,8 @@ class Pipeline:
             known = by_calendar.get(cal.name)
             if known is None:
                 is_open = cal.is_open(now_ms)
-                asked = is_open or cal.is_open(now_ms - CLOSE_GRACE_MS)
+                opened = cal.next_open(since)
+                asked = is_open or cal.is_open(since) or (opened is not None and opened < now_ms)
                 known = by_calendar[cal.name] = (is_open, asked, None if is_open else cal.next_open(now_ms))
             st = states[sym]
             st.market_open, st.next_open = known[0], known[2]
@@ -772,9 +962,11 @@ class Pipeline:
     @staticmethod
     def _close(st: SymbolState, bar: Bar) -> list[Bar]:
         """Commit a closed base bar to the symbol's handles (and to a rebuild in flight)
-        and fold it upward; returns the higher bars that closed with it."""
+        and fold it upward; returns the higher bars that closed with it. While the
+        symbol warms nothing is folded: warm-up folds the bars applied meanwhile
+        (:meth:`_fold_up`), with the base bars of each bucket it started before."""
         st.base.close(bar)
-        return st.higher[0].fold(bar) if st.higher else []
+        return st.higher[0].fold(bar) if st.higher and not st.warming else []
 
     def _advance(self, st: SymbolState, now_ms: int) -> list[Bar]:
         """Bring the higher timeframes up to the base's forming bar: close complete
@@ -797,12 +989,13 @@ class Pipeline:
         """
         out: list[FeatureRow] = []
         ttl = self.redis.features_ttl_ms
-        stale_after = self.settings.stale_after_ms
+        stale_after = self.stale_after_ms
         states = self.symbols
         settled: list[Bar] = []
         for sym in symbols:
             st = states[sym]
-            if st.higher:
+            if st.higher and not st.warming:
+                # While warming the higher series wait for warm-up to fold the base into them.
                 settled += self._advance(st, now_ms)
                 if stored is not None:
                     stored += [ser.forming for ser in st.higher if ser.forming is not None]
@@ -820,6 +1013,8 @@ class Pipeline:
                     macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
                     market_open=st.market_open, next_open=st.next_open,
                 )
+                if st.warming:
+                    fmap["warming"] = True
                 ser.features = fmap
                 out.append((ser.tf.name, sym, pack_features(fmap), hold))
         if settled:
@@ -836,6 +1031,13 @@ class Pipeline:
         """One answer's bars and features, without heartbeat or announcement."""
         try:
             has_meta = await self.redis.write_cycle(bars, features)
+        except PartialWrite as exc:
+            # Cluster buckets whose master failed: those alone wait for the final write.
+            self._backlog(exc.bars)
+            cycle.unwritten += exc.features
+            self.stats.bars_stored += len(bars) - len(exc.bars)
+            self._redis_failed(exc)
+            return
         except (RedisError, OSError) as exc:
             self._backlog(bars)
             cycle.unwritten += features  # the final write carries them: the announcement is true
@@ -864,15 +1066,28 @@ class Pipeline:
                     "updated": cycle.updated}
         try:
             has_meta = await self.redis.write_cycle(bars, features, heartbeat, announce)
+        except PartialWrite as exc:
+            failed = {b.key for b in exc.bars}
+            self._unbacklog(b for b in bars if b.key not in failed)
+            stats.bars_stored += len(bars) - len(exc.bars)
+            self._redis_failed(exc)  # the failed buckets' bars stay in the backlog
+            return
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)  # the bars stay in the backlog for the next cycle
             return
+        masters = self.redis.masters()
         if not stats.redis_ok:
             log.info("redis is back", extra={"rewritten_bars": len(bars)})
-        for b in bars:
-            # Written; a newer revision buffered meanwhile (none can be, today) would stay.
-            if self._redis_backlog.get(b.key) is b:
-                del self._redis_backlog[b.key]
+            # A master that failed may have acknowledged writes its replica never got
+            # before it took over: what differs from SQLite is put back.
+            self._refill_needed = self._refill_needed or self.redis.cluster
+        if masters != self._masters:
+            if self._masters:
+                log.warning("redis cluster masters changed", extra={
+                    "gone": sorted(self._masters - masters), "new": sorted(masters - self._masters)})
+                self._refill_needed = True
+            self._masters = masters
+        self._unbacklog(bars)
         stats.redis_ok = True
         stats.redis_down_since = None
         stats.bars_stored += len(bars)
@@ -880,6 +1095,14 @@ class Pipeline:
         self._refill_needed = self._refill_needed or lost
         if self._refill_needed and (self._refill_task is None or self._refill_task.done()):
             self._refill_task = self._spawn(self._refill_redis(lost))
+
+    def _unbacklog(self, written: Iterable[Bar]) -> None:
+        """Drop bars Redis now has from the backlog."""
+        backlog = self._redis_backlog
+        for b in written:
+            # Written; a newer revision buffered meanwhile (none can be, today) would stay.
+            if backlog.get(b.key) is b:
+                del backlog[b.key]
 
     def _backlog(self, bars: list[Bar]) -> None:
         """Keep bars Redis did not get (a newer revision replaces an older one)."""
@@ -972,35 +1195,46 @@ class Pipeline:
         buckets are re-aggregated and the new handles opened, without an ``await``
         between, on the read bars overlaid with the bars Redis still owes (the backlog)
         and every closed bar applied since the rebuild started (:attr:`Series.rebuilding`),
-        up to each series' newest closed bar. A re-aggregated bar is stored like any
-        other (SQLite, and Redis with the next cycle's write).
+        up to each series' newest closed bar (:meth:`_open_handles`). A re-aggregated
+        bar is stored like any other (SQLite, and Redis with the next cycle's write).
+
+        A symbol still warming (its warm-up failed) is warmed instead, as
+        :meth:`warm_symbol` does from the stores; its dirty buckets wait for the next
+        rebuild.
         """
         st = self.symbols[symbol]
         warm = self.settings.warm_bars
         reads: dict[str, list[Bar]] = {}
         base_span: list[Bar] = []
+        higher: _HigherHistory | None = None
+        warming = st.warming
         try:
-            for ser in todo:
-                reads[ser.tf.name] = await self._history(symbol, ser.tf.name, warm)
-            span_lo = min((b.lo for buckets in dirty.values() for b in buckets), default=None)
-            if span_lo is not None:
-                base_span = await self._history_since(symbol, self.tf.name, span_lo)
+            if warming:
+                reads[self.tf.name] = await self._history(symbol, self.tf.name, warm)
+                higher = await self._higher_history(symbol)
+            else:
+                for ser in todo:
+                    reads[ser.tf.name] = await self._history(symbol, ser.tf.name, warm)
+                span_lo = min((b.lo for buckets in dirty.values() for b in buckets), default=None)
+                if span_lo is not None:
+                    base_span = await self._history_since(symbol, self.tf.name, span_lo)
         except BaseException:
-            for ser in todo:
-                ser.needs_rebuild = True  # tried again after the next cycle
-                for b in dirty.get(ser.tf.name, ()):
-                    ser.dirty.setdefault(b.lo, b)
+            self._rebuild_later(st, todo, dirty)
             for ser in st.series:
                 ser.rebuilding = None
             raise
+        if warming:
+            n = self._warm_open(symbol, reads[self.tf.name], higher)
+            self._rebuild_later(st, [ser for ser in todo if ser.tf.name in dirty], dirty)
+            log.info("features rebuilt", extra={"symbol": symbol, "tf": self.tf.name, "bars": n,
+                                                "warm": True})
+            return
         base = st.base
-        backlog = self._redis_backlog
+        owed = self._owed(symbol)
         fixed: list[Bar] = []
         if dirty:
             known = {b.t: b for b in base_span}
-            for (sym, tf, t), kept in backlog.items():
-                if sym == symbol and tf == base.tf.name:
-                    known[t] = kept
+            known.update(owed.get(base.tf.name, {}))
             known.update(base.rebuilding or {})
             newest_base = base.last.t if base.last is not None else -1
             ordered = [known[t] for t in sorted(known) if t <= newest_base and not known[t].forming]
@@ -1019,25 +1253,62 @@ class Pipeline:
                     if ser.last is not None and ser.last.t == bar.t:
                         ser.last = bar
         for ser in todo:
-            tf = ser.tf.name
-            series = {b.t: b for b in reads[tf]}
-            for (sym, btf, t), kept in backlog.items():
-                if sym == symbol and btf == tf:
-                    series[t] = kept
-            series.update(ser.rebuilding or {})
-            newest = ser.last.t if ser.last is not None else -1
-            closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
-            if len(closed) > warm:
-                closed = closed[-warm:]
-            engine = self._engine(symbol, ser.tf)
-            engine.load(closed)
-            ser.engine = engine
-            log.info("features rebuilt", extra={"symbol": symbol, "tf": tf, "bars": len(closed)})
+            n = self._open_handles(symbol, ser, reads[ser.tf.name], owed)
+            log.info("features rebuilt", extra={"symbol": symbol, "tf": ser.tf.name, "bars": n})
         for ser in st.series:
             ser.rebuilding = None
         if fixed:
             self.store.add(fixed)
             self._backlog(fixed)  # the next cycle's final write carries them
+
+    @staticmethod
+    def _rebuild_later(st: SymbolState, todo: list[Series], dirty: dict[str, list[Bucket]]) -> None:
+        """Ask again for the rebuild of ``todo`` (with their dirty buckets), after the next cycle."""
+        for ser in todo:
+            ser.needs_rebuild = True
+            for b in dirty.get(ser.tf.name, ()):
+                ser.dirty.setdefault(b.lo, b)
+
+    def _owed(self, symbol: str) -> dict[str, dict[int, Bar]]:
+        """The bars of ``symbol`` Redis still owes (the backlog), by timeframe and open time."""
+        out: dict[str, dict[int, Bar]] = {}
+        for (sym, tf, t), b in self._redis_backlog.items():
+            if sym == symbol:
+                out.setdefault(tf, {})[t] = b
+        return out
+
+    def _open_handles(self, symbol: str, ser: Series, bars: list[Bar], owed: dict[str, dict[int, Bar]],
+                      *, warm: bool = False) -> int:
+        """Open the handles of one of ``symbol``'s series on ``bars`` (read from a store)
+        overlaid with the bars Redis still owes (``owed``: :meth:`_owed`, the backlog)
+        and every closed bar applied to it since the read began (:attr:`Series.rebuilding`),
+        up to its newest closed bar; no ``await`` here, so no bar can slip between.
+        Returns how many bars they hold. The caller ends the rebuild (``rebuilding``).
+
+        ``warm``: start-up, the base series. History may then reach past the newest
+        closed bar applied so far (it was fetched after the cycles began, or no source
+        answered yet): it extends the series up to the forming bar, and the validator
+        learns its tail, so re-delivered bars are duplicates and the next one is checked
+        for a gap against it.
+        """
+        series = {b.t: b for b in bars}
+        series.update(owed.get(ser.tf.name, {}))
+        series.update(ser.rebuilding or {})
+        newest = ser.last.t if ser.last is not None else -1
+        if warm:
+            limit = ser.forming.t if ser.forming is not None else 2**62
+            newest = max([newest, *(t for t, b in series.items() if t < limit and not b.forming)])
+        closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
+        if len(closed) > self.settings.warm_bars:
+            closed = closed[-self.settings.warm_bars:]
+        engine = self._engine(symbol, ser.tf)
+        engine.load(closed)
+        ser.engine = engine
+        if warm and closed:
+            if ser.last is None or closed[-1].t > ser.last.t:
+                ser.last = closed[-1]
+            self.validator.prime(symbol, closed[-(self.settings.correction_window_bars + 2):])
+        return len(closed)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

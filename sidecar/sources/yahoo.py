@@ -35,7 +35,7 @@ from sidecar.http_session import parse_retry_after
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources._http import ProviderSource, closed_between, settle
+from sidecar.sources._http import Providers, ProviderSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
     decode_answer,
@@ -46,10 +46,10 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.sources.yahoo_stream import YahooStream
-from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
-from sidecar.timeframe import Timeframe
+from sidecar.symbols import ProviderSymbol, SymbolMap
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "yahoo"
 CHART_URL = "https://query2.finance.yahoo.com/v8/finance/chart/"
@@ -117,7 +117,7 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     stamps = result.get("timestamp") or []
     quotes = ((result.get("indicators") or {}).get("quote") or [{}])[0] or {}
     has_volume = ctx.has_volume and meta.get("instrumentType") not in _NO_VOLUME_TYPES
-    daily = ctx.tf.ms >= 86_400_000
+    daily = ctx.daily
     tz = zone(meta.get("exchangeTimezoneName"), "UTC")
 
     def col(name: str) -> list[Any]:
@@ -410,10 +410,9 @@ class YahooSource(ProviderSource):
         return out
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> YahooSource:
+def build(settings: Settings, providers: Providers) -> YahooSource:
     """The Yahoo source (needs no key)."""
-    provider = ProviderSettings.from_env(env)
-    symbols = load_symbol_map(provider.symbols_file)
+    provider, symbols = providers.settings, providers.symbols
     budget = RateBudget(NAME, per_minute=provider.yahoo_per_minute, per_day=provider.yahoo_per_day)
     tickers = [p.ticker for s in settings.symbols if (p := symbols.for_source(NAME, s)) is not None]
     return YahooSource(provider, symbols, budget, cache_dir=settings.data_dir / "yfinance",

@@ -65,6 +65,19 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 @pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A local cluster (3 masters, 3 replicas) for one test alone: one that kills its nodes."""
+    if not have_cluster_binaries():
+        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
+    cluster = LocalCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
 async def cluster_store(redis_cluster: LocalCluster) -> AsyncIterator[RedisStore]:
     """A :class:`RedisStore` on the emptied local cluster."""
     redis_cluster.flush()

@@ -27,6 +27,7 @@ import numpy as np
 import talib
 
 from sidecar.bar import Bar
+from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
@@ -68,11 +69,9 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_BARS_CAP": ["99", "lots"],
     "SIDECAR_FEATURES_TTL_MS": ["499", "2s"],
     "SIDECAR_HEARTBEAT_TTL_MS": ["999", "x"],
-    "SIDECAR_REDIS_POOL_SIZE": ["1", "1001"],
     "SIDECAR_REDIS_TIMEOUT_S": ["0", "inf", "nan", "fast"],
     "SIDECAR_REDIS_DOWN_EXIT_S": ["0.5", "-inf"],
     "SIDECAR_FLUSH_INTERVAL_S": ["0.01", "NaN"],
-    "SIDECAR_FLUSH_MAX_ROWS": ["0", "1.5"],
     "SIDECAR_BUFFER_MAX_ROWS": ["0", "x"],
     "SIDECAR_RETENTION_DAYS": ["0", "36501", "90,1d:0", "90,1x:30", "90,80", "1d:"],
     "SIDECAR_WARM_BARS": ["-1", "1000001"],
@@ -110,9 +109,6 @@ PROVIDER_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_YAHOO_STREAM_URL": ["http://x", "wss://", "streamer"],
     "SIDECAR_YAHOO_STREAM": ["maybe", "2"],
     "SIDECAR_HTTP_TIMEOUT_S": ["0", "abc", "nan", "301"],
-    "SIDECAR_HTTP_CONNECT_TIMEOUT_S": ["0.01", "x"],
-    "SIDECAR_HTTP_POOL_SIZE": ["0", "1.5"],
-    "SIDECAR_YAHOO_WORKERS": ["0", "65"],
     "SIDECAR_ALPHAVANTAGE_PER_DAY": ["-1", "x"],
     "SIDECAR_ALPHAVANTAGE_PER_SECOND": ["0", "1001"],
     "SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE": ["0", "eight"],
@@ -413,6 +409,33 @@ class Clock:
         self.t = value / 1000
 
 
+# -- a recording for replay ------------------------------------------------------------
+
+
+def write_recording(path: Path, symbol: str, calendar: MarketCalendar, start_ms: int, end_ms: int,
+                    *, tf: str = "1m", seed: int = 11, price: float = 230.0) -> list[Bar]:
+    """A recording as ``python -m sidecar fetch`` writes it (JSON lines, oldest first):
+    one ``tf`` bar per step of every regular session of ``calendar`` overlapping
+    ``[start_ms, end_ms)`` (holidays and early closes as the exchange had them), a seeded
+    random walk with the day's U-shaped volume. Returns the bars written."""
+    rng = np.random.default_rng(seed)
+    tf_ms = Timeframe.parse(tf).ms
+    bars: list[Bar] = []
+    c = price
+    for session in calendar.sessions_between(start_ms, end_ms):
+        n = (session.close - session.open) // tf_ms
+        for i in range(n):
+            o = c
+            c = o * float(np.exp(rng.normal(0, 0.0008)))
+            wick = abs(float(rng.normal(0, 0.0004)))
+            edge = min(i, n - 1 - i) / max(n, 1)  # 0 at the open and the close
+            v = float(int(rng.integers(20_000, 60_000) * (1 + 4 * max(0.0, 0.15 - edge) / 0.15)))
+            bars.append(Bar(symbol, tf, session.open + i * tf_ms, round(o, 4), round(max(o, c) * (1 + wick), 4),
+                            round(min(o, c) * (1 - wick), 4), round(c, 4), v, "yahoo"))
+    path.write_text("".join(json.dumps(b.to_json_dict()) + "\n" for b in bars))
+    return bars
+
+
 # -- a scripted source and its series --------------------------------------------------
 
 TF_1S = Timeframe.parse("1s")
@@ -542,6 +565,12 @@ def _free_cluster_port() -> int:
             return port
 
 
+def _serving_master(flags: str) -> bool:
+    """Whether ``CLUSTER NODES`` flags name a master not failed (nor suspected to be)."""
+    names = flags.split(",")
+    return "master" in names and "fail" not in names and "fail?" not in names
+
+
 class LocalCluster:
     """A real Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas
     each, one ``redis-server --cluster-enabled yes`` per node on free ports, joined by
@@ -628,25 +657,52 @@ class LocalCluster:
         return True
 
     def master_ports(self, via: int | None = None) -> list[int]:
-        """The ports of the masters that serve slots, as node ``via`` sees them."""
+        """The ports of the masters that serve slots, as node ``via`` (or the first
+        running node) sees them."""
         out = []
-        for line in self.cli(via or self.ports[0], "CLUSTER", "NODES").splitlines():
+        via = via or next(p for p in self.ports if self.procs[p].poll() is None)
+        for line in self.cli(via, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8:
+            if _serving_master(fields[2]) and len(fields) > 8:
                 out.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
         return sorted(out)
 
     def master_of_slot(self, slot: int) -> int:
-        """The port of the master serving ``slot``."""
-        for line in self.cli(self.ports[0], "CLUSTER", "NODES").splitlines():
+        """The port of the master serving ``slot`` (as the first running node sees it)."""
+        via = next(p for p in self.ports if self.procs[p].poll() is None)
+        for line in self.cli(via, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if "master" not in fields[2] or "fail" in fields[2]:
+            if not _serving_master(fields[2]):
                 continue
             for span in fields[8:]:
                 low, _, high = span.partition("-")
                 if low.isdigit() and int(low) <= slot <= int(high or low):
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(slot)
+
+    def wait_failover(self, dead: int, slot: int, timeout: float = 60) -> int:
+        """Until a replica took over ``slot`` from the killed master on port ``dead`` and
+        the cluster is whole again (:meth:`wait_ok`); returns the new master's port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                running = [p for p in self.ports if self.procs[p].poll() is None]
+                if all(dead not in self.master_ports(p) for p in running):
+                    port = self.master_of_slot(slot)
+                    if port != dead:
+                        self.wait_ok(timeout)
+                        return port
+            except (subprocess.SubprocessError, LookupError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from the master on port {dead}")
+            time.sleep(0.05)
+
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master on port ``master``."""
+        lines = [line.split() for line in self.cli(master, "CLUSTER", "NODES").splitlines()]
+        master_id = next(f[0] for f in lines if "myself" in f[2])
+        return next(int(f[1].split("@")[0].rsplit(":", 1)[1]) for f in lines if f[3] == master_id)
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (a crash)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import cycle, daemon_soak, features, scanner_read, store, tick
+from bench import ccxt_source, cycle, daemon_soak, features, replay_week, scanner_read, store, tick
 
 
 def _load(out: Path, name: str) -> dict:
@@ -101,6 +101,23 @@ def test_daemon_soak_smoke_samples_a_running_daemon(tmp_path: Path) -> None:
     assert doc["samples"] >= 2 and doc["cycles"] >= 1
     assert doc["rss_mb"]["warm"] > 0 and doc["rss_mb"]["end"] > 0 and math.isfinite(doc["rss_growth_pct"])
     assert doc["missed_ticks"] >= 0 and all(n > 0 for n in doc["open_fds"] + doc["asyncio_tasks"])
+
+
+def test_ccxt_source_smoke(tmp_path: Path) -> None:
+    ccxt_source.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "ccxt_source")
+    for name in ("ccxt", "polygon"):
+        assert doc[name]["bars_per_s"] > 0 and doc[name]["cpu_ms_per_symbol"] > 0
+    assert doc["stream"]["peeked_symbols"] == doc["symbols"] and doc["stream"]["updates_per_s"] > 0
+    assert doc["import"]["import_s"] > 0
+
+
+def test_replay_week_smoke_replays_a_day(tmp_path: Path) -> None:
+    replay_week.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "replay_week")
+    (run,) = doc["runs"]
+    assert run["bars"] == 210 and run["bars_accepted"] == 210 and run["gaps"] == 0
+    assert run["replay_s"] > 0 and run["launch_to_exhausted_s"] >= run["replay_s"]
 
 
 def test_run_all_refuses_an_unknown_name() -> None:

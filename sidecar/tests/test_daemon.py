@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from sidecar.bar import Bar
 from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get, scan
 
@@ -29,8 +31,8 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str],
         daemon.wait_ready()
         deadline = time.monotonic() + 60
         rows = scan(env)
-        while any(r["stale"] for r in rows):
-            assert time.monotonic() < deadline, f"features never fresh: {rows}"
+        while any(r["stale"] or r.get("warming") for r in rows):  # warm: handles on the history
+            assert time.monotonic() < deadline, f"features never fresh and warm: {rows}"
             time.sleep(0.3)
             rows = scan(env)
         assert [r["symbol"] for r in rows] == SYMBOLS.split(",")
@@ -129,3 +131,61 @@ def test_bad_setting_stops_start_with_its_name(clean_env: dict[str, str]) -> Non
                          capture_output=True, timeout=30)
     assert out.returncode == 2
     assert "SIDECAR_SYMBOLS" in out.stderr.decode()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (e.g. the data directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+@pytest.mark.parametrize("step", ["sqlite", "port", "redis"])
+def test_startup_failure_at_each_step_leaves_no_process_behind(
+        step: str, clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]) -> None:
+    """SQLite cannot open (exit 1), the HTTP port is taken (2), Redis refuses the
+    daemon (2): what start-up had started (the embedded Redis) is stopped."""
+    data = Path(clean_env["SIDECAR_DATA_DIR"])
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL", SIDECAR_BOOTSTRAP_DAYS="0")
+    expected = 2
+    held: socket.socket | None = None
+    server: RedisServer | None = None
+    if step == "sqlite":
+        data.mkdir(parents=True)
+        (data / "bars.sqlite3").write_bytes(b"this is not a database" * 100)
+        expected = 1
+    elif step == "port":
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env["SIDECAR_HTTP_PORT"] = str(held.getsockname()[1])
+    else:
+        server = RedisServer(tmp_path / "auth-redis", "--requirepass", "secret")
+        server.start()
+        env["SIDECAR_REDIS_URL"] = server.url  # no password: refused
+    try:
+        daemon = daemons(env)
+        assert daemon.proc.wait(60) == expected, daemon.log_tail()
+        redis_pid = daemon.embedded_redis_pid()
+        deadline = time.monotonic() + 10
+        while _processes_mentioning(str(data)):
+            assert time.monotonic() < deadline, _processes_mentioning(str(data))
+            time.sleep(0.1)
+        if redis_pid is not None:
+            assert not Path(f"/proc/{redis_pid}").exists() or \
+                "zombie" in Path(f"/proc/{redis_pid}/status").read_text().lower()
+        if step != "redis":
+            assert "embedded redis stopped" in daemon.log_text()
+    finally:
+        if held is not None:
+            held.close()
+        if server is not None:
+            server.stop()

@@ -94,7 +94,7 @@ def polygon_rows(rel: str, daily: bool) -> list[Row]:
         t = r["t"]
         if daily:
             t = day_ms(datetime.fromtimestamp(t / 1000, ZoneInfo("America/New_York")))
-        rows.append((t, float(r["o"]), float(r["h"]), float(r["l"]), float(r["c"]), float(round(r["v"]))))
+        rows.append((t, float(r["o"]), float(r["h"]), float(r["l"]), float(r["c"]), float(r["v"])))
     return sorted(rows)
 
 

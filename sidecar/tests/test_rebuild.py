@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from hypothesis import given
@@ -329,3 +329,46 @@ async def _interleave(plan: list[Action], warm: int, redis_store: RedisStore, ba
     assert pipe.validator.rejected == {}
     for sym in SYMBOLS:
         await assert_features_equal_batch(pipe, redis_store, sym)
+
+
+class RefusedHistoryWrites(HeldReads):
+    """While ``refuse`` is set, Redis refuses bulk history writes (what gap repair sends);
+    the cycles' writes go through."""
+
+    def __init__(self, redis_store: RedisStore) -> None:
+        super().__init__(redis_store, held=False)
+        self.refuse = True
+
+    async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
+        if self.refuse:
+            raise RedisConnectionError("refused")
+        return await super().write_history(bars, chunk)
+
+
+async def test_gap_repair_that_cannot_reach_redis_has_it_refilled(
+    redis_store: RedisStore, bar_store: BarStore,
+) -> None:
+    """Repaired bars that reach SQLite but not Redis are put back in Redis afterwards."""
+    hist = {s: series(s, 50, T0, seed) for seed, s in enumerate(SYMBOLS)}
+    source = HistorySource({"AAA": hist["AAA"]})
+    store = RefusedHistoryWrites(redis_store)
+    pipe = Pipeline(settings(), [source], store, bar_store)
+    await pipe.write_meta()
+    for i in range(40):
+        step = cycle_step(hist, i)
+        if 20 <= i <= 24:
+            step["AAA"] = [hist["AAA"][i]] if i == 20 else []
+        if i == 25:
+            step["AAA"] = [hist["AAA"][25], step["AAA"][1]]
+        source.steps.append(step)
+        await pipe.run_cycle(T0 + i * 1000)
+    await bar_store.flush()
+    assert await repair_round(pipe, [source], bar_store, store, now_ms=T0 + 40 * 1000) == 4
+    stored = await redis_store.recent_bars("AAA", "1s", 1_000)
+    assert len(stored) == 41 - 4  # the repaired bars are in SQLite only
+    store.refuse = False
+    source.steps.append(cycle_step(hist, 40))
+    await pipe.run_cycle(T0 + 40 * 1000)  # its final write starts the refill
+    await pipe.drain(timeout_s=30)
+    stored = await redis_store.recent_bars("AAA", "1s", 1_000)
+    assert [b.t for b in stored] == [b.t for b in hist["AAA"][:42]]

@@ -166,3 +166,48 @@ def test_daemon_started_while_redis_is_down_refills_it_when_it_comes_up(
                           "LIMIT 100", (sym,)).fetchall()[::-1]
         assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in bars] == rows, sym
         assert sum(outage_from <= b.t for b in bars) >= 3, f"{sym}: the outage's bars are not in Redis"
+
+
+def test_redis_restarted_from_an_older_snapshot_under_a_running_daemon_is_refilled(
+        clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]) -> None:
+    """Redis restarts from a snapshot taken some cycles ago: it still holds the meta key,
+    so no write fails for lack of it, yet the bars since the snapshot are gone. The daemon
+    notices the restart (a new run_id) and puts back what Redis lacks."""
+    server = RedisServer(tmp_path / "snap-redis")
+    server.start()
+    prefix = "snap"
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,BTCUSD", SIDECAR_TIMEFRAME="1s",
+               SIDECAR_REDIS_URL=server.url, SIDECAR_REDIS_PREFIX=prefix, SIDECAR_BOOTSTRAP_DAYS="0",
+               SIDECAR_WARM_BARS="100", SIDECAR_BARS_CAP="100", SIDECAR_FLUSH_INTERVAL_S="0.5")
+    daemon = daemons(env)
+    client = redis.Redis(unix_socket_path=str(server.socket))
+    try:
+        daemon.wait_ready()
+        cycles = daemon.health()["cycle"]["count"]
+        daemon.wait_for("three cycles", lambda: daemon.health()["cycle"]["count"] >= cycles + 3)
+        assert client.save()
+        snapshot = {sym: client.zcard(f"{prefix}:v1:bars:1s:{sym}") for sym in ("AAPL", "BTCUSD")}
+        cycles = daemon.health()["cycle"]["count"]
+        daemon.wait_for("five cycles after the snapshot",
+                        lambda: daemon.health()["cycle"]["count"] >= cycles + 5)
+        client.close()
+        server.kill()
+        server.start()  # back from the snapshot
+        client = redis.Redis(unix_socket_path=str(server.socket))
+        assert client.exists(f"{prefix}:v1:meta")
+        assert {sym: client.zcard(f"{prefix}:v1:bars:1s:{sym}") for sym in snapshot} == snapshot
+        daemon.wait_log("redis restarted; checking what it lacks")
+        daemon.wait_log("redis refilled from sqlite")
+        assert daemon.stop() == 0
+        in_redis = {sym: [Bar.unpack(sym, "1s", raw)  # type: ignore[arg-type]
+                          for raw in client.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)]
+                    for sym in ("AAPL", "BTCUSD")}
+    finally:
+        daemon.kill()
+        client.close()
+        server.stop()
+    db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
+    for sym, bars in in_redis.items():
+        rows = db.execute("SELECT t, o, h, l, c, v FROM bars WHERE symbol=? AND tf='1s' ORDER BY t DESC "
+                          "LIMIT 100", (sym,)).fetchall()[::-1]
+        assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in bars[-len(rows):]] == rows, sym

@@ -172,7 +172,8 @@ async def _pipeline(redis_store: Any, bar_store: Any, symbols: tuple[str, ...] =
     from sidecar.timeframe import Timeframe
 
     settings = dataclasses.replace(Settings(), symbols=symbols, sources=("sim",),
-                                   timeframe=Timeframe.parse("1s"), outlier_k=0.0)
+                                   timeframe=Timeframe.parse("1s"), outlier_k=0.0,
+                                   market_hours=False)  # on the wall clock: any hour of the week
     return Pipeline(settings, sources or [SimSource(seed=1)], redis_store, bar_store)
 
 

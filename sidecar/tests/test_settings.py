@@ -195,3 +195,12 @@ def test_retention_per_timeframe(tmp_path: Path) -> None:
     assert (s.retention_for("1m"), s.retention_for("1h"), s.retention_for("1d")) == (30, 365, 3650)
     only = Settings.from_env({"XDG_DATA_HOME": str(tmp_path), "SIDECAR_RETENTION_DAYS": "1d:3650"})
     assert (only.retention_for("1m"), only.retention_for("1d")) == (90, 3650)
+
+
+def test_sim_history_default_is_the_warm_window() -> None:
+    """``sim`` alone: the bootstrap spans the days of the warm window, not 90."""
+    base = {"SIDECAR_SOURCES": "sim"}
+    assert Settings.from_env(base).bootstrap_days == 4  # 5,000 one-minute bars: 3.5 days
+    assert Settings.from_env(dict(base, SIDECAR_TIMEFRAME="1s")).bootstrap_days == 1
+    assert Settings.from_env(dict(base, SIDECAR_BOOTSTRAP_DAYS="30")).bootstrap_days == 30
+    assert Settings.from_env({"SIDECAR_SOURCES": "yahoo"}).bootstrap_days == 90

@@ -169,7 +169,8 @@ async def test_rate_limit_note_backs_off_and_timeouts_are_unavailable(fake: Fake
 def test_build_without_key_is_disabled():
     from sidecar.settings import Settings
     from sidecar.sources import SourceDisabled
+    from sidecar.sources._http import Providers
     from sidecar.sources.alphavantage import build
 
     with pytest.raises(SourceDisabled, match="ALPHAVANTAGE_API_KEY missing"):
-        build(Settings(), {})
+        build(Settings(), Providers.from_env({}))

@@ -53,6 +53,14 @@ def test_spec_example_next_url_and_null_results():
     assert parse_aggs(fixture("polygon/aggs_empty_results_null.json"), 200, ctx("1d")) == ([], None)
 
 
+def test_crypto_fractional_volume_is_kept_as_given():
+    body = b'{"status": "OK", "results": [{"o": 64000.5, "h": 64010, "l": 63990.25, "c": 64001, ' \
+           b'"v": 0.53412345, "t": 1700000040000}, {"o": 1, "h": 1, "l": 1, "c": 1, "v": 1.5e-07, ' \
+           b'"t": 1700000100000}]}'
+    bars, _ = parse_aggs(body, 200, ctx("1m"), asset_class="crypto")
+    assert [b.v for b in bars] == [0.53412345, 1.5e-07]
+
+
 def test_fx_volume_is_none():
     body = {"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 345, "t": 1_700_000_040_000}]}
     bars, _ = parse_aggs(json.dumps(body), 200, ctx("1m", hv=False), asset_class="fx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import sqlite_store
+from sidecar.bar import Bar
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.helpers import Clock, bar
 
@@ -126,3 +128,19 @@ async def test_close_flushes_everything(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "b.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM bars").fetchone()[0] == 42
+
+
+async def test_fractional_volumes_round_trip_exactly(tmp_path: Path) -> None:
+    """Volumes are real numbers everywhere: SQLite REAL, the msgpack member, the JSON line."""
+    store = BarStore(tmp_path / "v.sqlite3")
+    await store.open()
+    try:
+        volumes = [0.53412345, 1.5e-07, 20.55495, 123456789.00000001, 0.1 + 0.2]
+        bars = [Bar("BTCUSD", "1m", 60_000 * (i + 1), 1.0, 1.0, 1.0, 1.0, v, "ccxt:binance")
+                for i, v in enumerate(volumes)]
+        await store.write_history(bars)
+        assert [b.v for b in await store.bars_between("BTCUSD", "1m", 0, 10**9)] == volumes
+        assert [Bar.unpack("BTCUSD", "1m", b.pack()).v for b in bars] == volumes
+        assert [Bar.from_json_dict(json.loads(json.dumps(b.to_json_dict()))).v for b in bars] == volumes
+    finally:
+        await store.close()
