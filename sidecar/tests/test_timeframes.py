@@ -8,7 +8,9 @@ intervals, cut at the close), not the daemon's :class:`~sidecar.series.Grid`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,6 +19,7 @@ from zoneinfo import ZoneInfo
 import msgpack
 import numpy as np
 import pandas as pd
+import pytest
 
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
@@ -409,3 +412,154 @@ async def scanner_health_and_metrics(pipe: Pipeline) -> None:
     text = generate_latest(registry).decode()
     for tf in ("1m", "1h", "1d"):
         assert f'sidecar_series_forming{{symbol="AAPL",tf="{tf}"}}' in text
+
+
+# -- warm-up in the background and rebuilds held open, on every timeframe ----------------
+
+class HeldHistory(RedisStore):
+    """The pipeline's view of Redis: while ``held``, history reads (a rebuild's) answer
+    with what Redis holds when asked, but only once the test releases them."""
+
+    def __init__(self, redis_store: RedisStore) -> None:
+        super().__init__(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
+        self.held = False
+        self.pending: list[asyncio.Future[None]] = []
+
+    async def _gate(self) -> None:
+        if self.held:
+            gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.pending.append(gate)
+            await gate
+
+    async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
+        bars = await super().recent_bars(symbol, tf, n)
+        await self._gate()
+        return bars
+
+    async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
+        bars = await super().bars_since(symbol, tf, t_ms)
+        await self._gate()
+        return bars
+
+    def release(self) -> None:
+        self.held = False
+        for gate in self.pending:
+            if not gate.done():
+                gate.set_result(None)
+        self.pending.clear()
+
+
+async def check_stored_law(pipe: Pipeline, bar_store: BarStore, symbol: str) -> None:
+    """Every closed higher bar in SQLite and Redis equals the law over the stored base bars."""
+    await pipe.drain(timeout_s=30)
+    await bar_store.flush()
+    base = [b for b in await bar_store.bars_between(symbol, "1m", 0, 2**62) if not b.forming]
+    for tf in pipe.timeframes[1:]:
+        want = expected_bars(symbol, None, tf, base)
+        stored = {b.t: b for b in await bar_store.bars_between(symbol, tf.name, 0, 2**62)}
+        in_redis = {b.t: b for b in await pipe.redis.recent_bars(symbol, tf.name, 100_000)}
+        assert set(stored) == set(want) == set(in_redis), tf.name
+        for t, w in want.items():
+            if not stored[t].forming:
+                assert same(stored[t], w) and same(in_redis[t], w), (tf.name, t, stored[t], w)
+
+
+async def test_warm_up_in_the_background_folds_the_base_into_every_timeframe(
+    redis_store: RedisStore, bar_store: BarStore,
+) -> None:
+    """A store with ten hours of 1m bars, the 5m bars of the first six hours and no 15m
+    or 1h bars. The cycles run before the handles open: every timeframe is served
+    from the first cycle, flagged ``warming``, and a correction comes meanwhile. Once
+    warm, the higher bars the store lacked are folded from the base (stored, and equal
+    to the law), and every timeframe's features equal TA-Lib batch."""
+    from sidecar.app.warmup import warm_up
+
+    start = ms("2024-12-02T00:00:00Z")
+    ts = list(range(start, start + 14 * 3_600_000, MIN))
+    feed = MinuteFeed({"BTCUSD": walk("BTCUSD", ts, 5)})
+    now = start + 10 * 3_600_000 + 2 * MIN  # the stored history ends two minutes before
+    history = [feed.bars["BTCUSD"][t] for t in ts if t < now - 2 * MIN]
+    fives = [b for t, b in sorted(expected_bars("BTCUSD", None, TFS[1], history).items())
+             if t < start + 6 * 3_600_000]
+    await bar_store.write_history(history + fives)
+    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
+    await store.write_history(history + fives)
+    clock = Clock.from_ms(now + 1_000)
+    tfs = TFS[:4]
+    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
+    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
+    await pipe.write_meta()
+    assert await pipe.begin_warmup(int(clock.t_ms)) == []
+    for k in range(3):  # cycles before the handles open, a correction among them
+        if k == 1:
+            feed.correct("BTCUSD", now - 4 * MIN, 0.21)
+        clock.t_ms = now + k * MIN + 1_000
+        await pipe.run_cycle(int(clock.t_ms))
+        for tf in tfs:
+            if tf.name != "15m" and tf.name != "1h":  # nothing of theirs is stored yet
+                assert (await features_of(pipe, "BTCUSD", tf.name))["warming"] is True, tf.name
+    await warm_up(pipe, [feed], bar_store, store, [], clock=clock)
+    assert not pipe.symbols["BTCUSD"].warming
+    for k in range(3, 40):
+        clock.t_ms = now + k * MIN + 1_000
+        await pipe.run_cycle(int(clock.t_ms))
+    await pipe.drain(timeout_s=30)
+    await pipe.run_cycle(int(clock.t_ms))
+    for tf in tfs:
+        assert "warming" not in await features_of(pipe, "BTCUSD", tf.name)
+    await check_live(pipe, "BTCUSD")
+    assert await check_forming(pipe, "BTCUSD") == 3
+    await check_stored_law(pipe, bar_store, "BTCUSD")
+    assert pipe.validator.gaps == {} and pipe.validator.rejected == {}
+
+
+async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_bar(
+    redis_store: RedisStore, bar_store: BarStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A correction re-aggregates closed 5m/15m bars; the rebuild's reads are held
+    while cycles close more 1m, 5m and 15m bars. Once released, every timeframe's
+    features equal TA-Lib batch on its stored series and every bar equals the law."""
+    caplog.set_level(logging.INFO, logger="sidecar.pipeline")
+    start = ms("2024-12-02T00:00:00Z")
+    ts = list(range(start, start + 6 * 3_600_000, MIN))
+    feed = MinuteFeed({"BTCUSD": walk("BTCUSD", ts, 9)})
+    store = HeldHistory(redis_store)
+    clock = Clock.from_ms(start)
+    tfs = TFS[:4]
+    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
+    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
+    await pipe.write_meta()
+    await pipe.warm(int(clock.t_ms))
+    t = start
+    for _ in range(200):
+        t += MIN
+        clock.t_ms = t + 1_000
+        await pipe.run_cycle(t + 1_000)
+    await pipe.drain(timeout_s=30)
+    store.held = True
+    feed.correct("BTCUSD", t - 8 * MIN, -0.33)  # its 5m bar closed, maybe its 15m too
+    t += MIN
+    clock.t_ms = t + 1_000
+    await pipe.run_cycle(t + 1_000)
+    for _ in range(100):  # the rebuild starts after the cycle
+        if store.pending:
+            break
+        await asyncio.sleep(0)
+    assert store.pending and pipe.symbols["BTCUSD"].rebuilding is not None  # the rebuild is reading
+    assert {ser.tf.name for ser in pipe.symbols["BTCUSD"].series if ser.needs_rebuild or ser.dirty} == set()
+    for _ in range(20):  # cycles go on, closing bars on every timeframe, while it reads
+        t += MIN
+        clock.t_ms = t + 1_000
+        await pipe.run_cycle(t + 1_000)
+    store.release()
+    await pipe.drain(timeout_s=30)
+    assert pipe.symbols["BTCUSD"].rebuilding is None
+    rebuilt = {r.__dict__.get("tf") for r in caplog.records if r.getMessage() == "features rebuilt"}
+    assert {"1m", "5m"} <= rebuilt
+    t += MIN
+    clock.t_ms = t + 1_000
+    await pipe.run_cycle(t + 1_000)  # the final write carries the re-aggregated bars
+    await pipe.drain(timeout_s=30)
+    await check_live(pipe, "BTCUSD")
+    await check_stored_law(pipe, bar_store, "BTCUSD")
+
