@@ -163,6 +163,11 @@ class Series:
         self._done_hi = -1  # ``hi`` of the newest complete bucket
         self._forming_bucket: Bucket | None = None  # cache: the bucket of the base forming bar
 
+    @property
+    def done_hi(self) -> int:
+        """``hi`` of the newest bucket folded and complete (``-1``: none yet)."""
+        return self._done_hi
+
     # -- closed bars ------------------------------------------------------------------
     def close(self, bar: Bar) -> None:
         """Commit a closed bar to the handles (and to a rebuild in flight)."""

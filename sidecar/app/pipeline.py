@@ -1169,6 +1169,42 @@ class Pipeline:
         feature handles are reopened on the stored history after the next cycle."""
         self.symbols[symbol].base.needs_rebuild = True
 
+    async def fold_history(self, symbol: str, start_ms: int, end_ms: int) -> int:
+        """Base history older than warm-up saw came in (the rest of the bootstrap days,
+        up to ``end_ms``, where the warm window began): fold it into the higher
+        timeframes. Every bucket opening in ``[start_ms, end_ms)`` is aggregated from
+        the stored base bars (the one ``end_ms`` falls in, which warm-up folded from
+        part of its bars, whole) and stored where it differs; the higher handles are
+        then reopened on the longer history. Only buckets already complete are folded
+        (the cycles fold the others). Returns how many bars were stored."""
+        st = self.symbols[symbol]
+        if not st.higher or end_ms <= start_ms:
+            return 0
+        grids = [ser.grid for ser in st.higher if ser.grid is not None]
+        read_end = max(grid.bucket(end_ms).hi for grid in grids)
+        await self.store.flush()
+        base = [b for b in await self.store.bars_between(symbol, self.tf.name, start_ms, read_end)
+                if not b.forming]
+        made: list[Bar] = []
+        for ser in st.higher:
+            assert ser.grid is not None
+            groups = [(bucket, parts) for bucket, parts in aggregate_all(ser.grid, symbol, base)
+                      if start_ms <= bucket.lo < end_ms and bucket.hi <= ser.done_hi]
+            if not groups:
+                continue
+            stored = {b.t: b for b in await self.store.bars_between(
+                symbol, ser.tf.name, groups[0][0].t, groups[-1][0].t + 1)}
+            for bucket, parts in groups:
+                bar = aggregate(symbol, ser.tf.name, bucket.t, parts)
+                old = stored.get(bar.t)
+                if old is None or not old.same_values(bar):
+                    made.append(bar)
+            ser.needs_rebuild = True
+        if made:
+            self.store.add(made)
+            self._backlog(made)  # the next cycle's final write carries them
+        return len(made)
+
     async def _history(self, symbol: str, tf: str, n: int) -> list[Bar]:
         """The newest ``n`` stored bars of a series, from Redis (SQLite if Redis fails)."""
         try:

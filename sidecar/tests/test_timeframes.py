@@ -563,3 +563,43 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
     await check_live(pipe, "BTCUSD")
     await check_stored_law(pipe, bar_store, "BTCUSD")
 
+
+class HistoryFeed(MinuteFeed):
+    """A :class:`MinuteFeed` that serves its bars as history too (bootstrap)."""
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        return [b for t, b in sorted(self.bars.get(symbol, {}).items()) if start_ms <= t < end_ms]
+
+
+async def test_a_cold_start_folds_the_whole_bootstrap_into_every_timeframe(
+    redis_store: RedisStore, bar_store: BarStore,
+) -> None:
+    """Nothing stored: warm-up fetches the warm window (127 minutes) and folds it up, the
+    rest of the bootstrap day follows in the background and is folded too, the bucket
+    where the warm window began included (warm-up saw only part of its base bars)."""
+    from sidecar.app.warmup import warm_up
+
+    start = ms("2024-12-02T00:00:00Z")
+    ts = list(range(start, start + 30 * 3_600_000, MIN))
+    feed = HistoryFeed({"BTCUSD": walk("BTCUSD", ts, 13)})
+    now = start + 26 * 3_600_000  # the day from 02:00; the warm window from 23:53, inside every bucket
+    clock = Clock.from_ms(now + 1_000)
+    tfs = TFS[:4]
+    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
+    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True,
+                 warm_bars=127, bootstrap_days=1)
+    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
+    await pipe.write_meta()
+    cold = await pipe.begin_warmup(int(clock.t_ms))
+    assert cold == ["BTCUSD"]
+    await warm_up(pipe, [feed], bar_store, store, cold, clock=clock)
+    for k in range(1, 4):
+        clock.t_ms = now + k * MIN + 1_000
+        await pipe.run_cycle(int(clock.t_ms))
+        await pipe.drain(timeout_s=30)
+    await bar_store.flush()
+    base = await bar_store.bars_between("BTCUSD", "1m", 0, 2**62)
+    assert base[0].t == now - DAY
+    await check_stored_law(pipe, bar_store, "BTCUSD")
+    hours = await bar_store.bars_between("BTCUSD", "1h", 0, 2**62)
+    assert [b.t for b in hours][:1] == [now - DAY] and len(hours) == 25
