@@ -136,6 +136,29 @@ class MarketCalendar:
         lo = t_ms - t_ms % DAY_MS
         return lo, lo + DAY_MS
 
+    def period(self, t_ms: int) -> tuple[int, int] | None:
+        """``[open, close)`` of the open period (a session, or its part before or after a
+        break) containing ``t_ms``; ``None`` while closed, for a market that never closes,
+        or outside the covered years."""
+        if self.always_open or not self.known(t_ms):
+            return None
+        i = bisect_right(self._opens, t_ms) - 1
+        if i < 0 or t_ms >= self._closes[i]:
+            return None
+        return self._opens[i], self._closes[i]
+
+    def session_span(self, t_ms: int) -> tuple[int, int, int] | None:
+        """``(open, close, next open)`` of the session ``t_ms`` belongs to (the time after
+        a close belongs to the session before it); ``None`` for a market that never closes
+        or outside the covered years."""
+        if self.always_open:
+            return None
+        opens = self._session_opens
+        j = bisect_right(opens, t_ms) - 1
+        if 0 <= j < len(opens) - 1:
+            return opens[j], self._session_closes[j], opens[j + 1]
+        return None
+
     def sessions_between(self, start_ms: int, end_ms: int) -> list[Session]:
         """The sessions overlapping ``[start_ms, end_ms)``, oldest first."""
         if self.always_open:

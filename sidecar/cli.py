@@ -19,8 +19,8 @@ from sidecar.timeframe import Timeframe
 if TYPE_CHECKING:
     from sidecar.signals import SignalRules
 
-FEATURE_COLUMNS = ("symbol", "broker", "t", "close", "rsi", "ema", "bb_lower", "bb_upper", "atr", "vwap",
-                   "macd_hist", "mom", "age_ms", "stale")
+FEATURE_COLUMNS = ("symbol", "broker", "tf", "t", "close", "rsi", "ema", "bb_lower", "bb_upper", "atr",
+                   "vwap", "macd_hist", "mom", "age_ms", "stale")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     command("run", help="run the daemon in the foreground")
     scan = command("scan", help="print the current features from Redis")
     scan.add_argument("--symbols", help="comma-separated (default: SIDECAR_SYMBOLS)")
-    scan.add_argument("--timeframe", help="default: SIDECAR_TIMEFRAME")
+    scan.add_argument("--timeframe", help="default: the base timeframe (the lowest of SIDECAR_TIMEFRAMES)")
+    scan.add_argument("--timeframes", help="several, comma-separated (e.g. 1m,1h): one MGET for all")
     scan.add_argument("--json", action="store_true", help="one JSON object per symbol (or signal)")
     scan.add_argument("--signals", action="store_true",
                       help="print the signals of the rules in SIDECAR_SIGNAL_* instead of the table")
@@ -156,6 +157,14 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
             settings = _with_tf(settings, args.timeframe)
         except ValueError as exc:
             raise ConfigError("--timeframe", str(exc)) from None
+    timeframes: list[str] | None = None
+    if args.timeframes:
+        try:
+            timeframes = [Timeframe.parse(x).name for x in args.timeframes.split(",") if x.strip()]
+        except ValueError as exc:
+            raise ConfigError("--timeframes", str(exc)) from None
+        if not timeframes:
+            raise ConfigError("--timeframes", "no timeframe given")
     symbols = _symbols_arg(args.symbols, settings)
     rules = SignalRules.from_env() if args.signals else None
     scanner = Scanner.from_settings(settings)
@@ -163,7 +172,7 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                rows = await scanner.read(symbols)
+                rows = await scanner.read(symbols, timeframes)
             except (RedisError, OSError) as exc:
                 refused = redis_refusal(exc) if isinstance(exc, RedisError) else None
                 if refused:

@@ -33,7 +33,13 @@ DOCS: dict[str, Doc] = {
     "SIDECAR_SOURCES": Doc("sources in priority order", f"`{','.join(DEFAULT_SOURCES)}`",
                            "comma-separated: `sim`, `replay`, `yahoo`, `alphavantage`, `twelvedata`, "
                            "`polygon`"),
-    "SIDECAR_TIMEFRAME": Doc("bar timeframe", accepts="`1s`, `1m`, `5m`, `1h`, `1d`, ..."),
+    "SIDECAR_TIMEFRAME": Doc("bar timeframe: the same as `SIDECAR_TIMEFRAMES` with one element; with "
+                             "both set it must be the lowest of them", "`1m`",
+                             "`1s`, `1m`, `5m`, `1h`, `1d`, ..."),
+    "SIDECAR_TIMEFRAMES": Doc("timeframes kept per symbol: the lowest is fetched, the others are built "
+                              "from it (README \"Timeframes\")", "`SIDECAR_TIMEFRAME`",
+                              "comma-separated timeframes, each higher one a whole number of the lowest, "
+                              "or `1d`"),
     "SIDECAR_REDIS_URL": Doc("Redis to write to; password and TLS options in the URL (README "
                              "\"Security\")", "the embedded server on `DATA_DIR/redis/redis.sock`",
                              "`redis://`, `rediss://` or `unix://`"),
@@ -77,7 +83,9 @@ DOCS: dict[str, Doc] = {
     "SIDECAR_FLUSH_INTERVAL_S": Doc("SQLite flush interval"),
     "SIDECAR_BUFFER_MAX_ROWS": Doc("bound of the in-memory buffer when SQLite fails; past it the "
                                    "oldest are dropped and counted"),
-    "SIDECAR_RETENTION_DAYS": Doc("rows older than this are deleted in the background"),
+    "SIDECAR_RETENTION_DAYS": Doc("rows older than this are deleted in the background; per timeframe "
+                                  "after a comma, `TF:days` (`90,1d:3650,1h:365`)", "`90`",
+                                  "days 1 to 36500, then optional `TF:days` items"),
     "SIDECAR_WARM_BARS": Doc("closed bars the feature handles are opened on at start"),
     "SIDECAR_BOOTSTRAP_DAYS": Doc("history fetched when the store is empty"),
     "SIDECAR_CLOCK_SKEW_MS": Doc("how far in the future a bar's open time may be"),

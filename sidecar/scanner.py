@@ -85,7 +85,7 @@ class Scanner:
         #: The URL a single-server client was made from: the first read asks whether
         #: it is a cluster node, and switches to a cluster client if so.
         self._probe_url = probe_url
-        self._cached_symbols: tuple[str, ...] | None = None
+        self._cached_symbols: tuple[tuple[str, str], ...] | None = None
         self._cached_packed: list[bytes] = []
         self._plan: list[_NodeRead] | None = None
         self._owners: list[int] = []
@@ -135,21 +135,22 @@ class Scanner:
             return [self.keys.heartbeat_of(i) for i in range(self.shards)]
         return [self.keys.heartbeat_of(None)]
 
-    def _wanted_keys(self, wanted: tuple[str, ...]) -> list[str]:
-        """The feature keys of ``wanted``, then the heartbeat keys; notes each symbol's owner."""
-        keys = [self.keys.features(self.tf, s) for s in wanted]
+    def _wanted_keys(self, wanted: tuple[tuple[str, str], ...]) -> list[str]:
+        """The feature keys of ``wanted`` (symbol, timeframe), then the heartbeat keys;
+        notes each key's owner."""
+        keys = [self.keys.features(tf, s) for s, tf in wanted]
         keys += self._heartbeat_keys()
-        self._owners = ([shard_of(s, self.shards, self._explicit) for s in wanted]
+        self._owners = ([shard_of(s, self.shards, self._explicit) for s, _ in wanted]
                         if self.shards > 1 else [0] * len(wanted))
         return keys
 
-    async def _fetch(self, symbols: Sequence[str]) -> list[bytes | None]:
-        """The symbols' feature values, then the heartbeats (one per shard)."""
+    async def _fetch(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """The feature values of ``wanted`` (symbol, timeframe), then the heartbeats (one per shard)."""
         if self._probe_url is not None:
             await self._detect()
         if isinstance(self.redis, RedisCluster):
-            return await self._cluster_mget(self.redis, symbols)
-        return await self._mget(symbols)
+            return await self._cluster_mget(self.redis, wanted)
+        return await self._mget(wanted)
 
     def _cluster_plan(self, cluster: RedisCluster, keys: list[str]) -> list[_NodeRead]:
         """Group ``keys`` by slot (one ``MGET`` each) and the slots by the node serving them."""
@@ -184,7 +185,8 @@ class Scanner:
         finally:
             part.node.release(conn)
 
-    async def _cluster_mget(self, cluster: RedisCluster, symbols: Sequence[str]) -> list[bytes | None]:
+    async def _cluster_mget(self, cluster: RedisCluster,
+                            symbols: Sequence[tuple[str, str]]) -> list[bytes | None]:
         """One packed pipeline of ``MGET`` s per node, all nodes at once.
 
         A node that fails or redirects (a failover, resharding) makes the read fall
@@ -213,7 +215,7 @@ class Scanner:
                     out[i] = value
         return out
 
-    async def _mget(self, symbols: Sequence[str]) -> list[bytes | None]:
+    async def _mget(self, symbols: Sequence[tuple[str, str]]) -> list[bytes | None]:
         """``MGET`` of the symbols' feature keys plus the heartbeats (last).
 
         A scanner asks for the same list every time, so the encoded command is built
@@ -240,12 +242,16 @@ class Scanner:
         finally:
             await pool.release(conn)
 
-    async def read(self, symbols: Sequence[str]) -> list[dict[str, Any]]:
-        """The features of ``symbols`` (in that order), one ``MGET``, decoded."""
-        raw = await self._fetch(symbols)
-        beats = len(raw) - len(symbols)
-        alive = [beat is not None for beat in raw[len(symbols):]]  # each shard's heartbeat
-        del raw[len(symbols):]
+    async def read(self, symbols: Sequence[str],
+                   timeframes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The features of ``symbols`` on ``timeframes`` (default: the scanner's one),
+        one ``MGET``, decoded: per symbol in that order, its timeframes in that order."""
+        tfs = [self.tf] if timeframes is None else list(timeframes)
+        wanted = [(s, tf) for s in symbols for tf in tfs]
+        raw = await self._fetch(wanted)
+        beats = len(raw) - len(wanted)
+        alive = [beat is not None for beat in raw[len(wanted):]]  # each shard's heartbeat
+        del raw[len(wanted):]
         owners = self._owners if beats > 1 else None
         now = int(time.time() * 1000)
         bound = self.stale_after_ms
@@ -256,9 +262,9 @@ class Scanner:
             _ARRAY32 + len(present).to_bytes(4, "big") + b"".join(present))
         it = iter(decoded)
         rows: list[dict[str, Any]] = []
-        for n, (sym, item) in enumerate(zip(symbols, raw, strict=True)):
+        for n, ((sym, tf), item) in enumerate(zip(wanted, raw, strict=True)):
             if item is None:
-                rows.append({"symbol": sym, "broker": brokers.get(sym, sym), "tf": self.tf,
+                rows.append({"symbol": sym, "broker": brokers.get(sym, sym), "tf": tf,
                              "age_ms": None, "stale": True, "missing": True})
                 continue
             row = next(it)
@@ -293,10 +299,11 @@ class Scanner:
             if listener is not self.redis:
                 await close_client(listener)
 
-    async def updates(self, symbols: Sequence[str]) -> AsyncIterator[list[dict[str, Any]]]:
+    async def updates(self, symbols: Sequence[str],
+                      timeframes: Sequence[str] | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """:meth:`read` right after each cycle of the daemon: no polling."""
         async for _ in self.cycles():
-            yield await self.read(symbols)
+            yield await self.read(symbols, timeframes)
 
     async def close(self) -> None:
         if self._owns:

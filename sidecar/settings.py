@@ -181,7 +181,10 @@ class Settings:
 
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     sources: tuple[str, ...] = DEFAULT_SOURCES
+    #: The base timeframe: the lowest kept, the one the sources are asked for.
     timeframe: Timeframe = field(default_factory=lambda: Timeframe.parse("1m"))
+    #: The timeframes built from the base in the daemon, lowest first (README "Timeframes").
+    higher_timeframes: tuple[Timeframe, ...] = ()
     redis_url: str | None = None
     redis_prefix: str = "sidecar"
     data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
@@ -202,6 +205,8 @@ class Settings:
     flush_max_rows: int = 20_000
     buffer_max_rows: int = 2_000_000
     retention_days: int = 90
+    #: Per-timeframe retention (``SIDECAR_RETENTION_DAYS=90,1d:3650``): ``(tf, days)``.
+    retention_by_tf: tuple[tuple[str, int], ...] = ()
     warm_bars: int = 5_000
     bootstrap_days: int = 90
     # validation
@@ -237,6 +242,15 @@ class Settings:
     read_replicas: bool = False
 
     @property
+    def series_timeframes(self) -> tuple[Timeframe, ...]:
+        """Every timeframe kept, lowest (the base) first."""
+        return (self.timeframe, *self.higher_timeframes)
+
+    def retention_for(self, tf: str) -> int:
+        """Days of ``tf`` bars SQLite keeps."""
+        return dict(self.retention_by_tf).get(tf, self.retention_days)
+
+    @property
     def sqlite_file(self) -> Path:
         return self.sqlite_path or self.data_dir / "bars.sqlite3"
 
@@ -253,10 +267,8 @@ class Settings:
 
         symbols = _parse_symbols(r.raw("SIDECAR_SYMBOLS"))
         sources = _parse_sources(r.raw("SIDECAR_SOURCES"))
-        try:
-            timeframe = Timeframe.parse(r.string("SIDECAR_TIMEFRAME", "1m"))
-        except ValueError as exc:
-            raise ConfigError("SIDECAR_TIMEFRAME", str(exc)) from None
+        timeframes = _parse_timeframes(r)
+        retention_days, retention_by_tf = _parse_retention(r)
 
         redis_url = r.raw("SIDECAR_REDIS_URL")
         if redis_url is not None:
@@ -331,12 +343,13 @@ class Settings:
         warm_bars = r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000)
         # ``sim`` makes up its history: by default only the days the warm window spans
         # (a demo needs features, not 90 days of made-up bars per symbol).
-        bootstrap_default = (max(1, -(-warm_bars * timeframe.ms // _DAY_MS)) if sources == ("sim",)
+        bootstrap_default = (max(1, -(-warm_bars * timeframes[0].ms // _DAY_MS)) if sources == ("sim",)
                              else 90)
         settings = cls(
             symbols=symbols,
             sources=sources,
-            timeframe=timeframe,
+            timeframe=timeframes[0],
+            higher_timeframes=timeframes[1:],
             redis_url=redis_url,
             redis_prefix=prefix,
             data_dir=data_dir,
@@ -350,7 +363,8 @@ class Settings:
             redis_down_exit_s=r.number("SIDECAR_REDIS_DOWN_EXIT_S", 120.0, low=1.0, high=86_400.0),
             flush_interval_s=r.number("SIDECAR_FLUSH_INTERVAL_S", 10.0, low=0.1, high=3_600.0),
             buffer_max_rows=r.integer("SIDECAR_BUFFER_MAX_ROWS", 2_000_000, low=1, high=100_000_000),
-            retention_days=r.integer("SIDECAR_RETENTION_DAYS", 90, low=1, high=36_500),
+            retention_days=retention_days,
+            retention_by_tf=retention_by_tf,
             warm_bars=warm_bars,
             bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", bootstrap_default, low=0, high=36_500),
             clock_skew_ms=r.integer("SIDECAR_CLOCK_SKEW_MS", 2_000, low=0, high=600_000),
@@ -438,6 +452,88 @@ def _parse_shard(r: _Reader) -> tuple[int | None, int]:
                                                    f"SIDECAR_SHARDS={shards}")
         return int(instance), shards
     return None, shards
+
+
+def _parse_timeframes(r: _Reader) -> tuple[Timeframe, ...]:
+    """``SIDECAR_TIMEFRAMES`` (``1m,5m,1h,1d``), else ``SIDECAR_TIMEFRAME`` alone; lowest first.
+
+    The lowest is the base; each higher one must be a whole number of base bars
+    (intraday), or ``1d``. With both variables set, ``SIDECAR_TIMEFRAME`` must be the lowest.
+    """
+    name = "SIDECAR_TIMEFRAMES"
+    text = r.raw(name)
+    single = r.raw("SIDECAR_TIMEFRAME")
+    if text is None:
+        name, text = "SIDECAR_TIMEFRAME", single or "1m"
+        if "," in text:
+            raise ConfigError(name, f"one timeframe, got {text!r} (several: SIDECAR_TIMEFRAMES)")
+    out: list[Timeframe] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            tf = Timeframe.parse(part)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+        if any(tf.ms == o.ms for o in out):
+            raise ConfigError(name, f"{tf.name} is given twice (or under two spellings)")
+        out.append(tf)
+    if not out:
+        raise ConfigError(name, "no timeframe given")
+    out.sort(key=lambda tf: tf.ms)
+    base = out[0]
+    for tf in out[1:]:
+        if tf.ms >= 86_400_000 and tf.name != "1d":
+            raise ConfigError(name, f"{tf.name}: above the base, only 1d is built of days")
+        if base.ms >= 86_400_000:
+            raise ConfigError(name, f"{tf.name}: nothing is built above a daily base")
+        if tf.ms < 86_400_000 and tf.ms % base.ms:
+            raise ConfigError(name, f"{tf.name} is not a whole number of {base.name} bars (the base)")
+    if name == "SIDECAR_TIMEFRAMES" and single is not None:
+        try:
+            same = Timeframe.parse(single).ms == base.ms
+        except ValueError:
+            same = False
+        if not same:
+            raise ConfigError("SIDECAR_TIMEFRAME", f"{single!r} is not the lowest of SIDECAR_TIMEFRAMES "
+                                                   f"({base.name}); set SIDECAR_TIMEFRAMES only")
+    # What ``sidecar config`` shows: the effective base and list, whichever variable set them.
+    r._note(Definition("SIDECAR_TIMEFRAME", "text", "1m", base.name))
+    r._note(Definition("SIDECAR_TIMEFRAMES", "text", None, ",".join(tf.name for tf in out)))
+    return tuple(out)
+
+
+def _parse_retention(r: _Reader) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """``SIDECAR_RETENTION_DAYS``: ``90`` or ``90,1d:3650,1h:365`` (a default, then per timeframe)."""
+    name = "SIDECAR_RETENTION_DAYS"
+    text = r.raw(name)
+    r._note(Definition(name, "text", "90", text or "90"))
+    if text is None:
+        return 90, ()
+    default: int | None = None
+    per_tf: dict[str, int] = {}
+    for part in text.split(","):
+        item = part.strip()
+        if not item:
+            continue
+        tf_text, sep, days_text = item.rpartition(":")
+        try:
+            days = int(days_text)
+        except ValueError:
+            raise ConfigError(name, f"expected days or TF:days, got {item!r}") from None
+        if not 1 <= days <= 36_500:
+            raise ConfigError(name, f"{days} is out of range [1, 36500]")
+        if not sep:
+            if default is not None:
+                raise ConfigError(name, "two defaults given")
+            default = days
+            continue
+        try:
+            tf = Timeframe.parse(tf_text)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+        per_tf[tf.name] = days
+    return (90 if default is None else default), tuple(sorted(per_tf.items()))
 
 
 def _parse_symbols(text: str | None) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import aiosqlite
@@ -391,15 +391,18 @@ class BarStore:
         await self.db.commit()
 
     # -- retention ----------------------------------------------------------------
-    async def delete_older_than(self, cutoff_ms: int) -> int:
-        """Delete bars with ``t < cutoff_ms``, one symbol and timeframe per transaction."""
+    async def delete_older_than(self, cutoff_ms: int, by_tf: Mapping[str, int] | None = None) -> int:
+        """Delete bars with ``t < cutoff_ms`` (``by_tf[tf]`` for a timeframe it names), one
+        symbol and timeframe per transaction."""
         async with self.db.execute("SELECT DISTINCT symbol, tf FROM bars") as cur:
             series = [(str(s), str(tf)) for s, tf in await cur.fetchall()]
         deleted = 0
+        cutoffs = by_tf or {}
         for symbol, tf in series:
             async with self._flush_lock:
                 cur = await self.db.execute(
-                    "DELETE FROM bars WHERE symbol = ? AND tf = ? AND t < ?", (symbol, tf, cutoff_ms)
+                    "DELETE FROM bars WHERE symbol = ? AND tf = ? AND t < ?",
+                    (symbol, tf, cutoffs.get(tf, cutoff_ms)),
                 )
                 deleted += cur.rowcount if cur.rowcount > 0 else 0
                 await self.db.commit()

@@ -294,7 +294,8 @@ class Daemon:
         stack.push_async_callback(self._stop_background, pipeline)
         log.info("daemon starting", extra={
             "symbols": len(s.symbols), "sources": [x.name for x in sources],
-            "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
+            "tf": s.timeframe.name, "tfs": [tf.name for tf in s.series_timeframes],
+            "http": f"{s.http_host}:{s.http_port}",
             "redis": "embedded" if embedded else ("cluster" if redis_store.cluster else "external"),
             "sqlite": str(s.sqlite_file)})
         await wait_loaded(redis_store.redis, self.should_exit,
@@ -469,9 +470,11 @@ class Daemon:
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():
-            cutoff = int(self.clock() * 1000) - self.settings.retention_days * DAY_MS
+            now_ms = int(self.clock() * 1000)
+            cutoff = now_ms - self.settings.retention_days * DAY_MS
+            by_tf = {tf: now_ms - days * DAY_MS for tf, days in self.settings.retention_by_tf}
             try:
-                await store.delete_older_than(cutoff)
+                await store.delete_older_than(cutoff, by_tf)
             except Exception as exc:
                 log.error("retention failed", extra={"error": str(exc)})
             try:

@@ -21,6 +21,7 @@ from typing import Any
 from sidecar.app.pipeline import Pipeline, SourceState
 from sidecar.app.ticker import SecondTicker
 from sidecar.parse_worker import ParseWorker
+from sidecar.series import Series
 
 log = logging.getLogger("sidecar.health")
 
@@ -201,6 +202,7 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
             "calendar": cal.name if (cal := pipeline.calendars.get(sym)) is not None else None,
             "market_open": st.market_open,
             "next_open": st.next_open,
+            "timeframes": {ser.tf.name: _series_info(ser, now_ms) for ser in st.series},
         }
     sources = {state.name: _source_info(state) for state in pipeline.sources}
 
@@ -215,6 +217,7 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         "now_ms": now_ms,
         "clock": pipeline.clock.status(),
         "timeframe": pipeline.tf.name,
+        "timeframes": [tf.name for tf in pipeline.timeframes],
         "cycle": {
             "count": stats.cycles,
             "last_tick_ms": stats.last_tick_ms,
@@ -249,6 +252,21 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         "process": process_report(),
         "market": _market(pipeline, now_ms),
         "symbols": symbols,
+    }
+
+
+def _series_info(ser: Series, now_ms: int) -> dict[str, Any]:
+    """One timeframe of a symbol: its newest bar and how many base bars its forming one holds."""
+    bar = ser.forming or ser.last
+    feats = ser.features or {}
+    return {
+        "newest_bar_t": bar.t if bar else None,
+        "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
+        "last_price": bar.c if bar else None,
+        "forming": bar.forming if bar else None,
+        "rsi": _round(feats.get("rsi"), 3),
+        "base_bars": ser.n_base if ser.grid is not None else None,
+        "rebuilding": ser.rebuilding is not None or ser.needs_rebuild,
     }
 
 

@@ -159,6 +159,8 @@ async def _rest_of_bootstrap(pipeline: Pipeline, sources: list[Source], store: B
             continue
         pipeline.warmup.history_bars += result.bars
         pipeline.warmup.history_requests += result.requests
+        # The higher timeframes were folded from the warm window: the older days now too.
+        await pipeline.fold_history(sym, full_start, end - max(s.warm_bars, 1) * grid.ms)
         log.info("bootstrap done", extra=result.as_dict())
     log.info("bootstrap finished", extra={"symbols": len(cold), "days": s.bootstrap_days})
 

@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_SYMBOLS": ["AAPL,MS FT", ",,,"],
     "SIDECAR_SOURCES": ["sim,bad-name", " , "],
-    "SIDECAR_TIMEFRAME": ["1x", "0m", "60"],
+    "SIDECAR_TIMEFRAME": ["1x", "0m", "60", "1m,5m"],
+    "SIDECAR_TIMEFRAMES": ["1m,1x", "1m,1m", "2m,5m", "1m,2d", ","],
     "SIDECAR_REDIS_URL": ["http://localhost:6379", "localhost:6379", "redis://h:99999",
                           "redis://h:port", "redis://h/0?nosuchoption=1", "unix:///tmp/r.sock?db=x",
                           "rediss://h:6380/0?ssl_ca_certs=/nonexistent/ca.pem"],
@@ -73,7 +74,7 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_REDIS_DOWN_EXIT_S": ["0.5", "-inf"],
     "SIDECAR_FLUSH_INTERVAL_S": ["0.01", "NaN"],
     "SIDECAR_BUFFER_MAX_ROWS": ["0", "x"],
-    "SIDECAR_RETENTION_DAYS": ["0", "36501"],
+    "SIDECAR_RETENTION_DAYS": ["0", "36501", "90,1d:0", "90,1x:30", "90,80", "1d:"],
     "SIDECAR_WARM_BARS": ["-1", "1000001"],
     "SIDECAR_BOOTSTRAP_DAYS": ["-1", "ninety"],
     "SIDECAR_CLOCK_SKEW_MS": ["-1", "600001"],

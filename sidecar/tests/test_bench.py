@@ -105,6 +105,9 @@ def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     assert run["bars_accepted_per_cycle"] >= run["symbols"]
     assert run["rejected"] == {}
     assert run["rss_mb"]["end"] > 0
+    (multi,) = doc["multi_tf"]  # the same size again with four timeframes per symbol
+    assert multi["timeframes"] == "1m,5m,15m,1h" and multi["symbols"] == run["symbols"]
+    assert multi["source_errors"] == 0 and multi["redis_ok"] is True and multi["rejected"] == {}
 
 
 def test_daemon_soak_smoke_samples_a_running_daemon(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ async def test_backlog_past_its_bound_drops_the_oldest_and_recovery_refills_them
     assert not pipe.stats.redis_ok
     backlog = pipe._redis_backlog
     assert len(backlog) == 10
-    assert sorted(backlog) == sorted((sym, T0 + k * 1000) for sym in SYMBOLS for k in range(30, 35))
+    assert sorted(backlog) == sorted((sym, "1s", T0 + k * 1000) for sym in SYMBOLS for k in range(30, 35))
     await bar_store.flush()
     for sym, bars in hist.items():  # SQLite lost nothing of the outage
         assert [b.t for b in await bar_store.last_bars(sym, "1s", 100)] == [b.t for b in bars[:35]]

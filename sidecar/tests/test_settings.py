@@ -177,6 +177,26 @@ def test_default_data_dir_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert s.data_dir == tmp_path / ".local" / "share" / "sidecar"
 
 
+def test_timeframes_lowest_first_and_the_old_single_variable(tmp_path: Path) -> None:
+    base = {"XDG_DATA_HOME": str(tmp_path)}
+    s = Settings.from_env({**base, "SIDECAR_TIMEFRAMES": "1h, 1m,15m,1d,5m"})
+    assert [tf.name for tf in s.series_timeframes] == ["1m", "5m", "15m", "1h", "1d"]
+    assert s.timeframe.name == "1m"
+    old = Settings.from_env({**base, "SIDECAR_TIMEFRAME": "5m"})
+    assert [tf.name for tf in old.series_timeframes] == ["5m"]
+    both = Settings.from_env({**base, "SIDECAR_TIMEFRAME": "1m", "SIDECAR_TIMEFRAMES": "1m,1h"})
+    assert [tf.name for tf in both.series_timeframes] == ["1m", "1h"]
+    with pytest.raises(ConfigError, match="SIDECAR_TIMEFRAME"):
+        Settings.from_env({**base, "SIDECAR_TIMEFRAME": "5m", "SIDECAR_TIMEFRAMES": "1m,1h"})
+
+
+def test_retention_per_timeframe(tmp_path: Path) -> None:
+    s = Settings.from_env({"XDG_DATA_HOME": str(tmp_path), "SIDECAR_RETENTION_DAYS": "30,1d:3650,1h:365"})
+    assert (s.retention_for("1m"), s.retention_for("1h"), s.retention_for("1d")) == (30, 365, 3650)
+    only = Settings.from_env({"XDG_DATA_HOME": str(tmp_path), "SIDECAR_RETENTION_DAYS": "1d:3650"})
+    assert (only.retention_for("1m"), only.retention_for("1d")) == (90, 3650)
+
+
 def test_sim_history_default_is_the_warm_window() -> None:
     """``sim`` alone: the bootstrap spans the days of the warm window, not 90."""
     base = {"SIDECAR_SOURCES": "sim"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -193,10 +194,10 @@ async def test_backfill_runs_between_cycles_and_misses_no_tick(
     during_cycle: list[str] = []
     open_handles, write_history = pipe._open_handles, RedisStore.write_history
 
-    def opening(symbol: str, window: list[Bar], *, warm: bool) -> int:
+    def opening(symbol: str, *args: Any, **kwargs: Any) -> int:
         if loop.running:
             during_cycle.append(f"open {symbol}")
-        return open_handles(symbol, window, warm=warm)
+        return open_handles(symbol, *args, **kwargs)
 
     async def writing(store: RedisStore, history: list[Bar], chunk: int = 2_000) -> int:
         if loop.running and history[0].t < bars[history[0].symbol][HISTORY].t:
