@@ -86,7 +86,7 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
 
         cases = {"raw": raw, "scanner": read, "scanner_signals": read_signals}
         signals = await read_signals()
-        # Warm-up, then settle_gc() as a trading process does after start-up (README "Scanner").
+        # Warm-up, then settle_gc() as a trading process does after start-up (docs/scanner.md).
         timings = await timed_reads(cases, reads)
         await scanner.close()
         await raw_client.aclose()

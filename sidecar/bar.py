@@ -9,7 +9,7 @@ from typing import Any
 
 import msgpack
 
-# Bit flags of the msgpack array encoding (see README "Redis layout").
+# Bit flags of the msgpack array encoding (see docs/redis-layout.md).
 FLAG_FORMING = 1
 FLAG_SYNTHETIC = 2
 #: 9999-12-31: the last instant ``datetime`` (and any sane store) can represent.

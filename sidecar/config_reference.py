@@ -37,10 +37,10 @@ DOCS: dict[str, Doc] = {
                              "both set it must be the lowest of them", "`1m`",
                              "`1s`, `1m`, `5m`, `1h`, `1d`, ..."),
     "SIDECAR_TIMEFRAMES": Doc("timeframes kept per symbol: the lowest is fetched, the others are built "
-                              "from it (README \"Timeframes\")", "`SIDECAR_TIMEFRAME`",
+                              "from it (docs/timeframes.md)", "`SIDECAR_TIMEFRAME`",
                               "comma-separated timeframes, each higher one a whole number of the lowest, "
                               "or `1d`"),
-    "SIDECAR_REDIS_URL": Doc("Redis to write to; password and TLS options in the URL (README "
+    "SIDECAR_REDIS_URL": Doc("Redis to write to; password and TLS options in the URL (docs/reliability.md, "
                              "\"Security\")", "the embedded server on `DATA_DIR/redis/redis.sock`",
                              "`redis://`, `rediss://` or `unix://`"),
     "SIDECAR_REDIS_SERVER": Doc("the `redis-server` binary of the embedded server",
@@ -68,7 +68,8 @@ DOCS: dict[str, Doc] = {
     "SIDECAR_MOM_PERIOD": Doc("momentum period"),
     "SIDECAR_SESSION_ANCHOR": Doc("VWAP session start for every symbol (overrides the calendars' "
                                   "session opens)", "each symbol's own session open", "`HH:MM` (UTC)"),
-    "SIDECAR_SHARD": Doc("this daemon is shard `i` of `N` (README \"Shards\")", "unsharded", "`i/N`"),
+    "SIDECAR_SHARD": Doc("this daemon is shard `i` of `N` (docs/operations.md, \"Shards\")", "unsharded",
+                         "`i/N`"),
     "SIDECAR_SHARDS": Doc("the number of shards (with PM2's `NODE_APP_INSTANCE` as `i`; for "
                           "scanners and `status`)"),
     "NODE_APP_INSTANCE": Doc("set by PM2: with `SIDECAR_SHARDS`, this daemon's shard index", "-",
@@ -96,12 +97,12 @@ DOCS: dict[str, Doc] = {
                                           "correction"),
     "SIDECAR_FILL_GAPS": Doc("fill missing bars with flat bars marked `synthetic`, `src: \"gapfill\"`"),
     "SIDECAR_MARKET_HOURS": Doc("follow each symbol's trading calendar: no requests, gaps or filler "
-                                "bars while its market is closed (README \"Market hours\")"),
+                                "bars while its market is closed (docs/providers.md, \"Market hours\")"),
     "SIDECAR_FETCH_TIMEOUT_S": Doc("per-cycle source timeout"),
     "SIDECAR_STALE_AFTER_MS": Doc("a symbol is `stale` when no source answered for it for this long "
                                   "beyond its planned refresh interval"),
     "SIDECAR_PARSE_PROCESS": Doc("parse Twelve Data's batch answers in a second process (`auto`: from "
-                                 "500 symbols; README \"The parse worker\")"),
+                                 "500 symbols; docs/operations.md, \"The parse worker\")"),
     "SIDECAR_SIM_SEED": Doc("seed of the `sim` market"),
     "SIDECAR_LOG_FORMAT": Doc("log lines: `auto` is JSON off a terminal"),
     "SIDECAR_LOG_LEVEL": Doc("lowest level logged"),
@@ -109,7 +110,7 @@ DOCS: dict[str, Doc] = {
     "ALPHAVANTAGE_API_KEY": Doc("Alpha Vantage key; never logged", "unset", _KEY),
     "TWELVEDATA_API_KEY": Doc("Twelve Data key; never logged", "unset", _KEY),
     "POLYGON_API_KEY": Doc("Polygon key; never logged", "unset", _KEY),
-    "SIDECAR_SYMBOLS_FILE": Doc("your symbol mapping (README \"Symbol mapping\")",
+    "SIDECAR_SYMBOLS_FILE": Doc("your symbol mapping (docs/providers.md, \"Symbol mapping\")",
                                 "the packaged `sidecar/symbols.toml`", "a TOML file"),
     "SIDECAR_YAHOO_BASE_URL": Doc("scheme and host every Yahoo request is sent to instead (gateway, "
                                   "test server)", "Yahoo's own hosts", _URL),
@@ -137,7 +138,7 @@ DOCS: dict[str, Doc] = {
     "SIDECAR_BREAKER_RESET_S": Doc("an open circuit admits one probe after this long"),
     # -- signals (sidecar/signals.py; `scan --signals`) --
     "SIDECAR_SIGNAL_RULES": Doc("signal rules on", "`all`", "`all`, or comma-separated rule names "
-                                "(README \"Signals\")"),
+                                "(docs/scanner.md, \"Signals\")"),
     "SIDECAR_SIGNAL_RSI_BELOW": Doc("`rsi_below` threshold"),
     "SIDECAR_SIGNAL_RSI_ABOVE": Doc("`rsi_above` threshold"),
     "SIDECAR_SIGNAL_VWAP_PCT": Doc("distance from VWAP of the VWAP rules, percent"),

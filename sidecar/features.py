@@ -425,7 +425,7 @@ def features_map(
     market_open: bool = True,
     next_open: int | None = None,
 ) -> dict[str, Any]:
-    """The msgpack map the scanner reads (CONTRACT.md "Features", README "Redis layout").
+    """The msgpack map the scanner reads (CONTRACT.md "Features", docs/redis-layout.md).
 
     ``updated_at``: when a source last answered for the symbol (``data_age_ms`` is
     ``computed_at`` minus it); ``via``: how its newest bar came (poll, stream, last);

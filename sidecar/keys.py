@@ -1,4 +1,4 @@
-"""Redis key names (README "Redis layout"): the only place they are spelled.
+"""Redis key names (docs/redis-layout.md): the only place they are spelled.
 
 On a single Redis server the layout is the one of schema version 1, unchanged.
 On a Redis Cluster every key carries a hash tag right after ``{prefix}:v1:`` so that

@@ -48,7 +48,7 @@ log = logging.getLogger("sidecar.parse_worker")
 T = TypeVar("T")
 FRAME = struct.Struct(">I")
 OK, REFUSED = 0, 1
-#: ``SIDECAR_PARSE_PROCESS=auto`` starts the worker from this many symbols (see README).
+#: ``SIDECAR_PARSE_PROCESS=auto`` starts the worker from this many symbols (docs/operations.md).
 AUTO_MIN_SYMBOLS = 500
 MODES = ("auto", "on", "off")
 #: No answer to any job in this long means the worker hangs (a 500-symbol batch takes ~3-6 ms).

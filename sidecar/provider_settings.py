@@ -49,7 +49,7 @@ def _url(r: EnvReader, name: str, default: str | None, schemes: tuple[str, ...])
 
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
-    """Everything the four provider modules can be told (see README "Configuration")."""
+    """Everything the four provider modules can be told (see docs/configuration.md)."""
 
     alphavantage_api_key: str | None = field(default=None, repr=False)
     twelvedata_api_key: str | None = field(default=None, repr=False)

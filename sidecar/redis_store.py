@@ -1,6 +1,6 @@
 """Where bars and features are stored for the scanner: Redis, msgpack values.
 
-Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layout"):
+Layout (schema version :data:`SCHEMA_VERSION`, documented in docs/redis-layout.md):
 
 * ``{prefix}:v1:bars:{tf}:{symbol}`` — sorted set, score = open time (ms), member =
   msgpack ``[t, o, h, l, c, v|nil, src, flags]``; the newest ``bars_cap`` bars. A
@@ -16,8 +16,8 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
 Every write is one ``EVALSHA`` of :data:`_WRITE_CYCLE_LUA` (bars and features as two
 msgpack blobs; optionally the heartbeat and an announcement). The pipeline writes each
 answered request's bars and features as soon as they are ready, then one final write
-with the heartbeat and the announcement once all of them have completed (README
-"Redis layout").
+with the heartbeat and the announcement once all of them have completed
+(docs/redis-layout.md).
 ``bench/store.py`` measures it against a pipeline of the same commands (about 4× slower:
 redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (the bound).
 """

@@ -4,7 +4,7 @@
 >>> rows = await scanner.read(["AAPL", "MSFT"])
 >>> signals = evaluate(rows, SignalRules.from_env())      # sidecar.signals
 
-Each row is the features map (see README "Redis layout") plus ``broker`` (the
+Each row is the features map (see docs/redis-layout.md) plus ``broker`` (the
 broker's spelling from the symbol mapping), ``age_ms`` (now minus ``computed_at``)
 and ``stale``: true when the key is missing, older than ``stale_after_ms``,
 flagged stale by the daemon, or the daemon's heartbeat is gone. A missing key
@@ -16,7 +16,7 @@ To react to the daemon instead of polling, iterate :meth:`Scanner.updates` (or
 
 On a Redis Cluster (found from the URL alone: ``INFO cluster``) a read costs one round
 trip per node, all at once: the keys are grouped by the node serving their slot, one
-``MGET`` per bucket slot (README "Redis layout"), the ``MGET`` s of one node sent as one
+``MGET`` per bucket slot (docs/redis-layout.md), the ``MGET`` s of one node sent as one
 packed pipeline. With shards (``SIDECAR_SHARDS=N``) a row is stale when the heartbeat
 of the shard that owns its symbol is gone.
 """
@@ -75,7 +75,7 @@ class Scanner:
         self.stale_after_ms = stale_after_ms
         #: canonical -> broker spelling; a symbol not in it is spelled the same.
         self.brokers: Mapping[str, str] = brokers or {}
-        #: How many shards write (README "Shards"), and the mapping's explicit owners.
+        #: How many shards write (docs/operations.md, "Shards"), and the mapping's explicit owners.
         self.shards = shards
         self._explicit: Mapping[str, int] = explicit_shards or {}
         #: On a cluster, read from replicas (``READONLY``): less load on the masters, a

@@ -183,7 +183,7 @@ class Settings:
     sources: tuple[str, ...] = DEFAULT_SOURCES
     #: The base timeframe: the lowest kept, the one the sources are asked for.
     timeframe: Timeframe = field(default_factory=lambda: Timeframe.parse("1m"))
-    #: The timeframes built from the base in the daemon, lowest first (README "Timeframes").
+    #: The timeframes built from the base in the daemon, lowest first (docs/timeframes.md).
     higher_timeframes: tuple[Timeframe, ...] = ()
     redis_url: str | None = None
     redis_prefix: str = "sidecar"
@@ -234,7 +234,7 @@ class Settings:
     # logging
     log_format: str = "auto"
     log_level: str = "info"
-    # shards (README "Shards")
+    # shards (docs/operations.md, "Shards")
     #: This daemon's shard index (``None``: unsharded) and the number of shards.
     shard: int | None = None
     shards: int = 1

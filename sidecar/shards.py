@@ -5,7 +5,7 @@ ASCII bytes, as :func:`zlib.crc32`), unless the symbol mapping gives it ``shard 
 explicitly (used when ``i < N``; otherwise the hash decides). The assignment depends
 only on the symbol, ``N`` and the mapping, so every daemon and every scanner computes
 the same owner without asking anyone; changing ``N`` moves the symbols whose owner
-changes (README "Shards").
+changes (docs/operations.md, "Shards").
 """
 
 from __future__ import annotations

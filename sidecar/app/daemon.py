@@ -113,7 +113,7 @@ async def _listen(view: DaemonView, host: str, port: int) -> Any:
         raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     if not _is_loopback(host):
         log.warning("HTTP endpoints listen beyond this machine: anyone who can reach "
-                    f"{host}:{port} sees symbols, prices and source state (README: Security)")
+                    f"{host}:{port} sees symbols, prices and source state (docs/reliability.md: Security)")
     return runner
 
 

@@ -169,7 +169,7 @@ class _PipelineCollector(Collector):
 
     @staticmethod
     def _parse_worker(info: dict[str, Any]) -> Iterator[Metric]:
-        """The parse worker (README: Configuration, SIDECAR_PARSE_PROCESS), when it runs."""
+        """The parse worker (docs/configuration.md, SIDECAR_PARSE_PROCESS), when it runs."""
         if not info["enabled"]:
             return
         yield GaugeMetricFamily("sidecar_parse_worker_up", "1 while the parse worker process runs",

@@ -385,7 +385,7 @@ class Pipeline:
         #: The cluster's masters as of the last complete write (empty on a single server).
         self._masters: frozenset[str] = frozenset()
         self._pid = os.getpid()
-        #: A shard says which shard it is and which symbols it owns (README "Shards").
+        #: A shard says which shard it is and which symbols it owns (docs/operations.md, "Shards").
         self._shard_info: dict[str, Any] = {} if settings.shard is None else {
             "shard": settings.shard, "shards": settings.shards, "owned": list(settings.symbols)}
         self.meta: dict[str, Any] = {"tf": self.tf.name, "tfs": [tf.name for tf in self.timeframes],

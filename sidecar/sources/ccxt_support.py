@@ -27,7 +27,7 @@ STREAM_MODES = ("auto", "ohlcv", "trades", "off")
 
 @dataclass(frozen=True, slots=True)
 class CcxtSettings:
-    """The settings of one ccxt exchange (README "Crypto exchanges (ccxt)")."""
+    """The settings of one ccxt exchange (docs/providers.md, "Crypto exchanges (ccxt)")."""
 
     exchange_id: str
     #: Scheme and host every REST URL is sent to instead (a path here prefixes theirs).

@@ -1,4 +1,4 @@
-"""The bar's msgpack array: the bytes readers decode (README "Redis layout")."""
+"""The bar's msgpack array: the bytes readers decode (docs/redis-layout.md)."""
 
 from __future__ import annotations
 
