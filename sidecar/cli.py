@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from sidecar.dotenv import load_dotenv
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.settings import SYMBOL_RE, Settings
 from sidecar.timeframe import Timeframe
@@ -72,10 +75,16 @@ def _iso_ms(text: str, flag: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        dotenv = load_dotenv(os.environ)
         settings = Settings.from_env()
         from sidecar.logs import setup_logging
 
         setup_logging(settings.log_format, settings.log_level)
+        if dotenv is not None:  # names only: the values are secrets
+            logging.getLogger("sidecar.cli").log(
+                logging.WARNING if dotenv.ignored else logging.INFO, "read .env",
+                extra={"path": str(dotenv.path.resolve()), "loaded": dotenv.loaded,
+                       "environment_wins": dotenv.overridden, "ignored_not_keys": dotenv.ignored})
         if args.command == "run":
             from sidecar.app.daemon import run_daemon
 
@@ -139,13 +148,13 @@ async def _scan(settings: Settings, args: argparse.Namespace) -> int:
 
 def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_json: bool) -> None:
     if rules is not None:
-        from sidecar.signals import evaluate
+        from sidecar.signals import evaluate, signal_rows
 
-        signals = evaluate(rows, rules)
         if as_json:
-            for sig in signals:
-                print(json.dumps(sig.as_dict()))
+            for item in signal_rows(rows, rules):
+                print(json.dumps(item))
             return
+        signals = evaluate(rows, rules)
         stamp = datetime.now(UTC).strftime("%H:%M:%S")
         fresh = sum(1 for r in rows if not r["stale"])
         print(f"{stamp}  {len(signals)} signal(s) over {fresh} fresh of {len(rows)} symbols")
@@ -211,8 +220,6 @@ async def _backfill(settings: Settings, days: int | None) -> int:
 
 
 async def _fetch(settings: Settings, args: argparse.Namespace) -> int:
-    import os
-
     from sidecar.fetch import run_fetch
 
     try:
@@ -230,8 +237,6 @@ SYMBOL_COLUMNS = ("symbol", "asset_class", "broker", "yahoo", "alphavantage", "t
 
 def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     """The mapping of the configured (or given) symbols, as the daemon and the scanner use it."""
-    import os
-
     from sidecar.provider_settings import ProviderSettings
     from sidecar.symbols import load_symbol_map
 

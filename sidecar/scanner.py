@@ -36,13 +36,14 @@ _ARRAY32 = b"\xdd"
 class Scanner:
     """Reads features with one ``MGET`` (heartbeat included)."""
 
-    __slots__ = ("_cached_packed", "_cached_symbols", "_owns", "brokers", "keys", "redis",
+    __slots__ = ("_cached_packed", "_cached_symbols", "_owns", "brokers", "keys", "prefix", "redis",
                  "stale_after_ms", "tf")
 
     def __init__(self, redis: Redis, prefix: str = "sidecar", tf: str = "1m",
                  stale_after_ms: int = 2_000, *, brokers: Mapping[str, str] | None = None,
                  owns: bool = False) -> None:
         self.redis = redis
+        self.prefix = prefix
         self.keys = Keys(prefix)
         self.tf = tf
         self.stale_after_ms = stale_after_ms
@@ -54,7 +55,7 @@ class Scanner:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, stale_after_ms: int | None = None,
-                      env: Mapping[str, str] | None = None) -> Scanner:
+                      env: Mapping[str, str] | None = None, pool_size: int = 4) -> Scanner:
         """Connect to the daemon's Redis (``SIDECAR_REDIS_URL`` or its embedded socket).
 
         Broker spellings come from the symbol mapping (``SIDECAR_SYMBOLS_FILE``);
@@ -67,10 +68,16 @@ class Scanner:
         brokers = {s: symbol_map.entry(s).broker for s in settings.symbols}
         brokers.update({s: symbol_map.entry(s).broker for s in symbol_map})
         url = settings.redis_url or f"unix://{settings.redis_socket}"
-        redis = connect(url, pool_size=4, timeout_s=settings.redis_timeout_s)
+        redis = connect(url, pool_size=pool_size, timeout_s=settings.redis_timeout_s)
         return cls(redis, settings.redis_prefix, settings.timeframe.name,
                    settings.features_ttl_ms if stale_after_ms is None else stale_after_ms,
                    brokers=brokers, owns=True)
+
+    def for_timeframe(self, tf: str) -> Scanner:
+        """A scanner of another timeframe on the same connection pool and broker spellings."""
+        if tf == self.tf:
+            return self
+        return Scanner(self.redis, self.prefix, tf, self.stale_after_ms, brokers=self.brokers)
 
     async def _mget(self, symbols: Sequence[str]) -> list[bytes | None]:
         """``MGET`` of the symbols' feature keys plus the heartbeat (last).

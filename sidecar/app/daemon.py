@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from sidecar.app.api import ReadApi
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol, repair_gaps
 from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
@@ -33,6 +33,7 @@ from sidecar.provider_settings import ProviderSettings
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, connect, redis_refusal
 from sidecar.settings import Settings
+from sidecar.signals import SignalRules
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map, mapping_report
@@ -79,25 +80,21 @@ async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | No
     return store, embedded
 
 
-async def _listen(view: DaemonView, host: str, port: int) -> Any:
+async def _listen(view: DaemonView, settings: Settings, api: ReadApi) -> Any:
     """Serve the HTTP endpoints; a bind failure names the setting to change."""
+    host, port = settings.http_host, settings.http_port
+    token = None if settings.http_loopback else settings.http_token
     try:
-        runner = await start_http(view, host, port)
+        runner = await start_http(view, host, port, api, token=token)
     except OSError as exc:
         in_use = exc.errno in (errno.EADDRINUSE, errno.EACCES)
         setting = "SIDECAR_HTTP_PORT" if in_use else "SIDECAR_HTTP_HOST"
         raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    if not _is_loopback(host):
-        log.warning("HTTP endpoints listen beyond this machine: anyone who can reach "
-                    f"{host}:{port} sees symbols, prices and source state (README: Security)")
+    if token is not None:
+        log.warning("HTTP endpoints listen beyond this machine: every endpoint but /health and "
+                    f"/ready asks for SIDECAR_HTTP_TOKEN; without TLS, anyone on the path to "
+                    f"{host}:{port} can read the token and the data (README: Security)")
     return runner
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class Daemon:
@@ -129,12 +126,14 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------
     async def run(self) -> int:
         s = self.settings
+        s.check_http_auth()
         self._install_signals()
         try:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
         provider_settings = ProviderSettings.from_env(os.environ)  # refuses bad values now
+        signal_rules = SignalRules.from_env()  # the rules of /v1/signals
         symbol_map = load_symbol_map(provider_settings.symbols_file)
         for symbol, problem in mapping_report(symbol_map, s.symbols):
             log.warning("symbol mapping", extra={"symbol": symbol, "problem": problem})
@@ -152,6 +151,7 @@ class Daemon:
         pipeline = Pipeline(s, sources, redis_store, store, circuits)
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
+        api = ReadApi.from_settings(s, signal_rules)
         runner = None
         parse_worker: ParseWorker | None = None
         try:
@@ -159,7 +159,7 @@ class Daemon:
                 await source.start()
             parse_worker = await start_for(sources, s.parse_process, len(s.symbols))
             self.parse_worker = view.parse_worker = parse_worker
-            runner = await _listen(view, s.http_host, s.http_port)
+            runner = await _listen(view, s, api)
             log.info("daemon starting", extra={
                 "symbols": len(s.symbols), "sources": [x.name for x in sources],
                 "tf": s.timeframe.name, "http": f"{s.http_host}:{s.http_port}",
@@ -184,6 +184,7 @@ class Daemon:
             await self._main_loop(pipeline, ticker)
         finally:
             await self._shutdown(pipeline, sources, store, redis_store, embedded, runner, parse_worker)
+            await api.close()
         return self.exit_code
 
     async def _bootstrap(self, pipeline: Pipeline, sources: list[Source], store: BarStore,

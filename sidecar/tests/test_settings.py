@@ -115,6 +115,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_DATA_DIR": ["{file}"],
     "SIDECAR_SQLITE_PATH": ["{dir}", "{file}/bars.sqlite3"],
     "SIDECAR_HTTP_HOST": ["not a host", "127.0.0.1:8787", "http://127.0.0.1", "-bad-", "a..b", "x" * 300],
+    "SIDECAR_HTTP_TOKEN": ["too-short", "has a space in it here", "t" * 257, "caf\u00e9-token-of-16+"],
     "SIDECAR_REDIS_PREFIX": ["a:b", "x" * 33, "pre fix"],
     "SIDECAR_REPLAY_FILE": ["/nonexistent/bars.jsonl"],
     "SIDECAR_MACD": ["12,26", "a,b,c", "26,12,9", "1,26,9", "12,26,0", "12,2000,9"],
