@@ -20,7 +20,14 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -126,6 +133,8 @@ class _PipelineCollector(Collector):
         yield GaugeMetricFamily("sidecar_sqlite_last_flush_timestamp_seconds",
                                 "When the last flush finished (epoch s)",
                                 value=_ms_to_s(sqlite["last_flush_ms"]))
+        yield GaugeMetricFamily("sidecar_sqlite_up", "1 unless the last SQLite flush failed",
+                                value=0.0 if sqlite["last_error"] else 1.0)
         yield GaugeMetricFamily("sidecar_redis_up", "1 if the last Redis write succeeded",
                                 value=1.0 if r["redis"]["ok"] else 0.0)
         proc = r["process"]
@@ -251,6 +260,17 @@ async def _status_page(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
+def metrics_registry(view: DaemonView) -> CollectorRegistry:
+    """What ``/metrics`` serves: the daemon's own metrics (``sidecar_*``) and the standard
+    process (``process_*``), platform (``python_info``) and GC (``python_gc_*``) collectors."""
+    registry = CollectorRegistry()
+    registry.register(_PipelineCollector(view))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 def bearer_auth(token: str) -> Middleware:
     """401 for any path but :data:`OPEN_PATHS` without ``Authorization: Bearer <token>``."""
     expected = f"Bearer {token}".encode()
@@ -272,9 +292,7 @@ def make_app(view: DaemonView, api: ReadApi | None = None, *, token: str | None 
     """The daemon's endpoints; ``/v1/...`` with ``api``; ``token``: required as a bearer token."""
     app = web.Application(middlewares=[bearer_auth(token)] if token is not None else [])
     app[VIEW] = view
-    registry = CollectorRegistry()
-    registry.register(_PipelineCollector(view))
-    app[REGISTRY] = registry
+    app[REGISTRY] = metrics_registry(view)
     app.router.add_get("/", _status_page)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
