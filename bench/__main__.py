@@ -12,7 +12,7 @@ import importlib
 import time
 from collections.abc import Sequence
 
-BENCHMARKS = ("features", "store", "tick", "scanner_read", "cycle")
+BENCHMARKS = ("features", "store", "tick", "scanner_read", "http_api", "cycle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

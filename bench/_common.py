@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,28 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str
         for name, fn in cases.items():
             seen[name].append(fn())
     return {name: statistics.median(v) for name, v in seen.items()}
+
+
+async def timed_rounds(cases: dict[str, Callable[[], Awaitable[Any]]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each async case over ``rounds`` rounds, after warm-up rounds and
+    ``settle_gc()`` (as a trading process does after start-up, README "Scanner"); the
+    order of the cases alternates from round to round so noise hits them alike."""
+    from sidecar.gc_tuning import settle_gc
+
+    for _ in range(max(3, rounds // 20)):  # warm the connections and caches
+        for fn in cases.values():
+            await fn()
+    settle_gc()
+    timings: dict[str, list[float]] = {k: [] for k in cases}
+    for i in range(rounds):
+        order = list(cases.items())
+        if i % 2:
+            order.reverse()
+        for name, fn in order:
+            t0 = time.perf_counter()
+            await fn()
+            timings[name].append((time.perf_counter() - t0) * 1000)
+    return timings
 
 
 def machine() -> dict[str, Any]:
@@ -101,6 +123,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def timing_table(title: str, results: dict[str, Any]) -> str:
+    """p50/p99/max of each case in ``results["ms"]`` and its p50 over the ``raw`` case's."""
+    rows = [[name, s["p50"], s["p99"], s["max"], results["ratio_p50"][name]]
+            for name, s in results["ms"].items()]
+    return table([title, "p50 ms", "p99 ms", "max ms", "p50 × raw"], rows)
 
 
 def cli(name: str, run: Callable[[bool], dict[str, Any]], render: Callable[[dict[str, Any]], str],

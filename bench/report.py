@@ -17,7 +17,7 @@ from bench._common import RESULTS_DIR
 
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("features", "scanner_read", "cycle", "cycle_soak", "store", "tick")
+ORDER = ("features", "scanner_read", "http_api", "cycle", "cycle_soak", "store", "tick")
 
 
 def block(results_dir: Path = RESULTS_DIR) -> str:

@@ -87,12 +87,7 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def _parse_list(text: str, name: str, what: str, limit: int, one: Callable[[str], str]) -> list[str]:
     """The comma-separated items of ``text``, each through ``one``, without repeats."""
-    out: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if part:
-            item = one(part)
-            if item not in out:
-                out.append(item)
+    out = list(dict.fromkeys(one(part) for part in (p.strip() for p in text.split(",")) if part))
     if not out:
         raise BadParameter(name, f"no {what} given")
     if len(out) > limit:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import cycle, features, scanner_read, store, tick
+from bench import cycle, features, http_api, scanner_read, store, tick
 from sidecar.tests.conftest import have_redis_binary
 
 needs_redis = pytest.mark.skipif(not have_redis_binary(), reason="no redis-server binary")
@@ -82,6 +82,17 @@ def test_scanner_read_smoke(tmp_path: Path) -> None:
         _timing(s)
         assert s["n"] == doc["reads"]
     assert doc["signals_per_read"] > 0
+
+
+@needs_redis
+def test_http_api_smoke(tmp_path: Path) -> None:
+    http_api.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "http_api")
+    assert set(doc["ms"]) == {"raw", "scanner", "http_features", "http_signals"}
+    for s in doc["ms"].values():
+        _timing(s)
+        assert s["n"] == doc["reads"]
+    assert doc["body_bytes"]["/v1/features"] > doc["body_bytes"]["/v1/signals"] > 0
 
 
 @needs_redis
