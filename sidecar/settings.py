@@ -27,7 +27,8 @@ _TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}\Z")
 #: Canonical symbols: they become part of Redis keys and SQL parameters, so the
 #: charset is closed (no spaces, colons, braces, wildcards or quotes). ``\Z``, not ``$``:
 #: ``$`` also matches before a trailing newline.
-SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}\Z")
+SYMBOL_PATTERN = r"[A-Z0-9][A-Z0-9._-]{0,23}"
+SYMBOL_RE = re.compile(rf"^{SYMBOL_PATTERN}\Z")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 _SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 

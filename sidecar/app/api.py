@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from redis.exceptions import RedisError
 from sidecar.errors import ConfigError
 from sidecar.logs import redact
 from sidecar.scanner import Scanner
-from sidecar.settings import SYMBOL_RE, EnvReader, IndicatorPeriods, Settings
+from sidecar.settings import SYMBOL_PATTERN, SYMBOL_RE, EnvReader, IndicatorPeriods, Settings
 from sidecar.signals import SignalRules, signal_rows
 from sidecar.timeframe import Timeframe
 
@@ -58,6 +59,10 @@ CHART_WARM_BARS = 1_000
 KEEPALIVE_S = 15.0
 #: A stream client this many events behind is dropped (the stream ends; it may reconnect).
 MAX_PENDING_EVENTS = 64
+
+
+#: Canonical symbols separated by commas, nothing else.
+_SYMBOL_LIST_RE = re.compile(rf"(?:{SYMBOL_PATTERN},)*{SYMBOL_PATTERN}\Z")
 
 
 class BadParameter(Exception):
@@ -87,12 +92,16 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def _parse_list(text: str, name: str, what: str, limit: int, one: Callable[[str], str]) -> list[str]:
     """The comma-separated items of ``text``, each through ``one``, without repeats."""
-    out = list(dict.fromkeys(one(part) for part in (p.strip() for p in text.split(",")) if part))
-    if not out:
+    return _bounded(list(dict.fromkeys(one(part) for part in (p.strip() for p in text.split(",")) if part)),
+                    name, what, limit)
+
+
+def _bounded(items: list[str], name: str, what: str, limit: int) -> list[str]:
+    if not items:
         raise BadParameter(name, f"no {what} given")
-    if len(out) > limit:
-        raise BadParameter(name, f"{len(out)} {what}s; at most {limit} per request")
-    return out
+    if len(items) > limit:
+        raise BadParameter(name, f"{len(items)} {what}s; at most {limit} per request")
+    return items
 
 
 def parse_symbols(text: str | None, default: Sequence[str], name: str = "symbols",
@@ -103,7 +112,12 @@ def parse_symbols(text: str | None, default: Sequence[str], name: str = "symbols
             raise BadParameter(name, f"{part[:40]!r} is not a canonical symbol ({SYMBOL_RE.pattern})")
         return part.upper()
 
-    return list(default) if text is None else _parse_list(text, name, "symbol", limit, one)
+    if text is None:
+        return list(default)
+    upper = text.upper()
+    if _SYMBOL_LIST_RE.match(upper):  # the usual list checked in one call; else item by item
+        return _bounded(list(dict.fromkeys(upper.split(","))), name, "symbol", limit)
+    return _parse_list(text, name, "symbol", limit, one)
 
 
 def parse_timeframes(text: str | None, default: str, name: str = "timeframes",
