@@ -301,14 +301,17 @@ class CycleFeed:
             try:
                 async for announcement in self._announcements():
                     failed = False
-                    await self._dispatch(announcement)
+                    try:
+                        await self._dispatch(announcement)
+                    except Exception:  # one announcement that does not fit: the next may
+                        log.exception("cycle stream: announcement not sent")
                     if not self.clients:
                         break
             except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 if not failed:
                     log.warning("cycle stream: subscription lost; retrying",
-                                extra={"error": redact(exc)})
+                                extra={"error": redact(f"{type(exc).__name__}: {exc}")})
                 failed = True
                 await asyncio.sleep(1.0)
         self.subscribed.clear()
@@ -319,8 +322,15 @@ class CycleFeed:
         self.subscribed.set()
         try:
             async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    yield dict(msgpack.unpackb(message["data"]))
+                if message.get("type") != "message":
+                    continue
+                try:
+                    announcement = msgpack.unpackb(message["data"])
+                except (ValueError, msgpack.ExtraData) as exc:
+                    log.warning("cycle stream: not an announcement", extra={"error": str(exc)[:200]})
+                    continue
+                if isinstance(announcement, dict):
+                    yield announcement
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.unsubscribe()

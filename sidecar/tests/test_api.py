@@ -247,6 +247,9 @@ async def test_stream_delivers_each_cycle_once_with_the_changed_rows(
     assert [[r["symbol"] for r in e["rows"]] for e in second] == [["XAUUSD"], [], [], ["XAUUSD"], []]
     assert second[0]["rows"][0]["broker"] == "GOLD"
 
+    # Something else on the channel is skipped; the stream goes on.
+    await store.redis.publish(store.keys.cycles_channel, b"\xc1 not msgpack")
+    await store.redis.publish(store.keys.cycles_channel, msgpack.packb([1, 2]))
     # A row whose stale flag flips is a change even without an answer from a source.
     await write_rows(store, [features("AAPL", stale=True)],
                      {"cycle": 6, "t": 6000, "tick": 6000, "tf": "1m", "updated": []})
