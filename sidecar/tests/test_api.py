@@ -282,3 +282,18 @@ async def test_chart_bars_and_sparkline_closes(env: dict[str, str], store: Redis
     sparks = (await resp.json())["closes"]
     assert sparks["AAPL"] == [[b.t, b.c] for b in bars[-5:]]
     assert sparks["XAUUSD"] == [] and set(sparks) == set(SYMBOLS)
+
+
+async def test_redis_unreachable_is_a_503(tmp_path: Path) -> None:
+    from sidecar.scanner import Scanner
+
+    api = ReadApi(Scanner(connect(f"unix://{tmp_path}/nothing.sock", timeout_s=0.2), "x", "1m"),
+                  SYMBOLS, SignalRules())
+    app = web.Application()
+    add_api_routes(app, api)
+    async with TestClient(await serve(app)) as c:
+        for path in ("/v1/features", "/v1/signals", "/v1/bars?symbol=AAPL", "/v1/closes"):
+            resp = await c.get(path)
+            assert resp.status == 503, path
+            assert (await resp.json())["error"].startswith("redis unreachable"), path
+    await api.close()
