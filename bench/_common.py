@@ -48,10 +48,12 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str
     return {name: statistics.median(v) for name, v in seen.items()}
 
 
-async def timed_rounds(cases: dict[str, Callable[[], Awaitable[Any]]], rounds: int) -> dict[str, list[float]]:
+async def timed_rounds(cases: dict[str, Callable[[], Awaitable[Any]]], rounds: int,
+                       cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Milliseconds of each async case over ``rounds`` rounds, after warm-up rounds and
     ``settle_gc()`` (as a trading process does after start-up, README "Scanner"); the
-    order of the cases alternates from round to round so noise hits them alike."""
+    order of the cases alternates from round to round so noise hits them alike. With
+    ``cpu``, the CPU milliseconds this process spent in each call go there."""
     from sidecar.gc_tuning import settle_gc
 
     for _ in range(max(3, rounds // 20)):  # warm the connections and caches
@@ -64,9 +66,11 @@ async def timed_rounds(cases: dict[str, Callable[[], Awaitable[Any]]], rounds: i
         if i % 2:
             order.reverse()
         for name, fn in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             await fn()
             timings[name].append((time.perf_counter() - t0) * 1000)
+            if cpu is not None:
+                cpu.setdefault(name, []).append((time.process_time() - c0) * 1000)
     return timings
 
 

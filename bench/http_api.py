@@ -12,7 +12,9 @@ interleaved request by request:
 
 Client and server share one process and one event loop, so the HTTP figures include
 the client's own request and response handling: an upper bound of what the daemon
-adds. As in ``scanner_read``, ``settle_gc()`` runs first.
+adds. The CPU time of each call (this process: client and server; not redis-server) is
+reported beside the wall-clock times: it moves far less with the machine's load. As in
+``scanner_read``, ``settle_gc()`` runs first.
 
     .venv/bin/python -m bench.http_api [--smoke]
 """
@@ -20,6 +22,7 @@ adds. As in ``scanner_read``, ``settle_gc()`` runs first.
 from __future__ import annotations
 
 import asyncio
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,8 +76,9 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
 
             return get
 
+        cpu: dict[str, list[float]] = {}
         timings = await timed_rounds({"raw": raw, "scanner": read, "http_features": over_http("/v1/features"),
-                                      "http_signals": over_http("/v1/signals")}, reads)
+                                      "http_signals": over_http("/v1/signals")}, reads, cpu)
         await http.close()
         await runner.cleanup()
         await api.close()
@@ -83,6 +87,7 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
         await writer.close()
     stats = {k: summary(v) for k, v in timings.items()}
     return {"symbols": n, "reads": reads, "ms": stats, "body_bytes": sizes,
+            "cpu_ms_p50": {k: statistics.median(v) for k, v in cpu.items()},
             "ratio_p50": {k: stats[k]["p50"] / stats["raw"]["p50"] for k in stats},
             "targets": {"p99_ms_max": 15}}
 
@@ -93,7 +98,9 @@ def run(smoke: bool) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     sizes = ", ".join(f"{path} {size:,} bytes" for path, size in r["body_bytes"].items())
-    return timing_table(f"{r['symbols']} symbols ({r['reads']} requests each)", r) + f"\n\nbodies: {sizes}"
+    cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in r["cpu_ms_p50"].items())
+    return (timing_table(f"{r['symbols']} symbols ({r['reads']} requests each)", r)
+            + f"\n\nCPU ms per call (p50, client and server together): {cpu}\n\nbodies: {sizes}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -93,6 +93,7 @@ def test_http_api_smoke(tmp_path: Path) -> None:
         _timing(s)
         assert s["n"] == doc["reads"]
     assert doc["body_bytes"]["/v1/features"] > doc["body_bytes"]["/v1/signals"] > 0
+    assert set(doc["cpu_ms_p50"]) == set(doc["ms"]) and all(v >= 0 for v in doc["cpu_ms_p50"].values())
 
 
 @needs_redis
