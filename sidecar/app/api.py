@@ -55,6 +55,8 @@ MAX_BARS = 1_000
 MAX_CLOSES = 500
 #: Bars read before the first one shown, so the indicators are warm where the chart starts.
 CHART_WARM_BARS = 1_000
+#: Timeframes whose scanner is kept between requests (a client cannot grow the set without end).
+MAX_KEPT_SCANNERS = 16
 #: A comment line on an idle stream this often keeps proxies from closing it.
 KEEPALIVE_S = 15.0
 #: A stream client this many events behind is dropped (the stream ends; it may reconnect).
@@ -166,10 +168,13 @@ class ReadApi:
                    settings.periods)
 
     def scanner_for(self, tf: str) -> Scanner:
-        """The scanner of ``tf`` (kept: each keeps its encoded ``MGET``)."""
+        """The scanner of ``tf``, kept for the first :data:`MAX_KEPT_SCANNERS` timeframes
+        asked (each keeps its encoded ``MGET``); beyond them one for the request only."""
         scanner = self._scanners.get(tf)
         if scanner is None:
-            scanner = self._scanners[tf] = self.scanner.for_timeframe(tf)
+            scanner = self.scanner.for_timeframe(tf)
+            if len(self._scanners) < MAX_KEPT_SCANNERS:
+                self._scanners[tf] = scanner
         return scanner
 
     async def rows(self, symbols: Sequence[str], tfs: Sequence[str]) -> list[dict[str, Any]]:
@@ -225,6 +230,7 @@ class ReadApi:
         return out
 
     async def close(self) -> None:
+        """End the streams and close the scanners' connection pool."""
         await self.feed.stop()
         await self.scanner.close()
 
@@ -243,6 +249,7 @@ class Subscriber:
     stale: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def push(self, event: bytes) -> None:
+        """Queue ``event``; a client :data:`MAX_PENDING_EVENTS` behind is closed instead."""
         if self.closed is not None:
             return
         if len(self.pending) >= MAX_PENDING_EVENTS:
@@ -252,6 +259,7 @@ class Subscriber:
         self.wake.set()
 
     def close(self, why: str) -> None:
+        """End this client's stream once what is queued is sent."""
         self.closed = why
         self.wake.set()
 
@@ -276,6 +284,7 @@ class CycleFeed:
         self.announcements = 0
 
     def subscribe(self, symbols: Sequence[str], tfs: Sequence[str]) -> Subscriber:
+        """A new client; the Redis subscription starts with the first."""
         sub = Subscriber(tuple(symbols), frozenset(tfs))
         self.clients.add(sub)
         if self._task is None or self._task.done():
@@ -283,6 +292,7 @@ class CycleFeed:
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
+        """Forget a client (the subscription ends after the next announcement without any)."""
         self.clients.discard(sub)
 
     async def stop(self) -> None:
