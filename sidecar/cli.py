@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_format, settings.log_level)
         if dotenv is not None:  # names only: the values are secrets
             logging.getLogger("sidecar.cli").log(
-                logging.WARNING if dotenv.ignored else logging.INFO, "read .env",
+                logging.WARNING if dotenv.ignored or dotenv.open_to_others else logging.INFO, "read .env",
                 extra={"path": str(dotenv.path.resolve()), "loaded": dotenv.loaded,
-                       "environment_wins": dotenv.overridden, "ignored_not_keys": dotenv.ignored})
+                       "environment_wins": dotenv.overridden, "ignored_not_keys": dotenv.ignored,
+                       "open_to_others": dotenv.open_to_others})
         if args.command == "run":
             from sidecar.app.daemon import run_daemon
 

@@ -27,6 +27,8 @@ class DotEnv:
     """What :func:`load_dotenv` did: variables taken, kept from the environment, ignored."""
 
     path: Path
+    #: Group or others may read the file (it holds keys: ``chmod 600`` it).
+    open_to_others: bool = False
     loaded: list[str] = field(default_factory=list)
     overridden: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -50,7 +52,7 @@ def load_dotenv(environ: MutableMapping[str, str], path: Path | None = None) -> 
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(".env", f"cannot read {path}: {type(exc).__name__}") from None
-    result = DotEnv(path)
+    result = DotEnv(path, open_to_others=bool(path.stat().st_mode & 0o077))
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):

@@ -79,6 +79,7 @@ def test_beyond_loopback_every_endpoint_but_health_and_ready_needs_the_token(
     workdir = tmp_path / "work"
     workdir.mkdir()
     (workdir / ".env").write_text(f"# keys\nSIDECAR_HTTP_TOKEN='{TOKEN}'\nSIDECAR_SYMBOLS=IGNORED\n")
+    (workdir / ".env").chmod(0o600)
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,EURUSD",
                SIDECAR_HTTP_HOST="0.0.0.0", SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="0",
                PYTHONPATH=str(REPO))
@@ -103,7 +104,7 @@ def test_beyond_loopback_every_endpoint_but_health_and_ready_needs_the_token(
     assert TOKEN not in stderr and TOKEN[:12] not in stderr
     read = [json.loads(line) for line in stderr.splitlines() if '"read .env"' in line]
     assert read and read[0]["loaded"] == ["SIDECAR_HTTP_TOKEN"]
-    assert read[0]["ignored_not_keys"] == ["SIDECAR_SYMBOLS"]
+    assert read[0]["ignored_not_keys"] == ["SIDECAR_SYMBOLS"] and read[0]["open_to_others"] is False
 
 
 def test_beyond_loopback_without_a_token_refuses_to_start(clean_env: dict[str, str]) -> None:
@@ -133,6 +134,10 @@ def test_dotenv_fills_only_missing_keys(tmp_path: Path) -> None:
                        "POLYGON_API_KEY": "from-file-1"}
     assert (result.loaded, result.overridden, result.ignored) == (
         ["POLYGON_API_KEY", "TWELVEDATA_API_KEY"], ["ALPHAVANTAGE_API_KEY"], ["SIDECAR_REDIS_URL"])
+    path.chmod(0o644)
+    assert load_dotenv({}, path).open_to_others is True  # type: ignore[union-attr]
+    path.chmod(0o600)
+    assert load_dotenv({}, path).open_to_others is False  # type: ignore[union-attr]
     assert load_dotenv({}, tmp_path / "missing.env") is None
     path.write_text("POLYGON_API_KEY from-file-1\n")
     with pytest.raises(ConfigError) as err:
