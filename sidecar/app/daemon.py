@@ -151,10 +151,11 @@ class Daemon:
         pipeline = Pipeline(s, sources, redis_store, store, circuits)
         ticker = SecondTicker()
         view = DaemonView(pipeline, ticker)
-        api = ReadApi.from_settings(s, signal_rules)
+        api: ReadApi | None = None
         runner = None
         parse_worker: ParseWorker | None = None
         try:
+            api = ReadApi.from_settings(s, signal_rules)
             for source in sources:
                 await source.start()
             parse_worker = await start_for(sources, s.parse_process, len(s.symbols))
@@ -184,7 +185,8 @@ class Daemon:
             await self._main_loop(pipeline, ticker)
         finally:
             await self._shutdown(pipeline, sources, store, redis_store, embedded, runner, parse_worker)
-            await api.close()
+            if api is not None:
+                await api.close()
         return self.exit_code
 
     async def _bootstrap(self, pipeline: Pipeline, sources: list[Source], store: BarStore,
