@@ -52,6 +52,9 @@ module.exports = {
       args: ["-m", "sidecar", "run"],
       interpreter: "none",
       cwd: root,
+      // SIDECAR_SHARDS=N: N shards; PM2 gives each its NODE_APP_INSTANCE (README "Shards").
+      instances: Number(shell.SIDECAR_SHARDS || 1),
+      exec_mode: "fork",
       env,
       // Restart whenever it dies (PM2 reports a SIGKILL as exit code 0, so no
       // stop_exit_codes), with exponential back-off: 100 ms doubling up to 15 s, reset

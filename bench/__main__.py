@@ -1,7 +1,7 @@
 """Run every benchmark at full size, one after the other: ``.venv/bin/python -m bench``.
 
 Writes ``bench/results/*.json`` and ``bench/results/cycle.png``; prints each table.
-About 6–8 minutes on the 2-core machine. ``--smoke`` runs them all with tiny sizes
+About 13–15 minutes on the 2-core machine. ``--smoke`` runs them all with tiny sizes
 (seconds). ``--only features,store`` picks some.
 """
 
@@ -12,7 +12,8 @@ import importlib
 import time
 from collections.abc import Sequence
 
-BENCHMARKS = ("features", "store", "tick", "scanner_read", "http_api", "cycle")
+BENCHMARKS = ("features", "store", "tick", "scanner_read", "http_api", "cluster_read", "shards", "cycle",
+              "daemon_soak", "ccxt_source", "replay_week")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,20 +50,20 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str
     return {name: statistics.median(v) for name, v in seen.items()}
 
 
-async def timed_rounds(cases: dict[str, Callable[[], Awaitable[Any]]], rounds: int,
-                       cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Milliseconds of each async case over ``rounds`` rounds, after warm-up rounds and
-    ``settle_gc()`` (as a trading process does after start-up, README "Scanner"); the
-    order of the cases alternates from round to round so noise hits them alike. With
-    ``cpu``, the CPU milliseconds this process spent in each call go there."""
+async def timed_reads(cases: dict[str, Callable[[], Awaitable[object]]], reads: int,
+                      cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Each case's times (ms) over ``reads`` rounds, after a warm-up and ``settle_gc()``
+    (as a trading process does after start-up, README "Scanner"); the order of the cases
+    alternates round by round, so noise hits them alike. With ``cpu``, the CPU
+    milliseconds this process spent in each call go there."""
     from sidecar.gc_tuning import settle_gc
 
-    for _ in range(max(3, rounds // 20)):  # warm the connections and caches
+    for _ in range(max(3, reads // 20)):  # warm the connections and caches
         for fn in cases.values():
             await fn()
     settle_gc()
     timings: dict[str, list[float]] = {k: [] for k in cases}
-    for i in range(rounds):
+    for i in range(reads):
         order = list(cases.items())
         if i % 2:
             order.reverse()
@@ -155,12 +157,45 @@ def cli(name: str, run: Callable[[bool], dict[str, Any]], render: Callable[[dict
     return results
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM a daemon and wait for it; SIGKILL if it does not stop in ``timeout_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def daemon_health(port: int) -> dict[str, Any] | None:
+    """A daemon's ``/health`` body (a 503 carries one too); ``None`` while it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+    except OSError:
+        return None
+
+
 class PrivateRedis:
     """A real redis-server of our own on a unix socket, without persistence (no fork
     noise): the test suite's ``RedisServer`` in a temporary directory."""
 
     def __init__(self) -> None:
-        from sidecar.tests.conftest import RedisServer
+        from sidecar.tests.helpers import RedisServer
 
         self._dir = tempfile.TemporaryDirectory(prefix="sidecar-bench-")
         self.server = RedisServer(Path(self._dir.name))

@@ -25,6 +25,7 @@ RSS at start and end of the run. A PNG plots cycle time vs N.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -44,8 +45,10 @@ SIZES = (100, 500, 1_000, 2_000, 5_000)
 HISTORY_BARS = 60  # enough for every handle (MACD needs 34) and the outlier window (50)
 
 
-async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
-    """One N in this process: set up like the daemon, then tick for ``seconds``."""
+async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: int,
+                  timeframes: str = "1m") -> dict[str, Any]:
+    """One N in this process: set up like the daemon (``timeframes`` as
+    ``SIDECAR_TIMEFRAMES``), then tick for ``seconds``."""
     from sidecar.app.pipeline import Pipeline
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceCircuits
@@ -58,14 +61,18 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.sources.twelvedata import TwelveDataSource
     from sidecar.sqlite_store import BarStore
     from sidecar.symbols import load_symbol_map
+    from sidecar.timeframe import Timeframe
 
     logging.basicConfig(level=logging.ERROR)
     symbols = tuple(fake_market.symbol_name(i) for i in range(n))
     tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-cycle-")
     data = Path(tmp.name)
     env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS, as the daemon reads it
+    tfs = sorted((Timeframe.parse(x) for x in timeframes.split(",")), key=lambda tf: tf.ms)
     settings = Settings(symbols=symbols, sources=("twelvedata",), redis_url=redis_url, data_dir=data,
-                        warm_bars=HISTORY_BARS, parse_process=env_settings.parse_process)
+                        timeframe=tfs[0], higher_timeframes=tuple(tfs[1:]),
+                        warm_bars=HISTORY_BARS, parse_process=env_settings.parse_process,
+                        market_hours=False)  # the full load at whatever hour it runs
     provider = ProviderSettings(twelvedata_api_key="bench-key", twelvedata_base_url=market_url,
                                 twelvedata_credits_per_minute=batch, http_pool_size=20)
     # The free tier's 8 credits a minute would serve 8 symbols; the benchmark lifts it.
@@ -80,8 +87,17 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     store = BarStore(settings.sqlite_file)
     await store.open()
     now = int(time.time() * 1000)
+    base_start = now - now % 60_000 - HISTORY_BARS * 60_000
     for i in range(n):  # history that the fake market continues exactly
-        await store.write_history(fake_market.history(i, now, HISTORY_BARS))
+        base_history = fake_market.history(i, now, HISTORY_BARS)
+        await store.write_history(base_history)
+        for tf in tfs[1:]:
+            # Enough stored bars of each higher timeframe for its handles to open at warm-up
+            # (as after a day of running), ending where the base history begins.
+            first = base_start - base_start % tf.ms
+            await store.write_history([
+                dataclasses.replace(b, tf=tf.name, t=first - (HISTORY_BARS - k) * tf.ms)
+                for k, b in enumerate(base_history)])
     pipeline = Pipeline(settings, [source], redis_store, store, circuits)
     await source.start()
     worker = await start_for([source], settings.parse_process, n)
@@ -123,7 +139,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     # mean over the run is not.
     worker_mean = sum(worker_cpu_us) / len(worker_cpu_us) if worker_cpu_us else 0.0
     out = {
-        "symbols": n, "seconds": seconds, "cycles": len(durations), "batch": batch,
+        "symbols": n, "timeframes": timeframes, "seconds": seconds, "cycles": len(durations), "batch": batch,
         "cycle_ms": summary(durations), "cpu_us_per_symbol": summary(cpu_per_symbol_us),
         "parse_worker": worker_status,
         "worker_cpu_us_per_symbol_mean": worker_mean,
@@ -162,9 +178,10 @@ class FakeMarketProcess:
         self.proc.wait(10)
 
 
-def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int) -> dict[str, Any]:
+def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int,
+           timeframes: str = "1m") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.cycle", "--one", str(n), "--seconds", str(seconds),
-           "--redis", redis_url, "--market", market_url, "--batch", str(batch)]
+           "--redis", redis_url, "--market", market_url, "--batch", str(batch), "--timeframes", timeframes]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"cycle run for N={n} failed:\n{done.stderr[-3000:]}")
@@ -209,10 +226,13 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
     try:
         with PrivateRedis() as redis:
             runs = [_child(n, seconds, redis.url, market.url, args.batch) for n in sizes]
+            # The largest N again with several timeframes per symbol (built in the daemon).
+            multi = [] if args.soak or not args.multi_tf else [
+                _child(max(sizes), seconds, redis.url, market.url, args.batch, args.multi_tf)]
     finally:
         market.stop()
     out_dir = args.out or RESULTS_DIR
-    results: dict[str, Any] = {"runs": runs, "soak": bool(args.soak),
+    results: dict[str, Any] = {"runs": runs, "multi_tf": multi, "soak": bool(args.soak),
                                "targets": {"p50_ms_at_5000": 250, "p99_ms_at_5000": 500, "rss_mb_max": 300}}
     if not smoke and not args.soak:  # the soak is one size: nothing to plot against N
         png = out_dir / "cycle.png"
@@ -223,11 +243,12 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> str:
-    rows = [[x["symbols"], x["cycles"], x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"],
+    rows = [[x["symbols"], x.get("timeframes", "1m"), x["cycles"],
+             x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"],
              x["cpu_us_per_symbol"]["p50"], *_worker_cells(x), x["missed_ticks"], x["lateness_ms"]["p99"],
              f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
-             x["source_errors"]] for x in r["runs"]]
-    return table(["symbols", "cycles", "p50 ms", "p99 ms", "max ms", "daemon CPU µs/symbol",
+             x["source_errors"]] for x in [*r["runs"], *r.get("multi_tf", [])]]
+    return table(["symbols", "timeframes", "cycles", "p50 ms", "p99 ms", "max ms", "daemon CPU µs/symbol",
                   "worker CPU µs/symbol", "daemon + worker mean", "missed ticks",
                   "tick late p99 ms", "RSS MB", "bars/cycle", "source errors"], rows)
 
@@ -245,6 +266,8 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=int, default=20, help="seconds of cycles per size")
     parser.add_argument("--batch", type=int, default=500, help="symbols per provider request")
     parser.add_argument("--soak", action="store_true", help="5,000 symbols for 5 minutes")
+    parser.add_argument("--multi-tf", default="1m,5m,15m,1h",
+                        help="timeframes of the extra run at the largest size ('' for none)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -256,10 +279,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.add_argument("--redis", required=True)
         parser.add_argument("--market", required=True)
         parser.add_argument("--batch", type=int, default=500)
+        parser.add_argument("--timeframes", default="1m")
         a = parser.parse_args(argv)
         import uvloop
 
-        result = uvloop.run(run_one(a.one, a.seconds, a.redis, a.market, a.batch))
+        result = uvloop.run(run_one(a.one, a.seconds, a.redis, a.market, a.batch, a.timeframes))
         print(json.dumps(result))
         return result
     name = NAME + "_soak" if "--soak" in argv else NAME

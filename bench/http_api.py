@@ -30,7 +30,7 @@ import aiohttp
 import msgpack
 from aiohttp import web
 
-from bench._common import PrivateRedis, cli, summary, timed_rounds, timing_table
+from bench._common import PrivateRedis, cli, summary, timed_reads, timing_table
 from bench.scanner_read import bench_scanner, seed
 from sidecar.app.api import ReadApi, add_api_routes
 from sidecar.app.http import SERVER_ARGS
@@ -77,7 +77,7 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
             return get
 
         cpu: dict[str, list[float]] = {}
-        timings = await timed_rounds({"raw": raw, "scanner": read, "http_features": over_http("/v1/features"),
+        timings = await timed_reads({"raw": raw, "scanner": read, "http_features": over_http("/v1/features"),
                                       "http_signals": over_http("/v1/signals")}, reads, cpu)
         await http.close()
         await runner.cleanup()

@@ -17,7 +17,8 @@ from bench._common import RESULTS_DIR
 
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("features", "scanner_read", "http_api", "cycle", "cycle_soak", "store", "tick")
+ORDER = ("features", "cluster_read", "scanner_read", "http_api", "shards", "cycle", "cycle_soak",
+         "daemon_soak", "replay_week", "store", "tick", "ccxt_source")
 
 
 def block(results_dir: Path = RESULTS_DIR) -> str:
@@ -27,7 +28,7 @@ def block(results_dir: Path = RESULTS_DIR) -> str:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        module = importlib.import_module(f"bench.{name.removesuffix('_soak')}")
+        module = importlib.import_module(f"bench.{'cycle' if name == 'cycle_soak' else name}")
         m = doc["machine"]
         parts.append(f"### {name}\n\n{doc['at']} · {m['cpus']} cores {m['cpu_model']} · Python {m['python']}"
                      f" · load average at start {m['load_avg'][0]}"

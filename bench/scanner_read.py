@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from bench._common import PrivateRedis, cli, summary, timed_rounds, timing_table
+from bench._common import PrivateRedis, cli, summary, timed_reads, timing_table
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS, features_map
 from sidecar.redis_store import RedisStore, connect
@@ -95,7 +95,7 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
             return len(evaluate(await scanner.read(symbols), rules))
 
         signals = await read_signals()
-        timings = await timed_rounds({"raw": raw, "scanner": read, "scanner_signals": read_signals}, reads)
+        timings = await timed_reads({"raw": raw, "scanner": read, "scanner_signals": read_signals}, reads)
         await scanner.close()
         await raw_client.aclose()
         await writer.close()

@@ -7,8 +7,9 @@ from TA-Lib's batch function over the short history, which is what the batch
 function reports for that bar anyway — so every value equals TA-Lib's batch
 output on the same series, warm-up included (``None`` where batch gives NaN).
 
-VWAP is anchored at the session start (UTC day by default, shifted by the
-configured anchor): a fresh handle is opened at each session's first bar. VWAP
+VWAP is anchored at the session start: the symbol's own session (its calendar's
+open, see :meth:`sidecar.calendars.MarketCalendar.session_bounds`), or the UTC day
+shifted by a configured anchor; a fresh handle is opened at each session's first bar. VWAP
 and the volume average are ``None`` for bars without volume.
 """
 
@@ -23,8 +24,7 @@ from talib import stream
 
 from sidecar.bar import Bar, pack_msgpack
 from sidecar.settings import IndicatorPeriods
-
-DAY_MS = 86_400_000
+from sidecar.timeframe import DAY_MS
 
 #: Feature fields in the order :meth:`FeatureEngine.values` returns them.
 FEATURE_FIELDS: tuple[str, ...] = (
@@ -88,12 +88,16 @@ class FeatureEngine:
 
     __slots__ = (
         "_anchor_ms", "_fast", "_hist_c", "_hist_h", "_hist_l", "_hist_v", "_ind",
-        "_session", "_session_hi", "_session_lo", "_volma", "_vwap", "_warming", "closed_values",
+        "_session", "_session_hi", "_session_lo", "_sessions", "_volma", "_vwap", "_warming", "closed_values",
         "last_closed_t", "prev_macd_hist", "symbol", "tf",
     )
 
-    def __init__(self, symbol: str, tf: str, periods: IndicatorPeriods, session_anchor_min: int = 0):
+    def __init__(self, symbol: str, tf: str, periods: IndicatorPeriods, session_anchor_min: int = 0,
+                 sessions: Callable[[int], tuple[int, int]] | None = None):
+        """``sessions``: a bar's open time -> its session's ``[start, next start)`` (epoch ms),
+        the VWAP anchor; without it, UTC days starting ``session_anchor_min`` past midnight."""
         self.symbol = symbol
+        self._sessions = sessions
         self.tf = tf
         self._anchor_ms = session_anchor_min * 60_000
         self._ind = _indicators(periods)
@@ -140,29 +144,37 @@ class FeatureEngine:
         self.prev_macd_hist = self._batch_prev_macd_hist()
         values = self._open_from_history()
         # VWAP over the last session's bars.
-        self._set_vwap(None, session_of(last.t, self._anchor_ms))
+        lo, hi = self._bounds(last.t)
+        self._set_vwap(None, lo)
         vwap_val: float | None = None
         if last.v is not None:
-            sess = [b for b in bars[-len(self._hist_v):] if session_of(b.t, self._anchor_ms) == self._session]
+            sess = [b for b in bars[-len(self._hist_v):] if lo <= b.t < hi]
             self._set_vwap(stream.VWAP(
                 np.array([b.h for b in sess]), np.array([b.l for b in sess]),
                 np.array([b.c for b in sess]), np.array([b.v for b in sess], dtype=np.float64),
-            ), self._session)
+            ), lo, hi)
             vwap_val = _clean(self._vwap.value)
         values[6] = vwap_val
         self.closed_values = values
         self._trim_history()
         self._refresh_fast()
 
-    def _set_vwap(self, handle: Any, session: int | None) -> None:
-        """Install the session VWAP handle (``None``: closed) and its session bounds."""
+    def _bounds(self, t_ms: int) -> tuple[int, int]:
+        """``[start, next start)`` of the session the bar opening at ``t_ms`` belongs to."""
+        if self._sessions is not None:
+            return self._sessions(t_ms)
+        lo = session_of(t_ms, self._anchor_ms) * DAY_MS + self._anchor_ms
+        return lo, lo + DAY_MS
+
+    def _set_vwap(self, handle: Any, session: int | None, end: int = 0) -> None:
+        """Install the session VWAP handle (``None``: closed) for the session ``[session, end)``."""
         self._vwap = handle
         self._session = session
         if handle is None or session is None:
             self._session_lo = self._session_hi = 0
         else:
-            self._session_lo = session * DAY_MS + self._anchor_ms
-            self._session_hi = self._session_lo + DAY_MS
+            self._session_lo = session
+            self._session_hi = end
 
     def _refresh_fast(self) -> None:
         price = {ind.name: ind.handle for ind in self._ind if ind.inputs != "v"}
@@ -325,11 +337,11 @@ class FeatureEngine:
         if bar.v is None:
             self._set_vwap(None, self._session)
             return None
-        session = session_of(bar.t, self._anchor_ms)
-        if self._vwap is None or session != self._session:
+        lo, hi = self._bounds(bar.t)
+        if self._vwap is None or lo != self._session:
             self._set_vwap(stream.VWAP(
                 np.array([bar.h]), np.array([bar.l]), np.array([bar.c]), np.array([bar.v])
-            ), session)
+            ), lo, hi)
             return _clean(self._vwap.value)
         return _clean(self._vwap.update(bar.h, bar.l, bar.c, bar.v))
 
@@ -388,8 +400,7 @@ class FeatureEngine:
                           np.array([*self._hist_c, bar.c]))
             self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
         if bar.v is not None:
-            session = session_of(bar.t, self._anchor_ms)
-            if self._vwap is not None and session == self._session:
+            if self._vwap is not None and self._session_lo <= bar.t < self._session_hi:
                 out[6] = _clean(self._vwap.peek(bar.h, bar.l, bar.c, bar.v))
             else:
                 out[6] = _clean(
@@ -411,12 +422,16 @@ def features_map(
     updated_at: int | None = None,
     via: str | None = None,
     macd_hist_prev: float | None = None,
+    market_open: bool = True,
+    next_open: int | None = None,
 ) -> dict[str, Any]:
     """The msgpack map the scanner reads (CONTRACT.md "Features", README "Redis layout").
 
     ``updated_at``: when a source last answered for the symbol (``data_age_ms`` is
     ``computed_at`` minus it); ``via``: how its newest bar came (poll, stream, last);
-    ``macd_hist_prev``: the histogram one bar back, so a zero crossing shows in one read.
+    ``macd_hist_prev``: the histogram one bar back, so a zero crossing shows in one read;
+    ``market_open``: whether the symbol's calendar says open; ``next_open``: while closed,
+    when it opens next (epoch ms).
     Built as one literal (keys in a fixed order): this runs per symbol every cycle.
     """
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
@@ -429,6 +444,7 @@ def features_map(
         "computed_at": computed_at, "updated_at": updated_at, "via": via,
         "data_age_ms": None if updated_at is None else computed_at - updated_at,
         "macd_hist_prev": macd_hist_prev,
+        "market_open": market_open, "next_open": next_open,
     }
 
 

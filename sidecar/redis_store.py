@@ -6,7 +6,7 @@ Layout (schema version :data:`SCHEMA_VERSION`, documented in README "Redis layou
   msgpack ``[t, o, h, l, c, v|nil, src, flags]``; the newest ``bars_cap`` bars. A
   revision replaces the member with the same score, so bars never duplicate.
 * ``{prefix}:v1:feat:{tf}:{symbol}`` — msgpack map of features, expires after
-  ``features_ttl_ms``.
+  ``features_ttl_ms`` (while its market is closed: that long after it reopens).
 * ``{prefix}:v1:heartbeat`` — msgpack map ``{pid, t, cycle, tf, symbols}``, expires
   after ``heartbeat_ttl_ms``: the daemon is alive while it exists.
 * ``{prefix}:v1:meta`` — msgpack map ``{schema, tf, symbols, started_at}``.
@@ -24,24 +24,33 @@ redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import LoadBalancingStrategy
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from sidecar.bar import Bar
-from sidecar.settings import SYMBOL_RE
+from sidecar.keys import SCHEMA_VERSION, Keys, bucket_of
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("sidecar.redis")
+
+__all__ = ["SCHEMA_VERSION", "Keys", "PartialWrite", "RedisStore", "connect", "open_client"]
 
 _WRITE_CYCLE_LUA = """
--- KEYS[1]: heartbeat key, KEYS[2]: meta key
+-- KEYS[1]: heartbeat key, KEYS[2]: meta key; or, on a cluster, KEYS[1]: a key of the
+--   one bucket the bars and features belong to (then no heartbeat, no announcement)
 -- ARGV: cap, feat_ttl_ms, hb_ttl_ms, hb_payload, bars, features, channel, message
 --   bars: msgpack array [key, t, member, key, t, member, ...]
---   features: msgpack array [key, payload, key, payload, ...]
+--   features: msgpack array [key, payload, ttl_ms, key, payload, ttl_ms, ...] (ttl 0: feat_ttl_ms)
 -- Two msgpack blobs instead of one argument per value: the client packs them in C,
 -- where redis-py would build tens of thousands of arguments in Python. Packed without
 -- the bin type (Redis's cmsgpack does not read it); raw strings are byte-exact.
@@ -57,8 +66,10 @@ for i = 1, #bars, 3 do
   end
 end
 local feats = cmsgpack.unpack(ARGV[6])
-for i = 1, #feats, 2 do
-  redis.call('SET', feats[i], feats[i + 1], 'PX', ARGV[2])
+for i = 1, #feats, 3 do
+  local ttl = feats[i + 2]
+  if ttl == 0 then ttl = ARGV[2] end
+  redis.call('SET', feats[i], feats[i + 1], 'PX', ttl)
 end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
@@ -66,55 +77,47 @@ end
 if ARGV[8] ~= '' then
   redis.call('PUBLISH', ARGV[7], ARGV[8])
 end
--- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed).
+-- 0 when the meta key is gone: Redis lost its data (restarted empty, flushed). A write
+-- of one cluster bucket names only a key of its slot, and answers 1.
+if #KEYS < 2 then
+  return 1
+end
 return redis.call('EXISTS', KEYS[2])
 """
 
 
-class Keys:
-    """Key names under one prefix.
-
-    A symbol outside the canonical charset raises ``ValueError``: it is refused at
-    configuration, so reaching here is a bug, and it must not reach a key either.
-    """
-
-    __slots__ = ("_bars", "_features", "base")
-
-    def __init__(self, prefix: str) -> None:
-        self.base = f"{prefix}:v{SCHEMA_VERSION}"
-        # Every cycle names every symbol's keys twice: built (and checked) once each.
-        self._bars: dict[tuple[str, str], str] = {}
-        self._features: dict[tuple[str, str], str] = {}
-
-    def bars(self, tf: str, symbol: str) -> str:
-        key = self._bars.get((tf, symbol))
-        if key is None:
-            key = self._bars[(tf, symbol)] = f"{self.base}:bars:{tf}:{_checked(symbol)}"
-        return key
-
-    def features(self, tf: str, symbol: str) -> str:
-        key = self._features.get((tf, symbol))
-        if key is None:
-            key = self._features[(tf, symbol)] = f"{self.base}:feat:{tf}:{_checked(symbol)}"
-        return key
-
-    @property
-    def heartbeat(self) -> str:
-        return f"{self.base}:heartbeat"
-
-    @property
-    def meta(self) -> str:
-        return f"{self.base}:meta"
-
-    @property
-    def cycles_channel(self) -> str:
-        return f"{self.base}:cycles"
+#: A client on one server or on a Redis Cluster (:func:`open_client` tells which).
+AnyRedis = Redis | RedisCluster
 
 
-def _checked(symbol: str) -> str:
-    if not SYMBOL_RE.match(symbol):
-        raise ValueError(f"not a canonical symbol, refusing it as part of a Redis key: {symbol[:40]!r}")
-    return symbol
+#: One feature map to write: ``(tf, symbol, packed map, ttl_ms)``; ttl 0 is the store's default.
+FeatureRow = tuple[str, str, bytes, int]
+
+
+class PartialWrite(RedisError):
+    """Some buckets of a cluster write failed (their slot's master is down or failing
+    over): :attr:`bars` and :attr:`features` were not written, the rest was."""
+
+    def __init__(self, cause: BaseException, bars: list[Bar],
+                 features: list[FeatureRow | tuple[str, str, bytes]], failed: int, buckets: int) -> None:
+        super().__init__(f"{failed} of {buckets} cluster buckets not written: {cause}")
+        self.cause = cause
+        self.bars = bars
+        self.features: list[FeatureRow] = [(row[0], row[1], row[2], row[3] if len(row) > 3 else 0)
+                                            for row in features]
+        self.failed = failed
+
+
+class _Bucket:
+    """The part of a cluster write that goes to one bucket's slot."""
+
+    __slots__ = ("bars", "feats", "flat", "rows")
+
+    def __init__(self) -> None:
+        self.bars: list[Bar] = []
+        self.rows: list[FeatureRow | tuple[str, str, bytes]] = []
+        self.flat: list[Any] = []
+        self.feats: list[Any] = []
 
 
 def redis_refusal(exc: RedisError) -> str | None:
@@ -124,11 +127,47 @@ def redis_refusal(exc: RedisError) -> str | None:
     waits); one that rejects our credentials will not change its mind.
     """
     text = str(exc)
-    if isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+    if (isinstance(exc, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS"))
+            or "called with the client already authenticated" in text):  # HELLO without a password
         return f"Redis refused the credentials: {text}"
     if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
         return f"TLS with Redis failed (check rediss://, ssl_ca_certs): {text}"
     return None
+
+
+async def wait_loaded(
+    redis: AnyRedis, should_stop: asyncio.Event, *,
+    running: Callable[[], bool] | None = None, poll_s: float = 0.1,
+) -> bool:
+    """Wait while Redis answers ``LOADING`` (it is reading its dataset from disk).
+
+    A loading server holds data: it must not be taken for an empty one. A server
+    busy loading a large file may not answer at all until done: when ``running``
+    is given (a server we started: whether its process still runs), a server that
+    does not answer is waited for as long as it runs. Returns True once it answers
+    normally (or is unreachable otherwise: that is the callers' outage path),
+    False if ``should_stop`` was set first.
+    """
+    said = False
+    while not should_stop.is_set():
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            silent = isinstance(exc, (RedisConnectionError, RedisTimeout, TimeoutError, OSError))
+            if not (isinstance(exc, BusyLoadingError) or (silent and running is not None and running())):
+                return True
+            if not said:
+                log.warning("redis is loading its dataset; waiting for it")
+                said = True
+            try:
+                await asyncio.wait_for(should_stop.wait(), poll_s)
+            except TimeoutError:
+                pass
+            continue
+        if said:
+            log.info("redis finished loading its dataset")
+        return True
+    return False
 
 
 def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:
@@ -143,56 +182,182 @@ def connect(url: str, *, pool_size: int = 20, timeout_s: float = 2.0) -> Redis:
     return Redis(connection_pool=pool)
 
 
+async def is_cluster(client: Redis) -> bool | None:
+    """Whether the server behind ``client`` is a Redis Cluster node (``INFO cluster``);
+    ``None`` when it cannot be asked (unreachable)."""
+    try:
+        info = await client.info("cluster")
+    except (RedisError, OSError):
+        return None
+    return bool(int(info.get("cluster_enabled", 0) or 0))
+
+
+def connect_cluster(url: str, *, timeout_s: float = 2.0, read_from_replicas: bool = False) -> RedisCluster:
+    """A Redis Cluster client that starts from the node of ``url`` and learns the others.
+
+    MOVED/ASK redirects and a failover are followed by the client (it refreshes its
+    slot map); ``read_from_replicas`` sends reads to replicas (``READONLY``).
+    """
+    kwargs: dict[str, Any] = {}
+    if read_from_replicas:
+        kwargs["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
+    return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                 **kwargs)
+
+
+async def open_client(url: str, *, pool_size: int = 20, timeout_s: float = 2.0,
+                      read_from_replicas: bool = False) -> AnyRedis:
+    """:func:`connect`, or :func:`connect_cluster` when ``url`` names a cluster node.
+
+    A server that does not answer is taken for a single server (the daemon's outage
+    path); nothing but the URL is needed to find a cluster.
+    """
+    single = connect(url, pool_size=pool_size, timeout_s=timeout_s)
+    if not url.startswith("unix://") and await is_cluster(single):
+        await single.aclose()
+        await single.connection_pool.disconnect()
+        cluster = connect_cluster(url, timeout_s=timeout_s, read_from_replicas=read_from_replicas)
+        await cluster.initialize()
+        return cluster
+    return single
+
+
 class RedisStore:
     """Writes bars, features, heartbeat and announcement (one script call each time); reads them back."""
 
-    __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "keys", "redis")
+    __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "cluster", "keys",
+                 "redis")
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         prefix: str = "sidecar",
         *,
         bars_cap: int = 5_000,
         features_ttl_ms: int = 2_000,
         heartbeat_ttl_ms: int = 3_000,
+        shard: int | None = None,
     ) -> None:
         self.redis = redis
-        self.keys = Keys(prefix)
+        #: On a cluster each write goes out per bucket (one slot per script call).
+        self.cluster = isinstance(redis, RedisCluster)
+        self.keys = Keys(prefix, cluster=self.cluster, shard=shard)
         self.bars_cap = bars_cap
         self._features_ttl_ms = features_ttl_ms
         self._heartbeat_ttl_ms = heartbeat_ttl_ms
         self._script: AsyncScript = redis.register_script(_WRITE_CYCLE_LUA)
 
+    @property
+    def features_ttl_ms(self) -> int:
+        """How long a features key lives after it is written (while its market is open)."""
+        return self._features_ttl_ms
+
     async def write_cycle(
         self,
         bars: Sequence[Bar],
-        features: Sequence[tuple[str, str, bytes]],
+        features: Sequence[FeatureRow | tuple[str, str, bytes]],
         heartbeat: dict[str, Any] | None = None,
         publish: dict[str, Any] | None = None,
     ) -> bool:
         """Store ``bars`` (capped, revisions in place), ``features`` as (tf, symbol, packed
-        map) with their TTL, and the heartbeat, then publish ``publish`` on
+        map[, ttl_ms]) with their TTL (the store's default where none is given), and the
+        heartbeat, then publish ``publish`` on
         :attr:`Keys.cycles_channel` — all in one ``EVALSHA`` (atomic), so subscribers
         are told only once everything this call writes is readable; the caller makes
         sure its earlier writes have completed before it announces them.
 
         Returns whether the meta key exists: ``False`` means Redis lost its data
         since :meth:`write_meta` (restarted empty) and should be refilled."""
+        if self.cluster:
+            return await self._write_cluster(bars, features, heartbeat, publish)
         bars_of = self.keys.bars
         flat: list[Any] = []
         for b in bars:
             flat += (bars_of(b.tf, b.symbol), b.t, b.pack())
         features_of = self.keys.features
         feats: list[Any] = []
-        for tf, sym, payload in features:
-            feats += (features_of(tf, sym), payload)
+        for row in features:
+            feats += (features_of(row[0], row[1]), row[2], row[3] if len(row) > 3 else 0)
         hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
         message = msgpack.packb(publish) if publish is not None else b""
         args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
                 msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False),
                 self.keys.cycles_channel, message]
         return bool(await self._script(keys=[self.keys.heartbeat, self.keys.meta], args=args))
+
+    async def _write_cluster(
+        self,
+        bars: Sequence[Bar],
+        features: Sequence[FeatureRow | tuple[str, str, bytes]],
+        heartbeat: dict[str, Any] | None,
+        publish: dict[str, Any] | None,
+    ) -> bool:
+        """:meth:`write_cycle` on a cluster: one script call per bucket (each touches one
+        slot), all at once, then the heartbeat and announcement once they completed.
+
+        Buckets whose slot's master fails (a failover in progress) do not stop the
+        others: their bars and features come back in :class:`PartialWrite`, and the
+        heartbeat is still written (the symbols of the other slots are fresh) but the
+        cycle is not announced."""
+        keys = self.keys
+        groups: dict[int, _Bucket] = {}
+        for b in bars:
+            n = bucket_of(b.symbol)
+            bucket = groups.get(n) or groups.setdefault(n, _Bucket())
+            bucket.bars.append(b)
+            bucket.flat.extend((keys.bars(b.tf, b.symbol), b.t, b.pack()))
+        for row in features:
+            sym = row[1]
+            n = bucket_of(sym)
+            bucket = groups.get(n) or groups.setdefault(n, _Bucket())
+            bucket.rows.append(row)
+            bucket.feats.extend((keys.features(row[0], sym), row[2], row[3] if len(row) > 3 else 0))
+        head: list[Any] = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, b""]
+        failed = await self._write_buckets(list(groups.values()), head)
+        if failed:
+            # The client rebuilds its slot map when a node fails, cutting the commands in
+            # flight on the others: one more round, and only the failing slots remain.
+            failed = await self._write_buckets([g for g, _ in failed], head)
+        has_meta = True
+        if heartbeat is not None or publish is not None:
+            hb = msgpack.packb(heartbeat) if heartbeat is not None else b""
+            message = msgpack.packb(publish) if publish is not None and not failed else b""
+            empty = msgpack.packb([])
+            args = [*head[:3], hb, empty, empty, keys.cycles_channel, message]
+            try:
+                has_meta = bool(await self._script(keys=[keys.heartbeat, keys.meta], args=args))
+            except (RedisError, OSError) as exc:
+                if not failed:
+                    raise
+                log.debug("heartbeat not written either", extra={"error": str(exc)})
+        if failed:
+            raise PartialWrite(failed[0][1], [b for g, _ in failed for b in g.bars],
+                               [r for g, _ in failed for r in g.rows], len(failed), len(groups))
+        return has_meta
+
+    async def _write_buckets(self, buckets: list[_Bucket], head: list[Any],
+                             ) -> list[tuple[_Bucket, BaseException]]:
+        """One script call per bucket, all at once; the buckets Redis failed to write, with why."""
+        channel = self.keys.cycles_channel
+        calls = [self._script(keys=[str(g.flat[0] if g.flat else g.feats[0])],
+                              args=[*head, msgpack.packb(g.flat, use_bin_type=False),
+                                    msgpack.packb(g.feats, use_bin_type=False), channel, b""])
+                 for g in buckets]
+        failed: list[tuple[_Bucket, BaseException]] = []
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for bucket, outcome in zip(buckets, outcomes, strict=True):
+            if isinstance(outcome, (RedisError, OSError)):
+                failed.append((bucket, outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return failed
+
+    def masters(self) -> frozenset[str]:
+        """The masters of the client's current slot map (``host:port``); empty on a
+        single server. It changes when a replica took over a failed master."""
+        if isinstance(self.redis, RedisCluster):
+            return frozenset(node.name for node in self.redis.get_primaries())
+        return frozenset()
 
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
@@ -210,7 +375,30 @@ class RedisStore:
         return n
 
     async def write_meta(self, meta: dict[str, Any]) -> None:
-        await self.redis.set(self.keys.meta, msgpack.packb({"schema": SCHEMA_VERSION, **meta}))
+        """The meta key; a sharded daemon also enters ``meta`` in the shard registry
+        (:attr:`Keys.shards`, field ``i/N``) for ``python -m sidecar status``."""
+        packed = msgpack.packb({"schema": SCHEMA_VERSION, **meta})
+        await self.redis.set(self.keys.meta, packed)
+        if "shard" in meta and "shards" in meta:
+            await self.redis.hset(self.keys.shards, f"{meta['shard']}/{meta['shards']}", packed)
+
+    async def read_shards(self) -> dict[str, dict[str, Any]]:
+        """The shard registry: ``i/N`` -> the meta that shard wrote at its start."""
+        raw = await self.redis.hgetall(self.keys.shards)
+        return {k.decode() if isinstance(k, bytes) else k: dict(msgpack.unpackb(v)) for k, v in raw.items()}
+
+    async def read_heartbeats(self, shards: Iterable[int | None]) -> dict[int | None, dict[str, Any] | None]:
+        """The heartbeat of each of ``shards`` (``None``: the unsharded daemon's)."""
+        wanted = list(shards)
+        out: dict[int | None, dict[str, Any] | None] = {}
+        for shard in wanted:
+            raw = await self.redis.get(self.keys.heartbeat_of(shard))
+            out[shard] = None if raw is None else dict(msgpack.unpackb(raw))
+        return out
+
+    async def read_meta(self) -> dict[str, Any] | None:
+        raw = await self.redis.get(self.keys.meta)
+        return None if raw is None else dict(msgpack.unpackb(raw))
 
     async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
         """The newest ``n`` bars of a symbol, oldest first."""
@@ -223,6 +411,26 @@ class RedisStore:
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
 
+    async def recent_packed_many(self, symbols: Sequence[str], tf: str,
+                                 n: int) -> dict[str, list[tuple[int, bytes]]]:
+        """:meth:`recent_packed` of many symbols in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.zrange(self.keys.bars(tf, sym), -n, -1, withscores=True)
+        replies = await pipe.execute()
+        return {sym: [(int(item[1]), item[0]) for item in raw
+                      if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
+                for sym, raw in zip(symbols, replies, strict=True)}
+
+    async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
+        """The newest ``n`` bars of each symbol, oldest first, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.zrange(self.keys.bars(tf, sym), -n, -1)
+        replies = await pipe.execute()
+        return {sym: [Bar.unpack(sym, tf, item) for item in raw if isinstance(item, bytes)]
+                for sym, raw in zip(symbols, replies, strict=True)}
+
     async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
         """The bars of a symbol with open time ``>= t_ms``, oldest first."""
         raw = await self.redis.zrangebyscore(self.keys.bars(tf, symbol), t_ms, "+inf")
@@ -232,10 +440,15 @@ class RedisStore:
         return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
 
     async def read_features(self, symbols: Sequence[str], tf: str) -> list[dict[str, Any] | None]:
-        """Features of many symbols in one ``MGET``; ``None`` where a key is missing."""
+        """Features of many symbols in one ``MGET`` (one per slot on a cluster); ``None``
+        where a key is missing."""
         if not symbols:
             return []
-        raw = await self.redis.mget([self.keys.features(tf, s) for s in symbols])
+        keys = [self.keys.features(tf, s) for s in symbols]
+        if isinstance(self.redis, RedisCluster):
+            raw = await self.redis.mget_nonatomic(keys)
+        else:
+            raw = await self.redis.mget(keys)
         return [None if item is None else msgpack.unpackb(item) for item in raw]
 
     async def read_heartbeat(self) -> dict[str, Any] | None:
@@ -250,5 +463,11 @@ class RedisStore:
         return bool(await self.redis.ping())
 
     async def close(self) -> None:
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        await close_client(self.redis)
+
+
+async def close_client(client: AnyRedis) -> None:
+    """Close a client and every connection it holds."""
+    await client.aclose()
+    if isinstance(client, Redis):
+        await client.connection_pool.disconnect()

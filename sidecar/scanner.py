@@ -13,10 +13,19 @@ gives a row with ``missing: true`` and no feature values.
 To react to the daemon instead of polling, iterate :meth:`Scanner.updates` (or
 :meth:`Scanner.cycles` for the bare announcements): the daemon publishes on
 ``{prefix}:v1:cycles`` after every cycle, once the cycle's writes are readable.
+
+On a Redis Cluster (found from the URL alone: ``INFO cluster``) a read costs one round
+trip per node, all at once: the keys are grouped by the node serving their slot, one
+``MGET`` per bucket slot (README "Redis layout"), the ``MGET`` s of one node sent as one
+packed pipeline. With shards (``SIDECAR_SHARDS=N``) a row is stale when the heartbeat
+of the shard that owns its symbol is gone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,34 +33,66 @@ from typing import Any, cast
 
 import msgpack
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.cluster import LoadBalancingStrategy
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.redis_store import Keys, connect
+from sidecar.redis_store import AnyRedis, Keys, close_client, connect, connect_cluster, is_cluster
 from sidecar.settings import Settings
+from sidecar.shards import shard_of
 
 _ARRAY32 = b"\xdd"
 
+log = logging.getLogger("sidecar.scanner")
+
+
+class _NodeRead:
+    """One cluster node's part of a read: its ``MGET`` s packed once, and where each
+    ``MGET`` 's values go in the read's list of keys."""
+
+    __slots__ = ("node", "packed", "places")
+
+    def __init__(self, node: ClusterNode, packed: list[bytes], places: list[list[int]]) -> None:
+        self.node = node
+        self.packed = packed
+        self.places = places
+
 
 class Scanner:
-    """Reads features with one ``MGET`` (heartbeat included)."""
+    """Reads features with one ``MGET`` (heartbeats included); on a cluster one round
+    trip per node, concurrently."""
 
-    __slots__ = ("_cached_packed", "_cached_symbols", "_owns", "brokers", "keys", "prefix", "redis",
+    __slots__ = ("_cached_packed", "_cached_symbols", "_explicit", "_owners", "_owns", "_plan",
+                 "_probe_url", "brokers", "keys", "read_replicas", "redis", "shards",
                  "stale_after_ms", "tf")
 
-    def __init__(self, redis: Redis, prefix: str = "sidecar", tf: str = "1m",
+    def __init__(self, redis: AnyRedis, prefix: str = "sidecar", tf: str = "1m",
                  stale_after_ms: int = 2_000, *, brokers: Mapping[str, str] | None = None,
-                 owns: bool = False) -> None:
+                 owns: bool = False, shards: int = 1, explicit_shards: Mapping[str, int] | None = None,
+                 probe_url: str | None = None, read_replicas: bool = False) -> None:
         self.redis = redis
-        self.prefix = prefix
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix, cluster=isinstance(redis, RedisCluster))
         self.tf = tf
         self.stale_after_ms = stale_after_ms
         #: canonical -> broker spelling; a symbol not in it is spelled the same.
         self.brokers: Mapping[str, str] = brokers or {}
+        #: How many shards write (README "Shards"), and the mapping's explicit owners.
+        self.shards = shards
+        self._explicit: Mapping[str, int] = explicit_shards or {}
+        #: On a cluster, read from replicas (``READONLY``): less load on the masters, a
+        #: little replication lag.
+        self.read_replicas = read_replicas
         self._owns = owns
-        self._cached_symbols: tuple[str, ...] | None = None
+        #: The URL a single-server client was made from: the first read asks whether
+        #: it is a cluster node, and switches to a cluster client if so.
+        self._probe_url = probe_url
+        self._cached_symbols: tuple[tuple[str, str], ...] | None = None
         self._cached_packed: list[bytes] = []
+        self._plan: list[_NodeRead] | None = None
+        self._owners: list[int] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, *, stale_after_ms: int | None = None,
@@ -67,31 +108,137 @@ class Scanner:
         symbol_map = load_symbol_map(ProviderSettings.from_env(env or os.environ).symbols_file)
         brokers = {s: symbol_map.entry(s).broker for s in settings.symbols}
         brokers.update({s: symbol_map.entry(s).broker for s in symbol_map})
+        explicit = {s: shard for s in symbol_map if (shard := symbol_map.entry(s).shard) is not None}
         url = settings.redis_url or f"unix://{settings.redis_socket}"
         redis = connect(url, pool_size=pool_size, timeout_s=settings.redis_timeout_s)
         return cls(redis, settings.redis_prefix, settings.timeframe.name,
                    settings.features_ttl_ms if stale_after_ms is None else stale_after_ms,
-                   brokers=brokers, owns=True)
+                   brokers=brokers, owns=True, shards=settings.shards, explicit_shards=explicit,
+                   probe_url=None if settings.redis_url is None else url,
+                   read_replicas=settings.read_replicas)
 
-    def for_timeframe(self, tf: str) -> Scanner:
-        """A scanner of another timeframe on the same connection pool and broker spellings."""
-        if tf == self.tf:
-            return self
-        return Scanner(self.redis, self.prefix, tf, self.stale_after_ms, brokers=self.brokers)
+    async def _detect(self) -> None:
+        """Switch to a cluster client if the server is a cluster node (asked once)."""
+        url = self._probe_url
+        assert url is not None and isinstance(self.redis, Redis)
+        found = await is_cluster(self.redis)
+        if found is None:
+            return  # unreachable: asked again next time
+        self._probe_url = None
+        if found:
+            timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout") or 2.0
+            await close_client(self.redis)
+            cluster = connect_cluster(url, timeout_s=timeout, read_from_replicas=self.read_replicas)
+            await cluster.initialize()
+            self.redis = cluster
+            self.keys = Keys(self.keys.base.rsplit(":", 1)[0], cluster=True)
+            self._cached_symbols = None
 
-    async def _mget(self, symbols: Sequence[str]) -> list[bytes | None]:
-        """``MGET`` of the symbols' feature keys plus the heartbeat (last).
+    def _heartbeat_keys(self) -> list[str]:
+        if self.shards > 1:
+            return [self.keys.heartbeat_of(i) for i in range(self.shards)]
+        return [self.keys.heartbeat_of(None)]
+
+    def _wanted_keys(self, wanted: tuple[tuple[str, str], ...]) -> list[str]:
+        """The feature keys of ``wanted`` (symbol, timeframe), then the heartbeat keys;
+        notes each key's owner."""
+        keys = [self.keys.features(tf, s) for s, tf in wanted]
+        keys += self._heartbeat_keys()
+        self._owners = ([shard_of(s, self.shards, self._explicit) for s, _ in wanted]
+                        if self.shards > 1 else [0] * len(wanted))
+        return keys
+
+    async def client(self) -> AnyRedis:
+        """The connection, a cluster client once the server is found to be a cluster node:
+        for reads beyond the features (a symbol's bars) on the same pool."""
+        if self._probe_url is not None:
+            await self._detect()
+        return self.redis
+
+    async def _fetch(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """The feature values of ``wanted`` (symbol, timeframe), then the heartbeats (one per shard)."""
+        if self._probe_url is not None:
+            await self._detect()
+        if isinstance(self.redis, RedisCluster):
+            return await self._cluster_mget(self.redis, wanted)
+        return await self._mget(wanted)
+
+    def _cluster_plan(self, cluster: RedisCluster, keys: list[str]) -> list[_NodeRead]:
+        """Group ``keys`` by slot (one ``MGET`` each) and the slots by the node serving them."""
+        manager = cluster.nodes_manager
+        strategy = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS if self.read_replicas else None
+        by_node: dict[str, tuple[ClusterNode, dict[int, list[int]]]] = {}
+        for i, key in enumerate(keys):
+            slot = key_slot(key.encode())
+            node = manager.get_node_from_slot(slot, load_balancing_strategy=strategy)
+            by_node.setdefault(node.name, (node, {}))[1].setdefault(slot, []).append(i)
+        plan = []
+        for node, slots in by_node.values():
+            places = list(slots.values())
+            conn = node.acquire_connection()
+            try:
+                packed = conn.pack_commands([("MGET", *(keys[i] for i in idx)) for idx in places])
+            finally:
+                node.release(conn)
+            plan.append(_NodeRead(node, packed, places))
+        return plan
+
+    @staticmethod
+    async def _node_round(part: _NodeRead) -> list[list[bytes | None]]:
+        """Send one node its packed ``MGET`` s and read their answers: one round trip."""
+        conn = part.node.acquire_connection()
+        try:
+            await conn.send_packed_command(part.packed, check_health=False)
+            return [cast(list[bytes | None], await conn.read_response()) for _ in part.places]
+        except BaseException:
+            await conn.disconnect()  # answers may be left unread: not reusable
+            raise
+        finally:
+            part.node.release(conn)
+
+    async def _cluster_mget(self, cluster: RedisCluster,
+                            symbols: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """One packed pipeline of ``MGET`` s per node, all nodes at once.
+
+        A node that fails or redirects (a failover, resharding) makes the read fall
+        back to the client's own slot-aware ``MGET`` (it follows MOVED/ASK and
+        refreshes its slot map); the next read plans again from the new map.
+        """
+        wanted = tuple(symbols)
+        if wanted != self._cached_symbols or self._plan is None:
+            self._cached_symbols = None
+            keys = self._wanted_keys(wanted)
+            self._plan = self._cluster_plan(cluster, keys)
+            self._cached_symbols = wanted
+        plan = self._plan
+        size = sum(len(idx) for part in plan for idx in part.places)
+        out: list[bytes | None] = [None] * size
+        try:
+            answers = await asyncio.gather(*(self._node_round(part) for part in plan))
+        except (RedisError, OSError):
+            self._plan = None
+            await cluster.nodes_manager.initialize()
+            keys = self._wanted_keys(wanted)
+            return cast(list[bytes | None], await cluster.mget_nonatomic(keys))
+        for part, values in zip(plan, answers, strict=True):
+            for idx, got in zip(part.places, values, strict=True):
+                for i, value in zip(idx, got, strict=True):
+                    out[i] = value
+        return out
+
+    async def _mget(self, symbols: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """``MGET`` of the symbols' feature keys plus the heartbeats (last).
 
         A scanner asks for the same list every time, so the encoded command is built
         once and sent as is: packing 500 keys costs about as much as the round trip.
         """
         wanted = tuple(symbols)
+        assert isinstance(self.redis, Redis)
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             if wanted != self._cached_symbols:
-                keys = [self.keys.features(self.tf, s) for s in wanted]
-                keys.append(self.keys.heartbeat)
+                keys = self._wanted_keys(wanted)
                 self._cached_packed = conn.pack_command("MGET", *keys)
                 self._cached_symbols = wanted
             packed = self._cached_packed  # ours even if a concurrent read replaces the cache
@@ -106,10 +253,17 @@ class Scanner:
         finally:
             await pool.release(conn)
 
-    async def read(self, symbols: Sequence[str]) -> list[dict[str, Any]]:
-        """The features of ``symbols`` (in that order), one ``MGET``, decoded."""
-        raw = await self._mget(symbols)
-        alive = raw.pop() is not None  # the heartbeat
+    async def read(self, symbols: Sequence[str],
+                   timeframes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The features of ``symbols`` on ``timeframes`` (default: the scanner's one),
+        one ``MGET``, decoded: per symbol in that order, its timeframes in that order."""
+        tfs = [self.tf] if timeframes is None else list(timeframes)
+        wanted = [(s, tf) for s in symbols for tf in tfs]
+        raw = await self._fetch(wanted)
+        beats = len(raw) - len(wanted)
+        alive = [beat is not None for beat in raw[len(wanted):]]  # each shard's heartbeat
+        del raw[len(wanted):]
+        owners = self._owners if beats > 1 else None
         now = int(time.time() * 1000)
         bound = self.stale_after_ms
         brokers = self.brokers
@@ -119,41 +273,61 @@ class Scanner:
             _ARRAY32 + len(present).to_bytes(4, "big") + b"".join(present))
         it = iter(decoded)
         rows: list[dict[str, Any]] = []
-        for sym, item in zip(symbols, raw, strict=True):
+        for n, ((sym, tf), item) in enumerate(zip(wanted, raw, strict=True)):
             if item is None:
-                rows.append({"symbol": sym, "broker": brokers.get(sym, sym), "tf": self.tf,
+                rows.append({"symbol": sym, "broker": brokers.get(sym, sym), "tf": tf,
                              "age_ms": None, "stale": True, "missing": True})
                 continue
             row = next(it)
             age = now - row["computed_at"]
             row["broker"] = brokers.get(sym, sym)
             row["age_ms"] = age
-            row["stale"] = row.get("stale") is True or age > bound or not alive
+            row["stale"] = (row.get("stale") is True or age > bound
+                            or not alive[0 if owners is None else owners[n]])
             rows.append(row)
         return rows
 
-    async def cycles(self) -> AsyncIterator[dict[str, Any]]:
+    async def cycles(self, subscribed: asyncio.Event | None = None) -> AsyncIterator[dict[str, Any]]:
         """The daemon's announcement after each cycle, as it comes (pub/sub).
 
         Each is ``{cycle, t, tick, tf, features, updated}``: ``features`` keys
-        written, ``updated`` the symbols a source answered for in that cycle.
+        written, ``updated`` the symbols a source answered for in that cycle. A message
+        on the channel that is not an announcement is skipped (logged). ``subscribed``
+        is set once the subscription is in place.
         """
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(self.keys.cycles_channel)
+        listener = await self.client()
+        if isinstance(listener, RedisCluster):
+            # A message published on any node reaches every node: one node's connection will do.
+            node = listener.get_default_node()
+            listener = Redis(**node.connection_kwargs)
+        pubsub = listener.pubsub()
         try:
+            await pubsub.subscribe(self.keys.cycles_channel)
+            if subscribed is not None:
+                subscribed.set()
             async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    yield dict(msgpack.unpackb(message["data"]))
+                if message.get("type") != "message":
+                    continue
+                try:
+                    announcement = msgpack.unpackb(message["data"])
+                except (ValueError, msgpack.ExtraData) as exc:
+                    log.warning("cycle announcement not readable", extra={"error": str(exc)[:200]})
+                    continue
+                if isinstance(announcement, dict):
+                    yield announcement
         finally:
-            await pubsub.unsubscribe()
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.unsubscribe()
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if listener is not self.redis:
+                await close_client(listener)
 
-    async def updates(self, symbols: Sequence[str]) -> AsyncIterator[list[dict[str, Any]]]:
+    async def updates(self, symbols: Sequence[str],
+                      timeframes: Sequence[str] | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """:meth:`read` right after each cycle of the daemon: no polling."""
         async for _ in self.cycles():
-            yield await self.read(symbols)
+            yield await self.read(symbols, timeframes)
 
     async def close(self) -> None:
         if self._owns:
-            await self.redis.aclose()
-            await self.redis.connection_pool.disconnect()
+            await close_client(self.redis)

@@ -1,8 +1,10 @@
 """Daemon settings: one plain dataclass, built from the environment.
 
-Every variable is documented in README.md ("Configuration"). A bad value raises
-:class:`~sidecar.errors.ConfigError` naming the variable, and the daemon stops at
-start with that message.
+The environment is the process's, with the values of the configuration file
+filled in beneath it (:mod:`sidecar.config`). Every variable is listed in
+docs/configuration.md, which ``sidecar config --reference`` generates from the reads
+below (:func:`recording`). A bad value raises :class:`~sidecar.errors.ConfigError`
+naming the variable, and the daemon stops at start with that message.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
@@ -21,6 +26,7 @@ from sidecar.timeframe import Timeframe
 DEFAULT_SYMBOLS = ("AAPL", "MSFT", "NVDA", "EURUSD", "BTCUSD")
 DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_HTTP_PORT = 8787
+_DAY_MS = 86_400_000
 #: The bearer token of the HTTP endpoints: printable ASCII without spaces.
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}\Z")
 
@@ -30,7 +36,8 @@ _TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}\Z")
 SYMBOL_PATTERN = r"[A-Z0-9][A-Z0-9._-]{0,23}"
 SYMBOL_RE = re.compile(rf"^{SYMBOL_PATTERN}\Z")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
-_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
+#: A source name: ``yahoo``, or ``ccxt:<exchange id>`` for an exchange through ccxt.
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(:[a-z][a-z0-9_]{0,31})?\Z")
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -39,10 +46,44 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "sidecar"
 
 
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """One variable as a settings reader read it: its kind, default, bounds and value."""
+
+    name: str
+    #: ``text``, ``integer``, ``number``, ``boolean`` or ``choice``.
+    kind: str
+    default: object = None
+    value: object = None
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+_N = TypeVar("_N", int, float)
+_RECORDS: ContextVar[dict[str, Definition] | None] = ContextVar("sidecar_settings_records", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[dict[str, Definition]]:
+    """Collect the :class:`Definition` of every variable a reader reads inside the block.
+
+    Reading the settings inside it lists every setting with its default and bounds
+    (the configuration reference) and the value it took (``sidecar config``).
+    """
+    records: dict[str, Definition] = {}
+    token = _RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDS.reset(token)
+
+
 class _Reader:
     """Parses typed values out of an environment mapping, naming the variable on error.
 
     Shared by every settings dataclass (:data:`EnvReader`, e.g. ``provider_settings``).
+    Inside :func:`recording` each read also notes the variable's :class:`Definition`.
     """
 
     __slots__ = ("env",)
@@ -50,57 +91,71 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
 
+    @staticmethod
+    def _note(definition: Definition) -> None:
+        records = _RECORDS.get()
+        if records is not None:
+            records[definition.name] = definition
+
     def raw(self, name: str) -> str | None:
+        """The stripped value of ``name``, or ``None`` when unset or blank."""
         value = self.env.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
+        text = None if value is None or value.strip() == "" else value.strip()
+        self._note(Definition(name, "text", value=text))
+        return text
 
     def string(self, name: str, default: str) -> str:
-        return self.raw(name) or default
-
-    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        text = self.raw(name)
-        if text is None:
-            return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(name, f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+        """The value of ``name``, or ``default``."""
+        value = self.raw(name) or default
+        self._note(Definition(name, "text", default, value))
         return value
 
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        """An integer in ``[low, high]``, or ``default``."""
+        return self._bounded(name, default, low, high, int, "integer")
+
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        """A finite number in ``[low, high]``, or ``default``."""
+        return self._bounded(name, default, low, high, float, "number")
+
+    def _bounded(self, name: str, default: _N, low: _N, high: _N, parse: Callable[[str], _N],
+                 kind: str) -> _N:
         text = self.raw(name)
         if text is None:
-            return default
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(name, f"expected a number, got {text!r}") from None
-        if not (low <= value <= high):  # also refuses NaN
-            raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+            value = default
+        else:
+            try:
+                value = parse(text)
+            except ValueError:
+                raise ConfigError(name, f"expected {'an integer' if parse is int else 'a number'}, "
+                                        f"got {text!r}") from None
+            if not (low <= value <= high):  # also refuses NaN
+                raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+        self._note(Definition(name, kind, default, value, low, high))
         return value
 
     def boolean(self, name: str, default: bool) -> bool:
+        """``1/true/yes/on`` or ``0/false/no/off`` (any case), or ``default``."""
         text = self.raw(name)
         if text is None:
-            return default
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(name, f"expected true/false, got {text!r}")
+            value = default
+        elif text.lower() in ("1", "true", "yes", "on"):
+            value = True
+        elif text.lower() in ("0", "false", "no", "off"):
+            value = False
+        else:
+            raise ConfigError(name, f"expected true/false, got {text!r}")
+        self._note(Definition(name, "boolean", default, value))
+        return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (any case), or ``default``."""
         text = self.raw(name)
-        if text is None:
-            return default
-        if text.lower() not in choices:
+        if text is not None and text.lower() not in choices:
             raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}")
-        return text.lower()
+        value = default if text is None else text.lower()
+        self._note(Definition(name, "choice", default, value, choices=choices))
+        return value
 
 
 #: The public name of the reader, for the other settings modules.
@@ -129,7 +184,10 @@ class Settings:
 
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     sources: tuple[str, ...] = DEFAULT_SOURCES
+    #: The base timeframe: the lowest kept, the one the sources are asked for.
     timeframe: Timeframe = field(default_factory=lambda: Timeframe.parse("1m"))
+    #: The timeframes built from the base in the daemon, lowest first (README "Timeframes").
+    higher_timeframes: tuple[Timeframe, ...] = ()
     redis_url: str | None = None
     redis_prefix: str = "sidecar"
     data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
@@ -142,14 +200,18 @@ class Settings:
     bars_cap: int = 5_000
     features_ttl_ms: int = 2_000
     heartbeat_ttl_ms: int = 3_000
+    #: Connections of the one Redis pool (not configurable: the cycle's own concurrency).
     redis_pool_size: int = 20
     redis_timeout_s: float = 2.0
     redis_down_exit_s: float = 120.0
     # SQLite
     flush_interval_s: float = 10.0
+    #: A flush starts early at this many buffered bars (not configurable).
     flush_max_rows: int = 20_000
     buffer_max_rows: int = 2_000_000
     retention_days: int = 90
+    #: Per-timeframe retention (``SIDECAR_RETENTION_DAYS=90,1d:3650``): ``(tf, days)``.
+    retention_by_tf: tuple[tuple[str, int], ...] = ()
     warm_bars: int = 5_000
     bootstrap_days: int = 90
     # validation
@@ -158,9 +220,13 @@ class Settings:
     outlier_window: int = 50
     correction_window_bars: int = 10
     fill_gaps: bool = False
+    #: Follow each symbol's trading calendar (no requests, gaps or expiry while closed).
+    market_hours: bool = True
     # features
     periods: IndicatorPeriods = field(default_factory=IndicatorPeriods)
-    session_anchor_min: int = 0
+    #: VWAP session start, minutes past 00:00 UTC for every symbol (SIDECAR_SESSION_ANCHOR);
+    #: ``None``: each symbol's own session open (its calendar; 00:00 UTC without one).
+    session_anchor_min: int | None = None
     # cycle
     fetch_timeout_s: float = 0.8
     stale_after_ms: int = 5_000
@@ -173,6 +239,21 @@ class Settings:
     # logging
     log_format: str = "auto"
     log_level: str = "info"
+    # shards (README "Shards")
+    #: This daemon's shard index (``None``: unsharded) and the number of shards.
+    shard: int | None = None
+    shards: int = 1
+    #: Scanners read from replicas on a Redis Cluster (``READONLY``).
+    read_replicas: bool = False
+
+    @property
+    def series_timeframes(self) -> tuple[Timeframe, ...]:
+        """Every timeframe kept, lowest (the base) first."""
+        return (self.timeframe, *self.higher_timeframes)
+
+    def retention_for(self, tf: str) -> int:
+        """Days of ``tf`` bars SQLite keeps."""
+        return dict(self.retention_by_tf).get(tf, self.retention_days)
 
     @property
     def sqlite_file(self) -> Path:
@@ -204,10 +285,8 @@ class Settings:
 
         symbols = _parse_symbols(r.raw("SIDECAR_SYMBOLS"))
         sources = _parse_sources(r.raw("SIDECAR_SOURCES"))
-        try:
-            timeframe = Timeframe.parse(r.string("SIDECAR_TIMEFRAME", "1m"))
-        except ValueError as exc:
-            raise ConfigError("SIDECAR_TIMEFRAME", str(exc)) from None
+        timeframes = _parse_timeframes(r)
+        retention_days, retention_by_tf = _parse_retention(r)
 
         redis_url = r.raw("SIDECAR_REDIS_URL")
         if redis_url is not None:
@@ -259,41 +338,62 @@ class Settings:
             mom=r.integer("SIDECAR_MOM_PERIOD", 10, low=1, high=1000),
         )
 
-        anchor = r.string("SIDECAR_SESSION_ANCHOR", "00:00")
+        anchor = r.string("SIDECAR_SESSION_ANCHOR", "")
         match = re.match(r"^([01][0-9]|2[0-3]):([0-5][0-9])$", anchor)
-        if not match:
+        if anchor and not match:
             raise ConfigError("SIDECAR_SESSION_ANCHOR", f"expected HH:MM (UTC), got {anchor!r}")
 
+        shard, shards = _parse_shard(r)
+        read_replicas = r.boolean("SIDECAR_REDIS_READ_REPLICAS", False)
+        http_port = r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535)
+        if shard is not None:
+            if redis_url is None:
+                raise ConfigError("SIDECAR_REDIS_URL", "shards write to one shared Redis: set its URL "
+                                                       "(the embedded server is one daemon's own)")
+            # Each shard its own data directory, SQLite file and HTTP port.
+            data_dir = data_dir / f"shard-{shard}"
+            if sqlite_path is not None:
+                sqlite_path = sqlite_path.with_name(f"{sqlite_path.stem}.shard-{shard}{sqlite_path.suffix}")
+            if http_port and http_port + shard > 65535:
+                raise ConfigError("SIDECAR_HTTP_PORT", f"{http_port} + shard {shard} is past 65535")
+            http_port = http_port + shard if http_port else 0
+
+        warm_bars = r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000)
+        # ``sim`` makes up its history: by default only the days the warm window spans
+        # (a demo needs features, not 90 days of made-up bars per symbol).
+        bootstrap_default = (max(1, -(-warm_bars * timeframes[0].ms // _DAY_MS)) if sources == ("sim",)
+                             else 90)
         settings = cls(
             symbols=symbols,
             sources=sources,
-            timeframe=timeframe,
+            timeframe=timeframes[0],
+            higher_timeframes=timeframes[1:],
             redis_url=redis_url,
             redis_prefix=prefix,
             data_dir=data_dir,
             sqlite_path=sqlite_path,
             http_host=http_host,
-            http_port=r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535),
+            http_port=http_port,
             http_token=_token(r.raw("SIDECAR_HTTP_TOKEN")),
             bars_cap=r.integer("SIDECAR_BARS_CAP", 5_000, low=100, high=1_000_000),
             features_ttl_ms=r.integer("SIDECAR_FEATURES_TTL_MS", 2_000, low=500, high=3_600_000),
             heartbeat_ttl_ms=r.integer("SIDECAR_HEARTBEAT_TTL_MS", 3_000, low=1_000, high=600_000),
-            redis_pool_size=r.integer("SIDECAR_REDIS_POOL_SIZE", 20, low=2, high=1_000),
             redis_timeout_s=r.number("SIDECAR_REDIS_TIMEOUT_S", 2.0, low=0.05, high=60.0),
             redis_down_exit_s=r.number("SIDECAR_REDIS_DOWN_EXIT_S", 120.0, low=1.0, high=86_400.0),
             flush_interval_s=r.number("SIDECAR_FLUSH_INTERVAL_S", 10.0, low=0.1, high=3_600.0),
-            flush_max_rows=r.integer("SIDECAR_FLUSH_MAX_ROWS", 20_000, low=1, high=10_000_000),
             buffer_max_rows=r.integer("SIDECAR_BUFFER_MAX_ROWS", 2_000_000, low=1, high=100_000_000),
-            retention_days=r.integer("SIDECAR_RETENTION_DAYS", 90, low=1, high=36_500),
-            warm_bars=r.integer("SIDECAR_WARM_BARS", 5_000, low=0, high=1_000_000),
-            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", 90, low=0, high=36_500),
+            retention_days=retention_days,
+            retention_by_tf=retention_by_tf,
+            warm_bars=warm_bars,
+            bootstrap_days=r.integer("SIDECAR_BOOTSTRAP_DAYS", bootstrap_default, low=0, high=36_500),
             clock_skew_ms=r.integer("SIDECAR_CLOCK_SKEW_MS", 2_000, low=0, high=600_000),
             outlier_k=r.number("SIDECAR_OUTLIER_K", 15.0, low=0.0, high=1e6),
             outlier_window=r.integer("SIDECAR_OUTLIER_WINDOW", 50, low=2, high=100_000),
             correction_window_bars=r.integer("SIDECAR_CORRECTION_WINDOW_BARS", 10, low=0, high=100_000),
             fill_gaps=r.boolean("SIDECAR_FILL_GAPS", False),
+            market_hours=r.boolean("SIDECAR_MARKET_HOURS", True),
             periods=periods,
-            session_anchor_min=int(match.group(1)) * 60 + int(match.group(2)),
+            session_anchor_min=int(match.group(1)) * 60 + int(match.group(2)) if match else None,
             fetch_timeout_s=r.number("SIDECAR_FETCH_TIMEOUT_S", 0.8, low=0.05, high=60.0),
             stale_after_ms=r.integer("SIDECAR_STALE_AFTER_MS", 5_000, low=500, high=86_400_000),
             parse_process=r.choice("SIDECAR_PARSE_PROCESS", "auto", ("auto", "on", "off")),
@@ -302,6 +402,9 @@ class Settings:
             replay_speed=r.number("SIDECAR_REPLAY_SPEED", 1.0, low=0.01, high=10_000.0),
             log_format=r.choice("SIDECAR_LOG_FORMAT", "auto", ("auto", "json", "text")),
             log_level=r.choice("SIDECAR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            shard=shard,
+            shards=shards,
+            read_replicas=read_replicas,
         )
         return settings
 
@@ -356,6 +459,115 @@ def _check_redis_url(url: str) -> None:
 def _without_password(text: str, url: str) -> str:
     password = urlsplit(url).password
     return text.replace(password, "***") if password and len(password) >= 4 else text
+
+
+_SHARD_RE = re.compile(r"^([0-9]{1,4})/([0-9]{1,4})\Z")
+
+
+def _parse_shard(r: _Reader) -> tuple[int | None, int]:
+    """``(shard, shards)`` from ``SIDECAR_SHARD=i/N``, or PM2's ``NODE_APP_INSTANCE=i``
+    with ``SIDECAR_SHARDS=N``; ``SIDECAR_SHARDS`` alone (a scanner) gives ``(None, N)``."""
+    shards = r.integer("SIDECAR_SHARDS", 1, low=1, high=1024)
+    text = r.raw("SIDECAR_SHARD")
+    if text is not None:
+        match = _SHARD_RE.match(text)
+        if not match:
+            raise ConfigError("SIDECAR_SHARD", f"expected i/N (e.g. 0/3), got {text!r}")
+        shard, count = int(match.group(1)), int(match.group(2))
+        if not 1 <= count <= 1024 or shard >= count:
+            raise ConfigError("SIDECAR_SHARD", f"needs 0 <= i < N <= 1024, got {text!r}")
+        if r.raw("SIDECAR_SHARDS") is not None and shards != count:
+            raise ConfigError("SIDECAR_SHARDS", f"{shards} disagrees with SIDECAR_SHARD={text}")
+        return shard, count
+    instance = r.raw("NODE_APP_INSTANCE")
+    if shards > 1 and instance is not None:
+        if not instance.isdigit() or int(instance) >= shards:
+            raise ConfigError("NODE_APP_INSTANCE", f"{instance!r} is not a shard index below "
+                                                   f"SIDECAR_SHARDS={shards}")
+        return int(instance), shards
+    return None, shards
+
+
+def _parse_timeframes(r: _Reader) -> tuple[Timeframe, ...]:
+    """``SIDECAR_TIMEFRAMES`` (``1m,5m,1h,1d``), else ``SIDECAR_TIMEFRAME`` alone; lowest first.
+
+    The lowest is the base; each higher one must be a whole number of base bars
+    (intraday), or ``1d``. With both variables set, ``SIDECAR_TIMEFRAME`` must be the lowest.
+    """
+    name = "SIDECAR_TIMEFRAMES"
+    text = r.raw(name)
+    single = r.raw("SIDECAR_TIMEFRAME")
+    if text is None:
+        name, text = "SIDECAR_TIMEFRAME", single or "1m"
+        if "," in text:
+            raise ConfigError(name, f"one timeframe, got {text!r} (several: SIDECAR_TIMEFRAMES)")
+    out: list[Timeframe] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            tf = Timeframe.parse(part)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+        if any(tf.ms == o.ms for o in out):
+            raise ConfigError(name, f"{tf.name} is given twice (or under two spellings)")
+        out.append(tf)
+    if not out:
+        raise ConfigError(name, "no timeframe given")
+    out.sort(key=lambda tf: tf.ms)
+    base = out[0]
+    for tf in out[1:]:
+        if tf.ms >= 86_400_000 and tf.name != "1d":
+            raise ConfigError(name, f"{tf.name}: above the base, only 1d is built of days")
+        if base.ms >= 86_400_000:
+            raise ConfigError(name, f"{tf.name}: nothing is built above a daily base")
+        if tf.ms < 86_400_000 and tf.ms % base.ms:
+            raise ConfigError(name, f"{tf.name} is not a whole number of {base.name} bars (the base)")
+    if name == "SIDECAR_TIMEFRAMES" and single is not None:
+        try:
+            same = Timeframe.parse(single).ms == base.ms
+        except ValueError:
+            same = False
+        if not same:
+            raise ConfigError("SIDECAR_TIMEFRAME", f"{single!r} is not the lowest of SIDECAR_TIMEFRAMES "
+                                                   f"({base.name}); set SIDECAR_TIMEFRAMES only")
+    # What ``sidecar config`` shows: the effective base and list, whichever variable set them.
+    r._note(Definition("SIDECAR_TIMEFRAME", "text", "1m", base.name))
+    r._note(Definition("SIDECAR_TIMEFRAMES", "text", None, ",".join(tf.name for tf in out)))
+    return tuple(out)
+
+
+def _parse_retention(r: _Reader) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """``SIDECAR_RETENTION_DAYS``: ``90`` or ``90,1d:3650,1h:365`` (a default, then per timeframe)."""
+    name = "SIDECAR_RETENTION_DAYS"
+    text = r.raw(name)
+    r._note(Definition(name, "text", "90", text or "90"))
+    if text is None:
+        return 90, ()
+    default: int | None = None
+    per_tf: dict[str, int] = {}
+    for part in text.split(","):
+        item = part.strip()
+        if not item:
+            continue
+        tf_text, sep, days_text = item.rpartition(":")
+        try:
+            days = int(days_text)
+        except ValueError:
+            raise ConfigError(name, f"expected days or TF:days, got {item!r}") from None
+        if not 1 <= days <= 36_500:
+            raise ConfigError(name, f"{days} is out of range [1, 36500]")
+        if not sep:
+            if default is not None:
+                raise ConfigError(name, "two defaults given")
+            default = days
+            continue
+        try:
+            tf = Timeframe.parse(tf_text)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+        per_tf[tf.name] = days
+    return (90 if default is None else default), tuple(sorted(per_tf.items()))
 
 
 def _parse_symbols(text: str | None) -> tuple[str, ...]:

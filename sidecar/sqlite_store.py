@@ -19,11 +19,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import aiosqlite
 
+from sidecar import foreground
 from sidecar.bar import Bar
 
 log = logging.getLogger("sidecar.sqlite")
@@ -67,6 +68,8 @@ _COLUMNS = "symbol, tf, t, o, h, l, c, v, src, forming, synthetic"
 
 #: While bars are being dropped, the error is logged at most this often (with totals).
 DROP_LOG_EVERY_S = 10.0
+#: History rows made and inserted between two looks at whether a cycle runs.
+HISTORY_SLICE = 1_000
 
 
 def _row(b: Bar) -> tuple[object, ...]:
@@ -288,6 +291,30 @@ class BarStore:
             rows = await cur.fetchall()
         return [_bar(r) for r in reversed(list(rows))]
 
+    async def tails(self, symbols: Iterable[str], tf: str, n: int) -> dict[str, list[Bar]]:
+        """The newest ``n`` stored bars of each symbol, oldest first (``[]``: none stored).
+
+        One thread call on its own read connection, so thousands of symbols cost one
+        hop rather than one per symbol (the daemon reads them at start, before any write).
+        """
+        names = list(symbols)
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? ORDER BY t DESC LIMIT ?"
+
+        def read() -> dict[str, list[Bar]]:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                return {sym: [_bar(r) for r in reversed(con.execute(sql, (sym, tf, n)).fetchall())]
+                        for sym in names}
+            finally:
+                con.close()
+
+        return await asyncio.to_thread(read)
+
+    def reader(self) -> StoreReader:
+        """A read-only connection for a worker thread (close it there when done)."""
+        return StoreReader(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0,
+                                           check_same_thread=False))
+
     async def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
         """Stored bars with ``start <= t < end``, oldest first."""
         sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"
@@ -336,12 +363,23 @@ class BarStore:
             return [(int(a), int(b), int(c), bool(d)) for a, b, c, d in await cur.fetchall()]
 
     async def write_history(self, bars: Iterable[Bar]) -> int:
-        """Upsert history bars directly (backfill), bypassing the live buffer."""
-        rows = [_row(b) for b in bars]
+        """Upsert history bars directly (backfill), bypassing the live buffer.
+
+        The rows are made in the writer thread as SQLite consumes them, a slice at a
+        time, pausing while a cycle runs (:mod:`sidecar.foreground`): a large insert
+        costs the event loop nothing and does not compete with a cycle.
+        """
+        todo = list(bars)
+
+        def rows() -> Iterator[tuple[object, ...]]:
+            for i in range(0, len(todo), HISTORY_SLICE):
+                foreground.wait_idle_blocking()
+                yield from map(_row, todo[i:i + HISTORY_SLICE])
+
         async with self._flush_lock:
-            await self.db.executemany(_UPSERT, rows)
+            await self.db.executemany(_UPSERT, rows())
             await self.db.commit()
-        return len(rows)
+        return len(todo)
 
     async def get_meta(self, key: str) -> str | None:
         async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
@@ -353,15 +391,18 @@ class BarStore:
         await self.db.commit()
 
     # -- retention ----------------------------------------------------------------
-    async def delete_older_than(self, cutoff_ms: int) -> int:
-        """Delete bars with ``t < cutoff_ms``, one symbol and timeframe per transaction."""
+    async def delete_older_than(self, cutoff_ms: int, by_tf: Mapping[str, int] | None = None) -> int:
+        """Delete bars with ``t < cutoff_ms`` (``by_tf[tf]`` for a timeframe it names), one
+        symbol and timeframe per transaction."""
         async with self.db.execute("SELECT DISTINCT symbol, tf FROM bars") as cur:
             series = [(str(s), str(tf)) for s, tf in await cur.fetchall()]
         deleted = 0
+        cutoffs = by_tf or {}
         for symbol, tf in series:
             async with self._flush_lock:
                 cur = await self.db.execute(
-                    "DELETE FROM bars WHERE symbol = ? AND tf = ? AND t < ?", (symbol, tf, cutoff_ms)
+                    "DELETE FROM bars WHERE symbol = ? AND tf = ? AND t < ?",
+                    (symbol, tf, cutoffs.get(tf, cutoff_ms)),
                 )
                 deleted += cur.rowcount if cur.rowcount > 0 else 0
                 await self.db.commit()
@@ -369,3 +410,30 @@ class BarStore:
         if deleted:
             log.info("retention removed old bars", extra={"rows": deleted, "cutoff": cutoff_ms})
         return deleted
+
+
+class StoreReader:
+    """Synchronous reads of the bar store on a connection of their own, for a worker
+    thread (the rows are made into bars, or packed, off the event loop)."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def close(self) -> None:
+        self.con.close()
+
+    def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
+        """Stored bars with ``start <= t < end``, oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ? ORDER BY t"
+        return [_bar(r) for r in self.con.execute(sql, (symbol, tf, start, end)).fetchall()]
+
+    def packed_between(self, symbol: str, tf: str, start: int, end: int) -> dict[int, bytes]:
+        """Stored bars with ``start <= t < end`` as ``{t: Bar.pack()}`` (the Redis member form)."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t >= ? AND t < ?"
+        return {int(r[2]): _bar(r).pack() for r in self.con.execute(sql, (symbol, tf, start, end)).fetchall()}
+
+    def last_bars(self, symbol: str, tf: str, n: int, before: int | None = None) -> list[Bar]:
+        """The newest ``n`` stored bars of a symbol (``t < before`` if given), oldest first."""
+        sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t < ? ORDER BY t DESC LIMIT ?"
+        rows = self.con.execute(sql, (symbol, tf, before if before is not None else 2**62, n)).fetchall()
+        return [_bar(r) for r in reversed(rows)]

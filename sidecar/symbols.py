@@ -5,16 +5,23 @@ A symbol that is not listed is a US stock spelled the same way everywhere; a tex
 that is not a canonical symbol at all (``C:EURUSD``, ``EURUSD=X``, ``EUR/USD``) is
 a provider spelling passed through unchanged, its asset class guessed from its
 shape. A source that cannot serve a symbol gets ``None`` (skipped, not an error).
+
+The ``ccxt`` key spells a symbol for the ccxt exchanges (sources ``ccxt:<id>``): one
+unified market symbol for all of them, or a table with a ``default`` and per-exchange
+overrides (``{ default = "BTC/USDT", kraken = "BTC/USD" }``); left out, no exchange
+serves the symbol.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from sidecar import calendars
 from sidecar.errors import ConfigError
 from sidecar.settings import SYMBOL_RE
 from sidecar.timeframe import US_EQUITY_SESSION, Session, Timeframe
@@ -22,11 +29,20 @@ from sidecar.timeframe import US_EQUITY_SESSION, Session, Timeframe
 AssetClass = Literal["stock", "etf", "fx", "crypto", "index", "metal"]
 ASSET_CLASSES: tuple[AssetClass, ...] = ("stock", "etf", "fx", "crypto", "index", "metal")
 PROVIDERS = ("yahoo", "alphavantage", "twelvedata", "polygon")
+#: The mapping key of the ccxt exchanges; ``spellings`` holds ``ccxt`` (the default) and
+#: ``ccxt:<exchange id>`` (an override, ``None`` = that exchange cannot serve it).
+CCXT = "ccxt"
+_EXCHANGE_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 DEFAULT_FILE = Path(__file__).with_name("symbols.toml")
 _SETTING = "SIDECAR_SYMBOLS_FILE"
 _EQUITY: tuple[AssetClass, ...] = ("stock", "etf")
 #: Asset classes whose intraday bars follow the US regular session unless the entry says otherwise.
 _SESSION_CLASSES: tuple[AssetClass, ...] = ("stock", "etf", "index")
+#: The trading calendar of each asset class unless the entry names one (``calendars``).
+DEFAULT_CALENDARS: dict[AssetClass, str] = {
+    "stock": "XNYS", "etf": "XNYS", "index": "XNYS",
+    "fx": calendars.FX, "metal": calendars.FX, "crypto": calendars.ALWAYS_OPEN,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,10 @@ class SymbolEntry:
     spellings: Mapping[str, ProviderSymbol | None]
     #: The regular session its intraday bars are anchored at (``None``: the clock's grid).
     session: Session | None = None
+    #: An explicit shard index (``shard = i`` in the file); ``None``: by hash (sidecar.shards).
+    shard: int | None = None
+    #: Its trading calendar (:mod:`sidecar.calendars`): when its market is open.
+    calendar: str = "XNYS"
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as ``python -m sidecar symbols --json`` prints it.
@@ -69,7 +89,8 @@ class SymbolEntry:
         """
         out: dict[str, Any] = {"symbol": self.canonical, "asset_class": self.asset_class,
                                "broker": self.broker,
-                               "session": None if self.session is None else str(self.session)}
+                               "session": None if self.session is None else str(self.session),
+                               "calendar": self.calendar}
         for provider in PROVIDERS:
             spelling = self.spellings.get(provider)
             if spelling is None:
@@ -78,7 +99,15 @@ class SymbolEntry:
                 out[provider] = {"from": spelling.base, "to": spelling.quote}
             else:
                 out[provider] = spelling.ticker
+        ccxt = {key.partition(":")[2] or "default": None if spelling is None else spelling.ticker
+                for key, spelling in self.spellings.items() if key.split(":")[0] == CCXT}
+        out[CCXT] = ccxt or None
         return out
+
+    def ccxt_spelling(self, exchange_id: str) -> ProviderSymbol | None:
+        """How ccxt exchange ``exchange_id`` spells this symbol (``None``: cannot serve)."""
+        key = f"{CCXT}:{exchange_id}"
+        return self.spellings[key] if key in self.spellings else self.spellings.get(CCXT)
 
 
 def _default_entry(symbol: str) -> SymbolEntry:
@@ -91,9 +120,34 @@ def _default_entry(symbol: str) -> SymbolEntry:
     )
 
 
-def _parse_session(raw: Any, asset_class: AssetClass, where: str) -> Session | None:
+#: The exchange whose calendar a session in this zone follows, unless the entry names one.
+_ZONE_CALENDARS = {
+    "America/New_York": "XNYS", "Europe/London": "XLON", "Europe/Berlin": "XETR",
+    "Asia/Tokyo": "XTKS", "Asia/Hong_Kong": "XHKG",
+}
+
+
+def _parse_calendar(raw: Any, asset_class: AssetClass, where: str, zone: str | None = None) -> str:
     if raw is None:
-        return US_EQUITY_SESSION if asset_class in _SESSION_CLASSES else None
+        if asset_class in _SESSION_CLASSES and zone in _ZONE_CALENDARS:
+            return _ZONE_CALENDARS[zone]
+        return DEFAULT_CALENDARS[asset_class]
+    if not isinstance(raw, str):
+        raise ConfigError(_SETTING, f"{where}: expected a calendar name, got {raw!r}")
+    try:
+        return calendars.resolve(raw)
+    except ValueError as exc:
+        raise ConfigError(_SETTING, f"{where}: {exc}") from None
+
+
+def _parse_session(raw: Any, asset_class: AssetClass, where: str, calendar: str = "XNYS") -> Session | None:
+    if raw is None:
+        if asset_class not in _SESSION_CLASSES:
+            return None
+        if calendar == "XNYS":
+            return US_EQUITY_SESSION
+        zone, open_min = calendars.regular_open(calendar)
+        return Session(zone, open_min)
     if raw is False:
         return None
     if isinstance(raw, str):
@@ -102,6 +156,27 @@ def _parse_session(raw: Any, asset_class: AssetClass, where: str) -> Session | N
         except ValueError as exc:
             raise ConfigError(_SETTING, f"{where}: {exc}") from None
     raise ConfigError(_SETTING, f"{where}: expected 'HH:MM Zone/Name' or false, got {raw!r}")
+
+
+def _parse_ccxt(canonical: str, asset_class: AssetClass, raw: Any,
+                where: str) -> dict[str, ProviderSymbol | None]:
+    """The ``ccxt`` key: one market symbol, or ``{ default = ..., <exchange id> = ... }``."""
+    if raw is None or raw is False:
+        return {}
+    table = raw if isinstance(raw, dict) else {"default": raw}
+    out: dict[str, ProviderSymbol | None] = {}
+    for exchange, value in table.items():
+        if exchange != "default" and not _EXCHANGE_ID_RE.match(exchange):
+            raise ConfigError(_SETTING, f"{where}: {exchange!r} is not a ccxt exchange id")
+        key = CCXT if exchange == "default" else f"{CCXT}:{exchange}"
+        if value is False:
+            out[key] = None
+        elif isinstance(value, str) and value.strip():
+            out[key] = ProviderSymbol(canonical, CCXT, value.strip(), asset_class)
+        else:
+            raise ConfigError(_SETTING, f"{where}.{exchange}: expected a market symbol "
+                                        f"('BTC/USDT') or false, got {value!r}")
+    return out
 
 
 def _parse_spelling(
@@ -167,6 +242,13 @@ class SymbolMap:
         default = spelling.asset_class in _SESSION_CLASSES
         return tf.on_session(US_EQUITY_SESSION if default else None)
 
+    def calendar(self, symbol: str, spelling: ProviderSymbol | None = None) -> str:
+        """The name of ``symbol``'s trading calendar (a passed-through provider spelling,
+        given as ``spelling``, gets its asset class's)."""
+        if symbol in self._entries or spelling is None:
+            return self.entry(symbol).calendar
+        return DEFAULT_CALENDARS[spelling.asset_class]
+
     def for_source(self, provider: str, symbol: str) -> ProviderSymbol | None:
         """How ``provider`` spells ``symbol``, or ``None`` if it cannot serve it.
 
@@ -179,12 +261,16 @@ class SymbolMap:
         except KeyError:
             pass
         spelling: ProviderSymbol | None
+        exchange = provider.partition(":")[2] if provider.startswith(f"{CCXT}:") else None
         if symbol in self._entries:
-            spelling = self._entries[symbol].spellings.get(provider)
+            entry = self._entries[symbol]
+            spelling = (entry.spellings.get(provider) if exchange is None
+                        else entry.ccxt_spelling(exchange))
         elif symbol in self.rejected:
             spelling = None  # a guess could fetch another instrument's prices
         elif SYMBOL_RE.match(symbol) and not _looks_foreign(provider, symbol):
-            spelling = _default_entry(symbol).spellings[provider]
+            # An unlisted symbol is a US stock, which no crypto exchange serves.
+            spelling = None if exchange is not None else _default_entry(symbol).spellings[provider]
         else:
             spelling = passthrough(provider, symbol)
         if len(self._spellings) < 100_000:
@@ -211,6 +297,8 @@ def passthrough(provider: str, text: str) -> ProviderSymbol:
             asset = "index"
         elif "-" in text and text.rsplit("-", 1)[1] in ("USD", "EUR", "USDT", "BTC"):
             asset = "crypto"
+    elif provider.startswith(f"{CCXT}:"):
+        asset = "crypto"  # a unified market symbol (``BTC/USDT``, ``BTC/USDT:USDT``)
     elif provider in ("twelvedata", "alphavantage") and "/" in text:
         base, quote = text.split("/", 1)
         asset = "crypto" if base in ("BTC", "ETH", "SOL", "XRP", "LTC", "DOGE") else "fx"
@@ -241,10 +329,13 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
         )
     if not isinstance(body, dict):
         raise ConfigError(_SETTING, f"{where}: expected a table")
-    unknown = set(body) - {"asset_class", "broker", "session", *PROVIDERS}
+    unknown = set(body) - {"asset_class", "broker", "session", "calendar", "shard", CCXT, *PROVIDERS}
     if unknown:
-        raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: "
-                                    f"asset_class, broker, session, {', '.join(PROVIDERS)})")
+        raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: asset_class, "
+                                    f"broker, session, calendar, shard, {', '.join(PROVIDERS)}, {CCXT})")
+    shard = body.get("shard")
+    if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or shard < 0):
+        raise ConfigError(_SETTING, f"{where}: shard must be a shard index (an integer >= 0)")
     asset_raw = body.get("asset_class", "stock")
     if asset_raw not in ASSET_CLASSES:
         raise ConfigError(
@@ -257,8 +348,14 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
     spellings = {
         p: _parse_spelling(canonical, p, asset, body.get(p), f"{where}.{p}") for p in PROVIDERS
     }
-    session = _parse_session(body.get("session"), asset, f"{where}.session")
-    return SymbolEntry(canonical, asset, broker.strip(), spellings, session)
+    spellings.update(_parse_ccxt(canonical, asset, body.get(CCXT), f"{where}.{CCXT}"))
+    raw_session = body.get("session")
+    given = _parse_session(raw_session, asset, f"{where}.session") if raw_session is not None else None
+    calendar = _parse_calendar(body.get("calendar"), asset, f"{where}.calendar",
+                               given.zone if given is not None else None)
+    session = given if raw_session is not None else _parse_session(
+        None, asset, f"{where}.session", calendar)
+    return SymbolEntry(canonical, asset, broker.strip(), spellings, session, shard, calendar)
 
 
 def mapping_report(symbol_map: SymbolMap, symbols: Iterable[str]) -> list[tuple[str, str]]:

@@ -4,7 +4,10 @@
 alignment, clock). :class:`Validator` adds the rules that need memory of what was
 already accepted per symbol: ordering, revisions, corrections, duplicates,
 outliers (held, not stored) and gaps (recorded, optionally filled with bars
-marked synthetic). Every rejection is counted by reason and logged once.
+marked synthetic). With a symbol's trading calendar, only bars whose time overlaps
+its regular hours are expected (a weekend, a holiday or a lunch break is no gap) and
+accepted (extended-hours bars are rejected as ``outside_session``).
+Every rejection is counted by reason and logged once.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import enum
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.bar import MAX_EPOCH_MS, Bar
+from sidecar.calendars import MarketCalendar
 from sidecar.timeframe import Timeframe
 
 log = logging.getLogger("sidecar.validation")
@@ -127,6 +131,7 @@ class Validator:
     """Stateful validation per symbol for one timeframe."""
 
     __slots__ = (
+        "_calendars",
         "_correction_ms",
         "_fill_gaps",
         "_grids",
@@ -154,8 +159,11 @@ class Validator:
         correction_window_bars: int = 10,
         fill_gaps: bool = False,
         grids: Mapping[str, Timeframe] | None = None,
+        calendars: Mapping[str, MarketCalendar] | None = None,
     ) -> None:
+        """``calendars``: per symbol, the market hours its bars are expected in (gaps)."""
         self._tf = tf
+        self._calendars = dict(calendars or {})
         #: Symbols whose bars sit on a session grid (``Timeframe.on_session``), by symbol.
         self._grids = {sym: g for sym, g in (grids or {}).items() if g.session is not None}
         self._skew_ms = skew_ms
@@ -238,9 +246,9 @@ class Validator:
                 if reason is None and bar.t > now_ms + self._skew_ms:
                     reason = "future"
             else:
-                reason = check_bar(bar, grid, now_ms, self._skew_ms)
+                reason = self._vet(bar, grid, now_ms)
         else:
-            reason = check_bar(bar, self._grids.get(bar.symbol, self._tf), now_ms, self._skew_ms)
+            reason = self._vet(bar, self._grids.get(bar.symbol, self._tf), now_ms)
         if reason is not None:
             return self._reject(bar, reason)
         if st is None:
@@ -301,16 +309,17 @@ class Validator:
     def _accept_new(self, st: _SymbolState, bar: Bar) -> list[Bar]:
         out: list[Bar] = []
         newest = st.newest
-        if newest is not None and bar.t - newest.t > self._tf.ms:
-            missing = (bar.t - newest.t) // self._tf.ms - 1
-            gap = Gap(bar.symbol, newest.t + self._tf.ms, bar.t - self._tf.ms, missing)
-            if self._fill_gaps and missing <= MAX_FILL_BARS:
+        step = self._tf.ms
+        times = self._missing(bar.symbol, newest.t + step, bar.t) if newest is not None else range(0)
+        if newest is not None and times:
+            gap = Gap(bar.symbol, times[0], times[-1], len(times))
+            if self._fill_gaps and gap.missing <= MAX_FILL_BARS:
                 gap.filled = True
                 p = newest.c
                 out.extend(
                     Bar(bar.symbol, bar.tf, t, p, p, p, p, 0.0 if bar.v is not None else None,
                         "gapfill", forming=False, synthetic=True)
-                    for t in range(gap.start, bar.t, self._tf.ms)
+                    for t in times
                 )
                 for filler in out:
                     self._remember(st, filler)
@@ -319,12 +328,20 @@ class Validator:
             log.info(
                 "gap detected",
                 extra={"symbol": bar.symbol, "start": gap.start, "end": gap.end,
-                       "missing": missing, "filled": gap.filled},
+                       "missing": gap.missing, "filled": gap.filled},
             )
         self._remember(st, bar)
         self.accepted += 1
         out.append(bar)
         return out
+
+    def _missing(self, symbol: str, start: int, end: int) -> Sequence[int]:
+        """Open times of the bars expected in ``[start, end)``: every grid step, or with a
+        calendar only the bars overlapping its open hours."""
+        calendar = self._calendars.get(symbol)
+        if calendar is None or end <= start:
+            return range(start, end, self._tf.ms)
+        return calendar.open_slots(start, end, self._tf.ms)
 
     def _is_outlier(self, st: _SymbolState, bar: Bar, reference: float) -> bool:
         if self._outlier_k <= 0.0 or len(st.ranges) < 10:
@@ -334,8 +351,21 @@ class Validator:
         bound = self._outlier_k * typical
         return abs(bar.c - reference) > bound or bar.h - bar.l > bound
 
+    def _vet(self, bar: Bar, grid: Timeframe, now_ms: int) -> str | None:
+        """:func:`check_bar`, then the symbol's regular hours: a bar wholly outside them
+        (pre- or post-market, a provider's entry stamped at the close) is ``outside_session``."""
+        reason = check_bar(bar, grid, now_ms, self._skew_ms)
+        if reason is None and self._calendars:
+            calendar = self._calendars.get(bar.symbol)
+            if calendar is not None and not calendar.open_slots(bar.t, bar.t + grid.ms, grid.ms):
+                return "outside_session"
+        return reason
+
     def _reject(self, bar: Bar, reason: str) -> Outcome:
         self.rejected[reason] += 1
+        if reason == "outside_session":  # routine (extended-hours feeds): counted, not warned
+            log.debug("bar outside regular hours", extra={"symbol": bar.symbol, "t": bar.t})
+            return Outcome(Verdict.REJECTED, [], reason)
         log.warning(
             "bar rejected",
             extra={"reason": reason, "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "o": bar.o,

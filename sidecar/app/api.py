@@ -1,8 +1,8 @@
 """The read-only HTTP API (``/v1/...``): the scanner's rows for clients in any language.
 
-* ``GET /v1/features?symbols=A,B&timeframes=1m`` — ``{"rows": [...]}``: the rows
-  ``scan --json`` prints (:meth:`Scanner.read`, one ``MGET`` per timeframe), in
-  timeframe then symbol order.
+* ``GET /v1/features?symbols=A,B&timeframes=1m,1h`` — ``{"rows": [...]}``: the rows
+  ``scan --json`` prints (:meth:`Scanner.read`: one ``MGET`` for every timeframe), per
+  symbol in the order asked, its timeframes in the order asked.
 * ``GET /v1/signals?symbols=...&timeframes=...`` — ``{"signals": [...]}``: the rows
   ``scan --signals --json`` prints (:func:`sidecar.signals.signal_rows`).
 * ``GET /v1/stream?symbols=...&timeframes=...`` — Server-Sent Events: one ``cycle``
@@ -55,8 +55,6 @@ MAX_BARS = 1_000
 MAX_CLOSES = 500
 #: Bars read before the first one shown, so the indicators are warm where the chart starts.
 CHART_WARM_BARS = 1_000
-#: Timeframes whose scanner is kept between requests (a client cannot grow the set without end).
-MAX_KEPT_SCANNERS = 16
 #: A comment line on an idle stream this often keeps proxies from closing it.
 KEEPALIVE_S = 15.0
 #: A stream client this many events behind is dropped (the stream ends; it may reconnect).
@@ -148,7 +146,7 @@ def _finite(values: np.ndarray[Any, Any]) -> list[float | None]:
 
 # -- the reads ------------------------------------------------------------------------
 class ReadApi:
-    """What the ``/v1`` handlers read with: one scanner (and its pool) per timeframe."""
+    """What the ``/v1`` handlers read with: one scanner (and its pool) for every timeframe."""
 
     def __init__(self, scanner: Scanner, symbols: Sequence[str], rules: SignalRules,
                  periods: IndicatorPeriods | None = None) -> None:
@@ -157,7 +155,6 @@ class ReadApi:
         self.tf = scanner.tf
         self.rules = rules
         self.periods = periods or IndicatorPeriods()
-        self._scanners: dict[str, Scanner] = {scanner.tf: scanner}
         self.feed = CycleFeed(self)
 
     @classmethod
@@ -167,24 +164,10 @@ class ReadApi:
         return cls(Scanner.from_settings(settings, pool_size=pool_size, env=env), settings.symbols, rules,
                    settings.periods)
 
-    def scanner_for(self, tf: str) -> Scanner:
-        """The scanner of ``tf``, kept for the first :data:`MAX_KEPT_SCANNERS` timeframes
-        asked (each keeps its encoded ``MGET``); beyond them one for the request only."""
-        scanner = self._scanners.get(tf)
-        if scanner is None:
-            scanner = self.scanner.for_timeframe(tf)
-            if len(self._scanners) < MAX_KEPT_SCANNERS:
-                self._scanners[tf] = scanner
-        return scanner
-
     async def rows(self, symbols: Sequence[str], tfs: Sequence[str]) -> list[dict[str, Any]]:
-        """The scanner rows of ``symbols`` for each of ``tfs``."""
-        if len(tfs) == 1:
-            return await self.scanner_for(tfs[0]).read(symbols)
-        out: list[dict[str, Any]] = []
-        for tf in tfs:
-            out += await self.scanner_for(tf).read(symbols)
-        return out
+        """The scanner rows of ``symbols`` on each of ``tfs`` (one read): per symbol, its
+        timeframes in the order given."""
+        return await self.scanner.read(symbols, tfs)
 
     async def chart(self, symbol: str, tf: str, limit: int) -> dict[str, Any]:
         """The newest ``limit`` bars of ``symbol`` with EMA, Bollinger Bands and RSI.
@@ -192,9 +175,9 @@ class ReadApi:
         The indicators are TA-Lib's batch functions (the daemon's periods) over the
         bars read, which reach up to :data:`CHART_WARM_BARS` before the first one shown.
         """
-        scanner = self.scanner_for(tf)
-        key = scanner.keys.bars(tf, symbol)
-        raw = await scanner.redis.zrange(key, -(limit + CHART_WARM_BARS), -1)
+        scanner = self.scanner
+        redis = await scanner.client()
+        raw = await redis.zrange(scanner.keys.bars(tf, symbol), -(limit + CHART_WARM_BARS), -1)
         rows = [msgpack.unpackb(item) for item in raw]
         close = np.array([r[4] for r in rows], dtype=np.float64)
         p = self.periods
@@ -207,7 +190,7 @@ class ReadApi:
         shown = slice(max(0, len(rows) - limit), None)
         bars = [{"t": r[0], "o": r[1], "h": r[2], "l": r[3], "c": r[4], "v": r[5], "src": r[6],
                  "forming": bool(r[7] & 1), "synthetic": bool(r[7] & 2)} for r in rows[shown]]
-        (row,) = await scanner.read([symbol])
+        (row,) = await scanner.read([symbol], [tf])
         return {"symbol": symbol, "broker": row["broker"], "tf": tf, "bars": bars,
                 "ema": _finite(ema[shown]), "bb_upper": _finite(upper[shown]),
                 "bb_middle": _finite(middle[shown]), "bb_lower": _finite(lower[shown]),
@@ -217,8 +200,9 @@ class ReadApi:
 
     async def closes(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[list[float]]]:
         """``[t, close]`` of each symbol's newest ``n`` bars, oldest first (one pipeline)."""
-        scanner = self.scanner_for(tf)
-        async with scanner.redis.pipeline(transaction=False) as pipe:
+        scanner = self.scanner
+        redis = await scanner.client()
+        async with redis.pipeline(transaction=False) as pipe:
             for sym in symbols:
                 pipe.zrange(scanner.keys.bars(tf, sym), -n, -1)
             answers = await pipe.execute()
@@ -309,7 +293,7 @@ class CycleFeed:
         failed = False
         while self.clients:
             try:
-                async for announcement in self._announcements():
+                async for announcement in self.api.scanner.cycles(self.subscribed):
                     failed = False
                     try:
                         await self._dispatch(announcement)
@@ -326,26 +310,6 @@ class CycleFeed:
                 await asyncio.sleep(1.0)
         self.subscribed.clear()
 
-    async def _announcements(self) -> Any:
-        pubsub = self.api.scanner.redis.pubsub()
-        await pubsub.subscribe(self.api.scanner.keys.cycles_channel)
-        self.subscribed.set()
-        try:
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                try:
-                    announcement = msgpack.unpackb(message["data"])
-                except (ValueError, msgpack.ExtraData) as exc:
-                    log.warning("cycle stream: not an announcement", extra={"error": str(exc)[:200]})
-                    continue
-                if isinstance(announcement, dict):
-                    yield announcement
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.unsubscribe()
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-
     async def _dispatch(self, announcement: dict[str, Any]) -> None:
         self.announcements += 1
         tf = str(announcement.get("tf") or self.api.tf)
@@ -358,7 +322,7 @@ class CycleFeed:
         error: str | None = None
         by_symbol: dict[str, dict[str, Any]] = {}
         try:
-            by_symbol = {row["symbol"]: row for row in await self.api.scanner_for(tf).read(list(wanted))}
+            by_symbol = {row["symbol"]: row for row in await self.api.scanner.read(list(wanted), [tf])}
         except (RedisError, OSError) as exc:
             error = redact(f"redis: {exc}")
         updated = set(announcement.get("updated") or ())

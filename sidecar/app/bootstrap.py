@@ -18,13 +18,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
+from sidecar import foreground
 from sidecar.bar import Bar
+from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
 from sidecar.redis_store import RedisStore
-from sidecar.sources.base import DAY_MS, Source
+from sidecar.sources.base import Source
 from sidecar.sqlite_store import BarStore
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 from sidecar.validation import validate_history
 
 log = logging.getLogger("sidecar.bootstrap")
@@ -55,8 +59,12 @@ class BackfillResult:
     #: Bars the store holds in the asked range afterwards (this run's and earlier runs').
     stored: int = 0
     error: str | None = None
+    #: False when the bars could not be copied to Redis (they are in SQLite only).
+    in_redis: bool = True
     #: Why part of the range was not asked (a source's range limit), per source.
     limited: list[str] = field(default_factory=list)
+    #: The bars this run stored, oldest first (only when asked to keep them).
+    fetched: list[Bar] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -95,12 +103,15 @@ async def _chunk(source: Source, symbol: str, tf: Timeframe, start: int, end: in
             if wait is None or wait > budget_wait_s:
                 raise
             await sleep(max(wait, 0.05))
+    await foreground.wait_idle()  # a large answer is checked between cycles
     bars, rejected = validate_history(raw, source.grid(symbol, tf), now_ms)
     bars = [b for b in bars if start <= b.t < end]
     result.rejected += sum(rejected.values())
     if bars:
         await store.write_history(bars)
         result._got(bars)
+        if result.fetched is not None:
+            result.fetched.extend(bars)
 
 
 async def _walk(source: Source, symbol: str, tf: Timeframe, start: int, end: int, *, downward: bool,
@@ -138,14 +149,16 @@ async def backfill_symbol(
     redis_keep: int = 5_000,
     budget_wait_s: float = 0.0,
     sleep: Sleep = asyncio.sleep,
+    keep: bool = False,
 ) -> BackfillResult:
     """Backfill ``[start_ms, end_ms)`` for one symbol, source by source in priority order.
 
     Each source covers what its range limits allow (newest first); what lies beyond
     them is asked of the next source. ``chunk_ms`` is the request span for sources
-    without a span limit.
+    without a span limit. ``keep``: the stored bars are also returned
+    (:attr:`BackfillResult.fetched`, one per open time, oldest first).
     """
-    result = BackfillResult(symbol, tf.name, None, start_ms, end_ms)
+    result = BackfillResult(symbol, tf.name, None, start_ms, end_ms, fetched=[] if keep else None)
     progress_key = f"backfill:{symbol}:{tf.name}"
     saved = await store.get_meta(progress_key)
     # Coverage of earlier runs is [low, high): fetch what is newer, then what is older.
@@ -204,10 +217,24 @@ async def backfill_symbol(
     # What was obtained: the stored range, including what earlier (interrupted) runs got.
     result.got_first, result.got_last, result.stored = await store.span(
         symbol, tf.name, start_ms, end_ms)
+    if result.fetched is not None:
+        result.fetched = sorted({b.t: b for b in result.fetched}.values(), key=lambda b: b.t)
     if redis_store is not None and result.bars:
         recent = await store.last_bars(symbol, tf.name, redis_keep)
-        await redis_store.write_history(recent)
+        result.in_redis = await _copy_to_redis(redis_store, recent)
     return result
+
+
+async def _copy_to_redis(redis_store: RedisStore, bars: list[Bar]) -> bool:
+    """Copy backfilled bars to Redis; SQLite has them, so a Redis that is down only costs
+    a warning, and False (the caller has Redis refilled from SQLite once it answers)."""
+    try:
+        await redis_store.write_history(bars)
+    except (RedisError, OSError) as exc:
+        log.warning("backfill: redis unreachable; the bars are in sqlite only",
+                    extra={"bars": len(bars), "error": str(exc)})
+        return False
+    return True
 
 
 async def repair_gaps(
@@ -220,8 +247,12 @@ async def repair_gaps(
     redis_store: RedisStore | None = None,
     budget_wait_s: float = 0.0,
     sleep: Sleep = asyncio.sleep,
+    calendar: MarketCalendar | None = None,
 ) -> BackfillResult:
     """Backfill the gaps the validator recorded for ``symbol`` (oldest first), as above.
+
+    With the symbol's ``calendar``, a gap that lies wholly in closed hours (recorded before
+    the calendar was known) is done without asking any source.
 
     A gap is done when a source answered for its range (with bars, or with none:
     a market closed overnight); a gap no source could answer is retried next time.
@@ -235,6 +266,10 @@ async def repair_gaps(
     result = BackfillResult(symbol, tf.name, None, todo[0][0] if todo else 0,
                             todo[-1][1] + tf.ms if todo else 0)
     for start, end in todo:
+        if calendar is not None and not calendar.open_slots(start, end + tf.ms, tf.ms):
+            through = start
+            await store.set_meta(key, str(through))
+            continue
         answered = False
         for source in sources:
             if not source.can_serve(symbol):
@@ -263,9 +298,8 @@ async def repair_gaps(
         through = start
         await store.set_meta(key, str(through))
     if redis_store is not None and result.bars:
-        recent = await store.bars_between(symbol, tf.name, result.got_first or 0,
-                                          (result.got_last or 0) + 1)
-        await redis_store.write_history(recent)
+        result.in_redis = await _copy_to_redis(redis_store, await store.bars_between(
+            symbol, tf.name, result.got_first or 0, (result.got_last or 0) + 1))
     if todo:
         log.info("gaps repaired", extra=result.as_dict())
     return result

@@ -1,9 +1,12 @@
 """The daemon's health, computed from state the loop already keeps (no I/O).
 
 ``status`` is ``down`` when the daemon is not collecting (no cycle for 5 s, or no
-symbol has a fresh bar), ``degraded`` when something is wrong but bars still flow
-(a source's circuit is not closed or its last call failed, Redis unreachable,
-SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
+symbol whose market is open has a fresh bar), ``degraded`` when something is wrong
+but bars still flow (a source's circuit is not closed or its last call failed, Redis
+unreachable, SQLite failing, some symbols stale), else ``ok``. ``reasons`` says why.
+A symbol whose market is closed (its calendar) is counted apart, never as stale.
+Times are the daemon's clock (the recording's time while replaying at speed, when
+``clock`` says so); whether cycles still come is judged by the wall clock.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import logging
 import os
 import resource
 import statistics
-import time
 from typing import Any
 
 from sidecar.app.pipeline import Pipeline, SourceState
 from sidecar.app.ticker import SecondTicker
 from sidecar.parse_worker import ParseWorker
+from sidecar.series import Series
 
 log = logging.getLogger("sidecar.health")
 
@@ -98,9 +101,10 @@ def _source_info(state: SourceState) -> dict[str, Any]:
 def assess(pipeline: Pipeline, now_ms: int | None = None,
            parse_worker: ParseWorker | None = None) -> tuple[str, list[str]]:
     """``(status, reasons)`` — cheap enough to run after every cycle."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    clock = pipeline.clock
+    now_ms = int(clock() * 1000) if now_ms is None else now_ms
     stats = pipeline.stats
-    stale_after = pipeline.settings.stale_after_ms
+    stale_after = pipeline.stale_after_ms
     reasons: list[str] = []
     for state in pipeline.sources:
         reasons.extend(_source_reasons(state))
@@ -112,13 +116,17 @@ def assess(pipeline: Pipeline, now_ms: int | None = None,
     if pipeline.store.last_error:
         reasons.append(f"sqlite: {pipeline.store.last_error}")
     total = len(pipeline.symbols)
-    fresh = sum(not st.stale(now_ms, stale_after) for st in pipeline.symbols.values())
-    if fresh < total:
-        reasons.append(f"{total - fresh} of {total} symbols stale")
-    if not (stats.first_cycle_done and now_ms - stats.last_tick_ms < NOT_COLLECTING_MS):
+    # A symbol whose market is closed is neither fresh nor stale: nothing new is due.
+    trading = [st for st in pipeline.symbols.values() if st.market_open]
+    fresh = sum(not st.stale(now_ms, stale_after) for st in trading)
+    if fresh < len(trading):
+        reasons.append(f"{len(trading) - fresh} of {total} symbols stale")
+    idle_ms = (clock.wall() * 1000 - stats.last_wall_ms if clock.replaying
+               else now_ms - stats.last_tick_ms)
+    if not (stats.first_cycle_done and idle_ms < NOT_COLLECTING_MS):
         reasons.insert(0, f"not collecting: no cycle in the last {NOT_COLLECTING_MS // 1000} s")
         return "down", reasons
-    if fresh == 0:
+    if fresh == 0 and trading:
         reasons.insert(0, "no symbol has a fresh bar")
         return "down", reasons
     return ("degraded" if reasons else "ok"), reasons
@@ -143,12 +151,37 @@ class StatusLog:
         return True
 
 
+def warmup_report(pipeline: Pipeline) -> dict[str, Any]:
+    """Start-up warm-up: symbols ``live`` (handles open on the warm window), ``warming``
+    (served from live bars, flagged ``warming``), ``waiting`` (no bar yet); history fetched."""
+    warming = waiting = 0
+    for st in pipeline.symbols.values():
+        if st.warming:
+            if st.last is None and st.forming is None:
+                waiting += 1
+            else:
+                warming += 1
+    w = pipeline.warmup
+    return {
+        "done": w.finished_ms is not None,
+        "live": len(pipeline.symbols) - warming - waiting,
+        "warming": warming,
+        "waiting": waiting,
+        "cold": w.cold,
+        "history_bars": w.history_bars,
+        "history_requests": w.history_requests,
+        "failed": w.failed,
+        "started_ms": w.started_ms,
+        "finished_ms": w.finished_ms,
+    }
+
+
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
                   parse_worker: ParseWorker | None = None) -> dict[str, Any]:
     """``/health`` JSON: status ok/degraded/down with the reasons behind it."""
-    now_ms = int(time.time() * 1000)
+    now_ms = int(pipeline.clock() * 1000)
     stats = pipeline.stats
-    stale_after = pipeline.settings.stale_after_ms
+    stale_after = pipeline.stale_after_ms
     status, reasons = assess(pipeline, now_ms, parse_worker)
 
     symbols: dict[str, Any] = {}
@@ -166,17 +199,25 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
             "stale": st.stale(now_ms, stale_after),
             "via": st.via,
             "refresh_interval_ms": st.expect_ms,
+            "calendar": cal.name if (cal := pipeline.calendars.get(sym)) is not None else None,
+            "market_open": st.market_open,
+            "next_open": st.next_open,
+            "timeframes": {ser.tf.name: _series_info(ser, now_ms) for ser in st.series},
         }
     sources = {state.name: _source_info(state) for state in pipeline.sources}
 
     durations = list(stats.durations_ms)
     validator = pipeline.validator
+    for sym, st in pipeline.symbols.items():
+        symbols[sym]["warming"] = st.warming
     return {
         "status": status,
         "reasons": reasons,
         "ready": ready and stats.first_cycle_done,
         "now_ms": now_ms,
+        "clock": pipeline.clock.status(),
         "timeframe": pipeline.tf.name,
+        "timeframes": [tf.name for tf in pipeline.timeframes],
         "cycle": {
             "count": stats.cycles,
             "last_tick_ms": stats.last_tick_ms,
@@ -204,9 +245,39 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
             "last_flush_ms": pipeline.store.last_flush_ms,
             "last_error": pipeline.store.last_error,
         },
+        "warmup": warmup_report(pipeline),
         "sources": sources,
         "parse_worker": ({"enabled": False} if parse_worker is None
                          else {"enabled": True, **parse_worker.status()}),
         "process": process_report(),
+        "market": _market(pipeline, now_ms),
         "symbols": symbols,
+    }
+
+
+def _series_info(ser: Series, now_ms: int) -> dict[str, Any]:
+    """One timeframe of a symbol: its newest bar and how many base bars its forming one holds."""
+    bar = ser.forming or ser.last
+    feats = ser.features or {}
+    return {
+        "newest_bar_t": bar.t if bar else None,
+        "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
+        "last_price": bar.c if bar else None,
+        "forming": bar.forming if bar else None,
+        "rsi": _round(feats.get("rsi"), 3),
+        "base_bars": ser.n_base if ser.grid is not None else None,
+        "rebuilding": ser.rebuilding is not None or ser.needs_rebuild,
+    }
+
+
+def _market(pipeline: Pipeline, now_ms: int) -> dict[str, Any]:
+    """How many symbols trade now, how many wait for their market to open, how many are stale."""
+    stale_after = pipeline.stale_after_ms
+    states = pipeline.symbols.values()
+    closed = sum(not st.market_open for st in states)
+    return {
+        "hours": pipeline.settings.market_hours,
+        "open": len(pipeline.symbols) - closed,
+        "closed": closed,
+        "stale": sum(st.stale(now_ms, stale_after) for st in states),
     }

@@ -146,6 +146,16 @@ class _PipelineCollector(Collector):
             yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
                                     value=proc["open_fds"])
 
+        warmup = r["warmup"]
+        symbols = GaugeMetricFamily("sidecar_warmup_symbols",
+                                    "Symbols by warm-up state (live, warming, waiting)", labels=["state"])
+        for state in ("live", "warming", "waiting"):
+            symbols.add_metric([state], warmup[state])
+        yield symbols
+        yield GaugeMetricFamily("sidecar_warmup_done", "1 once every symbol's handles are open",
+                                value=1.0 if warmup["done"] else 0.0)
+        yield CounterMetricFamily("sidecar_warmup_history_bars", "History bars fetched at start-up",
+                                  value=warmup["history_bars"])
         yield from self._parse_worker(r["parse_worker"])
         yield from self._sources(r["sources"])
         yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))
@@ -224,12 +234,24 @@ class _PipelineCollector(Collector):
         stale = GaugeMetricFamily("sidecar_symbol_stale", "1 if the symbol is stale", labels=["symbol"])
         price = GaugeMetricFamily("sidecar_symbol_last_price", "Close of the newest bar",
                                   labels=["symbol"])
+        tf_age = GaugeMetricFamily("sidecar_series_bar_age_seconds",
+                                   "Age of the newest bar's open time, per timeframe",
+                                   labels=["symbol", "tf"])
+        tf_price = GaugeMetricFamily("sidecar_series_last_price", "Close of the newest bar, per timeframe",
+                                     labels=["symbol", "tf"])
+        tf_forming = GaugeMetricFamily("sidecar_series_forming", "1 if the newest bar is forming",
+                                       labels=["symbol", "tf"])
         for sym, info in symbols.items():
             age.add_metric([sym], _ms_to_s(info["newest_bar_age_ms"]))
             updated.add_metric([sym], _ms_to_s(info["updated_age_ms"]))
             stale.add_metric([sym], 1.0 if info["stale"] else 0.0)
             price.add_metric([sym], float("nan") if info["last_price"] is None else info["last_price"])
-        yield from (age, updated, stale, price)
+            for tf, series in info.get("timeframes", {}).items():
+                tf_age.add_metric([sym, tf], _ms_to_s(series["newest_bar_age_ms"]))
+                tf_price.add_metric([sym, tf], float("nan") if series["last_price"] is None
+                                    else series["last_price"])
+                tf_forming.add_metric([sym, tf], 1.0 if series["forming"] else 0.0)
+        yield from (age, updated, stale, price, tf_age, tf_price, tf_forming)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

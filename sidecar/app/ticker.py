@@ -3,7 +3,9 @@
 A cycle that overruns does not cause a burst of catch-up cycles: the ticks it
 covered are skipped and counted in ``missed``. A wall clock that jumps backwards
 or far forwards resynchronises (counted in ``clock_jumps``) instead of stalling
-or bursting.
+or bursting. Ticks are paced by the wall clock; on a replay clock
+(:class:`~sidecar.clock.ReplayClock`) each is labelled with that clock's reading at
+the wall-clock second.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import math
 import time
 from collections.abc import Callable
 
+from sidecar.clock import Clock, as_clock
+
 
 class SecondTicker:
-    """``await ticker.next()`` returns the epoch-ms of the next wall-clock tick."""
+    """``await ticker.next()`` returns the epoch-ms of the next wall-clock tick (on a
+    replay clock: that clock's reading then)."""
 
-    __slots__ = ("_clock", "_last", "_sleep", "_step_ms", "clock_jumps", "lateness_ms", "missed")
+    __slots__ = ("_clock", "_last", "_sleep", "_step_ms", "_timeline", "clock_jumps",
+                 "lateness_ms", "missed")
 
     #: A jump larger than this (forward) is a clock change, not missed ticks.
     MAX_CATCHUP_MS = 60_000
@@ -25,11 +31,14 @@ class SecondTicker:
     def __init__(
         self,
         step_s: float = 1.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] = time.time,
         sleep: Callable[[float], object] | None = None,
     ) -> None:
+        """``clock``: the daemon's clock, or a callable wall clock (epoch seconds)."""
         self._step_ms = int(step_s * 1000)
-        self._clock = clock
+        timeline = as_clock(clock)
+        self._clock = timeline.wall
+        self._timeline = timeline if timeline.replaying else None
         self._sleep = sleep or asyncio.sleep
         self._last: int | None = None
         self.missed = 0
@@ -71,4 +80,6 @@ class SecondTicker:
             # uvloop may wake a little early: loop until the boundary has passed.
         self.lateness_ms = self._clock() * 1000 - target
         self._last = int(target)
+        if self._timeline is not None:
+            return int(self._timeline.at(target / 1000) * 1000)
         return int(target)

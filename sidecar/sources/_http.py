@@ -4,16 +4,22 @@
 mapping lookup, taking a request from the rate budget, reacting to a provider
 rate limit (back off for ``Retry-After`` or the cooldown; a spent daily quota
 waits for the reset), recording the last error without secrets, and ``/health``
-facts. :class:`HttpSource` adds the one shared aiohttp session and the GET that
-parses its answer. :func:`keyed_provider` is the common part of ``build``.
+facts. :class:`HttpSource` adds the one shared aiohttp session, the GET that
+parses its answer and ``build``: a keyed HTTP provider is its URLs, its budget
+(:meth:`HttpSource.make_budget`), its two fetches and its parser (the row loop
+:func:`~sidecar.sources._parsing.rows_to_bars`, the error classes
+:func:`~sidecar.sources._parsing.classify`). :class:`Providers` is what every
+``build`` is given: the provider settings and the symbol map, read once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aiohttp
 
@@ -25,6 +31,9 @@ from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources.base import LatestResult, Source
 from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
+
+if TYPE_CHECKING:
+    from sidecar.settings import Settings
 
 log = logging.getLogger("sidecar.sources")
 T = TypeVar("T")
@@ -51,15 +60,18 @@ def closed_between(bars: list[Bar], start_ms: int, end_ms: int) -> list[Bar]:
     return [b for b in bars if start_ms <= b.t < end_ms and not b.forming]
 
 
-def keyed_provider(env: Mapping[str, str], name: str, key_variable: str,
-                   key: Callable[[ProviderSettings], str | None]) -> tuple[ProviderSettings, SymbolMap]:
-    """Provider settings and the symbol map; :class:`SourceDisabled` when the key is missing."""
-    from sidecar.sources import SourceDisabled
+@dataclass(frozen=True, slots=True)
+class Providers:
+    """The provider settings and the symbol map, read once for all the sources."""
 
-    provider = ProviderSettings.from_env(env)
-    if not key(provider):
-        raise SourceDisabled(f"{name}: {key_variable} missing")
-    return provider, load_symbol_map(provider.symbols_file)
+    settings: ProviderSettings
+    symbols: SymbolMap
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Providers:
+        """Read the provider variables and the mapping file; ConfigError naming a bad one."""
+        settings = ProviderSettings.from_env(os.environ if env is None else env)
+        return cls(settings, load_symbol_map(settings.symbols_file))
 
 
 class ProviderSource(Source):
@@ -149,7 +161,8 @@ class ProviderSource(Source):
 
 
 class HttpSource(ProviderSource):
-    """A provider reached through the shared aiohttp session; its key is ``{name}_api_key``."""
+    """A provider reached through the shared aiohttp session; its key is ``{name}_api_key``
+    (the variable ``{NAME}_API_KEY``)."""
 
     def __init__(
         self,
@@ -164,6 +177,20 @@ class HttpSource(ProviderSource):
         self._key: str = key
         self._session = session
         self._owns_session = session is None
+
+    @classmethod
+    def make_budget(cls, provider: ProviderSettings) -> RateBudget:
+        """This provider's request budget, from its settings."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, settings: Settings, providers: Providers) -> Self:
+        """The source; :class:`SourceDisabled` when its API key is missing."""
+        from sidecar.sources import SourceDisabled
+
+        if not getattr(providers.settings, f"{cls.name}_api_key", None):
+            raise SourceDisabled(f"{cls.name}: {cls.name.upper()}_API_KEY missing")
+        return cls(providers.settings, providers.symbols, cls.make_budget(providers.settings))
 
     async def start(self) -> None:
         self._get_session()

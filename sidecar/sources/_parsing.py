@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -17,9 +18,7 @@ import orjson
 
 from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ProviderError
-from sidecar.timeframe import Timeframe
-
-DAY_MS = 86_400_000
+from sidecar.timeframe import DAY_MS, Timeframe
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +34,11 @@ class ParseContext:
     src: str
     now_ms: int
     has_volume: bool = True
+
+    @property
+    def daily(self) -> bool:
+        """Whether the bars are daily or longer (stamped 00:00 UTC of their date)."""
+        return self.tf.ms >= DAY_MS
 
 
 def decode_answer(body: bytes | str, status: int, source: str,
@@ -133,6 +137,45 @@ def to_epoch_ms(value: Any, unit_ms: int = 1) -> int:
     if not -MAX_EPOCH_MS <= t <= MAX_EPOCH_MS:
         raise ValueError(f"time out of range: {value!r}")
     return t
+
+
+@dataclass(frozen=True, slots=True)
+class RowFields:
+    """A provider's names for the four prices and the volume of one row."""
+
+    open: str = "open"
+    high: str = "high"
+    low: str = "low"
+    close: str = "close"
+    volume: str = "volume"
+
+
+def rows_to_bars(rows: Iterable[Any], ctx: ParseContext, fields: RowFields,
+                 open_time: Callable[[Mapping[str, Any]], int]) -> list[Bar]:
+    """Bars of a provider's rows (objects), oldest first, via :func:`finish`.
+
+    ``open_time(row)`` is the bar's open time in epoch ms. A row that is not an
+    object, or lacks a price or a time that parses, is dropped; a volume that does not
+    parse is ``None`` (as is every volume when ``ctx.has_volume`` is false); volumes are
+    kept exactly as given, fractions included.
+    """
+    bars: list[Bar] = []
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        try:
+            o, h, l, c = (to_float(row[k]) for k in (fields.open, fields.high, fields.low, fields.close))
+            t = open_time(row)
+        except (KeyError, ValueError, TypeError):
+            continue  # a null or malformed row
+        v: float | None = None
+        if ctx.has_volume and row.get(fields.volume) is not None:
+            try:
+                v = to_float(row[fields.volume])
+            except (ValueError, TypeError):  # e.g. a list where a number belongs
+                v = None
+        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+    return finish(bars, ctx)
 
 
 def finish(bars: list[Bar], ctx: ParseContext) -> list[Bar]:

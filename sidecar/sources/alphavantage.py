@@ -16,27 +16,29 @@ from typing import Any
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
+from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
-from sidecar.settings import Settings
-from sidecar.sources._http import HttpSource, closed_between, keyed_provider
+from sidecar.sources._http import HttpSource, closed_between
 from sidecar.sources._parsing import (
     ParseContext,
+    RowFields,
     decode_json,
-    finish,
     http_status_error,
     local_text_to_ms,
     rebucket,
-    to_float,
+    rows_to_bars,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.symbols import ProviderSymbol
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "alphavantage"
 _INTRADAY = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "1h": "60min"}
 _FIELD_RE = re.compile(r"^\d+[a-z]?\.\s*(.+)$")
 _PRICE_RE = re.compile(r"^price \(([a-z]+)\)$")
+_ROW_FIELDS = RowFields()
+_STAMP = " stamp"  # no field name of Alpha Vantage's starts with a space
 
 
 def _snippet(body: bytes | str) -> str:
@@ -89,31 +91,22 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext) -> list
         raise ProviderError("bad_response", f"no time series in keys {sorted(data)[:5]}", source=NAME)
     meta_f = _fields(meta)
     tz = zone(meta_f.get("time zone"), "UTC")
-    market = meta_f.get("market code")
-    daily = ctx.tf.ms >= 86_400_000
-    bars: list[Bar] = []
-    for stamp, row in data[series_key].items():
-        if not isinstance(row, dict):
-            continue
-        f = _fields(row)
-        try:
-            if "open" in f:
-                o, h, l, c = (to_float(f[k]) for k in ("open", "high", "low", "close"))
-            else:  # legacy DIGITAL_CURRENCY_INTRADAY: one price per point
-                prices = {m.group(1): v for k, v in f.items() if (m := _PRICE_RE.match(k))}
-                price = prices.get(str(market).lower()) or next(iter(prices.values()))
-                o = h = l = c = to_float(price)
-            t = local_text_to_ms(str(stamp), tz, daily)
-        except (ValueError, KeyError, StopIteration, TypeError):
-            continue  # a null or malformed row is dropped
-        v: float | None = None
-        if ctx.has_volume and f.get("volume") is not None:
-            try:
-                v = to_float(f["volume"])
-            except (ValueError, TypeError):  # e.g. a list where a number belongs
-                v = None
-        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
-    return finish(bars, ctx)
+    market = str(meta_f.get("market code")).lower()
+    rows = (_row(stamp, row, market) for stamp, row in data[series_key].items() if isinstance(row, dict))
+    return rows_to_bars(rows, ctx, _ROW_FIELDS,
+                        lambda row: local_text_to_ms(row[_STAMP], tz, ctx.daily))
+
+
+def _row(stamp: object, row: Mapping[str, Any], market: str) -> dict[str, Any]:
+    """A series point with plain field names and its stamp; a legacy
+    DIGITAL_CURRENCY_INTRADAY point (one price, in the market's currency) as four prices."""
+    f = _fields(row)
+    f[_STAMP] = str(stamp)
+    if "open" not in f:
+        prices = {m.group(1): v for k, v in f.items() if (m := _PRICE_RE.match(k))}
+        price = prices.get(market) or next(iter(prices.values()), None)
+        f["open"] = f["high"] = f["low"] = f["close"] = price
+    return f
 
 
 def query_params(spelling: ProviderSymbol, tf: Timeframe, full: bool) -> dict[str, str]:
@@ -148,6 +141,11 @@ class AlphaVantageSource(HttpSource):
     # TIME_SERIES_INTRADAY, FX_INTRADAY and CRYPTO_INTRADAY are separate endpoints.
     breaker_per_asset_class = True
 
+    @classmethod
+    def make_budget(cls, provider: ProviderSettings) -> RateBudget:
+        return RateBudget(NAME, per_second=provider.alphavantage_per_second,
+                          per_day=provider.alphavantage_per_day)
+
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         """Intraday ``outputsize=full``: the trailing 30 days in one request; daily: all."""
         if tf.ms >= DAY_MS:
@@ -181,10 +179,4 @@ def _daily_quota_spent(err: ProviderError) -> bool:
     return "per day" in low and "per minute" not in low
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> AlphaVantageSource:
-    """The Alpha Vantage source; :class:`SourceDisabled` without ``ALPHAVANTAGE_API_KEY``."""
-    provider, symbols = keyed_provider(env, NAME, "ALPHAVANTAGE_API_KEY",
-                                       lambda p: p.alphavantage_api_key)
-    budget = RateBudget(NAME, per_second=provider.alphavantage_per_second,
-                        per_day=provider.alphavantage_per_day)
-    return AlphaVantageSource(provider, symbols, budget)
+build = AlphaVantageSource.build

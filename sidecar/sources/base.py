@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 #: Per-symbol answer of a batched fetch: the bars (oldest first) or why it failed.
 LatestResult = dict[str, "list[Bar] | ProviderError"]
-DAY_MS = 86_400_000
 #: Requests go out a while after a backfill is planned: stay this far inside a lookback.
 LOOKBACK_MARGIN_MS = 3_600_000
 

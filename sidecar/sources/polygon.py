@@ -5,8 +5,8 @@ Free tier: 5 requests per minute, delayed or end-of-day data. The key travels in
 their host rewritten to the configured base URL. Status values are never
 whitelisted (``DELAYED`` and others exist): real HTTP statuses and the presence
 of ``results`` decide. ``results: null`` is an empty answer. ``t`` is epoch ms UTC;
-volume may be in exponent form; indices have no ``v``; forex ``v`` is a tick count,
-so FX volume is reported as ``None``.
+volume may be in exponent form and is fractional for crypto (kept as given); indices
+have no ``v``; forex ``v`` is a tick count, so FX volume is reported as ``None``.
 """
 
 from __future__ import annotations
@@ -22,22 +22,22 @@ from sidecar.errors import ProviderError
 from sidecar.http_session import redact
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
-from sidecar.settings import Settings
-from sidecar.sources._http import HttpSource, closed_between, keyed_provider
+from sidecar.sources._http import HttpSource, closed_between
 from sidecar.sources._parsing import (
     ParseContext,
+    RowFields,
     decode_json,
     epoch_to_daily_ms,
     finish,
     http_status_error,
     rebucket,
+    rows_to_bars,
     to_epoch_ms,
-    to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.symbols import SymbolMap
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "polygon"
 MAX_PAGES = 20
@@ -46,6 +46,7 @@ MAX_PAGES = 20
 MAX_BASE_AGGREGATES = 50_000
 HISTORY_DAYS = 730
 _SPANS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
+_FIELDS = RowFields("o", "h", "l", "c", "v")
 log = logging.getLogger("sidecar.sources.polygon")
 
 
@@ -91,28 +92,15 @@ def parse_aggs(body: bytes | str, status: int, ctx: ParseContext, *, asset_class
         results = []
     if not isinstance(results, list):
         raise ProviderError("bad_response", "results is not a list", source=NAME)
-    daily = ctx.tf.ms >= 86_400_000
     tz = zone("America/New_York" if asset_class in ("stock", "etf", "index") else "UTC")
-    bars: list[Bar] = []
-    for row in results:
-        if not isinstance(row, dict):
-            continue
-        try:
-            o, h, l, c = (to_float(row[k]) for k in ("o", "h", "l", "c"))
-            t = to_epoch_ms(row["t"])
-        except (KeyError, ValueError, TypeError):
-            continue
-        if daily:
-            t = epoch_to_daily_ms(t, tz)
-        v: float | None = None
-        if ctx.has_volume and row.get("v") is not None:
-            try:
-                v = float(round(to_float(row["v"])))
-            except ValueError:
-                v = None
-        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
+
+    def open_time(row: Mapping[str, Any]) -> int:
+        t = to_epoch_ms(row["t"])
+        return epoch_to_daily_ms(t, tz) if ctx.daily else t
+
     next_url = data.get("next_url")
-    return finish(bars, ctx), next_url if isinstance(next_url, str) and next_url else None
+    return (rows_to_bars(results, ctx, _FIELDS, open_time),
+            next_url if isinstance(next_url, str) and next_url else None)
 
 
 def rebase_url(url: str, base: str) -> str:
@@ -134,6 +122,10 @@ class PolygonSource(HttpSource):
                  **kwargs: Any) -> None:
         super().__init__(provider, symbols, budget, **kwargs)
         self._headers = {"Authorization": f"Bearer {self._key}"}
+
+    @classmethod
+    def make_budget(cls, provider: ProviderSettings) -> RateBudget:
+        return RateBudget(NAME, per_minute=provider.polygon_per_minute)
 
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         base_ms = min(tf.clock.ms, 60_000) if tf.ms < DAY_MS else DAY_MS
@@ -188,7 +180,4 @@ class PolygonSource(HttpSource):
         return closed_between(bars, start_ms, end_ms)
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> PolygonSource:
-    """The Polygon source; :class:`SourceDisabled` without ``POLYGON_API_KEY``."""
-    provider, symbols = keyed_provider(env, NAME, "POLYGON_API_KEY", lambda p: p.polygon_api_key)
-    return PolygonSource(provider, symbols, RateBudget(NAME, per_minute=provider.polygon_per_minute))
+build = PolygonSource.build

@@ -7,8 +7,13 @@ once, replay it as often as needed.
 
 At ``speed == 1`` the recording is shifted in time by a whole number of bars so
 that its first bar opens when the daemon starts, and each bar is released when
-its shifted period has closed: it looks like a live feed. At any other speed
-bars keep their recorded stamps and are released ``speed`` times faster.
+its shifted period has closed: it looks like a live feed. At any other speed bars
+keep their recorded stamps and the daemon runs on the recording's time
+(:attr:`ReplaySource.clock`, a :class:`~sidecar.clock.ReplayClock` from the first
+recorded bar, ``speed`` times faster than the wall clock): a bar is released once its
+period has closed on that clock. Each answer carries every bar released since the
+previous one for the symbol (at least the newest two), oldest first, so no bar is
+skipped however many are released per cycle.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.bar import Bar
+from sidecar.clock import ReplayClock
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.settings import SYMBOL_RE
 from sidecar.sources.base import LatestResult, Source
@@ -75,7 +81,8 @@ def _csv_flags(row: dict[str, object]) -> dict[str, object]:
 
 
 class ReplaySource(Source):
-    """Releases recorded bars in order, paced by the wall clock."""
+    """Releases recorded bars in order: at ``speed == 1`` paced by ``clock`` (the wall
+    clock), else by :attr:`clock`, the recording's own time."""
 
     name = "replay"
 
@@ -85,11 +92,14 @@ class ReplaySource(Source):
         speed: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: the wall clock (epoch seconds); a :class:`ReplayClock` is used as
+        the recording's time as it is."""
         self._path = path
         self._speed = speed
-        self._clock = clock
         self._by_symbol: dict[tuple[str, str], list[Bar]] = {}
         self._times: dict[tuple[str, str], list[int]] = {}
+        #: Per (symbol, timeframe): how many of its bars have been handed out.
+        self._handed: dict[tuple[str, str], int] = {}
         self._start_ms: int | None = None
         self._origin: dict[str, int] = {}
         for bar in read_bars(path):
@@ -99,6 +109,16 @@ class ReplaySource(Source):
             dedup: dict[int, Bar] = {b.t: b for b in bars}  # the last revision wins
             self._by_symbol[key] = sorted(dedup.values(), key=lambda b: b.t)
             self._times[key] = [b.t for b in self._by_symbol[key]]
+        self._tf_ms = {key: Timeframe.parse(key[1]).ms for key in self._times}
+        #: The recording's time at ``speed != 1`` (``None`` at ``speed == 1``): it starts at
+        #: the first recorded bar's open and runs once the daemon begins it.
+        self.clock: ReplayClock | None = None
+        if isinstance(clock, ReplayClock):
+            self.clock = clock
+        elif speed != 1.0:
+            first = min((ts[0] for ts in self._times.values() if ts), default=0)
+            self.clock = ReplayClock(first / 1000, speed, wall=clock)
+        self._clock: Callable[[], float] = self.clock if self.clock is not None else clock
 
     def can_serve(self, symbol: str) -> bool:
         return any(sym == symbol for sym, _ in self._by_symbol)
@@ -116,6 +136,9 @@ class ReplaySource(Source):
 
     def _released_until(self, tf: Timeframe, now_ms: int) -> tuple[int, int]:
         """Recorded open time bound: bars with ``t < bound`` have been released."""
+        if self.clock is not None:
+            # On the recording's time: released once the bar's period has closed.
+            return now_ms - tf.ms + 1, 0
         origin, shift = self._offset(tf)
         assert self._start_ms is not None
         elapsed = (now_ms - self._start_ms) * self._speed
@@ -136,8 +159,29 @@ class ReplaySource(Source):
                                          source=self.name)
                 continue
             end = bisect.bisect_left(times, bound)
-            out[sym] = [self._shifted(b, shift) for b in self._by_symbol[key][max(0, end - 2):end]]
+            handed = self._handed.get(key, 0)
+            # Everything released since the last answer, and at least the newest two again.
+            start = min(handed, max(0, end - 2))
+            self._handed[key] = max(handed, end)
+            out[sym] = [self._shifted(b, shift) for b in self._by_symbol[key][start:end]]
         return out
+
+    def next_release_ms(self, now_ms: int) -> int | None:
+        """On the recording's time: when the next bar not yet released at ``now_ms`` will
+        be (its period's close); ``None`` when every bar is released."""
+        out: int | None = None
+        for key, times in self._times.items():
+            step = self._tf_ms[key]
+            i = bisect.bisect_right(times, now_ms - step)
+            if i < len(times) and (out is None or times[i] + step < out):
+                out = times[i] + step
+        return out
+
+    def exhausted(self, now_ms: int) -> bool:
+        """On the recording's time: every bar is released at ``now_ms`` and every series
+        the daemon asked for has been handed out to its end."""
+        return self.next_release_ms(now_ms) is None and all(
+            n == len(self._times[key]) for key, n in self._handed.items())
 
     async def fetch_history(
         self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int

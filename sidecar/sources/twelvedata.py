@@ -24,8 +24,7 @@ from sidecar.http_session import HttpReply
 from sidecar.parse_worker import ParseWorker, error_from_wire, error_to_wire
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
-from sidecar.settings import Settings
-from sidecar.sources._http import HttpSource, closed_between, keyed_provider, settle
+from sidecar.sources._http import HttpSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
     decode_answer,
@@ -34,9 +33,9 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.symbols import SymbolMap
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "twelvedata"
 INTERVALS = {"1m": "1min", "5m": "5min", "15m": "15min", "30m": "30min", "45m": "45min",
@@ -160,7 +159,7 @@ def _series_items(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | 
     if not isinstance(values, list) or not isinstance(meta, dict):
         raise ProviderError("bad_response", "series without values", source=NAME)
     tz = zone(meta.get("exchange_timezone"), "UTC")
-    daily = ctx.tf.ms >= 86_400_000
+    daily = ctx.daily
     has_volume = ctx.has_volume
     closed_before = ctx.now_ms - ctx.tf.ms  # a bar opened at or before this has closed
     rows = memo.series(ctx, tz) if memo is not None else None
@@ -354,6 +353,11 @@ class TwelveDataSource(HttpSource):
         #: The latest bars' closed rows come again every cycle: parsed once (ClosedRows).
         self._closed_rows = ClosedRows()
 
+    @classmethod
+    def make_budget(cls, provider: ProviderSettings) -> RateBudget:
+        return RateBudget(NAME, per_minute=provider.twelvedata_credits_per_minute,
+                          per_day=provider.twelvedata_credits_per_day)
+
     def history_limits(self, tf: Timeframe) -> HistoryLimits:
         """At most 5,000 values per request (the dates asked are a day wider each side)."""
         return HistoryLimits(span_ms=max(tf.ms, MAX_OUTPUT * tf.ms - 2 * DAY_MS))
@@ -476,10 +480,4 @@ class TwelveDataSource(HttpSource):
         return closed_between(value, start_ms, end_ms)
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> TwelveDataSource:
-    """The Twelve Data source; :class:`SourceDisabled` without ``TWELVEDATA_API_KEY``."""
-    provider, symbols = keyed_provider(env, NAME, "TWELVEDATA_API_KEY",
-                                       lambda p: p.twelvedata_api_key)
-    budget = RateBudget(NAME, per_minute=provider.twelvedata_credits_per_minute,
-                        per_day=provider.twelvedata_credits_per_day)
-    return TwelveDataSource(provider, symbols, budget)
+build = TwelveDataSource.build

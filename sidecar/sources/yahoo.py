@@ -27,13 +27,15 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import curl_cffi.requests as curl_requests
+from curl_cffi.requests.exceptions import ChunkedEncodingError, IncompleteRead
 
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
+from sidecar.http_session import parse_retry_after
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources._http import ProviderSource, closed_between, settle
+from sidecar.sources._http import Providers, ProviderSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
     decode_answer,
@@ -44,10 +46,10 @@ from sidecar.sources._parsing import (
     to_float,
     zone,
 )
-from sidecar.sources.base import DAY_MS, HistoryLimits, LatestResult
+from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.sources.yahoo_stream import YahooStream
-from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
-from sidecar.timeframe import Timeframe
+from sidecar.symbols import ProviderSymbol, SymbolMap
+from sidecar.timeframe import DAY_MS, Timeframe
 
 NAME = "yahoo"
 CHART_URL = "https://query2.finance.yahoo.com/v8/finance/chart/"
@@ -115,7 +117,7 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     stamps = result.get("timestamp") or []
     quotes = ((result.get("indicators") or {}).get("quote") or [{}])[0] or {}
     has_volume = ctx.has_volume and meta.get("instrumentType") not in _NO_VOLUME_TYPES
-    daily = ctx.tf.ms >= 86_400_000
+    daily = ctx.daily
     tz = zone(meta.get("exchangeTimezoneName"), "UTC")
 
     def col(name: str) -> list[Any]:
@@ -166,18 +168,30 @@ def _is_live_entry(rows: list[Bar], tf: Timeframe, meta: Mapping[str, Any], end_
 
 # -- transport ----------------------------------------------------------------
 class RebasingSession(curl_requests.Session[curl_requests.Response]):
-    """A curl_cffi session that sends every request to ``base_url``'s scheme and host."""
+    """A curl_cffi session that sends every request to ``base_url``'s scheme and host.
+
+    It also keeps, per thread, the ``Retry-After`` of the last answer: yfinance turns a
+    429 into ``YFRateLimitError`` and drops the answer with its headers.
+    """
 
     def __init__(self, base_url: str | None, **kwargs: Any) -> None:
         kwargs.setdefault("impersonate", "chrome")
         super().__init__(**kwargs)
         self.base_url = base_url
+        self._last = threading.local()
 
     def request(self, method: Any, url: str, *args: Any, **kwargs: Any) -> Any:
         if self.base_url:
             u, b = urlsplit(url), urlsplit(self.base_url)
             url = urlunsplit((b.scheme, b.netloc, b.path.rstrip("/") + u.path, u.query, u.fragment))
-        return super().request(method, url, *args, **kwargs)
+        self._last.retry_after = None
+        resp = super().request(method, url, *args, **kwargs)
+        self._last.retry_after = resp.headers.get("Retry-After") if resp.headers is not None else None
+        return resp
+
+    def last_retry_after(self) -> float | None:
+        """Seconds from the ``Retry-After`` of this thread's last answer (seconds or a date)."""
+        return parse_retry_after(getattr(self._last, "retry_after", None))
 
 
 _SESSION_LOCK = threading.Lock()
@@ -215,16 +229,14 @@ def _blocking_chart(session: RebasingSession, ticker: str, params: dict[str, str
         resp = YfData(session=session).get(CHART_URL + quote(ticker, safe="=^-."), params=params,
                                            timeout=timeout_s)
     except YFRateLimitError:
-        return 429, b"Edge: Too Many Requests", None
+        return 429, b"Edge: Too Many Requests", session.last_retry_after()
+    except (IncompleteRead, ChunkedEncodingError) as exc:  # the body was cut mid-transfer
+        raise ProviderError("bad_response", f"incomplete body: {str(exc)[:160]}",
+                            source=NAME) from None
     except Exception as exc:  # curl errors, timeouts, DNS: the provider is unreachable
         raise ProviderError("unavailable", f"{type(exc).__name__}: {str(exc)[:160]}",
                             source=NAME) from None
-    retry = resp.headers.get("Retry-After") if resp.headers is not None else None
-    try:
-        retry_s = float(retry) if retry else None
-    except ValueError:
-        retry_s = None
-    return int(resp.status_code), bytes(resp.content), retry_s
+    return int(resp.status_code), bytes(resp.content), session.last_retry_after()
 
 
 class YahooSource(ProviderSource):
@@ -398,10 +410,9 @@ class YahooSource(ProviderSource):
         return out
 
 
-def build(settings: Settings, env: Mapping[str, str]) -> YahooSource:
+def build(settings: Settings, providers: Providers) -> YahooSource:
     """The Yahoo source (needs no key)."""
-    provider = ProviderSettings.from_env(env)
-    symbols = load_symbol_map(provider.symbols_file)
+    provider, symbols = providers.settings, providers.symbols
     budget = RateBudget(NAME, per_minute=provider.yahoo_per_minute, per_day=provider.yahoo_per_day)
     tickers = [p.ticker for s in settings.symbols if (p := symbols.for_source(NAME, s)) is not None]
     return YahooSource(provider, symbols, budget, cache_dir=settings.data_dir / "yfinance",

@@ -1,14 +1,19 @@
-"""Yahoo's live price stream (``yfinance.AsyncWebSocket``), as a tick cache.
+"""Yahoo's live price stream (the protocol of ``yfinance.AsyncWebSocket``), as a tick cache.
 
 The stream alone is not a bar source: it only carries the last price. The Yahoo
 source uses the newest tick to move the forming bar's close/high/low between two
 REST polls. The URL is a setting, so tests point it at a local server.
+
+The connection is ours (``websockets``), not ``AsyncWebSocket.listen``: that one spins
+without yielding once the server has closed the connection, freezing the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import math
 import time
@@ -19,6 +24,9 @@ from typing import Any
 from sidecar.bar import MAX_EPOCH_MS
 
 log = logging.getLogger("sidecar.sources.yahoo_stream")
+
+#: How often the subscription is sent again on an open connection.
+RESUBSCRIBE_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +53,13 @@ def tick_from_message(msg: dict[str, Any]) -> tuple[str, Tick] | None:
 class YahooStream:
     """Subscribes to tickers and keeps the newest tick per ticker; reconnects with back-off."""
 
-    __slots__ = ("_clock", "_connected", "_errors", "_last_msg_ms", "_task", "_tickers", "ticks", "url")
+    __slots__ = ("_clock", "_connected", "_errors", "_first_retry_s", "_last_msg_ms", "_task",
+                 "_tickers", "ticks", "url")
 
     def __init__(self, url: str, tickers: Sequence[str],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, first_retry_s: float = 1.0) -> None:
         self.url = url
+        self._first_retry_s = first_retry_s
         self._tickers = list(dict.fromkeys(tickers))
         self.ticks: dict[str, Tick] = {}
         self._task: asyncio.Task[None] | None = None
@@ -69,31 +79,58 @@ class YahooStream:
             self.ticks[ticker] = tick
         self._last_msg_ms = int(self._clock() * 1000)
 
-    async def _run(self) -> None:
-        import yfinance as yf  # heavy import, only when the stream runs
+    def on_raw(self, raw: str | bytes) -> None:
+        """Handle one frame as the server sends it: JSON whose ``message`` is a base64
+        protobuf ``PricingData``; a frame that does not decode is skipped."""
+        from yfinance.pricing_pb2 import PricingData
 
-        delay = 1.0
+        try:
+            encoded = json.loads(raw)["message"]
+            data = PricingData()
+            data.ParseFromString(base64.b64decode(encoded))
+        except Exception:  # anything malformed: not a tick
+            return
+        self.on_message({"id": data.id, "price": data.price, "time": data.time})
+
+    async def _run(self) -> None:
+        """Connect, subscribe, read; when the connection fails or the server closes it,
+        wait and connect again, doubling the wait (up to a minute) until a tick arrives."""
+        from websockets.asyncio.client import connect  # only when the stream runs
+
+        delay = first = self._first_retry_s
         while True:
-            ws: Any = None
             try:
-                ws = yf.AsyncWebSocket(url=self.url, verbose=False)
-                await ws.subscribe(self._tickers)
-                self._connected = True
-                delay = 1.0
-                await ws.listen(self.on_message)
-                return  # listen() returns only after cancellation
+                async with connect(self.url) as ws:
+                    await ws.send(self._subscription)
+                    self._connected = True
+                    keep = asyncio.get_running_loop().create_task(self._resubscribe(ws))
+                    try:
+                        async for raw in ws:
+                            self.on_raw(raw)
+                            delay = first
+                    finally:
+                        keep.cancel()
+                why = "connection closed by the server"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the stream is best-effort: log and retry
-                self._errors += 1
-                log.warning("yahoo stream: %s: %s (retry in %.0fs)", type(exc).__name__, exc, delay)
+                why = f"{type(exc).__name__}: {exc}"
             finally:
                 self._connected = False
-                if ws is not None:
-                    with contextlib.suppress(Exception):
-                        await ws.close()
+            self._errors += 1
+            log.warning("yahoo stream: %s (retry in %gs)", why, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
+
+    @property
+    def _subscription(self) -> str:
+        return json.dumps({"subscribe": self._tickers})
+
+    async def _resubscribe(self, ws: Any) -> None:
+        """Repeat the subscription (Yahoo forgets one it does not hear again)."""
+        while True:
+            await asyncio.sleep(RESUBSCRIBE_S)
+            await ws.send(self._subscription)
 
     def start(self) -> None:
         """Start the background task (idempotent); needs a running loop."""

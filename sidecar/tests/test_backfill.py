@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from fake_providers import FakeProviders, Reply, Seen, fake  # noqa: F401
 
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol, repair_gaps
 from sidecar.bar import Bar
@@ -24,6 +23,7 @@ from sidecar.sources.base import LOOKBACK_MARGIN_MS, LatestResult, Source
 from sidecar.sources.yahoo import YahooSource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, Seen, fake  # noqa: F401
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1m")

@@ -9,15 +9,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_daemon import free_port, http_get, wait_ready
-from test_provider_settings import BAD_VALUES as PROVIDER_BAD_VALUES
-from test_settings import BAD_VALUES as SETTINGS_BAD_VALUES
 
 from sidecar.settings import Settings
-from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.helpers import (
+    PROVIDER_BAD_VALUES,
+    REPO,
+    SETTINGS_BAD_VALUES,
+    Daemon,
+    RedisServer,
+    free_port,
+    http_get,
+)
 
 PACKAGE = REPO / "sidecar"
 _VARIABLE = re.compile(r'"((?:SIDECAR|ALPHAVANTAGE|TWELVEDATA|POLYGON)_[A-Z0-9_]+)"')
@@ -51,9 +57,46 @@ def test_bad_signal_values_name_the_variable(var: str, value: str) -> None:
     assert info.value.setting == var and str(info.value).startswith(f"{var}: ")
 
 
+#: The variable that names the configuration file (its contents: test_config.py).
+CONFIG_BAD_VALUES: dict[str, list[str]] = {
+    "SIDECAR_CONFIG": ["/nonexistent/sidecar.toml", "{dir}", "{bad_toml}"],
+}
+
+
+@pytest.mark.parametrize("value", CONFIG_BAD_VALUES["SIDECAR_CONFIG"])
+def test_bad_config_file_is_named(value: str, tmp_path: Path) -> None:
+    from sidecar.config import Configuration
+    from sidecar.errors import ConfigError
+
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[EURUSD\n")
+    path = value.replace("{dir}", str(tmp_path)).replace("{bad_toml}", str(bad_toml))
+    with pytest.raises(ConfigError) as info:
+        Configuration.load(None, {"SIDECAR_CONFIG": path}, cwd=tmp_path)
+    assert info.value.setting == path
+
+
+#: The ccxt sources' settings that are not per exchange (those are in test_source_ccxt.py).
+CCXT_BAD_VALUES: dict[str, list[str]] = {
+    "SIDECAR_CCXT_STREAM": ["sometimes", "OHLCV!"],
+    "SIDECAR_CCXT_POLL_S": ["-1", "soon", "inf"],
+}
+
+
+@pytest.mark.parametrize(("var", "value"), [(k, v) for k, vs in CCXT_BAD_VALUES.items() for v in vs])
+def test_bad_ccxt_value_is_named(var: str, value: str) -> None:
+    from sidecar.errors import ConfigError
+    from sidecar.sources.ccxt_support import CcxtSettings
+
+    with pytest.raises(ConfigError) as info:
+        CcxtSettings.from_env({var: value}, "binance")
+    assert info.value.setting == var and str(info.value).startswith(f"{var}: ")
+
+
 def test_every_variable_the_package_reads_has_a_bad_value_test() -> None:
     """A new setting anywhere in the package fails here until it gets a bad-value row."""
-    covered = set(SETTINGS_BAD_VALUES) | set(PROVIDER_BAD_VALUES) | set(SIGNAL_BAD_VALUES)
+    covered = (set(SETTINGS_BAD_VALUES) | set(PROVIDER_BAD_VALUES) | set(SIGNAL_BAD_VALUES)
+               | set(CONFIG_BAD_VALUES) | set(CCXT_BAD_VALUES))
     read = variables_read_by_the_package()
     assert len(read) > 60
     assert read - covered == set(), "these variables have no bad-value test"
@@ -128,7 +171,8 @@ bloomberg = "XAU Curncy"
 
 
 def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, str], tmp_path: Path,
-                                                           redis_server: RedisServer) -> None:
+                                                           redis_server: RedisServer,
+                                                           daemons: Callable[..., Daemon]) -> None:
     mapping = tmp_path / "symbols.toml"
     mapping.write_text(MAPPING)
     port = free_port()
@@ -136,10 +180,10 @@ def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, 
                SIDECAR_SYMBOLS_FILE=str(mapping), SIDECAR_HTTP_PORT=str(port),
                SIDECAR_REDIS_URL=redis_server.url, SIDECAR_REDIS_PREFIX="mapping",
                SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_TIMEFRAME="1s")
-    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
+        daemon.wait_ready(30)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             _, health = http_get(port, "/health")
@@ -152,8 +196,7 @@ def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, 
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.stderr is not None
-    log = proc.stderr.read().decode()
+    log = daemon.log_text()
     problems = [line for line in log.splitlines() if '"symbol mapping"' in line]
     assert any("GBPUSD" in line and "asset_class 'forex'" in line for line in problems), log
     assert any("XAUUSD" in line and "bloomberg" in line for line in problems), log
@@ -163,13 +206,14 @@ def test_bad_mapping_entries_are_reported_and_the_rest_run(clean_env: dict[str, 
 
 def test_a_rejected_entry_is_served_by_no_provider(tmp_path: Path) -> None:
     from sidecar.sources import polygon, twelvedata
+    from sidecar.sources._http import Providers
 
     mapping = tmp_path / "symbols.toml"
     mapping.write_text(MAPPING)
     env = {"SIDECAR_SYMBOLS_FILE": str(mapping), "POLYGON_API_KEY": "k" * 8, "TWELVEDATA_API_KEY": "k" * 8}
     settings = Settings.from_env({"SIDECAR_SYMBOLS": "EURUSD,GBPUSD", "XDG_DATA_HOME": str(tmp_path)})
     for module in (polygon, twelvedata):
-        source = module.build(settings, env)
+        source = module.build(settings, Providers.from_env(env))
         assert source.can_serve("EURUSD") and not source.can_serve("GBPUSD")
         assert not source.can_serve("XAUUSD")
 

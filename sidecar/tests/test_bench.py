@@ -10,10 +10,19 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import cycle, features, http_api, scanner_read, store, tick
-from sidecar.tests.conftest import have_redis_binary
-
-needs_redis = pytest.mark.skipif(not have_redis_binary(), reason="no redis-server binary")
+from bench import (
+    ccxt_source,
+    cycle,
+    daemon_soak,
+    features,
+    http_api,
+    replay_week,
+    scanner_read,
+    shards,
+    store,
+    tick,
+)
+from sidecar.tests.helpers import have_cluster_binaries
 
 
 def _load(out: Path, name: str) -> dict:
@@ -55,7 +64,6 @@ def test_identity_check_catches_a_wrong_value(monkeypatch: pytest.MonkeyPatch) -
     assert features.check_identity(60, 20)["bit_identical"] is False
 
 
-@needs_redis
 def test_store_smoke(tmp_path: Path) -> None:
     store.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "store")
@@ -73,7 +81,6 @@ def test_tick_smoke(tmp_path: Path) -> None:
         _timing(r["lateness_ms"])
 
 
-@needs_redis
 def test_scanner_read_smoke(tmp_path: Path) -> None:
     scanner_read.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "scanner_read")
@@ -84,7 +91,6 @@ def test_scanner_read_smoke(tmp_path: Path) -> None:
     assert doc["signals_per_read"] > 0
 
 
-@needs_redis
 def test_http_api_smoke(tmp_path: Path) -> None:
     http_api.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "http_api")
@@ -96,7 +102,20 @@ def test_http_api_smoke(tmp_path: Path) -> None:
     assert set(doc["cpu_ms_p50"]) == set(doc["ms"]) and all(v >= 0 for v in doc["cpu_ms_p50"].values())
 
 
-@needs_redis
+def test_shards_smoke_runs_real_daemons_on_a_local_cluster(tmp_path: Path) -> None:
+    if not have_cluster_binaries():
+        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
+    shards.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "shards")
+    assert [r["shards"] for r in doc["runs"]] == [1, 2, 4]
+    for run in doc["runs"]:
+        assert sum(r["symbols"] for r in run["per_shard"]) == doc["total_symbols"]
+        assert all(r["cycles"] > 0 and r["capacity"] > 0 for r in run["per_shard"])
+    assert set(doc["scanner"]["ms"]) == {"cluster", "single"}
+    for s in doc["scanner"]["ms"].values():
+        _timing(s)
+
+
 def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     cycle.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "cycle")
@@ -108,6 +127,34 @@ def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     assert run["bars_accepted_per_cycle"] >= run["symbols"]
     assert run["rejected"] == {}
     assert run["rss_mb"]["end"] > 0
+    (multi,) = doc["multi_tf"]  # the same size again with four timeframes per symbol
+    assert multi["timeframes"] == "1m,5m,15m,1h" and multi["symbols"] == run["symbols"]
+    assert multi["source_errors"] == 0 and multi["redis_ok"] is True and multi["rejected"] == {}
+
+
+def test_daemon_soak_smoke_samples_a_running_daemon(tmp_path: Path) -> None:
+    daemon_soak.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "daemon_soak")
+    assert doc["samples"] >= 2 and doc["cycles"] >= 1
+    assert doc["rss_mb"]["warm"] > 0 and doc["rss_mb"]["end"] > 0 and math.isfinite(doc["rss_growth_pct"])
+    assert doc["missed_ticks"] >= 0 and all(n > 0 for n in doc["open_fds"] + doc["asyncio_tasks"])
+
+
+def test_ccxt_source_smoke(tmp_path: Path) -> None:
+    ccxt_source.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "ccxt_source")
+    for name in ("ccxt", "polygon"):
+        assert doc[name]["bars_per_s"] > 0 and doc[name]["cpu_ms_per_symbol"] > 0
+    assert doc["stream"]["peeked_symbols"] == doc["symbols"] and doc["stream"]["updates_per_s"] > 0
+    assert doc["import"]["import_s"] > 0
+
+
+def test_replay_week_smoke_replays_a_day(tmp_path: Path) -> None:
+    replay_week.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "replay_week")
+    (run,) = doc["runs"]
+    assert run["bars"] == 210 and run["bars_accepted"] == 210 and run["gaps"] == 0
+    assert run["replay_s"] > 0 and run["launch_to_exhausted_s"] >= run["replay_s"]
 
 
 def test_run_all_refuses_an_unknown_name() -> None:

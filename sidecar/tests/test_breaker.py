@@ -13,16 +13,7 @@ import pytest
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
 from sidecar.errors import ProviderError
 from sidecar.rate_budget import BudgetExhausted
-
-
-class Clock:
-    """Epoch seconds that move only when a test says so."""
-
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from sidecar.tests.helpers import Clock
 
 
 def breaker(clock: Clock, fail_max: int = 1, **kw: object) -> SourceBreaker:
@@ -41,7 +32,7 @@ async def cancel_mid_call(br: SourceBreaker) -> None:
     """Start a call that hangs, cancel it while it is in flight, and see the cancellation."""
 
     async def hang() -> None:
-        await asyncio.sleep(10)
+        await asyncio.sleep(10)  # hangs
 
     task = asyncio.create_task(br.call(hang))
     await asyncio.sleep(0)

@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fake_providers import FakeProviders, Reply, Seen, fake, fixture  # noqa: F401
 
 from sidecar.app.health import health_report
 from sidecar.app.http import DaemonView, make_app
@@ -36,6 +35,8 @@ from sidecar.sources.base import LatestResult, Source
 from sidecar.sources.twelvedata import TwelveDataSource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, Seen, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 T0 = 1_763_802_000  # 2025-11-22 09:00 UTC, epoch seconds
@@ -68,32 +69,30 @@ async def scrape(pipe: Pipeline) -> str:
 async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
     fake: FakeProviders, redis_store: RedisStore, bar_store: BarStore
 ) -> None:
-    now = [float(T0)]
-
-    def clock() -> float:
-        return now[0]
+    now = Clock(float(T0))
 
     fx_fails = [True]
 
     def answer(seen: Seen) -> Reply:
         if seen.query["symbol"] == "AAPL":
-            return Reply(body=restamped(now[0], "America/New_York"))
+            return Reply(body=restamped(now.t, "America/New_York"))
         if fx_fails[0]:
             return Reply.json({"code": 500, "message": "Internal server error", "status": "error"},
                               status=500)
-        return Reply(body=restamped(now[0], "UTC"))
+        return Reply(body=restamped(now.t, "UTC"))
 
     fake.responders["td"] = answer
     provider = ProviderSettings.from_env({"TWELVEDATA_API_KEY": "TDKEY0123456789",
                                           "SIDECAR_TWELVEDATA_BASE_URL": fake.base_url})
     source = TwelveDataSource(provider, load_symbol_map(),
-                              RateBudget("twelvedata", per_minute=8, clock=clock, wall_clock=clock))
+                              RateBudget("twelvedata", per_minute=8, clock=now, wall_clock=now))
     settings = Settings(symbols=("AAPL", "EURUSD"), sources=("twelvedata",),
-                        timeframe=Timeframe.parse("1m"), outlier_k=0.0, fetch_timeout_s=5.0)
+                        timeframe=Timeframe.parse("1m"), outlier_k=0.0, fetch_timeout_s=5.0,
+                        market_hours=False)  # T0 is a Saturday: the lanes, not the calendar, are tested
     circuits = SourceCircuits.for_source(source, settings.symbols, fail_max=FAIL_MAX,
-                                         reset_timeout_s=RESET_S, clock=clock)
+                                         reset_timeout_s=RESET_S, clock=now)
     assert [b.name for b in circuits] == ["twelvedata/fx", "twelvedata/stock"]
-    pipe = Pipeline(settings, [source], redis_store, bar_store, {"twelvedata": circuits}, clock=clock)
+    pipe = Pipeline(settings, [source], redis_store, bar_store, {"twelvedata": circuits}, clock=now)
     fx, stock = circuits.lane("fx"), circuits.lane("stock")
 
     def asked(symbol: str) -> list[Seen]:
@@ -101,10 +100,10 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
 
     async def run_until(done: object, limit_s: int) -> None:
         for _ in range(limit_s):
-            await pipe.run_cycle(int(now[0] * 1000))
+            await pipe.run_cycle(int(now.t * 1000))
             if callable(done) and done():
                 return
-            now[0] += 1
+            now.advance(1)
         raise AssertionError("condition not reached within the driven time")
 
     await source.start()
@@ -114,10 +113,10 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
         assert len(asked("EUR/USD")) == FAIL_MAX
         assert stock.state == "closed" and circuits.state == "open"
         assert all(len(s.query["symbol"].split(",")) == 1 for s in fake.requests_to("td"))
-        opened_at, aapl_before = now[0], len(asked("AAPL"))
+        opened_at, aapl_before = now.t, len(asked("AAPL"))
 
         # While it is open: no forex request at all, AAPL still polled from Twelve Data.
-        await run_until(lambda: now[0] >= opened_at + RESET_S - 2, RESET_S)
+        await run_until(lambda: now.t >= opened_at + RESET_S - 2, RESET_S)
         assert fx.state == "open" and len(asked("EUR/USD")) == FAIL_MAX
         assert len(asked("AAPL")) > aapl_before
         assert pipe.planner.holder("AAPL") == "twelvedata"
@@ -143,10 +142,10 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
         # After the timeout exactly one probe; it fails: open again, for another timeout.
         await run_until(lambda: len(asked("EUR/USD")) > FAIL_MAX, 10)
         assert len(asked("EUR/USD")) == FAIL_MAX + 1 and fx.state == "open"
-        reopened_at = now[0]
+        reopened_at = now.t
         assert reopened_at >= opened_at + RESET_S
-        now[0] += 1
-        await run_until(lambda: now[0] >= reopened_at + RESET_S - 1, RESET_S)
+        now.advance(1)
+        await run_until(lambda: now.t >= reopened_at + RESET_S - 1, RESET_S)
         assert len(asked("EUR/USD")) == FAIL_MAX + 1
 
         # The provider is back: the next probe succeeds and closes the circuit.
@@ -154,7 +153,7 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
         await run_until(lambda: fx.state == "closed", 10)
         assert len(asked("EUR/USD")) == FAIL_MAX + 2
         assert pipe.planner.holder("EURUSD") == "twelvedata"
-        assert fx.status()["last_success_ms"] == int(now[0] * 1000)
+        assert fx.status()["last_success_ms"] == int(now.t * 1000)
         feats = (await redis_store.read_features(["EURUSD"], "1m"))[0]
         assert feats is not None and feats["src"] == "twelvedata" and feats["via"] == "poll"
         assert stock.status()["opens"] == 0 and fx.status()["opens"] == 2
@@ -189,23 +188,24 @@ class LanedSource(Source):
 async def test_an_open_class_probes_with_one_symbol_the_rest_fall_through(
     redis_store: RedisStore, bar_store: BarStore
 ) -> None:
-    now = [float(T0)]
+    now = Clock(float(T0))
     primary, backup = LanedSource("primary", fx_down=True), LanedSource("backup")
     symbols = ("AAA", "EURUSD", "GBPUSD", "AUDUSD")
-    settings = Settings(symbols=symbols, sources=("primary", "backup"), timeframe=Timeframe.parse("1m"))
+    settings = Settings(symbols=symbols, sources=("primary", "backup"), timeframe=Timeframe.parse("1m"),
+                        market_hours=False)
     circuits = SourceCircuits.for_source(primary, symbols, fail_max=1, reset_timeout_s=RESET_S,
-                                         clock=lambda: now[0])
+                                         clock=now)
     pipe = Pipeline(settings, [primary, backup], redis_store, bar_store, {"primary": circuits},
-                    clock=lambda: now[0])
-    out = await pipe._fetch(int(now[0] * 1000))
+                    clock=now)
+    out = await pipe._fetch(int(now.t * 1000))
     # One request per class: the fx batch failed (circuit open), its symbols went to the backup.
     assert sorted(map(sorted, primary.asked)) == [["AAA"], ["AUDUSD", "EURUSD", "GBPUSD"]]
     assert circuits.lane("fx").state == "open" and circuits.lane("stock").state == "closed"
     assert {s: out[s][0].src for s in symbols} == {"AAA": "primary", "EURUSD": "backup",
                                                    "GBPUSD": "backup", "AUDUSD": "backup"}
     primary.asked.clear()
-    now[0] += RESET_S
-    out = await pipe._fetch(int(now[0] * 1000))
+    now.advance(RESET_S)
+    out = await pipe._fetch(int(now.t * 1000))
     # The probe carries one symbol; the failure re-opens; every fx symbol is served by the backup.
     assert [batch for batch in primary.asked if batch != ["AAA"]] == [["EURUSD"]]
     assert circuits.lane("fx").state == "open"

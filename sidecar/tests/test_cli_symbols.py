@@ -47,23 +47,25 @@ def test_symbols_json_and_table(clean_env: dict[str, str], tmp_path: Path) -> No
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert rows == [
         {"symbol": "EURUSD", "asset_class": "fx", "broker": "EURUSD.m", "session": None,
+         "calendar": "FX",
          "yahoo": "EURUSD=X", "alphavantage": {"from": "EUR", "to": "USD"},
-         "twelvedata": "EUR/USD", "polygon": "C:EURUSD"},
+         "twelvedata": "EUR/USD", "polygon": "C:EURUSD", "ccxt": None},
         {"symbol": "GER40", "asset_class": "index", "broker": "DE40",
-         "session": "09:00 Europe/Berlin", "yahoo": "^GDAXI", "alphavantage": None,
-         "twelvedata": None, "polygon": None},
+         "session": "09:00 Europe/Berlin", "calendar": "XETR", "yahoo": "^GDAXI", "alphavantage": None,
+         "twelvedata": None, "polygon": None, "ccxt": None},
         # Not in the file: a US stock spelled the same everywhere.
         {"symbol": "AAPL", "asset_class": "stock", "broker": "AAPL",
-         "session": "09:30 America/New_York", "yahoo": "AAPL", "alphavantage": "AAPL",
-         "twelvedata": "AAPL", "polygon": "AAPL"},
+         "session": "09:30 America/New_York", "calendar": "XNYS", "yahoo": "AAPL", "alphavantage": "AAPL",
+         "twelvedata": "AAPL", "polygon": "AAPL", "ccxt": None},
     ]
 
     done = sidecar(env, "--symbols", "ger40")
     assert done.returncode == 0, done.stderr
     header, row = done.stdout.splitlines()
     assert header.split() == ["symbol", "asset_class", "broker", "yahoo", "alphavantage",
-                              "twelvedata", "polygon", "session"]
-    assert row.split() == ["GER40", "index", "DE40", "^GDAXI", "-", "-", "-", "09:00", "Europe/Berlin"]
+                              "twelvedata", "polygon", "ccxt", "session"]
+    assert row.split() == ["GER40", "index", "DE40", "^GDAXI", "-", "-", "-", "-", "09:00",
+                           "Europe/Berlin"]
     assert done.stderr.strip() == f"mapping: {mapping}"
 
 
@@ -84,3 +86,17 @@ def test_symbols_bad_input_exits_2_naming_the_setting(clean_env: dict[str, str],
     bad.write_text('[EURUSD]\nasset_class = "forex"\n')
     done = sidecar({**clean_env, "SIDECAR_SYMBOLS_FILE": str(bad)})
     assert done.returncode == 2 and "SIDECAR_SYMBOLS_FILE" in done.stderr and "forex" in done.stderr
+
+
+def test_symbols_shows_each_configured_ccxt_exchange(clean_env: dict[str, str]) -> None:
+    env = {**clean_env, "SIDECAR_SYMBOLS": "BTCUSD,EURUSD",
+           "SIDECAR_SOURCES": "ccxt:binance,ccxt:kraken,yahoo"}
+    done = sidecar(env)
+    assert done.returncode == 0, done.stderr
+    header, btc, eur = (line.split() for line in done.stdout.splitlines())
+    assert header[-3:] == ["ccxt:binance", "ccxt:kraken", "session"]
+    assert btc[-3:] == ["BTC/USDT", "BTC/USD", "-"] and eur[-3:] == ["-", "-", "-"]
+    row = json.loads(sidecar(env, "--json", "--symbols", "BTCUSD").stdout)
+    assert (row["ccxt:binance"], row["ccxt:kraken"]) == ("BTC/USDT", "BTC/USD")
+    assert row["ccxt"] == {"default": "BTC/USDT", "kraken": "BTC/USD", "coinbase": "BTC/USD",
+                           "bitstamp": "BTC/USD"}

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import FakeProviders, Reply, Seen, fake  # noqa: F401
 
-from sidecar.tests.test_daemon import free_port, http_get, scan, start, wait_ready
+from sidecar.tests.fake_providers import FakeProviders, Reply, Seen, fake  # noqa: F401
+from sidecar.tests.helpers import Daemon, eventually, free_port, http_get, scan
 
 MIN = 60_000
 
@@ -49,19 +50,9 @@ def polygon_aggs(seen: Seen) -> Reply:
     return Reply.json({"status": "OK", "results": results, "resultsCount": len(results)})
 
 
-async def until(check: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
 @pytest.mark.asyncio
 async def test_daemon_on_fake_providers_stream_and_fallback(
-    fake: FakeProviders, clean_env: dict[str, str], tmp_path: Path
+    fake: FakeProviders, clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]
 ) -> None:
     fake.responders["yahoo"] = yahoo_chart
     fake.responders["polygon"] = polygon_aggs
@@ -73,15 +64,16 @@ async def test_daemon_on_fake_providers_stream_and_fallback(
                POLYGON_API_KEY="PGKEY123", SIDECAR_POLYGON_PER_MINUTE="1000",
                SIDECAR_BREAKER_FAIL_MAX="2", SIDECAR_BREAKER_RESET_S="600",
                SIDECAR_FETCH_TIMEOUT_S="3", SIDECAR_OUTLIER_K="0")
-    proc = await asyncio.to_thread(start, env)
+    daemon = await asyncio.to_thread(daemons, env)
+    proc = daemon.proc
     try:
-        await asyncio.to_thread(wait_ready, proc, port, 60)
+        await asyncio.to_thread(daemon.wait_ready, 60)
 
         async def fresh_from(src: str) -> Any:
             rows = await asyncio.to_thread(scan, env)
             return rows if rows and rows[0]["src"] == src and not rows[0]["stale"] else None
 
-        rows = await until(lambda: fresh_from("yahoo"), 20, "fresh features from yahoo")
+        rows = await eventually(lambda: fresh_from("yahoo"), 20, "fresh features from yahoo")
         assert rows[0]["rsi"] is not None  # warmed on the bootstrap's history
         _, health = await asyncio.to_thread(http_get, port, "/health")
         assert set(health["sources"]) == {"yahoo", "polygon"}
@@ -97,18 +89,18 @@ async def test_daemon_on_fake_providers_stream_and_fallback(
             sym = h["symbols"]["BTCUSD"]
             return sym["last_price"] == 51_234.5 and sym["via"] == "stream"
 
-        await until(streamed, 20, "the streamed price in the forming bar")
+        await eventually(streamed, 20, "the streamed price in the forming bar")
 
         # Yahoo fails: the symbol is served by Polygon, and Yahoo's circuit opens.
         fake.responders["yahoo"] = lambda seen: Reply(status=500, body=b"<html>down</html>",
                                                       content_type="text/html")
-        await until(lambda: fresh_from("polygon"), 30, "fallback to polygon")
+        await eventually(lambda: fresh_from("polygon"), 30, "fallback to polygon")
 
         async def yahoo_open() -> Any:
             _, h = await asyncio.to_thread(http_get, port, "/health")
             return h if h["sources"]["yahoo"]["circuit"] == "open" else None
 
-        health = await until(yahoo_open, 30, "yahoo's circuit open")
+        health = await eventually(yahoo_open, 30, "yahoo's circuit open")
         assert health["sources"]["yahoo"]["last_error_class"] == "unavailable"
         assert not health["symbols"]["BTCUSD"]["stale"]
         assert "PGKEY123" not in str(health)

@@ -5,14 +5,15 @@ run``), with a real redis-server and a real SQLite file, and breaks something.""
 from __future__ import annotations
 
 import itertools
-import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,83 +23,9 @@ import redis
 
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, http_get
-from sidecar.tests.test_features import assert_row_equal, batch_values
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, assert_row_equal, batch_values
 
 SYMBOLS = ("AAPL", "BTCUSD")
-
-
-class Daemon:
-    """``python -m sidecar run`` in a subprocess, its JSON log in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, wrapper: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.env = dict(env, SIDECAR_HTTP_PORT=str(self.port))
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "sidecar", "run"],
-                                         cwd=REPO, env=self.env, stdout=log, stderr=log)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log_text()}"
-            try:
-                if http_get(self.port, "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
-
-    def health(self) -> dict[str, Any]:
-        return http_get(self.port, "/health")[1]
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def messages(self) -> list[str]:
-        return [rec.get("msg", "") for rec in self.logs()]
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``daemons(env, name)`` starts a daemon logging to ``{name}.log``; all are killed at the end."""
-    started: list[Daemon] = []
-
-    def start(env: dict[str, str], name: str = "daemon") -> Daemon:
-        started.append(Daemon(env, tmp_path / f"{name}.log"))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.kill()
 
 
 @pytest.fixture
@@ -134,6 +61,20 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 20, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(every)
+
+
+def wait_cycles(daemon: Daemon, n: int, timeout: float = 60) -> list[dict[str, Any]]:
+    """``/health`` sampled until the daemon has run ``n`` more cycles; the samples, the
+    first taken before. The timeout only bounds the wait (a loop that hangs)."""
+    seen = [daemon.health()]
+
+    def advanced() -> bool:
+        assert daemon.proc.poll() is None, f"daemon exited:\n{daemon.log_text()}"
+        seen.append(daemon.health())
+        return bool(seen[-1]["cycle"]["count"] >= seen[0]["cycle"]["count"] + n)
+
+    wait_for(f"{n} more cycles", advanced, timeout, every=0.1)
+    return seen
 
 
 def redis_client(server: RedisServer) -> redis.Redis:
@@ -191,7 +132,10 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     first = daemons(env, "run1")
     first.wait_ready()
-    wait_for("live bars in the buffer", lambda: first.health()["sqlite"]["buffered"] >= 8)
+    # Warm-up reconciles the stores in the background: the bars lost are those buffered after it.
+    first.wait_log("warm-up finished", timeout=120)
+    before = first.health()["sqlite"]["buffered"]
+    wait_for("live bars in the buffer", lambda: first.health()["sqlite"]["buffered"] >= before + 8)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
 
@@ -202,13 +146,13 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
         lost += sum(1 for b in reached_redis[sym] if b.t not in stored_t)
     assert lost >= 8, "the crash should have lost buffered bars from SQLite"
 
-    # Restart; catch the very first cycle's features (the heartbeat and the features are
-    # written by one script, so one MULTI reads a consistent cycle).
+    # Restart; catch the first cycle whose features are no longer warming (the heartbeat and
+    # the features are written by one script, so one MULTI reads a consistent cycle).
     second = daemons(dict(env, SIDECAR_FLUSH_INTERVAL_S="1"), "run2")
-    first_cycle = wait_for("the first cycle of the restarted daemon",
-                           lambda: _cycle_snapshot(r, second.proc.pid), timeout=60, every=0.01)
+    first_cycle = wait_for("the first warm cycle of the restarted daemon",
+                           lambda: _cycle_snapshot(r, second.proc.pid, warm=True), timeout=120, every=0.01)
     second.wait_ready()
-    time.sleep(1.5)  # one flush interval
+    wait_for("a flush by the restarted daemon", lambda: second.health()["sqlite"]["flushed_rows"] > 0)
 
     for sym in SYMBOLS:
         stored = {b.t: ohlcv(b) for b in sqlite_bars(db_path, sym)}
@@ -217,8 +161,7 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
     assert any(rec.get("msg") == "recovered bars from redis" for rec in second.logs())
     assert second.stop() == 0
 
-    heartbeat, features, newest = first_cycle
-    assert heartbeat["cycle"] == 0, "the snapshot is not the first cycle"
+    _heartbeat, features, newest = first_cycle
     for sym in SYMBOLS:
         feat, bar_now = features[sym], newest[sym]
         assert feat is not None and feat["t"] == bar_now.t
@@ -231,7 +174,10 @@ def test_sigkill_with_a_full_buffer_then_restart_loses_nothing(
     assert_redis_in_sqlite(r, db_path)
 
 
-def _cycle_snapshot(r: redis.Redis, pid: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Bar]] | None:
+def _cycle_snapshot(r: redis.Redis, pid: int, *, warm: bool = False,
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Bar]] | None:
+    """A cycle of daemon ``pid``: heartbeat, features and newest bar of each symbol
+    (``warm``: only a cycle where no symbol's features are flagged ``warming``)."""
     pipe = r.pipeline(transaction=True)
     pipe.get("f:v1:heartbeat")
     for sym in SYMBOLS:
@@ -249,12 +195,15 @@ def _cycle_snapshot(r: redis.Redis, pid: int) -> tuple[dict[str, Any], dict[str,
         raw_feat, raw_bars = rest[2 * i], rest[2 * i + 1]
         features[sym] = None if raw_feat is None else msgpack.unpackb(raw_feat)
         newest[sym] = Bar.unpack(sym, "1s", raw_bars[0])
+    if warm and any(f is None or f.get("warming") for f in features.values()):
+        return None
     return heartbeat, features, newest
 
 
 # -- 2. Redis outage --------------------------------------------------------------------
 
-OUTAGE_S = 30
+#: Cycles the daemon runs with Redis down.
+OUTAGE_CYCLES = 30
 
 
 #: redis-server options that keep its data through a SIGKILL (AOF, fsync always).
@@ -270,13 +219,17 @@ def assert_stores_equal(r: redis.Redis, db_path: Path, symbols: tuple[str, ...] 
         assert in_redis == stored, f"{sym}: Redis and SQLite differ"
 
 
-def fresh_features(r: redis.Redis, symbols: tuple[str, ...] = SYMBOLS) -> bool:
-    now_ms = time.time() * 1000
-    for sym in symbols:
-        raw = r.get(f"f:v1:feat:1s:{sym}")
-        if raw is None or now_ms - msgpack.unpackb(raw)["computed_at"] > 2_000:
-            return False
-    return True
+def features_advance(r: redis.Redis, symbols: tuple[str, ...] = SYMBOLS, timeout: float = 30) -> None:
+    """Wait until every symbol's features are computed again (a newer ``computed_at``):
+    the loop is writing them. Keys expire after 2 s, so features that stopped never come."""
+    def computed() -> list[Any]:
+        raws = [r.get(f"f:v1:feat:1s:{sym}") for sym in symbols]
+        return [None if raw is None else msgpack.unpackb(raw)["computed_at"] for raw in raws]
+
+    before = computed()
+    wait_for("features computed again", lambda: all(
+        now is not None and (was is None or now > was) for was, now in zip(before, computed(), strict=True)),
+        timeout)
 
 
 def test_redis_killed_for_30_s_then_back_with_its_data(
@@ -288,33 +241,28 @@ def test_redis_killed_for_30_s_then_back_with_its_data(
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
     wait_for("status ok", lambda: daemon.health()["status"] == "ok")
-    before = daemon.health()
 
     server.kill()
-    down_at = time.monotonic()
-    seen: list[dict[str, Any]] = []
-    while time.monotonic() - down_at < OUTAGE_S:
-        time.sleep(1)
-        assert daemon.proc.poll() is None, f"daemon exited during the outage:\n{daemon.log_text()}"
-        seen.append(daemon.health())
-    during = seen[3:]  # the first seconds may still show the last good cycle
-    assert all(h["status"] == "degraded" and not h["redis"]["ok"] for h in during), during[0]
-    assert all(any("redis unreachable" in why for why in h["reasons"]) for h in during)
-    last = seen[-1]
-    assert last["cycle"]["count"] - before["cycle"]["count"] >= OUTAGE_S - 5, "the loop stalled"
-    assert last["sqlite"]["flushed_rows"] > seen[0]["sqlite"]["flushed_rows"], "SQLite stopped"
+    wait_for("degraded", lambda: not daemon.health()["redis"]["ok"])
+    # The loop keeps going: the outage lasts as many cycles (a stalled loop times out).
+    seen = wait_cycles(daemon, OUTAGE_CYCLES, timeout=10 * OUTAGE_CYCLES)
+    assert all(h["status"] == "degraded" and not h["redis"]["ok"] for h in seen), seen[0]
+    assert all(any("redis unreachable" in why for why in h["reasons"]) for h in seen)
+    first, last = seen[0], seen[-1]
+    assert last["sqlite"]["flushed_rows"] > first["sqlite"]["flushed_rows"], "SQLite stopped"
     assert last["sqlite"]["last_error"] is None
 
     server.start()  # same directory: the AOF brings the data back
     r = redis_client(server)
     wait_for("redis ok again", lambda: daemon.health()["redis"]["ok"])
     wait_for("status ok again", lambda: daemon.health()["status"] == "ok")
-    wait_for("fresh features", lambda: fresh_features(r))
+    features_advance(r)
     assert daemon.stop() == 0  # final flush: SQLite holds everything
     assert_stores_equal(r, db_path)
-    outage_bars = [b for b in redis_bars(r, SYMBOLS[0])
-                   if b.t >= last["now_ms"] - OUTAGE_S * 1000 + 5_000 and b.t <= last["now_ms"]]
-    assert len(outage_bars) >= OUTAGE_S - 10, "bars of the outage were not rewritten to Redis"
+    # One bar a cycle: the outage's bars, made while Redis was down, were rewritten to it.
+    outage_bars = [b for b in redis_bars(r, SYMBOLS[0]) if first["now_ms"] <= b.t <= last["now_ms"]]
+    missed = last["cycle"]["missed_ticks"] - first["cycle"]["missed_ticks"]
+    assert len(outage_bars) >= OUTAGE_CYCLES - missed - 2, "bars of the outage were not rewritten to Redis"
     messages = daemon.messages()
     assert "redis write failed; buffering" in messages and "redis is back" in messages
     assert "redis lost its data; refilling it from sqlite" not in messages
@@ -328,9 +276,10 @@ def test_redis_restarted_empty_is_warmed_from_sqlite(
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
+    daemon.wait_for("warm-up done", lambda: daemon.health()["warmup"]["done"], timeout=120)
     r = redis_client(server)
     assert len(redis_bars(r, SYMBOLS[0])) == 5_000
-    time.sleep(2)
+    wait_cycles(daemon, 2)
 
     server.kill()
     for leftover in server.directory.glob("append*"):
@@ -339,12 +288,12 @@ def test_redis_restarted_empty_is_warmed_from_sqlite(
                 f.unlink()
         else:
             leftover.unlink()
-    time.sleep(3)
+    wait_for("the daemon sees Redis gone", lambda: not daemon.health()["redis"]["ok"])
     server.start()
     r = redis_client(server)
     assert r.dbsize() == 0 or r.get("f:v1:meta") is None  # really empty
     wait_for("bars back in Redis", lambda: all(len(redis_bars(r, s)) == 5_000 for s in SYMBOLS))
-    wait_for("fresh features", lambda: fresh_features(r))
+    features_advance(r)
     assert r.get("f:v1:meta") is not None
     wait_for("status ok", lambda: daemon.health()["status"] == "ok")
     assert daemon.stop() == 0
@@ -352,7 +301,8 @@ def test_redis_restarted_empty_is_warmed_from_sqlite(
     assert "redis refilled from sqlite" in daemon.messages()
 
 
-FREEZE_S = 8
+#: Cycles the daemon runs with Redis frozen.
+FREEZE_CYCLES = 8
 #: A small SIDECAR_REDIS_TIMEOUT_S for the frozen-Redis tests: every Redis call of a cycle
 #: gives up after it, so a hung server costs a cycle well under its one second.
 FROZEN_TIMEOUT_S = "0.25"
@@ -388,35 +338,34 @@ def test_redis_frozen_for_8_s_neither_stalls_the_loop_nor_loses_a_bar(
     before = daemon.health()
 
     _freeze(server, frozen)
-    frozen_at = time.monotonic()
-    seen: list[dict[str, Any]] = []
-    while time.monotonic() - frozen_at < FREEZE_S:
-        time.sleep(0.5)
-        assert daemon.proc.poll() is None, f"daemon exited while Redis hung:\n{daemon.log_text()}"
-        seen.append(daemon.health())  # http_get gives up after 2 s: /health must not wait on Redis
-    last = seen[-1]
+    # http_get gives up after 2 s: /health must not wait on Redis.
+    wait_for("degraded", lambda: not daemon.health()["redis"]["ok"])
+    # The loop keeps going while Redis hangs (a loop waiting on it times out here).
+    seen = wait_cycles(daemon, FREEZE_CYCLES, timeout=10 * FREEZE_CYCLES)
+    first, last = seen[0], seen[-1]
     assert server.proc is not None
     server.proc.send_signal(signal.SIGCONT)
 
-    during = [h for h in seen if h["now_ms"] - before["now_ms"] > 3_000]
-    assert during and all(h["status"] == "degraded" and not h["redis"]["ok"] for h in during), during[:1]
-    assert all(any(why.startswith("redis unreachable") for why in h["reasons"]) for h in during)
+    assert all(h["status"] == "degraded" and not h["redis"]["ok"] for h in seen), seen[0]
+    assert all(any(why.startswith("redis unreachable") for why in h["reasons"]) for h in seen)
     assert "timeout" in (last["redis"]["last_error"] or "").lower(), last["redis"]
-    # The loop kept its pace: cycles did not wait on the hung server beyond the timeout.
-    assert last["cycle"]["count"] - before["cycle"]["count"] >= FREEZE_S - 3, "the loop stalled"
-    assert last["sqlite"]["flushed_rows"] > seen[0]["sqlite"]["flushed_rows"], "SQLite stopped"
+    # Each cycle waited at most one Redis timeout, well inside its second: not one tick
+    # was skipped, by the daemon's own count.
+    assert last["cycle"]["missed_ticks"] == before["cycle"]["missed_ticks"], (before["cycle"], last["cycle"])
+    assert last["sqlite"]["flushed_rows"] > first["sqlite"]["flushed_rows"], "SQLite stopped"
 
     r = redis_client(server)
     wait_for("redis ok again", lambda: daemon.health()["redis"]["ok"])
-    wait_for("fresh features", lambda: fresh_features(r), timeout=10)
+    features_advance(r)
     wait_for("status ok again", lambda: daemon.health()["status"] == "ok")
     assert daemon.stop() == 0  # final flush: SQLite holds everything
     # Nothing lost, nothing doubled: Redis is exactly SQLite's newest bars, and every
     # bar of the frozen period is there once (redis_bars fails on a duplicate score).
     assert_stores_equal(r, db_path)
     for sym in SYMBOLS:
-        frozen_bars = [b.t for b in redis_bars(r, sym) if before["now_ms"] < b.t <= last["now_ms"] - 1_000]
-        assert len(frozen_bars) >= FREEZE_S - 2, f"{sym}: bars of the frozen period missing from Redis"
+        # One bar a cycle (no tick missed): every cycle of the frozen period left its bar.
+        frozen_bars = [b.t for b in redis_bars(r, sym) if first["now_ms"] <= b.t <= last["now_ms"] - 1_000]
+        assert len(frozen_bars) >= FREEZE_CYCLES - 2, f"{sym}: bars of the frozen period missing from Redis"
         assert frozen_bars == sorted(set(frozen_bars))
     messages = daemon.messages()
     assert "redis write failed; buffering" in messages and "redis is back" in messages
@@ -438,43 +387,57 @@ def test_redis_down_past_its_bound_exits_non_zero_after_flushing(
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
-    time.sleep(2)
+    wait_cycles(daemon, 2)
     r = redis_client(server)
     reached = {sym: redis_bars(r, sym) for sym in SYMBOLS}
     if fault == "refused":
         server.kill()
     else:
         _freeze(server, frozen)
-    down_ms = time.time() * 1000
     assert daemon.proc.wait(30) == 3  # EXIT_REDIS_DOWN, for PM2 to restart it
+    # Back (the AOF, or the frozen server resumed): what Redis got before the outage.
+    if fault == "refused":
+        server.start()
+    else:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGCONT)
+    r = redis_client(server)
     for sym in SYMBOLS:
         stored = sqlite_bars(db_path, sym)
         stored_by_t = {b.t: ohlcv(b) for b in stored}
         assert all(stored_by_t.get(b.t) == ohlcv(b) for b in reached[sym] if not b.forming)
-        assert stored[-1].t >= down_ms + 2_000, "bars of the outage were not kept in SQLite"
+        assert stored[-1].t > redis_bars(r, sym)[-1].t, "bars of the outage were not kept in SQLite"
     assert "redis unreachable for too long; exiting for a restart" in daemon.messages()
 
 
 # -- 3. SQLite trouble ------------------------------------------------------------------
 
-LOCK_S = 20
+#: Bars each daemon makes while locked out (two symbols, one bar each a cycle).
+LOCK_BARS = 20
 
 _HOLD_LOCK = """
-import sqlite3, sys, time
+import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
 db.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.read()
 db.execute("COMMIT")
 """
 
 
-def _lock_database(path: Path, seconds: float) -> subprocess.Popen[bytes]:
-    """Another process holding the database's write lock (``BEGIN EXCLUSIVE``)."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)],
-                              stdout=subprocess.PIPE)
+def _lock_database(path: Path) -> subprocess.Popen[bytes]:
+    """Another process holding the database's write lock (``BEGIN EXCLUSIVE``) until
+    its stdin is closed (:func:`_release`)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
     return holder
+
+
+def _release(holder: subprocess.Popen[bytes]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    assert holder.wait(30) == 0
 
 
 def _missing_from_sqlite(r: redis.Redis, db_path: Path) -> int:
@@ -486,10 +449,10 @@ def _missing_from_sqlite(r: redis.Redis, db_path: Path) -> int:
     return missing
 
 
-def test_sqlite_locked_by_another_process_for_20_s(
+def test_sqlite_locked_by_another_process_for_20_bars(
         clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon],
         redis_servers: Callable[..., RedisServer]) -> None:
-    # Two daemons side by side, both locked out for the same 20 s: one with room in
+    # Two daemons side by side, both locked out while they make 20 bars: one with room in
     # memory (nothing lost), one whose buffer bound is small (the oldest dropped, counted).
     runs = []
     for name, bound in (("roomy", "1000000"), ("tight", "12")):
@@ -500,32 +463,31 @@ def test_sqlite_locked_by_another_process_for_20_s(
         runs.append((daemon, redis_client(server), Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"))
     for daemon, _, _ in runs:
         daemon.wait_ready()
-    time.sleep(2)
+        wait_cycles(daemon, 2)
 
-    holders = [_lock_database(db_path, LOCK_S) for _, _, db_path in runs]
-    locked_at = time.monotonic()
-    peak = [0, 0]
-    while time.monotonic() - locked_at < LOCK_S - 1:
-        time.sleep(1)
-        for i, (daemon, r, _) in enumerate(runs):
-            h = daemon.health()
-            peak[i] = max(peak[i], h["sqlite"]["buffered"])
-            assert fresh_features(r), "features stopped while SQLite was locked"
-        if time.monotonic() - locked_at > 8:  # past the busy timeout: the flush failed
-            for daemon, _, _ in runs:
-                h = daemon.health()
-                assert h["status"] == "degraded" and "locked" in (h["sqlite"]["last_error"] or ""), h
+    holders = [_lock_database(db_path) for _, _, db_path in runs]
+    for daemon, _, _ in runs:  # past the busy timeout: the flush failed
+        wait_for("a flush failed on the lock", lambda d=daemon: "locked" in (d.health()["sqlite"]["last_error"] or ""))
     roomy, tight = runs
+    # Bars pile up in memory (the roomy one) or are dropped past the bound (the tight one)
+    # while the features go on.
+    wait_for(f"{LOCK_BARS} bars kept in memory", lambda: roomy[0].health()["sqlite"]["buffered"] >= LOCK_BARS,
+             timeout=10 * LOCK_BARS)
+    wait_for(f"{LOCK_BARS} bars dropped", lambda: tight[0].health()["sqlite"]["dropped"] >= LOCK_BARS,
+             timeout=10 * LOCK_BARS)
+    for daemon, r, _ in runs:
+        features_advance(r)
+        h = daemon.health()
+        assert h["status"] == "degraded" and "locked" in (h["sqlite"]["last_error"] or ""), h
     assert tight[0].health()["sqlite"]["buffered"] <= 12
     for holder in holders:
-        assert holder.wait(30) == 0
+        _release(holder)
 
     for daemon, _, _ in runs:
         wait_for("the buffer written", lambda d=daemon: d.health()["sqlite"]["last_error"] is None
                  and d.health()["sqlite"]["buffered"] <= 4, timeout=30)
-    assert peak[0] >= LOCK_S, "bars were not kept in memory"
     dropped = tight[0].health()["sqlite"]["dropped"]
-    assert dropped >= LOCK_S, "the tight buffer should have dropped bars"
+    assert dropped >= LOCK_BARS, "the tight buffer should have dropped bars"
     assert f"sidecar_sqlite_dropped_bars_total {float(dropped)}" in tight[0].metrics()
     assert roomy[0].health()["sqlite"]["dropped"] == 0
     for daemon, _, _ in runs:
@@ -541,45 +503,74 @@ def test_sqlite_locked_by_another_process_for_20_s(
     assert "sqlite buffer full: dropped oldest bars" in tight[0].messages()
 
 
+@dataclass(frozen=True)
+class SmallDisk:
+    """A 4 MiB tmpfs: ``path`` where the daemon started with ``wrapper`` sees it, ``view``
+    the same directory as this process reaches it."""
+
+    path: Path
+    view: Path
+    wrapper: list[str]
+
+
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, so the disk can really fill up (needs root and mount permission)."""
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 4 MiB tmpfs, so the disk can really fill up: mounted here with root's mount
+    permission, else in a user and mount namespace of its own (no privilege needed), held
+    by a process the daemon joins with ``nsenter``."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill a disk for real: {done.stderr.strip()}")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)]
+    done = subprocess.run(mount, capture_output=True, text=True)
+    if done.returncode == 0:
+        try:
+            yield SmallDisk(mount_point, mount_point, [])
+        finally:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        return
+    # The holder lives until its stdin closes, so it never outlives this process.
+    holder = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--mount",
+         "sh", "-c", '"$@" && echo mounted && exec cat', "sh", *mount],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None and holder.stderr is not None
     try:
-        yield mount_point
+        if holder.stdout.readline().strip() != "mounted":
+            holder.wait(10)
+            pytest.skip(f"cannot mount a tmpfs to fill a disk for real: {done.stderr.strip()}; "
+                        f"nor in a user namespace: {holder.stderr.read().strip()}")
+        view = Path(f"/proc/{holder.pid}/root") / mount_point.relative_to("/")
+        yield SmallDisk(mount_point, view, ["nsenter", f"--target={holder.pid}", "--user", "--mount",
+                                            "--preserve-credentials", f"--wd={REPO}"])
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        holder.stdin.close()
+        holder.wait(10)
 
 
 def test_disk_full_keeps_bars_in_memory_until_space_returns(
-        clean_env: dict[str, str], tmp_path: Path, small_disk: Path, daemons: Callable[..., Daemon],
+        clean_env: dict[str, str], tmp_path: Path, small_disk: SmallDisk, daemons: Callable[..., Daemon],
         redis_servers: Callable[..., RedisServer]) -> None:
     server = redis_servers()
-    db_path = small_disk / "bars.sqlite3"
-    env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(db_path))
-    daemon = daemons(env, "daemon")
+    env = daemon_env(clean_env, server, SIDECAR_SQLITE_PATH=str(small_disk.path / "bars.sqlite3"))
+    daemon = daemons(env, "daemon", wrapper=small_disk.wrapper)
     daemon.wait_ready()
-    time.sleep(2)
-    filler = small_disk / "filler"
+    wait_cycles(daemon, 2)
+    filler = small_disk.view / "filler"
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
-    assert os.statvfs(small_disk).f_bavail == 0
+    assert os.statvfs(small_disk.view).f_bavail == 0
     r = redis_client(server)
     wait_for("a failed flush", lambda: "full" in (daemon.health()["sqlite"]["last_error"] or ""))
     buffered = daemon.health()["sqlite"]["buffered"]
     for _ in range(4):
-        time.sleep(1)
-        assert fresh_features(r), "features stopped while the disk was full"
-    h = daemon.health()
-    assert h["status"] == "degraded" and h["sqlite"]["buffered"] > buffered
+        features_advance(r)
+    wait_for("more bars kept in memory", lambda: daemon.health()["sqlite"]["buffered"] > buffered)
+    assert daemon.health()["status"] == "degraded"
     filler.unlink()
     wait_for("the buffer written", lambda: daemon.health()["sqlite"]["last_error"] is None, timeout=30)
     assert daemon.stop() == 0
-    assert_redis_in_sqlite(r, db_path)
+    # SQLite would resolve a /proc/<pid>/root view to this process's own root: read a copy.
+    stored = Path(shutil.copytree(small_disk.view, tmp_path / "disk-copy"))
+    assert_redis_in_sqlite(r, stored / "bars.sqlite3")
     failed = next(rec for rec in daemon.logs() if rec["msg"] == "sqlite flush failed; bars kept in memory")
     assert "full" in failed["error"]
 
@@ -592,14 +583,13 @@ def test_database_file_deleted_underneath_is_restored(
     db_path = Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3"
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
-    time.sleep(3)
+    wait_for("bars flushed to the file", lambda: daemon.health()["sqlite"]["flushed_rows"] >= 2 * 5)
     for f in db_path.parent.glob("bars.sqlite3*"):  # what a careless `rm bars.sqlite3*` does
         f.unlink()
     r = redis_client(server)
     wait_for("the file restored", lambda: "sqlite file restored" in daemon.messages())
     for _ in range(3):
-        time.sleep(1)
-        assert fresh_features(r)
+        features_advance(r)
     assert daemon.health()["sqlite"]["last_error"] is None
     assert daemon.stop() == 0
     assert "sqlite file was deleted underneath the daemon; restoring it from the open connection" \
@@ -637,31 +627,60 @@ def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
                      FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
     daemon = daemons(env, "daemon")
     daemon.wait_ready()
-    time.sleep(2)
+    wait_cycles(daemon, 2)
+    announcements = r.pubsub(ignore_subscribe_messages=True)
+    announcements.subscribe("f:v1:cycles")
 
     def newest() -> int:
         return max(redis_bars(r, sym)[-1].t for sym in SYMBOLS)
 
-    samples: list[tuple[float, int]] = []  # (true monotonic time, cycle count)
+    def ticks_after(cycle: int, n: int, check: Callable[[], None]) -> list[int]:
+        """The ticks of the first ``n`` cycles numbered above ``cycle`` (their announcements),
+        calling ``check`` after each. A loop that stalls never announces: the deadline."""
+        ticks: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(ticks) < n:
+            assert time.monotonic() < deadline, f"stall: {len(ticks)} of {n} cycles after cycle {cycle}"
+            message = announcements.get_message(timeout=1.0)
+            if message is not None and (announced := msgpack.unpackb(message["data"]))["cycle"] > cycle:
+                ticks.append(int(announced["tick"]))
+                check()
+        return ticks
+
     start = daemon.health()
     skew_ms = 2_000
     # Back 3 min, forward 6 min, back 3 min (to the true time).
+    previous_s = 0
     for offset_s, must_accept in ((-180, False), (180, True), (0, False)):
         before_newest = newest()
         before = daemon.health()
+        # The daemon's clock reads at least this once the offset is written.
+        jump_ms = (time.time() + offset_s) * 1000
         offset_file.write_text(f"{offset_s:+d}\n")
-        phase_end = time.monotonic() + 6
-        while time.monotonic() < phase_end:
-            h = daemon.health()
-            samples.append((time.monotonic(), h["cycle"]["count"]))
+        jumped = wait_for(f"the jump to {offset_s:+d} s counted", lambda b=before: (
+            h if (h := daemon.health())["cycle"]["clock_jumps"] > b["cycle"]["clock_jumps"] else None))
+
+        def check(offset_s: int = offset_s, must_accept: bool = must_accept,
+                  before_newest: int = before_newest) -> None:
             assert r.get("f:v1:heartbeat") is not None, "the loop stopped writing Redis"
-            fake_now_ms = time.time() * 1000 + offset_s * 1000
             if not must_accept:
                 # Bars made before the clock went back are in its future now: refused.
                 assert newest() == before_newest, f"a future bar was accepted at offset {offset_s}"
             else:
+                fake_now_ms = time.time() * 1000 + offset_s * 1000
                 assert newest() <= fake_now_ms + skew_ms
-            time.sleep(0.25)
+
+        ticks = ticks_after(jumped["cycle"]["count"], 5, check)
+        missed = daemon.health()["cycle"]["missed_ticks"] - jumped["cycle"]["missed_ticks"]
+        # Resynchronised on the new timeline: the ticks a leap skipped are not replayed (no
+        # burst) and a step back does not wait for the old timeline to return (no stall, or
+        # the announcements would not have come).
+        assert all(t > jump_ms for t in ticks), (ticks, jump_ms)
+        if offset_s < previous_s:
+            assert ticks[0] < before["cycle"]["last_tick_ms"], "the ticks stayed on the old timeline"
+        # Whole seconds one after the other, a gap only where the daemon counted a missed tick.
+        assert all(b > a and (b - a) % 1000 == 0 for a, b in itertools.pairwise(ticks)), ticks
+        assert len(ticks) - 1 <= (ticks[-1] - ticks[0]) // 1000 <= len(ticks) - 1 + missed, ticks
         after = daemon.health()
         if must_accept:
             assert newest() > before_newest + 170_000, "no bars after the clock leapt forward"
@@ -671,18 +690,10 @@ def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
             def refused(h: dict[str, Any]) -> int:
                 return int(h["bars"]["rejected"].get("future", 0) + h["bars"]["duplicates"])
             assert refused(after) > refused(before), "the source's bars were not offered"
+        previous_s = offset_s
     end = daemon.health()
+    announcements.close()
     assert daemon.stop() == 0
-
-    # One cycle per true second throughout: no burst after a leap, no stall after a step back.
-    elapsed = samples[-1][0] - samples[0][0]
-    cycles = samples[-1][1] - samples[0][1]
-    assert elapsed - 3 <= cycles <= elapsed + 2, (cycles, elapsed)
-    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
-        assert c1 - c0 <= 2 + (t1 - t0), f"burst: {c1 - c0} cycles in {t1 - t0:.2f} s"
-    advanced_at = [t1 for (_, c0), (t1, c1) in itertools.pairwise(samples) if c1 > c0]
-    stall = max(b - a for a, b in itertools.pairwise(advanced_at))
-    assert stall < 3, f"stall: no cycle for {stall:.1f} s"
     assert end["cycle"]["clock_jumps"] - start["cycle"]["clock_jumps"] >= 3
     # A leap of minutes is a clock jump, not hundreds of missed ticks.
     assert end["cycle"]["missed_ticks"] - start["cycle"]["missed_ticks"] < 5
@@ -690,55 +701,37 @@ def test_wall_clock_jumps_neither_burst_nor_stall_and_admit_no_future_bar(
 
 # -- 5. load ----------------------------------------------------------------------------
 
-#: Seconds of the soak: 120 in the suite; ``scripts/soak`` runs 600 (or its argument).
-SOAK_S = max(90.0, float(os.environ.get("SIDECAR_SOAK_S", "120")))
-SOAK_SYMBOLS = 1_000
 #: Per-symbol state fills up over the first ~50 bars (validator windows, the feature
-#: engine's history until every handle is open); measured: RSS is flat from then on.
-SOAK_WARM_UP_S = 60.0
+#: engine's history until every handle is open); then the soak's cycles are watched.
+SOAK_WARM_UP_CYCLES = 60
+SOAK_CYCLES = 60
+SOAK_SYMBOLS = 1_000
 
 
-@pytest.mark.timeout(SOAK_S + 180)
-def test_soak_1000_symbols_memory_ticks_fds_and_tasks_stay_flat(
+@pytest.mark.timeout(600)
+def test_soak_1000_symbols_fds_and_tasks_stay_flat(
         clean_env: dict[str, str], tmp_path: Path, daemons: Callable[..., Daemon]) -> None:
+    """Nothing leaks cycle after cycle: descriptors, tasks; no bar dropped. Memory and
+    missed ticks under this load are measured by ``bench/daemon_soak.py``, not judged."""
     symbols = ",".join(f"S{i:04d}" for i in range(SOAK_SYMBOLS))
     # Embedded Redis, as a user runs it; 1-second bars: every cycle closes 1,000 bars.
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=symbols, SIDECAR_TIMEFRAME="1s",
                SIDECAR_BOOTSTRAP_DAYS="0")
     daemon = daemons(env, "daemon")
-    daemon.wait_ready()
-    started = time.monotonic()
-    time.sleep(SOAK_WARM_UP_S)
-    warm = daemon.health()
-    samples = [warm]
-    while time.monotonic() - started < SOAK_S:
-        time.sleep(5)
-        samples.append(daemon.health())
-    end = samples[-1]
+    daemon.wait_ready(timeout=120)
+    wait_cycles(daemon, SOAK_WARM_UP_CYCLES, timeout=10 * SOAK_WARM_UP_CYCLES)
+    samples = wait_cycles(daemon, SOAK_CYCLES, timeout=10 * SOAK_CYCLES)
+    warm, end = samples[0], samples[-1]
     assert daemon.stop() == 0
 
     def proc(h: dict[str, Any], key: str) -> int:
         return int(h["process"][key])
 
-    elapsed = (end["now_ms"] - warm["now_ms"]) / 1000
-    growth = proc(end, "rss_bytes") / proc(warm, "rss_bytes") - 1
-    summary = {
-        "symbols": SOAK_SYMBOLS, "seconds": round(time.monotonic() - started),
-        "rss_mb_warm": round(proc(warm, "rss_bytes") / 2**20, 1),
-        "rss_mb_end": round(proc(end, "rss_bytes") / 2**20, 1),
-        "rss_growth_pct": round(100 * growth, 2),
-        "fds": [proc(h, "open_fds") for h in (warm, end)],
-        "tasks": [proc(h, "asyncio_tasks") for h in (warm, end)],
-        "missed_ticks": [warm["cycle"]["missed_ticks"], end["cycle"]["missed_ticks"]],
-        "cycle_p50_ms": end["cycle"]["p50_ms"], "cycle_p99_ms": end["cycle"]["p99_ms"],
-        "bars_flushed": end["sqlite"]["flushed_rows"],
-    }
-    print("soak:", json.dumps(summary))
-    assert growth < 0.05, f"memory grew after warm-up: {summary}"
-    assert end["cycle"]["missed_ticks"] == warm["cycle"]["missed_ticks"], f"missed ticks: {summary}"
-    assert end["cycle"]["count"] - warm["cycle"]["count"] >= elapsed - 2, summary
+    summary = {"fds": [proc(h, "open_fds") for h in (warm, end)],
+               "tasks": [proc(h, "asyncio_tasks") for h in (warm, end)],
+               "flushed": [h["sqlite"]["flushed_rows"] for h in (warm, end)]}
     assert max(proc(h, "open_fds") for h in samples) <= proc(warm, "open_fds") + 2, summary
     assert proc(end, "open_fds") <= proc(warm, "open_fds") + 1, summary
     assert proc(end, "asyncio_tasks") <= proc(warm, "asyncio_tasks") + 1, summary
     assert end["status"] == "ok" and end["sqlite"]["dropped"] == 0, end["reasons"]
-    assert end["sqlite"]["flushed_rows"] >= SOAK_SYMBOLS * (SOAK_S - 15)
+    assert end["sqlite"]["flushed_rows"] > warm["sqlite"]["flushed_rows"], summary

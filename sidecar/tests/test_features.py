@@ -12,57 +12,7 @@ from hypothesis import strategies as st
 from sidecar.bar import Bar
 from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, features_map, pack_features, session_of
 from sidecar.settings import IndicatorPeriods
-
-TF_MS = 60_000
-T0 = 1_727_827_200_000 + 13 * 3_600_000  # a UTC day, mid-morning: sessions roll over inside
-
-
-def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
-    rng = np.random.default_rng(seed)
-    closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
-    opens = np.concatenate([[100.0], closes[:-1]])
-    highs = np.maximum(opens, closes) * (1 + rng.uniform(0, 0.002, n))
-    lows = np.minimum(opens, closes) * (1 - rng.uniform(0, 0.002, n))
-    vols = rng.integers(1, 5_000, n).astype(float)
-    return [
-        Bar("TEST", "1m", T0 + i * TF_MS, float(opens[i]), float(highs[i]), float(lows[i]),
-            float(closes[i]), float(vols[i]) if volume else None, "test")
-        for i in range(n)
-    ]
-
-
-def batch_values(bars: list[Bar], anchor_min: int = 0) -> dict[str, np.ndarray]:
-    h = np.array([b.h for b in bars])
-    l = np.array([b.l for b in bars])
-    c = np.array([b.c for b in bars])
-    out: dict[str, np.ndarray] = {
-        "rsi": talib.RSI(c, 14), "ema": talib.EMA(c, 20), "atr": talib.ATR(h, l, c, 14),
-        "mom": talib.MOM(c, 10),
-    }
-    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0)
-    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, 12, 26, 9)
-    if bars[0].v is None:
-        out["vol_ma"] = np.full(len(bars), np.nan)
-        out["vwap"] = np.full(len(bars), np.nan)
-        return out
-    v = np.array([b.v for b in bars], dtype=float)
-    out["vol_ma"] = talib.SMA(v, 20)
-    vwap = np.full(len(bars), np.nan)
-    sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars])
-    for s in np.unique(sessions):
-        idx = np.nonzero(sessions == s)[0]
-        vwap[idx] = talib.VWAP(h[idx], l[idx], c[idx], v[idx])
-    out["vwap"] = vwap
-    return out
-
-
-def assert_row_equal(values: list[float | None], expected: dict[str, np.ndarray], i: int) -> None:
-    for name, got in zip(FEATURE_FIELDS, values, strict=True):
-        want = expected[name][i]
-        if np.isnan(want):
-            assert got is None, f"{name}[{i}]: expected null during warm-up, got {got}"
-        else:
-            assert got == want, f"{name}[{i}]: {got!r} != batch {want!r}"  # bit-identical
+from sidecar.tests.helpers import assert_row_equal, batch_values, make_series
 
 
 @pytest.mark.parametrize("anchor_min", [0, 13 * 60 + 30])
@@ -142,14 +92,15 @@ def test_vwap_restarts_at_each_session() -> None:
 
 
 def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,
-                          updated_at: int | None, via: str, prev: float | None) -> dict[str, object]:
+                          updated_at: int | None, via: str, prev: float | None,
+                          next_open: int | None) -> dict[str, object]:
     """The features map as the pipeline built it key by key before it was one literal."""
     out: dict[str, object] = {"symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v}
     out.update(zip(FEATURE_FIELDS, values, strict=True))
     out.update(forming=bar.forming, src=bar.src, synthetic=bar.synthetic, stale=stale,
                computed_at=computed_at, updated_at=updated_at, via=via,
                data_age_ms=None if updated_at is None else computed_at - updated_at,
-               macd_hist_prev=prev)
+               macd_hist_prev=prev, market_open=next_open is None, next_open=next_open)
     return out
 
 
@@ -161,17 +112,19 @@ def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int
     age=st.one_of(st.none(), st.integers(0, 10**10)),
     via=st.sampled_from(["poll", "stream", "last"]),
     prev=st.one_of(st.none(), st.floats(allow_nan=False)),
+    next_open=st.one_of(st.none(), st.integers(0, 253_402_300_799_000)),
 )
 def test_packed_features_are_the_bytes_readers_always_got(
     values: list[float | None], v: float | None, flags: tuple[bool, bool, bool], t: int,
-    age: int | None, via: str, prev: float | None,
+    age: int | None, via: str, prev: float | None, next_open: int | None,
 ) -> None:
     forming, synthetic, stale = flags
     bar = Bar("BRK.B", "1m", t, 1.0, 2.0, 0.5, 1.5, v, "twelvedata", forming, synthetic)
     now = t + 5_000
     updated = None if age is None else now - age
-    fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev)
-    legacy = _map_as_first_written(bar, values, now, stale, updated, via, prev)
+    fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev,
+                        market_open=next_open is None, next_open=next_open)
+    legacy = _map_as_first_written(bar, values, now, stale, updated, via, prev, next_open)
     packed = pack_features(fmap)
     assert packed == msgpack.packb(legacy)  # byte for byte, key order included
     decoded = msgpack.unpackb(packed)

@@ -19,12 +19,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from fake_providers import ENDPOINTS, FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import EXIT_CODES
 from sidecar.fetch import run_fetch
 from sidecar.settings import Settings
-from sidecar.tests.conftest import REPO
+from sidecar.tests.fake_providers import ENDPOINTS, FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import REPO
 from sidecar.timeframe import Timeframe
 
 Row = tuple[int, float, float, float, float, float | None]
@@ -94,7 +94,7 @@ def polygon_rows(rel: str, daily: bool) -> list[Row]:
         t = r["t"]
         if daily:
             t = day_ms(datetime.fromtimestamp(t / 1000, ZoneInfo("America/New_York")))
-        rows.append((t, float(r["o"]), float(r["h"]), float(r["l"]), float(r["c"]), float(round(r["v"]))))
+        rows.append((t, float(r["o"]), float(r["h"]), float(r["l"]), float(r["c"]), float(r["v"])))
     return sorted(rows)
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import fixture, message_b64
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from sidecar.sources._parsing import ParseContext
 from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
+from sidecar.tests.fake_providers import fixture, message_b64
 from sidecar.timeframe import Timeframe
 
 NOW = 1_727_900_000_000
@@ -218,12 +218,78 @@ def test_random_bodies_only_raise_classified_errors(name: str, body: bytes, stat
     run_parser(name, body, status, tf, has_volume)
 
 
+#: What each real body gives at its own timeframe: how many bars, or its error class.
+#: Two hold no bars (an empty result; an index chart without quotes): 0.
+UNMUTATED: dict[str, tuple[str, int | str]] = {
+    "alphavantage/digital_currency_intraday_BTC_CNY_5min_2017.json": ("5m", 923),
+    "alphavantage/error_message_invalid_api_call_FX_DAILY_2021.json": ("1d", "unknown_symbol"),
+    "alphavantage/error_note_rate_limit_5_per_min_2019.json": ("1m", "rate_limited"),
+    "alphavantage/fx_intraday_EURUSD_5min_2020_trimmed.json": ("5m", 1),
+    "alphavantage/global_quote_MSFT_2018.json": ("1d", "bad_response"),
+    "alphavantage/time_series_intraday_MSFT_1min_compact_2017.json": ("1m", 100),
+    "twelvedata/error_401_invalid_apikey.json": ("1m", "auth"),
+    "twelvedata/error_404_page_not_found_unknown_path.json": ("1m", "bad_response"),
+    "twelvedata/error_429_out_of_credits_minute.json": ("1m", "rate_limited"),
+    "twelvedata/quote_SPY_intraday_market_open_2026.json": ("1m", "bad_response"),
+    "twelvedata/time_series_AAPL_1min_2023-08-24.json": ("1m", 30),
+    # A batch body is no single time series; parse_batch reads it (below).
+    "twelvedata/time_series_batch_fx_USD-CZK_EUR_GBP_CHF_1day_2023-08.json": ("1d", "bad_response"),
+    "polygon/aggs_AAPL_1hour_2024-04-29_DELAYED_extended_hours.json": ("1h", 16),
+    "polygon/aggs_empty_results_null.json": ("1d", 0),
+    "polygon/error_403_NOT_AUTHORIZED_timeframe.json": ("1d", "not_entitled"),
+    "polygon/openbb_aggs_AAPL_1day_2023-01-01_2023-01-10.json": ("1d", 6),
+    "polygon/spec_aggs_range_AAPL_1day_next_url.json": ("1d", 2),
+    "yahoo/chart_AAPL_1d_2020-01-01_2020-01-03.json": ("1d", 1),
+    "yahoo/chart_AAPL_1m_2024-10-02_regular_only_with_nulls.json": ("1m", 389),
+    "yahoo/chart_EURUSD=X_1d_2020-01-01_2020-01-03.json": ("1d", 3),
+    "yahoo/chart_NVDA_1d_1y_events_split.json": ("1d", 252),
+    "yahoo/chart_^VXAPL_index_1d_2020-01-01.json": ("1d", 0),
+    "yahoo/chart_error_SI_404_not_found.json": ("1d", "unknown_symbol"),
+}
+
+
+def parse_one(name: str, body: bytes, c: ParseContext) -> list[Bar]:
+    """The parser of a single series for ``name``."""
+    if name == "alphavantage":
+        return alphavantage.parse_time_series(body, 200, c)
+    if name == "twelvedata":
+        return twelvedata.parse_time_series(body, 200, c)
+    if name == "polygon":
+        return polygon.parse_aggs(body, 200, c, asset_class="stock")[0]
+    return yahoo.parse_chart(body, 200, c, end_ms=NOW)
+
+
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_unmutated_fixtures_pass_the_property(name: str) -> None:
-    """The property holds on the real bodies themselves (and the test can see bars)."""
+    """The real bodies themselves: each gives its bars (well-typed, as many as it holds)
+    or its own classified error, and the property holds at every timeframe."""
+    assert set(FIXTURES[name]) == {rel for rel in UNMUTATED if rel.startswith(f"{name}/")}
     for rel in FIXTURES[name]:
-        for tf in ("1m", "5m", "1h", "1d"):
-            run_parser(name, json.dumps(doc(rel)).encode(), 200, tf, True)
+        body = json.dumps(doc(rel)).encode()
+        tf, expected = UNMUTATED[rel]
+        c = ctx("X", tf, name)
+        if isinstance(expected, str):
+            with pytest.raises(ProviderError) as info:
+                parse_one(name, body, c)
+            assert info.value.error_class == expected, (rel, info.value)
+        else:
+            bars = parse_one(name, body, c)
+            assert_bars(bars, c)
+            assert len(bars) == expected, rel
+        for any_tf in ("1m", "5m", "1h", "1d"):
+            run_parser(name, body, 200, any_tf, True)
+
+
+def test_unmutated_batch_body_gives_every_ticker_its_bars() -> None:
+    rel = "twelvedata/time_series_batch_fx_USD-CZK_EUR_GBP_CHF_1day_2023-08.json"
+    contexts = {ticker: ctx(ticker.replace("/", ""), "1d", "twelvedata", False) for ticker in doc(rel)}
+    assert set(contexts) == {"USD/CZK", "USD/EUR", "USD/GBP", "USD/CHF"}
+    out = twelvedata.parse_batch(json.dumps(doc(rel)).encode(), 200, contexts)
+    assert set(out) == set(contexts)
+    for ticker, bars in out.items():
+        assert not isinstance(bars, ProviderError), (ticker, bars)
+        assert_bars(bars, contexts[ticker])
+        assert len(bars) == 4, ticker
 
 
 # -- the Yahoo stream ----------------------------------------------------------------
@@ -405,7 +471,7 @@ def test_no_invalid_bar_is_ever_stored(redis_server: Any, tmp_path_factory: pyte
     skew = 2_000
     settings = dataclasses.replace(
         Settings(), symbols=SYMBOLS, sources=("garbage",), timeframe=STORE_TF, outlier_k=outlier_k,
-        fill_gaps=fill_gaps, clock_skew_ms=skew)
+        fill_gaps=fill_gaps, clock_skew_ms=skew, market_hours=False)  # on the wall clock, any hour
 
     async def run() -> None:
         redis = RedisStore(connect(redis_server.url), f"g{uuid.uuid4().hex[:8]}")

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
 from sidecar.app.health import StatusLog
 from sidecar.logs import JsonFormatter, TextFormatter, redact
-from sidecar.tests.conftest import REPO
-from sidecar.tests.test_daemon import free_port, start, wait_ready
+from sidecar.tests.helpers import REPO, Daemon, free_port, http_get
 
 KEY = "Zq9kT3stK3yValue77"
 
@@ -94,25 +94,28 @@ def test_json_off_a_terminal_text_on_a_terminal() -> None:
     assert "symbol=AAPL" in line
 
 
-def test_daemon_logs_state_changes_not_cycles_and_never_a_key(clean_env: dict[str, str]) -> None:
+def test_daemon_logs_state_changes_not_cycles_and_never_a_key(clean_env: dict[str, str],
+                                                               daemons: Callable[..., Daemon]) -> None:
     dead = free_port()  # nothing listens here: every Twelve Data call fails
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="twelvedata,sim", SIDECAR_SYMBOLS="AAPL,MSFT",
                SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="1", TWELVEDATA_API_KEY=KEY,
                SIDECAR_TWELVEDATA_BASE_URL=f"http://127.0.0.1:{dead}", SIDECAR_BREAKER_FAIL_MAX="1")
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
-        started = time.monotonic()
-        while time.monotonic() - started < 5:  # about five cycles
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        while http_get(port, "/health")[1]["cycle"]["count"] < 5:  # five cycles
+            assert time.monotonic() < deadline, "five cycles did not come"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0
-    text = err.decode()
+    text = daemon.log_text()
     assert KEY not in text
     events = [json.loads(line) for line in text.splitlines()]  # every line is JSON
     messages = Counter(e["msg"] for e in events)

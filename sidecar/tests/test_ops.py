@@ -5,7 +5,6 @@ names a metric the daemon exports; the rules checked and unit-tested with promto
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,9 +21,7 @@ from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.conftest import REPO
-from sidecar.tests.test_health import Switchable
-from sidecar.tests.test_pipeline import series, settings
+from sidecar.tests.helpers import REPO, Switchable, series, settings
 
 DASHBOARD = REPO / "ops" / "grafana" / "sidecar.json"
 RULES = REPO / "ops" / "prometheus" / "alerts.yml"
@@ -143,10 +140,7 @@ async def test_dashboard_and_rules_query_only_what_the_daemon_exports(
 
 def promtool() -> str:
     path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") or os.environ.get("SIDECAR_REQUIRE_FIXTURES"):
-            pytest.fail("promtool is required here (CI/SIDECAR_REQUIRE_FIXTURES set) but not installed; "
-                        "scripts/system-deps installs it (Debian package prometheus)")
+    if path is None:  # a skip fails a CI run (skip_gate.py): scripts/system-deps installs it
         pytest.skip("promtool not installed (apt-get install prometheus, or scripts/system-deps as root)")
     return path
 

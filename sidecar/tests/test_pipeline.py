@@ -3,58 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-
-import numpy as np
-import talib
 
 from sidecar.app.pipeline import Pipeline
-from sidecar.bar import Bar
-from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
-from sidecar.settings import Settings
-from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import ScriptedSource, assert_row_equal, batch_values, series, settings
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1s")
-
-
-class ScriptedSource(Source):
-    """Serves a prepared list of bars: each call returns the next step's bars."""
-
-    name = "scripted"
-
-    def __init__(self, steps: list[dict[str, list[Bar]]], fail: bool = False) -> None:
-        self.steps = steps
-        self.fail = fail
-        self.calls = 0
-
-    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        self.calls += 1
-        if self.fail:
-            raise ProviderError("unavailable", "scripted outage", source=self.name)
-        step = self.steps.pop(0) if self.steps else {}
-        return {s: step.get(s, []) for s in symbols}
-
-    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
-        return []
-
-
-def settings(**kw: object) -> Settings:
-    base = Settings(symbols=("AAA", "BBB"), sources=("scripted",), timeframe=TF, warm_bars=5_000,
-                    outlier_k=0.0, clock_skew_ms=10**12)
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
-
-
-def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
-    rng = np.random.default_rng(seed)
-    c = 50 * np.exp(np.cumsum(rng.normal(0, 0.003, n)))
-    o = np.concatenate([[50.0], c[:-1]])
-    return [Bar(symbol, "1s", t0 + i * 1000, float(o[i]), float(max(o[i], c[i]) * 1.001),
-                float(min(o[i], c[i]) * 0.999), float(c[i]), float(100 + i % 17), "scripted")
-            for i in range(n)]
 
 
 async def test_cycles_store_bars_and_features_equal_batch_after_restart(
@@ -71,6 +28,7 @@ async def test_cycles_store_bars_and_features_equal_batch_after_restart(
                                       l=min(bars[i + 1].o, bars[i + 1].l), forming=True)
             step[s] = [bars[i], nxt]
         steps.append(step)
+    final_step = steps[-1]
     source = ScriptedSource(steps)
     pipe = Pipeline(settings(), [source], redis_store, bar_store)
     await pipe.warm(t0)
@@ -78,32 +36,26 @@ async def test_cycles_store_bars_and_features_equal_batch_after_restart(
         await pipe.run_cycle(t0 + k * 1000)
     assert pipe.validator.rejected == {}
     await bar_store.flush()
-    stored = await bar_store.last_bars("AAA", "1s", 10_000)
-    assert len(stored) == 400  # 399 closed + the forming one, no duplicates
-    assert [b.t for b in stored] == [b.t for b in hist["AAA"]]
-    assert await redis_store.bar_count("AAA", "1s") == 400
+    for s, bars in hist.items():
+        # 399 closed bars as served, then the forming revision of the last: every field.
+        expected = [*bars[:399], final_step[s][1]]
+        assert await bar_store.last_bars(s, "1s", 10_000) == expected, s
+        assert await redis_store.recent_bars(s, "1s", 10_000) == expected, s
 
     # Restart: a fresh pipeline warms from SQLite; its first cycle equals a cold batch.
-    closed = hist["AAA"][:399]
-    last = hist["AAA"][399]
-    restart_source = ScriptedSource([{"AAA": [last], "BBB": [hist["BBB"][399]]}])
+    restart_source = ScriptedSource([{s: [bars[399]] for s, bars in hist.items()}])
     pipe2 = Pipeline(settings(), [restart_source], redis_store, bar_store)
-    await pipe2.warm(last.t + 1000)
-    await pipe2.run_cycle(last.t + 1000)
-    feats = (await redis_store.read_features(["AAA"], "1s"))[0]
-    assert feats is not None
-    series_all = [*closed, last]
-    c = np.array([b.c for b in series_all])
-    h = np.array([b.h for b in series_all])
-    lo = np.array([b.l for b in series_all])
-    assert feats["t"] == last.t and feats["close"] == last.c
-    assert feats["rsi"] == talib.RSI(c, 14)[-1]
-    assert feats["ema"] == talib.EMA(c, 20)[-1]
-    assert feats["atr"] == talib.ATR(h, lo, c, 14)[-1]
-    macd, signal, hist_ = talib.MACD(c, 12, 26, 9)
-    assert (feats["macd"], feats["macd_signal"], feats["macd_hist"]) == (macd[-1], signal[-1], hist_[-1])
-    assert feats["mom"] == talib.MOM(c, 10)[-1]
-    assert set(FEATURE_FIELDS) <= set(feats)
+    await pipe2.warm(hist["AAA"][399].t + 1000)
+    await pipe2.run_cycle(hist["AAA"][399].t + 1000)
+    await bar_store.flush()
+    for s, bars in hist.items():
+        assert await bar_store.last_bars(s, "1s", 10_000) == bars, s  # the forming bar closed as served
+        assert await redis_store.recent_bars(s, "1s", 10_000) == bars, s
+        feats = (await redis_store.read_features([s], "1s"))[0]
+        assert feats is not None
+        assert feats["t"] == bars[-1].t and feats["close"] == bars[-1].c
+        assert feats["macd_signal"] is not None and feats["vwap"] is not None  # past the warm-up
+        assert_row_equal([feats[name] for name in FEATURE_FIELDS], batch_values(bars), len(bars) - 1)
 
 
 async def test_fallback_to_next_source_in_the_same_cycle(

@@ -18,6 +18,7 @@ from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1s")
@@ -76,7 +77,7 @@ class RecordingStore(RedisStore):
                           heartbeat: dict[str, Any] | None = None,
                           publish: dict[str, Any] | None = None) -> bool:
         kind = "final" if publish is not None else "chunk"
-        symbols = sorted({sym for _, sym, _ in features})
+        symbols = sorted({row[1] for row in features})
         written = [(b.symbol, b.t) for b in bars]
         self.events.append(("start", kind, symbols, written))
         if kind == "chunk":
@@ -100,12 +101,12 @@ class RecordingStore(RedisStore):
 
 def settings() -> Settings:
     return Settings(symbols=SYMBOLS, sources=("primary", "backup"), timeframe=TF, outlier_k=0.0,
-                    clock_skew_ms=10**12)
+                    clock_skew_ms=10**12, market_hours=False)
 
 
 def pipeline(sources: list[Source], store: RedisStore, bar_store: BarStore,
-             now: list[float]) -> Pipeline:
-    return Pipeline(settings(), sources, store, bar_store, clock=lambda: now[0])
+             now: Clock) -> Pipeline:
+    return Pipeline(settings(), sources, store, bar_store, clock=now)
 
 
 async def test_an_answer_is_written_while_other_requests_are_in_flight(
@@ -113,7 +114,7 @@ async def test_an_answer_is_written_while_other_requests_are_in_flight(
 ) -> None:
     gate = asyncio.Event()
     source = ChunkedSource("primary", gates={"EEE": gate})
-    now = [T0 / 1000]
+    now = Clock(T0 / 1000)
     pipe = pipeline([source], redis_store, bar_store, now)
     cycle = asyncio.ensure_future(pipe.run_cycle(T0))
     seen_early: list[dict[str, Any] | None] = []
@@ -139,7 +140,7 @@ async def test_the_announcement_waits_for_every_write_of_the_cycle(
 ) -> None:
     store = RecordingStore(redis_store)
     store.delay["AAA"] = 0.3  # the first answer's write completes after the others
-    now = [T0 / 1000]
+    now = Clock(T0 / 1000)
     pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
     pubsub = redis_store.redis.pubsub()
     await pubsub.subscribe(store.keys.cycles_channel)
@@ -175,7 +176,7 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
 ) -> None:
     store = RecordingStore(redis_store)
     store.refuse_chunk = {"CCC"}  # cycle 1: one of the two chunk writes fails
-    now = [T0 / 1000]
+    now = Clock(T0 / 1000)
     pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
     await pipe.run_cycle(T0)
     assert not store.refuse_chunk  # it was refused
@@ -186,10 +187,10 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
     assert [f is not None for f in await store.read_features(list(SYMBOLS), TF.name)] == [True] * 6
 
     store.refuse_final = 1  # cycle 2: the chunks are written, the final write fails
-    now[0] += 1
+    now.advance(1)
     await pipe.run_cycle(T0 + 1000)
-    assert not pipe.stats.redis_ok and sorted(pipe._redis_backlog) == [("EEE", T0), ("FFF", T0)]
-    now[0] += 1
+    assert not pipe.stats.redis_ok and sorted(pipe._redis_backlog) == [("EEE", "1s", T0), ("FFF", "1s", T0)]
+    now.advance(1)
     await pipe.run_cycle(T0 + 2000)  # Redis failing: this cycle's bars go out with the final write
     assert pipe.stats.redis_ok and not pipe._redis_backlog
     assert [k for e, k, _, _ in store.events[-2:]] == ["final", "final"]
@@ -214,15 +215,15 @@ async def test_a_timed_out_chunk_write_skips_the_final_write_of_that_cycle(
     # as long again on the same server, so the cycle leaves its bars in the backlog.
     store = RecordingStore(redis_store)
     store.hang_chunk = {"CCC"}
-    now = [T0 / 1000]
+    now = Clock(T0 / 1000)
     pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
     await pipe.run_cycle(T0)
     assert not store.hang_chunk  # it timed out
     assert [k for e, k, _, _ in store.events if e == "start"] == ["chunk", "chunk"]  # no final
     assert not pipe.stats.redis_ok and "Timeout" in (pipe.stats.redis_last_error or "")
-    assert sorted(pipe._redis_backlog) == [(s, T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
+    assert sorted(pipe._redis_backlog) == [(s, "1s", T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
 
-    now[0] += 1
+    now.advance(1)
     await pipe.run_cycle(T0 + 1000)  # Redis answers again: one final write carries the backlog
     assert pipe.stats.redis_ok and not pipe._redis_backlog
     written: dict[tuple[str, int], int] = {}
@@ -242,7 +243,7 @@ async def test_a_failed_request_falls_through_to_the_next_source_in_the_cycle(
     primary = ChunkedSource("primary", fail=("CCC",), slow={"EEE": 0.05})
     backup = ChunkedSource("backup")
     store = RecordingStore(redis_store)
-    now = [T0 / 1000]
+    now = Clock(T0 / 1000)
     pipe = pipeline([primary, backup], store, bar_store, now)
     await pipe.run_cycle(T0)
     assert sorted(primary.asked) == [["AAA", "BBB"], ["CCC", "DDD"], ["EEE", "FFF"]]

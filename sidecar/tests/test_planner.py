@@ -15,6 +15,7 @@ from sidecar.redis_store import RedisStore
 from sidecar.settings import Settings
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 DAY0 = 1_763_769_600  # 2025-11-22 00:00 UTC, epoch seconds
@@ -50,23 +51,20 @@ class BudgetedSource(Source):
 
 
 async def test_budgets_hold_over_a_simulated_day(redis_store: RedisStore, bar_store: BarStore) -> None:
-    now = [float(DAY0)]
-
-    def clock() -> float:
-        return now[0]
+    now = Clock(float(DAY0))
 
     yahoo_like = BudgetedSource("primary", RateBudget("primary", per_minute=60, per_day=20_000,
-                                                      clock=clock, wall_clock=clock), fail=True)
+                                                      clock=now, wall_clock=now), fail=True)
     yahoo_like.min_refresh_s = 5.0
     av_like = BudgetedSource("fallback", RateBudget("fallback", per_second=1, per_day=25,
-                                                    clock=clock, wall_clock=clock))
+                                                    clock=now, wall_clock=now))
     settings = Settings(symbols=SYMBOLS, sources=("primary", "fallback"),
-                        timeframe=Timeframe.parse("1m"))
-    pipe = Pipeline(settings, [yahoo_like, av_like], redis_store, bar_store, clock=clock)
+                        timeframe=Timeframe.parse("1m"), market_hours=False)  # budgets over a whole day
+    pipe = Pipeline(settings, [yahoo_like, av_like], redis_store, bar_store, clock=now)
     served_last = 0
     for second in range(86_400):
-        now[0] = DAY0 + second
-        out = await pipe._fetch(int(now[0] * 1000))
+        now.t = DAY0 + second
+        out = await pipe._fetch(int(now.t * 1000))
         served_last += sum(1 for s in SYMBOLS if s not in out and pipe.symbols[s].via == "last")
 
     # The failing primary never exceeds 60 a minute nor asks a symbol more often than every 5 s.
@@ -89,25 +87,22 @@ async def test_budgets_hold_over_a_simulated_day(redis_store: RedisStore, bar_st
 async def test_not_due_symbol_is_held_not_asked_of_fallback(
     redis_store: RedisStore, bar_store: BarStore
 ) -> None:
-    now = [float(DAY0)]
+    now = Clock(float(DAY0))
 
-    def clock() -> float:
-        return now[0]
-
-    primary = BudgetedSource("primary", RateBudget("primary", per_minute=6, clock=clock,
-                                                   wall_clock=clock))
-    fallback = BudgetedSource("fallback", RateBudget("fallback", per_minute=600, clock=clock,
-                                                     wall_clock=clock))
+    primary = BudgetedSource("primary", RateBudget("primary", per_minute=6, clock=now,
+                                                   wall_clock=now))
+    fallback = BudgetedSource("fallback", RateBudget("fallback", per_minute=600, clock=now,
+                                                     wall_clock=now))
     settings = Settings(symbols=("AAA",), sources=("primary", "fallback"),
-                        timeframe=Timeframe.parse("1m"))
-    pipe = Pipeline(settings, [primary, fallback], redis_store, bar_store, clock=clock)
+                        timeframe=Timeframe.parse("1m"), market_hours=False)
+    pipe = Pipeline(settings, [primary, fallback], redis_store, bar_store, clock=now)
     for second in range(60):
-        now[0] = DAY0 + second
-        await pipe.run_cycle(int(now[0] * 1000))
+        now.t = DAY0 + second
+        await pipe.run_cycle(int(now.t * 1000))
     assert len(primary.sent) == 6  # every 10 s: 6 a minute for one symbol
     assert fallback.sent == []  # the primary held the symbol between its refreshes
     assert pipe.symbols["AAA"].expect_ms == 10_000
-    assert not pipe.symbols["AAA"].stale(int(now[0] * 1000), settings.stale_after_ms)
+    assert not pipe.symbols["AAA"].stale(int(now.t * 1000), settings.stale_after_ms)
 
 
 

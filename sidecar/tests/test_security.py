@@ -13,11 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
-from test_daemon import free_port
 
 from sidecar.sources.base import Source
-from sidecar.tests.conftest import REPO, RedisServer
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import REPO, RedisServer, free_port
 
 KEYS = {
     "ALPHAVANTAGE_API_KEY": "AVk3yQ7zz91xq",
@@ -173,7 +172,8 @@ async def _pipeline(redis_store: Any, bar_store: Any, symbols: tuple[str, ...] =
     from sidecar.timeframe import Timeframe
 
     settings = dataclasses.replace(Settings(), symbols=symbols, sources=("sim",),
-                                   timeframe=Timeframe.parse("1s"), outlier_k=0.0)
+                                   timeframe=Timeframe.parse("1s"), outlier_k=0.0,
+                                   market_hours=False)  # on the wall clock: any hour of the week
     return Pipeline(settings, sources or [SimSource(seed=1)], redis_store, bar_store)
 
 

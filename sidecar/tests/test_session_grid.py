@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.bar import Bar
 from sidecar.fetch import run_fetch
@@ -20,6 +19,7 @@ from sidecar.settings import Settings
 from sidecar.sources import build_source
 from sidecar.sources._parsing import ParseContext, rebucket
 from sidecar.symbols import load_symbol_map, parse_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.timeframe import US_EQUITY_SESSION, Session, Timeframe
 from sidecar.validation import check_bar, validate_history
 

@@ -17,6 +17,7 @@ from sidecar.settings import (
     IndicatorPeriods,
     Settings,
 )
+from sidecar.tests.helpers import SETTINGS_BAD_VALUES as BAD_VALUES
 from sidecar.timeframe import Timeframe
 
 
@@ -34,7 +35,8 @@ def test_defaults_from_empty_env(tmp_path: Path) -> None:
     assert s.http_port == DEFAULT_HTTP_PORT
     assert s.periods == IndicatorPeriods()
     assert (s.periods.macd_fast, s.periods.macd_slow, s.periods.macd_signal) == (12, 26, 9)
-    assert s.session_anchor_min == 0
+    assert s.session_anchor_min is None  # each symbol's own session open
+    assert s.market_hours
     assert s.clock_skew_ms == 2_000
     assert s.outlier_k == 15.0
     assert s.correction_window_bars == 10
@@ -101,59 +103,6 @@ def test_good_values_parsed(tmp_path: Path) -> None:
                                              ("0", False), ("no", False), ("OFF", False)])
 def test_boolean_spellings(text: str, value: bool) -> None:
     assert Settings.from_env({"SIDECAR_FILL_GAPS": text}).fill_gaps is value
-
-
-# One bad value per parsed variable (the name -> values that must be refused).
-BAD_VALUES: dict[str, list[str]] = {
-    "SIDECAR_SYMBOLS": ["AAPL,MS FT", ",,,"],
-    "SIDECAR_SOURCES": ["sim,bad-name", " , "],
-    "SIDECAR_TIMEFRAME": ["1x", "0m", "60"],
-    "SIDECAR_REDIS_URL": ["http://localhost:6379", "localhost:6379", "redis://h:99999",
-                          "redis://h:port", "redis://h/0?nosuchoption=1", "unix:///tmp/r.sock?db=x",
-                          "rediss://h:6380/0?ssl_ca_certs=/nonexistent/ca.pem"],
-    "SIDECAR_REDIS_SERVER": ["/nonexistent/redis-server", "{file}", "{dir}"],
-    "SIDECAR_DATA_DIR": ["{file}"],
-    "SIDECAR_SQLITE_PATH": ["{dir}", "{file}/bars.sqlite3"],
-    "SIDECAR_HTTP_HOST": ["not a host", "127.0.0.1:8787", "http://127.0.0.1", "-bad-", "a..b", "x" * 300],
-    "SIDECAR_HTTP_TOKEN": ["too-short", "has a space in it here", "t" * 257, "caf\u00e9-token-of-16+"],
-    "SIDECAR_REDIS_PREFIX": ["a:b", "x" * 33, "pre fix"],
-    "SIDECAR_REPLAY_FILE": ["/nonexistent/bars.jsonl"],
-    "SIDECAR_MACD": ["12,26", "a,b,c", "26,12,9", "1,26,9", "12,26,0", "12,2000,9"],
-    "SIDECAR_RSI_PERIOD": ["1", "abc", "1001"],
-    "SIDECAR_EMA_PERIOD": ["1", "2.5"],
-    "SIDECAR_BB_PERIOD": ["0", "x"],
-    "SIDECAR_BB_NBDEV": ["0", "nan", "11", "two"],
-    "SIDECAR_ATR_PERIOD": ["0", "-3"],
-    "SIDECAR_VOLMA_PERIOD": ["1", "many"],
-    "SIDECAR_MOM_PERIOD": ["0", "1e3"],
-    "SIDECAR_SESSION_ANCHOR": ["24:00", "9:30", "12:60", "noon"],
-    "SIDECAR_HTTP_PORT": ["65536", "-1", "http"],
-    "SIDECAR_BARS_CAP": ["99", "lots"],
-    "SIDECAR_FEATURES_TTL_MS": ["499", "2s"],
-    "SIDECAR_HEARTBEAT_TTL_MS": ["999", "x"],
-    "SIDECAR_REDIS_POOL_SIZE": ["1", "1001"],
-    "SIDECAR_REDIS_TIMEOUT_S": ["0", "inf", "nan", "fast"],
-    "SIDECAR_REDIS_DOWN_EXIT_S": ["0.5", "-inf"],
-    "SIDECAR_FLUSH_INTERVAL_S": ["0.01", "NaN"],
-    "SIDECAR_FLUSH_MAX_ROWS": ["0", "1.5"],
-    "SIDECAR_BUFFER_MAX_ROWS": ["0", "x"],
-    "SIDECAR_RETENTION_DAYS": ["0", "36501"],
-    "SIDECAR_WARM_BARS": ["-1", "1000001"],
-    "SIDECAR_BOOTSTRAP_DAYS": ["-1", "ninety"],
-    "SIDECAR_CLOCK_SKEW_MS": ["-1", "600001"],
-    "SIDECAR_OUTLIER_K": ["-1", "nan", "inf"],
-    "SIDECAR_OUTLIER_WINDOW": ["1", "x"],
-    "SIDECAR_CORRECTION_WINDOW_BARS": ["-1", "100001"],
-    "SIDECAR_FILL_GAPS": ["maybe", "2"],
-    "SIDECAR_FETCH_TIMEOUT_S": ["0.01", "61", "nan"],
-    "SIDECAR_STALE_AFTER_MS": ["499", "x"],
-    "SIDECAR_PARSE_PROCESS": ["maybe", "1", "process"],
-    "SIDECAR_SIM_SEED": ["-1", "seed", str(2**63)],
-    "SIDECAR_REPLAY_SPEED": ["0", "10001", "nan"],
-    "SIDECAR_LOG_FORMAT": ["xml"],
-    "SIDECAR_LOG_LEVEL": ["verbose", "critical"],
-}
-
 
 
 def test_every_variable_read_is_covered() -> None:
@@ -226,3 +175,32 @@ def test_default_data_dir_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("HOME", str(tmp_path))
     s = Settings.from_env({})
     assert s.data_dir == tmp_path / ".local" / "share" / "sidecar"
+
+
+def test_timeframes_lowest_first_and_the_old_single_variable(tmp_path: Path) -> None:
+    base = {"XDG_DATA_HOME": str(tmp_path)}
+    s = Settings.from_env({**base, "SIDECAR_TIMEFRAMES": "1h, 1m,15m,1d,5m"})
+    assert [tf.name for tf in s.series_timeframes] == ["1m", "5m", "15m", "1h", "1d"]
+    assert s.timeframe.name == "1m"
+    old = Settings.from_env({**base, "SIDECAR_TIMEFRAME": "5m"})
+    assert [tf.name for tf in old.series_timeframes] == ["5m"]
+    both = Settings.from_env({**base, "SIDECAR_TIMEFRAME": "1m", "SIDECAR_TIMEFRAMES": "1m,1h"})
+    assert [tf.name for tf in both.series_timeframes] == ["1m", "1h"]
+    with pytest.raises(ConfigError, match="SIDECAR_TIMEFRAME"):
+        Settings.from_env({**base, "SIDECAR_TIMEFRAME": "5m", "SIDECAR_TIMEFRAMES": "1m,1h"})
+
+
+def test_retention_per_timeframe(tmp_path: Path) -> None:
+    s = Settings.from_env({"XDG_DATA_HOME": str(tmp_path), "SIDECAR_RETENTION_DAYS": "30,1d:3650,1h:365"})
+    assert (s.retention_for("1m"), s.retention_for("1h"), s.retention_for("1d")) == (30, 365, 3650)
+    only = Settings.from_env({"XDG_DATA_HOME": str(tmp_path), "SIDECAR_RETENTION_DAYS": "1d:3650"})
+    assert (only.retention_for("1m"), only.retention_for("1d")) == (90, 3650)
+
+
+def test_sim_history_default_is_the_warm_window() -> None:
+    """``sim`` alone: the bootstrap spans the days of the warm window, not 90."""
+    base = {"SIDECAR_SOURCES": "sim"}
+    assert Settings.from_env(base).bootstrap_days == 4  # 5,000 one-minute bars: 3.5 days
+    assert Settings.from_env(dict(base, SIDECAR_TIMEFRAME="1s")).bootstrap_days == 1
+    assert Settings.from_env(dict(base, SIDECAR_BOOTSTRAP_DAYS="30")).bootstrap_days == 30
+    assert Settings.from_env({"SIDECAR_SOURCES": "yahoo"}).bootstrap_days == 90

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -22,24 +23,20 @@ from sidecar.redis_store import RedisStore
 from sidecar.scanner import Scanner
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.signals import RULES, SignalRules, evaluate
-from sidecar.tests.conftest import REPO, RedisServer
-from sidecar.tests.test_daemon import free_port, start, wait_ready
-from sidecar.tests.test_features import make_series
+from sidecar.tests.helpers import (
+    FEATURES_BAR_T,
+    REPO,
+    Daemon,
+    RedisServer,
+    ScriptedSource,
+    features,
+    free_port,
+    make_series,
+    series,
+    settings,
+)
 
-BAR_T = 1_727_875_800_000
-
-
-def features(symbol: str, **values: Any) -> dict[str, Any]:
-    now = int(time.time() * 1000)
-    row: dict[str, Any] = {
-        "symbol": symbol, "tf": "1m", "t": BAR_T, "close": 100.0, "v": 10.0, "rsi": 50.0,
-        "ema": 100.0, "bb_upper": 105.0, "bb_middle": 100.0, "bb_lower": 95.0, "atr": 1.0,
-        "vwap": 100.0, "vol_ma": 10.0, "macd": 0.1, "macd_signal": 0.1, "macd_hist": 0.5,
-        "macd_hist_prev": 0.4, "mom": 0.0, "forming": True, "src": "test", "synthetic": False,
-        "stale": False, "computed_at": now, "updated_at": now,
-    }
-    row.update(values)
-    return row
+BAR_T = FEATURES_BAR_T
 
 
 async def write(store: RedisStore, rows: list[dict[str, Any]], heartbeat: bool = True) -> None:
@@ -180,7 +177,8 @@ async def first_update(env: dict[str, str]) -> list[dict[str, Any]]:
     raise AssertionError("the subscription ended")
 
 
-def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server: RedisServer) -> None:
+def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server: RedisServer,
+                                         daemons: Callable[..., Daemon]) -> None:
     """The real daemon, the real 2 s TTL: signals while it runs, none once it is gone."""
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,XAUUSD",
@@ -188,9 +186,10 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
                SIDECAR_REDIS_PREFIX=f"sig{time.time_ns()}", SIDECAR_BOOTSTRAP_DAYS="1",
                # rsi < 100 holds for any defined RSI: every fresh symbol must signal.
                SIDECAR_SIGNAL_RULES="rsi_below", SIDECAR_SIGNAL_RSI_BELOW="100")
-    proc = start(env)
+    daemon = daemons(env)
+    proc = daemon.proc
     try:
-        wait_ready(proc, port)
+        daemon.wait_ready(30)
         signals: list[dict[str, Any]] = []
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and len(signals) < 2:
@@ -225,8 +224,9 @@ def test_daemon_stopped_means_no_signals(clean_env: dict[str, str], redis_server
     finally:
         if proc.poll() is None:
             proc.kill()
-    stopped = time.monotonic()
-    while time.monotonic() - stopped < 2.5:  # right after the stop and until the keys expire
+    # No signal right after the stop, nor at any point until the keys expire.
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
         assert scan_json(env, "--signals") == []
     rows = scan_json(env)
     assert all(r["stale"] and r.get("missing") for r in rows), rows
@@ -267,7 +267,6 @@ async def test_pipeline_writes_the_previous_histogram_for_forming_and_closed_bar
     import dataclasses
 
     from sidecar.app.pipeline import Pipeline
-    from sidecar.tests.test_pipeline import ScriptedSource, series, settings
 
     t0 = 1_700_000_000_000
     bars = series("AAA", 80, t0, 3)

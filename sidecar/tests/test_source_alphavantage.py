@@ -7,7 +7,6 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -15,6 +14,8 @@ from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources._parsing import ParseContext
 from sidecar.sources.alphavantage import AlphaVantageSource, parse_time_series
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 NOW = 1_900_000_000_000
@@ -128,8 +129,8 @@ async def test_fetch_through_fake_server(fake: FakeProviders):
 @pytest.mark.asyncio
 async def test_budget_refusal_sends_nothing(fake: FakeProviders):
     fake.default["av"] = Reply.fixture("alphavantage/time_series_intraday_MSFT_1min_compact_2017.json")
-    t = [0.0]
-    budget = RateBudget("alphavantage", per_second=1, per_day=25, clock=lambda: t[0],
+    t = Clock(0.0)
+    budget = RateBudget("alphavantage", per_second=1, per_day=25, clock=t,
                         wall_clock=lambda: 1_700_000_000.0)
     src = make_source(fake, budget)
     try:
@@ -143,8 +144,8 @@ async def test_budget_refusal_sends_nothing(fake: FakeProviders):
 
 @pytest.mark.asyncio
 async def test_rate_limit_note_backs_off_and_timeouts_are_unavailable(fake: FakeProviders):
-    t = [0.0]
-    budget = RateBudget("alphavantage", per_day=25, clock=lambda: t[0])
+    t = Clock(0.0)
+    budget = RateBudget("alphavantage", per_day=25, clock=t)
     provider = ProviderSettings.from_env({"ALPHAVANTAGE_API_KEY": KEY, "SIDECAR_HTTP_TIMEOUT_S": "0.3",
                                           "SIDECAR_ALPHAVANTAGE_BASE_URL": fake.base_url})
     src = AlphaVantageSource(provider, load_symbol_map(), budget)
@@ -156,7 +157,7 @@ async def test_rate_limit_note_backs_off_and_timeouts_are_unavailable(fake: Fake
         assert budget.remaining() == 0  # backing off: the next call sends nothing
         res = await src.fetch_latest(["MSFT"], Timeframe.parse("1m"), NOW)
         assert isinstance(res["MSFT"], BudgetExhausted) and len(fake.requests_to("av")) == 1
-        t[0] += 61
+        t.advance(61)
         fake.push("av", Reply(delay_s=2.0))
         with pytest.raises(ProviderError) as info:
             await src.fetch_latest(["MSFT"], Timeframe.parse("1m"), NOW)
@@ -168,7 +169,8 @@ async def test_rate_limit_note_backs_off_and_timeouts_are_unavailable(fake: Fake
 def test_build_without_key_is_disabled():
     from sidecar.settings import Settings
     from sidecar.sources import SourceDisabled
+    from sidecar.sources._http import Providers
     from sidecar.sources.alphavantage import build
 
     with pytest.raises(SourceDisabled, match="ALPHAVANTAGE_API_KEY missing"):
-        build(Settings(), {})
+        build(Settings(), Providers.from_env({}))

@@ -6,7 +6,6 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -14,6 +13,8 @@ from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources._parsing import ParseContext
 from sidecar.sources.polygon import PolygonSource, parse_aggs, rebase_url
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 NOW = 1_900_000_000_000
@@ -52,6 +53,14 @@ def test_spec_example_next_url_and_null_results():
     assert parse_aggs(fixture("polygon/aggs_empty_results_null.json"), 200, ctx("1d")) == ([], None)
 
 
+def test_crypto_fractional_volume_is_kept_as_given():
+    body = b'{"status": "OK", "results": [{"o": 64000.5, "h": 64010, "l": 63990.25, "c": 64001, ' \
+           b'"v": 0.53412345, "t": 1700000040000}, {"o": 1, "h": 1, "l": 1, "c": 1, "v": 1.5e-07, ' \
+           b'"t": 1700000100000}]}'
+    bars, _ = parse_aggs(body, 200, ctx("1m"), asset_class="crypto")
+    assert [b.v for b in bars] == [0.53412345, 1.5e-07]
+
+
 def test_fx_volume_is_none():
     body = {"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 345, "t": 1_700_000_040_000}]}
     bars, _ = parse_aggs(json.dumps(body), 200, ctx("1m", hv=False), asset_class="fx")
@@ -84,8 +93,8 @@ async def test_history_follows_next_url_with_bearer(fake: FakeProviders):
     page1 = json.loads(fixture("polygon/spec_aggs_range_AAPL_1day_next_url.json"))
     page2 = json.loads(fixture("polygon/openbb_aggs_AAPL_1day_2023-01-01_2023-01-10.json"))
     fake.push("polygon", Reply.json(page1), Reply.json(page2))
-    c = [0.0]
-    src = make(fake, RateBudget("polygon", per_minute=5, clock=lambda: c[0]))
+    c = Clock(0.0)
+    src = make(fake, RateBudget("polygon", per_minute=5, clock=c))
     try:
         bars = await src.fetch_history("AAPL", Timeframe.parse("1d"), 0, NOW)
         assert len(bars) == 8
@@ -101,8 +110,8 @@ async def test_history_follows_next_url_with_bearer(fake: FakeProviders):
 @pytest.mark.asyncio
 async def test_budget_and_symbol_spelling(fake: FakeProviders):
     fake.default["polygon"] = Reply.fixture("polygon/aggs_empty_results_null.json")
-    c = [0.0]
-    src = make(fake, RateBudget("polygon", per_minute=2, clock=lambda: c[0]))
+    c = Clock(0.0)
+    src = make(fake, RateBudget("polygon", per_minute=2, clock=c))
     try:
         res = await src.fetch_latest(["EURUSD", "BTCUSD", "AAPL"], Timeframe.parse("1m"), NOW)
         assert res["EURUSD"] == [] and res["BTCUSD"] == []
@@ -111,7 +120,7 @@ async def test_budget_and_symbol_spelling(fake: FakeProviders):
         assert paths[0].startswith("/v2/aggs/ticker/C:EURUSD/") and paths[1].startswith("/v2/aggs/ticker/X:BTCUSD/")
         assert len(paths) == 2
         fake.push("polygon", Reply(status=500, body=b"oops"))
-        c[0] += 60
+        c.advance(60)
         with pytest.raises(ProviderError) as info:
             await src.fetch_latest(["AAPL"], Timeframe.parse("1m"), NOW)
         assert info.value.error_class == "unavailable"

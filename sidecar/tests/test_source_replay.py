@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.bar import Bar
+from sidecar.clock import ReplayClock
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.sources.replay import ReplaySource, read_bars
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 TF = Timeframe.parse("1m")
@@ -20,12 +22,6 @@ START_MS = 1_727_827_200_000 + 20_000  # the daemon starts 20 s into a minute
 START_FLOOR = START_MS - 20_000
 
 
-class Clock:
-    def __init__(self, t_ms: int) -> None:
-        self.t_ms = t_ms
-
-    def __call__(self) -> float:
-        return self.t_ms / 1000
 
 
 def recorded(symbol: str = "AAPL", n: int = 6, *, base: float = 100.0, tf: str = "1m") -> list[Bar]:
@@ -146,7 +142,7 @@ def make_source(tmp_path: Path, bars: list[Bar], clock: Clock, speed: float = 1.
 
 async def test_speed_one_shifts_by_whole_bars_and_paces_by_clock(tmp_path: Path) -> None:
     bars = recorded("AAPL", 6)
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, bars, clock)
     shift = START_FLOOR - R0
     assert shift % M == 0
@@ -166,11 +162,14 @@ async def test_speed_one_shifts_by_whole_bars_and_paces_by_clock(tmp_path: Path)
     b0 = first[0]
     assert (b0.o, b0.h, b0.l, b0.c, b0.v) == (bars[0].o, bars[0].h, bars[0].l, bars[0].c, bars[0].v)
     assert b0.src == "replay" and b0.forming is False and b0.synthetic is False
-    # At most the two newest released bars, each shifted by the same whole number of bars.
+    # Every bar released since the last answer, each shifted by the same whole number of bars.
     later = await latest(START_FLOOR + 4 * M + 30_000)
-    assert [b.t for b in later] == [START_FLOOR + 2 * M, START_FLOOR + 3 * M]
-    assert all(b.t - orig.t == shift for b, orig in zip(later, bars[2:4], strict=True))
-    assert [b.c for b in later] == [bars[2].c, bars[3].c]
+    assert [b.t for b in later] == [START_FLOOR + i * M for i in (1, 2, 3)]
+    assert all(b.t - orig.t == shift for b, orig in zip(later, bars[1:4], strict=True))
+    assert [b.c for b in later] == [bars[1].c, bars[2].c, bars[3].c]
+    # Nothing new: the newest two again.
+    again = await latest(START_FLOOR + 4 * M + 40_000)
+    assert [b.t for b in again] == [START_FLOOR + 2 * M, START_FLOOR + 3 * M]
     # Past the end of the recording: the last two bars stay the answer.
     end = await latest(START_FLOOR + 100 * M)
     assert [b.t for b in end] == [START_FLOOR + 4 * M, START_FLOOR + 5 * M]
@@ -178,7 +177,7 @@ async def test_speed_one_shifts_by_whole_bars_and_paces_by_clock(tmp_path: Path)
 
 async def test_history_is_released_and_shifted(tmp_path: Path) -> None:
     bars = recorded("AAPL", 6)
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, bars, clock)
     await src.fetch_latest(["AAPL"], TF, START_MS)
     clock.t_ms = START_FLOOR + 3 * M + 1
@@ -189,33 +188,77 @@ async def test_history_is_released_and_shifted(tmp_path: Path) -> None:
     assert [b.t for b in part] == [START_FLOOR + M]
 
 
-async def test_other_speed_keeps_recorded_stamps(tmp_path: Path) -> None:
+async def test_other_speed_runs_on_the_recordings_clock(tmp_path: Path) -> None:
     bars = recorded("AAPL", 6)
-    clock = Clock(START_FLOOR)
-    src = make_source(tmp_path, bars, clock, speed=60.0)
-    res = await src.fetch_latest(["AAPL"], TF, START_FLOOR + 1_500)  # 90 s of recording
+    wall = Clock.from_ms(START_FLOOR)
+    src = make_source(tmp_path, bars, wall, speed=60.0)
+    clock = src.clock
+    assert isinstance(clock, ReplayClock)
+    # It reads the first recorded bar's open until the daemon begins it, then runs 60x.
+    assert clock() * 1000 == R0
+    wall.advance(5)
+    assert clock() * 1000 == R0
+    clock.begin()
+    wall.advance(1.5)
+    now = int(clock() * 1000)
+    assert now == R0 + 90_000  # 90 s of recording
+    res = await src.fetch_latest(["AAPL"], TF, now)
     out = res["AAPL"]
     assert isinstance(out, list)
-    assert [b.t for b in out] == [R0]
-    res = await src.fetch_latest(["AAPL"], TF, START_FLOOR + 3_000)  # 3 min of recording
+    assert [b.t for b in out] == [R0]  # recorded stamps, released once closed
+    wall.advance(1.5)
+    res = await src.fetch_latest(["AAPL"], TF, int(clock() * 1000))  # 3 min of recording
     out = res["AAPL"]
     assert isinstance(out, list)
     assert [b.t for b in out] == [R0 + M, R0 + 2 * M]
+    hist = await src.fetch_history("AAPL", TF, 0, 2**62)
+    assert [b.t for b in hist] == [R0, R0 + M, R0 + 2 * M]
+
+
+async def test_fast_replay_hands_out_every_bar_once_in_order(tmp_path: Path) -> None:
+    bars = recorded("AAPL", 500) + recorded("MSFT", 500, base=300.0)
+    src = make_source(tmp_path, bars, Clock.from_ms(START_FLOOR), speed=10_000.0)
+    seen: dict[str, list[int]] = {"AAPL": [], "MSFT": []}
+    now = R0
+    while not src.exhausted(now):
+        now += 37 * M + 11_000  # many bars a cycle, at no bar boundary
+        res = await src.fetch_latest(["AAPL", "MSFT"], TF, now)
+        for sym, got in res.items():
+            assert isinstance(got, list)
+            assert all(b.t + M <= now for b in got)  # only closed periods
+            seen[sym] += [b.t for b in got if not seen[sym] or b.t > seen[sym][-1]]
+    for sym in seen:
+        assert seen[sym] == [R0 + i * M for i in range(500)]
+    assert src.next_release_ms(now) is None
+
+
+async def test_next_release_and_exhaustion(tmp_path: Path) -> None:
+    src = make_source(tmp_path, recorded("AAPL", 3), Clock.from_ms(START_FLOOR), speed=100.0)
+    assert src.next_release_ms(R0) == R0 + M
+    assert src.next_release_ms(R0 + M) == R0 + 2 * M
+    assert not src.exhausted(R0 + 2 * M)
+    # Every bar released, but the daemon has not been handed them yet.
+    assert src.next_release_ms(R0 + 3 * M) is None
+    assert src.exhausted(R0 + 3 * M)  # nobody asked for AAPL: nothing owed
+    await src.fetch_latest(["AAPL"], TF, R0 + 2 * M)
+    assert not src.exhausted(R0 + 3 * M)
+    await src.fetch_latest(["AAPL"], TF, R0 + 3 * M)
+    assert src.exhausted(R0 + 3 * M)
 
 
 async def test_last_revision_wins(tmp_path: Path) -> None:
     bars = recorded("AAPL", 3)
     revised = Bar("AAPL", "1m", R0 + M, 200.0, 201.0, 199.0, 200.5, 1.0, "yahoo")
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, [*bars, revised], clock)
     res = await src.fetch_latest(["AAPL"], TF, START_FLOOR + 10 * M)
     out = res["AAPL"]
     assert isinstance(out, list)
-    assert [b.c for b in out] == [200.5, bars[2].c]
+    assert [b.c for b in out] == [bars[0].c, 200.5, bars[2].c]
 
 
 async def test_unknown_symbol_in_result_dict(tmp_path: Path) -> None:
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, recorded("AAPL", 3), clock)
     res = await src.fetch_latest(["AAPL", "ZZZZ"], TF, START_FLOOR + 2 * M)
     assert isinstance(res["AAPL"], list) and len(res["AAPL"]) == 2
@@ -235,7 +278,7 @@ async def test_unknown_symbol_in_result_dict(tmp_path: Path) -> None:
 
 async def test_symbols_share_one_origin(tmp_path: Path) -> None:
     late = [Bar("MSFT", "1m", R0 + 2 * M, 5.0, 6.0, 4.0, 5.5, 1.0, "x")]
-    clock = Clock(START_MS)
+    clock = Clock.from_ms(START_MS)
     src = make_source(tmp_path, recorded("AAPL", 3) + late, clock)
     res = await src.fetch_latest(["AAPL", "MSFT"], TF, START_FLOOR + 3 * M)
     msft = res["MSFT"]

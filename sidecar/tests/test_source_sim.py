@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from sidecar.bar import Bar
-from sidecar.sources.sim import SimSource
+from sidecar.sources.sim import SimSource, guess_asset_class
 from sidecar.timeframe import Timeframe
 from sidecar.validation import check_bar
 
@@ -200,3 +201,69 @@ async def test_one_second_timeframe() -> None:
     assert [b.t for b in bars] == [T0 + 3000, T0 + 4000]
     assert [b.forming for b in bars] == [False, True]
     assert_valid(bars, T0 + 4000, tf)
+
+
+# -- a market that looks like one --------------------------------------------------------
+
+REAL_RANGES = {"EURUSD": (1.0, 1.2), "USDJPY": (130.0, 170.0), "BTCUSD": (20_000.0, 100_000.0),
+               "ETHUSD": (1_000.0, 6_000.0), "XAUUSD": (1_500.0, 3_000.0), "AAPL": (150.0, 250.0),
+               "NAS100": (10_000.0, 25_000.0)}
+
+
+async def history_closes(source: SimSource, symbol: str, days: int = 5) -> np.ndarray:
+    bars = await source.fetch_history(symbol, TF, T0 - days * 86_400_000, T0)
+    return np.array([b.c for b in bars])
+
+
+@pytest.mark.parametrize("seed", [1, 42, 2024])
+async def test_prices_start_near_real_levels(seed: int) -> None:
+    source = SimSource(seed=seed, clock=lambda: at(T0))
+    for symbol, (low, high) in REAL_RANGES.items():
+        closes = await history_closes(source, symbol, days=1)
+        assert low <= closes[-1] <= high, (symbol, closes[-1])
+        assert low * 0.8 <= closes.min() and closes.max() <= high * 1.2, symbol
+
+
+async def test_unknown_symbols_get_plausible_levels_for_their_class() -> None:
+    source = SimSource(clock=lambda: at(T0), asset_classes={"ZZCOIN": "crypto", "BIGIDX": "index"})
+    assert guess_asset_class("SEKNOK") == "fx" and guess_asset_class("XAGUSD") == "metal"
+    assert guess_asset_class("SOLUSDT") == "crypto" and guess_asset_class("ZZZZ") == "stock"
+    for symbol, (low, high) in {"ZZZZ": (19.0, 525.0), "SEKNOK": (0.47, 2.1),
+                                "BIGIDX": (950.0, 31_500.0), "ZZCOIN": (0.09, 525.0)}.items():
+        closes = await history_closes(source, symbol, days=1)
+        assert low <= closes[-1] <= high, (symbol, closes[-1])
+
+
+def realised_per_bar(closes: np.ndarray) -> float:
+    return float(np.std(np.diff(np.log(closes))))
+
+
+async def test_volatility_per_asset_class() -> None:
+    """Per-bar log-return spread matches each class's annual volatility: FX quiet, crypto wild."""
+    source = SimSource(clock=lambda: at(T0), asset_classes={"EURUSD": "fx", "BTCUSD": "crypto",
+                                                            "AAPL": "stock"})
+    fx, crypto, stock = [realised_per_bar(await history_closes(source, s))
+                         for s in ("EURUSD", "BTCUSD", "AAPL")]
+    minute = 60.0
+    expected = {"fx": 0.07 / (260 * 86_400) ** 0.5, "crypto": 0.55 / (365 * 86_400) ** 0.5,
+                "stock": 0.30 / (252 * 6.5 * 3_600) ** 0.5}
+    for got, cls in ((fx, "fx"), (crypto, "crypto"), (stock, "stock")):
+        assert got == pytest.approx(expected[cls] * minute ** 0.5, rel=0.1), cls
+    assert crypto > 5 * fx and stock > 5 * fx
+    # EURUSD's daily range is tens of pips, not dollars.
+    closes = await history_closes(source, "EURUSD", days=1)
+    assert 0.001 < closes.max() - closes.min() < 0.05
+
+
+async def test_live_walk_keeps_the_class_volatility() -> None:
+    source = SimSource(clock=lambda: at(T0))
+    closes: dict[str, list[float]] = {"EURUSD": [], "BTCUSD": []}
+    for now in range(T0, T0 + 600_000, 1_000):
+        res = await source.fetch_latest(list(closes), TF, now)
+        for symbol, series in closes.items():
+            bars = res[symbol]
+            assert isinstance(bars, list)
+            series.append(bars[-1].c)
+    fx, crypto = (realised_per_bar(np.array(closes[s])) for s in ("EURUSD", "BTCUSD"))
+    assert fx == pytest.approx(0.07 / (260 * 86_400) ** 0.5, rel=0.25)
+    assert crypto == pytest.approx(0.55 / (365 * 86_400) ** 0.5, rel=0.25)

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -15,6 +14,8 @@ from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources._parsing import ParseContext
 from sidecar.sources.twelvedata import TwelveDataSource, parse_batch, parse_time_series
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 NOW = 1_900_000_000_000
@@ -108,8 +109,8 @@ def make(fake, budget):
 
 @pytest.mark.asyncio
 async def test_batch_within_credit_budget(fake: FakeProviders):
-    c = [0.0]
-    budget = RateBudget("twelvedata", per_minute=3, per_day=800, clock=lambda: c[0],
+    c = Clock(0.0)
+    budget = RateBudget("twelvedata", per_minute=3, per_day=800, clock=c,
                         wall_clock=lambda: 1_700_000_000.0)
     src = make(fake, budget)
     body = {
@@ -140,8 +141,8 @@ async def test_batch_within_credit_budget(fake: FakeProviders):
 
 @pytest.mark.asyncio
 async def test_429_whole_batch_raises_and_backs_off(fake: FakeProviders):
-    c = [0.0]
-    budget = RateBudget("twelvedata", per_minute=8, clock=lambda: c[0])
+    c = Clock(0.0)
+    budget = RateBudget("twelvedata", per_minute=8, clock=c)
     src = make(fake, budget)
     fake.push("td", Reply.fixture("twelvedata/error_429_out_of_credits_minute.json", 429,
                                   headers={"Retry-After": "17"}))
@@ -150,7 +151,7 @@ async def test_429_whole_batch_raises_and_backs_off(fake: FakeProviders):
             await src.fetch_latest(["AAPL", "MSFT"], Timeframe.parse("1m"), NOW)
         assert info.value.error_class == "rate_limited" and info.value.retry_after == 17
         assert budget.remaining() == 0
-        c[0] += 17
+        c.advance(17)
         assert budget.remaining() > 0
     finally:
         await src.close()

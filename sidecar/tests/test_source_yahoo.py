@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
@@ -15,6 +14,8 @@ from sidecar.sources._parsing import ParseContext
 from sidecar.sources.yahoo import YahooSource, parse_chart
 from sidecar.sources.yahoo_stream import YahooStream
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import Clock
 from sidecar.timeframe import Timeframe
 
 AAPL_1M = "yahoo/chart_AAPL_1m_2024-10-02_regular_only_with_nulls.json"
@@ -117,8 +118,8 @@ async def test_history_through_yfinance_and_fake_server(fake: FakeProviders, tmp
 @pytest.mark.asyncio
 async def test_unknown_symbol_cached_and_429(fake: FakeProviders, tmp_path):
     fake.default["yahoo"] = Reply.fixture("yahoo/chart_error_SI_404_not_found.json", 404)
-    c = [0.0]
-    src = make(fake, RateBudget("yahoo", per_minute=60, clock=lambda: c[0]), tmp_path)
+    c = Clock(0.0)
+    src = make(fake, RateBudget("yahoo", per_minute=60, clock=c), tmp_path)
     await src.start()
     try:
         with pytest.raises(ProviderError) as info:

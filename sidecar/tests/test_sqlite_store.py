@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -11,13 +12,11 @@ import pytest
 from sidecar import sqlite_store
 from sidecar.bar import Bar
 from sidecar.sqlite_store import BarStore
+from sidecar.tests.helpers import Clock, bar
 
 DAY = 86_400_000
 
 
-def bar(t: int, c: float = 100.0, symbol: str = "AAPL", forming: bool = False) -> Bar:
-    return Bar(symbol, "1m", t, c, c + 1, c - 1, c, None if symbol == "EURUSD" else 5.0, "test",
-               forming=forming)
 
 
 async def test_schema_is_wal_without_rowid_with_primary_key(bar_store: BarStore) -> None:
@@ -38,14 +37,14 @@ async def test_empty_store_is_detected(bar_store: BarStore) -> None:
 async def test_flush_happens_after_ten_seconds_or_at_size_limit(
     bar_store: BarStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [1_000.0]
-    monkeypatch.setattr(sqlite_store.time, "monotonic", lambda: now[0])
-    bar_store._last_flush_mono = now[0]
+    now = Clock(1_000.0)
+    monkeypatch.setattr(sqlite_store.time, "monotonic", now)
+    bar_store._last_flush_mono = now.t
     bar_store.flush_max_rows = 100
     bar_store.add([bar(i * 60_000) for i in range(10)])
-    now[0] += 9.9
+    now.advance(9.9)
     assert not bar_store.flush_due()
-    now[0] += 0.1
+    now.advance(0.1)
     assert bar_store.flush_due()  # 10 s passed
     assert await bar_store.flush() == 10
     assert not bar_store.flush_due()
@@ -69,7 +68,7 @@ async def test_revision_overwrites_buffer_and_row(bar_store: BarStore) -> None:
 
 async def test_reads_last_n_and_time_range_and_volume_none(bar_store: BarStore) -> None:
     await bar_store.write_history([bar(i * 60_000) for i in range(100)])
-    await bar_store.write_history([bar(i * 60_000, symbol="EURUSD") for i in range(3)])
+    await bar_store.write_history([bar(i * 60_000, symbol="EURUSD", v=None) for i in range(3)])
     last = await bar_store.last_bars("AAPL", "1m", 5)
     assert [b.t for b in last] == [i * 60_000 for i in range(95, 100)]
     rng = await bar_store.bars_between("AAPL", "1m", 10 * 60_000, 13 * 60_000)
@@ -129,3 +128,19 @@ async def test_close_flushes_everything(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "b.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM bars").fetchone()[0] == 42
+
+
+async def test_fractional_volumes_round_trip_exactly(tmp_path: Path) -> None:
+    """Volumes are real numbers everywhere: SQLite REAL, the msgpack member, the JSON line."""
+    store = BarStore(tmp_path / "v.sqlite3")
+    await store.open()
+    try:
+        volumes = [0.53412345, 1.5e-07, 20.55495, 123456789.00000001, 0.1 + 0.2]
+        bars = [Bar("BTCUSD", "1m", 60_000 * (i + 1), 1.0, 1.0, 1.0, 1.0, v, "ccxt:binance")
+                for i, v in enumerate(volumes)]
+        await store.write_history(bars)
+        assert [b.v for b in await store.bars_between("BTCUSD", "1m", 0, 10**9)] == volumes
+        assert [Bar.unpack("BTCUSD", "1m", b.pack()).v for b in bars] == volumes
+        assert [Bar.from_json_dict(json.loads(json.dumps(b.to_json_dict()))).v for b in bars] == volumes
+    finally:
+        await store.close()

@@ -5,8 +5,8 @@ a price and a sparkline of its recent closes, a drawn cycle-time sparkline, and 
 click a symbol's candlestick chart with EMA and Bollinger overlays and RSI below;
 every request goes to the daemon itself (no CDN), with no console errors or
 exceptions. Screenshots go to ``artifacts/status-page.png`` and
-``artifacts/status-chart.png``. Without Chromium the test skips, unless ``CI`` or
-``SIDECAR_REQUIRE_FIXTURES`` is set (then it fails): scripts/test installs it.
+``artifacts/status-chart.png``. Without Chromium the test skips, which fails a CI run
+(``skip_gate.py``): scripts/test installs it.
 """
 
 from __future__ import annotations
@@ -15,20 +15,19 @@ import asyncio
 import base64
 import itertools
 import json
-import os
 import shutil
 import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
-from sidecar.tests.conftest import REPO
-from sidecar.tests.test_daemon import free_port, start, wait_ready
+from sidecar.tests.helpers import REPO, Daemon, free_port
 
 SYMBOLS = ["AAPL", "EURUSD", "BTCUSD", "XAUUSD"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -161,21 +160,20 @@ async def screenshot_to(cdp: DevTools, path: Path) -> None:
     path.write_bytes(base64.b64decode(shot["data"]))
 
 
-def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], tmp_path: Path) -> None:
+def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], tmp_path: Path,
+                                                    daemons: Callable[..., Daemon]) -> None:
     chromium = find_chromium()
     if chromium is None:
-        if os.environ.get("CI") or os.environ.get("SIDECAR_REQUIRE_FIXTURES"):
-            pytest.fail("Chromium is required here (CI/SIDECAR_REQUIRE_FIXTURES set) but not installed; "
-                        "scripts/test installs it with apt-get")
         pytest.skip("Chromium not installed (apt-get install chromium, or run scripts/test as root)")
     port = free_port()
     env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS=",".join(SYMBOLS),
                SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="1")
-    daemon = start(env)
+    sidecar = daemons(env)
+    daemon = sidecar.proc
     profile = tmp_path / "chromium-profile"
     browser: subprocess.Popen[bytes] | None = None
     try:
-        wait_ready(daemon, port)
+        sidecar.wait_ready(30)
         browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                     "--remote-debugging-port=0", "about:blank"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

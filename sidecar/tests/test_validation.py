@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from sidecar.bar import Bar
+from sidecar.tests.helpers import bar as make_bar
 from sidecar.timeframe import Timeframe
 from sidecar.validation import (
     MAX_FILL_BARS,
@@ -29,8 +30,8 @@ SYM = "AAPL"
 def mk(i: int, c: float = 100.0, *, rng: float = 1.0, v: float | None = 10.0, symbol: str = SYM,
        forming: bool = False, **kw) -> Bar:
     """Bar number ``i`` (open time T0 + i minutes) closing at ``c`` with range ``rng``."""
-    bar = Bar(symbol, "1m", T0 + i * M, c, c + rng / 2, c - rng / 2, c, v, "test", forming=forming)
-    return replace(bar, **kw) if kw else bar
+    made = make_bar(T0 + i * M, c, h=c + rng / 2, l=c - rng / 2, v=v, symbol=symbol, forming=forming)
+    return replace(made, **kw) if kw else made
 
 
 def rejections(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

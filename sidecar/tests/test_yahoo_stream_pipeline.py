@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import talib
-from fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
@@ -27,6 +26,8 @@ from sidecar.settings import Settings
 from sidecar.sources.yahoo import YahooSource
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import load_symbol_map
+from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
+from sidecar.tests.helpers import Clock
 
 AAPL_1M = "yahoo/chart_AAPL_1m_2024-10-02_regular_only_with_nulls.json"
 T = 1_760_000_040_000  # a minute open; the test's "now" is a few seconds after it
@@ -71,9 +72,10 @@ async def test_ticks_move_forming_bar_and_features_between_polls(
         "SIDECAR_HTTP_TIMEOUT_S": "3", "SIDECAR_YAHOO_POLL_S": "60"})
     src = YahooSource(provider, load_symbol_map(), RateBudget("yahoo", per_minute=60),
                       cache_dir=tmp_path / "yf", stream_tickers=["AAPL"])
-    settings = Settings(symbols=("AAPL",), sources=("yahoo",), outlier_k=0.0, fetch_timeout_s=5.0)
-    clock = [(T + 20_000) / 1000]
-    pipe = Pipeline(settings, [src], redis_store, bar_store, clock=lambda: clock[0])
+    settings = Settings(symbols=("AAPL",), sources=("yahoo",), outlier_k=0.0, fetch_timeout_s=5.0,
+                        market_hours=False)  # the recorded stream's hours are not the calendar's
+    clock = Clock((T + 20_000) / 1000)
+    pipe = Pipeline(settings, [src], redis_store, bar_store, clock=clock)
     stored = history(T - 60_000)
     await bar_store.write_history(stored)
     fake.push("yahoo", Reply(body=chart_body(T - 60_000, T + 10_000)))
@@ -91,7 +93,7 @@ async def test_ticks_move_forming_bar_and_features_between_polls(
         # A tick inside minute T: the next cycle moves the bar without a request.
         await fake.send_stream({"id": "AAPL", "price": 230.5, "time": T + 25_000})
         await wait_tick(src, 230.5)
-        clock[0] = (T + 26_000) / 1000
+        clock.t = (T + 26_000) / 1000
         await pipe.run_cycle(T + 26_000)
         bar = (await redis_store.recent_bars("AAPL", "1m", 1))[-1]
         assert (bar.t, bar.c, bar.h, bar.forming) == (T, 230.5, 230.5, True)
@@ -108,7 +110,7 @@ async def test_ticks_move_forming_bar_and_features_between_polls(
         assert len(fake.requests_to("yahoo")) == 1
 
         # No news: the last bar is served (its age in the features), still no request.
-        clock[0] = (T + 27_000) / 1000
+        clock.t = (T + 27_000) / 1000
         await pipe.run_cycle(T + 27_000)
         feats = (await redis_store.read_features(["AAPL"], "1m"))[0]
         assert feats is not None and feats["via"] == "last" and feats["data_age_ms"] == 1_000
@@ -116,7 +118,7 @@ async def test_ticks_move_forming_bar_and_features_between_polls(
         # A tick in the next minute opens its forming bar; minute T closes at 230.5.
         await fake.send_stream({"id": "AAPL", "price": 231.0, "time": T + 65_000})
         await wait_tick(src, 231.0)
-        clock[0] = (T + 66_000) / 1000
+        clock.t = (T + 66_000) / 1000
         await pipe.run_cycle(T + 66_000)
         prev, new = await redis_store.recent_bars("AAPL", "1m", 2)
         assert (prev.t, prev.c, prev.forming) == (T, 230.5, False)
@@ -125,7 +127,7 @@ async def test_ticks_move_forming_bar_and_features_between_polls(
 
         # The poll is due 60 s after the first: REST reconciles minute T with real values.
         fake.push("yahoo", Reply(body=chart_body(T, T + 70_000)))
-        clock[0] = (T + 81_000) / 1000
+        clock.t = (T + 81_000) / 1000
         await pipe.run_cycle(T + 81_000)
         assert len(fake.requests_to("yahoo")) == 2
         reconciled = {b.t: b for b in await redis_store.recent_bars("AAPL", "1m", 3)}
