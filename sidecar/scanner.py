@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 import msgpack
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
@@ -299,7 +299,8 @@ class Scanner:
         if isinstance(listener, RedisCluster):
             # A message published on any node reaches every node: one node's connection will do.
             node = listener.get_default_node()
-            listener = Redis(**node.connection_kwargs)
+            listener = Redis.from_pool(ConnectionPool(connection_class=node.connection_class,
+                                                      max_connections=2, **node.connection_kwargs))
         pubsub = listener.pubsub()
         try:
             await pubsub.subscribe(self.keys.cycles_channel)
