@@ -12,8 +12,8 @@ import importlib
 import time
 from collections.abc import Sequence
 
-BENCHMARKS = ("features", "store", "tick", "scanner_read", "cluster_read", "shards", "cycle", "daemon_soak",
-              "ccxt_source", "replay_week")
+BENCHMARKS = ("features", "store", "tick", "scanner_read", "http_api", "cluster_read", "shards", "cycle",
+              "daemon_soak", "ccxt_source", "replay_week")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,12 +51,14 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str
 
 
 async def timed_reads(cases: dict[str, Callable[[], Awaitable[object]]], reads: int,
-                      ) -> dict[str, list[float]]:
-    """Each case's times (ms) over ``reads`` rounds, after a warm-up and ``settle_gc()``;
-    the order of the cases alternates round by round, so noise hits them alike."""
+                      cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Each case's times (ms) over ``reads`` rounds, after a warm-up and ``settle_gc()``
+    (as a trading process does after start-up, README "Scanner"); the order of the cases
+    alternates round by round, so noise hits them alike. With ``cpu``, the CPU
+    milliseconds this process spent in each call go there."""
     from sidecar.gc_tuning import settle_gc
 
-    for _ in range(max(3, reads // 20)):
+    for _ in range(max(3, reads // 20)):  # warm the connections and caches
         for fn in cases.values():
             await fn()
     settle_gc()
@@ -66,9 +68,11 @@ async def timed_reads(cases: dict[str, Callable[[], Awaitable[object]]], reads: 
         if i % 2:
             order.reverse()
         for name, fn in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             await fn()
             timings[name].append((time.perf_counter() - t0) * 1000)
+            if cpu is not None:
+                cpu.setdefault(name, []).append((time.process_time() - c0) * 1000)
     return timings
 
 
@@ -125,6 +129,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def timing_table(title: str, results: dict[str, Any]) -> str:
+    """p50/p99/max of each case in ``results["ms"]`` and its p50 over the ``raw`` case's."""
+    rows = [[name, s["p50"], s["p99"], s["max"], results["ratio_p50"][name]]
+            for name, s in results["ms"].items()]
+    return table([title, "p50 ms", "p99 ms", "max ms", "p50 × raw"], rows)
 
 
 def cli(name: str, run: Callable[[bool], dict[str, Any]], render: Callable[[dict[str, Any]], str],

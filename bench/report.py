@@ -17,8 +17,8 @@ from bench._common import RESULTS_DIR
 
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("features", "cluster_read", "scanner_read", "shards", "cycle", "cycle_soak", "daemon_soak",
-         "replay_week", "store", "tick", "ccxt_source")
+ORDER = ("features", "cluster_read", "scanner_read", "http_api", "shards", "cycle", "cycle_soak",
+         "daemon_soak", "replay_week", "store", "tick", "ccxt_source")
 
 
 def block(results_dir: Path = RESULTS_DIR) -> str:

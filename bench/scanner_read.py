@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from bench._common import PrivateRedis, cli, summary, table, timed_reads
+from bench._common import PrivateRedis, cli, summary, timed_reads, timing_table
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS, features_map
 from sidecar.redis_store import RedisStore, connect
@@ -60,17 +60,27 @@ def feature_payloads(n: int, now_ms: int) -> list[tuple[str, str, bytes]]:
     return out
 
 
+async def seed(url: str, n: int) -> tuple[RedisStore, list[str], list[str]]:
+    """``n`` symbols' features and a heartbeat written (prefix ``bench``, no expiry in
+    sight): the writer, the symbols, and the keys one read asks for (heartbeat last)."""
+    writer = RedisStore(connect(url), "bench", features_ttl_ms=3_600_000, heartbeat_ttl_ms=3_600_000)
+    now = int(time.time() * 1000)
+    payloads = feature_payloads(n, now)
+    await writer.write_cycle([], payloads, {"pid": 1, "t": now})
+    symbols = [sym for _, sym, _ in payloads]
+    return writer, symbols, [writer.keys.features("1m", s) for s in symbols] + [writer.keys.heartbeat]
+
+
+def bench_scanner(url: str, pool_size: int = 4) -> Scanner:
+    """A scanner of the seeded features that never calls them stale."""
+    return Scanner(connect(url, pool_size=pool_size), "bench", "1m", stale_after_ms=10**9)
+
+
 async def bench(n: int, reads: int) -> dict[str, Any]:
     with PrivateRedis() as server:
-        writer = RedisStore(connect(server.url), "bench", features_ttl_ms=3_600_000,
-                            heartbeat_ttl_ms=3_600_000)
-        now = int(time.time() * 1000)
-        payloads = feature_payloads(n, now)
-        await writer.write_cycle([], payloads, {"pid": 1, "t": now})
-        symbols = [sym for _, sym, _ in payloads]
-        scanner = Scanner(connect(server.url, pool_size=4), "bench", "1m", stale_after_ms=10**9)
+        writer, symbols, keys = await seed(server.url, n)
+        scanner = bench_scanner(server.url)
         raw_client = connect(server.url, pool_size=4)
-        keys = [writer.keys.features("1m", s) for s in symbols] + [writer.keys.heartbeat]
         rules = SignalRules()
         unpackb = msgpack.unpackb
 
@@ -84,10 +94,9 @@ async def bench(n: int, reads: int) -> dict[str, Any]:
         async def read_signals() -> int:
             return len(evaluate(await scanner.read(symbols), rules))
 
-        cases = {"raw": raw, "scanner": read, "scanner_signals": read_signals}
         signals = await read_signals()
         # Warm-up, then settle_gc() as a trading process does after start-up (docs/scanner.md).
-        timings = await timed_reads(cases, reads)
+        timings = await timed_reads({"raw": raw, "scanner": read, "scanner_signals": read_signals}, reads)
         await scanner.close()
         await raw_client.aclose()
         await writer.close()
@@ -102,9 +111,7 @@ def run(smoke: bool) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> str:
-    rows = [[name, s["p50"], s["p99"], s["max"], r["ratio_p50"][name]] for name, s in r["ms"].items()]
-    return (table([f"read of {r['symbols']} symbols ({r['reads']} reads)", "p50 ms", "p99 ms", "max ms",
-                   "p50 × raw"], rows)
+    return (timing_table(f"read of {r['symbols']} symbols ({r['reads']} reads)", r)
             + f"\n\nsignals per read: {r['signals_per_read']}")
 
 

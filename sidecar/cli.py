@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar.logs import setup_logging
 
         setup_logging(settings.log_format, settings.log_level)
+        dotenv = config.dotenv_report()
+        if dotenv is not None:  # names only: the values are secrets
+            logging.getLogger("sidecar.cli").log(
+                logging.WARNING if dotenv["open_to_others"] else logging.INFO, "read .env", extra=dotenv)
         if args.command == "run":
             from sidecar.app.daemon import run_daemon
 
@@ -279,13 +284,13 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
 
 def _print_scan(rows: list[dict[str, Any]], rules: SignalRules | None, *, as_json: bool) -> None:
     if rules is not None:
-        from sidecar.signals import evaluate
+        from sidecar.signals import evaluate, signal_rows
 
-        signals = evaluate(rows, rules)
         if as_json:
-            for sig in signals:
-                print(json.dumps(sig.as_dict()))
+            for item in signal_rows(rows, rules):
+                print(json.dumps(item))
             return
+        signals = evaluate(rows, rules)
         stamp = datetime.now(UTC).strftime("%H:%M:%S")
         fresh = sum(1 for r in rows if not r["stale"])
         print(f"{stamp}  {len(signals)} signal(s) over {fresh} fresh of {len(rows)} symbols")

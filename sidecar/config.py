@@ -183,6 +183,8 @@ class Configuration:
     file_values: dict[str, tuple[str, str]] = field(default_factory=dict)
     dotenv: Path | None = None
     dotenv_values: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Group or others may read the ``.env`` file (it holds secrets: ``chmod 600`` it).
+    dotenv_open_to_others: bool = False
     #: The variables set (not blank) in the environment before :meth:`apply`.
     from_env: frozenset[str] = frozenset()
 
@@ -195,9 +197,11 @@ class Configuration:
         file = Path(given).expanduser() if given is not None else None
         file_values = read_config_file(file, known) if file is not None else {}
         dotenv = (cwd or Path.cwd()) / DOTENV
-        dotenv_values = read_dotenv(dotenv, known) if dotenv.is_file() else {}
+        found = dotenv.is_file()
+        dotenv_values = read_dotenv(dotenv, known) if found else {}
         return cls(file=file, file_values=file_values,
-                   dotenv=dotenv if dotenv.is_file() else None, dotenv_values=dotenv_values,
+                   dotenv=dotenv if found else None, dotenv_values=dotenv_values,
+                   dotenv_open_to_others=found and bool(dotenv.stat().st_mode & 0o077),
                    from_env=frozenset(k for k, v in env.items() if v.strip()))
 
     def apply(self, environ: MutableMapping[str, str]) -> None:
@@ -208,6 +212,15 @@ class Configuration:
         for name, (_key, value) in self.file_values.items():
             if name not in self.from_env:
                 environ[name] = value
+
+    def dotenv_report(self) -> dict[str, object] | None:
+        """What ``.env`` gave, by name only (the values are secrets); ``None`` without one."""
+        if self.dotenv is None:
+            return None
+        return {"path": str(self.dotenv.resolve()),
+                "loaded": sorted(n for n in self.dotenv_values if n not in self.from_env),
+                "environment_wins": sorted(n for n in self.dotenv_values if n in self.from_env),
+                "open_to_others": self.dotenv_open_to_others}
 
     def origin(self, name: str) -> Origin:
         """Where the value of ``name`` comes from: ``env``, ``.env``, ``file`` or ``default``."""

@@ -49,11 +49,14 @@ DOCS: dict[str, Doc] = {
     "SIDECAR_DATA_DIR": Doc("SQLite, embedded Redis, caches",
                             "`$XDG_DATA_HOME/sidecar` or `~/.local/share/sidecar`", "a directory"),
     "SIDECAR_SQLITE_PATH": Doc("SQLite file", "`DATA_DIR/bars.sqlite3`", "a file path"),
-    "SIDECAR_HTTP_HOST": Doc("status page, health and metrics bind; other than loopback exposes "
-                             "symbols, prices and source state to that network",
+    "SIDECAR_HTTP_HOST": Doc("status page, health, metrics and read API bind; other than loopback "
+                             "needs `SIDECAR_HTTP_TOKEN` (docs/reliability.md, \"Security\")",
                              accepts="an IP address or host name"),
-    "SIDECAR_HTTP_PORT": Doc("status page, health and metrics port (`0`: any free port)",
+    "SIDECAR_HTTP_PORT": Doc("status page, health, metrics and read API port (`0`: any free port)",
                              f"`{DEFAULT_HTTP_PORT}`"),
+    "SIDECAR_HTTP_TOKEN": Doc("bearer token every endpoint but `/health` and `/ready` asks for when "
+                              "`SIDECAR_HTTP_HOST` is not loopback (required then); never logged",
+                              "unset", "16-256 printable characters without spaces"),
     "SIDECAR_REPLAY_FILE": Doc("recording the `replay` source plays (JSON lines as `fetch` prints, or "
                                "CSV with the same columns)", "-", "a file (needed by `replay`)"),
     "SIDECAR_REPLAY_SPEED": Doc("pace of the `replay` source"),

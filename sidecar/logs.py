@@ -30,7 +30,7 @@ _AUTH_RE = re.compile(
     r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+|apikey\s+|basic\s+)?[^\s\"',}]+"
 )
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*")
-SECRET_VARIABLES = ("ALPHAVANTAGE_API_KEY", "TWELVEDATA_API_KEY", "POLYGON_API_KEY")
+SECRET_VARIABLES = ("ALPHAVANTAGE_API_KEY", "TWELVEDATA_API_KEY", "POLYGON_API_KEY", "SIDECAR_HTTP_TOKEN")
 
 
 def redact(text: object, secrets: Iterable[str] = ()) -> str:

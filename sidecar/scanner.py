@@ -24,13 +24,15 @@ of the shard that owns its symbol is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 import msgpack
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
@@ -43,6 +45,8 @@ from sidecar.settings import Settings
 from sidecar.shards import shard_of
 
 _ARRAY32 = b"\xdd"
+
+log = logging.getLogger("sidecar.scanner")
 
 
 class _NodeRead:
@@ -92,7 +96,7 @@ class Scanner:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, stale_after_ms: int | None = None,
-                      env: Mapping[str, str] | None = None) -> Scanner:
+                      env: Mapping[str, str] | None = None, pool_size: int = 4) -> Scanner:
         """Connect to the daemon's Redis (``SIDECAR_REDIS_URL`` or its embedded socket).
 
         Broker spellings come from the symbol mapping (``SIDECAR_SYMBOLS_FILE``);
@@ -106,7 +110,7 @@ class Scanner:
         brokers.update({s: symbol_map.entry(s).broker for s in symbol_map})
         explicit = {s: shard for s in symbol_map if (shard := symbol_map.entry(s).shard) is not None}
         url = settings.redis_url or f"unix://{settings.redis_socket}"
-        redis = connect(url, pool_size=4, timeout_s=settings.redis_timeout_s)
+        redis = connect(url, pool_size=pool_size, timeout_s=settings.redis_timeout_s)
         return cls(redis, settings.redis_prefix, settings.timeframe.name,
                    settings.features_ttl_ms if stale_after_ms is None else stale_after_ms,
                    brokers=brokers, owns=True, shards=settings.shards, explicit_shards=explicit,
@@ -143,6 +147,13 @@ class Scanner:
         self._owners = ([shard_of(s, self.shards, self._explicit) for s, _ in wanted]
                         if self.shards > 1 else [0] * len(wanted))
         return keys
+
+    async def client(self) -> AnyRedis:
+        """The connection, a cluster client once the server is found to be a cluster node:
+        for reads beyond the features (a symbol's bars) on the same pool."""
+        if self._probe_url is not None:
+            await self._detect()
+        return self.redis
 
     async def _fetch(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
         """The feature values of ``wanted`` (symbol, timeframe), then the heartbeats (one per shard)."""
@@ -276,25 +287,38 @@ class Scanner:
             rows.append(row)
         return rows
 
-    async def cycles(self) -> AsyncIterator[dict[str, Any]]:
+    async def cycles(self, subscribed: asyncio.Event | None = None) -> AsyncIterator[dict[str, Any]]:
         """The daemon's announcement after each cycle, as it comes (pub/sub).
 
         Each is ``{cycle, t, tick, tf, features, updated}``: ``features`` keys
-        written, ``updated`` the symbols a source answered for in that cycle.
+        written, ``updated`` the symbols a source answered for in that cycle. A message
+        on the channel that is not an announcement is skipped (logged). ``subscribed``
+        is set once the subscription is in place.
         """
-        listener = self.redis
+        listener = await self.client()
         if isinstance(listener, RedisCluster):
             # A message published on any node reaches every node: one node's connection will do.
             node = listener.get_default_node()
-            listener = Redis(**node.connection_kwargs)
+            listener = Redis.from_pool(ConnectionPool(connection_class=node.connection_class,
+                                                      max_connections=2, **node.connection_kwargs))
         pubsub = listener.pubsub()
-        await pubsub.subscribe(self.keys.cycles_channel)
         try:
+            await pubsub.subscribe(self.keys.cycles_channel)
+            if subscribed is not None:
+                subscribed.set()
             async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    yield dict(msgpack.unpackb(message["data"]))
+                if message.get("type") != "message":
+                    continue
+                try:
+                    announcement = msgpack.unpackb(message["data"])
+                except (ValueError, msgpack.ExtraData) as exc:
+                    log.warning("cycle announcement not readable", extra={"error": str(exc)[:200]})
+                    continue
+                if isinstance(announcement, dict):
+                    yield announcement
         finally:
-            await pubsub.unsubscribe()
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.unsubscribe()
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             if listener is not self.redis:
                 await close_client(listener)

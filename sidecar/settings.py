@@ -27,11 +27,14 @@ DEFAULT_SYMBOLS = ("AAPL", "MSFT", "NVDA", "EURUSD", "BTCUSD")
 DEFAULT_SOURCES = ("yahoo", "alphavantage", "twelvedata", "polygon")
 DEFAULT_HTTP_PORT = 8787
 _DAY_MS = 86_400_000
+#: The bearer token of the HTTP endpoints: printable ASCII without spaces.
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}\Z")
 
 #: Canonical symbols: they become part of Redis keys and SQL parameters, so the
 #: charset is closed (no spaces, colons, braces, wildcards or quotes). ``\Z``, not ``$``:
 #: ``$`` also matches before a trailing newline.
-SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}\Z")
+SYMBOL_PATTERN = r"[A-Z0-9][A-Z0-9._-]{0,23}"
+SYMBOL_RE = re.compile(rf"^{SYMBOL_PATTERN}\Z")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 #: A source name: ``yahoo``, or ``ccxt:<exchange id>`` for an exchange through ccxt.
 _SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(:[a-z][a-z0-9_]{0,31})?\Z")
@@ -191,6 +194,8 @@ class Settings:
     sqlite_path: Path | None = None
     http_host: str = "127.0.0.1"
     http_port: int = DEFAULT_HTTP_PORT
+    #: Bearer token every endpoint but ``/health`` and ``/ready`` asks for beyond loopback.
+    http_token: str | None = field(default=None, repr=False)
     # Redis
     bars_cap: int = 5_000
     features_ttl_ms: int = 2_000
@@ -253,6 +258,19 @@ class Settings:
     @property
     def sqlite_file(self) -> Path:
         return self.sqlite_path or self.data_dir / "bars.sqlite3"
+
+    @property
+    def http_loopback(self) -> bool:
+        """Whether the HTTP endpoints listen on this machine only."""
+        return is_loopback(self.http_host)
+
+    def check_http_auth(self) -> None:
+        """Refuse to listen beyond loopback without ``SIDECAR_HTTP_TOKEN``."""
+        if not self.http_loopback and self.http_token is None:
+            raise ConfigError("SIDECAR_HTTP_TOKEN",
+                              f"required when SIDECAR_HTTP_HOST ({self.http_host}) is not a loopback "
+                              "address: every endpoint but /health and /ready then asks for it "
+                              "as a bearer token")
 
     @property
     def redis_socket(self) -> Path:
@@ -356,6 +374,7 @@ class Settings:
             sqlite_path=sqlite_path,
             http_host=http_host,
             http_port=http_port,
+            http_token=_token(r.raw("SIDECAR_HTTP_TOKEN")),
             bars_cap=r.integer("SIDECAR_BARS_CAP", 5_000, low=100, high=1_000_000),
             features_ttl_ms=r.integer("SIDECAR_FEATURES_TTL_MS", 2_000, low=500, high=3_600_000),
             heartbeat_ttl_ms=r.integer("SIDECAR_HEARTBEAT_TTL_MS", 3_000, low=1_000, high=600_000),
@@ -401,6 +420,21 @@ def _is_host(text: str) -> bool:
     except ValueError:
         return bool(_HOSTNAME_RE.match(text))
     return True
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` names this machine only (a loopback address or ``localhost``)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _token(value: str | None) -> str | None:
+    if value is not None and not _TOKEN_RE.match(value):
+        # Never echo the value: it is a secret.
+        raise ConfigError("SIDECAR_HTTP_TOKEN", "must be 16-256 printable characters without spaces")
+    return value
 
 
 def _check_redis_url(url: str) -> None:

@@ -49,10 +49,12 @@ class Signal:
     forming: bool
     src: str
     values: dict[str, float]  # what the rule looked at, thresholds included
+    tf: str = ""  # the bar's timeframe
 
     def as_dict(self) -> dict[str, Any]:
-        return {"symbol": self.symbol, "broker": self.broker, "rule": self.rule, "t": self.t,
-                "forming": self.forming, "src": self.src, "values": self.values}
+        """The JSON form ``scan --signals --json`` prints and ``/v1/signals`` serves."""
+        return {"symbol": self.symbol, "broker": self.broker, "tf": self.tf, "rule": self.rule,
+                "t": self.t, "forming": self.forming, "src": self.src, "values": self.values}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +152,12 @@ def evaluate(rows: Iterable[Mapping[str, Any]], rules: SignalRules) -> list[Sign
         if fired:
             sym = row["symbol"]
             broker = row.get("broker") or sym
-            t, src = row["t"], row.get("src") or ""
+            t, src, tf = row["t"], row.get("src") or "", row.get("tf") or ""
             for rule, values in fired:
-                out.append(Signal(sym, broker, rule, t, forming, src, values))
+                out.append(Signal(sym, broker, rule, t, forming, src, values, tf))
     return out
+
+
+def signal_rows(rows: Iterable[Mapping[str, Any]], rules: SignalRules) -> list[dict[str, Any]]:
+    """The signals of ``rows`` as JSON-ready dicts (:meth:`Signal.as_dict`)."""
+    return [sig.as_dict() for sig in evaluate(rows, rules)]

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from sidecar.app.api import ReadApi
 from sidecar.app.bootstrap import DAY_MS, repair_gaps
 from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
@@ -45,6 +45,7 @@ from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
 from sidecar.settings import Settings
 from sidecar.shards import owned
+from sidecar.signals import SignalRules
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sources._http import Providers
 from sidecar.sources.replay import ReplaySource
@@ -103,26 +104,21 @@ async def open_redis(settings: Settings) -> tuple[RedisStore, EmbeddedRedis | No
     return store, embedded
 
 
-async def _listen(view: DaemonView, host: str, port: int) -> Any:
+async def _listen(view: DaemonView, settings: Settings, api: ReadApi) -> Any:
     """Serve the HTTP endpoints; a bind failure names the setting to change."""
+    host, port = settings.http_host, settings.http_port
+    token = None if settings.http_loopback else settings.http_token
     try:
-        runner = await start_http(view, host, port)
+        runner = await start_http(view, host, port, api, token=token)
     except OSError as exc:
         in_use = exc.errno in (errno.EADDRINUSE, errno.EACCES)
         setting = "SIDECAR_HTTP_PORT" if in_use else "SIDECAR_HTTP_HOST"
         raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    if not _is_loopback(host):
-        log.warning("HTTP endpoints listen beyond this machine: anyone who can reach "
-                    f"{host}:{port} sees symbols, prices and source state (docs/reliability.md: Security)")
+    if token is not None:
+        log.warning("HTTP endpoints listen beyond this machine: every endpoint but /health and "
+                    f"/ready asks for SIDECAR_HTTP_TOKEN; without TLS, anyone on the path to "
+                    f"{host}:{port} can read the token and the data (docs/reliability.md: Security)")
     return runner
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
 
 
 def redis_run_ids(info: dict[str, Any]) -> frozenset[str]:
@@ -225,6 +221,7 @@ class Daemon:
         open, the port is taken, Redis refuses) releases exactly what was started,
         in reverse order, and the error reaches the caller (its exit code).
         """
+        self.settings.check_http_auth()  # beyond loopback only with a token: refused before anything starts
         self._install_signals()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(lambda: log.info("stopped", extra={"exit_code": self.exit_code}))
@@ -251,6 +248,8 @@ class Daemon:
             raise ConfigError("SIDECAR_DATA_DIR", f"cannot create {s.data_dir}: {exc.strerror}") from None
         providers = Providers.from_env()  # refuses bad values now
         provider_settings, symbol_map = providers.settings, providers.symbols
+        signal_rules = SignalRules.from_env()  # the rules of /v1/signals; refuses bad values now
+        configured = s  # the read API serves every configured symbol, a shard's or not
         if s.shard is not None:
             explicit = {sym: shard for sym in symbol_map
                         if (shard := symbol_map.entry(sym).shard) is not None}
@@ -289,7 +288,9 @@ class Daemon:
         ticker = SecondTicker(clock=clock)
         view = DaemonView(pipeline, ticker, parse_worker=parse_worker)
         self.parse_worker = parse_worker
-        runner = await _listen(view, s.http_host, s.http_port)
+        api = ReadApi.from_settings(configured, signal_rules)
+        stack.push_async_callback(api.close)  # after the server: its streams end first
+        runner = await _listen(view, s, api)
         stack.push_async_callback(runner.cleanup)
         stack.push_async_callback(self._stop_background, pipeline)
         log.info("daemon starting", extra={

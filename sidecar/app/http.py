@@ -1,13 +1,17 @@
-"""HTTP endpoints: ``/`` (status page), ``/health``, ``/ready``, ``/metrics``.
+"""HTTP endpoints: ``/`` (status page), ``/health``, ``/ready``, ``/metrics``, and the
+read API ``/v1/...`` (:mod:`sidecar.app.api`).
 
-Read-only (GET only, nothing changes state); bound to 127.0.0.1 by default.
-Everything is computed from the loop's own state (no Redis or provider calls per
-request); ``/metrics`` is built from the same report as ``/health``, so they
-never disagree. Labels range over the configured sources and symbols only.
+Read-only (GET only, nothing changes state); bound to 127.0.0.1 by default. Beyond
+loopback every endpoint but ``/health`` and ``/ready`` asks for the bearer token
+(``SIDECAR_HTTP_TOKEN``). ``/health``, ``/ready`` and ``/metrics`` are computed from
+the loop's own state (no Redis or provider calls per request); ``/metrics`` is built
+from the same report as ``/health``, so they never disagree. Labels range over the
+configured sources and symbols only.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,6 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from sidecar.app.api import ReadApi, add_api_routes
 from sidecar.app.health import health_report
 from sidecar.app.pipeline import CYCLE_BUCKETS_MS, Pipeline
 from sidecar.app.ticker import SecondTicker
@@ -35,6 +48,10 @@ STATUS_PAGE = Path(__file__).with_name("status.html")
 STATUSES = ("ok", "degraded", "down")
 #: ``asset_class`` label of a breaker that guards every class of its source.
 ALL_CLASSES = "all"
+#: What a load balancer or supervisor probes: answered without the token.
+OPEN_PATHS = frozenset({"/health", "/ready"})
+#: Request handler options: a request line long enough for 5,000 symbols in a query.
+SERVER_ARGS: dict[str, Any] = {"max_line_size": 131_072}
 
 
 @dataclass(slots=True)
@@ -116,6 +133,8 @@ class _PipelineCollector(Collector):
         yield GaugeMetricFamily("sidecar_sqlite_last_flush_timestamp_seconds",
                                 "When the last flush finished (epoch s)",
                                 value=_ms_to_s(sqlite["last_flush_ms"]))
+        yield GaugeMetricFamily("sidecar_sqlite_up", "1 unless the last SQLite flush failed",
+                                value=0.0 if sqlite["last_error"] else 1.0)
         yield GaugeMetricFamily("sidecar_redis_up", "1 if the last Redis write succeeded",
                                 value=1.0 if r["redis"]["ok"] else 0.0)
         proc = r["process"]
@@ -263,22 +282,53 @@ async def _status_page(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def make_app(view: DaemonView) -> web.Application:
-    app = web.Application()
-    app[VIEW] = view
+def metrics_registry(view: DaemonView) -> CollectorRegistry:
+    """What ``/metrics`` serves: the daemon's own metrics (``sidecar_*``) and the standard
+    process (``process_*``), platform (``python_info``) and GC (``python_gc_*``) collectors."""
     registry = CollectorRegistry()
     registry.register(_PipelineCollector(view))
-    app[REGISTRY] = registry
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def bearer_auth(token: str) -> Middleware:
+    """401 for any path but :data:`OPEN_PATHS` without ``Authorization: Bearer <token>``."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):
+                return web.Response(text=json.dumps({"error": "missing or wrong bearer token"}),
+                                    status=401, content_type="application/json",
+                                    headers={"WWW-Authenticate": 'Bearer realm="sidecar"'})
+        return await handler(request)
+
+    return auth
+
+
+def make_app(view: DaemonView, api: ReadApi | None = None, *, token: str | None = None) -> web.Application:
+    """The daemon's endpoints; ``/v1/...`` with ``api``; ``token``: required as a bearer token."""
+    app = web.Application(middlewares=[bearer_auth(token)] if token is not None else [])
+    app[VIEW] = view
+    app[REGISTRY] = metrics_registry(view)
     app.router.add_get("/", _status_page)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
+    if api is not None:
+        add_api_routes(app, api)
     return app
 
 
-async def start_http(view: DaemonView, host: str, port: int) -> web.AppRunner:
+async def start_http(view: DaemonView, host: str, port: int, api: ReadApi | None = None, *,
+                     token: str | None = None) -> web.AppRunner:
     """Serve the endpoints; the daemon owns signals (``handle_signals=False``)."""
-    runner = web.AppRunner(make_app(view), handle_signals=False, access_log=None)
+    runner = web.AppRunner(make_app(view, api, token=token), handle_signals=False, access_log=None,
+                           shutdown_timeout=5.0, **SERVER_ARGS)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

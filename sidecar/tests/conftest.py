@@ -14,7 +14,7 @@ from hypothesis import settings as hypothesis_settings
 
 from sidecar.redis_store import RedisStore, connect, connect_cluster
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Daemon, LocalCluster, RedisServer, have_cluster_binaries
+from sidecar.tests.helpers import REPO, Daemon, LocalCluster, RedisServer, have_cluster_binaries
 
 # Under CI every skip must be on sidecar/tests/skip_allowlist.txt.
 pytest_plugins = ("sidecar.tests.skip_gate",)
@@ -112,14 +112,14 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def daemons(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``daemons(env, name="daemon", args=("run",), wrapper=())`` starts ``python -m sidecar``
+    """``daemons(env, name="daemon", args=("run",), wrapper=(), cwd=REPO)`` starts ``python -m sidecar``
     logging to ``{name}.log`` in the test's tmp dir. Every daemon started is killed at
     teardown, and a failed test's report ends with each one's log tail."""
     started = request.node.stash.setdefault(STARTED_DAEMONS, [])
 
     def start(env: dict[str, str], name: str = "daemon", args: tuple[str, ...] = ("run",),
-              wrapper: Sequence[str] = ()) -> Daemon:
-        started.append(Daemon(env, tmp_path / f"{name}.log", args, wrapper))
+              wrapper: Sequence[str] = (), cwd: Path = REPO) -> Daemon:
+        started.append(Daemon(env, tmp_path / f"{name}.log", args, wrapper, cwd))
         return started[-1]
 
     yield start

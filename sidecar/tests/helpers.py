@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import random
@@ -55,6 +56,7 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_DATA_DIR": ["{file}"],
     "SIDECAR_SQLITE_PATH": ["{dir}", "{file}/bars.sqlite3"],
     "SIDECAR_HTTP_HOST": ["not a host", "127.0.0.1:8787", "http://127.0.0.1", "-bad-", "a..b", "x" * 300],
+    "SIDECAR_HTTP_TOKEN": ["too-short", "has a space in it here", "t" * 257, "caf\u00e9-token-of-16+"],
     "SIDECAR_REDIS_PREFIX": ["a:b", "x" * 33, "pre fix"],
     "SIDECAR_REPLAY_FILE": ["/nonexistent/bars.jsonl"],
     "SIDECAR_MACD": ["12,26", "a,b,c", "26,12,9", "1,26,9", "12,26,0", "12,2000,9"],
@@ -164,10 +166,27 @@ def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
 
 
-def scan(env: dict[str, str]) -> list[dict[str, Any]]:
-    """``python -m sidecar scan --json`` with ``env``: one dict per symbol."""
-    out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json"], cwd=REPO, env=env,
-                         capture_output=True, timeout=30, check=True)
+def tcp_listeners(port: int) -> set[str]:
+    """Addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                raw = bytes.fromhex(addr)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                ip = ipaddress.ip_address(raw)
+                found.add(str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip))
+    return found
+
+
+def scan(env: dict[str, str], *extra: str) -> list[dict[str, Any]]:
+    """``python -m sidecar scan --json [extra]`` with ``env``: one dict per line (a row, or
+    a signal with ``--signals``)."""
+    out = subprocess.run([sys.executable, "-m", "sidecar", "scan", "--json", *extra], cwd=REPO, env=env,
+                         capture_output=True, timeout=60, check=True)
     return [json.loads(line) for line in out.stdout.decode().splitlines()]
 
 
@@ -197,14 +216,15 @@ class Daemon:
     """``python -m sidecar <args>`` in a subprocess: stderr (its log) goes to ``log_path``,
     stdout to ``log_path`` with the suffix ``.out``; no pipe is left for nobody to read.
 
-    ``wrapper``: a command the daemon runs under (e.g. ``nsenter ...``).
+    ``wrapper``: a command the daemon runs under (e.g. ``nsenter ...``); ``cwd``: its
+    working directory (where it looks for ``.env``; the package must be importable there).
     The HTTP port is ``SIDECAR_HTTP_PORT`` from ``env`` when set, else a free one (then
     written into :attr:`env`); plus ``i`` for shard ``SIDECAR_SHARD=i/N``. Use the ``daemons`` fixture, which kills every daemon it
     started at teardown and adds the log tails to a failed test's report.
     """
 
     def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ("run",),
-                 wrapper: Sequence[str] = ()) -> None:
+                 wrapper: Sequence[str] = (), cwd: Path = REPO) -> None:
         base = int(env["SIDECAR_HTTP_PORT"]) if "SIDECAR_HTTP_PORT" in env else free_port()
         self.env = dict(env, SIDECAR_HTTP_PORT=str(base))
         #: A shard (``SIDECAR_SHARD=i/N``) listens on the base port + i.
@@ -214,7 +234,7 @@ class Daemon:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log, open(self.out_path, "ab") as out:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                [*wrapper, sys.executable, "-m", "sidecar", *args], cwd=REPO, env=self.env, stdout=out,
+                [*wrapper, sys.executable, "-m", "sidecar", *args], cwd=cwd, env=self.env, stdout=out,
                 stderr=log)
 
     @property
@@ -476,6 +496,22 @@ class ScriptedSource(Source):
         return []
 
 
+class Switchable(ScriptedSource):
+    """Serves the next bar of each series per call, or fails while ``fail`` is set."""
+
+    def __init__(self, name: str, bars: dict[str, list[Any]], cursor: list[int]) -> None:
+        super().__init__([])
+        self.name = name
+        self.bars = bars
+        self.cursor = cursor  # shared: whichever source answers serves the next bar
+
+    async def fetch_latest(self, symbols, tf, now_ms):  # type: ignore[no-untyped-def]
+        self.steps = [{s: [self.bars[s][self.cursor[0]]] for s in symbols}]
+        result = await super().fetch_latest(symbols, tf, now_ms)
+        self.cursor[0] += 1
+        return result
+
+
 def settings(**kw: object) -> Settings:
     """Settings for a pipeline on :class:`ScriptedSource` (symbols AAA and BBB, 1 s bars,
     no outlier or clock-skew checks, no market hours: scripted series trade at any hour
@@ -493,6 +529,41 @@ def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
     return [Bar(symbol, "1s", t0 + i * 1000, float(o[i]), float(max(o[i], c[i]) * 1.001),
                 float(min(o[i], c[i]) * 0.999), float(c[i]), float(100 + i % 17), "scripted")
             for i in range(n)]
+
+
+#: The bar time of :func:`features` rows.
+FEATURES_BAR_T = 1_727_875_800_000
+
+
+def features(symbol: str, **values: Any) -> dict[str, Any]:
+    """A features map as the daemon writes it (1m, fresh), ``values`` replacing fields."""
+    now = int(time.time() * 1000)
+    row: dict[str, Any] = {
+        "symbol": symbol, "tf": "1m", "t": FEATURES_BAR_T, "close": 100.0, "v": 10.0, "rsi": 50.0,
+        "ema": 100.0, "bb_upper": 105.0, "bb_middle": 100.0, "bb_lower": 95.0, "atr": 1.0,
+        "vwap": 100.0, "vol_ma": 10.0, "macd": 0.1, "macd_signal": 0.1, "macd_hist": 0.5,
+        "macd_hist_prev": 0.4, "mom": 0.0, "forming": True, "src": "test", "synthetic": False,
+        "stale": False, "computed_at": now, "updated_at": now,
+    }
+    row.update(values)
+    return row
+
+
+async def read_events(resp: Any, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` ``cycle`` events of an SSE response (comments skipped)."""
+    events: list[dict[str, Any]] = []
+    fields: dict[str, str] = {}
+    while len(events) < n:
+        line = (await asyncio.wait_for(resp.content.readline(), 10)).decode().rstrip("\n")
+        if line == "":
+            if fields.get("event") == "cycle":
+                assert fields["id"] == str(json.loads(fields["data"])["cycle"])
+                events.append(json.loads(fields["data"]))
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+    return events
 
 
 # -- the reference feature series ------------------------------------------------------

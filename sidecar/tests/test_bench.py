@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as run_all
-from bench import ccxt_source, cycle, daemon_soak, features, replay_week, scanner_read, shards, store, tick
+from bench import (
+    ccxt_source,
+    cycle,
+    daemon_soak,
+    features,
+    http_api,
+    replay_week,
+    scanner_read,
+    shards,
+    store,
+    tick,
+)
 from sidecar.tests.helpers import have_cluster_binaries
 
 
@@ -78,6 +89,17 @@ def test_scanner_read_smoke(tmp_path: Path) -> None:
         _timing(s)
         assert s["n"] == doc["reads"]
     assert doc["signals_per_read"] > 0
+
+
+def test_http_api_smoke(tmp_path: Path) -> None:
+    http_api.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "http_api")
+    assert set(doc["ms"]) == {"raw", "scanner", "http_features", "http_signals"}
+    for s in doc["ms"].values():
+        _timing(s)
+        assert s["n"] == doc["reads"]
+    assert doc["body_bytes"]["/v1/features"] > doc["body_bytes"]["/v1/signals"] > 0
+    assert set(doc["cpu_ms_p50"]) == set(doc["ms"]) and all(v >= 0 for v in doc["cpu_ms_p50"].values())
 
 
 def test_shards_smoke_runs_real_daemons_on_a_local_cluster(tmp_path: Path) -> None:

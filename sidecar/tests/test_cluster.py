@@ -115,6 +115,46 @@ async def test_scanner_reads_from_replicas(cluster_store: RedisStore, redis_clus
         await scanner.close()
 
 
+async def test_the_read_api_on_a_cluster(cluster_store: RedisStore, redis_cluster: LocalCluster) -> None:
+    """``/v1/features``, ``/v1/closes``, ``/v1/bars`` and ``/v1/stream`` through a scanner
+    that finds the cluster from the URL: bars and closes are read on the cluster client."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.app.api import API, ReadApi, add_api_routes
+    from sidecar.signals import SignalRules
+    from sidecar.tests.helpers import read_events
+
+    symbols = SYMBOLS[:40]
+    bars = [bar(i * 60_000, 100.0 + i, symbol=sym) for sym in symbols[:2] for i in range(30)]
+    await cluster_store.write_cycle(bars, [("1m", s, fmap(s, i)) for i, s in enumerate(symbols)],
+                                    {"pid": 1, "t": 0})
+    api = ReadApi(Scanner(connect(redis_cluster.url), "test", "1m", 60_000, owns=True,
+                          probe_url=redis_cluster.url), symbols, SignalRules())
+    app = web.Application()
+    add_api_routes(app, api)
+    async with TestClient(TestServer(app)) as client:
+        rows = (await (await client.get("/v1/features", params={"timeframes": "1m,5m"})).json())["rows"]
+        # Per symbol its timeframes: 1m as written, 5m missing.
+        assert [(r["symbol"], r.get("i"), r.get("missing", False)) for r in rows] == [
+            (sym, i, False) if tf == "1m" else (sym, None, True)
+            for i, sym in enumerate(symbols) for tf in ("1m", "5m")]
+        assert isinstance(api.scanner.redis, RedisCluster)
+        resp = await client.get("/v1/closes", params={"symbols": ",".join(symbols[:3]), "n": "5"})
+        closes = (await resp.json())["closes"]
+        assert closes[symbols[0]] == [[b.t, b.c] for b in bars[25:30]] and closes[symbols[2]] == []
+        chart = await (await client.get("/v1/bars", params={"symbol": symbols[1], "limit": "10"})).json()
+        assert [b["c"] for b in chart["bars"]] == [b.c for b in bars[50:60]]
+        stream = await client.get("/v1/stream", params={"symbols": symbols[0]})
+        await asyncio.wait_for(client.app[API].feed.subscribed.wait(), 10)
+        await cluster_store.write_cycle([], [("1m", symbols[0], fmap(symbols[0], 7))], {"pid": 1, "t": 1},
+                                        {"cycle": 1, "t": 1, "tick": 1, "tf": "1m", "updated": [symbols[0]]})
+        (event,) = await read_events(stream, 1)
+        assert event["cycle"] == 1 and [r["i"] for r in event["rows"]] == [7]
+        stream.close()
+    await api.close()
+
+
 async def test_rows_of_a_shard_without_heartbeat_are_stale(cluster_store: RedisStore) -> None:
     symbols = SYMBOLS[:60]
     shard0 = RedisStore(cluster_store.redis, "test", shard=0)

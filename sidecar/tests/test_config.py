@@ -122,6 +122,22 @@ def test_dotenv_holds_secrets_only_and_the_environment_wins(tmp_path: Path) -> N
     assert "SECRET" not in repr(config)
 
 
+def test_dotenv_gives_the_http_token_and_its_report_names_only(tmp_path: Path) -> None:
+    token = "TOKENSECRET-of-16+"
+    config, env = loaded(tmp_path, {"XDG_DATA_HOME": str(tmp_path), "POLYGON_API_KEY": "FROMENV"},
+                         dotenv=f"SIDECAR_HTTP_TOKEN={token}\nPOLYGON_API_KEY=POLYSECRET\n")
+    assert Settings.from_env(env).http_token == token
+    assert config.origin("SIDECAR_HTTP_TOKEN") == ".env"
+    (tmp_path / ".env").chmod(0o600)
+    report = Configuration.load(None, {"POLYGON_API_KEY": "FROMENV"}, cwd=tmp_path).dotenv_report()
+    assert report == {"path": str((tmp_path / ".env").resolve()), "loaded": ["SIDECAR_HTTP_TOKEN"],
+                      "environment_wins": ["POLYGON_API_KEY"], "open_to_others": False}
+    (tmp_path / ".env").chmod(0o640)
+    assert Configuration.load(None, {}, cwd=tmp_path).dotenv_report()["open_to_others"] is True  # type: ignore[index]
+    assert "SECRET" not in repr(config) and "SECRET" not in str(report)
+    assert Configuration.load(None, {}, cwd=tmp_path / "elsewhere").dotenv_report() is None
+
+
 @pytest.mark.parametrize(("dotenv", "line"), [("SIDECAR_TIMEFRAME=5m\n", 1),
                                               ("# ok\nnot a line KEYSECRET\n", 2)])
 def test_bad_dotenv_names_the_line_never_the_value(tmp_path: Path, dotenv: str, line: int) -> None:
@@ -134,7 +150,8 @@ def test_bad_dotenv_names_the_line_never_the_value(tmp_path: Path, dotenv: str, 
 def test_every_setting_has_a_file_key_or_is_a_secret() -> None:
     for name in catalogue():
         key = file_key(name)
-        assert (key is None) == (name.endswith("_API_KEY") or not name.startswith("SIDECAR_")), name
+        secret = name.endswith("_API_KEY") or name == "SIDECAR_HTTP_TOKEN"
+        assert (key is None) == (secret or not name.startswith("SIDECAR_")), name
 
 
 def test_every_setting_is_documented() -> None:

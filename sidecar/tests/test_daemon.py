@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.bar import Bar
-from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get, scan
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get, scan, tcp_listeners
 
 SYMBOLS = "AAPL,MSFT,EURUSD,BTCUSD"
 
@@ -56,24 +56,6 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str],
             proc.kill()
     # The embedded server was stopped with the daemon.
     assert not any(_answers(sock) for _ in range(3))
-
-
-def tcp_listeners(port: int) -> set[str]:
-    """Addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
-    import ipaddress
-
-    found = set()
-    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
-                raw = bytes.fromhex(addr)
-                # /proc prints each 32-bit word in host (little-endian) order.
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
-                ip = ipaddress.ip_address(raw)
-                found.add(str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip))
-    return found
 
 
 def _answers(sock: Path) -> bool:

@@ -18,25 +18,9 @@ from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import ScriptedSource, series, settings
+from sidecar.tests.helpers import ScriptedSource, Switchable, series, settings
 
 T0 = 1_700_000_000_000
-
-
-class Switchable(ScriptedSource):
-    """Serves the next bar of each series per call, or fails while ``fail`` is set."""
-
-    def __init__(self, name: str, bars: dict[str, list[Any]], cursor: list[int]) -> None:
-        super().__init__([])
-        self.name = name
-        self.bars = bars
-        self.cursor = cursor  # shared: whichever source answers serves the next bar
-
-    async def fetch_latest(self, symbols, tf, now_ms):  # type: ignore[no-untyped-def]
-        self.steps = [{s: [self.bars[s][self.cursor[0]]] for s in symbols}]
-        result = await super().fetch_latest(symbols, tf, now_ms)
-        self.cursor[0] += 1
-        return result
 
 
 async def get(client: TestClient, path: str) -> tuple[int, Any]:

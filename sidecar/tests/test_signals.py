@@ -24,30 +24,19 @@ from sidecar.scanner import Scanner
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.signals import RULES, SignalRules, evaluate
 from sidecar.tests.helpers import (
+    FEATURES_BAR_T,
     REPO,
     Daemon,
     RedisServer,
     ScriptedSource,
+    features,
     free_port,
     make_series,
     series,
     settings,
 )
 
-BAR_T = 1_727_875_800_000
-
-
-def features(symbol: str, **values: Any) -> dict[str, Any]:
-    now = int(time.time() * 1000)
-    row: dict[str, Any] = {
-        "symbol": symbol, "tf": "1m", "t": BAR_T, "close": 100.0, "v": 10.0, "rsi": 50.0,
-        "ema": 100.0, "bb_upper": 105.0, "bb_middle": 100.0, "bb_lower": 95.0, "atr": 1.0,
-        "vwap": 100.0, "vol_ma": 10.0, "macd": 0.1, "macd_signal": 0.1, "macd_hist": 0.5,
-        "macd_hist_prev": 0.4, "mom": 0.0, "forming": True, "src": "test", "synthetic": False,
-        "stale": False, "computed_at": now, "updated_at": now,
-    }
-    row.update(values)
-    return row
+BAR_T = FEATURES_BAR_T
 
 
 async def write(store: RedisStore, rows: list[dict[str, Any]], heartbeat: bool = True) -> None:

@@ -1,8 +1,11 @@
 """The status page in a real headless Chromium, driven over the DevTools protocol.
 
 A daemon (sim source) serves ``/``; the page must show every configured symbol with
-a price, a drawn sparkline, and no console errors or exceptions. A screenshot goes to
-``artifacts/status-page.png``. Without Chromium the test skips, which fails a CI run
+a price and a sparkline of its recent closes, a drawn cycle-time sparkline, and on a
+click a symbol's candlestick chart with EMA and Bollinger overlays and RSI below;
+every request goes to the daemon itself (no CDN), with no console errors or
+exceptions. Screenshots go to ``artifacts/status-page.png`` and
+``artifacts/status-chart.png``. Without Chromium the test skips, which fails a CI run
 (``skip_gate.py``): scripts/test installs it.
 """
 
@@ -93,10 +96,10 @@ def page_target(devtools_port: int) -> str:
     return str(pages[0]["webSocketDebuggerUrl"])
 
 
-async def drive(target: str, url: str, screenshot: Path) -> dict[str, Any]:
+async def drive(target: str, url: str, shots: Path) -> dict[str, Any]:
     async with websockets.connect(target, max_size=2**26) as ws:
         cdp = DevTools(ws)
-        for domain in ("Runtime", "Log", "Page"):
+        for domain in ("Runtime", "Log", "Page", "Network"):
             await cdp.call(f"{domain}.enable")
         await cdp.call("Page.navigate", url=url)
         shown: dict[str, Any] = {}
@@ -107,22 +110,54 @@ async def drive(target: str, url: str, screenshot: Path) -> dict[str, Any]:
                 status: document.getElementById('status').textContent,
                 rows: [...document.querySelectorAll('#symbols tbody tr')].map(
                     tr => [...tr.children].map(td => td.textContent)),
+                sparks: [...document.querySelectorAll('#symbols tbody tr')].map(tr => {
+                    const line = tr.querySelector('svg.sparkline polyline');
+                    return line ? line.getAttribute('points').split(' ').length : 0;
+                }),
                 sources: [...document.querySelectorAll('#sources tbody tr')].map(
                     tr => tr.children[0].textContent),
                 spark: document.getElementById('spark-line').getAttribute('points'),
             }))()""") or {}
             if (len(shown.get("rows", [])) == len(SYMBOLS)
-                    and all(r[1] != "–" for r in shown["rows"]) and shown["status"] == "ok"
-                    and len((shown.get("spark") or "").split()) >= 3):
+                    and all(r[2] != "–" for r in shown["rows"]) and shown["status"] == "ok"
+                    and len((shown.get("spark") or "").split()) >= 3
+                    and all(n >= 3 for n in shown["sparks"])):
                 break
             await asyncio.sleep(0.5)
-        shot = await cdp.call("Page.captureScreenshot", format="png")
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        await screenshot_to(cdp, shots / "status-page.png")
+
+        # A click on a symbol opens its chart.
+        await cdp.evaluate("document.querySelector('#symbols tbody tr:nth-child(2)').click()")
+        chart: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            chart = await cdp.evaluate("""(() => ({
+                hidden: document.getElementById('chart-box').hidden,
+                title: document.getElementById('chart-title').textContent,
+                candles: document.querySelectorAll('#candles g.candle').length,
+                bodies: document.querySelectorAll('#candles rect').length,
+                lines: Object.fromEntries(['ema-line', 'bb-upper', 'bb-middle', 'bb-lower', 'rsi-line'].map(
+                    id => [id, document.getElementById(id).getAttribute('points').split(' ').filter(Boolean).length])),
+                selected: [...document.querySelectorAll('#symbols tbody tr.selected')].map(tr => tr.dataset.symbol),
+            }))()""")
+            if chart["candles"] >= 100 and all(n >= 50 for n in chart["lines"].values()):
+                break
+            await asyncio.sleep(0.5)
+        shown["chart"] = chart
+        await cdp.evaluate("document.getElementById('chart-box').scrollIntoView()")
+        await screenshot_to(cdp, shots / "status-chart.png")
         await asyncio.sleep(0.3)  # collect late console events
         await cdp.evaluate("1")
         shown["problems"] = cdp.problems()
+        shown["requests"] = [e["params"]["request"]["url"] for e in cdp.events
+                             if e["method"] == "Network.requestWillBeSent"]
         return shown
+
+
+async def screenshot_to(cdp: DevTools, path: Path) -> None:
+    shot = await cdp.call("Page.captureScreenshot", format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
 
 
 def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], tmp_path: Path,
@@ -143,7 +178,7 @@ def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], t
                                     "--remote-debugging-port=0", "about:blank"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         shown = asyncio.run(drive(page_target(debugger_port(profile, browser)), f"http://127.0.0.1:{port}/",
-                                  REPO / "artifacts" / "status-page.png"))
+                                  REPO / "artifacts"))
     finally:
         if browser is not None:
             browser.terminate()
@@ -159,8 +194,18 @@ def test_status_page_renders_symbols_without_errors(clean_env: dict[str, str], t
     assert shown["problems"] == [], shown["problems"]
     assert shown["status"] == "ok", shown
     assert [r[0] for r in shown["rows"]] == SYMBOLS
-    for r in shown["rows"]:
-        assert float(r[1]) > 0, r  # a price
-        assert r[4] != "–", r  # RSI (history bootstrapped from the sim source)
+    for r, points in zip(shown["rows"], shown["sparks"], strict=True):
+        assert float(r[2]) > 0, r  # a price
+        assert r[5] != "–", r  # RSI (history bootstrapped from the sim source)
+        assert points >= 3, r  # its recent closes drawn
     assert shown["sources"] == ["sim (synthetic)"]
-    assert (REPO / "artifacts" / "status-page.png").stat().st_size > 5_000
+    chart = shown["chart"]
+    assert not chart["hidden"] and chart["title"].startswith(SYMBOLS[1]), chart
+    assert chart["selected"] == [SYMBOLS[1]]
+    assert chart["candles"] == chart["bodies"] == 120, chart  # the default window of bars
+    assert all(n >= 50 for n in chart["lines"].values()), chart  # EMA, bands, RSI past warm-up
+    origin = f"http://127.0.0.1:{port}/"
+    assert shown["requests"] and all(u.startswith((origin, "data:")) for u in shown["requests"]), \
+        shown["requests"]
+    for name in ("status-page.png", "status-chart.png"):
+        assert (REPO / "artifacts" / name).stat().st_size > 5_000
