@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import msgpack
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ TF_MS = 60_000
 T0 = 1_727_827_200_000 + 13 * 3_600_000  # a UTC day, mid-morning: sessions roll over inside
 
 
-def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
+def make_series(n: int, seed: int = 7, volume: bool = True, t0: int = T0) -> list[Bar]:
     rng = np.random.default_rng(seed)
     closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
     opens = np.concatenate([[100.0], closes[:-1]])
@@ -25,34 +28,44 @@ def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
     lows = np.minimum(opens, closes) * (1 - rng.uniform(0, 0.002, n))
     vols = rng.integers(1, 5_000, n).astype(float)
     return [
-        Bar("TEST", "1m", T0 + i * TF_MS, float(opens[i]), float(highs[i]), float(lows[i]),
+        Bar("TEST", "1m", t0 + i * TF_MS, float(opens[i]), float(highs[i]), float(lows[i]),
             float(closes[i]), float(vols[i]) if volume else None, "test")
         for i in range(n)
     ]
 
 
-def batch_values(bars: list[Bar], anchor_min: int = 0) -> dict[str, np.ndarray]:
+def batch_values(bars: list[Bar], anchor_min: int = 0,
+                 periods: IndicatorPeriods = IndicatorPeriods()) -> dict[str, np.ndarray]:  # noqa: B008
+    """TA-Lib's batch functions over ``bars``. The volume indicators run over each unbroken
+    run of bars with volume (a bar without volume restarts them), VWAP per session."""
+    p = periods
     h = np.array([b.h for b in bars])
     l = np.array([b.l for b in bars])
     c = np.array([b.c for b in bars])
     out: dict[str, np.ndarray] = {
-        "rsi": talib.RSI(c, 14), "ema": talib.EMA(c, 20), "atr": talib.ATR(h, l, c, 14),
-        "mom": talib.MOM(c, 10),
+        "rsi": talib.RSI(c, p.rsi), "ema": talib.EMA(c, p.ema), "atr": talib.ATR(h, l, c, p.atr),
+        "mom": talib.MOM(c, p.mom),
     }
-    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0)
-    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, 12, 26, 9)
-    if bars[0].v is None:
-        out["vol_ma"] = np.full(len(bars), np.nan)
-        out["vwap"] = np.full(len(bars), np.nan)
-        return out
-    v = np.array([b.v for b in bars], dtype=float)
-    out["vol_ma"] = talib.SMA(v, 20)
-    vwap = np.full(len(bars), np.nan)
-    sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars])
-    for s in np.unique(sessions):
-        idx = np.nonzero(sessions == s)[0]
-        vwap[idx] = talib.VWAP(h[idx], l[idx], c[idx], v[idx])
-    out["vwap"] = vwap
+    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, p.bb, p.bb_nbdev, p.bb_nbdev)
+    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, p.macd_fast, p.macd_slow, p.macd_signal)
+    n = len(bars)
+    out["vol_ma"] = np.full(n, np.nan)
+    out["vwap"] = np.full(n, np.nan)
+    i = 0
+    while i < n:
+        if bars[i].v is None:
+            i += 1
+            continue
+        j = i
+        while j < n and bars[j].v is not None:
+            j += 1
+        v = np.array([b.v for b in bars[i:j]], dtype=float)
+        out["vol_ma"][i:j] = talib.SMA(v, p.vol_ma)
+        sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars[i:j]])
+        for s in np.unique(sessions):
+            idx = np.nonzero(sessions == s)[0]
+            out["vwap"][i + idx] = talib.VWAP(h[i + idx], l[i + idx], c[i + idx], v[idx])
+        i = j
     return out
 
 
@@ -97,7 +110,7 @@ def test_load_from_history_then_stream_equals_batch() -> None:
         assert_row_equal(engine.update(bars[i]), expected, i)
 
 
-@pytest.mark.parametrize("n", [1, 5, 15, 33, 34, 35])
+@pytest.mark.parametrize("n", [1, 5, 15, 25, 33, 34, 35])
 def test_short_history_load_gives_warmup_nulls_equal_to_batch(n: int) -> None:
     bars = make_series(n + 40, seed=n)
     expected = batch_values(bars)
@@ -114,10 +127,99 @@ def test_no_volume_series_has_null_vwap_and_volume_average() -> None:
     expected = batch_values(bars)
     engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
     for i, bar in enumerate(bars):
+        assert_row_equal(engine.peek(bar), expected, i)
         values = engine.update(bar)
         assert_row_equal(values, expected, i)
     out = dict(zip(FEATURE_FIELDS, values, strict=True))
     assert out["vwap"] is None and out["vol_ma"] is None and out["rsi"] is not None
+    loaded = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    loaded.load(bars[:200])
+    assert_row_equal(loaded.closed_values, expected, 199)
+    for i in range(200, 300):
+        assert_row_equal(loaded.peek(bars[i]), expected, i)
+        assert_row_equal(loaded.update(bars[i]), expected, i)
+
+
+def assert_bookkeeping(engine: FeatureEngine, bars: list[Bar], expected: dict[str, np.ndarray], i: int) -> None:
+    """After bar ``i``: the newest closed time and the MACD histogram one bar back."""
+    assert engine.last_closed_t == bars[i].t
+    want_prev = expected["macd_hist"][i - 1] if i > 0 else np.nan
+    assert engine.prev_macd_hist == (None if np.isnan(want_prev) else want_prev), i
+
+
+def load_and_compare(engine: FeatureEngine, history: list[Bar], expected: dict[str, np.ndarray]) -> None:
+    engine.load(history)
+    assert_row_equal(engine.closed_values, expected, len(history) - 1)
+    assert_bookkeeping(engine, history, expected, len(history) - 1)
+
+
+def run_and_compare(engine: FeatureEngine, bars: list[Bar], expected: dict[str, np.ndarray],
+                    start: int = 0) -> None:
+    """Peek then commit every bar from ``start``: both equal batch, bookkeeping follows."""
+    for i in range(start, len(bars)):
+        assert_row_equal(engine.peek(bars[i]), expected, i)
+        assert_row_equal(engine.update(bars[i]), expected, i)
+        assert_bookkeeping(engine, bars, expected, i)
+
+
+def test_new_engine_has_no_values() -> None:
+    engine = FeatureEngine("EURUSD", "5m", IndicatorPeriods())
+    assert (engine.symbol, engine.tf) == ("EURUSD", "5m")
+    assert engine.closed_values == [None] * len(FEATURE_FIELDS)
+    assert engine.last_closed_t is None and engine.prev_macd_hist is None
+    engine.load([])
+    assert engine.closed_values == [None] * len(FEATURE_FIELDS) and engine.last_closed_t is None
+
+
+@pytest.mark.parametrize("start_min", [13 * 60, 23 * 60 + 45], ids=["boundary-when-warm", "boundary-while-warming"])
+def test_peek_and_update_of_every_bar_equal_batch_across_a_session_boundary(start_min: int) -> None:
+    # Peeking a bar before committing it gives what committing gives, at every step:
+    # warm-up, steady state and the first bars of a session.
+    t0 = 1_727_827_200_000 + start_min * 60_000
+    bars = make_series(800, seed=5, t0=t0)
+    assert len({session_of(b.t, 0) for b in bars}) == 2
+    run_and_compare(FeatureEngine("TEST", "1m", IndicatorPeriods()), bars, batch_values(bars))
+
+
+# Bars without volume: three during warm-up, one when every handle is open, five more,
+# then volume comes back while the prices are warm, and a run across the session boundary.
+NO_VOLUME = {10, 11, 12, 40, *range(60, 65), *range(655, 666)}
+
+
+@pytest.mark.parametrize("loaded", [0, 5, 11, 30, 50, 62, 100, 658])
+def test_volume_that_comes_and_goes_restarts_the_volume_indicators(loaded: int) -> None:
+    bars = [replace(b, v=None) if i in NO_VOLUME else b for i, b in enumerate(make_series(700, seed=9))]
+    expected = batch_values(bars)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    if loaded:
+        load_and_compare(engine, bars[:loaded], expected)
+    run_and_compare(engine, bars, expected, start=loaded)
+
+
+@pytest.mark.parametrize("loaded", [0, 1, 12, 27, 60])
+def test_every_configured_period_is_used(loaded: int) -> None:
+    periods = IndicatorPeriods(rsi=7, ema=25, bb=10, bb_nbdev=1.5, atr=5, vol_ma=8,
+                               macd_fast=5, macd_slow=13, macd_signal=4, mom=3)
+    bars = make_series(120, seed=13)
+    expected = batch_values(bars, periods=periods)
+    engine = FeatureEngine("TEST", "1m", periods)
+    if loaded:
+        load_and_compare(engine, bars[:loaded], expected)
+    run_and_compare(engine, bars, expected, start=loaded)
+
+
+def test_values_that_overflow_are_null_never_nan() -> None:
+    # Valid (finite, positive) but absurd prices: the Bollinger Bands' variance overflows
+    # and TA-Lib answers NaN; the features carry null there, as batch-equal as the rest.
+    bars = [replace(b, o=b.o * 1e200, h=b.h * 1e200, l=b.l * 1e200, c=b.c * 1e200)
+            for b in make_series(150, seed=3)]
+    expected = batch_values(bars)
+    assert np.isnan(expected["bb_upper"][-1]) and not np.isnan(expected["bb_middle"][-1])
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    for i, bar in enumerate(bars):
+        for values in (engine.peek(bar), engine.update(bar)):
+            assert not any(isinstance(x, float) and math.isnan(x) for x in values), i
+            assert_row_equal(values, expected, i)
 
 
 def test_custom_periods_follow_configuration() -> None:
@@ -139,6 +241,14 @@ def test_vwap_restarts_at_each_session() -> None:
         values = dict(zip(FEATURE_FIELDS, engine.update(bar), strict=True))
         if bar.t % DAY_MS == 0:  # first bar of a session: VWAP is its typical price
             assert values["vwap"] == pytest.approx((bar.h + bar.l + bar.c) / 3, rel=1e-12)
+
+
+def test_features_map_is_not_stale_unless_told() -> None:
+    bar = Bar("AAPL", "1m", T0, 1.0, 2.0, 0.5, 1.5, 10.0, "yahoo")
+    fmap = features_map(bar, [None] * len(FEATURE_FIELDS), T0 + 1_000)
+    assert fmap["stale"] is False
+    assert fmap["updated_at"] is None and fmap["data_age_ms"] is None and fmap["via"] is None
+    assert fmap["macd_hist_prev"] is None
 
 
 def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,
