@@ -3,7 +3,8 @@
 The property: a parser returns well-typed bars labelled as asked, or raises a
 classified :class:`ProviderError` — never anything else. Replay files are
 configuration, so their classified error is a :class:`ConfigError` naming
-``SIDECAR_REPLAY_FILE``. Real bodies come from ``sidecar/tests/fixtures`` (read in
+``SIDECAR_REPLAY_FILE``. The shared helpers that classify an HTTP status and stamp
+a daily bar are checked on their own at the end. Real bodies come from ``sidecar/tests/fixtures`` (read in
 place); mutations replace, delete or duplicate nodes at any depth, then
 optionally cut or splice the serialized bytes.
 
@@ -16,8 +17,10 @@ import base64
 import copy
 import json
 import math
+from datetime import date
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from fake_providers import fixture, message_b64
@@ -28,7 +31,7 @@ from sidecar.bar import Bar
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.settings import SYMBOL_RE
 from sidecar.sources import alphavantage, polygon, twelvedata, yahoo
-from sidecar.sources._parsing import ParseContext
+from sidecar.sources._parsing import ParseContext, day_ms, epoch_to_daily_ms, http_status_error
 from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
@@ -432,3 +435,30 @@ def test_no_invalid_bar_is_ever_stored(redis_server: Any, tmp_path_factory: pyte
             await redis.close()
 
     asyncio.run(run())
+
+
+# -- the shared helpers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "error_class"), [
+    (400, "bad_response"), (401, "auth"), (402, "bad_response"), (403, "not_entitled"),
+    (404, "unknown_symbol"), (405, "bad_response"), (408, "unavailable"), (409, "bad_response"),
+    (425, "unavailable"), (426, "bad_response"), (429, "rate_limited"), (430, "bad_response"),
+    (499, "bad_response"), (500, "unavailable"), (503, "unavailable"),
+])
+def test_http_status_classes(status: int, error_class: str) -> None:
+    err = http_status_error(status, "(non-JSON body)", "polygon", retry_after=7.0)
+    assert err.error_class == error_class
+    assert err.source == "polygon"
+    assert str(err) == f"{error_class}: HTTP {status} (non-JSON body)"
+    # The provider's back-off is kept where waiting helps.
+    assert err.retry_after == (7.0 if error_class in ("rate_limited", "unavailable") else None)
+
+
+def test_daily_stamp_is_the_date_where_the_market_is() -> None:
+    # 2024-10-03 02:00 UTC is still 2024-10-02 in New York.
+    t = day_ms(date(2024, 10, 3)) + 2 * 3_600_000
+    assert epoch_to_daily_ms(t, ZoneInfo("America/New_York")) == day_ms(date(2024, 10, 2))
+    assert epoch_to_daily_ms(t, ZoneInfo("Asia/Tokyo")) == day_ms(date(2024, 10, 3))
+    with pytest.raises(ValueError, match="time out of range: 100000000000000000000"):
+        epoch_to_daily_ms(10**20, ZoneInfo("UTC"))
