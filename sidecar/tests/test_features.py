@@ -186,7 +186,7 @@ def test_peek_and_update_of_every_bar_equal_batch_across_a_session_boundary(star
 NO_VOLUME = {10, 11, 12, 40, *range(60, 65), *range(655, 666)}
 
 
-@pytest.mark.parametrize("loaded", [0, 5, 11, 30, 50, 62, 100, 658])
+@pytest.mark.parametrize("loaded", [0, 5, 11, 13, 30, 41, 50, 62, 65, 100, 658])
 def test_volume_that_comes_and_goes_restarts_the_volume_indicators(loaded: int) -> None:
     bars = [replace(b, v=None) if i in NO_VOLUME else b for i, b in enumerate(make_series(700, seed=9))]
     expected = batch_values(bars)
@@ -196,10 +196,12 @@ def test_volume_that_comes_and_goes_restarts_the_volume_indicators(loaded: int) 
     run_and_compare(engine, bars, expected, start=loaded)
 
 
-@pytest.mark.parametrize("loaded", [0, 1, 12, 27, 60])
+@pytest.mark.parametrize("loaded", [0, 1, 17, 36, 60])
 def test_every_configured_period_is_used(loaded: int) -> None:
-    periods = IndicatorPeriods(rsi=7, ema=25, bb=10, bb_nbdev=1.5, atr=5, vol_ma=8,
-                               macd_fast=5, macd_slow=13, macd_signal=4, mom=3)
+    # Each longer than TA-Lib's default, so a default used anywhere during warm-up
+    # gives a value where batch has none.
+    periods = IndicatorPeriods(rsi=20, ema=40, bb=10, bb_nbdev=1.5, atr=20, vol_ma=35,
+                               macd_fast=10, macd_slow=30, macd_signal=7, mom=12)
     bars = make_series(120, seed=13)
     expected = batch_values(bars, periods=periods)
     engine = FeatureEngine("TEST", "1m", periods)
