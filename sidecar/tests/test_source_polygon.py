@@ -58,20 +58,48 @@ def test_fx_volume_is_none():
     assert bars[0].v is None
 
 
+PLAN = "Your plan doesn't include this data timeframe. Please upgrade your plan at https://polygon.io/pricing"
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "cls"),
-    [(lambda: fixture("polygon/error_403_NOT_AUTHORIZED_timeframe.json"), 403, "not_entitled"),
-     (lambda: b'{"status":"ERROR","request_id":"x","error":"Unknown API Key"}', 401, "auth"),
-     (lambda: b'{"status":"NOT_AUTHORIZED","message":"Unknown API Key"}', 403, "auth"),
+    ("body", "status", "cls", "message"),
+    [(lambda: fixture("polygon/error_403_NOT_AUTHORIZED_timeframe.json"), 403, "not_entitled",
+      f"HTTP 403 NOT_AUTHORIZED {PLAN}"),
+     # A NOT_AUTHORIZED body is read as such whatever the HTTP status.
+     (lambda: json.dumps({"status": "NOT_AUTHORIZED", "message": PLAN}), 400, "not_entitled",
+      f"HTTP 400 NOT_AUTHORIZED {PLAN}"),
+     (lambda: json.dumps({"status": "NOT_AUTHORIZED", "message": PLAN}), 200, "not_entitled",
+      f"HTTP 403 NOT_AUTHORIZED {PLAN}"),
+     (lambda: b'{"status":"ERROR","request_id":"x","error":"Unknown API Key"}', 401, "auth",
+      "HTTP 401 ERROR Unknown API Key"),
+     (lambda: b'{"status":"NOT_AUTHORIZED","message":"Unknown API Key"}', 403, "auth",
+      "HTTP 403 NOT_AUTHORIZED Unknown API Key"),
+     (lambda: b'{"status":"ERROR","message":"API Key was not provided"}', 403, "auth",
+      "HTTP 403 ERROR API Key was not provided"),
+     (lambda: b'{"status":"ERROR","message":"Invalid apikey"}', 403, "auth", "HTTP 403 ERROR Invalid apikey"),
+     (lambda: b'{"status":"ERROR","message":"Not authorized."}', 403, "auth", "HTTP 403 ERROR Not authorized."),
+     (lambda: b'{"status":"ERROR","message":"Not authorized for this plan"}', 403, "not_entitled",
+      "HTTP 403 ERROR Not authorized for this plan"),
+     (lambda: b'{"status":"ERROR","message":"Not authorized for this plan"}', 401, "auth",
+      "HTTP 401 ERROR Not authorized for this plan"),
+     (lambda: b'{"status":"ERROR","message":"You are not entitled to this data"}', 403, "not_entitled",
+      "HTTP 403 ERROR You are not entitled to this data"),
+     (lambda: json.dumps({"status": "ERROR", "message": "x" * 300}), 403, "not_entitled",
+      "HTTP 403 ERROR " + "x" * 240),
      (lambda: b'{"status":"ERROR","error":"You\'ve exceeded the maximum requests per minute"}', 429,
-      "rate_limited"),
-     (lambda: b'{"status":"OK","results":[{"o":1', 200, "bad_response"),
-     (lambda: b"<html>502</html>", 502, "unavailable")],
+      "rate_limited", "HTTP 429 ERROR You've exceeded the maximum requests per minute"),
+     (lambda: b'{"status":"NOT_FOUND","message":"Unknown ticker"}', 404, "unknown_symbol",
+      "HTTP 404 NOT_FOUND Unknown ticker"),
+     (lambda: b'{"status":"ERROR"}', 500, "unavailable", "HTTP 500 ERROR"),
+     (lambda: b'{"status":"OK","results":[{"o":1', 200, "bad_response", "body is not JSON: '{\"status\":\"OK\",\"results\":[{\"o\":1'"),
+     (lambda: b"<html>502</html>", 502, "unavailable", "HTTP 502 ")],
 )
-def test_errors(body, status, cls):
+def test_errors(body, status, cls, message):
     with pytest.raises(ProviderError) as info:
-        parse_aggs(body(), status, ctx("1d"))
-    assert info.value.error_class == cls
+        parse_aggs(body(), status, ctx("1d"), retry_after=3.0)
+    err = info.value
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "polygon")
+    assert err.retry_after == (3.0 if cls in ("rate_limited", "unavailable") else None)
 
 
 def make(fake, budget):
