@@ -50,6 +50,19 @@ def test_live_entry_becomes_forming_bar_in_current_period():
     assert bars[-1].c == pytest.approx(225.67, abs=1e-3)
 
 
+def test_entry_at_or_after_the_end_asked_is_the_live_one():
+    # Without meta.regularMarketTime, the trailing entry (on the grid) is told apart by the
+    # end of the range asked: at or after it, it is the live entry (dropped: not current).
+    data = json.loads(fixture(AAPL_1M))
+    del data["chart"]["result"][0]["meta"]["regularMarketTime"]
+    body = json.dumps(data)
+    live_t = 1727985600000
+    assert len(parse_chart(body, 200, ctx("1m"), end_ms=live_t)) == 389
+    as_a_bar = parse_chart(body, 200, ctx("1m"), end_ms=live_t + 60_000)
+    assert len(as_a_bar) == 390 and as_a_bar[-1].t == live_t and not as_a_bar[-1].forming
+    assert len(parse_chart(body, 200, ctx("1m"))) == 390
+
+
 def test_daily_stamps_equity_fx_and_split():
     aapl = parse_chart(fixture("yahoo/chart_AAPL_1d_2020-01-01_2020-01-03.json"), 200, ctx("1d"))
     assert [b.t for b in aapl] == [1577923200000]  # 2020-01-02 00:00 UTC (was 14:30 UTC)
