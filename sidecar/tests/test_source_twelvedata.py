@@ -160,6 +160,12 @@ def test_error_answers_keep_message_source_and_back_off(body, status, cls, messa
     assert err.retry_after == (3.0 if cls in ("rate_limited", "unavailable") else None)
 
 
+def test_one_symbol_answer_without_values_is_refused_whole():
+    with pytest.raises(ProviderError) as info:
+        parse_batch(b'{"meta":{"symbol":"X"},"status":"ok"}', 200, {"X": ctx()})
+    assert str(info.value) == "bad_response: series without values"
+
+
 def test_a_whole_batch_refused_keeps_the_back_off():
     with pytest.raises(ProviderError) as info:
         parse_batch(b'{"code":429,"message":"Too many","status":"error"}', 429, {"X": ctx(), "Y": ctx()},
