@@ -52,6 +52,14 @@ def test_spec_example_next_url_and_null_results():
     assert parse_aggs(fixture("polygon/aggs_empty_results_null.json"), 200, ctx("1d")) == ([], None)
 
 
+def test_daily_dates_are_new_york_dates_for_stocks_utc_dates_for_fx():
+    t = int(datetime(2024, 1, 3, 2, tzinfo=UTC).timestamp() * 1000)  # 2024-01-02 21:00 in New York
+    body = json.dumps({"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 1, "t": t}]})
+    day = 86_400_000
+    assert [b.t for b in parse_aggs(body, 200, ctx("1d"))[0]] == [t - 2 * 3_600_000 - day]  # a stock unless told
+    assert [b.t for b in parse_aggs(body, 200, ctx("1d"), asset_class="fx")[0]] == [t - 2 * 3_600_000]
+
+
 def test_fx_volume_is_none():
     body = {"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 345, "t": 1_700_000_040_000}]}
     bars, _ = parse_aggs(json.dumps(body), 200, ctx("1m", hv=False), asset_class="fx")
