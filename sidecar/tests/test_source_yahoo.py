@@ -61,6 +61,11 @@ def test_entry_at_or_after_the_end_asked_is_the_live_one():
     as_a_bar = parse_chart(body, 200, ctx("1m"), end_ms=live_t + 60_000)
     assert len(as_a_bar) == 390 and as_a_bar[-1].t == live_t and not as_a_bar[-1].forming
     assert len(parse_chart(body, 200, ctx("1m"))) == 390
+    # Without an end: the entry at meta.regularMarketTime (within a second) is the live one ...
+    assert len(parse_chart(fixture(AAPL_1M), 200, ctx("1m"))) == 389
+    # ... and so is one off the bar grid, whatever the meta says.
+    data["chart"]["result"][0]["timestamp"][-1] += 1
+    assert len(parse_chart(json.dumps(data), 200, ctx("1m"))) == 389
 
 
 def test_daily_stamps_equity_fx_and_split():
