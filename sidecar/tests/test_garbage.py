@@ -27,11 +27,11 @@ from fake_providers import fixture, message_b64
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.settings import SYMBOL_RE
 from sidecar.sources import alphavantage, polygon, twelvedata, yahoo
-from sidecar.sources._parsing import ParseContext, day_ms, epoch_to_daily_ms, http_status_error
+from sidecar.sources._parsing import ParseContext, day_ms, epoch_to_daily_ms, http_status_error, to_epoch_ms
 from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
@@ -462,3 +462,11 @@ def test_daily_stamp_is_the_date_where_the_market_is() -> None:
     assert epoch_to_daily_ms(t, ZoneInfo("Asia/Tokyo")) == day_ms(date(2024, 10, 3))
     with pytest.raises(ValueError, match="time out of range: 100000000000000000000"):
         epoch_to_daily_ms(10**20, ZoneInfo("UTC"))
+
+
+def test_provider_times_a_store_cannot_hold_are_refused() -> None:
+    assert to_epoch_ms("1727985600", 1000) == 1_727_985_600_000
+    assert to_epoch_ms(MAX_EPOCH_MS) == MAX_EPOCH_MS and to_epoch_ms(-MAX_EPOCH_MS) == -MAX_EPOCH_MS
+    for beyond in (MAX_EPOCH_MS + 1, -MAX_EPOCH_MS - 1):
+        with pytest.raises(ValueError, match="time out of range"):
+            to_epoch_ms(beyond)
