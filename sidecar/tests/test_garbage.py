@@ -31,7 +31,15 @@ from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.settings import SYMBOL_RE
 from sidecar.sources import alphavantage, polygon, twelvedata, yahoo
-from sidecar.sources._parsing import ParseContext, day_ms, epoch_to_daily_ms, http_status_error, to_epoch_ms
+from sidecar.sources._parsing import (
+    ParseContext,
+    day_ms,
+    decode_json,
+    epoch_to_daily_ms,
+    http_status_error,
+    to_epoch_ms,
+    zone,
+)
 from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
@@ -470,3 +478,18 @@ def test_provider_times_a_store_cannot_hold_are_refused() -> None:
     for beyond in (MAX_EPOCH_MS + 1, -MAX_EPOCH_MS - 1):
         with pytest.raises(ValueError, match="time out of range"):
             to_epoch_ms(beyond)
+
+
+def test_zone_falls_back_on_anything_that_is_not_a_zone() -> None:
+    assert zone("America/New_York").key == "America/New_York"
+    for name in (None, "", 123, "Mars/Olympus", "Europe/" + "x" * 60):
+        assert zone(name).key == "UTC", name
+        assert zone(name, "America/New_York").key == "America/New_York", name
+
+
+def test_a_body_that_is_not_json_is_quoted_in_80_characters() -> None:
+    for body in ("<html>" + "x" * 100, b"<html>" + b"x" * 100):
+        with pytest.raises(ProviderError) as info:
+            decode_json(body, "yahoo")
+        assert str(info.value) == "bad_response: body is not JSON: '<html>" + "x" * 74 + "'"
+        assert info.value.source == "yahoo"

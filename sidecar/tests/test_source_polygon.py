@@ -60,6 +60,14 @@ def test_daily_dates_are_new_york_dates_for_stocks_utc_dates_for_fx():
     assert [b.t for b in parse_aggs(body, 200, ctx("1d"), asset_class="fx")[0]] == [t - 2 * 3_600_000]
 
 
+def test_forming_from_the_open_until_the_next_bar_opens():
+    t = 1_700_000_040_000
+    body = json.dumps({"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 1, "t": t}]})
+    for now, forming in ((t - 1, False), (t, True), (t + 59_999, True), (t + 60_000, False)):
+        c = ParseContext("AAPL", Timeframe.parse("1m"), "polygon", now, True)
+        assert parse_aggs(body, 200, c)[0][0].forming is forming, now
+
+
 def test_fx_volume_is_none():
     body = {"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 345, "t": 1_700_000_040_000}]}
     bars, _ = parse_aggs(json.dumps(body), 200, ctx("1m", hv=False), asset_class="fx")

@@ -68,6 +68,16 @@ def test_entry_at_or_after_the_end_asked_is_the_live_one():
     assert len(parse_chart(json.dumps(data), 200, ctx("1m"))) == 389
 
 
+def test_body_that_is_not_json_by_status():
+    with pytest.raises(ProviderError) as info:
+        parse_chart(b"<html>maintenance</html>", 200, ctx("1m"))
+    assert (str(info.value), info.value.source) == ("bad_response: body is not JSON: '<html>maintenance</html>'",
+                                                     "yahoo")
+    with pytest.raises(ProviderError) as info:
+        parse_chart(b"<html>maintenance</html>", 201, ctx("1m"))
+    assert str(info.value) == "bad_response: HTTP 201 (non-JSON body)"
+
+
 def test_daily_stamps_equity_fx_and_split():
     aapl = parse_chart(fixture("yahoo/chart_AAPL_1d_2020-01-01_2020-01-03.json"), 200, ctx("1d"))
     assert [b.t for b in aapl] == [1577923200000]  # 2020-01-02 00:00 UTC (was 14:30 UTC)
