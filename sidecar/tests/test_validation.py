@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.timeframe import US_EQUITY_SESSION, Timeframe
 from sidecar.validation import (
     MAX_FILL_BARS,
@@ -54,6 +54,12 @@ BAD_BARS = [
     pytest.param(replace(GOOD, h=math.inf), "bad_price", id="inf-high"),
     pytest.param(replace(GOOD, l=-math.inf), "bad_price", id="minus-inf-low"),
     pytest.param(replace(GOOD, o=0.0, l=0.0), "bad_price", id="zero-open"),
+    pytest.param(replace(GOOD, o=0.0), "bad_price", id="zero-open-only"),
+    pytest.param(replace(GOOD, h=0.0), "bad_price", id="zero-high"),
+    pytest.param(replace(GOOD, c=0.0), "bad_price", id="zero-close"),
+    pytest.param(replace(GOOD, o=math.inf), "bad_price", id="inf-open"),
+    pytest.param(replace(GOOD, l=math.inf), "bad_price", id="inf-low"),
+    pytest.param(replace(GOOD, c=math.inf), "bad_price", id="inf-close"),
     pytest.param(replace(GOOD, l=0.0), "bad_price", id="zero-low"),
     pytest.param(replace(GOOD, o=-1.0, h=-0.5, l=-2.0, c=-1.0), "bad_price", id="negative"),
     pytest.param(replace(GOOD, o=100.0, h=99.0, l=98.0, c=98.5), "high_below_open_close", id="h<o"),
@@ -72,6 +78,20 @@ BAD_BARS = [
 @pytest.mark.parametrize(("bar", "reason"), BAD_BARS)
 def test_check_bar_reason(bar: Bar, reason: str) -> None:
     assert check_bar(bar, TF, NOW, 2_000) == reason
+
+
+def test_check_bar_time_range() -> None:
+    at = replace(GOOD, t=0)  # 1970-01-01 00:00: the first valid stamp
+    assert check_bar(at, TF, NOW, 2_000) is None
+    assert check_bar(replace(GOOD, t=-M), TF, NOW, 2_000) == "bad_time"
+    # The last second a store holds (9999-12-31 23:59:59) is a valid stamp, the next is not.
+    s1 = Timeframe.parse("1s")
+    assert check_bar(replace(GOOD, tf="1s", t=MAX_EPOCH_MS), s1, MAX_EPOCH_MS, 0) is None
+    assert check_bar(replace(GOOD, tf="1s", t=MAX_EPOCH_MS + 1_000), s1, MAX_EPOCH_MS + 1_000, 0) == "bad_time"
+
+
+def test_prices_below_one_are_prices() -> None:
+    assert check_bar(replace(GOOD, o=0.5, h=0.75, l=0.25, c=0.5), TF, NOW, 2_000) is None
 
 
 def test_check_bar_accepts_good_bars() -> None:
@@ -613,6 +633,8 @@ def test_validate_history_dedups_sorts_and_counts() -> None:
     out, rejected = validate_history(bars, TF, now_ms=T0 + 10 * M, skew_ms=0)
     assert out == [a0, a1_rev, a2]  # oldest first; the later same-time bar wins
     assert rejected == {"duplicate": 1, "bad_price": 1, "misaligned_time": 1, "future": 1}
+    _, twice = validate_history([a0, a0, a0, bad, bad], TF, now_ms=T0 + 10 * M, skew_ms=0)
+    assert twice == {"duplicate": 2, "bad_price": 2}
 
 
 def test_validate_history_allows_two_seconds_of_skew_by_default() -> None:
