@@ -68,6 +68,39 @@ def test_forming_from_the_open_until_the_next_bar_opens():
         assert parse_aggs(body, 200, c)[0][0].forming is forming, now
 
 
+ROW = {"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 1, "t": 1_700_000_040_000}
+
+
+@pytest.mark.parametrize(
+    ("body", "cls", "message"),
+    [([1], "bad_response", "answer is not an object"),
+     ({"status": "ERROR", "error": "Internal"}, "unavailable", "HTTP 502 ERROR Internal"),
+     ({"status": "error", "error": "Internal"}, "unavailable", "HTTP 502 error Internal"),
+     ({"status": "OK", "results": {"a": 1}}, "bad_response", "results is not a list")],
+)
+def test_error_answers_on_200(body, cls, message):
+    with pytest.raises(ProviderError) as info:
+        parse_aggs(json.dumps(body), 200, ctx("1m"), retry_after=3.0)
+    err = info.value
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "polygon")
+    assert err.retry_after == (3.0 if cls == "unavailable" else None)
+
+
+def test_rows_are_kept_whatever_the_status_says_and_bad_rows_dropped():
+    body = {"status": "ERROR", "next_url": "", "results": [1, {**ROW, "c": None}, {**ROW, "v": "n/a"}]}
+    bars, nxt = parse_aggs(json.dumps(body), 200, ctx("1m"))
+    assert [(b.t, b.c, b.v) for b in bars] == [(ROW["t"], 1.15, None)] and nxt is None
+    assert parse_aggs(json.dumps({"results": [ROW], "next_url": 5}), 200, ctx("1m"))[1] is None
+
+
+@pytest.mark.parametrize("asset_class", ["stock", "etf", "index"])
+def test_daily_dates_of_us_listings_are_new_york_dates(asset_class):
+    t = int(datetime(2024, 1, 3, 2, tzinfo=UTC).timestamp() * 1000)  # 2024-01-02 21:00 in New York
+    body = json.dumps({"status": "OK", "results": [{**ROW, "t": t}]})
+    assert [b.t for b in parse_aggs(body, 200, ctx("1d"), asset_class=asset_class)[0]] == [
+        int(datetime(2024, 1, 2, tzinfo=UTC).timestamp() * 1000)]
+
+
 def test_fx_volume_is_none():
     body = {"status": "OK", "results": [{"o": 1.1, "h": 1.2, "l": 1.0, "c": 1.15, "v": 345, "t": 1_700_000_040_000}]}
     bars, _ = parse_aggs(json.dumps(body), 200, ctx("1m", hv=False), asset_class="fx")
