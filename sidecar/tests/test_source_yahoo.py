@@ -123,7 +123,8 @@ def test_error_answers_with_message_source_and_back_off(body, status, cls, messa
 
 
 def _chart(stamps: list[int], closes: list[float | None], tz: str = "UTC", **meta) -> str:
-    quote = {"open": closes, "high": [c and c + 1 for c in closes], "low": [c and c - 1 for c in closes],
+    quote = {"open": [c and c - 0.5 for c in closes], "high": [c and c + 1 for c in closes],
+             "low": [c and c - 1 for c in closes],
              "close": closes, "volume": [None if c is None else 100 for c in closes]}
     quote["volume"][0] = None  # a row with prices but no volume
     return json.dumps({"chart": {"result": [{
@@ -133,17 +134,18 @@ def _chart(stamps: list[int], closes: list[float | None], tz: str = "UTC", **met
 
 def test_live_entry_updates_the_bar_of_its_period_or_opens_the_next():
     t0 = 1_727_877_600  # 2024-10-02 14:00 UTC, on the 5-minute grid
-    rows = [t0, t0 + 300]
+    rows = [t0 - 300, t0, t0 + 300]
     # The live entry inside the newest bar's period: that bar takes its close and extremes.
-    same = parse_chart(_chart([*rows, t0 + 457], [10.0, 20.0, 25.0]), 200, ctx("5m", now=(t0 + 460) * 1000))
+    same = parse_chart(_chart([*rows, t0 + 457], [5.0, 10.0, 20.0, 25.0]), 200, ctx("5m", now=(t0 + 460) * 1000))
     assert [(b.t, b.o, b.h, b.l, b.c, b.v, b.forming) for b in same] == [
-        (t0 * 1000, 10.0, 11.0, 9.0, 10.0, None, False), ((t0 + 300) * 1000, 20.0, 25.0, 19.0, 25.0, 100.0, True)]
-    low = parse_chart(_chart([*rows, t0 + 457], [10.0, 20.0, 15.0]), 200, ctx("5m", now=(t0 + 460) * 1000))
+        ((t0 - 300) * 1000, 4.5, 6.0, 4.0, 5.0, None, False), (t0 * 1000, 9.5, 11.0, 9.0, 10.0, 100.0, False),
+        ((t0 + 300) * 1000, 19.5, 25.0, 19.0, 25.0, 100.0, True)]
+    low = parse_chart(_chart([*rows, t0 + 457], [5.0, 10.0, 20.0, 15.0]), 200, ctx("5m", now=(t0 + 460) * 1000))
     assert (low[-1].h, low[-1].l, low[-1].c) == (21.0, 15.0, 15.0)
     # In the next period: a new forming bar at the period's open, every price its close.
-    nxt = parse_chart(_chart([*rows, t0 + 617], [10.0, 20.0, 22.0]), 200, ctx("5m", now=(t0 + 620) * 1000))
-    assert [(b.t, b.o, b.h, b.l, b.c, b.forming) for b in nxt[1:]] == [
-        ((t0 + 300) * 1000, 20.0, 21.0, 19.0, 20.0, False), ((t0 + 600) * 1000, 22.0, 22.0, 22.0, 22.0, True)]
+    nxt = parse_chart(_chart([*rows, t0 + 617], [5.0, 10.0, 20.0, 22.0]), 200, ctx("5m", now=(t0 + 620) * 1000))
+    assert [(b.t, b.o, b.h, b.l, b.c, b.forming) for b in nxt[2:]] == [
+        ((t0 + 300) * 1000, 19.5, 21.0, 19.0, 20.0, False), ((t0 + 600) * 1000, 22.0, 22.0, 22.0, 22.0, True)]
 
 
 def test_daily_bar_takes_its_date_in_the_exchange_zone():
