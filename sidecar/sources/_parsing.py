@@ -207,11 +207,6 @@ def http_status_error(
     return ProviderError("bad_response", f"HTTP {status} {detail}", source=source)
 
 
-def ohlc_ok(o: float, h: float, l: float, c: float) -> bool:
-    """True when all four prices are finite numbers (nulls were dropped before)."""
-    return all(math.isfinite(x) for x in (o, h, l, c))
-
-
 def rebucket(bars: list[Bar], ctx: ParseContext) -> list[Bar]:
     """Fold finer clock-aligned bars (oldest first) into ``ctx.tf``'s session grid.
 

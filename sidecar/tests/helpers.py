@@ -33,7 +33,7 @@ from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
-from sidecar.settings import Settings
+from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.sources.base import LatestResult, Source
 from sidecar.timeframe import Timeframe
 
@@ -572,8 +572,8 @@ FEATURES_TF_MS = 60_000
 FEATURES_T0 = 1_727_827_200_000 + 13 * 3_600_000  # a UTC day, mid-morning: sessions roll over inside
 
 
-def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
-    """``n`` minute bars of symbol TEST from :data:`FEATURES_T0`: a seeded random walk."""
+def make_series(n: int, seed: int = 7, volume: bool = True, t0: int = FEATURES_T0) -> list[Bar]:
+    """``n`` minute bars of symbol TEST from ``t0``: a seeded random walk."""
     rng = np.random.default_rng(seed)
     closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
     opens = np.concatenate([[100.0], closes[:-1]])
@@ -581,35 +581,45 @@ def make_series(n: int, seed: int = 7, volume: bool = True) -> list[Bar]:
     lows = np.minimum(opens, closes) * (1 - rng.uniform(0, 0.002, n))
     vols = rng.integers(1, 5_000, n).astype(float)
     return [
-        Bar("TEST", "1m", FEATURES_T0 + i * FEATURES_TF_MS, float(opens[i]), float(highs[i]),
+        Bar("TEST", "1m", t0 + i * FEATURES_TF_MS, float(opens[i]), float(highs[i]),
             float(lows[i]), float(closes[i]), float(vols[i]) if volume else None, "test")
         for i in range(n)
     ]
 
 
-def batch_values(bars: list[Bar], anchor_min: int = 0) -> dict[str, np.ndarray]:
-    """Every feature of ``bars`` by TA-Lib's batch functions (NaN during warm-up)."""
+def batch_values(bars: list[Bar], anchor_min: int = 0,
+                 periods: IndicatorPeriods = IndicatorPeriods()) -> dict[str, np.ndarray]:  # noqa: B008
+    """Every feature of ``bars`` by TA-Lib's batch functions (NaN during warm-up). The
+    volume indicators run over each unbroken run of bars with volume (a bar without
+    volume restarts them), VWAP per session."""
+    p = periods
     h = np.array([b.h for b in bars])
     l = np.array([b.l for b in bars])
     c = np.array([b.c for b in bars])
     out: dict[str, np.ndarray] = {
-        "rsi": talib.RSI(c, 14), "ema": talib.EMA(c, 20), "atr": talib.ATR(h, l, c, 14),
-        "mom": talib.MOM(c, 10),
+        "rsi": talib.RSI(c, p.rsi), "ema": talib.EMA(c, p.ema), "atr": talib.ATR(h, l, c, p.atr),
+        "mom": talib.MOM(c, p.mom),
     }
-    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, 20, 2.0, 2.0)
-    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, 12, 26, 9)
-    if bars[0].v is None:
-        out["vol_ma"] = np.full(len(bars), np.nan)
-        out["vwap"] = np.full(len(bars), np.nan)
-        return out
-    v = np.array([b.v for b in bars], dtype=float)
-    out["vol_ma"] = talib.SMA(v, 20)
-    vwap = np.full(len(bars), np.nan)
-    sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars])
-    for s in np.unique(sessions):
-        idx = np.nonzero(sessions == s)[0]
-        vwap[idx] = talib.VWAP(h[idx], l[idx], c[idx], v[idx])
-    out["vwap"] = vwap
+    out["bb_upper"], out["bb_middle"], out["bb_lower"] = talib.BBANDS(c, p.bb, p.bb_nbdev, p.bb_nbdev)
+    out["macd"], out["macd_signal"], out["macd_hist"] = talib.MACD(c, p.macd_fast, p.macd_slow, p.macd_signal)
+    n = len(bars)
+    out["vol_ma"] = np.full(n, np.nan)
+    out["vwap"] = np.full(n, np.nan)
+    i = 0
+    while i < n:
+        if bars[i].v is None:
+            i += 1
+            continue
+        j = i
+        while j < n and bars[j].v is not None:
+            j += 1
+        v = np.array([b.v for b in bars[i:j]], dtype=float)
+        out["vol_ma"][i:j] = talib.SMA(v, p.vol_ma)
+        sessions = np.array([session_of(b.t, anchor_min * 60_000) for b in bars[i:j]])
+        for s in np.unique(sessions):
+            idx = np.nonzero(sessions == s)[0]
+            out["vwap"][i + idx] = talib.VWAP(h[i + idx], l[i + idx], c[i + idx], v[idx])
+        i = j
     return out
 
 

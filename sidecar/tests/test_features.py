@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import msgpack
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 from sidecar.bar import Bar
 from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, features_map, pack_features, session_of
 from sidecar.settings import IndicatorPeriods
+from sidecar.tests.helpers import FEATURES_T0 as T0
 from sidecar.tests.helpers import assert_row_equal, batch_values, make_series
 
 
@@ -47,7 +51,7 @@ def test_load_from_history_then_stream_equals_batch() -> None:
         assert_row_equal(engine.update(bars[i]), expected, i)
 
 
-@pytest.mark.parametrize("n", [1, 5, 15, 33, 34, 35])
+@pytest.mark.parametrize("n", [1, 5, 15, 25, 33, 34, 35])
 def test_short_history_load_gives_warmup_nulls_equal_to_batch(n: int) -> None:
     bars = make_series(n + 40, seed=n)
     expected = batch_values(bars)
@@ -64,10 +68,102 @@ def test_no_volume_series_has_null_vwap_and_volume_average() -> None:
     expected = batch_values(bars)
     engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
     for i, bar in enumerate(bars):
+        assert_row_equal(engine.peek(bar), expected, i)
         values = engine.update(bar)
         assert_row_equal(values, expected, i)
     out = dict(zip(FEATURE_FIELDS, values, strict=True))
     assert out["vwap"] is None and out["vol_ma"] is None and out["rsi"] is not None
+    loaded = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    loaded.load(bars[:200])
+    assert_row_equal(loaded.closed_values, expected, 199)
+    for i in range(200, 300):
+        assert_row_equal(loaded.peek(bars[i]), expected, i)
+        assert_row_equal(loaded.update(bars[i]), expected, i)
+
+
+def assert_bookkeeping(engine: FeatureEngine, bars: list[Bar], expected: dict[str, np.ndarray], i: int) -> None:
+    """After bar ``i``: the newest closed time and the MACD histogram one bar back."""
+    assert engine.last_closed_t == bars[i].t
+    want_prev = expected["macd_hist"][i - 1] if i > 0 else np.nan
+    assert engine.prev_macd_hist == (None if np.isnan(want_prev) else want_prev), i
+
+
+def load_and_compare(engine: FeatureEngine, history: list[Bar], expected: dict[str, np.ndarray]) -> None:
+    engine.load(history)
+    assert_row_equal(engine.closed_values, expected, len(history) - 1)
+    assert_bookkeeping(engine, history, expected, len(history) - 1)
+
+
+def run_and_compare(engine: FeatureEngine, bars: list[Bar], expected: dict[str, np.ndarray],
+                    start: int = 0) -> None:
+    """Peek then commit every bar from ``start``: both equal batch, bookkeeping follows."""
+    for i in range(start, len(bars)):
+        assert_row_equal(engine.peek(bars[i]), expected, i)
+        assert_row_equal(engine.update(bars[i]), expected, i)
+        assert_bookkeeping(engine, bars, expected, i)
+
+
+def test_new_engine_has_no_values() -> None:
+    engine = FeatureEngine("EURUSD", "5m", IndicatorPeriods())
+    assert (engine.symbol, engine.tf) == ("EURUSD", "5m")
+    assert engine.closed_values == [None] * len(FEATURE_FIELDS)
+    assert engine.last_closed_t is None and engine.prev_macd_hist is None
+    engine.load([])
+    assert engine.closed_values == [None] * len(FEATURE_FIELDS) and engine.last_closed_t is None
+
+
+@pytest.mark.parametrize("start_min", [13 * 60, 23 * 60 + 45], ids=["boundary-when-warm", "boundary-while-warming"])
+def test_peek_and_update_of_every_bar_equal_batch_across_a_session_boundary(start_min: int) -> None:
+    # Peeking a bar before committing it gives what committing gives, at every step:
+    # warm-up, steady state and the first bars of a session.
+    t0 = 1_727_827_200_000 + start_min * 60_000
+    bars = make_series(800, seed=5, t0=t0)
+    assert len({session_of(b.t, 0) for b in bars}) == 2
+    run_and_compare(FeatureEngine("TEST", "1m", IndicatorPeriods()), bars, batch_values(bars))
+
+
+# Bars without volume: one while the prices warm up but the volume average is open; one
+# and then five while the prices are warm and the volume average warms up again; a run
+# across the session boundary with every handle open before it.
+NO_VOLUME = {25, 40, *range(60, 65), *range(655, 666)}
+
+
+@pytest.mark.parametrize("loaded", [0, 5, 25, 26, 30, 41, 50, 62, 65, 100, 658])
+def test_volume_that_comes_and_goes_restarts_the_volume_indicators(loaded: int) -> None:
+    bars = [replace(b, v=None) if i in NO_VOLUME else b for i, b in enumerate(make_series(700, seed=9))]
+    expected = batch_values(bars)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    if loaded:
+        load_and_compare(engine, bars[:loaded], expected)
+    run_and_compare(engine, bars, expected, start=loaded)
+
+
+@pytest.mark.parametrize("loaded", [0, 1, 17, 36, 60])
+def test_every_configured_period_is_used(loaded: int) -> None:
+    # Each longer than TA-Lib's default, so a default used anywhere during warm-up
+    # gives a value where batch has none.
+    periods = IndicatorPeriods(rsi=20, ema=40, bb=10, bb_nbdev=1.5, atr=20, vol_ma=35,
+                               macd_fast=10, macd_slow=30, macd_signal=7, mom=12)
+    bars = make_series(120, seed=13)
+    expected = batch_values(bars, periods=periods)
+    engine = FeatureEngine("TEST", "1m", periods)
+    if loaded:
+        load_and_compare(engine, bars[:loaded], expected)
+    run_and_compare(engine, bars, expected, start=loaded)
+
+
+def test_values_that_overflow_are_null_never_nan() -> None:
+    # Valid (finite, positive) but absurd prices: the Bollinger Bands' variance overflows
+    # and TA-Lib answers NaN; the features carry null there, as batch-equal as the rest.
+    bars = [replace(b, o=b.o * 1e200, h=b.h * 1e200, l=b.l * 1e200, c=b.c * 1e200)
+            for b in make_series(150, seed=3)]
+    expected = batch_values(bars)
+    assert np.isnan(expected["bb_upper"][-1]) and not np.isnan(expected["bb_middle"][-1])
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    for i, bar in enumerate(bars):
+        for values in (engine.peek(bar), engine.update(bar)):
+            assert not any(isinstance(x, float) and math.isnan(x) for x in values), i
+            assert_row_equal(values, expected, i)
 
 
 def test_custom_periods_follow_configuration() -> None:
@@ -89,6 +185,14 @@ def test_vwap_restarts_at_each_session() -> None:
         values = dict(zip(FEATURE_FIELDS, engine.update(bar), strict=True))
         if bar.t % DAY_MS == 0:  # first bar of a session: VWAP is its typical price
             assert values["vwap"] == pytest.approx((bar.h + bar.l + bar.c) / 3, rel=1e-12)
+
+
+def test_features_map_is_not_stale_unless_told() -> None:
+    bar = Bar("AAPL", "1m", T0, 1.0, 2.0, 0.5, 1.5, 10.0, "yahoo")
+    fmap = features_map(bar, [None] * len(FEATURE_FIELDS), T0 + 1_000)
+    assert fmap["stale"] is False
+    assert fmap["updated_at"] is None and fmap["data_age_ms"] is None and fmap["via"] is None
+    assert fmap["macd_hist_prev"] is None
 
 
 def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,

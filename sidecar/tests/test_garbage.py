@@ -3,7 +3,8 @@
 The property: a parser returns well-typed bars labelled as asked, or raises a
 classified :class:`ProviderError` — never anything else. Replay files are
 configuration, so their classified error is a :class:`ConfigError` naming
-``SIDECAR_REPLAY_FILE``. Real bodies come from ``sidecar/tests/fixtures`` (read in
+``SIDECAR_REPLAY_FILE``. The shared helpers that classify an HTTP status and stamp
+a daily bar are checked on their own at the end. Real bodies come from ``sidecar/tests/fixtures`` (read in
 place); mutations replace, delete or duplicate nodes at any depth, then
 optionally cut or splice the serialized bytes.
 
@@ -16,18 +17,28 @@ import base64
 import copy
 import json
 import math
+from datetime import date
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ConfigError, ProviderError
 from sidecar.settings import SYMBOL_RE
 from sidecar.sources import alphavantage, polygon, twelvedata, yahoo
-from sidecar.sources._parsing import ParseContext
+from sidecar.sources._parsing import (
+    ParseContext,
+    day_ms,
+    decode_json,
+    epoch_to_daily_ms,
+    http_status_error,
+    to_epoch_ms,
+    zone,
+)
 from sidecar.sources.base import Source
 from sidecar.sources.replay import read_bars
 from sidecar.sources.yahoo_stream import YahooStream, tick_from_message
@@ -498,3 +509,53 @@ def test_no_invalid_bar_is_ever_stored(redis_server: Any, tmp_path_factory: pyte
             await redis.close()
 
     asyncio.run(run())
+
+
+# -- the shared helpers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "error_class"), [
+    (400, "bad_response"), (401, "auth"), (402, "bad_response"), (403, "not_entitled"),
+    (404, "unknown_symbol"), (405, "bad_response"), (408, "unavailable"), (409, "bad_response"),
+    (425, "unavailable"), (426, "bad_response"), (429, "rate_limited"), (430, "bad_response"),
+    (499, "bad_response"), (500, "unavailable"), (503, "unavailable"),
+])
+def test_http_status_classes(status: int, error_class: str) -> None:
+    err = http_status_error(status, "(non-JSON body)", "polygon", retry_after=7.0)
+    assert err.error_class == error_class
+    assert err.source == "polygon"
+    assert str(err) == f"{error_class}: HTTP {status} (non-JSON body)"
+    # The provider's back-off is kept where waiting helps.
+    assert err.retry_after == (7.0 if error_class in ("rate_limited", "unavailable") else None)
+
+
+def test_daily_stamp_is_the_date_where_the_market_is() -> None:
+    # 2024-10-03 02:00 UTC is still 2024-10-02 in New York.
+    t = day_ms(date(2024, 10, 3)) + 2 * 3_600_000
+    assert epoch_to_daily_ms(t, ZoneInfo("America/New_York")) == day_ms(date(2024, 10, 2))
+    assert epoch_to_daily_ms(t, ZoneInfo("Asia/Tokyo")) == day_ms(date(2024, 10, 3))
+    with pytest.raises(ValueError, match="time out of range: 100000000000000000000"):
+        epoch_to_daily_ms(10**20, ZoneInfo("UTC"))
+
+
+def test_provider_times_a_store_cannot_hold_are_refused() -> None:
+    assert to_epoch_ms("1727985600", 1000) == 1_727_985_600_000
+    assert to_epoch_ms(MAX_EPOCH_MS) == MAX_EPOCH_MS and to_epoch_ms(-MAX_EPOCH_MS) == -MAX_EPOCH_MS
+    for beyond in (MAX_EPOCH_MS + 1, -MAX_EPOCH_MS - 1):
+        with pytest.raises(ValueError, match="time out of range"):
+            to_epoch_ms(beyond)
+
+
+def test_zone_falls_back_on_anything_that_is_not_a_zone() -> None:
+    assert zone("America/New_York").key == "America/New_York"
+    for name in (None, "", 123, "Mars/Olympus", "Europe/" + "x" * 60):
+        assert zone(name).key == "UTC", name
+        assert zone(name, "America/New_York").key == "America/New_York", name
+
+
+def test_a_body_that_is_not_json_is_quoted_in_80_characters() -> None:
+    for body in ("<html>" + "x" * 100, b"<html>" + b"x" * 100):
+        with pytest.raises(ProviderError) as info:
+            decode_json(body, "yahoo")
+        assert str(info.value) == "bad_response: body is not JSON: '<html>" + "x" * 74 + "'"
+        assert info.value.source == "yahoo"

@@ -97,9 +97,14 @@ def test_rebucket_equals_independent_aggregation():
     expected = aggregate(rows, OPEN_EDT, HOUR)
     assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in folded] == [
         (t, o, h, l, c, float(v)) for t, o, h, l, c, v in expected]
+    assert {(b.symbol, b.tf, b.src) for b in folded} == {("AAPL", "1h", "polygon")}
     assert folded[-1].t == OPEN_EDT + 6 * HOUR and not folded[-1].forming  # 15:30-16:00, closed
     now = OPEN_EDT + 6 * HOUR + 600_000
     assert rebucket(halves, ParseContext("AAPL", GRID, "polygon", now))[-1].forming
+    # A part without volume leaves its hour without volume.
+    halves[1].v = None
+    assert [b.v for b in rebucket(halves, ParseContext("AAPL", GRID, "polygon", now))[:2]] == [
+        None, float(expected[1][5])]
 
 
 def yahoo_hourly_body() -> bytes:

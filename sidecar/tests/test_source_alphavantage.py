@@ -100,6 +100,78 @@ def test_5xx_is_unavailable():
     assert info.value.error_class == "unavailable"
 
 
+THANKS = "Thank you for using Alpha Vantage! "
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "cls"),
+    [("Note", THANKS, "rate_limited"),
+     *[("Information", THANKS + phrase, "rate_limited")
+       for phrase in ("Our rate limit is 5", "Please consider call frequency", "25 requests per day",
+                      "5 per minute", "5 calls per day", "Consider spreading out your calls")],
+     ("Information", THANKS + "The apikey is invalid.", "auth"),
+     ("Information", THANKS + "Claim your free API key.", "auth"),
+     ("Information", THANKS + "This is a premium endpoint.", "not_entitled"),
+     ("Error Message", "Invalid API call.", "unknown_symbol"),
+     ("Information", THANKS + "We are upgrading.", "bad_response")],
+)
+def test_message_classes(key, text, cls):
+    text += " " + "." * 200  # the first 200 characters are kept
+    with pytest.raises(ProviderError) as info:
+        parse_time_series(json.dumps({key: text}), 200, ctx())
+    err = info.value
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {key}: {text[:200]}", "alphavantage")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "cls", "message"),
+    [(b"x" * 130 + b"  tail", 502, "unavailable", "HTTP 502 " + "x" * 120),
+     ("  bad gateway  ", 503, "unavailable", "HTTP 503 bad gateway"),
+     (b"<html>oops</html>", 200, "bad_response", "body is not JSON: '<html>oops</html>'"),
+     (b"[1]", 200, "bad_response", "answer is not an object"),
+     (json.dumps({"Time Series (5min)": {}, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5}), 200, "bad_response",
+      "no time series in keys ['Time Series (5min)', 'a', 'b', 'c', 'd']"),
+     (json.dumps({"Meta Data": {}, "Time Series (5min)": []}), 200, "bad_response",
+      "no time series in keys ['Meta Data', 'Time Series (5min)']"),
+     (json.dumps({"Meta Data": {}}), 200, "bad_response", "no time series in keys ['Meta Data']")],
+)
+def test_answers_that_are_not_series(body, status, cls, message):
+    with pytest.raises(ProviderError) as info:
+        parse_time_series(body, status, ctx())
+    err = info.value
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "alphavantage")
+
+
+def test_a_series_with_a_note_beside_it_is_parsed():
+    data = json.loads(fixture("alphavantage/time_series_intraday_MSFT_1min_compact_2017.json"))
+    data["Information"] = THANKS + "Our rate limit is 5 per minute."
+    assert len(parse_time_series(json.dumps(data), 200, ctx())) == 100
+
+
+def test_rows_without_numbered_keys_and_rows_that_are_not_prices():
+    row = {"open": "1", "high": "2", "low": "0.5", "close": "1.5"}
+    body = {"Meta Data": {"1. Information": "x"}, "Time Series (1min)": {
+        "2020-07-24 20:59:00": "garbage",
+        "2020-07-24 20:58:00": {**row, "close": None},
+        "2020-07-24 20:57:00": {**row, "volume": "n/a"},
+        "2020-07-24 20:56:00": {**row, "volume": "7"},
+    }}
+    bars = parse_time_series(json.dumps(body), 200, ctx())
+    start = int(datetime(2020, 7, 24, 20, 56, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)  # no zone given: UTC
+    assert [(b.t, b.c, b.v) for b in bars] == [(start, 1.5, 7.0), (start + 60_000, 1.5, None)]
+
+
+@pytest.mark.parametrize(("market", "price"), [("CNY", 110_000.0), ("EUR", 17_000.0)])
+def test_legacy_digital_currency_price_of_the_market_asked(market, price):
+    body = {"Meta Data": {"1. Information": "Intraday Prices", "4. Market Code": market,
+                          "7. Time Zone": "UTC"},
+            "Time Series (Digital Currency Intraday)": {"2017-12-20 19:30:00": {
+                "1b. price (USD)": "17000", "1a. price (CNY)": "110000", "2. volume": "5",
+                "3. market cap (USD)": "85000"}}}
+    bars = parse_time_series(json.dumps(body), 200, ctx("5m"))
+    assert [(b.o, b.h, b.l, b.c, b.v) for b in bars] == [(price, price, price, price, 5.0)]
+
+
 def make_source(fake: FakeProviders, budget: RateBudget | None = None) -> AlphaVantageSource:
     provider = ProviderSettings.from_env({"ALPHAVANTAGE_API_KEY": KEY,
                                           "SIDECAR_ALPHAVANTAGE_BASE_URL": fake.base_url})

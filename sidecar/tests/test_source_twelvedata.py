@@ -12,7 +12,13 @@ from sidecar.errors import ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources._parsing import ParseContext
-from sidecar.sources.twelvedata import TwelveDataSource, parse_batch, parse_time_series
+from sidecar.sources.twelvedata import (
+    ClosedRows,
+    TwelveDataSource,
+    classify_error,
+    parse_batch,
+    parse_time_series,
+)
 from sidecar.symbols import load_symbol_map
 from sidecar.tests.fake_providers import FakeProviders, Reply, fake, fixture  # noqa: F401
 from sidecar.tests.helpers import Clock
@@ -92,6 +98,167 @@ def test_error_bodies(body, status, cls):
     assert info.value.error_class == cls
 
 
+CREDITS = "You have run out of API credits for the current minute."
+KEY_WRONG = "**apikey** parameter is incorrect or not specified."
+
+
+@pytest.mark.parametrize(
+    ("obj", "http", "cls", "message"),
+    [({"code": 429, "message": "Too many"}, 200, "rate_limited", "429 Too many"),
+     ({"code": 400, "message": CREDITS}, 200, "rate_limited", f"400 {CREDITS}"),
+     ({"code": 401, "message": "who are you"}, 200, "auth", "401 who are you"),
+     ({"code": 400, "message": "**apikey** parameter is incorrect"}, 200, "auth",
+      "400 **apikey** parameter is incorrect"),
+     ({"code": 400, "message": "**apikey** not specified"}, 200, "auth", "400 **apikey** not specified"),
+     ({"code": 400, "message": "the apikey is fine"}, 200, "bad_response", "400 the apikey is fine"),
+     ({"code": 400, "message": "incorrect interval"}, 200, "bad_response", "400 incorrect interval"),
+     ({"code": 403, "message": "no"}, 200, "not_entitled", "403 no"),
+     ({"code": 400, "message": "Please upgrade"}, 200, "not_entitled", "400 Please upgrade"),
+     ({"code": 400, "message": "**symbol** is available starting with Grow plan"}, 200, "not_entitled",
+      "400 **symbol** is available starting with Grow plan"),
+     ({"code": 400, "message": "pick a plan"}, 200, "bad_response", "400 pick a plan"),
+     ({"code": 400, "message": "not available"}, 200, "bad_response", "400 not available"),
+     ({"code": 404, "message": "page not found"}, 200, "bad_response", "404 page not found"),
+     ({"code": 404, "message": "not found", "status": "error"}, 200, "unknown_symbol", "404 not found"),
+     ({"code": 400, "message": "**symbol** not found", "status": "error"}, 200, "unknown_symbol",
+      "400 **symbol** not found"),
+     ({"code": 405, "message": "**symbol** wrong method", "status": "error"}, 200, "bad_response",
+      "405 **symbol** wrong method"),
+     ({"code": 409, "message": "conflict", "status": "error"}, 200, "bad_response", "409 conflict"),
+     ({"code": 500, "message": "internal"}, 200, "unavailable", "500 internal"),
+     ({"code": 503}, 200, "unavailable", "503 "),
+     ({"message": "gateway"}, 502, "unavailable", "502 gateway"),
+     ({"code": None, "message": "gateway"}, 502, "unavailable", "502 gateway"),
+     ({"code": "abc", "message": "gateway"}, 502, "unavailable", "502 gateway"),
+     ({"code": 1e400, "message": "gateway"}, 502, "unavailable", "502 gateway"),
+     ({"code": 499, "message": "x" * 300}, 200, "bad_response", "499 " + "x" * 240)],
+)
+def test_error_classes(obj, http, cls, message):
+    err = classify_error(obj, http, retry_after=3.0)
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "twelvedata")
+    assert err.retry_after == (3.0 if cls in ("rate_limited", "unavailable") else None)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "cls", "message"),
+    [(b'{"code":429,"message":"Too many","status":"error"}', 200, "rate_limited", "429 Too many"),
+     (b'{"code":"abc","message":"gateway","status":"error"}', 502, "unavailable", "502 gateway"),
+     (b'{"message":"bad gateway"}', 502, "unavailable", "HTTP 502 "),
+     (b'{"code":500,"meta":{},"values":[]}', 500, "unavailable", "HTTP 500 "),
+     (b'{"meta":{},"values":[]}', 503, "unavailable", "HTTP 503 "),
+     (b"upstream down", 503, "unavailable", "HTTP 503 (non-JSON body)"),
+     (b"[1, 2]", 200, "bad_response", "answer is not an object"),
+     (b'{"status":"error","message":"**symbol** XYZ not found"}', 200, "bad_response",
+      "200 **symbol** XYZ not found"),
+     (b'{"status":"error","code":"abc","message":"x"}', 200, "bad_response", "200 x"),
+     (b'{"meta":{"symbol":"X"},"status":"ok"}', 200, "bad_response", "series without values")],
+)
+def test_error_answers_keep_message_source_and_back_off(body, status, cls, message):
+    with pytest.raises(ProviderError) as info:
+        parse_time_series(body, status, ctx(), retry_after=3.0)
+    err = info.value
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "twelvedata")
+    assert err.retry_after == (3.0 if cls in ("rate_limited", "unavailable") else None)
+
+
+def test_one_symbol_answer_without_values_is_refused_whole():
+    with pytest.raises(ProviderError) as info:
+        parse_batch(b'{"meta":{"symbol":"X"},"status":"ok"}', 200, {"X": ctx()})
+    assert str(info.value) == "bad_response: series without values"
+
+
+def test_a_whole_batch_refused_keeps_the_back_off():
+    with pytest.raises(ProviderError) as info:
+        parse_batch(b'{"code":429,"message":"Too many","status":"error"}', 429, {"X": ctx(), "Y": ctx()},
+                    retry_after=3.0)
+    assert (info.value.error_class, info.value.retry_after) == ("rate_limited", 3.0)
+
+
+def test_errors_inside_a_batch_are_per_symbol():
+    good = json.loads(fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json"))
+    body = json.dumps({"A": good, "B": {"code": 400, "message": "**symbol** not found"},
+                       "C": {"status": "error", "message": "nope"}, "D": {"meta": {}, "status": "ok"}})
+    ctxs = {k: ParseContext(k, Timeframe.parse("1m"), "twelvedata", NOW, True) for k in "ABCDE"}
+    out = parse_batch(body, 200, ctxs)
+    assert isinstance(out["A"], list) and len(out["A"]) == 30 and {b.symbol for b in out["A"]} == {"A"}
+    for k, cls, message in (("B", "unknown_symbol", "400 **symbol** not found"), ("C", "bad_response", "200 nope"),
+                            ("D", "bad_response", "series without values"),
+                            ("E", "bad_response", "E missing from batch answer")):
+        err = out[k]
+        assert isinstance(err, ProviderError), k
+        assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "twelvedata")
+
+
+def test_one_symbol_answer_without_meta_and_with_a_code():
+    raw = json.loads(fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json"))
+    for body in ({"values": raw["values"]}, {**raw, "code": 200}):
+        out = parse_batch(json.dumps(body), 200, {"AAPL": ctx()})["AAPL"]
+        assert isinstance(out, list) and len(out) == 30
+
+
+def test_rows_that_are_not_prices_are_dropped_the_rest_kept():
+    good = {"datetime": "2024-01-02 10:00:00", "open": "1", "high": "2", "low": "0.5", "close": "1.5"}
+
+    def row(minute: int, **prices) -> dict:
+        return {**good, "datetime": f"2024-01-02 10:{minute:02d}:00", **prices}
+
+    values = [
+        row(9, open="NaN"), row(8, high="NaN"), row(7, close="inf"),
+        row(6, open=True), row(5, high=True), row(4, low=True), row(3, close=True),
+        7, row(2, open=1, high=2, low=0.5, close=1.5, volume=10), row(1, volume=""), row(0),
+    ]
+    body = {"meta": {"exchange_timezone": "UTC"}, "status": "ok", "values": values}
+    bars = parse_time_series(json.dumps(body), 200, ctx())
+    start = int(datetime(2024, 1, 2, 10, tzinfo=UTC).timestamp() * 1000)
+    assert [(b.t, b.o, b.h, b.l, b.c, b.v) for b in bars] == [
+        (start, 1.0, 2.0, 0.5, 1.5, None), (start + 60_000, 1.0, 2.0, 0.5, 1.5, None),
+        (start + 120_000, 1.0, 2.0, 0.5, 1.5, 10.0)]
+
+
+def test_forming_from_the_open_until_the_next_bar_opens():
+    body = fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json")
+    newest = parse_time_series(body, 200, ctx())[-1].t
+    for now, forming in ((newest - 1, False), (newest, True), (newest + 59_999, True), (newest + 60_000, False)):
+        c = ParseContext("X", Timeframe.parse("1m"), "twelvedata", now, True)
+        bars = parse_time_series(body, 200, c)
+        assert bars[-1].t == newest and bars[-1].forming is forming, now
+        assert bars[-2].forming is (now == newest - 1)
+        assert not any(b.forming for b in bars[:-2])
+
+
+def test_closed_rows_of_every_symbol_of_a_batch_are_remembered_under_their_own_name():
+    raw = json.loads(fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json"))
+    body = json.dumps({"A": raw, "B": raw})
+    newest = parse_time_series(json.dumps(raw), 200, ctx())[-1].t
+    # The newest bar closed exactly now: it is remembered too.
+    ctxs = {k: ParseContext(k, Timeframe.parse("1m"), "twelvedata", newest + 60_000, True) for k in "AB"}
+    memo = ClosedRows()
+    first = parse_batch(body, 200, ctxs, memo=memo)
+    again = parse_batch(body, 200, ctxs, memo=memo)
+    for k in "AB":
+        bars, repeat = first[k], again[k]
+        assert isinstance(bars, list) and isinstance(repeat, list)
+        assert {b.symbol for b in repeat} == {k} and not repeat[-1].forming
+        kept = ClosedRows.PER_SERIES  # the newest closed rows of each series
+        assert all(a is b for a, b in zip(repeat[-kept:], bars[-kept:], strict=True))
+    assert len(memo) == len(memo.bars) == 2 * ClosedRows.PER_SERIES  # one bar kept per remembered row
+
+
+def test_remembered_bars_follow_corrections_and_the_bound():
+    raw = json.loads(fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json"))
+    c = ParseContext("X", Timeframe.parse("1m"), "twelvedata", NOW, True)
+    memo = ClosedRows()
+    for k in range(3):  # the newest closed bar corrected twice
+        raw["values"][0]["close"] = str(180.0 + k)
+        parse_batch(json.dumps(raw), 200, {"X": c}, memo=memo)
+        assert len(memo.bars) == len(memo) == ClosedRows.PER_SERIES
+    ids = set(memo.bars)
+    raw["values"] = [{**row, "datetime": row["datetime"].replace("2023-08-24", "2023-08-25")} for row in raw["values"]]
+    parse_batch(json.dumps(raw), 200, {"X": c}, memo=memo)  # a later day: the older rows leave
+    assert len(memo.bars) == len(memo) == ClosedRows.PER_SERIES
+    assert not ids & set(memo.bars)
+
+
 def test_null_rows_dropped():
     body = {"meta": {"exchange_timezone": "UTC"}, "status": "ok", "values": [
         {"datetime": "2024-01-02 10:01:00", "open": None, "high": None, "low": None, "close": None},
@@ -160,8 +327,6 @@ async def test_429_whole_batch_raises_and_backs_off(fake: FakeProviders):
 def test_closed_rows_are_parsed_once_and_revisions_are_not_missed():
     """A repeated closed row gets its bar back; a changed one, the forming one and a
     shifted zone are parsed anew; every answer equals the parse without the memo."""
-    from sidecar.sources.twelvedata import ClosedRows
-
     body = fixture("twelvedata/time_series_AAPL_1min_2023-08-24.json")
     newest = parse_time_series(body, 200, ctx())[-1].t
     now = newest + 30_000  # the newest row is still forming

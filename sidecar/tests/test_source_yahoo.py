@@ -51,6 +51,112 @@ def test_live_entry_becomes_forming_bar_in_current_period():
     assert bars[-1].c == pytest.approx(225.67, abs=1e-3)
 
 
+def test_entry_at_or_after_the_end_asked_is_the_live_one():
+    # Without meta.regularMarketTime, the trailing entry (on the grid) is told apart by the
+    # end of the range asked: at or after it, it is the live entry (dropped: not current).
+    data = json.loads(fixture(AAPL_1M))
+    del data["chart"]["result"][0]["meta"]["regularMarketTime"]
+    body = json.dumps(data)
+    live_t = 1727985600000
+    assert len(parse_chart(body, 200, ctx("1m"), end_ms=live_t)) == 389
+    as_a_bar = parse_chart(body, 200, ctx("1m"), end_ms=live_t + 60_000)
+    assert len(as_a_bar) == 390 and as_a_bar[-1].t == live_t and not as_a_bar[-1].forming
+    assert len(parse_chart(body, 200, ctx("1m"))) == 390
+    # Without an end: the entry at meta.regularMarketTime (within a second) is the live one ...
+    assert len(parse_chart(fixture(AAPL_1M), 200, ctx("1m"))) == 389
+    # ... and so is one off the bar grid, whatever the meta says.
+    data["chart"]["result"][0]["timestamp"][-1] += 1
+    assert len(parse_chart(json.dumps(data), 200, ctx("1m"))) == 389
+
+
+def test_body_that_is_not_json_by_status():
+    with pytest.raises(ProviderError) as info:
+        parse_chart(b"<html>maintenance</html>", 200, ctx("1m"))
+    assert (str(info.value), info.value.source) == ("bad_response: body is not JSON: '<html>maintenance</html>'",
+                                                     "yahoo")
+    with pytest.raises(ProviderError) as info:
+        parse_chart(b"<html>maintenance</html>", 201, ctx("1m"))
+    assert str(info.value) == "bad_response: HTTP 201 (non-JSON body)"
+
+
+def _error(code: str | None = "Bad Request", desc: str | None = "Invalid input") -> str:
+    err = {k: v for k, v in (("code", code), ("description", desc)) if v is not None}
+    return json.dumps({"chart": {"result": None, "error": err}})
+
+
+DELISTED = "No data found, symbol may be delisted"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "cls", "message"),
+    [(b"Too Many Requests", 429, "rate_limited", "HTTP 429 Too Many Requests"),
+     (b"slow down", 429, "rate_limited", "HTTP 429 slow down"),
+     (b"Too Many Requests\r\n" + b"x" * 100, 200, "rate_limited", "HTTP 200 Too Many Requests\r\n" + "x" * 61),
+     (b"<html>down</html>", 503, "unavailable", "HTTP 503 (non-JSON body)"),
+     (b'{"foo": 1}', 500, "unavailable", "HTTP 500 "),
+     (b'{"foo": 1}', 200, "bad_response", "no 'chart' object"),
+     (_error("Not Found", DELISTED), 404, "unknown_symbol", f"Not Found: {DELISTED}"),
+     (_error("Not Found", "x"), 200, "unknown_symbol", "Not Found: x"),
+     (_error("Bad Request", "Symbol is delisted"), 200, "unknown_symbol", "Bad Request: Symbol is delisted"),
+     (_error("Bad Request", "No data found for this range"), 200, "unknown_symbol",
+      "Bad Request: No data found for this range"),
+     (_error("Bad Request", "x"), 404, "unknown_symbol", "Bad Request: x"),
+     (_error("Internal Server Error", "boom"), 500, "unavailable", "HTTP 500 Internal Server Error: boom"),
+     (_error("Unprocessable Entity", "1m data not available for startTime"), 422, "not_entitled",
+      "Unprocessable Entity: 1m data not available for startTime"),
+     (_error("Unprocessable Entity", "The requested range must be within the last 60 days"), 422,
+      "not_entitled", "Unprocessable Entity: The requested range must be within the last 60 days"),
+     (_error(), 200, "bad_response", "HTTP 400 Bad Request: Invalid input"),
+     (_error(), 403, "not_entitled", "HTTP 403 Bad Request: Invalid input"),
+     (_error(code=None), 200, "bad_response", "HTTP 400 : Invalid input"),
+     (_error(desc=None), 200, "bad_response", "HTTP 400 Bad Request: "),
+     (_error(desc="d" * 300), 200, "bad_response", "HTTP 400 Bad Request: " + "d" * 200),
+     (b'{"chart": {"error": "boom"}}', 200, "bad_response", "HTTP 400 : "),
+     (b'{"chart": {"result": [], "error": null}}', 200, "bad_response", "chart.result is empty"),
+     (b'{"chart": {"result": [1], "error": null}}', 200, "bad_response", "chart.result is empty")],
+)
+def test_error_answers_with_message_source_and_back_off(body, status, cls, message):
+    with pytest.raises(ProviderError) as info:
+        parse_chart(body, status, ctx("1m"), retry_after=3.0)
+    err = info.value
+    assert (err.error_class, str(err), err.source) == (cls, f"{cls}: {message}", "yahoo")
+    assert err.retry_after == (3.0 if cls in ("rate_limited", "unavailable") else None)
+
+
+def _chart(stamps: list[int], closes: list[float | None], tz: str = "UTC", **meta) -> str:
+    quote = {"open": [c and c - 0.5 for c in closes], "high": [c and c + 1 for c in closes],
+             "low": [c and c - 1 for c in closes],
+             "close": closes, "volume": [None if c is None else 100 for c in closes]}
+    quote["volume"][0] = None  # a row with prices but no volume
+    return json.dumps({"chart": {"result": [{
+        "meta": {"exchangeTimezoneName": tz, "instrumentType": "EQUITY", **meta},
+        "timestamp": stamps, "indicators": {"quote": [quote]}}], "error": None}})
+
+
+def test_live_entry_updates_the_bar_of_its_period_or_opens_the_next():
+    t0 = 1_727_877_600  # 2024-10-02 14:00 UTC, on the 5-minute grid
+    rows = [t0 - 300, t0, t0 + 300]
+    # The live entry inside the newest bar's period: that bar takes its close and extremes.
+    same = parse_chart(_chart([*rows, t0 + 457], [5.0, 10.0, 20.0, 25.0]), 200, ctx("5m", now=(t0 + 460) * 1000))
+    assert [(b.t, b.o, b.h, b.l, b.c, b.v, b.forming) for b in same] == [
+        ((t0 - 300) * 1000, 4.5, 6.0, 4.0, 5.0, None, False), (t0 * 1000, 9.5, 11.0, 9.0, 10.0, 100.0, False),
+        ((t0 + 300) * 1000, 19.5, 25.0, 19.0, 25.0, 100.0, True)]
+    low = parse_chart(_chart([*rows, t0 + 457], [5.0, 10.0, 20.0, 15.0]), 200, ctx("5m", now=(t0 + 460) * 1000))
+    assert (low[-1].h, low[-1].l, low[-1].c) == (21.0, 15.0, 15.0)
+    # In the next period: a new forming bar at the period's open, every price its close.
+    nxt = parse_chart(_chart([*rows, t0 + 617], [5.0, 10.0, 20.0, 22.0]), 200, ctx("5m", now=(t0 + 620) * 1000))
+    assert [(b.t, b.o, b.h, b.l, b.c, b.forming) for b in nxt[2:]] == [
+        ((t0 + 300) * 1000, 19.5, 21.0, 19.0, 20.0, False), ((t0 + 600) * 1000, 22.0, 22.0, 22.0, 22.0, True)]
+
+
+def test_daily_bar_takes_its_date_in_the_exchange_zone():
+    stamp = 1_577_890_800  # 2020-01-01 15:00 UTC = 2020-01-02 00:00 in Tokyo
+    bars = parse_chart(_chart([stamp], [10.0], tz="Asia/Tokyo"), 200, ctx("1d"))
+    assert [b.t for b in bars] == [1_577_923_200_000]  # 2020-01-02 00:00 UTC
+    assert [b.t for b in parse_chart(_chart([stamp], [10.0], tz="Nowhere/Else"), 200, ctx("1d"))] == [
+        1_577_836_800_000]  # an unknown zone: UTC's date
+
+
 def test_daily_stamps_equity_fx_and_split():
     aapl = parse_chart(fixture("yahoo/chart_AAPL_1d_2020-01-01_2020-01-03.json"), 200, ctx("1d"))
     assert [b.t for b in aapl] == [1577923200000]  # 2020-01-02 00:00 UTC (was 14:30 UTC)

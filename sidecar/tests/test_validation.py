@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from sidecar.bar import Bar
+from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.tests.helpers import bar as make_bar
-from sidecar.timeframe import Timeframe
+from sidecar.timeframe import US_EQUITY_SESSION, Timeframe
 from sidecar.validation import (
     MAX_FILL_BARS,
     Gap,
@@ -55,6 +55,12 @@ BAD_BARS = [
     pytest.param(replace(GOOD, h=math.inf), "bad_price", id="inf-high"),
     pytest.param(replace(GOOD, l=-math.inf), "bad_price", id="minus-inf-low"),
     pytest.param(replace(GOOD, o=0.0, l=0.0), "bad_price", id="zero-open"),
+    pytest.param(replace(GOOD, o=0.0), "bad_price", id="zero-open-only"),
+    pytest.param(replace(GOOD, h=0.0), "bad_price", id="zero-high"),
+    pytest.param(replace(GOOD, c=0.0), "bad_price", id="zero-close"),
+    pytest.param(replace(GOOD, o=math.inf), "bad_price", id="inf-open"),
+    pytest.param(replace(GOOD, l=math.inf), "bad_price", id="inf-low"),
+    pytest.param(replace(GOOD, c=math.inf), "bad_price", id="inf-close"),
     pytest.param(replace(GOOD, l=0.0), "bad_price", id="zero-low"),
     pytest.param(replace(GOOD, o=-1.0, h=-0.5, l=-2.0, c=-1.0), "bad_price", id="negative"),
     pytest.param(replace(GOOD, o=100.0, h=99.0, l=98.0, c=98.5), "high_below_open_close", id="h<o"),
@@ -73,6 +79,20 @@ BAD_BARS = [
 @pytest.mark.parametrize(("bar", "reason"), BAD_BARS)
 def test_check_bar_reason(bar: Bar, reason: str) -> None:
     assert check_bar(bar, TF, NOW, 2_000) == reason
+
+
+def test_check_bar_time_range() -> None:
+    at = replace(GOOD, t=0)  # 1970-01-01 00:00: the first valid stamp
+    assert check_bar(at, TF, NOW, 2_000) is None
+    assert check_bar(replace(GOOD, t=-M), TF, NOW, 2_000) == "bad_time"
+    # The last second a store holds (9999-12-31 23:59:59) is a valid stamp, the next is not.
+    s1 = Timeframe.parse("1s")
+    assert check_bar(replace(GOOD, tf="1s", t=MAX_EPOCH_MS), s1, MAX_EPOCH_MS, 0) is None
+    assert check_bar(replace(GOOD, tf="1s", t=MAX_EPOCH_MS + 1_000), s1, MAX_EPOCH_MS + 1_000, 0) == "bad_time"
+
+
+def test_prices_below_one_are_prices() -> None:
+    assert check_bar(replace(GOOD, o=0.5, h=0.75, l=0.25, c=0.5), TF, NOW, 2_000) is None
 
 
 def test_check_bar_accepts_good_bars() -> None:
@@ -108,6 +128,57 @@ def test_validator_rejects_counts_and_logs_once(
         assert (math.isnan(got) and math.isnan(want)) if isinstance(want, float) and math.isnan(want) \
             else got == want
     assert rec.tf == bar.tf
+    assert rec.src == bar.src
+
+
+def test_rejections_are_counted_per_reason() -> None:
+    val = primed(3)
+    for i in (5, 6):
+        assert val.check(replace(mk(i), c=math.nan), NOW).reason == "bad_price"
+    assert val.check(replace(mk(7), tf="5m"), NOW).reason == "wrong_timeframe"
+    assert val.rejected == {"bad_price": 2, "wrong_timeframe": 1}
+
+
+def test_bar_labelled_with_another_symbol_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    val = primed(3)
+    caplog.set_level(logging.WARNING, logger="sidecar.validation")
+    other = mk(3, symbol="MSFT")
+    out = val.check(other, NOW, symbol=SYM)
+    assert (out.verdict, out.reason, out.bars) == (Verdict.REJECTED, "wrong_symbol", [])
+    assert val.rejected == {"wrong_symbol": 1}
+    assert val.newest("MSFT") is None and val.newest(SYM) == mk(2)
+    recs = rejections(caplog)
+    assert len(recs) == 1 and recs[0].reason == "wrong_symbol" and recs[0].symbol == "MSFT"
+    # The symbol asked for is accepted as usual.
+    assert val.check(mk(3), NOW, symbol=SYM).verdict is Verdict.NEW
+
+
+def test_unknown_symbol_has_no_newest_and_nothing_held() -> None:
+    val = primed(3)
+    assert val.newest("MSFT") is None
+    assert val.held_bar("MSFT") is None
+    assert val.held_bar(SYM) is None
+
+
+def test_session_grid_symbols_are_checked_on_their_grid() -> None:
+    h1 = Timeframe.parse("1h")
+    grid = h1.on_session(US_EQUITY_SESSION)
+    open_edt = 1_727_875_800_000  # 2024-10-02 13:30 UTC = 09:30 New York
+    now = open_edt + 10 * 3_600_000
+    val = Validator(h1, grids={"AAPL": grid, "EURUSD": h1})
+
+    def bar(symbol: str, t: int) -> Bar:
+        return Bar(symbol, "1h", t, 100.0, 101.0, 99.0, 100.5, 10.0, "test")
+
+    # The first bar and later ones of a symbol on the session grid: 09:30, 10:30 ...
+    assert val.check(bar("AAPL", open_edt), now).verdict is Verdict.NEW
+    assert val.check(bar("AAPL", open_edt + 3_600_000), now).verdict is Verdict.NEW
+    assert val.check(bar("AAPL", open_edt + 5_400_000), now).reason == "misaligned_time"
+    # A symbol on the clock's grid: 13:00, 14:00 ...
+    assert val.check(bar("EURUSD", open_edt), now).reason == "misaligned_time"
+    assert val.check(bar("EURUSD", open_edt + 1_800_000), now).verdict is Verdict.NEW
+    assert val.check(bar("EURUSD", open_edt + 3_600_000), now).reason == "misaligned_time"
+    assert val.rejected == {"misaligned_time": 3}
 
 
 def test_future_beyond_skew_rejected(caplog: pytest.LogCaptureFixture) -> None:
@@ -140,6 +211,19 @@ def test_first_bar_is_new() -> None:
     assert out.verdict is Verdict.NEW and out.bars == [bar]
     assert val.accepted == 1
     assert val.newest(SYM) == bar
+    other = mk(0, symbol="MSFT")
+    assert val.check(other, NOW).verdict is Verdict.NEW
+    assert val.accepted == 2  # counted over all symbols
+    assert val.newest("MSFT") == other
+
+
+def test_prime_adds_to_what_is_known() -> None:
+    val = Validator(TF)
+    val.prime(SYM, [mk(i) for i in range(5)])
+    val.prime(SYM, [mk(i) for i in range(5, 10)])
+    assert val.newest(SYM) == mk(9)
+    assert val.check(mk(2), NOW).verdict is Verdict.DUPLICATE
+    assert val.check(mk(10, 200.0), NOW).verdict is Verdict.HELD  # 10 ranges known: enough to judge
 
 
 # -- ordering ------------------------------------------------------------------
@@ -157,6 +241,24 @@ def test_stale_beyond_correction_window(caplog: pytest.LogCaptureFixture) -> Non
     assert len(recs) == 1
     assert recs[0].reason == "stale" and recs[0].symbol == SYM and recs[0].t == old.t
     assert recs[0].c == 101.0
+
+
+def test_default_correction_window_is_ten_bars() -> None:
+    val = Validator(TF)
+    val.prime(SYM, [mk(i) for i in range(21)])
+    assert val.check(mk(10, 101.0), NOW).verdict is Verdict.CORRECTION
+    assert val.check(mk(9, 101.0), NOW).reason == "stale"
+
+
+def test_bars_within_the_window_stay_known_as_older_ones_are_dropped() -> None:
+    # Enough bars that the oldest are dropped from memory: every bar inside the window,
+    # the one at its edge included, is still known (identical again: a duplicate).
+    val = primed(27, correction_window_bars=10)  # newest opens at bar 26
+    for i in range(16, 27):
+        assert val.check(mk(i), NOW).verdict is Verdict.DUPLICATE, i
+    assert val.duplicates == 11
+    assert val.check(mk(16, 100.3), NOW).verdict is Verdict.CORRECTION
+    assert val.check(mk(15, 100.3), NOW).reason == "stale"
 
 
 def test_correction_at_window_edge_accepted() -> None:
@@ -177,6 +279,9 @@ def test_correction_of_recent_closed_bar() -> None:
     assert out.bars == [fixed]
     assert val.accepted == accepted_before + 1
     assert val.newest(SYM) == mk(20)  # a correction does not move the newest bar
+    assert val.check(mk(21), NOW).verdict is Verdict.NEW
+    assert val.check(mk(16, 100.2), NOW).verdict is Verdict.CORRECTION
+    assert val.accepted == accepted_before + 3
     # The corrected values are what is remembered: re-delivering them is a duplicate ...
     again = val.check(mk(15, 100.3, v=99.0), NOW)
     assert again.verdict is Verdict.DUPLICATE and again.bars == []
@@ -226,6 +331,38 @@ def test_revision_of_forming_bar() -> None:
     assert val.newest(SYM) == revised
     assert val.duplicates == 0
     assert not val.gaps and not val.new_gaps
+    assert val.accepted == 2
+    # The revised values are what is remembered, after newer bars too.
+    assert val.check(mk(21), NOW).verdict is Verdict.NEW
+    assert val.check(mk(20, 100.4, forming=True, v=8.0), NOW).verdict is Verdict.DUPLICATE
+    assert val.accepted == 3
+
+
+def test_revision_that_jumps_is_held() -> None:
+    val = primed(20)
+    first = mk(20, 100.0, forming=True)
+    assert val.check(first, NOW).verdict is Verdict.NEW
+    out = val.check(mk(20, 200.0, forming=True), NOW)
+    assert (out.verdict, out.bars) == (Verdict.HELD, [])
+    assert val.newest(SYM) == first
+    assert val.held_bar(SYM) == mk(20, 200.0, forming=True)
+
+
+def test_revision_of_the_newest_bar_while_a_later_one_is_held() -> None:
+    val = primed(20)
+    assert val.check(mk(20), NOW).verdict is Verdict.NEW
+    spike = mk(21, 200.0)
+    assert val.check(spike, NOW).verdict is Verdict.HELD
+    # Bar 20 revised (a wider range, no jump): the market did not follow the spike.
+    revised = mk(20, 100.4, rng=5.0)
+    out = val.check(revised, NOW)
+    assert (out.verdict, out.bars) == (Verdict.REVISION, [revised])
+    assert val.newest(SYM) == revised
+    assert val.held_bar(SYM) is None
+    assert val.rejected == {"outlier": 1}
+    # A revision is not another bar: the typical range is still that of bars 0..20
+    # (1.0 each), so a move of 15.5 from the revised close is an outlier (k = 15).
+    assert val.check(mk(21, 115.9), NOW).verdict is Verdict.HELD
 
 
 @pytest.mark.parametrize(("bad", "reason"), BAD_BARS)
@@ -239,6 +376,15 @@ def test_revision_of_a_vetted_bar_gets_the_reason_check_bar_gives(bad: Bar, reas
     out = val.check(revised, NOW)
     assert (out.verdict, out.reason) == (Verdict.REJECTED, reason)
     assert val.newest(SYM) == mk(20, 100.0, forming=True)
+
+
+def test_revision_within_the_skew_allowance_is_accepted() -> None:
+    val = primed(20)
+    assert val.check(mk(20, 100.0, forming=True), NOW).verdict is Verdict.NEW
+    opens = T0 + 20 * M
+    out = val.check(mk(20, 100.2, forming=True), opens - 2_000)  # 2 s ahead of the clock: allowed
+    assert out.verdict is Verdict.REVISION
+    assert not val.rejected
 
 
 def test_revision_after_the_clock_stepped_back_is_future() -> None:
@@ -275,7 +421,44 @@ def test_outlier_held_not_stored(caplog: pytest.LogCaptureFixture) -> None:
     assert val.newest(SYM) == mk(19)
     assert not val.rejected
     held_logs = [r for r in caplog.records if r.getMessage() == "outlier held"]
-    assert len(held_logs) == 1 and held_logs[0].symbol == SYM and held_logs[0].c == 200.0
+    assert len(held_logs) == 1
+    rec = held_logs[0]
+    assert (rec.symbol, rec.t, rec.o, rec.h, rec.l, rec.c) == (SYM, spike.t, 200.0, 200.5, 199.5, 200.0)
+    assert rec.ref == 100.0  # the close it jumped from
+
+
+def test_held_bars_are_counted() -> None:
+    val = primed(20)
+    assert val.check(mk(20, 200.0), NOW).verdict is Verdict.HELD
+    assert val.check(mk(21, 100.1), NOW).verdict is Verdict.NEW  # the spike is dropped
+    assert val.check(mk(22, 300.0), NOW).verdict is Verdict.HELD
+    assert val.held == 2
+
+
+def _typical_two(**kw) -> Validator:
+    """50 bars of range 2.0 after 10 of range 9.0, all closing at 1000: typical range 2.0."""
+    val = Validator(TF, **kw)
+    val.prime(SYM, [mk(i, 1000.0, rng=9.0 if i < 10 else 2.0) for i in range(60)])
+    return val
+
+
+def test_outlier_bound_is_k_times_the_mean_range_of_the_last_50_bars() -> None:
+    # Defaults: k = 15 over the last 50 ranges, so the bound is 30.0 exactly. Ranges that
+    # left the window no longer count (with them the mean would be 3.17).
+    assert _typical_two().check(mk(60, 1030.0, rng=2.0), NOW).verdict is Verdict.NEW
+    assert _typical_two().check(mk(60, 970.0, rng=2.0), NOW).verdict is Verdict.NEW
+    assert _typical_two().check(mk(60, 1030.5, rng=2.0), NOW).verdict is Verdict.HELD
+    assert _typical_two().check(mk(60, 969.5, rng=2.0), NOW).verdict is Verdict.HELD
+    # The same bound for the bar's own range.
+    assert _typical_two().check(mk(60, 1000.0, rng=30.0), NOW).verdict is Verdict.NEW
+    assert _typical_two().check(mk(60, 1000.0, rng=30.5), NOW).verdict is Verdict.HELD
+    # The window is configurable: over all 60 bars the mean is 19 / 6, the bound 47.5.
+    assert _typical_two(outlier_window=60).check(mk(60, 1040.0, rng=2.0), NOW).verdict is Verdict.NEW
+
+
+def test_any_positive_outlier_k_detects() -> None:
+    val = primed(20, outlier_k=1.0)  # typical range 1.0: a move over 1.0 is a jump
+    assert val.check(mk(20, 101.5), NOW).verdict is Verdict.HELD
 
 
 def test_wide_range_bar_is_an_outlier_too() -> None:
@@ -288,6 +471,7 @@ def test_no_outlier_detection_before_enough_history() -> None:
     val = primed(9)  # fewer than 10 ranges: no basis to judge
     out = val.check(mk(9, 200.0), NOW)
     assert out.verdict is Verdict.NEW
+    assert primed(10).check(mk(10, 200.0), NOW).verdict is Verdict.HELD  # 10 are enough
 
 
 def test_outlier_detection_disabled_with_k_zero() -> None:
@@ -295,8 +479,9 @@ def test_outlier_detection_disabled_with_k_zero() -> None:
     assert val.check(mk(20, 200.0), NOW).verdict is Verdict.NEW
 
 
-def test_outlier_confirmed_by_next_bar_is_released() -> None:
+def test_outlier_confirmed_by_next_bar_is_released(caplog: pytest.LogCaptureFixture) -> None:
     val = primed(20)
+    caplog.set_level(logging.INFO, logger="sidecar.validation")
     spike = mk(20, 200.0)
     assert val.check(spike, NOW).verdict is Verdict.HELD
     follow = mk(21, 200.5)
@@ -307,6 +492,9 @@ def test_outlier_confirmed_by_next_bar_is_released() -> None:
     assert val.newest(SYM) == follow
     assert not val.rejected
     assert not val.new_gaps  # the held bar filled its own slot
+    assert val.accepted == 2
+    confirmed = [r for r in caplog.records if r.getMessage() == "outlier confirmed"]
+    assert len(confirmed) == 1 and (confirmed[0].symbol, confirmed[0].t) == (SYM, spike.t)
 
 
 def test_outlier_dropped_when_market_does_not_follow(caplog: pytest.LogCaptureFixture) -> None:
@@ -351,8 +539,22 @@ def test_gap_detected_not_filled_by_default(caplog: pytest.LogCaptureFixture) ->
     assert out.bars == [bar]
     gap = Gap(SYM, T0 + 5 * M, T0 + 9 * M, 5, filled=False)
     assert val.new_gaps == [gap]
+    assert type(val.new_gaps[0].missing) is int
     assert list(val.gaps[SYM]) == [gap]
-    assert sum(r.getMessage() == "gap detected" for r in caplog.records) == 1
+    logged = [r for r in caplog.records if r.getMessage() == "gap detected"]
+    assert len(logged) == 1
+    rec = logged[0]
+    assert (rec.symbol, rec.start, rec.end, rec.missing, rec.filled) == (SYM, gap.start, gap.end, 5, False)
+    assert val.accepted == 1
+
+
+def test_the_last_100_gaps_per_symbol_are_kept() -> None:
+    val = primed(1)
+    for i in range(1, 102):
+        val.check(mk(2 * i), NOW)  # one missing bar before each
+    assert len(val.new_gaps) == 101
+    kept = val.gaps[SYM]
+    assert len(kept) == 100 and kept[0] == val.new_gaps[1] and kept[-1] == val.new_gaps[-1]
 
 
 def test_adjacent_bar_is_not_a_gap() -> None:
@@ -432,6 +634,14 @@ def test_validate_history_dedups_sorts_and_counts() -> None:
     out, rejected = validate_history(bars, TF, now_ms=T0 + 10 * M, skew_ms=0)
     assert out == [a0, a1_rev, a2]  # oldest first; the later same-time bar wins
     assert rejected == {"duplicate": 1, "bad_price": 1, "misaligned_time": 1, "future": 1}
+    _, twice = validate_history([a0, a0, a0, bad, bad], TF, now_ms=T0 + 10 * M, skew_ms=0)
+    assert twice == {"duplicate": 2, "bad_price": 2}
+
+
+def test_validate_history_allows_two_seconds_of_skew_by_default() -> None:
+    bar = mk(10)
+    assert validate_history([bar], TF, now_ms=bar.t - 2_000) == ([bar], {})
+    assert validate_history([bar], TF, now_ms=bar.t - 2_001) == ([], {"future": 1})
 
 
 def test_validate_history_empty_and_clean() -> None:
