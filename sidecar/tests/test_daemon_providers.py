@@ -73,7 +73,12 @@ async def test_daemon_on_fake_providers_stream_and_fallback(
             rows = await asyncio.to_thread(scan, env)
             return rows if rows and rows[0]["src"] == src and not rows[0]["stale"] else None
 
-        rows = await eventually(lambda: fresh_from("yahoo"), 20, "fresh features from yahoo")
+        async def warm_from(src: str) -> Any:
+            rows = await fresh_from(src)
+            return rows if rows and not rows[0].get("warming") else None
+
+        # Live first: fresh at once, the handles open once the history is in.
+        rows = await eventually(lambda: warm_from("yahoo"), 60, "warm fresh features from yahoo")
         assert rows[0]["rsi"] is not None  # warmed on the bootstrap's history
         _, health = await asyncio.to_thread(http_get, port, "/health")
         assert set(health["sources"]) == {"yahoo", "polygon"}
