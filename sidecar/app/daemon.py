@@ -403,11 +403,8 @@ class Daemon:
                            redis_store: RedisStore) -> None:
         """Backfill the gaps validation recorded, off the hot path, with budget to spare."""
         while not self.should_exit.is_set():
-            try:
-                await asyncio.wait_for(self.should_exit.wait(), GAP_REPAIR_EVERY_S)
+            if await self._stopping_within(GAP_REPAIR_EVERY_S):
                 return
-            except TimeoutError:
-                pass
             spare = [s for s in sources if not s.synthetic
                      and (s.budget is None or s.budget.pace_s() <= GAP_REPAIR_MAX_PACE_S)]
             if not spare:
@@ -425,11 +422,8 @@ class Daemon:
         written since. The pipeline then puts back what it lacks (only what differs)."""
         known: frozenset[str] | None = None
         while not self.should_exit.is_set():
-            try:
-                await asyncio.wait_for(self.should_exit.wait(), REDIS_IDENTITY_EVERY_S)
+            if await self._stopping_within(REDIS_IDENTITY_EVERY_S):
                 return
-            except TimeoutError:
-                pass
             try:
                 ids = redis_run_ids(await pipeline.redis.redis.info("server"))
             except (RedisError, OSError):
@@ -446,11 +440,8 @@ class Daemon:
         reconnected to (by the client, on the next write)."""
         backoff_s = REDIS_RESTART_MIN_S
         while not self.should_exit.is_set():
-            try:
-                await asyncio.wait_for(self.should_exit.wait(), REDIS_WATCH_EVERY_S)
+            if await self._stopping_within(REDIS_WATCH_EVERY_S):
                 return
-            except TimeoutError:
-                pass
             if embedded.running():
                 continue
             log.error("embedded redis died; restarting it")
@@ -459,10 +450,7 @@ class Daemon:
             except SidecarError as exc:
                 log.error("embedded redis restart failed; retrying",
                           extra={"error": str(exc), "retry_s": backoff_s})
-                try:
-                    await asyncio.wait_for(self.should_exit.wait(), backoff_s)
-                except TimeoutError:
-                    pass
+                await self._stopping_within(backoff_s)
                 backoff_s = min(backoff_s * 2, REDIS_RESTART_MAX_S)
                 continue
             backoff_s = REDIS_RESTART_MIN_S
@@ -478,10 +466,15 @@ class Daemon:
                 await store.delete_older_than(cutoff, by_tf)
             except Exception as exc:
                 log.error("retention failed", extra={"error": str(exc)})
-            try:
-                await asyncio.wait_for(self.should_exit.wait(), RETENTION_EVERY_S)
-            except TimeoutError:
-                pass
+            await self._stopping_within(RETENTION_EVERY_S)
+
+    async def _stopping_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True as soon as a stop is requested."""
+        try:
+            await asyncio.wait_for(self.should_exit.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -54,22 +54,20 @@ async def redis_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real Redis Cluster on 127.0.0.1: 3 masters, 3 replicas (scripts/system-deps)."""
-    if not have_cluster_binaries():
-        pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _running_cluster(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture
 def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A local cluster (3 masters, 3 replicas) for one test alone: one that kills its nodes."""
+    yield from _running_cluster(tmp_path / "cluster")
+
+
+def _running_cluster(directory: Path) -> Iterator[LocalCluster]:
+    """Start a local cluster in ``directory``, yield it, stop it (a skip without its binaries)."""
     if not have_cluster_binaries():
         pytest.skip("redis-server/redis-cli not installed (scripts/system-deps)")
-    cluster = LocalCluster(tmp_path / "cluster")
+    cluster = LocalCluster(directory)
     try:
         cluster.start()
         yield cluster
