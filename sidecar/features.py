@@ -78,6 +78,15 @@ def _indicators(p: IndicatorPeriods) -> list[_Indicator]:
     ]
 
 
+def bar_columns(bars: Sequence[Bar]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Open times, high, low, close and volume of ``bars`` as the arrays
+    :meth:`FeatureEngine.load_arrays` takes (NaN volume for a bar without)."""
+    nan = float("nan")
+    return (np.array([b.t for b in bars], dtype=np.int64), np.array([b.h for b in bars], dtype=np.float64),
+            np.array([b.l for b in bars], dtype=np.float64), np.array([b.c for b in bars], dtype=np.float64),
+            np.array([nan if b.v is None else b.v for b in bars], dtype=np.float64))
+
+
 def session_of(t_ms: int, anchor_ms: int) -> int:
     """Index of the session (day starting at ``anchor_ms`` past 00:00 UTC) containing ``t_ms``."""
     return (t_ms - anchor_ms) // DAY_MS
@@ -127,36 +136,65 @@ class FeatureEngine:
         """Open the handles on closed history (oldest first) in one pass per indicator."""
         if not bars:
             return
+        self.load_arrays(*bar_columns(bars))
+
+    def load_arrays(self, t: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray,
+                    v: np.ndarray) -> None:
+        """:meth:`load` from columns of closed history, oldest first: open times
+        (int64) and high, low, close, volume (float64, contiguous; NaN volume: a bar
+        without volume). The same values in the same order give the same features
+        as :meth:`load` of the bars (which calls this)."""
+        n = len(c)
+        if n == 0:
+            return
         for ind in self._ind:
             ind.handle = None
         # Only the trailing run of bars with volume feeds the volume indicators.
-        self._hist_h = [b.h for b in bars]
-        self._hist_l = [b.l for b in bars]
-        self._hist_c = [b.c for b in bars]
-        self._hist_v = []
-        for b in reversed(bars):
-            if b.v is None:
-                break
-            self._hist_v.append(b.v)
-        self._hist_v.reverse()
-        last = bars[-1]
-        self.last_closed_t = last.t
-        self.prev_macd_hist = self._batch_prev_macd_hist()
-        values = self._open_from_history()
+        gaps = np.flatnonzero(np.isnan(v))
+        start_v = int(gaps[-1]) + 1 if gaps.size else 0
+        vol = v[start_v:]
+        self.last_closed_t = int(t[-1])
+        out: Values = [None] * len(FEATURE_FIELDS)
+        warming = False
+        self.prev_macd_hist = None
+        for ind in self._ind:
+            arrays: tuple[np.ndarray, ...] | None = (
+                (c,) if ind.inputs == "c" else (h, l, c) if ind.inputs == "hlc" else
+                (vol,) if len(vol) else None)
+            if arrays is None:
+                self._put(out, ind, None)
+                continue
+            if ind.name == "macd" and n >= 2:
+                # Opened one bar short, the handle gives the histogram one bar back too.
+                try:
+                    ind.handle = ind.factory(c[:-1], **ind.kwargs)
+                    self.prev_macd_hist = _clean(ind.handle.value[2])
+                    self._put(out, ind, ind.handle.update(c[-1]))
+                    continue
+                except talib.InsufficientHistory:  # type: ignore[attr-defined]
+                    self.prev_macd_hist = _clean(ind.batch(c[:-1], **ind.kwargs)[2][-1])
+            try:
+                ind.handle = ind.factory(*arrays, **ind.kwargs)
+            except talib.InsufficientHistory:  # type: ignore[attr-defined]
+                warming = warming or ind.inputs != "v"
+                self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
+                continue
+            self._put(out, ind, ind.handle.value)
+        self._warming = warming
+        # Short histories are kept for the handles still warming (see update).
+        short = (h.tolist(), l.tolist(), c.tolist()) if warming else ([], [], [])
+        self._hist_h, self._hist_l, self._hist_c = short
+        self._hist_v = vol.tolist() if self._volma.handle is None else []
         # VWAP over the last session's bars.
-        lo, hi = self._bounds(last.t)
+        lo, hi = self._bounds(self.last_closed_t)
         self._set_vwap(None, lo)
-        vwap_val: float | None = None
-        if last.v is not None:
-            sess = [b for b in bars[-len(self._hist_v):] if lo <= b.t < hi]
-            self._set_vwap(stream.VWAP(
-                np.array([b.h for b in sess]), np.array([b.l for b in sess]),
-                np.array([b.c for b in sess]), np.array([b.v for b in sess], dtype=np.float64),
-            ), lo, hi)
-            vwap_val = _clean(self._vwap.value)
-        values[6] = vwap_val
-        self.closed_values = values
-        self._trim_history()
+        if len(vol):
+            tv = t[start_v:]
+            i = start_v + int(np.searchsorted(tv, lo, "left"))
+            j = start_v + int(np.searchsorted(tv, hi, "left"))
+            self._set_vwap(stream.VWAP(h[i:j], l[i:j], c[i:j], v[i:j]), lo, hi)
+            out[6] = _clean(self._vwap.value)
+        self.closed_values = out
         self._refresh_fast()
 
     def _bounds(self, t_ms: int) -> tuple[int, int]:
@@ -183,34 +221,6 @@ class FeatureEngine:
         else:
             self._fast = (price["rsi"], price["ema"], price["bb"], price["atr"], price["macd"],
                           price["mom"])
-
-    def _open_from_history(self) -> Values:
-        """Try to open every unopened handle on the kept history; return batch-equal values."""
-        out: Values = [None] * len(FEATURE_FIELDS)
-        warming = False
-        for ind in self._ind:
-            arrays = self._arrays(ind.inputs)
-            if arrays is None:
-                ind.handle = None
-                self._put(out, ind, None)
-                continue
-            if ind.handle is None:
-                try:
-                    ind.handle = ind.factory(*arrays, **ind.kwargs)
-                except talib.InsufficientHistory:  # type: ignore[attr-defined]
-                    warming = warming or ind.inputs != "v"
-                    self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
-                    continue
-            self._put(out, ind, ind.handle.value)
-        self._warming = warming
-        return out
-
-    def _batch_prev_macd_hist(self) -> float | None:
-        """The batch MACD histogram of the second-newest loaded bar (once per load)."""
-        if len(self._hist_c) < 2:
-            return None
-        macd = next(ind for ind in self._ind if ind.name == "macd")
-        return _clean(macd.batch(np.array(self._hist_c[:-1]), **macd.kwargs)[2][-1])
 
     def _arrays(self, inputs: str) -> tuple[np.ndarray, ...] | None:
         if inputs == "c":
