@@ -16,7 +16,7 @@ and the volume average are ``None`` for bars without volume.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import talib
@@ -78,13 +78,48 @@ def _indicators(p: IndicatorPeriods) -> list[_Indicator]:
     ]
 
 
-def bar_columns(bars: Sequence[Bar]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Open times, high, low, close and volume of ``bars`` as the arrays
-    :meth:`FeatureEngine.load_arrays` takes (NaN volume for a bar without)."""
-    nan = float("nan")
-    return (np.array([b.t for b in bars], dtype=np.int64), np.array([b.h for b in bars], dtype=np.float64),
-            np.array([b.l for b in bars], dtype=np.float64), np.array([b.c for b in bars], dtype=np.float64),
-            np.array([nan if b.v is None else b.v for b in bars], dtype=np.float64))
+class Columns(NamedTuple):
+    """Closed bars as the arrays :meth:`FeatureEngine.load_arrays` takes, oldest first:
+    open times (int64) and high, low, close, volume (float64; NaN: no volume)."""
+
+    t: np.ndarray
+    h: np.ndarray
+    l: np.ndarray
+    c: np.ndarray
+    v: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Columns:
+        f = np.empty(0, dtype=np.float64)
+        return cls(np.empty(0, dtype=np.int64), f, f, f, f)
+
+    @property
+    def rows(self) -> int:
+        return len(self.t)
+
+    def last_before(self, t_ms: int) -> int:
+        """The newest open time before ``t_ms`` (-1: none)."""
+        i = int(np.searchsorted(self.t, t_ms, "left"))
+        return int(self.t[i - 1]) if i else -1
+
+    def cut(self, lo: int, hi: int) -> Columns:
+        """The rows ``lo:hi``."""
+        return Columns(self.t[lo:hi], self.h[lo:hi], self.l[lo:hi], self.c[lo:hi], self.v[lo:hi])
+
+
+def bar_columns(bars: Sequence[Bar]) -> Columns:
+    """``bars`` (closed, oldest first) as :class:`Columns`."""
+    nan, f8 = float("nan"), np.float64
+    return Columns(np.array([b.t for b in bars], dtype=np.int64), np.array([b.h for b in bars], dtype=f8),
+                   np.array([b.l for b in bars], dtype=f8), np.array([b.c for b in bars], dtype=f8),
+                   np.array([nan if b.v is None else b.v for b in bars], dtype=f8))
+
+
+def join_columns(parts: Sequence[Columns]) -> Columns:
+    """``parts`` one after the other."""
+    if len(parts) == 1:
+        return parts[0]
+    return Columns(*(np.concatenate([p[k] for p in parts]) for k in range(5)))
 
 
 def session_of(t_ms: int, anchor_ms: int) -> int:

@@ -23,9 +23,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import aiosqlite
+import numpy as np
 
 from sidecar import foreground
 from sidecar.bar import Bar
+from sidecar.features import Columns
 
 log = logging.getLogger("sidecar.sqlite")
 
@@ -437,3 +439,21 @@ class StoreReader:
         sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t < ? ORDER BY t DESC LIMIT ?"
         rows = self.con.execute(sql, (symbol, tf, before if before is not None else 2**62, n)).fetchall()
         return [_bar(r) for r in reversed(rows)]
+
+    def span(self, symbol: str, tf: str, start: int, end: int) -> tuple[int, int | None]:
+        """``(count, first t)`` of the stored bars with ``start <= t < end``."""
+        row = self.con.execute("SELECT COUNT(*), MIN(t) FROM bars WHERE symbol = ? AND tf = ? "
+                               "AND t >= ? AND t < ?", (symbol, tf, start, end)).fetchone()
+        return int(row[0]), None if row[1] is None else int(row[1])
+
+    def closed_columns(self, symbol: str, tf: str, n: int, before: int) -> Columns:
+        """The newest ``n`` stored closed bars with ``t < before`` as columns, oldest
+        first (the values as stored, no :class:`Bar` made)."""
+        rows = self.con.execute("SELECT t, h, l, c, v FROM bars WHERE symbol = ? AND tf = ? AND t < ? "
+                                "AND forming = 0 ORDER BY t DESC LIMIT ?", (symbol, tf, before, n)).fetchall()
+        if not rows:
+            return Columns.empty()
+        rows.reverse()
+        # One float64 matrix (a NULL volume becomes NaN); open times in ms are exact in a double.
+        m = np.array(rows, dtype=np.float64).T.copy()
+        return Columns(m[0].astype(np.int64), m[1], m[2], m[3], m[4])
