@@ -183,9 +183,10 @@ def _plan(symbol: str, tf: str, in_redis: dict[int, bytes], count: int, first: i
                 to_redis.append(old)
             else:
                 to_sqlite.append(mine)
-        to_redis.extend(Bar.unpack(symbol, tf, m) for t, m in stored.items() if t not in in_redis)
+        lacking = [Bar.unpack(symbol, tf, m) for t, m in stored.items() if t not in in_redis]
+        to_redis.extend(lacking)
         to_redis.extend(newer[-keep:])
-        room = keep - count - len(newer)
+        room = keep - count - len(lacking) - len(newer)
         if room > 0 and first is not None:  # Redis holds fewer than it keeps: older stored bars fill it up
             to_redis.extend(store.last_bars(symbol, tf, room, before=first))
     else:
