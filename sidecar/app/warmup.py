@@ -89,13 +89,14 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
                 progress.history_bars += result.bars
                 progress.history_requests += result.requests
                 log.info("bootstrap warm-up window", extra=result.as_dict())
-            fetched = result.fetched or []
-            if len(fetched) == result.stored:
-                # All the stores hold of it (but the live bars): open on it, no read back.
-                await foreground.wait_idle()
-                pipeline.open_fetched(sym, fetched)
-                await redis_writer.put(fetched[-s.bars_cap:])
-                return
+                fetched = result.fetched or []
+                if len(fetched) == result.stored:
+                    # All the stores hold of it (but the live bars): open on it, no read back.
+                    # Within the gate: the symbols fetched wait for their Redis copy in turn.
+                    await foreground.wait_idle()
+                    pipeline.open_fetched(sym, fetched)
+                    await redis_writer.put(fetched[-s.bars_cap:])
+                    return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
