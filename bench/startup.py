@@ -7,8 +7,8 @@ directory once the first run stopped (warm: the stores are full). For each run,
 seconds from launch until ``/ready`` answers 200, until every symbol has fresh
 features, and until every symbol's handles are open on the warm window
 (``/health`` ``warmup.done``), plus the cycles' missed ticks by then, MiB the
-daemon and its Redis wrote, and the cycle's p50/p99 while warm-up ran against the
-same run's idle cycles (``--idle`` seconds after warm-up). Results are written
+daemon and its Redis wrote, the CPU seconds they used, and the cycle's p50/p99 while
+warm-up ran against the same run's idle cycles (``--idle`` seconds after warm-up). Results are written
 after every size, so a stopped run keeps what it measured.
 
     .venv/bin/python -m bench.startup [--symbols 500,2000] [--idle 30] [--kinds cold,warm] [--data DIR]
@@ -206,12 +206,12 @@ def render(r: dict[str, Any]) -> str:
             if x is None:
                 continue
             rows.append([m["symbols"], kind, x["ready_s"], x["fresh_s"], x["warm_s"],
-                         x.get("history_bars"), x.get("missed_ticks"), x.get("write_mb"),
+                         x.get("history_bars"), x.get("missed_ticks"), x.get("write_mb"), x.get("cpu_s"),
                          x["cycle_warming"]["p50_ms"], x["cycle_warming"]["p99_ms"],
-                         x["cycle_idle"]["p50_ms"], x["cycle_idle"]["p99_ms"]])
+                         x["cycle_idle"]["p50_ms"], x["cycle_idle"]["p99_ms"], x.get("load_avg")])
     return table(["symbols", "start", "s to /ready", "s to all fresh", "s to all warm",
-                  "history bars fetched", "missed ticks", "MiB written", "cycle p50 warming",
-                  "p99 warming", "p50 idle", "p99 idle"], rows)
+                  "history bars fetched", "missed ticks", "MiB written", "CPU s to warm",
+                  "cycle p50 warming", "p99 warming", "p50 idle", "p99 idle", "load avg at warm"], rows)
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:
