@@ -314,8 +314,7 @@ class BarStore:
 
     def reader(self) -> StoreReader:
         """A read-only connection for a worker thread (close it there when done)."""
-        return StoreReader(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0,
-                                           check_same_thread=False))
+        return StoreReader.open(str(self.path))
 
     async def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
         """Stored bars with ``start <= t < end``, oldest first."""
@@ -420,6 +419,11 @@ class StoreReader:
 
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con = con
+
+    @classmethod
+    def open(cls, path: str) -> StoreReader:
+        """A read-only connection to the store at ``path`` (any thread or process)."""
+        return cls(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False))
 
     def close(self) -> None:
         self.con.close()

@@ -20,6 +20,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -381,6 +382,8 @@ class Pipeline:
         self._refill_task: asyncio.Task[Any] | None = None
         self._refill_needed = False
         self._warm_redis_down = False  # warm-up found Redis unreachable: it reads SQLite
+        #: Where warm-up compares the stores (a second process at many symbols, else a thread).
+        self.warm_pool: Executor | None = None
         self._meta_written = False  # only then does a missing meta key mean lost data
         #: The cluster's masters as of the last complete write (empty on a single server).
         self._masters: frozenset[str] = frozenset()
@@ -531,7 +534,8 @@ class Pipeline:
                 raise OSError("unreachable")  # one failed reconcile is enough: not every symbol waits
             done = await reconcile_many(symbols, self.tf.name, self.redis, self.store, cap,
                                         window=n if n <= cap else 0,
-                                        tail=max(TAIL, 2 * (self.settings.correction_window_bars + 2)))
+                                        tail=max(TAIL, 2 * (self.settings.correction_window_bars + 2)),
+                                        pool=self.warm_pool)
         except (RedisError, OSError) as exc:
             if not self._warm_redis_down:
                 log.warning("redis unreachable at start: stores not reconciled",

@@ -16,8 +16,12 @@ the same way), so stores that agree cost two reads per symbol and no decoding.
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -26,6 +30,9 @@ from sidecar.bar import Bar
 from sidecar.features import Columns, join_columns
 from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore, StoreReader
+
+log = logging.getLogger("sidecar.reconcile")
+T = TypeVar("T")
 
 _END = 2**62
 #: Symbols whose count, oldest bar and tail are read from Redis at once (between cycles).
@@ -53,7 +60,8 @@ async def reconcile(symbol: str, tf: str, redis: RedisStore, store: BarStore, ke
 
 
 async def reconcile_many(symbols: list[str], tf: str, redis: RedisStore, store: BarStore, keep: int,
-                         window: int = 0, tail: int = TAIL) -> dict[str, tuple[Reconciled, Window]]:
+                         window: int = 0, tail: int = TAIL,
+                         pool: Executor | None = None) -> dict[str, tuple[Reconciled, Window]]:
     """:func:`reconcile` for many symbols, copying only what differs, and each symbol's
     newest ``window`` closed bars as the stores hold them afterwards (the caller need
     not read them again).
@@ -65,6 +73,8 @@ async def reconcile_many(symbols: list[str], tf: str, redis: RedisStore, store: 
     is compared bar by bar (corrections and the bars one store missed before a crash
     lie there: ``tail`` is longer than the correction window); elsewhere Redis's whole
     set is read and compared. What differs is then written, one write per store.
+    With ``pool`` (a process: :func:`compare_process`), the comparison and the window
+    reads run there, on another core, instead of a thread of this process.
 
     Raises ``RedisError`` when Redis is unreachable.
     """
@@ -74,32 +84,16 @@ async def reconcile_many(symbols: list[str], tf: str, redis: RedisStore, store: 
         await foreground.wait_idle()
         edges.update(await redis.edges_many(symbols[i:i + REDIS_READ_BATCH], tf, tail))
 
-    def compare(names: list[str], full: dict[str, list[tuple[int, bytes]]]) -> dict[str, _Plan | None]:
-        reader = store.reader()
-        try:
-            plans: dict[str, _Plan | None] = {}
-            for sym in names:
-                foreground.wait_idle_blocking()
-                count, first, newest = edges[sym]
-                in_redis = dict(full.get(sym, newest))
-                if sym not in full and count > len(newest):
-                    older, older_first = reader.span(sym, tf, first or 0, newest[0][0])
-                    if older != count - len(newest) or older_first != first:
-                        plans[sym] = None  # the older bars differ too: compare all of them
-                        continue
-                plans[sym] = _plan(sym, tf, in_redis, count, first, reader, keep, window, tail)
-            return plans
-        finally:
-            reader.close()
-
-    plans = await asyncio.to_thread(compare, symbols, {})
+    path = str(store.path)
+    plans = await _off_loop(pool, _compare, path, tf, edges, {}, keep, window, tail)
     differ = [sym for sym, p in plans.items() if p is None]
     if differ:
         everything: dict[str, list[tuple[int, bytes]]] = {}
         for i in range(0, len(differ), FULL_READ_BATCH):
             await foreground.wait_idle()
             everything.update(await redis.recent_packed_many(differ[i:i + FULL_READ_BATCH], tf, keep))
-        plans.update(await asyncio.to_thread(compare, differ, everything))
+        plans.update(await _off_loop(pool, _compare, path, tf, {sym: edges[sym] for sym in differ},
+                                     everything, keep, window, tail))
     done = {sym: p for sym, p in plans.items() if p is not None}
     to_sqlite = [b for p in done.values() for b in p.to_sqlite]
     to_redis = [b for p in done.values() for b in p.to_redis]
@@ -108,6 +102,45 @@ async def reconcile_many(symbols: list[str], tf: str, redis: RedisStore, store: 
     if to_redis:
         await redis.write_history(to_redis)
     return {sym: (Reconciled(len(p.to_sqlite), len(p.to_redis)), p.window) for sym, p in done.items()}
+
+
+def compare_process() -> ProcessPoolExecutor:
+    """A second process for :func:`reconcile_many`'s comparisons (started fresh, not
+    forked from this multi-threaded one); shut it down when done."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+async def _off_loop(pool: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in ``pool``, or in a worker thread (also when the pool broke)."""
+    if pool is not None:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenExecutor as exc:
+            log.warning("reconcile process lost; comparing in a thread", extra={"error": str(exc)})
+    return await asyncio.to_thread(fn, *args)
+
+
+def _compare(path: str, tf: str, edges: dict[str, tuple[int, int | None, list[tuple[int, bytes]]]],
+             full: dict[str, list[tuple[int, bytes]]], keep: int, window: int,
+             tail: int) -> dict[str, _Plan | None]:
+    """Each symbol's :class:`_Plan` from Redis's ``edges`` (and its whole set where
+    ``full`` has it), ``None`` where its older bars differ and the whole set is wanted.
+    In a thread it steps aside while a cycle runs (in a process nothing competes)."""
+    reader = StoreReader.open(path)
+    try:
+        plans: dict[str, _Plan | None] = {}
+        for sym, (count, first, newest) in edges.items():
+            foreground.wait_idle_blocking()
+            in_redis = dict(full.get(sym, newest))
+            if sym not in full and count > len(newest):
+                older, older_first = reader.span(sym, tf, first or 0, newest[0][0])
+                if older != count - len(newest) or older_first != first:
+                    plans[sym] = None  # the older bars differ too: compare all of them
+                    continue
+            plans[sym] = _plan(sym, tf, in_redis, count, first, reader, keep, window, tail)
+        return plans
+    finally:
+        reader.close()
 
 
 class Window(NamedTuple):

@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from sidecar import foreground
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol
 from sidecar.app.pipeline import Pipeline
+from sidecar.app.reconcile import compare_process
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore
 from sidecar.sources import Source
@@ -56,6 +57,8 @@ STORE_BATCH = 50
 REDIS_BATCH = 5_000
 #: Bars waiting for Redis at most: past it, fetching waits for the writes (bounded memory).
 REDIS_QUEUE_BARS = 50_000
+#: From this many stored symbols their stores are compared in a second process.
+PROCESS_MIN_SYMBOLS = 200
 #: A budget refusal waits this long before the range goes to the next source.
 BUDGET_WAIT_S = 120.0
 
@@ -124,14 +127,19 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
 
     redis_writer = _RedisHistory(redis_store, pipeline)
     flushing = asyncio.ensure_future(redis_writer.run())
+    warm = [sym for sym in pipeline.symbols if sym not in cold_set]
+    if len(warm) >= PROCESS_MIN_SYMBOLS:
+        pipeline.warm_pool = compare_process()
     try:
-        warm = [sym for sym in pipeline.symbols if sym not in cold_set]
         batches = [warm[i:i + STORE_BATCH] for i in range(0, len(warm), STORE_BATCH)]
         await asyncio.gather(*(fetch(sym) for sym in cold), *(from_stores(b) for b in batches))
         await redis_writer.close()
         await flushing
     finally:
         flushing.cancel()
+        if pipeline.warm_pool is not None:
+            pipeline.warm_pool.shutdown(wait=False, cancel_futures=True)
+            pipeline.warm_pool = None
     progress.finished_ms = int(clock() * 1000)
     log.info("warm-up finished", extra={
         "symbols": len(pipeline.symbols), "cold": len(cold), "history_bars": progress.history_bars,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from sidecar.app import pipeline as pipeline_module
+from sidecar.app import warmup as warmup_module
 from sidecar.app.pipeline import Pipeline
-from sidecar.app.reconcile import reconcile_many
+from sidecar.app.reconcile import compare_process, reconcile_many
 from sidecar.app.warmup import warm_up
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, bar_columns
@@ -56,9 +57,11 @@ def cases() -> dict[str, tuple[list[Bar], list[Bar], list[Bar]]]:
     return out
 
 
-@pytest.mark.parametrize("tail", [TAIL, KEEP])  # the tail alone where it can, the whole set
+# The tail alone where it can, in a thread and in a second process; the whole set.
+@pytest.mark.parametrize(("tail", "process"), [(TAIL, False), (TAIL, True), (KEEP, False)])
 async def test_the_stores_end_equal_and_the_window_is_sqlite_truth(
-        redis_store: RedisStore, bar_store: BarStore, tail: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        redis_store: RedisStore, bar_store: BarStore, tail: int, process: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # DEEP (two failures at once, each store missing another old bar) is seen only by
     # comparing the whole set: the counts agree.
     todo = {k: v for k, v in cases().items() if k != "DEEP" or tail == KEEP}
@@ -75,7 +78,13 @@ async def test_the_stores_end_equal_and_the_window_is_sqlite_truth(
         return await read_whole(self, symbols, tf, n)
 
     monkeypatch.setattr(RedisStore, "recent_packed_many", spy)
-    done = await reconcile_many(list(todo), "1s", redis_store, bar_store, KEEP, window=window, tail=tail)
+    pool = compare_process() if process else None
+    try:
+        done = await reconcile_many(list(todo), "1s", redis_store, bar_store, KEEP, window=window, tail=tail,
+                                    pool=pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     assert whole == (["HOLE"] if tail < KEEP else [])  # the only one whose older bars differ
 
     for name, (_, _, truth) in todo.items():
@@ -101,6 +110,7 @@ async def test_features_after_a_restart_on_stores_that_differ_equal_batch_on_the
     its warm window of the reconciled bars, and its features equal TA-Lib batch on
     that window followed by the live bars."""
     monkeypatch.setattr(pipeline_module, "TAIL", 8)
+    monkeypatch.setattr(warmup_module, "PROCESS_MIN_SYMBOLS", 1)  # compared in a second process
     todo = {k: v for k, v in cases().items() if k != "DEEP"}
     for stored, in_redis, _ in todo.values():
         await bar_store.write_history(stored)
