@@ -92,14 +92,18 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
                 progress.history_bars += result.bars
                 progress.history_requests += result.requests
                 log.info("bootstrap warm-up window", extra=result.as_dict())
-                fetched = result.fetched or []
-                if len(fetched) == result.stored:
+                fetched, result.fetched = result.fetched or [], None
+                # The cycles' bars since warm-up began may be stored in the window already.
+                known = {b.t for b in fetched}.union(t for t in pipeline.symbols[sym].rebuilding or {}
+                                                     if start <= t < end)
+                if result.stored <= len(known):
                     # All the stores hold of it (but the live bars): open on it, no read back.
                     # Within the gate: the symbols fetched wait for their Redis copy in turn.
                     await foreground.wait_idle()
                     pipeline.open_fetched(sym, fetched)
                     await redis_writer.put(fetched[-s.bars_cap:])
                     return
+                del fetched  # not held while it waits for the stores' turn
         except asyncio.CancelledError:
             raise
         except Exception as exc:
