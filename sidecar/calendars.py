@@ -16,6 +16,12 @@ Calendar names (the mapping's ``calendar`` key, see ``symbols.toml``):
 
 Outside the years an exchange calendar covers (about 20 back, 1 ahead) nothing is
 known: the market counts as open there, as if it had no calendar.
+
+Extended hours (pre- and post-market, :func:`extended_calendar`): ``exchange_calendars``
+knows regular sessions only, so the extended bounds come from :data:`EXTENDED_HOURS`,
+a per-exchange offset from each regular session's open and close (XNYS: 04:00 to the
+09:30 open, the close to 20:00, 17:00 after a 13:00 early close), laid on the exchange's
+own sessions (holidays and early closes included).
 """
 
 from __future__ import annotations
@@ -259,6 +265,44 @@ def _fx() -> MarketCalendar:
             periods.append((lo, hi, lo))
         day += timedelta(days=1)
     return MarketCalendar(FX, "America/New_York", periods)
+
+
+#: Extended hours per exchange: how long before each regular open the pre-market starts
+#: and how long after each regular close the post-market ends.
+EXTENDED_HOURS: dict[str, tuple[timedelta, timedelta]] = {
+    "XNYS": (timedelta(hours=5, minutes=30), timedelta(hours=4)),
+}
+#: Suffix of an extended calendar's name (``XNYS+ext``).
+EXTENDED_SUFFIX = "+ext"
+
+
+def has_extended(name: str) -> bool:
+    """Whether the extended hours of calendar ``name`` are known (:data:`EXTENDED_HOURS`)."""
+    return resolve(name) in EXTENDED_HOURS
+
+
+def _extended(regular: MarketCalendar) -> MarketCalendar:
+    """One open period per session, from the pre-market open to the post-market close;
+    a session opens at its pre-market open (the VWAP anchor of extended-hours series)."""
+    pre, post = (int(d.total_seconds() * 1000) for d in EXTENDED_HOURS[regular.name])
+    periods = [(s.open - pre, s.close + post, s.open - pre)
+               for s in regular.sessions_between(regular._opens[0], regular._closes[-1])]
+    return MarketCalendar(regular.name + EXTENDED_SUFFIX, regular.zone, periods)
+
+
+def extended_calendar(name: str) -> MarketCalendar:
+    """Calendar ``name`` with its extended hours: open from each session's pre-market open
+    to its post-market close. Raises ``ValueError`` where they are not known."""
+    key = resolve(name)
+    if key not in EXTENDED_HOURS:
+        raise ValueError(f"no extended hours known for calendar {key} "
+                         f"(known: {', '.join(sorted(EXTENDED_HOURS))})")
+    regular = get_calendar(key)
+    ext = _cache.get(key + EXTENDED_SUFFIX)
+    if ext is None:
+        with _lock:
+            ext = _cache.setdefault(key + EXTENDED_SUFFIX, _extended(regular))
+    return ext
 
 
 _cache: dict[str, MarketCalendar] = {}
