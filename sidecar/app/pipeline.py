@@ -1232,10 +1232,16 @@ class Pipeline:
         the bars it lacks are put back from SQLite (only what differs, see :func:`reconcile`)."""
         self._refill_needed = True
 
-    def history_changed(self, symbol: str) -> None:
-        """Older closed bars of ``symbol`` changed in the stores (gap repair): its
-        feature handles are reopened on the stored history after the next cycle."""
-        self.symbols[symbol].base.needs_rebuild = True
+    def history_changed(self, symbol: str, times: Iterable[int] = ()) -> None:
+        """Older closed bars of ``symbol`` changed in the stores (gap repair, the base
+        bars opening at ``times``): after the next cycle every higher bar containing one
+        is re-aggregated from the stored base bars and stored, and the feature handles
+        are reopened on the stored history (:meth:`_rebuild`)."""
+        st = self.symbols[symbol]
+        st.base.needs_rebuild = True
+        if st.higher:
+            for t in times:
+                st.higher[0].mark_dirty(t)
 
     async def fold_history(self, symbol: str, start_ms: int, end_ms: int) -> int:
         """Base history older than warm-up saw came in (the rest of the bootstrap days,
