@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 import warnings
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -183,6 +184,22 @@ class MarketCalendar:
             j += 1
         return out
 
+    def open_periods(self, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
+        """The open periods overlapping ``[start_ms, end_ms)``, clipped to it (all of it
+        for a market that never closes or outside the covered years)."""
+        if end_ms <= start_ms:
+            return []
+        if self.always_open or not self.known(start_ms) or not self.known(end_ms - 1):
+            return [(start_ms, end_ms)]
+        out: list[tuple[int, int]] = []
+        i = max(0, bisect_right(self._opens, start_ms) - 1)
+        while i < len(self._opens) and self._opens[i] < end_ms:
+            lo, hi = max(start_ms, self._opens[i]), min(end_ms, self._closes[i])
+            if lo < hi:
+                out.append((lo, hi))
+            i += 1
+        return out
+
     def open_slots(self, start_ms: int, end_ms: int, step_ms: int) -> list[int]:
         """The bar open times ``start_ms + k * step_ms`` before ``end_ms`` whose bar
         ``[t, t + step_ms)`` overlaps open time: the bars a series should have there."""
@@ -206,6 +223,18 @@ class MarketCalendar:
                 t += step_ms
             i += 1
         return out
+
+
+def open_ms(calendars: Iterable[MarketCalendar], start_ms: int, end_ms: int) -> int:
+    """How long, within ``[start_ms, end_ms)``, at least one of ``calendars`` is open."""
+    spans = sorted(p for cal in calendars for p in cal.open_periods(start_ms, end_ms))
+    total, reach = 0, start_ms
+    for lo, hi in spans:
+        lo = max(lo, reach)
+        if hi > lo:
+            total += hi - lo
+            reach = hi
+    return total
 
 
 # -- building -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ open periods (a session, or its parts around a lunch break, cut at an early clos
 per session for a daily timeframe. A bucket is *expected* once its end has passed by
 :data:`LATE_MS` (on the daemon's clock, scaled by a replay's speed); a bar *received*
 is a stored closed bar that is not synthetic; *synthetic* counts gap fills; *late*
-counts bars that closed more than :data:`LATE_MS` after their bucket ended.
+counts received bars that closed more than :data:`LATE_MS` after their bucket ended.
 
 :class:`Completeness` keeps counters per symbol and timeframe for the current and the
 previous session, updated as the cycle closes bars (:meth:`Completeness.observe`),
@@ -125,6 +125,7 @@ class Completeness:
         tr.prev = tr.cur if follows else session_at(tr.calendar, new.lo - 1)
         tr.before = tr.now if follows else [Counts() for _ in tr.now]
         tr.now = [Counts() for _ in tr.now]
+        tr.cur = new
 
     def observe(self, bars: Iterable[Bar], now_ms: int) -> None:
         """Count the closed bars among ``bars`` (stored by the cycle at ``now_ms``)."""
@@ -151,8 +152,8 @@ class Completeness:
             counts = (tr.now if span is tr.cur else tr.before)[i]
             if b.synthetic:
                 counts.synthetic += 1
-            else:
-                counts.received += 1
+                continue
+            counts.received += 1
             end = span.close if daily else min(b.t + tf.ms, tr.calendar.next_close(b.t) or b.t + tf.ms)
             if now_ms > end + self._late_ms:
                 counts.late += 1

@@ -31,12 +31,12 @@ from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile, reconcile_many
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
-from sidecar.calendars import MarketCalendar, extended_calendar, get_calendar
+from sidecar.calendars import MarketCalendar, extended_calendar, get_calendar, open_ms
 from sidecar.clock import Clock, as_clock
 from sidecar.completeness import Completeness
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
-from sidecar.rate_budget import BudgetExhausted
+from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.redis_store import FeatureRow, PartialWrite, RedisStore
 from sidecar.series import Bucket, Grid, Series, aggregate, aggregate_all
 from sidecar.settings import Settings
@@ -151,6 +151,15 @@ class SourceState:
             out["circuit"] = self.circuits.state  # the worst of its breakers
             out["breakers"] = self.circuits.status()
         return out
+
+
+def pace_over_open_hours(budget: RateBudget | None, calendars: list[MarketCalendar | None]) -> None:
+    """Pace a source's daily quota (its ``budget``) over the hours the markets of its
+    symbols are open (``calendars``: theirs; one without a calendar trades around the clock)."""
+    if budget is None or not calendars or any(cal is None for cal in calendars):
+        return
+    distinct = list({cal.name: cal for cal in calendars if cal is not None}.values())
+    budget.open_hours = lambda a, b: open_ms(distinct, int(a * 1000), int(b * 1000)) / 1000
 
 
 @dataclass(slots=True)
@@ -358,6 +367,8 @@ class Pipeline:
                         self.extended[sym] = extended_calendar(smap.calendar(sym))
         #: When each symbol is polled: its extended hours where included, else its regular ones.
         self._hours = {**self.calendars, **self.extended}
+        for state in self.sources:
+            pace_over_open_hours(state.source.budget, [self._hours.get(sym) for sym in state.servable])
         #: Symbols not asked this cycle: their market is closed (past the close's grace).
         self._closed: frozenset[str] = frozenset()
         self.validator = Validator(
