@@ -24,16 +24,13 @@ from sidecar.completeness import session_at
 from sidecar.redis_store import RedisStore
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Clock, settings
+from sidecar.tests.helpers import Clock, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
 NEW_YORK = ZoneInfo("America/New_York")
 TFS = tuple(Timeframe.parse(x) for x in ("1m", "1h", "1d"))
 
-
-def ny(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=NEW_YORK).timestamp() * 1000)
 
 
 class LookbackFeed(Source):

@@ -24,17 +24,13 @@ from sidecar.series import aggregate
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import parse_symbol_map
-from sidecar.tests.helpers import Clock, settings
+from sidecar.tests.helpers import Clock, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
 NEW_YORK = ZoneInfo("America/New_York")
 TFS = tuple(Timeframe.parse(x) for x in ("1m", "1h"))
 
-
-def ny(text: str) -> int:
-    """Epoch ms of a New York wall time."""
-    return int(datetime.fromisoformat(text).replace(tzinfo=NEW_YORK).timestamp() * 1000)
 
 
 class AllHoursFeed(Source):

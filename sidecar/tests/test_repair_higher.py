@@ -5,7 +5,6 @@ Driven clock, real Redis and SQLite."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import msgpack
@@ -19,16 +18,13 @@ from sidecar.redis_store import RedisStore
 from sidecar.series import aggregate, aggregate_all
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Clock, batch_values, settings
+from sidecar.tests.helpers import Clock, batch_values, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
 NEW_YORK = ZoneInfo("America/New_York")
 TFS = tuple(Timeframe.parse(x) for x in ("1m", "5m", "1h"))
 
-
-def ny(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=NEW_YORK).timestamp() * 1000)
 
 
 class Feed(Source):
