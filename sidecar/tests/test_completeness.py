@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import msgpack
 import numpy as np
@@ -28,7 +27,6 @@ from sidecar.tests.helpers import Clock, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
-NEW_YORK = ZoneInfo("America/New_York")
 TFS = tuple(Timeframe.parse(x) for x in ("1m", "1h", "1d"))
 
 

@@ -5,7 +5,6 @@ Driven clock, real Redis and SQLite."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from zoneinfo import ZoneInfo
 
 import msgpack
 import numpy as np
@@ -22,7 +21,6 @@ from sidecar.tests.helpers import Clock, batch_values, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
-NEW_YORK = ZoneInfo("America/New_York")
 TFS = tuple(Timeframe.parse(x) for x in ("1m", "5m", "1h"))
 
 
