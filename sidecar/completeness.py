@@ -56,6 +56,19 @@ class SessionSpan:
         return n
 
 
+    def next_change(self, tf: Timeframe, until: int) -> int:
+        """The first ``until`` after this one at which :meth:`expected` grows (never: a
+        very large number)."""
+        never = 2**62
+        if tf.ms >= DAY_MS:
+            return self.close if until < self.close else never
+        ms = tf.ms
+        for a, b in self.periods:
+            if until < b:
+                return a + ms if until < a else min(b, a + ((until - a) // ms + 1) * ms)
+        return never
+
+
 def session_at(calendar: MarketCalendar, t_ms: int) -> SessionSpan:
     """The session ``t_ms`` belongs to (the time after a close belongs to the session
     before it; the UTC day for a market that never closes)."""
@@ -79,53 +92,102 @@ class Counts:
 
 
 @dataclass(slots=True)
-class _Track:
-    """One symbol: its current and previous session, and per timeframe their counts."""
+class _Group:
+    """The symbols of one calendar in one session: the expected counts per timeframe, shared."""
 
     calendar: MarketCalendar
     cur: SessionSpan
     prev: SessionSpan
+    #: Per timeframe: expected bars in the current and the previous session, as of ``until``.
+    exp_now: list[int]
+    exp_prev: list[int]
+    #: When an expected count can change next (a bucket's end passed by the late window).
+    next_change: int = -(2**62)
+    version: int = 0
+
+
+@dataclass(slots=True)
+class _Track:
+    """One symbol: its session group and, per timeframe, the two sessions' counts."""
+
+    group: _Group
     now: list[Counts]
     before: list[Counts]
     #: Per timeframe: the newest bar counted (older ones are corrections or repairs).
     newest: list[int]
-    #: Per timeframe: the map the features carry, and what it was built from.
-    views: list[dict[str, Any] | None] = field(default_factory=list)
-    keys: list[tuple[int, ...] | None] = field(default_factory=list)
+    #: Bumped whenever a count changes; the views are rebuilt when it or the group's moved.
+    version: int = 0
+    seen: tuple[int, int, int] = (-1, -1, -1)
+    views: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Completeness:
     """Per symbol (with a calendar) and timeframe: expected, received, synthetic, late."""
 
-    __slots__ = ("_index", "_late_ms", "_tracks", "timeframes")
+    __slots__ = ("_groups", "_index", "_late_ms", "_now", "_sessions", "_tracks", "timeframes")
 
     def __init__(self, calendars: dict[str, MarketCalendar], timeframes: Sequence[Timeframe],
                  now_ms: int, *, speed: float = 1.0) -> None:
         self.timeframes = tuple(timeframes)
         self._index = {tf.name: i for i, tf in enumerate(self.timeframes)}
         self._late_ms = int(LATE_MS * max(1.0, speed))
+        self._sessions: dict[tuple[str, int], SessionSpan] = {}
+        self._groups: dict[tuple[str, int], _Group] = {}
+        self._now = -1
         n = len(self.timeframes)
-        self._tracks: dict[str, _Track] = {}
-        for sym, cal in calendars.items():
-            cur = session_at(cal, now_ms)
-            self._tracks[sym] = _Track(cal, cur, session_at(cal, cur.lo - 1),
-                                       [Counts() for _ in range(n)], [Counts() for _ in range(n)],
-                                       [-1] * n, [None] * n, [None] * n)
+        self._tracks: dict[str, _Track] = {
+            sym: _Track(self._group(cal, now_ms), [Counts() for _ in range(n)],
+                        [Counts() for _ in range(n)], [-1] * n)
+            for sym, cal in calendars.items()}
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._tracks
 
+    # -- sessions ---------------------------------------------------------------------
+    def _session(self, cal: MarketCalendar, t_ms: int) -> SessionSpan:
+        """:func:`session_at`, built once per calendar and session."""
+        span = None if cal.always_open else cal.session_span(t_ms)
+        key = (cal.name, span[0] if span is not None else t_ms - t_ms % DAY_MS)
+        out = self._sessions.get(key)
+        if out is None:
+            out = self._sessions[key] = session_at(cal, t_ms)
+        return out
+
+    def _group(self, cal: MarketCalendar, t_ms: int) -> _Group:
+        cur = self._session(cal, t_ms)
+        key = (cal.name, cur.lo)
+        group = self._groups.get(key)
+        if group is None:
+            n = len(self.timeframes)
+            if len(self._groups) > 64:  # sessions long gone
+                self._groups = {k: g for k, g in self._groups.items() if g.cur.hi > cur.lo}
+            group = self._groups[key] = _Group(cal, cur, self._session(cal, cur.lo - 1), [0] * n, [0] * n)
+        return group
+
+    def _tick(self, now_ms: int) -> None:
+        """Bring every group's expected counts to ``now_ms`` (once per cycle, per group)."""
+        self._now = now_ms
+        until = now_ms - self._late_ms
+        for g in self._groups.values():
+            if until < g.next_change:
+                continue
+            g.exp_now = [g.cur.expected(tf, until) for tf in self.timeframes]
+            g.exp_prev = [g.prev.expected(tf, until) for tf in self.timeframes]
+            g.next_change = min(g.cur.next_change(tf, until) for tf in self.timeframes)
+            g.version += 1
+
     # -- counting ---------------------------------------------------------------------
     def _roll(self, tr: _Track, t_ms: int) -> None:
         """Make the session of ``t_ms`` (later than the current one) the current one."""
-        new = session_at(tr.calendar, t_ms)
-        if new.lo <= tr.cur.lo:
+        group = self._group(tr.group.calendar, t_ms)
+        if group.cur.lo <= tr.group.cur.lo:
             return
-        follows = new.lo == tr.cur.hi
-        tr.prev = tr.cur if follows else session_at(tr.calendar, new.lo - 1)
+        follows = group.cur.lo == tr.group.cur.hi
         tr.before = tr.now if follows else [Counts() for _ in tr.now]
         tr.now = [Counts() for _ in tr.now]
-        tr.cur = new
+        tr.group = group
+        tr.version += 1
+        self._now = -1  # the new group's expected counts are due
 
     def observe(self, bars: Iterable[Bar], now_ms: int) -> None:
         """Count the closed bars among ``bars`` (stored by the cycle at ``now_ms``)."""
@@ -140,21 +202,24 @@ class Completeness:
             tr.newest[i] = b.t
             tf = self.timeframes[i]
             daily = tf.ms >= DAY_MS
-            if not daily and b.t >= tr.cur.hi:
+            if not daily and b.t >= tr.group.cur.hi:
                 self._roll(tr, b.t)
+            g = tr.group
+            cal = g.calendar
             if daily:
-                span = tr.cur if b.t == tr.cur.stamp else tr.prev if b.t == tr.prev.stamp else None
+                span = g.cur if b.t == g.cur.stamp else g.prev if b.t == g.prev.stamp else None
             else:
-                span = tr.cur if tr.cur.lo <= b.t else tr.prev if tr.prev.lo <= b.t else None
-            if span is None or (not daily and tr.calendar.period(b.t) is None
-                                and tr.calendar.known(b.t) and not tr.calendar.always_open):
+                span = g.cur if g.cur.lo <= b.t else g.prev if g.prev.lo <= b.t else None
+            if span is None or (not daily and not cal.always_open and cal.period(b.t) is None
+                                and cal.known(b.t)):
                 continue  # an older session, or extended hours: not counted
-            counts = (tr.now if span is tr.cur else tr.before)[i]
+            counts = (tr.now if span is g.cur else tr.before)[i]
+            tr.version += 1
             if b.synthetic:
                 counts.synthetic += 1
                 continue
             counts.received += 1
-            end = span.close if daily else min(b.t + tf.ms, tr.calendar.next_close(b.t) or b.t + tf.ms)
+            end = span.close if daily else min(b.t + tf.ms, cal.next_close(b.t) or b.t + tf.ms)
             if now_ms > end + self._late_ms:
                 counts.late += 1
 
@@ -165,7 +230,7 @@ class Completeness:
         i = self._index.get(tf)
         if tr is None or i is None:
             return
-        if now_ms >= tr.cur.hi:
+        if now_ms >= tr.group.cur.hi:
             self._roll(tr, now_ms)
         late = tr.now[i].late, tr.before[i].late
         tr.now[i], tr.before[i] = Counts(late=late[0]), Counts(late=late[1])
@@ -174,46 +239,45 @@ class Completeness:
         self.observe([b for b in bars if not b.forming], -(2**62))  # never late: history
         tr.now[i].late, tr.before[i].late = late
         tr.newest[i] = max(newest, tr.newest[i])
+        tr.version += 1
 
     # -- reading ----------------------------------------------------------------------
-    def view(self, symbol: str, i: int, now_ms: int) -> dict[str, Any] | None:
-        """The features' ``completeness`` of ``symbol`` on the ``i``-th timeframe:
-        ``session`` and ``previous`` (share of the expected bars received, capped at 1;
-        ``None`` while none is expected), ``synthetic`` and ``late`` (current session).
-        The same dict until something in it changes."""
+    def views(self, symbol: str, now_ms: int) -> list[dict[str, Any]] | None:
+        """Per timeframe, the features' ``completeness`` of ``symbol``: ``session`` and
+        ``previous`` (the share of the expected bars received, capped at 1; ``None``
+        while none is expected), ``synthetic`` and ``late`` (current session). The same
+        dicts until something in them changes (this runs for every symbol every cycle)."""
         tr = self._tracks.get(symbol)
         if tr is None:
             return None
-        if now_ms >= tr.cur.hi:
+        if now_ms >= tr.group.cur.hi:
             self._roll(tr, now_ms)
-        tf = self.timeframes[i]
-        until = now_ms - self._late_ms
-        exp_now, exp_prev = tr.cur.expected(tf, until), tr.prev.expected(tf, until)
-        c, p = tr.now[i], tr.before[i]
-        key = (tr.cur.lo, exp_now, exp_prev, c.received, c.synthetic, c.late, p.received)
-        if tr.keys[i] != key:
-            tr.keys[i] = key
-            tr.views[i] = {"session": _share(c.received, exp_now),
-                           "previous": _share(p.received, exp_prev),
-                           "synthetic": c.synthetic, "late": c.late}
-        return tr.views[i]
+        if now_ms != self._now:
+            self._tick(now_ms)
+        g = tr.group
+        seen = (id(g), g.version, tr.version)
+        if tr.seen != seen:
+            tr.seen = seen
+            tr.views = [{"session": _share(c.received, en), "previous": _share(p.received, ep),
+                         "synthetic": c.synthetic, "late": c.late}
+                        for c, p, en, ep in zip(tr.now, tr.before, g.exp_now, g.exp_prev, strict=True)]
+        return tr.views
 
     def report(self, symbol: str, now_ms: int) -> dict[str, dict[str, Any]] | None:
-        """Per timeframe, the counts behind :meth:`view` (``/health``)."""
-        tr = self._tracks.get(symbol)
-        if tr is None:
+        """Per timeframe, the counts behind :meth:`views` (``/health``)."""
+        views = self.views(symbol, now_ms)
+        if views is None:
             return None
+        tr = self._tracks[symbol]
+        g = tr.group
         out: dict[str, dict[str, Any]] = {}
-        until = now_ms - self._late_ms
         for i, tf in enumerate(self.timeframes):
-            view = self.view(symbol, i, now_ms)
-            assert view is not None
             c, p = tr.now[i], tr.before[i]
             out[tf.name] = {
-                **view,
-                "current": {"from": tr.cur.lo, "expected": tr.cur.expected(tf, until),
+                **views[i],
+                "current": {"from": g.cur.lo, "expected": g.exp_now[i],
                             "received": c.received, "synthetic": c.synthetic, "late": c.late},
-                "prev": {"from": tr.prev.lo, "expected": tr.prev.expected(tf, until),
+                "prev": {"from": g.prev.lo, "expected": g.exp_prev[i],
                          "received": p.received, "synthetic": p.synthetic, "late": p.late},
             }
         return out
@@ -223,9 +287,10 @@ class Completeness:
         tr = self._tracks.get(symbol)
         if tr is None:
             return None
-        if now_ms >= tr.cur.hi:
+        if now_ms >= tr.group.cur.hi:
             self._roll(tr, now_ms)
-        return min(tr.prev.lo, tr.prev.stamp), max(tr.cur.hi, tr.cur.stamp + 1)
+        g = tr.group
+        return min(g.prev.lo, g.prev.stamp), max(g.cur.hi, g.cur.stamp + 1)
 
 
 def _share(received: int, expected: int) -> float | None:

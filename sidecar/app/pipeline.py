@@ -1063,8 +1063,7 @@ class Pipeline:
         ttl = self.redis.features_ttl_ms
         stale_after = self.stale_after_ms
         states = self.symbols
-        extended, completeness = self.extended, self.completeness
-        view = completeness.view
+        extended, completeness = self.extended, self.completeness.views
         settled: list[Bar] = []
         for sym in symbols:
             st = states[sym]
@@ -1076,6 +1075,7 @@ class Pipeline:
             stale = st.stale(now_ms, stale_after)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
             regular = self.calendars[sym] if sym in extended else None
+            shares = completeness(sym, now_ms)
             for i, ser in enumerate(st.series):
                 bar = ser.forming or ser.last
                 if bar is None:
@@ -1089,7 +1089,7 @@ class Pipeline:
                     market_open=st.market_open, next_open=st.next_open,
                     extended_hours=regular is not None,
                     extended=regular is not None and i == 0 and not regular.is_open(bar.t),
-                    completeness=view(sym, i, now_ms) if sym in completeness else None,
+                    completeness=None if shares is None else shares[i],
                 )
                 if st.warming:
                     fmap["warming"] = True
