@@ -441,12 +441,14 @@ class Daemon:
         while pipeline.warmup.finished_ms is None:
             if await self._stopping_within(1.0):
                 return
+        todo = [sym for sym in pipeline.symbols if sym in pipeline.completeness]
+        if not todo:
+            return  # no symbol has a calendar (simulated markets, SIDECAR_MARKET_HOURS=false)
         try:
-            await store.flush()
-            for sym in pipeline.symbols:
-                if sym in pipeline.completeness:
-                    await foreground.wait_idle()
-                    await recount_completeness(pipeline, store, sym, int(self.clock() * 1000))
+            await store.flush()  # the bars the cycles counted are read back
+            for sym in todo:
+                await foreground.wait_idle()
+                await recount_completeness(pipeline, store, sym, int(self.clock() * 1000))
         except Exception as exc:
             log.error("completeness count failed", extra={"error": str(exc)})
 
