@@ -7,10 +7,12 @@ per session for a daily timeframe. A bucket is *expected* once its end has passe
 is a stored closed bar that is not synthetic; *synthetic* counts gap fills; *late*
 counts received bars that closed more than :data:`LATE_MS` after their bucket ended.
 
-:class:`Completeness` keeps counters per symbol and timeframe for the current and the
-previous session, updated as the cycle closes bars (:meth:`Completeness.observe`),
-never by scanning the store per cycle; the store is read once per symbol at start and
-after gap repair (:meth:`Completeness.load`). A session roll moves current to previous.
+:class:`Completeness` keeps, per symbol and timeframe, which buckets of the current and
+the previous session were received (synthetic, late), updated as the cycle closes bars
+and as a rebuild stores re-aggregated ones (:meth:`Completeness.observe`), never by
+scanning the store per cycle; the store is read once per symbol at start and after gap
+repair (:meth:`Completeness.load`). A session roll moves current to previous (on
+restart, the previous session is read from the store whatever happened meanwhile).
 Extended-hours bars are neither expected nor counted (the regular session defines them).
 """
 
@@ -82,13 +84,11 @@ def session_at(calendar: MarketCalendar, t_ms: int) -> SessionSpan:
     return SessionSpan(bucket.lo, bucket.hi, bucket.end, bucket.t, periods)
 
 
-@dataclass(slots=True)
-class Counts:
-    """One session's counts on one timeframe."""
-
-    received: int = 0
-    synthetic: int = 0
-    late: int = 0
+#: Per timeframe, the masks of a track: received, synthetic and late bars of the current
+#: session, then of the previous one (bit ``k``: the bucket ``k`` timeframes after the
+#: session's ``lo``; bit 0 for a daily bar).
+_RECV, _SYN, _LATE, _PREV = 0, 1, 2, 3
+_SLOTS = 6
 
 
 @dataclass(slots=True)
@@ -104,27 +104,40 @@ class _Group:
     #: When an expected count can change next (a bucket's end passed by the late window).
     next_change: int = -(2**62)
     version: int = 0
+    #: Per timeframe: the ``version`` at which its expected counts last changed.
+    changed: list[int] = field(default_factory=list)
 
 
-@dataclass(slots=True)
 class _Track:
-    """One symbol: its session group and, per timeframe, the two sessions' counts."""
+    """One symbol: its session group and, per timeframe, the two sessions' masks."""
 
-    group: _Group
-    now: list[Counts]
-    before: list[Counts]
-    #: Per timeframe: the newest bar counted (older ones are corrections or repairs).
-    newest: list[int]
-    #: Bumped whenever a count changes; the views are rebuilt when it or the group's moved.
-    version: int = 0
-    seen: tuple[int, int, int] = (-1, -1, -1)
-    views: list[dict[str, Any]] = field(default_factory=list)
+    __slots__ = ("dirty", "group", "masks", "seen", "seen_group", "views")
+
+    def __init__(self, group: _Group, n: int, views: list[dict[str, Any]]) -> None:
+        self.group = group
+        self.masks = [0] * (_SLOTS * n)
+        #: Bit ``i``: timeframe ``i``'s counts changed since :attr:`views` was built.
+        self.dirty = 0
+        #: The group and its version :attr:`views` was built for.
+        self.seen_group = group
+        self.seen = -1
+        self.views = views
 
 
 class Completeness:
-    """Per symbol (with a calendar) and timeframe: expected, received, synthetic, late."""
+    """Per symbol (with a calendar) and timeframe: expected, received, synthetic, late.
 
-    __slots__ = ("_groups", "_index", "_late_ms", "_now", "_sessions", "_tracks", "timeframes")
+    Counting is idempotent: each session's received, synthetic and late bars are kept as
+    bit masks over its buckets, so a bar seen again (a correction, a re-delivery, the
+    store read at start or after gap repair) is counted once; a bar that arrives after
+    newer ones (inside the correction window, or from gap repair) is counted when it
+    comes, and a received bar replaces a synthetic one at its time. A bar is late when
+    the cycle received it more than :data:`LATE_MS` after its bucket ended; bars read
+    from the store are never late (:meth:`load`).
+    """
+
+    __slots__ = ("_groups", "_index", "_interned", "_late_ms", "_now", "_sessions", "_tracks",
+                 "timeframes")
 
     def __init__(self, calendars: dict[str, MarketCalendar], timeframes: Sequence[Timeframe],
                  now_ms: int, *, speed: float = 1.0) -> None:
@@ -133,12 +146,19 @@ class Completeness:
         self._late_ms = int(LATE_MS * max(1.0, speed))
         self._sessions: dict[tuple[str, int], SessionSpan] = {}
         self._groups: dict[tuple[str, int], _Group] = {}
+        #: The view dicts, one per distinct value: most symbols share theirs.
+        self._interned: dict[tuple[int, int, int, int, int, int], dict[str, Any]] = {}
         self._now = -1
         n = len(self.timeframes)
-        self._tracks: dict[str, _Track] = {
-            sym: _Track(self._group(cal, now_ms), [Counts() for _ in range(n)],
-                        [Counts() for _ in range(n)], [-1] * n)
-            for sym, cal in calendars.items()}
+        by_calendar: dict[str, _Group] = {}
+        empty = [self._view(0, 0, 0, 0, 0, 0)] * n
+        tracks: dict[str, _Track] = {}
+        for sym, cal in calendars.items():
+            group = by_calendar.get(cal.name)
+            if group is None:
+                group = by_calendar[cal.name] = self._group(cal, now_ms)
+            tracks[sym] = _Track(group, n, empty.copy())
+        self._tracks = tracks
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._tracks
@@ -161,7 +181,8 @@ class Completeness:
             n = len(self.timeframes)
             if len(self._groups) > 64:  # sessions long gone
                 self._groups = {k: g for k, g in self._groups.items() if g.cur.hi > cur.lo}
-            group = self._groups[key] = _Group(cal, cur, self._session(cal, cur.lo - 1), [0] * n, [0] * n)
+            group = self._groups[key] = _Group(cal, cur, self._session(cal, cur.lo - 1), [0] * n, [0] * n,
+                                               changed=[0] * n)
         return group
 
     def _tick(self, now_ms: int) -> None:
@@ -171,10 +192,14 @@ class Completeness:
         for g in self._groups.values():
             if until < g.next_change:
                 continue
-            g.exp_now = [g.cur.expected(tf, until) for tf in self.timeframes]
-            g.exp_prev = [g.prev.expected(tf, until) for tf in self.timeframes]
-            g.next_change = min(g.cur.next_change(tf, until) for tf in self.timeframes)
+            exp_now = [g.cur.expected(tf, until) for tf in self.timeframes]
+            exp_prev = [g.prev.expected(tf, until) for tf in self.timeframes]
             g.version += 1
+            for i, (a, b) in enumerate(zip(exp_now, exp_prev, strict=True)):
+                if a != g.exp_now[i] or b != g.exp_prev[i]:
+                    g.changed[i] = g.version
+            g.exp_now, g.exp_prev = exp_now, exp_prev
+            g.next_change = min(g.cur.next_change(tf, until) for tf in self.timeframes)
 
     # -- counting ---------------------------------------------------------------------
     def _roll(self, tr: _Track, t_ms: int) -> None:
@@ -183,85 +208,127 @@ class Completeness:
         if group.cur.lo <= tr.group.cur.lo:
             return
         follows = group.cur.lo == tr.group.cur.hi
-        tr.before = tr.now if follows else [Counts() for _ in tr.now]
-        tr.now = [Counts() for _ in tr.now]
+        m = tr.masks
+        for base in range(0, len(m), _SLOTS):
+            m[base + _PREV:base + _SLOTS] = m[base:base + _PREV] if follows else (0, 0, 0)
+            m[base:base + _PREV] = (0, 0, 0)
         tr.group = group
-        tr.version += 1
+        tr.dirty = (1 << len(self.timeframes)) - 1
         self._now = -1  # the new group's expected counts are due
 
-    def observe(self, bars: Iterable[Bar], now_ms: int) -> None:
-        """Count the closed bars among ``bars`` (stored by the cycle at ``now_ms``)."""
-        tracks, index = self._tracks, self._index
+    def observe(self, bars: Iterable[Bar], now_ms: int, *, history: bool = False) -> None:
+        """Count the closed bars among ``bars`` (stored by the cycle at ``now_ms``).
+
+        ``history``: read from or written to the store after the fact (start-up, gap
+        repair, a rebuild): never late.
+        """
+        tracks, index, late_ms = self._tracks, self._index, self._late_ms
         for b in bars:
             if b.forming:
                 continue
             tr = tracks.get(b.symbol)
             i = index.get(b.tf)
-            if tr is None or i is None or b.t <= tr.newest[i]:
+            if tr is None or i is None:
                 continue
-            tr.newest[i] = b.t
             tf = self.timeframes[i]
-            daily = tf.ms >= DAY_MS
-            if not daily and b.t >= tr.group.cur.hi:
-                self._roll(tr, b.t)
+            ms = tf.ms
+            t = b.t
+            daily = ms >= DAY_MS
             g = tr.group
-            cal = g.calendar
+            if not daily and t >= g.cur.hi:
+                self._roll(tr, t)
+                g = tr.group
             if daily:
-                span = g.cur if b.t == g.cur.stamp else g.prev if b.t == g.prev.stamp else None
+                span = g.cur if t == g.cur.stamp else g.prev if t == g.prev.stamp else None
+                if span is None:
+                    continue  # an older session
+                bit, end = 1, span.close
             else:
-                span = g.cur if g.cur.lo <= b.t else g.prev if g.prev.lo <= b.t else None
-            if span is None or (not daily and not cal.always_open and cal.period(b.t) is None
-                                and cal.known(b.t)):
-                continue  # an older session, or extended hours: not counted
-            counts = (tr.now if span is g.cur else tr.before)[i]
-            tr.version += 1
+                span = g.cur if g.cur.lo <= t else g.prev if g.prev.lo <= t else None
+                if span is None:
+                    continue  # an older session
+                end = 0
+                for lo, hi in span.periods:
+                    if lo <= t < hi:
+                        end = min(t + ms, hi)
+                        break
+                if not end:
+                    cal = g.calendar
+                    if cal.always_open or cal.known(t):
+                        continue  # extended hours: the regular session defines completeness
+                    end = t + ms
+                bit = 1 << (t - span.lo) // ms
+            base = _SLOTS * i + (0 if span is g.cur else _PREV)
+            m = tr.masks
+            if m[base] & bit:
+                continue  # counted received already: a correction or a re-delivery
             if b.synthetic:
-                counts.synthetic += 1
-                continue
-            counts.received += 1
-            end = span.close if daily else min(b.t + tf.ms, cal.next_close(b.t) or b.t + tf.ms)
-            if now_ms > end + self._late_ms:
-                counts.late += 1
+                if m[base + _SYN] & bit:
+                    continue
+                m[base + _SYN] |= bit
+            else:
+                m[base] |= bit
+                m[base + _SYN] &= ~bit
+                if not history and now_ms > end + late_ms:
+                    m[base + _LATE] |= bit
+            tr.dirty |= 1 << i
 
     def load(self, symbol: str, tf: str, bars: Sequence[Bar], now_ms: int) -> None:
-        """Set ``symbol``'s counts on ``tf`` from its stored closed bars of the current and
-        the previous session (``bars``, read from the store); late counts are kept."""
+        """Count ``symbol``'s stored closed bars on ``tf`` of the current and the previous
+        session (``bars``, read from the store): what the masks lack is added, what they
+        hold stays (bars the cycles counted while the store was read are not lost)."""
         tr = self._tracks.get(symbol)
-        i = self._index.get(tf)
-        if tr is None or i is None:
+        if tr is None or tf not in self._index:
             return
         if now_ms >= tr.group.cur.hi:
             self._roll(tr, now_ms)
-        late = tr.now[i].late, tr.before[i].late
-        tr.now[i], tr.before[i] = Counts(late=late[0]), Counts(late=late[1])
-        newest = tr.newest[i]
-        tr.newest[i] = -1
-        self.observe([b for b in bars if not b.forming], -(2**62))  # never late: history
-        tr.now[i].late, tr.before[i].late = late
-        tr.newest[i] = max(newest, tr.newest[i])
-        tr.version += 1
+        self.observe(bars, now_ms, history=True)
 
     # -- reading ----------------------------------------------------------------------
+    def _view(self, received: int, expected: int, prev_received: int, prev_expected: int,
+              synthetic: int, late: int) -> dict[str, Any]:
+        """The view dict of these counts, one object per distinct value."""
+        key = (received, expected, prev_received, prev_expected, synthetic, late)
+        view = self._interned.get(key)
+        if view is None:
+            if len(self._interned) >= 16_384:
+                self._interned.clear()
+            view = self._interned[key] = {
+                "session": _share(received, expected), "previous": _share(prev_received, prev_expected),
+                "synthetic": synthetic, "late": late}
+        return view
+
     def views(self, symbol: str, now_ms: int) -> list[dict[str, Any]] | None:
         """Per timeframe, the features' ``completeness`` of ``symbol``: ``session`` and
         ``previous`` (the share of the expected bars received, capped at 1; ``None``
-        while none is expected), ``synthetic`` and ``late`` (current session). The same
-        dicts until something in them changes (this runs for every symbol every cycle)."""
+        while none is expected), ``synthetic`` and ``late`` (current session).
+
+        This runs for every symbol every cycle: the list is the same until a count
+        changes, then only the changed timeframes' entries are replaced, by dicts shared
+        between every symbol with the same counts (never mutate them).
+        """
         tr = self._tracks.get(symbol)
         if tr is None:
             return None
-        if now_ms >= tr.group.cur.hi:
+        g = tr.group
+        if now_ms >= g.cur.hi:
             self._roll(tr, now_ms)
+            g = tr.group
         if now_ms != self._now:
             self._tick(now_ms)
-        g = tr.group
-        seen = (id(g), g.version, tr.version)
-        if tr.seen != seen:
-            tr.seen = seen
-            tr.views = [{"session": _share(c.received, en), "previous": _share(p.received, ep),
-                         "synthetic": c.synthetic, "late": c.late}
-                        for c, p, en, ep in zip(tr.now, tr.before, g.exp_now, g.exp_prev, strict=True)]
-        return tr.views
+        if tr.seen == g.version and tr.seen_group is g and not tr.dirty:
+            return tr.views
+        stale = tr.dirty
+        if tr.seen_group is not g:
+            stale = (1 << len(self.timeframes)) - 1
+        seen, m, views = tr.seen, tr.masks, tr.views
+        for i, changed in enumerate(g.changed):
+            if stale >> i & 1 or changed > seen:
+                base = _SLOTS * i
+                views[i] = self._view(m[base].bit_count(), g.exp_now[i], m[base + _PREV].bit_count(),
+                                      g.exp_prev[i], m[base + _SYN].bit_count(), m[base + _LATE].bit_count())
+        tr.seen, tr.seen_group, tr.dirty = g.version, g, 0
+        return views
 
     def report(self, symbol: str, now_ms: int) -> dict[str, dict[str, Any]] | None:
         """Per timeframe, the counts behind :meth:`views` (``/health``)."""
@@ -269,16 +336,17 @@ class Completeness:
         if views is None:
             return None
         tr = self._tracks[symbol]
-        g = tr.group
+        g, m = tr.group, tr.masks
         out: dict[str, dict[str, Any]] = {}
         for i, tf in enumerate(self.timeframes):
-            c, p = tr.now[i], tr.before[i]
+            now = [x.bit_count() for x in m[_SLOTS * i:_SLOTS * i + _PREV]]
+            prev = [x.bit_count() for x in m[_SLOTS * i + _PREV:_SLOTS * (i + 1)]]
             out[tf.name] = {
                 **views[i],
                 "current": {"from": g.cur.lo, "expected": g.exp_now[i],
-                            "received": c.received, "synthetic": c.synthetic, "late": c.late},
+                            "received": now[_RECV], "synthetic": now[_SYN], "late": now[_LATE]},
                 "prev": {"from": g.prev.lo, "expected": g.exp_prev[i],
-                         "received": p.received, "synthetic": p.synthetic, "late": p.late},
+                         "received": prev[_RECV], "synthetic": prev[_SYN], "late": prev[_LATE]},
             }
         return out
 

@@ -135,8 +135,9 @@ async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStor
 
     A symbol that got bars has older history changed: after the next cycle the higher
     bars containing them are re-aggregated and stored, and the feature handles of every
-    timeframe rebuilt (:meth:`Pipeline.history_changed`); its completeness is counted
-    again from the store.
+    timeframe rebuilt (:meth:`Pipeline.history_changed`); its base bars are counted for
+    completeness from the store now, the re-aggregated higher bars as the rebuild
+    stores them.
     """
     added = 0
     tf = pipeline.tf.name

@@ -1317,7 +1317,8 @@ class Pipeline:
         between, on the read bars overlaid with the bars Redis still owes (the backlog)
         and every closed bar applied since the rebuild started (:attr:`Series.rebuilding`),
         up to each series' newest closed bar (:meth:`_open_handles`). A re-aggregated
-        bar is stored like any other (SQLite, and Redis with the next cycle's write).
+        bar is stored like any other (SQLite, and Redis with the next cycle's write) and
+        counted for completeness (a bucket that lay wholly in a repaired gap is new).
 
         A symbol still warming (its warm-up failed) is warmed instead, as
         :meth:`warm_symbol` does from the stores; its dirty buckets wait for the next
@@ -1383,6 +1384,7 @@ class Pipeline:
         if fixed:
             self.store.add(fixed)
             self._backlog(fixed)  # the next cycle's final write carries them
+            self.completeness.observe(fixed, int(self._clock() * 1000), history=True)
 
     @staticmethod
     def _rebuild_later(st: SymbolState, todo: list[Series], dirty: dict[str, list[Bucket]]) -> None:
