@@ -10,6 +10,7 @@ from datetime import datetime
 
 import msgpack
 import numpy as np
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,7 +20,7 @@ from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.bar import Bar
 from sidecar.calendars import get_calendar
-from sidecar.completeness import session_at
+from sidecar.completeness import Completeness, session_at
 from sidecar.redis_store import RedisStore
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
@@ -140,3 +141,93 @@ async def test_completeness_over_a_session_roll_and_a_restart(
                                "synthetic": 2, "late": 0}
     assert (c["1d"]["prev"]["received"], c["1d"]["prev"]["synthetic"]) == (0, 1)
     assert c["1m"]["session"] == 1.0
+
+
+class HoldingFeed(LookbackFeed):
+    """:class:`LookbackFeed` that withholds the minutes in ``held`` (until removed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[int] = set()
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        out = await super().fetch_latest(symbols, tf, now_ms)
+        return {sym: [b for b in rows if b.t not in self.held] for sym, rows in out.items()}
+
+
+@pytest.mark.parametrize("fill_gaps", [True, False])
+async def test_corrections_late_and_replaced_bars_are_counted_once(
+    redis_store: RedisStore, bar_store: BarStore, fill_gaps: bool,
+) -> None:
+    """A correction of a counted bar is not counted again; a bar that comes after newer
+    ones (inside the correction window) is counted once, as late, and with gap filling
+    it moves its minute and the 5m bar holding it from synthetic to received. The counts
+    equal a recount from SQLite."""
+    feed = HoldingFeed()
+    tfs = (Timeframe.parse("1m"), Timeframe.parse("5m"))
+    clock = Clock.from_ms(ny("2024-12-02T09:30"))
+    store = RedisStore(redis_store.redis, f"compl-edges-{fill_gaps}", features_ttl_ms=3_600_000)
+    s = settings(symbols=("AAPL",), sources=("feed",), timeframe=tfs[0], higher_timeframes=tfs[1:],
+                 market_hours=True, fill_gaps=fill_gaps)
+    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
+    await pipe.write_meta()
+    await pipe.warm(int(clock.t_ms))
+
+    async def run(until: str) -> None:
+        while clock.t_ms <= ny(until):
+            await pipe.run_cycle(int(clock.t_ms))
+            clock.advance(60)
+
+    feed.held = {ny("2024-12-02T09:38")}
+    await run("2024-12-02T09:41")
+    c = pipe.completeness.report("AAPL", int(clock.t_ms))
+    assert c is not None
+    assert (c["1m"]["current"]["received"], c["1m"]["current"]["synthetic"]) == (10, int(fill_gaps))
+    assert (c["5m"]["current"]["received"], c["5m"]["current"]["synthetic"]) == (2 - fill_gaps, int(fill_gaps))
+
+    feed.held = set()  # 09:38 comes after 09:41
+    feed.closes[ny("2024-12-02T09:39")] += 0.5  # a correction of a counted bar
+    await run("2024-12-02T09:45")
+    now = int(clock.t_ms)
+    c = pipe.completeness.report("AAPL", now)
+    assert c is not None
+    assert c["1m"]["current"] == {"from": ny("2024-12-02T09:30"), "expected": 15, "received": 15,
+                                  "synthetic": 0, "late": 1}
+    assert c["5m"]["current"] == {"from": ny("2024-12-02T09:30"), "expected": 3, "received": 3,
+                                  "synthetic": 0, "late": 0}
+
+    await pipe.drain()
+    await bar_store.flush()
+    again = Pipeline(s, [feed], store, bar_store, clock=clock)
+    await recount_completeness(again, bar_store, "AAPL", now)
+    recounted = again.completeness.report("AAPL", now)
+    assert recounted is not None
+    for tf in ("1m", "5m"):
+        assert {k: c[tf]["current"][k] for k in ("expected", "received", "synthetic")} == {
+            k: recounted[tf]["current"][k] for k in ("expected", "received", "synthetic")}, tf
+
+
+def test_a_store_read_adds_to_the_counts_and_loses_none() -> None:
+    """Bars the cycles count while the store is read (so missing from the read) stay
+    counted; a read of bars already counted changes nothing; late marks stay."""
+    nyse = get_calendar("XNYS")
+    m1 = Timeframe.parse("1m")
+    t0 = ny("2024-12-02T09:30")
+    tracker = Completeness({"AAPL": nyse}, (m1,), t0)
+
+    def one(t: int, synthetic: bool = False) -> Bar:
+        return Bar("AAPL", "1m", t, 1.0, 1.0, 1.0, 1.0, 1.0, "feed", synthetic=synthetic)
+
+    stored = [one(t0 + k * MIN) for k in range(10)]
+    for k in range(8):
+        tracker.observe([stored[k]], t0 + (k + 1) * MIN)
+    tracker.observe([stored[8]], t0 + 12 * MIN)  # late
+    tracker.observe([stored[9]], t0 + 12 * MIN)  # late
+    tracker.observe([one(t0 + 10 * MIN)], t0 + 12 * MIN)  # counted while the store was read
+    tracker.load("AAPL", "1m", stored, t0 + 12 * MIN)
+    tracker.load("AAPL", "1m", stored, t0 + 12 * MIN)
+    report = tracker.report("AAPL", t0 + 12 * MIN)
+    assert report is not None
+    assert report["1m"]["current"] == {"from": t0, "expected": 11, "received": 11, "synthetic": 0, "late": 2}
+    views = tracker.views("AAPL", t0 + 12 * MIN + 1000)
+    assert views is not None and views[0] == {"session": 1.0, "previous": 0.0, "synthetic": 0, "late": 2}

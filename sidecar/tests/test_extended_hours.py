@@ -175,8 +175,16 @@ async def test_extended_bars_included_and_flagged_higher_timeframes_regular(
     last = [base[t] for t in range(ny("2024-12-02T15:48"), ny("2024-12-02T16:00"), MIN)]
     assert hourly[ny("2024-12-02T15:30")] == aggregate("AAPL", "1h", ny("2024-12-02T15:30"), last)
 
-    # /health: the choice per symbol and per asset class.
+    # Completeness: the regular session's minutes only, expected and received (the pre-
+    # and post-market bars AAPL keeps are neither).
     clock.t_ms = ny("2024-12-02T16:20")
+    counts = pipe.completeness.report("AAPL", int(clock.t_ms))
+    assert counts is not None
+    assert counts["1m"]["current"]["expected"] == 390
+    assert counts["1m"]["current"]["received"] == sum(1 for b in aapl if regular.is_open(b.t)) == 66 + 12
+    assert counts["1m"]["prev"]["received"] == 0  # the pre-market lies in Friday's span, not counted
+
+    # /health: the choice per symbol and per asset class.
     report = health_report(pipe, SecondTicker(), ready=True)
     assert report["symbols"]["AAPL"]["extended_hours"] == "include"
     assert report["symbols"]["MSFT"]["extended_hours"] == "exclude"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import msgpack
 import numpy as np
 
-from sidecar.app.daemon import repair_round
+from sidecar.app.daemon import recount_completeness, repair_round
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS
@@ -114,3 +114,19 @@ async def test_repaired_base_bars_reaggregate_the_higher_timeframes(
             assert (fmap[name] is None) if np.isnan(want) else fmap[name] == want, (ser.tf.name, name)
     hourly = {b.t for b in await bar_store.bars_between("AAPL", "1h", 0, 2**62) if not b.forming}
     assert ny("2024-12-02T09:30") in hourly
+
+    # Completeness counts the repaired base bars and the re-aggregated higher bars (the
+    # 10:10 5m bucket is new) as a recount from SQLite does, without a restart.
+    now = int(clock.t_ms)
+    live = pipe.completeness.report("AAPL", now)
+    again = Pipeline(s, [feed], store, bar_store, clock=clock)
+    await recount_completeness(again, bar_store, "AAPL", now)
+    recounted = again.completeness.report("AAPL", now)
+    assert live is not None and recounted is not None
+    for tf in TFS:
+        for session in ("current", "prev"):
+            got = {k: live[tf.name][session][k] for k in ("expected", "received", "synthetic")}
+            want = {k: recounted[tf.name][session][k] for k in ("expected", "received", "synthetic")}
+            assert got == want, (tf.name, session)
+    assert live["5m"]["current"]["received"] == live["5m"]["current"]["expected"] == 15  # 09:30 .. 10:40
+    assert live["1m"]["session"] == 1.0 and live["1h"]["current"]["received"] == 1
