@@ -34,12 +34,14 @@ from sidecar.sources._parsing import ParseContext, finish
 from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews, Trade
 from sidecar.sources.ccxt_support import (
+    MARKETS_SETTING,
     CcxtSettings,
     any_candle,
     cached_markets,
     check_markets,
     classify,
     holds_candles,
+    per_exchange,
     read_markets_file,
     rebase_urls,
     request_limit,
@@ -407,7 +409,7 @@ def build(settings: Settings, providers: Providers, exchange_id: str) -> CcxtSou
         raise ConfigError("SIDECAR_SOURCES", f"ccxt:{exchange_id}: ccxt has no exchange {exchange_id!r}")
     provider, symbols = providers.settings, providers.symbols
     config = CcxtSettings.from_env(providers.env, exchange_id)
-    setting = f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"
+    setting = per_exchange(MARKETS_SETTING, exchange_id)
     markets = None if config.markets_file is None else read_markets_file(config.markets_file, setting)
     exchange = make_exchange(config, provider)
     mode = stream_mode(config, exchange, settings.timeframe)

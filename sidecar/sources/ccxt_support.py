@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sidecar.bar import Bar
 from sidecar.errors import ConfigError, ErrorClass, ProviderError
-from sidecar.settings import EnvReader
+from sidecar.settings import INSTANCE, EnvReader
 from sidecar.sources._parsing import ParseContext, RowFields, to_epoch_ms
 from sidecar.sources._parsing import rows_to_bars as shared_rows_to_bars
 from sidecar.sources.errors import exception_class
@@ -50,16 +50,40 @@ class CcxtSettings:
     def from_env(cls, env: Mapping[str, str], exchange_id: str) -> CcxtSettings:
         """Read ``SIDECAR_CCXT_*``; a bad value raises :class:`ConfigError` naming it."""
         r = EnvReader(env)
-        suffix = exchange_id.upper()
-        markets_raw = r.raw(f"SIDECAR_CCXT_MARKETS_{suffix}")
+        markets_raw = r.raw(per_exchange(MARKETS_SETTING, exchange_id))
         return cls(
             exchange_id=exchange_id,
-            base_url=_base(r, f"SIDECAR_CCXT_BASE_URL_{suffix}", ("http", "https")),
-            ws_url=_base(r, f"SIDECAR_CCXT_WS_URL_{suffix}", ("ws", "wss")),
+            base_url=_base(r, per_exchange(BASE_URL_SETTING, exchange_id), ("http", "https")),
+            ws_url=_base(r, per_exchange(WS_URL_SETTING, exchange_id), ("ws", "wss")),
             markets_file=Path(markets_raw).expanduser() if markets_raw else None,
             stream=r.choice("SIDECAR_CCXT_STREAM", "auto", STREAM_MODES),
             poll_s=r.number("SIDECAR_CCXT_POLL_S", 5.0, low=0.0, high=86_400.0),
         )
+
+
+#: The settings each exchange has its own of (``<ID>``: the exchange id in upper case).
+BASE_URL_SETTING = "SIDECAR_CCXT_BASE_URL_<ID>"
+WS_URL_SETTING = "SIDECAR_CCXT_WS_URL_<ID>"
+MARKETS_SETTING = "SIDECAR_CCXT_MARKETS_<ID>"
+PER_EXCHANGE = (BASE_URL_SETTING, WS_URL_SETTING, MARKETS_SETTING)
+
+
+def per_exchange(setting: str, exchange_id: str) -> str:
+    """The variable of exchange ``exchange_id``'s ``setting`` (one of :data:`PER_EXCHANGE`)."""
+    return setting.replace(INSTANCE, exchange_id.upper())
+
+
+def configured_exchanges(env: Mapping[str, str]) -> list[str]:
+    """The exchange ids ``env`` configures: its ``ccxt:<id>`` sources, and those that
+    per-exchange variables are set for."""
+    ids = {part.strip().partition(":")[2] for part in env.get("SIDECAR_SOURCES", "").split(",")
+           if part.strip().startswith("ccxt:")}
+    for name in env:
+        for setting in PER_EXCHANGE:
+            head = setting.removesuffix(INSTANCE)
+            if name.startswith(head) and len(name) > len(head):
+                ids.add(name[len(head):].lower())
+    return sorted(i for i in ids if i)
 
 
 def _base(r: EnvReader, name: str, schemes: tuple[str, ...]) -> str | None:
