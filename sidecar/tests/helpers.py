@@ -23,8 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import talib
@@ -414,6 +416,11 @@ def bar(t: int = 0, c: float = 100.0, *, symbol: str = "AAPL", tf: str = "1m", o
     h = max(o, c) + 1 if h is None else h
     l = min(o, c) - 1 if l is None else l
     return Bar(symbol, tf, t, o, h, l, c, v, src, forming=forming, synthetic=synthetic)
+
+
+def ny(text: str) -> int:
+    """Epoch ms of a New York wall time (``2024-12-02T09:30``)."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("America/New_York")).timestamp() * 1000)
 
 
 class Clock:

@@ -107,6 +107,7 @@ BAD_AT_START = [
     ("POLYGON_API_KEY", "bad key KEYSECRET"),
     ("SIDECAR_BREAKER_FAIL_MAX", "0"),
     ("SIDECAR_SYMBOLS_FILE", "{bad_toml}"),
+    ("SIDECAR_SYMBOLS_FILE", "{bad_classes}"),
     ("SIDECAR_DATA_DIR", "{file}"),
 ]
 
@@ -118,9 +119,12 @@ def test_daemon_refuses_bad_values_at_start(clean_env: dict[str, str], tmp_path:
     bad_toml.write_text("[EURUSD\n")
     regular = tmp_path / "a-file"
     regular.write_text("x")
+    bad_classes = tmp_path / "classes.toml"  # a mapping's per-class setting with a bad value
+    bad_classes.write_text('[asset_classes.stock]\nextended_hours = "sometimes"\n')
     procs = []
     for var, value in BAD_AT_START:
-        value = value.replace("{bad_toml}", str(bad_toml)).replace("{file}", str(regular))
+        value = (value.replace("{bad_toml}", str(bad_toml)).replace("{file}", str(regular))
+                 .replace("{bad_classes}", str(bad_classes)))
         env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_HTTP_PORT=str(free_port()), **{var: value})
         procs.append((var, subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
