@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,17 @@ from sidecar.sources.base import LatestResult, Source
 from sidecar.timeframe import Timeframe
 
 REPO = Path(__file__).resolve().parents[2]
+_VARIABLE = re.compile(r'"((?:SIDECAR|ALPHAVANTAGE|TWELVEDATA|POLYGON)_[A-Z0-9_]+(?:<ID>)?)"')
+
+
+def variables_read_by_the_package() -> set[str]:
+    """Every variable name the package's code spells out (``..._<ID>``: one per instance)."""
+    package = REPO / "sidecar"
+    found: set[str] = set()
+    for path in package.rglob("*.py"):
+        if "tests" not in path.relative_to(package).parts:
+            found.update(_VARIABLE.findall(path.read_text()))
+    return found
 
 
 # -- bad settings ------------------------------------------------------------------------
