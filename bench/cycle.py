@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     rss_samples = [rss_start]
     await ticker.next()  # the first tick only aligns
     ticker.missed = 0
+    redis_cpu0 = await _redis_cpu_s(client)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         tick = await ticker.next()
@@ -130,6 +132,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
                 worker_cpu_us.append((wcpu1 - wcpu0) / n * 1e6)
         durations.append(pipeline.stats.last_duration_ms)
         rss_samples.append(rss_mb())
+    redis_cpu_us = (await _redis_cpu_s(client) - redis_cpu0) / max(1, len(durations)) / n * 1e6
     await pipeline.drain()
     state = pipeline.sources[0]
     worker_status = worker.status() if worker is not None else None
@@ -144,6 +147,8 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         "parse_worker": worker_status,
         "worker_cpu_us_per_symbol_mean": worker_mean,
         "daemon_cpu_us_per_symbol_mean": sum(cpu_per_symbol_us) / max(1, len(cpu_per_symbol_us)),
+        "redis_cpu_us_per_symbol_mean": redis_cpu_us,
+        "load_average": os.getloadavg(),
         "missed_ticks": ticker.missed, "lateness_ms": summary(lateness),
         "rss_mb": {"start": rss_start, "end": rss_samples[-1], "max": max(rss_samples)},
         "warm_s": warm_s,
@@ -158,6 +163,12 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     await redis_store.close()
     tmp.cleanup()
     return out
+
+
+async def _redis_cpu_s(client: Any) -> float:
+    """The redis-server's CPU seconds so far (user + system, as ``INFO cpu`` counts them)."""
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 class FakeMarketProcess:

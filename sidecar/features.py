@@ -451,3 +451,49 @@ def features_map(
 def pack_features(fmap: dict[str, Any]) -> bytes:
     """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``, without a Packer per call."""
     return pack_msgpack(fmap)
+
+
+#: A symbol's part of its feature maps, the same on each of its timeframes (:func:`symbol_part`).
+SymbolPart = tuple[bytes, bytes, bytes]
+
+#: Pairs of the map before ``stale``: the bar's and its values (``symbol`` ... ``synthetic``).
+_BAR_PAIRS = 20
+_MACD_HIST_PREV = pack_msgpack("macd_hist_prev")
+_join = b"".join
+
+
+def symbol_part(
+    computed_at: int, stale: bool, *, updated_at: int | None, via: str | None, market_open: bool,
+    next_open: int | None, warming: bool = False,
+) -> SymbolPart:
+    """The fields of :func:`features_map` that do not depend on the timeframe, packed once
+    per symbol for :func:`pack_series_features`: the map's header, the pairs from
+    ``stale`` to ``data_age_ms`` and those after ``macd_hist_prev`` (``warming`` last,
+    present only while warming)."""
+    age = None if updated_at is None else computed_at - updated_at
+    # Packed as arrays of at most 15 items (a one-byte header, cut off): their items
+    # are the map's keys and values in order.
+    before = pack_msgpack(["stale", stale, "computed_at", computed_at, "updated_at", updated_at,
+                           "via", via, "data_age_ms", age])
+    after = ["market_open", market_open, "next_open", next_open]
+    if warming:
+        after += ["warming", True]
+    pairs = _BAR_PAIRS + 5 + 1 + len(after) // 2
+    return b"\xde" + pairs.to_bytes(2, "big"), before[1:], pack_msgpack(after)[1:]
+
+
+def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart) -> bytes:
+    """The bytes of ``pack_features(features_map(...))`` (and ``"warming": True`` while
+    warming) for one timeframe of a symbol whose other fields are ``part``
+    (:func:`symbol_part`): the map is never built, its pairs are packed as one array
+    (a three-byte header, cut off) and joined with the symbol's."""
+    rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
+    body = pack_msgpack([
+        "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "close", bar.c, "v", bar.v,
+        "rsi", rsi, "ema", ema, "bb_upper", bb_upper, "bb_middle", bb_middle, "bb_lower", bb_lower,
+        "atr", atr, "vwap", vwap, "vol_ma", vol_ma, "macd", macd, "macd_signal", macd_signal,
+        "macd_hist", macd_hist, "mom", mom,
+        "forming", bar.forming, "src", bar.src, "synthetic", bar.synthetic,
+    ])
+    head, before, after = part
+    return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), after))
