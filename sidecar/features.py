@@ -16,6 +16,7 @@ and the volume average are ``None`` for bars without volume.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -62,20 +63,26 @@ class _Indicator:
         self.handle: Any = None
 
 
+@lru_cache(maxsize=16)
+def _specs(p: IndicatorPeriods) -> tuple[tuple[str, str, Callable[..., Any], Callable[..., Any],
+                                               dict[str, Any], bool], ...]:
+    # Shared by every engine with these periods (never mutated): one engine per symbol
+    # and timeframe would otherwise hold its own seven argument dicts.
+    return (
+        ("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
+        ("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
+        ("bb", "c", stream.BBANDS, talib.BBANDS,
+         {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0}, True),
+        ("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
+        ("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
+        ("macd", "c", stream.MACD, talib.MACD,
+         {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow, "signalperiod": p.macd_signal}, True),
+        ("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
+    )
+
+
 def _indicators(p: IndicatorPeriods) -> list[_Indicator]:
-    return [
-        _Indicator("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
-        _Indicator("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
-        _Indicator("bb", "c", stream.BBANDS, talib.BBANDS,
-                   {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0},
-                   True),
-        _Indicator("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
-        _Indicator("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
-        _Indicator("macd", "c", stream.MACD, talib.MACD,
-                   {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow,
-                    "signalperiod": p.macd_signal}, True),
-        _Indicator("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
-    ]
+    return [_Indicator(*spec) for spec in _specs(p)]
 
 
 def session_of(t_ms: int, anchor_ms: int) -> int:
