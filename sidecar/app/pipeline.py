@@ -667,7 +667,8 @@ class Pipeline:
                 ser.restart(current[0], current[1], done_hi)
             else:
                 ser.restart(None, [], done_hi)
-            ser.view(base_forming)
+            if ser.view(base_forming) and ser.forming is not None:
+                made.append(ser.forming)  # the cycles store it again only once it changes
         if made:
             self.store.add(made)
             self._backlog(made)
