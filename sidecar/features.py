@@ -431,6 +431,9 @@ def features_map(
     macd_hist_prev: float | None = None,
     market_open: bool = True,
     next_open: int | None = None,
+    extended_hours: bool = False,
+    extended: bool = False,
+    completeness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The msgpack map the scanner reads (CONTRACT.md "Features", docs/redis-layout.md).
 
@@ -438,7 +441,9 @@ def features_map(
     ``computed_at`` minus it); ``via``: how its newest bar came (poll, stream, last);
     ``macd_hist_prev``: the histogram one bar back, so a zero crossing shows in one read;
     ``market_open``: whether the symbol's calendar says open; ``next_open``: while closed,
-    when it opens next (epoch ms).
+    when it opens next (epoch ms); ``extended_hours``: the symbol includes bars outside
+    its regular session; ``extended``: this bar lies outside it; ``completeness``: the
+    share of expected bars received (:meth:`sidecar.completeness.Completeness.view`).
     Built as one literal (keys in a fixed order): this runs per symbol every cycle.
     """
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
@@ -452,6 +457,7 @@ def features_map(
         "data_age_ms": None if updated_at is None else computed_at - updated_at,
         "macd_hist_prev": macd_hist_prev,
         "market_open": market_open, "next_open": next_open,
+        "extended_hours": extended_hours, "extended": extended, "completeness": completeness,
     }
 
 
@@ -461,39 +467,41 @@ def pack_features(fmap: dict[str, Any]) -> bytes:
 
 
 #: A symbol's part of its feature maps, the same on each of its timeframes (:func:`symbol_part`).
-SymbolPart = tuple[bytes, bytes, bytes]
+SymbolPart = tuple[bytes, bytes, bytes, bytes]
 
-#: Pairs of the map before ``stale``: the bar's and its values (``symbol`` ... ``synthetic``).
-_BAR_PAIRS = 20
+#: Pairs of the map that :func:`pack_series_features` packs per timeframe: the bar's and
+#: its values (``symbol`` ... ``synthetic``), ``macd_hist_prev``, ``extended``, ``completeness``.
+_SERIES_PAIRS = 23
 _MACD_HIST_PREV = pack_msgpack("macd_hist_prev")
+_WARMING = pack_msgpack(["warming", True])[1:]
 _join = b"".join
 
 
 def symbol_part(
     computed_at: int, stale: bool, *, updated_at: int | None, via: str | None, market_open: bool,
-    next_open: int | None, warming: bool = False,
+    next_open: int | None, extended_hours: bool = False, warming: bool = False,
 ) -> SymbolPart:
     """The fields of :func:`features_map` that do not depend on the timeframe, packed once
     per symbol for :func:`pack_series_features`: the map's header, the pairs from
-    ``stale`` to ``data_age_ms`` and those after ``macd_hist_prev`` (``warming`` last,
-    present only while warming)."""
+    ``stale`` to ``data_age_ms``, those from ``market_open`` to ``extended_hours``, and
+    ``warming`` (last, present only while warming)."""
     age = None if updated_at is None else computed_at - updated_at
     # Packed as arrays of at most 15 items (a one-byte header, cut off): their items
     # are the map's keys and values in order.
     before = pack_msgpack(["stale", stale, "computed_at", computed_at, "updated_at", updated_at,
                            "via", via, "data_age_ms", age])
-    after = ["market_open", market_open, "next_open", next_open]
-    if warming:
-        after += ["warming", True]
-    pairs = _BAR_PAIRS + 5 + 1 + len(after) // 2
-    return b"\xde" + pairs.to_bytes(2, "big"), before[1:], pack_msgpack(after)[1:]
+    middle = pack_msgpack(["market_open", market_open, "next_open", next_open,
+                           "extended_hours", extended_hours])
+    pairs = _SERIES_PAIRS + 5 + 3 + warming
+    return b"\xde" + pairs.to_bytes(2, "big"), before[1:], middle[1:], _WARMING if warming else b""
 
 
-def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart) -> bytes:
+def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart, *,
+                         extended: bool = False, completeness: dict[str, Any] | None = None) -> bytes:
     """The bytes of ``pack_features(features_map(...))`` (and ``"warming": True`` while
     warming) for one timeframe of a symbol whose other fields are ``part``
-    (:func:`symbol_part`): the map is never built, its pairs are packed as one array
-    (a three-byte header, cut off) and joined with the symbol's."""
+    (:func:`symbol_part`): the map is never built, its pairs are packed as arrays (their
+    headers cut off) and joined with the symbol's."""
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
     body = pack_msgpack([
         "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "close", bar.c, "v", bar.v,
@@ -501,6 +509,8 @@ def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None,
         "atr", atr, "vwap", vwap, "vol_ma", vol_ma, "macd", macd, "macd_signal", macd_signal,
         "macd_hist", macd_hist, "mom", mom,
         "forming", bar.forming, "src", bar.src, "synthetic", bar.synthetic,
-    ])
-    head, before, after = part
-    return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), after))
+    ])  # 40 items: a three-byte header
+    head, before, middle, warming = part
+    last = pack_msgpack(["extended", extended, "completeness", completeness])  # a one-byte header
+    return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), middle, last[1:],
+                  warming))

@@ -31,11 +31,12 @@ from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.reconcile import reconcile, reconcile_many
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
-from sidecar.calendars import MarketCalendar, get_calendar
+from sidecar.calendars import MarketCalendar, extended_calendar, get_calendar, open_ms
 from sidecar.clock import Clock, as_clock
+from sidecar.completeness import Completeness
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, pack_series_features, symbol_part
-from sidecar.rate_budget import BudgetExhausted
+from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.redis_store import FeatureRow, PartialWrite, RedisStore
 from sidecar.series import Bucket, Grid, Series, aggregate, aggregate_all
 from sidecar.settings import Settings
@@ -150,6 +151,15 @@ class SourceState:
             out["circuit"] = self.circuits.state  # the worst of its breakers
             out["breakers"] = self.circuits.status()
         return out
+
+
+def pace_over_open_hours(budget: RateBudget | None, calendars: list[MarketCalendar | None]) -> None:
+    """Pace a source's daily quota (its ``budget``) over the hours the markets of its
+    symbols are open (``calendars``: theirs; one without a calendar trades around the clock)."""
+    if budget is None or not calendars or any(cal is None for cal in calendars):
+        return
+    distinct = list({cal.name: cal for cal in calendars if cal is not None}.values())
+    budget.open_hours = lambda a, b: open_ms(distinct, int(a * 1000), int(b * 1000)) / 1000
 
 
 @dataclass(slots=True)
@@ -343,11 +353,22 @@ class Pipeline:
         #: Each symbol's trading calendar, for symbols a real source serves (simulated
         #: series trade around the clock) while ``settings.market_hours`` is on.
         self.calendars: dict[str, MarketCalendar] = {}
+        #: The extended-hours calendar of each of those symbols that include them (symbols.toml).
+        self.extended: dict[str, MarketCalendar] = {}
+        #: The asset class of each symbol with a calendar (``/health`` sums the choices by it).
+        self.asset_classes: dict[str, str] = {}
         if settings.market_hours:
             smap = symbol_map if symbol_map is not None else load_symbol_map()
             for sym in settings.symbols:
                 if any(not src.synthetic and src.can_serve(sym) for src in sources):
                     self.calendars[sym] = get_calendar(smap.calendar(sym))
+                    self.asset_classes[sym] = smap.entry(sym).asset_class
+                    if smap.extended_hours(sym):
+                        self.extended[sym] = extended_calendar(smap.calendar(sym))
+        #: When each symbol is polled: its extended hours where included, else its regular ones.
+        self._hours = {**self.calendars, **self.extended}
+        for state in self.sources:
+            pace_over_open_hours(state.source.budget, [self._hours.get(sym) for sym in state.servable])
         #: Symbols not asked this cycle: their market is closed (past the close's grace).
         self._closed: frozenset[str] = frozenset()
         self.validator = Validator(
@@ -359,6 +380,7 @@ class Pipeline:
             fill_gaps=settings.fill_gaps,
             grids=self.grids,
             calendars=self.calendars,
+            extended=self.extended,
         )
         #: Every timeframe kept, lowest (the base the sources are asked for) first.
         self.timeframes: tuple[Timeframe, ...] = settings.series_timeframes
@@ -366,7 +388,8 @@ class Pipeline:
         bar_store.series_rows = len(settings.symbols) * len(self.timeframes)
         #: Each symbol's grid per higher timeframe (its calendar's sessions, see :class:`Grid`).
         self.higher_grids: dict[str, list[Grid]] = {
-            sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources))
+            sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources),
+                       regular_only=sym in self.extended)
                   for tf in self.timeframes[1:]]
             for sym in settings.symbols
         }
@@ -374,6 +397,9 @@ class Pipeline:
             sym: SymbolState(self._series(sym)) for sym in settings.symbols
         }
         self.stats = CycleStats()
+        #: Expected bars received per symbol with a calendar and timeframe (:mod:`sidecar.completeness`).
+        self.completeness = Completeness(self.calendars, self.timeframes, int(self.clock() * 1000),
+                                         speed=self.clock.speed)
         self.warmup = WarmupProgress()
         self.planner = Planner()
         #: Bars Redis did not get yet, by (symbol, timeframe, open time).
@@ -401,7 +427,7 @@ class Pipeline:
         SIDECAR_SESSION_ANCHOR if set, else at the symbol's own session open (its
         calendar), else at 00:00 UTC."""
         anchor = self.settings.session_anchor_min
-        calendar = self.calendars.get(symbol)
+        calendar = self.extended.get(symbol) or self.calendars.get(symbol)
         sessions = calendar.session_bounds if anchor is None and calendar is not None else None
         return FeatureEngine(symbol, (tf or self.tf).name, self.settings.periods, anchor or 0, sessions)
 
@@ -765,6 +791,7 @@ class Pipeline:
         symbols = list(answers)
         cycle.updated += symbols
         features = self._features(symbols, now_ms, to_store)
+        self.completeness.observe(to_store, now_ms)
         cycle.features += len(features)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
@@ -838,7 +865,7 @@ class Pipeline:
         closes, and once more if its market was open at any time since the previous
         cycle (a clock that moves many minutes per cycle, as a fast replay's does).
         """
-        if not self.calendars:
+        if not self._hours:
             return
         prev = self._prev_now_ms
         self._prev_now_ms = now_ms
@@ -846,7 +873,7 @@ class Pipeline:
         by_calendar: dict[str, tuple[bool, bool, int | None]] = {}
         closed: list[str] = []
         states = self.symbols
-        for sym, cal in self.calendars.items():
+        for sym, cal in self._hours.items():
             known = by_calendar.get(cal.name)
             if known is None:
                 is_open = cal.is_open(now_ms)
@@ -873,6 +900,7 @@ class Pipeline:
             stored.append(closed)
             stored += self._close(st, closed)
         if stored:
+            self.completeness.observe(stored, now_ms)
             self.store.add(stored)
             self._backlog(stored)  # the cycle's final write carries them
 
@@ -1043,6 +1071,7 @@ class Pipeline:
         ttl = self.redis.features_ttl_ms
         stale_after = self.stale_after_ms
         states = self.symbols
+        extended, completeness = self.extended, self.completeness.views
         settled: list[Bar] = []
         for sym in symbols:
             st = states[sym]
@@ -1050,21 +1079,28 @@ class Pipeline:
                 # While warming the higher series wait for warm-up to fold the base into them.
                 self._advance(st, now_ms, settled, stored)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
+            regular = self.calendars[sym] if sym in extended else None
+            shares = completeness(sym, now_ms)
             part = symbol_part(now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
-                               market_open=st.market_open, next_open=st.next_open, warming=st.warming)
-            for ser in st.series:
+                               market_open=st.market_open, next_open=st.next_open,
+                               extended_hours=regular is not None, warming=st.warming)
+            for i, ser in enumerate(st.series):
                 bar = ser.forming or ser.last
                 if bar is None:
                     continue
                 engine = ser.engine
                 # The histogram one bar back, so a reader sees a zero crossing in one read.
                 prev = engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist
-                packed = ser.packed = pack_series_features(bar, ser.values(bar), prev, part)
+                packed = ser.packed = pack_series_features(
+                    bar, ser.values(bar), prev, part,
+                    extended=regular is not None and i == 0 and not regular.is_open(bar.t),
+                    completeness=None if shares is None else shares[i])
                 append((ser.tf.name, sym, packed, hold))
         if settled:
             if stored is not None:
                 stored += settled
             else:
+                self.completeness.observe(settled, now_ms)
                 self.store.add(settled)
                 self._backlog(settled)  # the cycle's final write carries them
         return out
@@ -1208,10 +1244,16 @@ class Pipeline:
         the bars it lacks are put back from SQLite (only what differs, see :func:`reconcile`)."""
         self._refill_needed = True
 
-    def history_changed(self, symbol: str) -> None:
-        """Older closed bars of ``symbol`` changed in the stores (gap repair): its
-        feature handles are reopened on the stored history after the next cycle."""
-        self.symbols[symbol].base.needs_rebuild = True
+    def history_changed(self, symbol: str, times: Iterable[int] = ()) -> None:
+        """Older closed bars of ``symbol`` changed in the stores (gap repair, the base
+        bars opening at ``times``): after the next cycle every higher bar containing one
+        is re-aggregated from the stored base bars and stored, and the feature handles
+        are reopened on the stored history (:meth:`_rebuild`)."""
+        st = self.symbols[symbol]
+        st.base.needs_rebuild = True
+        if st.higher:
+            for t in times:
+                st.higher[0].mark_dirty(t)
 
     async def fold_history(self, symbol: str, start_ms: int, end_ms: int) -> int:
         """Base history older than warm-up saw came in (the rest of the bootstrap days,
@@ -1276,7 +1318,8 @@ class Pipeline:
         between, on the read bars overlaid with the bars Redis still owes (the backlog)
         and every closed bar applied since the rebuild started (:attr:`Series.rebuilding`),
         up to each series' newest closed bar (:meth:`_open_handles`). A re-aggregated
-        bar is stored like any other (SQLite, and Redis with the next cycle's write).
+        bar is stored like any other (SQLite, and Redis with the next cycle's write) and
+        counted for completeness (a bucket that lay wholly in a repaired gap is new).
 
         A symbol still warming (its warm-up failed) is warmed instead, as
         :meth:`warm_symbol` does from the stores; its dirty buckets wait for the next
@@ -1320,7 +1363,9 @@ class Pipeline:
             ordered = [known[t] for t in sorted(known) if t <= newest_base and not known[t].forming]
             for ser in st.higher:
                 for bucket in sorted(dirty.get(ser.tf.name, ()), key=lambda b: b.lo):
-                    parts = [b for b in ordered if bucket.lo <= b.t < bucket.hi]
+                    holds = ser.grid.holds if ser.grid is not None else None
+                    parts = [b for b in ordered if bucket.lo <= b.t < bucket.hi
+                             and (holds is None or holds(b.t))]
                     if ser.bucket is not None and ser.bucket.lo == bucket.lo:
                         ser.restart(bucket, parts, 0)  # the current bucket: its aggregate so far
                         continue
@@ -1340,6 +1385,7 @@ class Pipeline:
         if fixed:
             self.store.add(fixed)
             self._backlog(fixed)  # the next cycle's final write carries them
+            self.completeness.observe(fixed, int(self._clock() * 1000), history=True)
 
     @staticmethod
     def _rebuild_later(st: SymbolState, todo: list[Series], dirty: dict[str, list[Bucket]]) -> None:

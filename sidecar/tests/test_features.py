@@ -213,7 +213,8 @@ def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int
     out.update(forming=bar.forming, src=bar.src, synthetic=bar.synthetic, stale=stale,
                computed_at=computed_at, updated_at=updated_at, via=via,
                data_age_ms=None if updated_at is None else computed_at - updated_at,
-               macd_hist_prev=prev, market_open=next_open is None, next_open=next_open)
+               macd_hist_prev=prev, market_open=next_open is None, next_open=next_open,
+               extended_hours=False, extended=False, completeness=None)
     return out
 
 
@@ -256,19 +257,27 @@ def test_packed_features_are_the_bytes_readers_always_got(
     prev=st.one_of(st.none(), st.floats(allow_nan=False)),
     next_open=st.one_of(st.none(), st.integers(0, 253_402_300_799_000)),
     tf=st.sampled_from(["1m", "5m", "1h", "1d"]),
+    hours=st.tuples(st.booleans(), st.booleans()),
+    completeness=st.one_of(st.none(), st.fixed_dictionaries(
+        {"session": st.floats(0, 1), "previous": st.one_of(st.none(), st.floats(0, 1)),
+         "synthetic": st.integers(0, 500), "late": st.integers(0, 500)})),
 )
 def test_a_symbols_part_packed_once_gives_each_timeframe_the_same_bytes(
     values: list[float | None], v: float | None, flags: tuple[bool, bool, bool, bool], t: int,
     age: int | None, via: str | None, prev: float | None, next_open: int | None, tf: str,
+    hours: tuple[bool, bool], completeness: dict[str, object] | None,
 ) -> None:
     forming, synthetic, stale, warming = flags
+    extended_hours, extended = hours
     bar = Bar("BRK.B", tf, t, 1.0, 2.0, 0.5, 1.5, v, "twelvedata", forming, synthetic)
     now = t + 5_000
     updated = None if age is None else now - age
     fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev,
-                        market_open=next_open is None, next_open=next_open)
+                        market_open=next_open is None, next_open=next_open, extended_hours=extended_hours,
+                        extended=extended, completeness=completeness)
     if warming:
         fmap["warming"] = True
     part = symbol_part(now, stale, updated_at=updated, via=via, market_open=next_open is None,
-                       next_open=next_open, warming=warming)
-    assert pack_series_features(bar, values, prev, part) == pack_features(fmap)
+                       next_open=next_open, extended_hours=extended_hours, warming=warming)
+    packed = pack_series_features(bar, values, prev, part, extended=extended, completeness=completeness)
+    assert packed == pack_features(fmap)
