@@ -16,6 +16,7 @@ and the volume average are ``None`` for bars without volume.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -62,20 +63,26 @@ class _Indicator:
         self.handle: Any = None
 
 
+@lru_cache(maxsize=16)
+def _specs(p: IndicatorPeriods) -> tuple[tuple[str, str, Callable[..., Any], Callable[..., Any],
+                                               dict[str, Any], bool], ...]:
+    # Shared by every engine with these periods (never mutated): one engine per symbol
+    # and timeframe would otherwise hold its own seven argument dicts.
+    return (
+        ("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
+        ("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
+        ("bb", "c", stream.BBANDS, talib.BBANDS,
+         {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0}, True),
+        ("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
+        ("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
+        ("macd", "c", stream.MACD, talib.MACD,
+         {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow, "signalperiod": p.macd_signal}, True),
+        ("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
+    )
+
+
 def _indicators(p: IndicatorPeriods) -> list[_Indicator]:
-    return [
-        _Indicator("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
-        _Indicator("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
-        _Indicator("bb", "c", stream.BBANDS, talib.BBANDS,
-                   {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0},
-                   True),
-        _Indicator("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
-        _Indicator("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
-        _Indicator("macd", "c", stream.MACD, talib.MACD,
-                   {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow,
-                    "signalperiod": p.macd_signal}, True),
-        _Indicator("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
-    ]
+    return [_Indicator(*spec) for spec in _specs(p)]
 
 
 class Columns(NamedTuple):
@@ -502,3 +509,53 @@ def features_map(
 def pack_features(fmap: dict[str, Any]) -> bytes:
     """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``, without a Packer per call."""
     return pack_msgpack(fmap)
+
+
+#: A symbol's part of its feature maps, the same on each of its timeframes (:func:`symbol_part`).
+SymbolPart = tuple[bytes, bytes, bytes, bytes]
+
+#: Pairs of the map that :func:`pack_series_features` packs per timeframe: the bar's and
+#: its values (``symbol`` ... ``synthetic``), ``macd_hist_prev``, ``extended``, ``completeness``.
+_SERIES_PAIRS = 23
+_MACD_HIST_PREV = pack_msgpack("macd_hist_prev")
+_WARMING = pack_msgpack(["warming", True])[1:]
+_join = b"".join
+
+
+def symbol_part(
+    computed_at: int, stale: bool, *, updated_at: int | None, via: str | None, market_open: bool,
+    next_open: int | None, extended_hours: bool = False, warming: bool = False,
+) -> SymbolPart:
+    """The fields of :func:`features_map` that do not depend on the timeframe, packed once
+    per symbol for :func:`pack_series_features`: the map's header, the pairs from
+    ``stale`` to ``data_age_ms``, those from ``market_open`` to ``extended_hours``, and
+    ``warming`` (last, present only while warming)."""
+    age = None if updated_at is None else computed_at - updated_at
+    # Packed as arrays of at most 15 items (a one-byte header, cut off): their items
+    # are the map's keys and values in order.
+    before = pack_msgpack(["stale", stale, "computed_at", computed_at, "updated_at", updated_at,
+                           "via", via, "data_age_ms", age])
+    middle = pack_msgpack(["market_open", market_open, "next_open", next_open,
+                           "extended_hours", extended_hours])
+    pairs = _SERIES_PAIRS + 5 + 3 + warming
+    return b"\xde" + pairs.to_bytes(2, "big"), before[1:], middle[1:], _WARMING if warming else b""
+
+
+def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart, *,
+                         extended: bool = False, completeness: dict[str, Any] | None = None) -> bytes:
+    """The bytes of ``pack_features(features_map(...))`` (and ``"warming": True`` while
+    warming) for one timeframe of a symbol whose other fields are ``part``
+    (:func:`symbol_part`): the map is never built, its pairs are packed as arrays (their
+    headers cut off) and joined with the symbol's."""
+    rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
+    body = pack_msgpack([
+        "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "close", bar.c, "v", bar.v,
+        "rsi", rsi, "ema", ema, "bb_upper", bb_upper, "bb_middle", bb_middle, "bb_lower", bb_lower,
+        "atr", atr, "vwap", vwap, "vol_ma", vol_ma, "macd", macd, "macd_signal", macd_signal,
+        "macd_hist", macd_hist, "mom", mom,
+        "forming", bar.forming, "src", bar.src, "synthetic", bar.synthetic,
+    ])  # 40 items: a three-byte header
+    head, before, middle, warming = part
+    last = pack_msgpack(["extended", extended, "completeness", completeness])  # a one-byte header
+    return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), middle, last[1:],
+                  warming))

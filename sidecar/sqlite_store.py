@@ -91,7 +91,7 @@ class BarStore:
         "_buffer", "_db", "_drop_logged", "_drop_logged_mono", "_file_id", "_flush_lock",
         "_inflight", "_last_flush_mono", "buffer_max_rows", "dropped", "flush_interval_s",
         "flush_max_rows", "flushed_rows", "last_error", "last_flush_ms", "last_flush_s", "path",
-        "pending_gaps",
+        "pending_gaps", "series_rows",
     )
 
     def __init__(
@@ -121,6 +121,9 @@ class BarStore:
         self.last_flush_ms: int | None = None
         self.last_flush_s: float | None = None
         self.last_error: str | None = None
+        #: Rows the buffer holds in steady state (each series' forming bar, revised in
+        #: place every cycle): the ``flush_max_rows`` bound counts past them.
+        self.series_rows = 0
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -229,7 +232,7 @@ class BarStore:
         if not self._buffer:
             return False
         return (
-            len(self._buffer) >= self.flush_max_rows
+            len(self._buffer) >= self.flush_max_rows + self.series_rows
             or time.monotonic() - self._last_flush_mono >= self.flush_interval_s
         )
 

@@ -36,7 +36,7 @@ from sidecar.calendars import MarketCalendar, extended_calendar, get_calendar, o
 from sidecar.clock import Clock, as_clock
 from sidecar.completeness import Completeness
 from sidecar.errors import ProviderError
-from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, pack_series_features, symbol_part
 from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.redis_store import FeatureRow, PartialWrite, RedisStore
 from sidecar.series import Bucket, Grid, Series, aggregate, aggregate_all
@@ -385,6 +385,8 @@ class Pipeline:
         )
         #: Every timeframe kept, lowest (the base the sources are asked for) first.
         self.timeframes: tuple[Timeframe, ...] = settings.series_timeframes
+        # Every series' forming bar is re-buffered each cycle: not a reason to flush early.
+        bar_store.series_rows = len(settings.symbols) * len(self.timeframes)
         #: Each symbol's grid per higher timeframe (its calendar's sessions, see :class:`Grid`).
         self.higher_grids: dict[str, list[Grid]] = {
             sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources),
@@ -694,7 +696,8 @@ class Pipeline:
                 ser.restart(current[0], current[1], done_hi)
             else:
                 ser.restart(None, [], done_hi)
-            ser.view(base_forming)
+            if ser.view(base_forming) and ser.forming is not None:
+                made.append(ser.forming)  # the cycles store it again only once it changes
         if made:
             self.store.add(made)
             self._backlog(made)
@@ -1043,15 +1046,17 @@ class Pipeline:
         st.base.close(bar)
         return st.higher[0].fold(bar) if st.higher and not st.warming else []
 
-    def _advance(self, st: SymbolState, now_ms: int) -> list[Bar]:
+    @staticmethod
+    def _advance(st: SymbolState, now_ms: int, out: list[Bar], changed: list[Bar] | None) -> None:
         """Bring the higher timeframes up to the base's forming bar: close complete
-        buckets, set each forming bar; returns the bars that closed."""
-        out: list[Bar] = []
+        buckets (added to ``out``), set each forming bar (added to ``changed`` where it
+        changed, if given)."""
         base_forming = st.base.forming
         for ser in st.higher:
-            out += ser.settle(now_ms, base_forming)
-            ser.view(base_forming)
-        return out
+            if ser.acc is not None:
+                out += ser.settle(now_ms, base_forming)
+            if ser.view(base_forming) and changed is not None and ser.forming is not None:
+                changed.append(ser.forming)
 
     def _features(self, symbols: list[str], now_ms: int, stored: list[Bar] | None = None) -> list[FeatureRow]:
         """The feature maps of ``symbols`` on every timeframe (those with a bar), packed
@@ -1059,10 +1064,13 @@ class Pipeline:
         after the market opens.
 
         The higher timeframes are brought up to the base first (:meth:`_advance`):
-        the bars that closed go to ``stored``, and so do their forming bars when
-        ``stored`` is given (the symbols a source answered for).
+        the bars that closed go to ``stored``, and so do their forming bars that
+        changed when ``stored`` is given (the symbols a source answered for). A forming
+        bar that did not change is not stored again, nor peeked again; its map is
+        rewritten (it says when it was computed) and so never expires.
         """
         out: list[FeatureRow] = []
+        append = out.append
         ttl = self.redis.features_ttl_ms
         stale_after = self.stale_after_ms
         states = self.symbols
@@ -1072,32 +1080,25 @@ class Pipeline:
             st = states[sym]
             if st.higher and not st.warming:
                 # While warming the higher series wait for warm-up to fold the base into them.
-                settled += self._advance(st, now_ms)
-                if stored is not None:
-                    stored += [ser.forming for ser in st.higher if ser.forming is not None]
-            stale = st.stale(now_ms, stale_after)
+                self._advance(st, now_ms, settled, stored)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
             regular = self.calendars[sym] if sym in extended else None
             shares = completeness(sym, now_ms)
+            part = symbol_part(now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
+                               market_open=st.market_open, next_open=st.next_open,
+                               extended_hours=regular is not None, warming=st.warming)
             for i, ser in enumerate(st.series):
                 bar = ser.forming or ser.last
                 if bar is None:
                     continue
                 engine = ser.engine
-                values: Values = engine.peek(bar) if bar.forming else engine.closed_values
-                fmap = features_map(
-                    bar, values, now_ms, stale, updated_at=st.updated_ms, via=st.via,
-                    # The histogram one bar back, so a reader sees a zero crossing in one read.
-                    macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
-                    market_open=st.market_open, next_open=st.next_open,
-                    extended_hours=regular is not None,
+                # The histogram one bar back, so a reader sees a zero crossing in one read.
+                prev = engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist
+                packed = ser.packed = pack_series_features(
+                    bar, ser.values(bar), prev, part,
                     extended=regular is not None and i == 0 and not regular.is_open(bar.t),
-                    completeness=None if shares is None else shares[i],
-                )
-                if st.warming:
-                    fmap["warming"] = True
-                ser.features = fmap
-                out.append((ser.tf.name, sym, pack_features(fmap), hold))
+                    completeness=None if shares is None else shares[i])
+                append((ser.tf.name, sym, packed, hold))
         if settled:
             if stored is not None:
                 stored += settled
