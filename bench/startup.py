@@ -12,6 +12,7 @@ warm-up ran against the same run's idle cycles (``--idle`` seconds after warm-up
 after every size, so a stopped run keeps what it measured.
 
     .venv/bin/python -m bench.startup [--symbols 500,2000] [--idle 30] [--kinds cold,warm] [--data DIR]
+        [--give-up 900]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 POLL_S = 0.1
 #: /health is large at thousands of symbols: asked about once a second.
 HEALTH_POLL_S = 1.0
+#: default of ``--give-up``: seconds a start may take before the run is abandoned.
 GIVE_UP_S = 900.0
 
 
@@ -112,7 +114,7 @@ def _pcts(values: list[float]) -> dict[str, float | None]:
             "p99_ms": round(percentile(values, 99), 1)}
 
 
-def one_start(data: str, symbols: int, idle_s: float) -> dict[str, Any]:
+def one_start(data: str, symbols: int, idle_s: float, give_up_s: float = GIVE_UP_S) -> dict[str, Any]:
     """Launch the daemon on ``data``, time its milestones, watch ``idle_s`` more seconds
     of cycles once warm-up is done, stop it."""
     port = _free_port()
@@ -132,7 +134,7 @@ def one_start(data: str, symbols: int, idle_s: float) -> dict[str, Any]:
     try:
         while idle_until is None or time.perf_counter() < idle_until:
             elapsed = time.perf_counter() - started
-            if proc.poll() is not None or elapsed > GIVE_UP_S:
+            if proc.poll() is not None or elapsed > give_up_s:
                 raise RuntimeError(f"the daemon gave no answer in time (exit {proc.poll()})")
             if out["ready_s"] is None:
                 got = _get(port, "/ready")
@@ -169,11 +171,14 @@ def one_start(data: str, symbols: int, idle_s: float) -> dict[str, Any]:
     out["data_dir_mb_added"] = round((_dir_bytes(data) - before) / 2**20, 1)
     assert warm_cycle is not None
     out["cycle_warming"] = _pcts([ms for c, ms in durations.items() if c <= warm_cycle])
+    out["cycle_warming"]["slowest"] = sorted(((round(ms), c) for c, ms in durations.items()
+                                              if c <= warm_cycle), reverse=True)[:5]
     out["cycle_idle"] = _pcts([ms for c, ms in durations.items() if c > warm_cycle + 2])
     return out
 
 
-def measure(symbols: int, idle_s: float, kinds: Sequence[str], keep: str | None = None) -> dict[str, Any]:
+def measure(symbols: int, idle_s: float, kinds: Sequence[str], keep: str | None = None,
+            give_up_s: float = GIVE_UP_S) -> dict[str, Any]:
     """``keep``: the data directory to use and keep (a ``warm`` run alone restarts on
     what an earlier run left there), else a temporary one."""
     with tempfile.TemporaryDirectory(prefix="sidecar-startup-") as tmp:
@@ -181,7 +186,7 @@ def measure(symbols: int, idle_s: float, kinds: Sequence[str], keep: str | None 
         Path(data).mkdir(parents=True, exist_ok=True)
         got: dict[str, Any] = {"symbols": symbols}
         for kind in kinds:
-            got[kind] = one_start(data, symbols, idle_s)
+            got[kind] = one_start(data, symbols, idle_s, give_up_s)
             print(kind, symbols, json.dumps(got[kind]), flush=True)
     return got
 
@@ -192,7 +197,8 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
     kinds = ("cold", "warm") if smoke else tuple(args.kinds.split(","))
     runs: list[dict[str, Any]] = []
     for n in counts:
-        runs.append(measure(n, idle_s, kinds, None if smoke else args.data))
+        runs.append(measure(n, idle_s, kinds, None if smoke else args.data,
+                            GIVE_UP_S if smoke else args.give_up))
         # A stopped run keeps what it measured: the results so far, after every size.
         write_results(NAME, {"runs": runs, "partial": True}, args.out)
     return {"runs": runs}
@@ -223,6 +229,8 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="keep the data directories under this one (DATA/<symbols>), so a "
                              "later --kinds warm restarts on them; default: temporary ones")
+    parser.add_argument("--give-up", type=float, default=GIVE_UP_S,
+                        help="seconds a start may take to be fully warm before the run is abandoned")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

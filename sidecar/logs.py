@@ -49,9 +49,17 @@ def redact(text: object, secrets: Iterable[str] = ()) -> str:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             out = out.replace(value, "***")
-    out = _SECRET_PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}=***", out)
-    out = _AUTH_RE.sub(lambda m: f"{m.group(1)}***", out)
-    return _BEARER_RE.sub(r"\1***", out)
+    # Each pattern needs a literal (every parameter name ends in "key" or "token"): an
+    # ASCII text without it (a large /health body) is not scanned by that pattern.
+    # Non-ASCII text is always scanned (case-insensitive matching folds more letters).
+    low = out.lower() if out.isascii() else None
+    if low is None or "key=" in low or "token=" in low:
+        out = _SECRET_PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}=***", out)
+    if low is None or "authorization" in low:
+        out = _AUTH_RE.sub(lambda m: f"{m.group(1)}***", out)
+    if low is None or "bearer" in low:
+        out = _BEARER_RE.sub(r"\1***", out)
+    return out
 
 
 class JsonFormatter(logging.Formatter):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import Callable
+import os
+import pickle
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,7 +33,6 @@ from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore, StoreReader
 
 log = logging.getLogger("sidecar.reconcile")
-T = TypeVar("T")
 
 _END = 2**62
 #: Symbols whose count, oldest bar and tail are read from Redis at once (between cycles).
@@ -41,6 +41,10 @@ REDIS_READ_BATCH = 50
 FULL_READ_BATCH = 4
 #: Newest bars of each symbol compared bar by bar (longer than any correction window).
 TAIL = 256
+#: Symbols whose plans from the comparison process are unpickled at once (between cycles).
+UNPICKLE_BATCH = 4
+#: Niceness of the comparison process: on a busy machine the cycle's process gets the core.
+PROCESS_NICE = 10
 
 
 @dataclass(slots=True)
@@ -85,15 +89,15 @@ async def reconcile_many(symbols: list[str], tf: str, redis: RedisStore, store: 
         edges.update(await redis.edges_many(symbols[i:i + REDIS_READ_BATCH], tf, tail))
 
     path = str(store.path)
-    plans = await _off_loop(pool, _compare, path, tf, edges, {}, keep, window, tail)
+    plans = await _compare_off_loop(pool, path, tf, edges, {}, keep, window, tail)
     differ = [sym for sym, p in plans.items() if p is None]
     if differ:
         everything: dict[str, list[tuple[int, bytes]]] = {}
         for i in range(0, len(differ), FULL_READ_BATCH):
             await foreground.wait_idle()
             everything.update(await redis.recent_packed_many(differ[i:i + FULL_READ_BATCH], tf, keep))
-        plans.update(await _off_loop(pool, _compare, path, tf, {sym: edges[sym] for sym in differ},
-                                     everything, keep, window, tail))
+        plans.update(await _compare_off_loop(pool, path, tf, {sym: edges[sym] for sym in differ},
+                                             everything, keep, window, tail))
     done = {sym: p for sym, p in plans.items() if p is not None}
     to_sqlite = [b for p in done.values() for b in p.to_sqlite]
     to_redis = [b for p in done.values() for b in p.to_redis]
@@ -106,18 +110,37 @@ async def reconcile_many(symbols: list[str], tf: str, redis: RedisStore, store: 
 
 def compare_process() -> ProcessPoolExecutor:
     """A second process for :func:`reconcile_many`'s comparisons (started fresh, not
-    forked from this multi-threaded one); shut it down when done."""
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    forked from this multi-threaded one, at niceness :data:`PROCESS_NICE`); shut it
+    down when done."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os.nice, initargs=(PROCESS_NICE,))
 
 
-async def _off_loop(pool: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in ``pool``, or in a worker thread (also when the pool broke)."""
+async def _compare_off_loop(pool: Executor | None, *args: Any) -> dict[str, _Plan | None]:
+    """:func:`_compare` in ``pool``, or in a worker thread (also when the pool broke).
+
+    From the pool each plan comes pickled on its own and is unpickled here a few
+    symbols at a time between cycles: one batch's windows (~10 MB at 50 symbols)
+    unpickled at once would hold the interpreter for tens of milliseconds."""
     if pool is not None:
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            packed = await asyncio.get_running_loop().run_in_executor(pool, _compare_pickled, *args)
         except BrokenExecutor as exc:
             log.warning("reconcile process lost; comparing in a thread", extra={"error": str(exc)})
-    return await asyncio.to_thread(fn, *args)
+        else:
+            plans: dict[str, _Plan | None] = {}
+            for i, (sym, blob) in enumerate(packed.items()):
+                if i % UNPICKLE_BATCH == 0:
+                    await foreground.wait_idle()
+                plans[sym] = None if blob is None else pickle.loads(blob)
+            return plans
+    return await asyncio.to_thread(_compare, *args)
+
+
+def _compare_pickled(*args: Any) -> dict[str, bytes | None]:
+    """:func:`_compare` with each plan pickled on its own (run in the comparison process)."""
+    return {sym: None if plan is None else pickle.dumps(plan, pickle.HIGHEST_PROTOCOL)
+            for sym, plan in _compare(*args).items()}
 
 
 def _compare(path: str, tf: str, edges: dict[str, tuple[int, int | None, list[tuple[int, bytes]]]],
