@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import talib
-from talib import stream
+from talib import abstract, stream
 
 from sidecar.bar import Bar, pack_msgpack
 from sidecar.settings import IndicatorPeriods
@@ -43,7 +43,7 @@ def _clean(x: float) -> float | None:
 class _Indicator:
     """One TA-Lib function: its stream handle once open, batch fallback while warming."""
 
-    __slots__ = ("batch", "factory", "handle", "inputs", "kwargs", "multi", "name")
+    __slots__ = ("batch", "factory", "handle", "inputs", "kwargs", "lookback", "multi", "name")
 
     def __init__(
         self,
@@ -60,7 +60,22 @@ class _Indicator:
         self.batch = batch
         self.kwargs = kwargs
         self.multi = multi
+        #: Bars TA-Lib skips before the first value: up to this many, neither the handle
+        #: opens nor the batch function gives a value.
+        self.lookback = _lookback(batch.__name__, kwargs)
         self.handle: Any = None
+
+
+@lru_cache(maxsize=64)
+def _lookback_cached(function: str, kwargs: tuple[tuple[str, Any], ...]) -> int:
+    fn = abstract.Function(function)  # type: ignore[attr-defined]
+    fn.set_parameters(dict(kwargs))
+    return int(fn.lookback)
+
+
+def _lookback(function: str, kwargs: dict[str, Any]) -> int:
+    """TA-Lib's lookback of ``function`` with these parameters."""
+    return _lookback_cached(function, tuple(sorted(kwargs.items())))
 
 
 @lru_cache(maxsize=16)
@@ -372,6 +387,12 @@ class FeatureEngine:
         for ind in self._ind:
             if ind.handle is not None:
                 continue
+            held = len(self._hist_v if ind.inputs == "v" else self._hist_c)
+            if held == 0:
+                continue
+            if held <= ind.lookback:  # no handle, no value yet: not worth the attempt
+                warming = warming or ind.inputs != "v"
+                continue
             arrays = self._arrays(ind.inputs)
             if arrays is None:
                 continue
@@ -440,6 +461,8 @@ class FeatureEngine:
                 elif bar.v is not None:
                     self._put(out, ind, handle.peek(bar.v))
                 continue
+            if len(self._hist_v if ind.inputs == "v" else self._hist_c) < ind.lookback:
+                continue  # with this bar still no more than the lookback: no value yet
             # Warming: batch over the short history plus this bar.
             if ind.inputs == "v":
                 if bar.v is None:

@@ -17,6 +17,7 @@ from sidecar.features import (
     DAY_MS,
     FEATURE_FIELDS,
     FeatureEngine,
+    _indicators,
     features_map,
     pack_features,
     pack_series_features,
@@ -281,3 +282,20 @@ def test_a_symbols_part_packed_once_gives_each_timeframe_the_same_bytes(
                        next_open=next_open, extended_hours=extended_hours, warming=warming)
     packed = pack_series_features(bar, values, prev, part, extended=extended, completeness=completeness)
     assert packed == pack_features(fmap)
+
+
+def test_lookback_is_where_handles_open_and_batch_gives_values() -> None:
+    """Up to an indicator's lookback a warming engine neither tries its handle nor its
+    batch function: with that many bars TA-Lib gives neither, with one more both."""
+    for ind in _indicators(IndicatorPeriods()):
+        for n, opens in ((ind.lookback, False), (ind.lookback + 1, True)):
+            k = 1 if ind.inputs in ("c", "v") else 3
+            arrays = tuple(np.linspace(1.0, 2.0, n) + j for j in range(k))
+            out = ind.batch(*arrays, **ind.kwargs)
+            last = (out[0] if ind.multi else out)[-1]
+            assert math.isnan(last) is not opens, ind.name
+            if opens:
+                ind.factory(*arrays, **ind.kwargs)
+            else:
+                with pytest.raises(talib.InsufficientHistory):  # type: ignore[attr-defined]
+                    ind.factory(*arrays, **ind.kwargs)
