@@ -29,6 +29,9 @@ log = logging.getLogger("sidecar.validation")
 
 #: Gap filling never makes up more than this many bars at once (weekends, halts).
 MAX_FILL_BARS = 1_000
+#: Gaps logged a line each among those not yet taken from :attr:`Validator.new_gaps` (a
+#: cycle's: after a restart every symbol has one); the pipeline logs how many in all.
+GAP_LOG_LINES = 20
 
 
 class Verdict(enum.Enum):
@@ -331,11 +334,12 @@ class Validator:
                     self._remember(st, filler)
             self.gaps.setdefault(bar.symbol, deque(maxlen=100)).append(gap)
             self.new_gaps.append(gap)
-            log.info(
-                "gap detected",
-                extra={"symbol": bar.symbol, "start": gap.start, "end": gap.end,
-                       "missing": gap.missing, "filled": gap.filled},
-            )
+            if len(self.new_gaps) <= GAP_LOG_LINES:
+                log.info(
+                    "gap detected",
+                    extra={"symbol": bar.symbol, "start": gap.start, "end": gap.end,
+                           "missing": gap.missing, "filled": gap.filled},
+                )
         self._remember(st, bar)
         self.accepted += 1
         out.append(bar)

@@ -45,7 +45,7 @@ from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
-from sidecar.validation import Validator, Verdict
+from sidecar.validation import GAP_LOG_LINES, Validator, Verdict
 
 log = logging.getLogger("sidecar.pipeline")
 
@@ -1238,6 +1238,9 @@ class Pipeline:
             "seconds": round(time.perf_counter() - started, 3)})
 
     def _record_gaps(self) -> None:
+        if len(self.validator.new_gaps) > GAP_LOG_LINES:  # the validator logged the first ones
+            log.info("gaps detected", extra={"gaps": len(self.validator.new_gaps),
+                                             "logged": GAP_LOG_LINES})
         for gap in self.validator.new_gaps:
             self.store.add_gap(gap.symbol, self.tf.name, gap.start, gap.end, gap.missing, gap.filled)
         self.validator.new_gaps.clear()

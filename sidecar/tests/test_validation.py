@@ -12,6 +12,7 @@ from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.tests.helpers import bar as make_bar
 from sidecar.timeframe import US_EQUITY_SESSION, Timeframe
 from sidecar.validation import (
+    GAP_LOG_LINES,
     MAX_FILL_BARS,
     Gap,
     Validator,
@@ -650,3 +651,12 @@ def test_validate_history_empty_and_clean() -> None:
     out, rejected = validate_history(reversed(clean), TF, NOW)
     assert out == clean
     assert not rejected
+
+
+def test_gaps_past_the_log_lines_are_not_logged_one_by_one(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.validation")
+    val = primed(1)
+    for i in range(1, GAP_LOG_LINES + 6):
+        val.check(mk(2 * i), NOW)  # one missing bar before each
+    assert len(val.new_gaps) == GAP_LOG_LINES + 5
+    assert sum(r.getMessage() == "gap detected" for r in caplog.records) == GAP_LOG_LINES
