@@ -152,28 +152,8 @@ class StatusLog:
 
 
 def warmup_report(pipeline: Pipeline) -> dict[str, Any]:
-    """Start-up warm-up: symbols ``live`` (handles open on the warm window), ``warming``
-    (served from live bars, flagged ``warming``), ``waiting`` (no bar yet); history fetched."""
-    warming = waiting = 0
-    for st in pipeline.symbols.values():
-        if st.warming:
-            if st.last is None and st.forming is None:
-                waiting += 1
-            else:
-                warming += 1
-    w = pipeline.warmup
-    return {
-        "done": w.finished_ms is not None,
-        "live": len(pipeline.symbols) - warming - waiting,
-        "warming": warming,
-        "waiting": waiting,
-        "cold": w.cold,
-        "history_bars": w.history_bars,
-        "history_requests": w.history_requests,
-        "failed": w.failed,
-        "started_ms": w.started_ms,
-        "finished_ms": w.finished_ms,
-    }
+    """Start-up warm-up (:meth:`~sidecar.app.history.History.status`)."""
+    return pipeline.history.status()
 
 
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,

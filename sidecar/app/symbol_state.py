@@ -1,0 +1,152 @@
+"""A symbol in the cycle: its series on every timeframe, and how its sources and market are doing.
+
+:class:`SymbolState` applies each accepted base bar to the symbol's series
+(:meth:`SymbolState.apply`: a forming-bar revision, a close, a correction) and brings
+the higher timeframes up to the base's forming bar (:meth:`SymbolState.advance`); each
+:class:`~sidecar.series.Series` owns its bars, its forming bar, its feature handles and
+its fold into the next timeframe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.app.planner import VIA_LAST
+from sidecar.bar import Bar
+from sidecar.features import FeatureEngine
+from sidecar.series import Series
+from sidecar.validation import Verdict
+
+
+@dataclass(slots=True)
+class SymbolState:
+    """A symbol in the cycle: its series (the base timeframe first, then each higher
+    one, see :mod:`sidecar.series`) and how its sources and market are doing."""
+
+    #: Its series, lowest timeframe first; ``series[0]`` is the base the sources feed.
+    series: list[Series]
+    updated_ms: int | None = None  # when a source last answered for this symbol
+    via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
+    expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+    #: Its calendar says its market is open (always, for a symbol without a calendar).
+    market_open: bool = True
+    #: While closed: when its market opens next (epoch ms; ``None`` while open).
+    next_open: int | None = None
+    #: Its handles are not yet open on the warm window (start-up): the features map says so.
+    warming: bool = False
+
+    #: ``series[0]`` and ``series[1:]``, kept apart: the cycle reads them for every symbol.
+    base: Series = field(init=False)
+    higher: list[Series] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base = self.series[0]
+        self.higher = self.series[1:]
+
+    # The base series' state, as the cycle reads and writes it.
+    @property
+    def engine(self) -> FeatureEngine:
+        return self.base.engine
+
+    @engine.setter
+    def engine(self, value: FeatureEngine) -> None:
+        self.base.engine = value
+
+    @property
+    def forming(self) -> Bar | None:
+        return self.base.forming
+
+    @forming.setter
+    def forming(self, value: Bar | None) -> None:
+        self.base.forming = value
+
+    @property
+    def last(self) -> Bar | None:
+        return self.base.last
+
+    @last.setter
+    def last(self, value: Bar | None) -> None:
+        self.base.last = value
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """Some series' older closed bars changed (a correction, gap repair)."""
+        return any(s.needs_rebuild for s in self.series)
+
+    @property
+    def rebuilding(self) -> dict[int, Bar] | None:
+        """While a rebuild (or warm-up) reads history: the base bars applied meanwhile."""
+        return self.base.rebuilding
+
+    @rebuilding.setter
+    def rebuilding(self, value: dict[int, Bar] | None) -> None:
+        """``None`` ends every series' rebuild; a dict starts the base's, the others' empty."""
+        for ser in self.series:
+            ser.rebuilding = None if value is None else {}
+        self.base.rebuilding = value
+
+    @property
+    def features(self) -> dict[str, Any] | None:
+        """The base feature map last written to Redis."""
+        return self.base.features
+
+    def stale(self, now_ms: int, stale_after_ms: int) -> bool:
+        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``;
+        never while its market is closed (nothing new is expected then)."""
+        if not self.market_open:
+            return False
+        return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+    def apply(self, bar: Bar, verdict: Verdict) -> list[Bar]:
+        """Fold an accepted bar into the symbol's series; returns the bars to store
+        (higher timeframes' bars that closed with it included)."""
+        base = self.base
+        forming = base.forming
+        if verdict is Verdict.CORRECTION or (
+                not (forming is not None and bar.t == forming.t)
+                and base.last is not None and bar.t <= base.last.t):
+            # A correction, or a revision of the newest closed bar: values change, the
+            # handles are rebuilt and every higher bar containing it re-aggregated.
+            base.revise(bar)
+            if self.higher:
+                self.higher[0].mark_dirty(bar.t)
+            return [bar]
+        if forming is not None and bar.t == forming.t:
+            if bar.forming:
+                base.forming = bar
+                return [bar]
+            return [bar, *self.close(bar)]
+        stored: list[Bar] = []
+        if forming is not None:
+            # A newer bar closes the forming one with its last revision.
+            closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
+                         forming.c, forming.v, forming.src, False, forming.synthetic)
+            stored.append(closed)
+            stored += self.close(closed)
+        if bar.forming:
+            base.forming = bar
+            stored.append(bar)
+        else:
+            stored.append(bar)
+            stored += self.close(bar)
+        return stored
+
+    def close(self, bar: Bar) -> list[Bar]:
+        """Commit a closed base bar to the symbol's handles (and to a rebuild in flight)
+        and fold it upward; returns the higher bars that closed with it. While the
+        symbol warms nothing is folded: warm-up folds the bars applied meanwhile
+        (:meth:`~sidecar.app.history.History.fold_up`), with the base bars of each bucket
+        it started before."""
+        self.base.close(bar)
+        return self.higher[0].fold(bar) if self.higher and not self.warming else []
+
+    def advance(self, now_ms: int) -> list[Bar]:
+        """Bring the higher timeframes up to the base's forming bar: close complete
+        buckets, set each forming bar; returns the bars that closed."""
+        out: list[Bar] = []
+        base_forming = self.base.forming
+        for ser in self.higher:
+            out += ser.settle(now_ms, base_forming)
+            ser.view(base_forming)
+        return out
