@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import os
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,15 +30,15 @@ from sidecar import foreground
 from sidecar.app.history import History, WarmupProgress
 from sidecar.app.planner import Planner
 from sidecar.app.router import CLOSE_GRACE_MS, Router, SourceState
-from sidecar.app.symbol_state import SymbolState
+from sidecar.app.symbol_state import SeriesStage, SymbolState
 from sidecar.app.tasks import Background
 from sidecar.app.writer import CycleWrites, RedisState, RedisWriter
 from sidecar.bar import Bar
 from sidecar.breaker import SourceCircuits
 from sidecar.calendars import MarketCalendar, get_calendar
 from sidecar.clock import Clock, as_clock
-from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
-from sidecar.redis_store import FeatureRow, RedisStore
+from sidecar.features import FEATURE_FIELDS, FeatureEngine
+from sidecar.redis_store import RedisStore
 from sidecar.series import Grid, Series
 from sidecar.settings import Settings
 from sidecar.sources.base import Source, series_grid
@@ -54,6 +55,8 @@ log = logging.getLogger("sidecar.pipeline")
 MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
+#: Cycle durations shown for the status page's sparkline.
+SPARKLINE_CYCLES = 120
 #: Upper bounds (ms) of the cycle-duration histogram buckets (``/metrics``).
 CYCLE_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000)
 
@@ -95,6 +98,22 @@ class CycleStats:
     def bars_stored(self) -> int:
         """Bars Redis acknowledged."""
         return self.redis.bars_stored
+
+    def status(self) -> dict[str, Any]:
+        """How many cycles ran, the last one's tick and duration, the recent durations'
+        median and p99 (``/health``'s ``cycle``)."""
+        durations = list(self.durations_ms)
+        ordered = sorted(durations)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None
+        return {
+            "count": self.cycles,
+            "last_tick_ms": self.last_tick_ms,
+            "last_ms": round(self.last_duration_ms, 3),
+            "window_cycles": len(durations),
+            "p50_ms": None if not durations else round(statistics.median(durations), 3),
+            "p99_ms": None if p99 is None else round(p99, 3),
+            "recent_ms": [round(d, 3) for d in durations[-SPARKLINE_CYCLES:]],
+        }
 
     def record_duration(self, ms: float) -> None:
         self.last_duration_ms = ms
@@ -171,6 +190,8 @@ class Pipeline:
         self.symbols: dict[str, SymbolState] = {
             sym: SymbolState(self._series(sym)) for sym in settings.symbols
         }
+        self.series = SeriesStage(self.symbols, self.tf, stale_after_ms=self.stale_after_ms,
+                                  features_ttl_ms=redis_store.features_ttl_ms)
         self.background = Background()
         self._flush_task: asyncio.Task[Any] | None = None
         self._pid = os.getpid()
@@ -311,10 +332,14 @@ class Pipeline:
         cycle = _Cycle()
         self.router.market_hours(now_ms)
         await self.router.fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
-        self._settle_closed(now_ms)
+        closed = self.series.settle_closed(self.router.closed, now_ms)
         self._record_gaps()
         answered = set(cycle.updated)
-        features = self._features([s for s in self.symbols if s not in answered], now_ms)
+        features, settled = self.series.features([s for s in self.symbols if s not in answered], now_ms)
+        for bars in (closed, settled):
+            if bars:
+                self.store.add(bars)
+                self.writer.defer(bars)  # the cycle's final write carries them
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "tfs": self.meta["tfs"], "symbols": len(self.symbols),
                      "cycle_ms": round(stats.last_duration_ms, 3), **self._shard_info}
@@ -352,75 +377,11 @@ class Pipeline:
                     to_store.extend(st.apply(accepted, outcome.verdict))
         symbols = list(answers)
         cycle.updated += symbols
-        features = self._features(symbols, now_ms, to_store)
+        features, _ = self.series.features(symbols, now_ms, to_store)
         cycle.features += len(features)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
         self.writer.send(cycle.writes, to_store, features, more)
-
-    def _settle_closed(self, now_ms: int) -> None:
-        """Close the forming bar of a symbol whose market closed once its time has passed
-        (no later bar will come to close it until the market reopens)."""
-        stored: list[Bar] = []
-        for sym in self.router.closed:
-            st = self.symbols[sym]
-            forming = st.forming
-            if forming is None or forming.t + self.tf.ms > now_ms:
-                continue
-            closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
-                         forming.c, forming.v, forming.src, False, forming.synthetic)
-            stored.append(closed)
-            stored += st.close(closed)
-        if stored:
-            self.store.add(stored)
-            self.writer.defer(stored)  # the cycle's final write carries them
-
-    def _features(self, symbols: list[str], now_ms: int, stored: list[Bar] | None = None) -> list[FeatureRow]:
-        """The feature maps of ``symbols`` on every timeframe (those with a bar), packed
-        for Redis; while a symbol's market is closed, its maps are kept until shortly
-        after the market opens.
-
-        The higher timeframes are brought up to the base first (:meth:`SymbolState.advance`):
-        the bars that closed go to ``stored``, and so do their forming bars when
-        ``stored`` is given (the symbols a source answered for).
-        """
-        out: list[FeatureRow] = []
-        ttl = self.redis.features_ttl_ms
-        stale_after = self.stale_after_ms
-        states = self.symbols
-        settled: list[Bar] = []
-        for sym in symbols:
-            st = states[sym]
-            if st.higher and not st.warming:
-                # While warming the higher series wait for warm-up to fold the base into them.
-                settled += st.advance(now_ms)
-                if stored is not None:
-                    stored += [ser.forming for ser in st.higher if ser.forming is not None]
-            stale = st.stale(now_ms, stale_after)
-            hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
-            for ser in st.series:
-                bar = ser.forming or ser.last
-                if bar is None:
-                    continue
-                engine = ser.engine
-                values: Values = engine.peek(bar) if bar.forming else engine.closed_values
-                fmap = features_map(
-                    bar, values, now_ms, stale, updated_at=st.updated_ms, via=st.via,
-                    # The histogram one bar back, so a reader sees a zero crossing in one read.
-                    macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
-                    market_open=st.market_open, next_open=st.next_open,
-                )
-                if st.warming:
-                    fmap["warming"] = True
-                ser.features = fmap
-                out.append((ser.tf.name, sym, pack_features(fmap), hold))
-        if settled:
-            if stored is not None:
-                stored += settled
-            else:
-                self.store.add(settled)
-                self.writer.defer(settled)  # the cycle's final write carries them
-        return out
 
     def _record_gaps(self) -> None:
         for gap in self.validator.new_gaps:

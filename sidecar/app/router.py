@@ -127,12 +127,43 @@ class SourceState:
             out.append(sym)
         return out
 
-    def status(self) -> dict[str, Any]:
-        out = dict(self.source.status())
-        if self.circuits is not None:
-            out["circuit"] = self.circuits.state  # the worst of its breakers
-            out["breakers"] = self.circuits.status()
+    @property
+    def failing(self) -> bool:
+        """Its last call failed (no success since its last error)."""
+        return self.last_error_ms is not None and (
+            self.last_success_ms is None or self.last_error_ms > self.last_success_ms)
+
+    def reasons(self) -> list[str]:
+        """Why it is unhealthy: each breaker that is not closed, else a failed last call."""
+        out = [f"source {b.name}: circuit {b.state}, last error {b.status()['last_error_class']}"
+               for b in (self.circuits or ()) if b.state != "closed"]
+        if not out and self.failing:
+            out.append(f"source {self.name}: circuit closed, last error {self.last_error_class}")
         return out
+
+    def status(self) -> dict[str, Any]:
+        """What ``/health`` shows of it: its calls, its breakers, and its source's own
+        facts (budget left, stream state ...)."""
+        info: dict[str, Any] = {
+            "circuit": "closed",
+            "last_success_ms": self.last_success_ms,
+            "last_error_class": self.last_error_class,
+            "last_error_ms": self.last_error_ms,
+            "errors": self.errors,
+            "requests": self.requests,
+            "synthetic": self.source.synthetic,
+        }
+        info.update(self.source.status())
+        if self.circuits is not None:
+            info["circuit"] = self.circuits.state  # the worst of its breakers
+            info["breakers"] = self.circuits.status()
+        budget = info.get("budget")
+        if isinstance(budget, dict):
+            info["budget_left"] = budget.get("remaining_now")
+            if "day_limit" in budget:
+                info["budget_left_today"] = budget["day_limit"] - budget.get("day_used", 0)
+        info["failing"] = self.failing
+        return info
 
 
 class Router:
@@ -166,8 +197,12 @@ class Router:
         self._prev_now_ms: int | None = None
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Each source's own status (its budget, stream, breakers), by name."""
+        """Each source's status (:meth:`SourceState.status`), by name."""
         return {state.name: state.status() for state in self.sources}
+
+    def reasons(self) -> list[str]:
+        """Why the sources are unhealthy, if they are (:meth:`SourceState.reasons`)."""
+        return [reason for state in self.sources for reason in state.reasons()]
 
     async def fetch(
         self, now_ms: int, on_answer: Callable[[dict[str, list[Bar]], bool], None] | None = None,

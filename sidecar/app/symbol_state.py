@@ -1,22 +1,30 @@
-"""A symbol in the cycle: its series on every timeframe, and how its sources and market are doing.
+"""The cycle's series stage: each symbol's series on every timeframe, and its features.
 
-:class:`SymbolState` applies each accepted base bar to the symbol's series
-(:meth:`SymbolState.apply`: a forming-bar revision, a close, a correction) and brings
-the higher timeframes up to the base's forming bar (:meth:`SymbolState.advance`); each
-:class:`~sidecar.series.Series` owns its bars, its forming bar, its feature handles and
-its fold into the next timeframe.
+:class:`SymbolState` is a symbol in the cycle: it applies each accepted base bar to the
+symbol's series (:meth:`SymbolState.apply`: a forming-bar revision, a close, a
+correction) and brings the higher timeframes up to the base's forming bar
+(:meth:`SymbolState.advance`); each :class:`~sidecar.series.Series` owns its bars, its
+forming bar, its feature handles and its fold into the next timeframe. It also keeps
+how the symbol's sources and market are doing (the router books them).
+:class:`SeriesStage` packs the symbols' feature maps for Redis, every timeframe, and
+closes the forming bars a closed market leaves behind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.app.planner import VIA_LAST
 from sidecar.bar import Bar
-from sidecar.features import FeatureEngine
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
+from sidecar.redis_store import FeatureRow
 from sidecar.series import Series
+from sidecar.timeframe import Timeframe
 from sidecar.validation import Verdict
+
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
 
 
 @dataclass(slots=True)
@@ -150,3 +158,82 @@ class SymbolState:
             out += ser.settle(now_ms, base_forming)
             ser.view(base_forming)
         return out
+
+
+class SeriesStage:
+    """Every symbol's series, as the cycle uses them after validation: forming bars a
+    closed market leaves are closed, feature maps are packed."""
+
+    __slots__ = ("features_ttl_ms", "stale_after_ms", "symbols", "tf")
+
+    def __init__(self, symbols: dict[str, SymbolState], tf: Timeframe, *, stale_after_ms: int,
+                 features_ttl_ms: int) -> None:
+        """``stale_after_ms``: no answer for longer (past the planned interval) makes a
+        symbol stale; ``features_ttl_ms``: how long a features key lives (while its
+        market is open)."""
+        self.symbols = symbols
+        self.tf = tf
+        self.stale_after_ms = stale_after_ms
+        self.features_ttl_ms = features_ttl_ms
+
+    def settle_closed(self, closed: Iterable[str], now_ms: int) -> list[Bar]:
+        """Close the forming bar of each of the ``closed`` symbols (their market closed)
+        once its time has passed: no later bar will come to close it until the market
+        reopens. Returns the bars to store (higher timeframes' bars that closed too)."""
+        stored: list[Bar] = []
+        for sym in closed:
+            st = self.symbols[sym]
+            forming = st.base.forming
+            if forming is None or forming.t + self.tf.ms > now_ms:
+                continue
+            bar = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
+                         forming.c, forming.v, forming.src, False, forming.synthetic)
+            stored.append(bar)
+            stored += st.close(bar)
+        return stored
+
+    def features(self, symbols: Iterable[str], now_ms: int,
+                 stored: list[Bar] | None = None) -> tuple[list[FeatureRow], list[Bar]]:
+        """The feature maps of ``symbols`` on every timeframe (those with a bar), packed
+        for Redis; while a symbol's market is closed, its maps are kept until shortly
+        after the market opens.
+
+        The higher timeframes are brought up to the base first (:meth:`SymbolState.advance`):
+        the bars that closed go to ``stored``, and so do their forming bars when
+        ``stored`` is given (the symbols a source answered for); else they are returned
+        with the maps, to be stored.
+        """
+        out: list[FeatureRow] = []
+        ttl = self.features_ttl_ms
+        stale_after = self.stale_after_ms
+        states = self.symbols
+        settled: list[Bar] = []
+        for sym in symbols:
+            st = states[sym]
+            if st.higher and not st.warming:
+                # While warming the higher series wait for warm-up to fold the base into them.
+                settled += st.advance(now_ms)
+                if stored is not None:
+                    stored += [ser.forming for ser in st.higher if ser.forming is not None]
+            stale = st.stale(now_ms, stale_after)
+            hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
+            for ser in st.series:
+                bar = ser.forming or ser.last
+                if bar is None:
+                    continue
+                engine = ser.engine
+                values: Values = engine.peek(bar) if bar.forming else engine.closed_values
+                fmap = features_map(
+                    bar, values, now_ms, stale, updated_at=st.updated_ms, via=st.via,
+                    # The histogram one bar back, so a reader sees a zero crossing in one read.
+                    macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
+                    market_open=st.market_open, next_open=st.next_open,
+                )
+                if st.warming:
+                    fmap["warming"] = True
+                ser.features = fmap
+                out.append((ser.tf.name, sym, pack_features(fmap), hold))
+        if settled and stored is not None:
+            stored += settled
+            settled = []
+        return out, settled
