@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import statistics
 import time
@@ -29,7 +28,7 @@ from typing import Any
 from sidecar import foreground
 from sidecar.app.history import History, WarmupProgress
 from sidecar.app.planner import Planner
-from sidecar.app.router import CLOSE_GRACE_MS, Router, SourceState
+from sidecar.app.router import Router, SourceState
 from sidecar.app.symbol_state import SeriesStage, SymbolState
 from sidecar.app.tasks import Background
 from sidecar.app.writer import CycleWrites, RedisState, RedisWriter
@@ -37,7 +36,7 @@ from sidecar.bar import Bar
 from sidecar.breaker import SourceCircuits
 from sidecar.calendars import MarketCalendar, get_calendar
 from sidecar.clock import Clock, as_clock
-from sidecar.features import FEATURE_FIELDS, FeatureEngine
+from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.series import Grid, Series
 from sidecar.settings import Settings
@@ -46,14 +45,6 @@ from sidecar.sqlite_store import BarStore
 from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 from sidecar.validation import Validator, Verdict
-
-__all__ = ["CLOSE_GRACE_MS", "CYCLE_BUCKETS_MS", "CycleStats", "Pipeline", "SourceState", "SymbolState",
-           "WarmupProgress"]
-
-log = logging.getLogger("sidecar.pipeline")
-
-MACD_HIST = FEATURE_FIELDS.index("macd_hist")
-
 
 #: Cycle durations shown for the status page's sparkline.
 SPARKLINE_CYCLES = 120
