@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 BENCHMARKS = ("features", "store", "tick", "scanner_read", "http_api", "cluster_read", "shards", "cycle",
-              "daemon_soak", "ccxt_source", "replay_week")
+              "daemon_soak", "ccxt_source", "replay_week", "completeness")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from bench._common import RESULTS_DIR
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ORDER = ("features", "cluster_read", "scanner_read", "http_api", "shards", "cycle", "cycle_soak",
-         "daemon_soak", "replay_week", "store", "tick", "ccxt_source")
+         "daemon_soak", "replay_week", "store", "tick", "ccxt_source", "completeness")
 
 
 def block(results_dir: Path = RESULTS_DIR) -> str:

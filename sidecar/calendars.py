@@ -16,6 +16,12 @@ Calendar names (the mapping's ``calendar`` key, see ``symbols.toml``):
 
 Outside the years an exchange calendar covers (about 20 back, 1 ahead) nothing is
 known: the market counts as open there, as if it had no calendar.
+
+Extended hours (pre- and post-market, :func:`extended_calendar`): ``exchange_calendars``
+knows regular sessions only, so the extended bounds come from :data:`EXTENDED_HOURS`,
+a per-exchange offset from each regular session's open and close (XNYS: 04:00 to the
+09:30 open, the close to 20:00, 17:00 after a 13:00 early close), laid on the exchange's
+own sessions (holidays and early closes included).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import threading
 import warnings
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -177,6 +184,22 @@ class MarketCalendar:
             j += 1
         return out
 
+    def open_periods(self, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
+        """The open periods overlapping ``[start_ms, end_ms)``, clipped to it (all of it
+        for a market that never closes or outside the covered years)."""
+        if end_ms <= start_ms:
+            return []
+        if self.always_open or not self.known(start_ms) or not self.known(end_ms - 1):
+            return [(start_ms, end_ms)]
+        out: list[tuple[int, int]] = []
+        i = max(0, bisect_right(self._opens, start_ms) - 1)
+        while i < len(self._opens) and self._opens[i] < end_ms:
+            lo, hi = max(start_ms, self._opens[i]), min(end_ms, self._closes[i])
+            if lo < hi:
+                out.append((lo, hi))
+            i += 1
+        return out
+
     def open_slots(self, start_ms: int, end_ms: int, step_ms: int) -> list[int]:
         """The bar open times ``start_ms + k * step_ms`` before ``end_ms`` whose bar
         ``[t, t + step_ms)`` overlaps open time: the bars a series should have there."""
@@ -200,6 +223,18 @@ class MarketCalendar:
                 t += step_ms
             i += 1
         return out
+
+
+def open_ms(calendars: Iterable[MarketCalendar], start_ms: int, end_ms: int) -> int:
+    """How long, within ``[start_ms, end_ms)``, at least one of ``calendars`` is open."""
+    spans = sorted(p for cal in calendars for p in cal.open_periods(start_ms, end_ms))
+    total, reach = 0, start_ms
+    for lo, hi in spans:
+        lo = max(lo, reach)
+        if hi > lo:
+            total += hi - lo
+            reach = hi
+    return total
 
 
 # -- building -------------------------------------------------------------------------
@@ -259,6 +294,44 @@ def _fx() -> MarketCalendar:
             periods.append((lo, hi, lo))
         day += timedelta(days=1)
     return MarketCalendar(FX, "America/New_York", periods)
+
+
+#: Extended hours per exchange: how long before each regular open the pre-market starts
+#: and how long after each regular close the post-market ends.
+EXTENDED_HOURS: dict[str, tuple[timedelta, timedelta]] = {
+    "XNYS": (timedelta(hours=5, minutes=30), timedelta(hours=4)),
+}
+#: Suffix of an extended calendar's name (``XNYS+ext``).
+EXTENDED_SUFFIX = "+ext"
+
+
+def has_extended(name: str) -> bool:
+    """Whether the extended hours of calendar ``name`` are known (:data:`EXTENDED_HOURS`)."""
+    return resolve(name) in EXTENDED_HOURS
+
+
+def _extended(regular: MarketCalendar) -> MarketCalendar:
+    """One open period per session, from the pre-market open to the post-market close;
+    a session opens at its pre-market open (the VWAP anchor of extended-hours series)."""
+    pre, post = (int(d.total_seconds() * 1000) for d in EXTENDED_HOURS[regular.name])
+    periods = [(s.open - pre, s.close + post, s.open - pre)
+               for s in regular.sessions_between(regular._opens[0], regular._closes[-1])]
+    return MarketCalendar(regular.name + EXTENDED_SUFFIX, regular.zone, periods)
+
+
+def extended_calendar(name: str) -> MarketCalendar:
+    """Calendar ``name`` with its extended hours: open from each session's pre-market open
+    to its post-market close. Raises ``ValueError`` where they are not known."""
+    key = resolve(name)
+    if key not in EXTENDED_HOURS:
+        raise ValueError(f"no extended hours known for calendar {key} "
+                         f"(known: {', '.join(sorted(EXTENDED_HOURS))})")
+    regular = get_calendar(key)
+    ext = _cache.get(key + EXTENDED_SUFFIX)
+    if ext is None:
+        with _lock:
+            ext = _cache.setdefault(key + EXTENDED_SUFFIX, _extended(regular))
+    return ext
 
 
 _cache: dict[str, MarketCalendar] = {}

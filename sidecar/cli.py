@@ -388,6 +388,7 @@ def _symbols(settings: Settings, args: argparse.Namespace) -> int:
     rows = []
     for sym in symbols:
         row = symbol_map.entry(sym).as_dict()
+        row["extended_hours"] = "include" if symbol_map.extended_hours(sym) else "exclude"
         for name in exchanges:
             spelling = symbol_map.for_source(name, sym)
             row[name] = None if spelling is None else spelling.ticker

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
-from sidecar.settings import Definition, recording
+from sidecar.settings import INSTANCE, Definition, recording
 
 PREFIX = "SIDECAR_"
 #: The variable that names the configuration file (``--config`` wins over it).
@@ -55,6 +55,35 @@ def file_key(name: str) -> str | None:
     return name[len(PREFIX):].lower()
 
 
+def is_pattern(name: str) -> bool:
+    """Whether ``name`` is a pattern setting, one variable per instance (per exchange)."""
+    return INSTANCE in name
+
+
+def _pattern_re(name: str) -> re.Pattern[str]:
+    head, _, tail = name.partition(INSTANCE)
+    return re.compile(f"{re.escape(head)}([A-Z0-9][A-Z0-9_]*){re.escape(tail)}\\Z")
+
+
+def setting_of(name: str, known: Iterable[str]) -> str | None:
+    """The setting variable ``name`` is: itself, or the pattern it instantiates; ``None``
+    when the readers know neither (``SIDECAR_CCXT_MARKETS_KRAKEN`` is
+    ``SIDECAR_CCXT_MARKETS_<ID>``)."""
+    known = set(known)
+    if name in known:
+        return name
+    return next((p for p in sorted(known) if is_pattern(p) and _pattern_re(p).match(name)), None)
+
+
+def _ccxt_settings(env: Mapping[str, str]) -> None:
+    """The ccxt sources' settings: the per-exchange ones as patterns, and as read for
+    every exchange ``env`` configures."""
+    from sidecar.sources.ccxt_support import CcxtSettings, configured_exchanges
+
+    for exchange_id in (INSTANCE.lower(), *configured_exchanges(env)):
+        CcxtSettings.from_env(env, exchange_id)
+
+
 def _readers() -> list[tuple[str, Callable[[Mapping[str, str]], object]]]:
     """Every settings reader, by the part of the daemon it configures."""
     from sidecar.provider_settings import ProviderSettings
@@ -62,7 +91,7 @@ def _readers() -> list[tuple[str, Callable[[Mapping[str, str]], object]]]:
     from sidecar.signals import SignalRules
 
     return [("daemon", Settings.from_env), ("providers", ProviderSettings.from_env),
-            ("signals", SignalRules.from_env)]
+            ("providers", _ccxt_settings), ("signals", SignalRules.from_env)]
 
 
 def catalogue() -> dict[str, tuple[str, Definition]]:
@@ -113,7 +142,8 @@ def read_config_file(path: Path, known: Iterable[str]) -> dict[str, tuple[str, s
         raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    keys = {k: name for name in known if (k := file_key(name)) is not None}
+    known = set(known)
+    keys = {k for name in known if (k := file_key(name)) is not None}
     flat: list[tuple[str, str, Any]] = []  # (key as written, flat key, value)
     for top, value in data.items():
         if isinstance(value, dict):
@@ -131,7 +161,7 @@ def read_config_file(path: Path, known: Iterable[str]) -> dict[str, tuple[str, s
         if text is None:
             raise ConfigError(where, f"expected a string, number, boolean or list, got "
                                      f"{type(value).__name__}")
-        if key not in keys:
+        if key not in keys and setting_of(name, known) is None:
             near = difflib.get_close_matches(key.lower(), keys, n=1)
             raise ConfigError(where, "unknown setting" + (f" (did you mean {near[0]}?)" if near else ""))
         if name in out:
@@ -165,7 +195,7 @@ def read_dotenv(path: Path, known: Iterable[str]) -> dict[str, str]:
             value = value[1:-1]
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
-        if name not in known:
+        if setting_of(name, known) is None:
             continue
         if not is_secret(name):
             raise ConfigError(f"{path}:{number}", f"{name} is not a secret: set it in the "
@@ -274,8 +304,9 @@ def effective_rows(config: Configuration, env: Mapping[str, str]) -> list[dict[s
     rows = []
     for name, definition in read_effective(env).items():
         value = definition.value
-        if value is None and definition.kind == "text" and not is_secret(name) and name in DOCS:
-            value = DOCS[name].default.replace("`", "") or None
+        doc = DOCS.get(setting_of(name, DOCS) or name)
+        if value is None and definition.kind == "text" and not is_secret(name) and doc is not None:
+            value = doc.default.replace("`", "") or None
         origin = config.origin(name)
         if origin == "file":
             origin = f"file ({config.file_values[name][0]})"

@@ -32,7 +32,7 @@ DOCS: dict[str, Doc] = {
                            "comma-separated `[A-Z0-9][A-Z0-9._-]{0,23}`"),
     "SIDECAR_SOURCES": Doc("sources in priority order", f"`{','.join(DEFAULT_SOURCES)}`",
                            "comma-separated: `sim`, `replay`, `yahoo`, `alphavantage`, `twelvedata`, "
-                           "`polygon`"),
+                           "`polygon`, `ccxt:<id>` (any exchange ccxt has, by its id: `ccxt:kraken`)"),
     "SIDECAR_TIMEFRAME": Doc("bar timeframe: the same as `SIDECAR_TIMEFRAMES` with one element; with "
                              "both set it must be the lowest of them", "`1m`",
                              "`1s`, `1m`, `5m`, `1h`, `1d`, ..."),
@@ -139,6 +139,20 @@ DOCS: dict[str, Doc] = {
     "SIDECAR_BREAKER_FAIL_MAX": Doc("a circuit (per source, or per source and asset class) opens after "
                                     "this many failures in a row"),
     "SIDECAR_BREAKER_RESET_S": Doc("an open circuit admits one probe after this long"),
+    # -- ccxt exchanges (sidecar/sources/ccxt_support.py) --
+    "SIDECAR_CCXT_STREAM": Doc("what the `ccxt:<id>` sources stream between polls: `auto` candles where "
+                               "the exchange streams them, else trades"),
+    "SIDECAR_CCXT_POLL_S": Doc("shortest time between two polls of one symbol while its ccxt stream is up"),
+    "SIDECAR_CCXT_BASE_URL_<ID>": Doc("scheme and host every REST request of exchange `<id>` is sent to "
+                                      "instead (gateway, test server); a path here prefixes theirs",
+                                      "the exchange's own hosts",
+                                      "an `http(s)://` URL with a host, without a query string"),
+    "SIDECAR_CCXT_WS_URL_<ID>": Doc("the same for exchange `<id>`'s websocket URLs",
+                                    "the exchange's own hosts",
+                                    "a `ws(s)://` URL with a host, without a query string"),
+    "SIDECAR_CCXT_MARKETS_<ID>": Doc("exchange `<id>`'s markets from a file instead of loading them",
+                                     "loaded from the exchange, cached a day in `DATA_DIR/ccxt`",
+                                     "a JSON file: a list of ccxt market structures"),
     # -- signals (sidecar/signals.py; `scan --signals`) --
     "SIDECAR_SIGNAL_RULES": Doc("signal rules on", "`all`", "`all`, or comma-separated rule names "
                                 "(docs/scanner.md, \"Signals\")"),
@@ -175,6 +189,10 @@ url = "redis://127.0.0.1:6379/0"   # SIDECAR_REDIS_URL
 [http]
 port = 8787                        # SIDECAR_HTTP_PORT
 ```
+
+A variable with `<ID>` in its name is one setting per ccxt exchange: `<ID>` is the
+exchange id in upper case (`SIDECAR_CCXT_MARKETS_KRAKEN` for `ccxt:kraken`; in the file
+`[ccxt]` `markets_kraken = "..."`).
 
 A bad value stops the daemon at start naming the variable, or the file and the key it
 came from (exit code 2).

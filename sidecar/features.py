@@ -424,6 +424,9 @@ def features_map(
     macd_hist_prev: float | None = None,
     market_open: bool = True,
     next_open: int | None = None,
+    extended_hours: bool = False,
+    extended: bool = False,
+    completeness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The msgpack map the scanner reads (CONTRACT.md "Features", docs/redis-layout.md).
 
@@ -431,7 +434,9 @@ def features_map(
     ``computed_at`` minus it); ``via``: how its newest bar came (poll, stream, last);
     ``macd_hist_prev``: the histogram one bar back, so a zero crossing shows in one read;
     ``market_open``: whether the symbol's calendar says open; ``next_open``: while closed,
-    when it opens next (epoch ms).
+    when it opens next (epoch ms); ``extended_hours``: the symbol includes bars outside
+    its regular session; ``extended``: this bar lies outside it; ``completeness``: the
+    share of expected bars received (:meth:`sidecar.completeness.Completeness.view`).
     Built as one literal (keys in a fixed order): this runs per symbol every cycle.
     """
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
@@ -445,6 +450,7 @@ def features_map(
         "data_age_ms": None if updated_at is None else computed_at - updated_at,
         "macd_hist_prev": macd_hist_prev,
         "market_open": market_open, "next_open": next_open,
+        "extended_hours": extended_hours, "extended": extended, "completeness": completeness,
     }
 
 

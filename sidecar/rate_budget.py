@@ -3,6 +3,8 @@
 In the style of aiolimiter, time is read from injectable clocks: ``clock`` is a
 monotonic ``loop.time``-like callable (seconds) for the windows and back-off, and
 ``wall_clock`` gives epoch seconds for the daily quota, which resets at 00:00 UTC.
+With :attr:`RateBudget.open_hours` (the markets of the symbols it serves), the daily
+quota is paced over the hours they are open, not over the whole day.
 :meth:`RateBudget.try_acquire` never waits: it either takes the cost from every
 window and the day, or takes nothing and returns ``False``. A sliding window of
 ``limit`` per ``period`` guarantees that no interval of that length (so also no
@@ -86,6 +88,7 @@ class RateBudget:
         "_wall",
         "_windows",
         "name",
+        "open_hours",
     )
 
     def __init__(
@@ -113,6 +116,9 @@ class RateBudget:
         self._day_used = 0
         self._blocked_until = float("-inf")
         self._sent_total = 0
+        #: ``(start, end)`` epoch seconds -> seconds some market it serves is open between
+        #: them; ``None``: always (the daily quota is spread over the whole day).
+        self.open_hours: Callable[[float, float], float] | None = None
 
     def _roll_day(self) -> None:
         day = int(self._wall() // _DAY_S)
@@ -180,7 +186,9 @@ class RateBudget:
 
         Every window must hold at its limit indefinitely, and what is left of the
         day is spread over the time until the daily reset (00:00 UTC), so a quota
-        lasts the whole day instead of running out in its first minutes.
+        lasts the whole day instead of running out in its first minutes; with
+        :attr:`open_hours`, over the open time left until the reset (nothing open
+        until then: one request per reset, none is due anyway).
         """
         self._roll_day()
         pace = 0.0
@@ -189,7 +197,11 @@ class RateBudget:
         if self._per_day is not None:
             left = self._per_day - self._day_used
             reset = self.seconds_to_reset()
-            pace = max(pace, reset if left < cost else reset * cost / left)
+            span = reset
+            if self.open_hours is not None:
+                wall = self._wall()
+                span = self.open_hours(wall, wall + reset) or reset
+            pace = max(pace, reset if left < cost else span * cost / left)
         return pace
 
     def exhausted(self, message: str = "") -> BudgetExhausted:

@@ -15,6 +15,10 @@ the daemon, on one grid per market (:class:`Grid`):
   (the date its session closes on; the UTC day for a market that never closes), the
   way the sources stamp providers' daily bars.
 
+Extended hours: for a symbol that includes them, the base bars outside the regular
+session stay in the base series; the regular session alone makes the higher buckets
+(:meth:`Grid.holds`), as the providers' regular-hours hourly and daily bars do.
+
 The aggregation law (:func:`aggregate`): open of the first base bar, highest high,
 lowest low, close of the last, volumes summed in time order (``None`` when any base
 bar has none). A bucket without base bars has no bar.
@@ -56,17 +60,28 @@ class Bucket:
 class Grid:
     """The buckets of one timeframe on one market (see the module docstring)."""
 
-    __slots__ = ("_zone", "calendar", "daily", "fallback", "tf")
+    __slots__ = ("_zone", "calendar", "daily", "fallback", "regular_only", "tf")
 
     def __init__(self, tf: Timeframe, calendar: MarketCalendar | None,
-                 fallback: Timeframe | None = None) -> None:
+                 fallback: Timeframe | None = None, *, regular_only: bool = False) -> None:
         """``fallback``: the grid where the calendar says nothing (no calendar, closed
-        time, years it does not cover); ``tf`` on the clock's grid if not given."""
+        time, years it does not cover); ``tf`` on the clock's grid if not given.
+        ``regular_only``: the base series holds extended-hours bars, left out here."""
         self.tf = tf
         self.calendar = calendar
+        self.regular_only = regular_only and calendar is not None
         self.daily = tf.ms >= DAY_MS
         self.fallback = fallback or tf
         self._zone = ZoneInfo(calendar.zone) if calendar is not None else None
+
+    def holds(self, t_ms: int) -> bool:
+        """Whether the base bar opening at ``t_ms`` folds into this timeframe: always,
+        but an extended-hours bar of a ``regular_only`` grid."""
+        if not self.regular_only:
+            return True
+        cal = self.calendar
+        assert cal is not None
+        return cal.period(t_ms) is not None or not cal.known(t_ms)
 
     def bucket(self, t_ms: int) -> Bucket:
         """The bucket of the base bar opening at ``t_ms``."""
@@ -119,7 +134,10 @@ def _merge(acc: Bar, b: Bar, forming: bool) -> Bar:
 def aggregate_all(grid: Grid, symbol: str, bars: Iterable[Bar]) -> list[tuple[Bucket, list[Bar]]]:
     """``bars`` (closed base bars, oldest first) grouped by ``grid``'s buckets, oldest first."""
     out: list[tuple[Bucket, list[Bar]]] = []
+    holds = grid.holds
     for b in bars:
+        if not holds(b.t):
+            continue
         if out and out[-1][0].lo <= b.t < out[-1][0].hi:
             out[-1][1].append(b)
         else:
@@ -191,6 +209,8 @@ class Series:
         out: list[Bar] = []
         grid = self.grid
         assert grid is not None
+        if grid.regular_only and not grid.holds(base.t):
+            return out  # an extended-hours bar: the base series' alone, here and above
         b = self.bucket
         if b is not None and b.lo <= base.t < b.hi:
             assert self.acc is not None
@@ -213,6 +233,8 @@ class Series:
     def mark_dirty(self, base_t: int) -> None:
         """The base bar at ``base_t`` was revised: its bucket is re-aggregated here and above."""
         assert self.grid is not None
+        if not self.grid.holds(base_t):
+            return
         b = self.grid.bucket(base_t)
         self.dirty[b.lo] = b
         self.needs_rebuild = True
@@ -235,6 +257,9 @@ class Series:
         b = self.bucket
         if self.acc is None or b is None:
             return []
+        if base_forming is not None and self.grid is not None and self.grid.regular_only \
+                and not self.grid.holds(base_forming.t):
+            base_forming = None  # extended hours: the bucket ends on the clock
         if base_forming is not None:
             if base_forming.t >= b.hi:
                 return [self._finish()]
@@ -249,6 +274,9 @@ class Series:
         the base forming bar (or the bar a base forming bar opens)."""
         acc, b = self.acc, self.bucket
         bar: Bar | None = None
+        if base_forming is not None and self.grid is not None and self.grid.regular_only \
+                and not self.grid.holds(base_forming.t):
+            base_forming = None
         if base_forming is not None and base_forming.t >= self._done_hi:
             if b is not None and b.lo <= base_forming.t < b.hi:
                 assert acc is not None

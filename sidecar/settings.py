@@ -60,6 +60,10 @@ class Definition:
     choices: tuple[str, ...] = ()
 
 
+#: What stands for the instance in a pattern setting's name, one variable per instance
+#: (``SIDECAR_CCXT_MARKETS_<ID>``: ``SIDECAR_CCXT_MARKETS_KRAKEN`` for ``ccxt:kraken``).
+INSTANCE = "<ID>"
+
 _N = TypeVar("_N", int, float)
 _RECORDS: ContextVar[dict[str, Definition] | None] = ContextVar("sidecar_settings_records", default=None)
 

@@ -80,6 +80,9 @@ class SymbolEntry:
     shard: int | None = None
     #: Its trading calendar (:mod:`sidecar.calendars`): when its market is open.
     calendar: str = "XNYS"
+    #: Bars outside the regular session: included (``True``), excluded (``False``) or as
+    #: its asset class says (``None``, see :meth:`SymbolMap.extended_hours`).
+    extended_hours: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as ``python -m sidecar symbols --json`` prints it.
@@ -90,7 +93,8 @@ class SymbolEntry:
         out: dict[str, Any] = {"symbol": self.canonical, "asset_class": self.asset_class,
                                "broker": self.broker,
                                "session": None if self.session is None else str(self.session),
-                               "calendar": self.calendar}
+                               "calendar": self.calendar,
+                               "extended_hours": _CHOICE[self.extended_hours]}
         for provider in PROVIDERS:
             spelling = self.spellings.get(provider)
             if spelling is None:
@@ -118,6 +122,42 @@ def _default_entry(symbol: str) -> SymbolEntry:
         spellings={p: ProviderSymbol(symbol, p, symbol, "stock") for p in PROVIDERS},
         session=US_EQUITY_SESSION,
     )
+
+
+#: How an entry's ``extended_hours`` choice is spelled (``None``: its asset class's).
+_CHOICE = {True: "include", False: "exclude", None: None}
+#: The mapping's table of per-asset-class settings (not a symbol: lower case).
+CLASSES_TABLE = "asset_classes"
+
+
+def _parse_extended(raw: Any, where: str, calendar: str | None) -> bool | None:
+    """``extended_hours = "include" | "exclude"``; ``include`` needs a calendar whose
+    extended hours are known (:data:`sidecar.calendars.EXTENDED_HOURS`)."""
+    if raw is None:
+        return None
+    if raw not in ("include", "exclude"):
+        raise ConfigError(_SETTING, f"{where}: expected \"include\" or \"exclude\", got {raw!r}")
+    if raw == "include" and calendar is not None and not calendars.has_extended(calendar):
+        raise ConfigError(_SETTING, f"{where}: no extended hours known for calendar {calendar} "
+                                    f"(known: {', '.join(sorted(calendars.EXTENDED_HOURS))})")
+    return bool(raw == "include")
+
+
+def _parse_classes(raw: Any, where: str) -> dict[AssetClass, bool]:
+    """``[asset_classes.<class>]`` tables: each class's ``extended_hours`` choice."""
+    if not isinstance(raw, dict):
+        raise ConfigError(_SETTING, f"{where}: expected a table of asset classes")
+    out: dict[AssetClass, bool] = {}
+    for name, body in raw.items():
+        if name not in ASSET_CLASSES:
+            raise ConfigError(_SETTING, f"{where}.{name}: not an asset class "
+                                        f"({', '.join(ASSET_CLASSES)})")
+        if not isinstance(body, dict) or set(body) - {"extended_hours"}:
+            raise ConfigError(_SETTING, f"{where}.{name}: expected a table with extended_hours only")
+        choice = _parse_extended(body.get("extended_hours"), f"{where}.{name}.extended_hours", None)
+        if choice is not None:
+            out[cast(AssetClass, name)] = choice
+    return out
 
 
 #: The exchange whose calendar a session in this zone follows, unless the entry names one.
@@ -210,11 +250,14 @@ def _parse_spelling(
 class SymbolMap:
     """The loaded mapping. Build with :func:`load_symbol_map`."""
 
-    __slots__ = ("_entries", "_spellings", "path", "rejected")
+    __slots__ = ("_entries", "_spellings", "classes", "path", "rejected")
 
     def __init__(self, entries: Mapping[str, SymbolEntry], path: Path | None = None,
-                 rejected: Mapping[str, str] | None = None) -> None:
+                 rejected: Mapping[str, str] | None = None,
+                 classes: Mapping[AssetClass, bool] | None = None) -> None:
+        """``classes``: each asset class's ``extended_hours`` choice where the file makes one."""
         self._entries = dict(entries)
+        self.classes = dict(classes or {})
         self.path = path
         #: ``for_source`` answers, asked for every symbol every cycle (the map never changes).
         self._spellings: dict[tuple[str, str], ProviderSymbol | None] = {}
@@ -248,6 +291,19 @@ class SymbolMap:
         if symbol in self._entries or spelling is None:
             return self.entry(symbol).calendar
         return DEFAULT_CALENDARS[spelling.asset_class]
+
+    def extended_hours(self, symbol: str, spelling: ProviderSymbol | None = None) -> bool:
+        """Whether ``symbol``'s bars outside its regular session are included: its entry's
+        choice, else its asset class's where its calendar's extended hours are known,
+        else excluded."""
+        if symbol in self._entries or spelling is None:
+            entry = self.entry(symbol)
+            asset, calendar, choice = entry.asset_class, entry.calendar, entry.extended_hours
+        else:
+            asset, calendar, choice = spelling.asset_class, DEFAULT_CALENDARS[spelling.asset_class], None
+        if choice is not None:
+            return choice
+        return self.classes.get(asset, False) and calendars.has_extended(calendar)
 
     def for_source(self, provider: str, symbol: str) -> ProviderSymbol | None:
         """How ``provider`` spells ``symbol``, or ``None`` if it cannot serve it.
@@ -314,12 +370,15 @@ def parse_symbol_map(data: Mapping[str, Any], path: Path | None = None) -> Symbo
     and recorded in :attr:`SymbolMap.rejected` (symbol -> the problem, naming the entry)."""
     entries: dict[str, SymbolEntry] = {}
     rejected: dict[str, str] = {}
+    classes = _parse_classes(data.get(CLASSES_TABLE, {}), f"{path or 'mapping'}: [{CLASSES_TABLE}]")
     for canonical, body in data.items():
+        if canonical == CLASSES_TABLE:
+            continue
         try:
             entries[canonical] = _parse_entry(canonical, body, f"{path or 'mapping'}: [{canonical}]")
         except ConfigError as exc:
             rejected[canonical] = exc.problem
-    return SymbolMap(entries, path, rejected)
+    return SymbolMap(entries, path, rejected, classes)
 
 
 def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
@@ -329,10 +388,12 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
         )
     if not isinstance(body, dict):
         raise ConfigError(_SETTING, f"{where}: expected a table")
-    unknown = set(body) - {"asset_class", "broker", "session", "calendar", "shard", CCXT, *PROVIDERS}
+    unknown = set(body) - {"asset_class", "broker", "session", "calendar", "shard", "extended_hours",
+                           CCXT, *PROVIDERS}
     if unknown:
         raise ConfigError(_SETTING, f"{where}: unknown keys {sorted(unknown)} (known: asset_class, "
-                                    f"broker, session, calendar, shard, {', '.join(PROVIDERS)}, {CCXT})")
+                                    f"broker, session, calendar, shard, extended_hours, "
+                                    f"{', '.join(PROVIDERS)}, {CCXT})")
     shard = body.get("shard")
     if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or shard < 0):
         raise ConfigError(_SETTING, f"{where}: shard must be a shard index (an integer >= 0)")
@@ -355,7 +416,8 @@ def _parse_entry(canonical: str, body: Any, where: str) -> SymbolEntry:
                                given.zone if given is not None else None)
     session = given if raw_session is not None else _parse_session(
         None, asset, f"{where}.session", calendar)
-    return SymbolEntry(canonical, asset, broker.strip(), spellings, session, shard, calendar)
+    extended = _parse_extended(body.get("extended_hours"), f"{where}.extended_hours", calendar)
+    return SymbolEntry(canonical, asset, broker.strip(), spellings, session, shard, calendar, extended)
 
 
 def mapping_report(symbol_map: SymbolMap, symbols: Iterable[str]) -> list[tuple[str, str]]:

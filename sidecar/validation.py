@@ -6,7 +6,9 @@ already accepted per symbol: ordering, revisions, corrections, duplicates,
 outliers (held, not stored) and gaps (recorded, optionally filled with bars
 marked synthetic). With a symbol's trading calendar, only bars whose time overlaps
 its regular hours are expected (a weekend, a holiday or a lunch break is no gap) and
-accepted (extended-hours bars are rejected as ``outside_session``).
+accepted: a bar outside them is rejected as ``outside_session``, unless the symbol
+includes extended hours and the bar lies in its extended session (such bars are
+accepted, never expected: a pre-market minute without trades is no gap).
 Every rejection is counted by reason and logged once.
 """
 
@@ -134,6 +136,7 @@ class Validator:
     __slots__ = (
         "_calendars",
         "_correction_ms",
+        "_extended",
         "_fill_gaps",
         "_grids",
         "_outlier_k",
@@ -161,10 +164,13 @@ class Validator:
         fill_gaps: bool = False,
         grids: Mapping[str, Timeframe] | None = None,
         calendars: Mapping[str, MarketCalendar] | None = None,
+        extended: Mapping[str, MarketCalendar] | None = None,
     ) -> None:
-        """``calendars``: per symbol, the market hours its bars are expected in (gaps)."""
+        """``calendars``: per symbol, the market hours its bars are expected in (gaps);
+        ``extended``: per symbol including extended hours, the hours its bars are accepted in."""
         self._tf = tf
         self._calendars = dict(calendars or {})
+        self._extended = dict(extended or {})
         #: Symbols whose bars sit on a session grid (``Timeframe.on_session``), by symbol.
         self._grids = {sym: g for sym, g in (grids or {}).items() if g.session is not None}
         self._skew_ms = skew_ms
@@ -365,12 +371,15 @@ class Validator:
 
     def _vet(self, bar: Bar, grid: Timeframe, now_ms: int) -> str | None:
         """:func:`check_bar`, then the symbol's regular hours: a bar wholly outside them
-        (pre- or post-market, a provider's entry stamped at the close) is ``outside_session``."""
+        (pre- or post-market, a provider's entry stamped at the close) is ``outside_session``
+        unless it lies in the extended hours the symbol includes."""
         reason = check_bar(bar, grid, now_ms, self._skew_ms)
         if reason is None and self._calendars:
             calendar = self._calendars.get(bar.symbol)
             if calendar is not None and not calendar.open_slots(bar.t, bar.t + grid.ms, grid.ms):
-                return "outside_session"
+                ext = self._extended.get(bar.symbol)
+                if ext is None or not ext.open_slots(bar.t, bar.t + grid.ms, grid.ms):
+                    return "outside_session"
         return reason
 
     def _reject(self, bar: Bar, reason: str) -> Outcome:

@@ -28,6 +28,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from sidecar import foreground
 from sidecar.app.api import ReadApi
 from sidecar.app.bootstrap import DAY_MS, repair_gaps
 from sidecar.app.health import StatusLog, assess
@@ -132,24 +133,42 @@ async def repair_round(pipeline: Pipeline, sources: list[Source], store: BarStor
                        redis_store: RedisStore, *, now_ms: int) -> int:
     """Backfill every symbol's recorded gaps from ``sources``; returns the bars added.
 
-    A symbol that got bars has older history changed: its feature handles are
-    rebuilt after the next cycle (:meth:`Pipeline.history_changed`).
+    A symbol that got bars has older history changed: after the next cycle the higher
+    bars containing them are re-aggregated and stored, and the feature handles of every
+    timeframe rebuilt (:meth:`Pipeline.history_changed`); its base bars are counted for
+    completeness from the store now, the re-aggregated higher bars as the rebuild
+    stores them.
     """
     added = 0
+    tf = pipeline.tf.name
     for sym in pipeline.symbols:
         try:
             result = await repair_gaps(sym, pipeline.grids[sym], sources, store,
                                        now_ms=now_ms, redis_store=redis_store,
                                        calendar=pipeline.calendars.get(sym))
+            if not result.bars:
+                continue
+            repaired = await store.bars_between(sym, tf, result.got_first or 0, (result.got_last or 0) + 1)
         except Exception as exc:
             log.error("gap repair failed", extra={"symbol": sym, "error": str(exc)})
             continue
-        if result.bars:
-            added += result.bars
-            pipeline.history_changed(sym)
-            if not result.in_redis:
-                pipeline.redis_replaced()  # put back once it answers
+        added += result.bars
+        pipeline.history_changed(sym, [b.t for b in repaired])
+        if not result.in_redis:
+            pipeline.redis_replaced()  # put back once it answers
+        await recount_completeness(pipeline, store, sym, now_ms)
     return added
+
+
+async def recount_completeness(pipeline: Pipeline, store: BarStore, symbol: str, now_ms: int) -> None:
+    """Count ``symbol``'s received and synthetic bars of its current and previous session
+    on every timeframe from the store (at start, and after its history changed)."""
+    span = pipeline.completeness.sessions(symbol, now_ms)
+    if span is None:
+        return
+    for tf in pipeline.timeframes:
+        bars = await store.bars_between(symbol, tf.name, span[0], span[1])
+        pipeline.completeness.load(symbol, tf.name, bars, now_ms)
 
 async def _open_sqlite(store: BarStore, stack: contextlib.AsyncExitStack) -> None:
     """Open the bar store and register its close (which flushes what is buffered)."""
@@ -320,6 +339,7 @@ class Daemon:
         self._spawn(self._watch_redis_identity(pipeline))
         self._spawn(self._retention(store))
         self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
+        self._spawn(self._count_completeness(pipeline, store))
         self._replay = replay
         return pipeline, ticker, view
 
@@ -415,6 +435,23 @@ class Daemon:
                 log.error("gap repair: flush failed", extra={"error": str(exc)})
                 continue
             await repair_round(pipeline, spare, store, redis_store, now_ms=int(self.clock() * 1000))
+
+    async def _count_completeness(self, pipeline: Pipeline, store: BarStore) -> None:
+        """Once warm-up is done, count each symbol's stored bars of its current and
+        previous session (:func:`recount_completeness`), one symbol at a time between cycles."""
+        while pipeline.warmup.finished_ms is None:
+            if await self._stopping_within(1.0):
+                return
+        todo = [sym for sym in pipeline.symbols if sym in pipeline.completeness]
+        if not todo:
+            return  # no symbol has a calendar (simulated markets, SIDECAR_MARKET_HOURS=false)
+        try:
+            await store.flush()  # the bars the cycles counted are read back
+            for sym in todo:
+                await foreground.wait_idle()
+                await recount_completeness(pipeline, store, sym, int(self.clock() * 1000))
+        except Exception as exc:
+            log.error("completeness count failed", extra={"error": str(exc)})
 
     async def _watch_redis_identity(self, pipeline: Pipeline) -> None:
         """Notice a Redis that restarted under us (its ``run_id`` changed): it may have

@@ -134,8 +134,12 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
             "calendar": cal.name if (cal := pipeline.calendars.get(sym)) is not None else None,
             "market_open": st.market_open,
             "next_open": st.next_open,
+            "extended_hours": _hours_choice(pipeline, sym),
             "timeframes": {ser.tf.name: _series_info(ser, now_ms) for ser in st.series},
         }
+        completeness = pipeline.completeness.report(sym, now_ms)
+        for tf, info in (completeness or {}).items():
+            symbols[sym]["timeframes"][tf]["completeness"] = info
     sources = pipeline.router.status()
 
     for sym, st in pipeline.symbols.items():
@@ -182,14 +186,29 @@ def _series_info(ser: Series, now_ms: int) -> dict[str, Any]:
     }
 
 
+def _hours_choice(pipeline: Pipeline, symbol: str) -> str | None:
+    """``include``/``exclude``: whether ``symbol``'s bars outside its regular session are
+    kept (``None``: no calendar, nothing is left out)."""
+    if symbol not in pipeline.calendars:
+        return None
+    return "include" if symbol in pipeline.extended else "exclude"
+
+
 def _market(pipeline: Pipeline, now_ms: int) -> dict[str, Any]:
-    """How many symbols trade now, how many wait for their market to open, how many are stale."""
+    """How many symbols trade now, how many wait for their market to open, how many are
+    stale; per asset class, how many include extended hours and how many exclude them."""
     stale_after = pipeline.stale_after_ms
     states = pipeline.symbols.values()
     closed = sum(not st.market_open for st in states)
+    by_class: dict[str, dict[str, int]] = {}
+    for sym, asset in pipeline.asset_classes.items():
+        choice = "include" if sym in pipeline.extended else "exclude"
+        counts = by_class.setdefault(asset, {"include": 0, "exclude": 0})
+        counts[choice] += 1
     return {
         "hours": pipeline.settings.market_hours,
         "open": len(pipeline.symbols) - closed,
         "closed": closed,
         "stale": sum(st.stale(now_ms, stale_after) for st in states),
+        "extended_hours": by_class,
     }

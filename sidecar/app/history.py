@@ -15,7 +15,7 @@ lost or counted twice (:meth:`History.open_handles`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from sidecar.app.tasks import Background
 from sidecar.app.writer import RedisWriter
 from sidecar.bar import Bar
 from sidecar.clock import Clock
+from sidecar.completeness import Completeness
 from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.series import Bucket, Series, aggregate, aggregate_all
@@ -73,10 +74,12 @@ class History:
     def __init__(self, settings: Settings, clock: Clock, symbols: dict[str, SymbolState],
                  grids: dict[str, Timeframe], timeframes: tuple[Timeframe, ...],
                  engine: Callable[[str, Timeframe], FeatureEngine], validator: Validator,
-                 redis: RedisStore, store: BarStore, writer: RedisWriter, background: Background) -> None:
+                 redis: RedisStore, store: BarStore, writer: RedisWriter, background: Background,
+                 completeness: Completeness) -> None:
         """``engine``: a fresh feature engine for a symbol's timeframe; ``writer``: the
         bars Redis still owes are laid over what is read, and bars aggregated here
-        are handed to it; ``background``: where rebuilds run."""
+        are handed to it; ``background``: where rebuilds run; ``completeness`` counts
+        the bars a rebuild re-aggregates."""
         self.settings = settings
         self.clock = clock
         self.symbols = symbols
@@ -89,6 +92,7 @@ class History:
         self.store = store
         self.writer = writer
         self.background = background
+        self.completeness = completeness
         self.progress = WarmupProgress()
         self._warm_redis_down = False  # warm-up found Redis unreachable: it reads SQLite
 
@@ -394,10 +398,16 @@ class History:
         self.symbols[symbol].rebuilding = None
 
 
-    def history_changed(self, symbol: str) -> None:
-        """Older closed bars of ``symbol`` changed in the stores (gap repair): its
-        feature handles are reopened on the stored history after the next cycle."""
-        self.symbols[symbol].base.needs_rebuild = True
+    def history_changed(self, symbol: str, times: Iterable[int] = ()) -> None:
+        """Older closed bars of ``symbol`` changed in the stores (gap repair, the base
+        bars opening at ``times``): after the next cycle every higher bar containing one
+        is re-aggregated from the stored base bars and stored, and the feature handles
+        are reopened on the stored history (:meth:`rebuild`)."""
+        st = self.symbols[symbol]
+        st.base.needs_rebuild = True
+        if st.higher:
+            for t in times:
+                st.higher[0].mark_dirty(t)
 
     async def fold_history(self, symbol: str, start_ms: int, end_ms: int) -> int:
         """Base history older than warm-up saw came in (the rest of the bootstrap days,
@@ -462,7 +472,8 @@ class History:
         between, on the read bars overlaid with the bars Redis still owes (the backlog)
         and every closed bar applied since the rebuild started (:attr:`Series.rebuilding`),
         up to each series' newest closed bar (:meth:`open_handles`). A re-aggregated
-        bar is stored like any other (SQLite, and Redis with the next cycle's write).
+        bar is stored like any other (SQLite, and Redis with the next cycle's write) and
+        counted for completeness (a bucket that lay wholly in a repaired gap is new).
 
         A symbol still warming (its warm-up failed) is warmed instead, as
         :meth:`warm_symbol` does from the stores; its dirty buckets wait for the next
@@ -506,7 +517,9 @@ class History:
             ordered = [known[t] for t in sorted(known) if t <= newest_base and not known[t].forming]
             for ser in st.higher:
                 for bucket in sorted(dirty.get(ser.tf.name, ()), key=lambda b: b.lo):
-                    parts = [b for b in ordered if bucket.lo <= b.t < bucket.hi]
+                    holds = ser.grid.holds if ser.grid is not None else None
+                    parts = [b for b in ordered if bucket.lo <= b.t < bucket.hi
+                             and (holds is None or holds(b.t))]
                     if ser.bucket is not None and ser.bucket.lo == bucket.lo:
                         ser.restart(bucket, parts, 0)  # the current bucket: its aggregate so far
                         continue
@@ -526,6 +539,7 @@ class History:
         if fixed:
             self.store.add(fixed)
             self.writer.defer(fixed)  # the next cycle's final write carries them
+            self.completeness.observe(fixed, int(self.clock() * 1000), history=True)
 
     @staticmethod
     def _rebuild_later(st: SymbolState, todo: list[Series], dirty: dict[str, list[Bucket]]) -> None:

@@ -160,6 +160,7 @@ class _PipelineCollector(Collector):
         yield from self._sources(r["sources"])
         yield from self._circuits(b for info in r["sources"].values() for b in info.get("breakers", ()))
         yield from self._symbols(r["symbols"])
+        yield from _completeness(r["symbols"])
 
     @staticmethod
     def _sources(sources: dict[str, Any]) -> Iterator[Metric]:
@@ -252,6 +253,54 @@ class _PipelineCollector(Collector):
                                     else series["last_price"])
                 tf_forming.add_metric([sym, tf], 1.0 if series["forming"] else 0.0)
         yield from (age, updated, stale, price, tf_age, tf_price, tf_forming)
+
+
+#: ``sidecar_completeness_symbols_below{threshold}``: the shares counted below.
+COMPLETENESS_THRESHOLDS = (0.5, 0.9, 0.99)
+#: Upper bounds of the ``sidecar_completeness_ratio`` histogram buckets.
+COMPLETENESS_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def _completeness(symbols: dict[str, Any]) -> Iterator[Metric]:
+    """Completeness per timeframe, summed over symbols (per-symbol gauges would be 5,000
+    series a timeframe): how many symbols are below each threshold, in the current and
+    the previous session; a histogram of the current session's shares; synthetic and
+    late bars of the current session."""
+    below = GaugeMetricFamily("sidecar_completeness_symbols_below",
+                              "Symbols whose share of expected bars received is below threshold",
+                              labels=["tf", "session", "threshold"])
+    synthetic = GaugeMetricFamily("sidecar_completeness_synthetic_bars",
+                                  "Synthetic (gap-filled) bars in the current session, all symbols",
+                                  labels=["tf"])
+    late = GaugeMetricFamily("sidecar_completeness_late_bars",
+                             "Bars that closed late in the current session, all symbols", labels=["tf"])
+    shares: dict[str, dict[str, list[float]]] = {}
+    counts: dict[str, list[int]] = {}
+    for info in symbols.values():
+        for tf, series in info.get("timeframes", {}).items():
+            c = series.get("completeness")
+            if c is None:
+                continue
+            per = shares.setdefault(tf, {"session": [], "previous": []})
+            for session in ("session", "previous"):
+                if c[session] is not None:
+                    per[session].append(c[session])
+            n = counts.setdefault(tf, [0, 0])
+            n[0] += c["synthetic"]
+            n[1] += c["late"]
+    ratio = HistogramMetricFamily("sidecar_completeness_ratio",
+                                  "Share of expected bars received in the current session, over symbols",
+                                  labels=["tf"])
+    for tf, per in shares.items():
+        for session, label in (("session", "current"), ("previous", "previous")):
+            for bound in COMPLETENESS_THRESHOLDS:
+                below.add_metric([tf, label, repr(bound)], sum(x < bound for x in per[session]))
+        current = per["session"]
+        buckets = [(repr(b), float(sum(x <= b for x in current))) for b in COMPLETENESS_BUCKETS]
+        ratio.add_metric([tf], [*buckets, ("+Inf", float(len(current)))], sum(current))
+        synthetic.add_metric([tf], counts[tf][0])
+        late.add_metric([tf], counts[tf][1])
+    yield from (below, ratio, synthetic, late)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,9 @@ from sidecar.app.tasks import Background
 from sidecar.app.writer import CycleWrites, RedisState, RedisWriter
 from sidecar.bar import Bar
 from sidecar.breaker import SourceCircuits
-from sidecar.calendars import MarketCalendar, get_calendar
+from sidecar.calendars import MarketCalendar, extended_calendar, get_calendar
 from sidecar.clock import Clock, as_clock
+from sidecar.completeness import Completeness
 from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.series import Grid, Series
@@ -155,11 +156,18 @@ class Pipeline:
         #: Each symbol's trading calendar, for symbols a real source serves (simulated
         #: series trade around the clock) while ``settings.market_hours`` is on.
         self.calendars: dict[str, MarketCalendar] = {}
+        #: The extended-hours calendar of each of those symbols that include them (symbols.toml).
+        self.extended: dict[str, MarketCalendar] = {}
+        #: The asset class of each symbol with a calendar (``/health`` sums the choices by it).
+        self.asset_classes: dict[str, str] = {}
         if settings.market_hours:
             smap = symbol_map if symbol_map is not None else load_symbol_map()
             for sym in settings.symbols:
                 if any(not src.synthetic and src.can_serve(sym) for src in sources):
                     self.calendars[sym] = get_calendar(smap.calendar(sym))
+                    self.asset_classes[sym] = smap.entry(sym).asset_class
+                    if smap.extended_hours(sym):
+                        self.extended[sym] = extended_calendar(smap.calendar(sym))
         self.validator = Validator(
             self.tf,
             skew_ms=settings.clock_skew_ms,
@@ -169,19 +177,25 @@ class Pipeline:
             fill_gaps=settings.fill_gaps,
             grids=self.grids,
             calendars=self.calendars,
+            extended=self.extended,
         )
         #: Every timeframe kept, lowest (the base the sources are asked for) first.
         self.timeframes: tuple[Timeframe, ...] = settings.series_timeframes
         #: Each symbol's grid per higher timeframe (its calendar's sessions, see :class:`Grid`).
         self.higher_grids: dict[str, list[Grid]] = {
-            sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources))
+            sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources),
+                       regular_only=sym in self.extended)
                   for tf in self.timeframes[1:]]
             for sym in settings.symbols
         }
         self.symbols: dict[str, SymbolState] = {
             sym: SymbolState(self._series(sym)) for sym in settings.symbols
         }
-        self.series = SeriesStage(self.symbols, self.tf, stale_after_ms=self.stale_after_ms,
+        #: Expected bars received per symbol with a calendar and timeframe (:mod:`sidecar.completeness`).
+        self.completeness = Completeness(self.calendars, self.timeframes, int(self.clock() * 1000),
+                                         speed=self.clock.speed)
+        self.series = SeriesStage(self.symbols, self.tf, self.calendars, self.extended, self.completeness,
+                                  stale_after_ms=self.stale_after_ms,
                                   features_ttl_ms=redis_store.features_ttl_ms)
         self.background = Background()
         self._flush_task: asyncio.Task[Any] | None = None
@@ -195,14 +209,16 @@ class Pipeline:
                                      **self._shard_info,
                                      "started_at": int(time.time() * 1000)}
         # The stages.
-        self.router = Router(sources, circuits or {}, self.symbols, self.grids, self.calendars,
+        #: When each symbol is polled: its extended hours where included, else its regular ones.
+        self.router = Router(sources, circuits or {}, self.symbols, self.grids,
+                             {**self.calendars, **self.extended},
                              tf=self.tf, fetch_timeout_s=settings.fetch_timeout_s)
         self.writer = RedisWriter(redis_store, bar_store, self.meta, self.background.spawn,
                                   symbols=list(self.symbols), timeframes=[tf.name for tf in self.timeframes],
                                   bars_cap=settings.bars_cap)
         self.history = History(settings, self.clock, self.symbols, self.grids, self.timeframes,
                                self._engine, self.validator, redis_store, bar_store, self.writer,
-                               self.background)
+                               self.background, self.completeness)
         self.stats = CycleStats(redis=self.writer.state)
 
     @property
@@ -225,7 +241,7 @@ class Pipeline:
         SIDECAR_SESSION_ANCHOR if set, else at the symbol's own session open (its
         calendar), else at 00:00 UTC."""
         anchor = self.settings.session_anchor_min
-        calendar = self.calendars.get(symbol)
+        calendar = self.extended.get(symbol) or self.calendars.get(symbol)
         sessions = calendar.session_bounds if anchor is None and calendar is not None else None
         return FeatureEngine(symbol, (tf or self.tf).name, self.settings.periods, anchor or 0, sessions)
 
@@ -275,10 +291,10 @@ class Pipeline:
         """A symbol's warm-up failed: the cycles' rebuild opens its handles from the stores."""
         self.history.warm_up_failed(symbol)
 
-    def history_changed(self, symbol: str) -> None:
-        """Older closed bars of ``symbol`` changed in the stores (gap repair): its
-        feature handles are reopened on the stored history after the next cycle."""
-        self.history.history_changed(symbol)
+    def history_changed(self, symbol: str, times: Iterable[int] = ()) -> None:
+        """Older closed bars of ``symbol`` changed in the stores (gap repair, the base
+        bars opening at ``times``): see :meth:`History.history_changed`."""
+        self.history.history_changed(symbol, times)
 
     @property
     def warming(self) -> int:
@@ -324,13 +340,13 @@ class Pipeline:
         self.router.market_hours(now_ms)
         await self.router.fetch(now_ms, lambda answers, more: self._take(cycle, answers, more, now_ms))
         closed = self.series.settle_closed(self.router.closed, now_ms)
+        if closed:
+            self._store(closed, now_ms)
         self._record_gaps()
         answered = set(cycle.updated)
         features, settled = self.series.features([s for s in self.symbols if s not in answered], now_ms)
-        for bars in (closed, settled):
-            if bars:
-                self.store.add(bars)
-                self.writer.defer(bars)  # the cycle's final write carries them
+        if settled:
+            self._store(settled, now_ms)
         heartbeat = {"pid": self._pid, "t": now_ms, "tick": tick_ms, "cycle": stats.cycles,
                      "tf": self.tf.name, "tfs": self.meta["tfs"], "symbols": len(self.symbols),
                      "cycle_ms": round(stats.last_duration_ms, 3), **self._shard_info}
@@ -369,10 +385,18 @@ class Pipeline:
         symbols = list(answers)
         cycle.updated += symbols
         features, _ = self.series.features(symbols, now_ms, to_store)
+        self.completeness.observe(to_store, now_ms)
         cycle.features += len(features)
         self.stats.bars_accepted += len(to_store)
         self.store.add(to_store)
         self.writer.send(cycle.writes, to_store, features, more)
+
+    def _store(self, bars: list[Bar], now_ms: int) -> None:
+        """Bars the cycle made apart from any answer: counted, buffered for SQLite, and
+        carried by the cycle's final write."""
+        self.completeness.observe(bars, now_ms)
+        self.store.add(bars)
+        self.writer.defer(bars)
 
     def _record_gaps(self) -> None:
         for gap in self.validator.new_gaps:

@@ -2,8 +2,8 @@
 
 Every source has a refresh interval per symbol (:meth:`Source.refresh_interval_s`):
 the pace its rate budget sustains for the symbols it can serve, its daily quota
-spread over the rest of the day (Alpha Vantage's 25/day for five symbols: one
-refresh per symbol every ~4.8 h; Yahoo's self-imposed budget: every few seconds).
+spread over the open hours left in the day (Alpha Vantage's 25/day for five US stocks: one
+refresh per symbol every ~78 min over the 6.5 h session; Yahoo's self-imposed budget: every few seconds).
 A symbol is *due* at a source when that interval has passed since the source was
 last asked for it. In priority order, each source is asked for its due symbols;
 a symbol it holds (answered last) but that is not due is served without a request:

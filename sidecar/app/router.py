@@ -23,9 +23,9 @@ from sidecar.app.planner import VIA_LAST, VIA_POLL, VIA_STREAM, Planner
 from sidecar.app.symbol_state import SymbolState
 from sidecar.bar import Bar
 from sidecar.breaker import BreakerOpen, SourceBreaker, SourceCircuits
-from sidecar.calendars import MarketCalendar
+from sidecar.calendars import MarketCalendar, open_ms
 from sidecar.errors import ProviderError
-from sidecar.rate_budget import BudgetExhausted
+from sidecar.rate_budget import BudgetExhausted, RateBudget
 from sidecar.sources.base import Source
 from sidecar.timeframe import Timeframe
 
@@ -36,6 +36,15 @@ CLOSE_GRACE_MS = 60_000
 
 #: Receives one request's bars by symbol, and whether other requests are still in flight.
 OnAnswer = Callable[[dict[str, list[Bar]], bool], None]
+
+
+def pace_over_open_hours(budget: RateBudget | None, calendars: list[MarketCalendar | None]) -> None:
+    """Pace a source's daily quota (its ``budget``) over the hours the markets of its
+    symbols are open (``calendars``: theirs; one without a calendar trades around the clock)."""
+    if budget is None or not calendars or any(cal is None for cal in calendars):
+        return
+    distinct = list({cal.name: cal for cal in calendars if cal is not None}.values())
+    budget.open_hours = lambda a, b: open_ms(distinct, int(a * 1000), int(b * 1000)) / 1000
 
 
 @dataclass(slots=True)
@@ -175,19 +184,21 @@ class Router:
         circuits: dict[str, SourceCircuits],
         symbols: dict[str, SymbolState],
         grids: dict[str, Timeframe],
-        calendars: dict[str, MarketCalendar],
+        hours: dict[str, MarketCalendar],
         *,
         tf: Timeframe,
         fetch_timeout_s: float,
     ) -> None:
         """``symbols``: the cycle's symbol states (the router books each one's path);
-        ``grids``: each symbol's bar grid, which its sources are asked for;
-        ``calendars``: the symbols whose market hours hold them back."""
+        ``grids``: each symbol's bar grid, which its sources are asked for; ``hours``:
+        the calendar of the hours each symbol is asked in (its extended hours where
+        included, else its regular ones; none: always); daily budgets are paced over them."""
         self.sources = [SourceState(s, circuits.get(s.name)) for s in sources]
         for state in self.sources:
             state.learn(grids)
+            pace_over_open_hours(state.source.budget, [hours.get(sym) for sym in state.servable])
         self.symbols = symbols
-        self.calendars = calendars
+        self.hours = hours
         self.tf = tf
         self.fetch_timeout_s = fetch_timeout_s
         self.planner = Planner()
@@ -267,7 +278,7 @@ class Router:
         closes, and once more if its market was open at any time since the previous
         cycle (a clock that moves many minutes per cycle, as a fast replay's does).
         """
-        if not self.calendars:
+        if not self.hours:
             return
         prev = self._prev_now_ms
         self._prev_now_ms = now_ms
@@ -275,7 +286,7 @@ class Router:
         by_calendar: dict[str, tuple[bool, bool, int | None]] = {}
         closed: list[str] = []
         states = self.symbols
-        for sym, cal in self.calendars.items():
+        for sym, cal in self.hours.items():
             known = by_calendar.get(cal.name)
             if known is None:
                 is_open = cal.is_open(now_ms)

@@ -18,6 +18,8 @@ from typing import Any
 
 from sidecar.app.planner import VIA_LAST
 from sidecar.bar import Bar
+from sidecar.calendars import MarketCalendar
+from sidecar.completeness import Completeness
 from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
 from sidecar.redis_store import FeatureRow
 from sidecar.series import Series
@@ -164,15 +166,22 @@ class SeriesStage:
     """Every symbol's series, as the cycle uses them after validation: forming bars a
     closed market leaves are closed, feature maps are packed."""
 
-    __slots__ = ("features_ttl_ms", "stale_after_ms", "symbols", "tf")
+    __slots__ = ("calendars", "completeness", "extended", "features_ttl_ms", "stale_after_ms", "symbols",
+                 "tf")
 
-    def __init__(self, symbols: dict[str, SymbolState], tf: Timeframe, *, stale_after_ms: int,
+    def __init__(self, symbols: dict[str, SymbolState], tf: Timeframe, calendars: dict[str, MarketCalendar],
+                 extended: dict[str, MarketCalendar], completeness: Completeness, *, stale_after_ms: int,
                  features_ttl_ms: int) -> None:
-        """``stale_after_ms``: no answer for longer (past the planned interval) makes a
-        symbol stale; ``features_ttl_ms``: how long a features key lives (while its
-        market is open)."""
+        """``calendars``: each symbol's regular hours, ``extended``: the extended hours of
+        those that include them (their maps flag bars outside the regular session);
+        ``completeness``: each map's share of expected bars; ``stale_after_ms``: no answer
+        for longer (past the planned interval) makes a symbol stale; ``features_ttl_ms``:
+        how long a features key lives (while its market is open)."""
         self.symbols = symbols
         self.tf = tf
+        self.calendars = calendars
+        self.extended = extended
+        self.completeness = completeness
         self.stale_after_ms = stale_after_ms
         self.features_ttl_ms = features_ttl_ms
 
@@ -207,6 +216,7 @@ class SeriesStage:
         ttl = self.features_ttl_ms
         stale_after = self.stale_after_ms
         states = self.symbols
+        extended, completeness = self.extended, self.completeness.views
         settled: list[Bar] = []
         for sym in symbols:
             st = states[sym]
@@ -217,7 +227,9 @@ class SeriesStage:
                     stored += [ser.forming for ser in st.higher if ser.forming is not None]
             stale = st.stale(now_ms, stale_after)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
-            for ser in st.series:
+            regular = self.calendars[sym] if sym in extended else None
+            shares = completeness(sym, now_ms)
+            for i, ser in enumerate(st.series):
                 bar = ser.forming or ser.last
                 if bar is None:
                     continue
@@ -228,6 +240,9 @@ class SeriesStage:
                     # The histogram one bar back, so a reader sees a zero crossing in one read.
                     macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
                     market_open=st.market_open, next_open=st.next_open,
+                    extended_hours=regular is not None,
+                    extended=regular is not None and i == 0 and not regular.is_open(bar.t),
+                    completeness=None if shares is None else shares[i],
                 )
                 if st.warming:
                     fmap["warming"] = True

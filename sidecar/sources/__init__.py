@@ -2,7 +2,7 @@
 
 Each provider module exposes ``build(settings, providers) -> Source`` (``providers``:
 the provider settings and the symbol map, :class:`~sidecar.sources._http.Providers`,
-read once for all the sources) and raises
+read once for all the sources; ``ccxt_exchange.build`` also takes the exchange id) and raises
 :class:`SourceDisabled` when it cannot run (e.g. its API key is missing), so the
 daemon can report it at start and go on with the others.
 """
@@ -58,11 +58,7 @@ def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = 
         if settings.replay_file is None:
             raise ConfigError("SIDECAR_REPLAY_FILE", "the replay source needs a file of bars")
         return ReplaySource(settings.replay_file, speed=settings.replay_speed)
-    if name.startswith("ccxt:"):
-        from sidecar.sources.ccxt_exchange import build as build_exchange
-
-        return build_exchange(settings, os.environ if env is None else env, name.partition(":")[2])
-    module_name = KNOWN_SOURCES.get(name)
+    module_name = "sidecar.sources.ccxt_exchange" if name.startswith("ccxt:") else KNOWN_SOURCES.get(name)
     if module_name is None:
         raise ConfigError(
             "SIDECAR_SOURCES", f"unknown source {name!r} (known: {', '.join(KNOWN_SOURCES)})"
@@ -77,5 +73,8 @@ def build_source(name: str, settings: Settings, env: Mapping[str, str] | None = 
         from sidecar.sources._http import Providers
 
         providers = Providers.from_env(os.environ if env is None else env)
+    if name.startswith("ccxt:"):
+        exchange: Source = module.build(settings, providers, name.partition(":")[2])
+        return exchange
     source: Source = module.build(settings, providers)
     return source

@@ -7,8 +7,8 @@ waits for the reset), recording the last error without secrets, and ``/health``
 facts. :class:`HttpSource` adds the one shared aiohttp session, the GET that
 parses its answer and ``build``: a keyed HTTP provider is its URLs, its budget
 (:meth:`HttpSource.make_budget`), its two fetches and its parser (the row loop
-:func:`~sidecar.sources._parsing.rows_to_bars`, the error classes
-:func:`~sidecar.sources._parsing.classify`). :class:`Providers` is what every
+:func:`~sidecar.sources._parsing.rows_to_bars`, the error table
+:class:`~sidecar.sources.errors.ErrorTable`). :class:`Providers` is what every
 ``build`` is given: the provider settings and the symbol map, read once.
 """
 
@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aiohttp
@@ -62,16 +62,22 @@ def closed_between(bars: list[Bar], start_ms: int, end_ms: int) -> list[Bar]:
 
 @dataclass(frozen=True, slots=True)
 class Providers:
-    """The provider settings and the symbol map, read once for all the sources."""
+    """The provider settings and the symbol map, read once for all the sources.
+
+    ``env`` is the environment they were read from: a source with settings per
+    instance (``ccxt:<id>``'s ``SIDECAR_CCXT_*_<ID>``) reads those from it.
+    """
 
     settings: ProviderSettings
     symbols: SymbolMap
+    env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Providers:
         """Read the provider variables and the mapping file; ConfigError naming a bad one."""
-        settings = ProviderSettings.from_env(os.environ if env is None else env)
-        return cls(settings, load_symbol_map(settings.symbols_file))
+        env = os.environ if env is None else env
+        settings = ProviderSettings.from_env(env)
+        return cls(settings, load_symbol_map(settings.symbols_file), env)
 
 
 class ProviderSource(Source):

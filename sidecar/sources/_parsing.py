@@ -1,4 +1,4 @@
-"""Helpers shared by the provider parsers: numbers, times, ordering, HTTP errors.
+"""Helpers shared by the provider parsers: numbers, times, the row loop, ordering.
 
 Pure functions only (no I/O), so every parser stays testable on recorded bodies.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -18,6 +18,7 @@ import orjson
 
 from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.errors import ProviderError
+from sidecar.sources.errors import http_status_error
 from sidecar.timeframe import DAY_MS, Timeframe
 
 
@@ -141,41 +142,71 @@ def to_epoch_ms(value: Any, unit_ms: int = 1) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RowFields:
-    """A provider's names for the four prices and the volume of one row."""
+    """A provider's names for the four prices and the volume of one row: keys of an
+    object, or positions in a sequence (a row of columns zipped together)."""
 
-    open: str = "open"
-    high: str = "high"
-    low: str = "low"
-    close: str = "close"
-    volume: str = "volume"
+    open: str | int = "open"
+    high: str | int = "high"
+    low: str | int = "low"
+    close: str | int = "close"
+    volume: str | int = "volume"
+
+
+#: One parsed row: ``(t, o, h, l, c, v)``.
+Row = tuple[int, float, float, float, float, float | None]
+
+
+def parse_row(row: Any, fields: RowFields, open_time: Callable[[Any], int],
+              has_volume: bool) -> Row | None:
+    """One provider row (an object or a sequence) as ``(t, o, h, l, c, v)``; ``None``
+    when it is not a row, or lacks a price or a time that parses.
+
+    ``open_time(row)`` is the bar's open time in epoch ms. A volume that does not parse
+    is ``None`` (as is every volume without ``has_volume``); volumes are kept exactly as
+    given, fractions included.
+    """
+    # Every cycle's hot loop (one row per symbol per bar asked): prices that are strings
+    # take float() directly; anything else goes through to_float's checks.
+    try:
+        o, h, l, c = row[fields.open], row[fields.high], row[fields.low], row[fields.close]
+        if type(o) is str and type(h) is str and type(l) is str and type(c) is str:
+            o, h, l, c = float(o), float(h), float(l), float(c)
+            if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(l) and math.isfinite(c)):
+                return None
+        else:
+            o, h, l, c = to_float(o), to_float(h), to_float(l), to_float(c)
+        t = open_time(row)
+    except (KeyError, IndexError, ValueError, TypeError, OverflowError):
+        return None  # not a row, or a null or malformed one
+    v: float | None = None
+    if has_volume:
+        try:
+            volume = row[fields.volume]
+            if volume is not None and volume != "":
+                v = to_float(volume)
+        except (KeyError, IndexError, ValueError, TypeError, OverflowError):
+            v = None  # missing, or e.g. a list where a number belongs
+    return (t, o, h, l, c, v)
+
+
+def row_bars(rows: Iterable[Any], ctx: ParseContext, fields: RowFields,
+             open_time: Callable[[Any], int]) -> list[Bar]:
+    """Bars of a provider's rows in the answer's order (see :func:`parse_row`);
+    rows that are not bars are dropped."""
+    symbol, tf_name, src, has_volume = ctx.symbol, ctx.tf.name, ctx.src, ctx.has_volume
+    bars: list[Bar] = []
+    for row in rows:
+        parsed = parse_row(row, fields, open_time, has_volume)
+        if parsed is not None:
+            t, o, h, l, c, v = parsed
+            bars.append(Bar(symbol, tf_name, t, o, h, l, c, v, src))
+    return bars
 
 
 def rows_to_bars(rows: Iterable[Any], ctx: ParseContext, fields: RowFields,
-                 open_time: Callable[[Mapping[str, Any]], int]) -> list[Bar]:
-    """Bars of a provider's rows (objects), oldest first, via :func:`finish`.
-
-    ``open_time(row)`` is the bar's open time in epoch ms. A row that is not an
-    object, or lacks a price or a time that parses, is dropped; a volume that does not
-    parse is ``None`` (as is every volume when ``ctx.has_volume`` is false); volumes are
-    kept exactly as given, fractions included.
-    """
-    bars: list[Bar] = []
-    for row in rows:
-        if not isinstance(row, dict):
-            continue
-        try:
-            o, h, l, c = (to_float(row[k]) for k in (fields.open, fields.high, fields.low, fields.close))
-            t = open_time(row)
-        except (KeyError, ValueError, TypeError):
-            continue  # a null or malformed row
-        v: float | None = None
-        if ctx.has_volume and row.get(fields.volume) is not None:
-            try:
-                v = to_float(row[fields.volume])
-            except (ValueError, TypeError):  # e.g. a list where a number belongs
-                v = None
-        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
-    return finish(bars, ctx)
+                 open_time: Callable[[Any], int]) -> list[Bar]:
+    """Bars of a provider's rows, oldest first, via :func:`row_bars` and :func:`finish`."""
+    return finish(row_bars(rows, ctx, fields, open_time), ctx)
 
 
 def finish(bars: list[Bar], ctx: ParseContext) -> list[Bar]:
@@ -187,24 +218,6 @@ def finish(bars: list[Bar], ctx: ParseContext) -> list[Bar]:
     for bar in out:
         bar.forming = bar.t <= ctx.now_ms < bar.t + ctx.tf.ms
     return out
-
-
-def http_status_error(
-    status: int, detail: str, source: str, retry_after: float | None = None
-) -> ProviderError:
-    """The error class an HTTP status means when the body does not say better."""
-    if status == 429:
-        return ProviderError("rate_limited", f"HTTP 429 {detail}", source=source, retry_after=retry_after)
-    if status == 401:
-        return ProviderError("auth", f"HTTP 401 {detail}", source=source)
-    if status == 403:
-        return ProviderError("not_entitled", f"HTTP 403 {detail}", source=source)
-    if status == 404:
-        return ProviderError("unknown_symbol", f"HTTP 404 {detail}", source=source)
-    if status >= 500 or status in (408, 425):
-        return ProviderError("unavailable", f"HTTP {status} {detail}", source=source,
-                             retry_after=retry_after)
-    return ProviderError("bad_response", f"HTTP {status} {detail}", source=source)
 
 
 def rebucket(bars: list[Bar], ctx: ParseContext) -> list[Bar]:

@@ -23,13 +23,13 @@ from sidecar.sources._parsing import (
     ParseContext,
     RowFields,
     decode_json,
-    http_status_error,
     local_text_to_ms,
     rebucket,
     rows_to_bars,
     zone,
 )
 from sidecar.sources.base import HistoryLimits, LatestResult
+from sidecar.sources.errors import ErrorTable, Rule, http_status_error
 from sidecar.symbols import ProviderSymbol
 from sidecar.timeframe import DAY_MS, Timeframe
 
@@ -46,21 +46,22 @@ def _snippet(body: bytes | str) -> str:
     return text[:120].strip()
 
 
-def _classify_message(key: str, text: str) -> ProviderError:
-    low = text.lower()
-    if key == "Note" or any(
-        w in low for w in ("rate limit", "call frequency", "requests per day", "per minute",
-                           "calls per", "spreading out")
-    ):
-        return ProviderError("rate_limited", f"{key}: {text[:200]}", source=NAME)
-    if "apikey" in low or "api key" in low:
-        return ProviderError("auth", f"{key}: {text[:200]}", source=NAME)
-    if "premium" in low:
-        return ProviderError("not_entitled", f"{key}: {text[:200]}", source=NAME)
-    if key == "Error Message":
+#: Alpha Vantage's errors: an HTTP 200 body whose one key (the label) carries the message.
+ERRORS = ErrorTable(
+    NAME,
+    rules=(
+        Rule("rate_limited", when=("Note",)),
+        Rule("rate_limited", phrases=("rate limit", "call frequency", "requests per day", "per minute",
+                                      "calls per", "spreading out")),
+        Rule("auth", phrases=("apikey", "api key")),
+        Rule("not_entitled", phrases=("premium",)),
         # Our calls are generated; the one user-supplied part is the symbol.
-        return ProviderError("unknown_symbol", f"{key}: {text[:200]}", source=NAME)
-    return ProviderError("bad_response", f"{key}: {text[:200]}", source=NAME)
+        Rule("unknown_symbol", when=("Error Message",)),
+    ),
+    detail=lambda body: f"{body.label}: {body.text}",
+    text_limit=200,
+)
+_ERROR_KEYS = ("Error Message", "Note", "Information")
 
 
 def _fields(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,9 +83,9 @@ def parse_time_series(body: bytes | str, status: int, ctx: ParseContext) -> list
     data = decode_json(body, NAME)
     if not isinstance(data, dict):
         raise ProviderError("bad_response", "answer is not an object", source=NAME)
-    for key in ("Error Message", "Note", "Information"):
+    for key in _ERROR_KEYS:
         if key in data and not any(k.startswith("Time Series") for k in data):
-            raise _classify_message(key, str(data[key]))
+            raise ERRORS.error(ERRORS.said(status, key, str(data[key])))
     meta = data.get("Meta Data")
     series_key = next((k for k in data if k.startswith("Time Series")), None)
     if not isinstance(meta, dict) or series_key is None or not isinstance(data[series_key], dict):

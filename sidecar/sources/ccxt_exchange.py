@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
@@ -29,17 +29,19 @@ from sidecar.errors import ConfigError, ProviderError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.settings import Settings
-from sidecar.sources._http import ProviderSource, closed_between, settle
+from sidecar.sources._http import Providers, ProviderSource, closed_between, settle
 from sidecar.sources._parsing import ParseContext, finish
 from sidecar.sources.base import HistoryLimits, LatestResult
 from sidecar.sources.ccxt_stream import ExchangeStream, MarketNews, Trade
 from sidecar.sources.ccxt_support import (
+    MARKETS_SETTING,
     CcxtSettings,
     any_candle,
     cached_markets,
     check_markets,
     classify,
     holds_candles,
+    per_exchange,
     read_markets_file,
     rebase_urls,
     request_limit,
@@ -48,7 +50,7 @@ from sidecar.sources.ccxt_support import (
     streams_by_lowercase_id,
     write_markets_cache,
 )
-from sidecar.symbols import ProviderSymbol, SymbolMap, load_symbol_map
+from sidecar.symbols import ProviderSymbol, SymbolMap
 from sidecar.timeframe import Timeframe
 
 #: Pages one ``fetch_history`` call reads (backfill saves its progress between calls).
@@ -394,7 +396,7 @@ def stream_mode(config: CcxtSettings, exchange: Any, tf: Timeframe) -> str:
     return config.stream
 
 
-def build(settings: Settings, env: Mapping[str, str], exchange_id: str) -> CcxtSource:
+def build(settings: Settings, providers: Providers, exchange_id: str) -> CcxtSource:
     """The ``ccxt:<exchange_id>`` source; :class:`SourceDisabled` without ccxt installed."""
     from sidecar.sources import SourceDisabled
 
@@ -405,11 +407,10 @@ def build(settings: Settings, env: Mapping[str, str], exchange_id: str) -> CcxtS
                              "(pip install 'sidecar[ccxt]')") from None
     if exchange_id not in ccxt.exchanges:
         raise ConfigError("SIDECAR_SOURCES", f"ccxt:{exchange_id}: ccxt has no exchange {exchange_id!r}")
-    provider = ProviderSettings.from_env(env)
-    config = CcxtSettings.from_env(env, exchange_id)
-    setting = f"SIDECAR_CCXT_MARKETS_{exchange_id.upper()}"
+    provider, symbols = providers.settings, providers.symbols
+    config = CcxtSettings.from_env(providers.env, exchange_id)
+    setting = per_exchange(MARKETS_SETTING, exchange_id)
     markets = None if config.markets_file is None else read_markets_file(config.markets_file, setting)
-    symbols = load_symbol_map(provider.symbols_file)
     exchange = make_exchange(config, provider)
     mode = stream_mode(config, exchange, settings.timeframe)
     if markets is not None and config.markets_file is not None:

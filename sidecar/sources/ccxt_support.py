@@ -11,18 +11,23 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sidecar.bar import Bar
 from sidecar.errors import ConfigError, ErrorClass, ProviderError
-from sidecar.settings import EnvReader
-from sidecar.sources._parsing import ParseContext, finish, to_epoch_ms, to_float
+from sidecar.settings import INSTANCE, EnvReader
+from sidecar.sources._parsing import ParseContext, RowFields, to_epoch_ms
+from sidecar.sources._parsing import rows_to_bars as shared_rows_to_bars
+from sidecar.sources.errors import exception_class
 
 #: Markets fetched from an exchange are reused from the data directory this long.
 MARKETS_MAX_AGE_S = 86_400.0
 STREAM_MODES = ("auto", "ohlcv", "trades", "off")
+#: ccxt's unified candle ``[ts_ms, open, high, low, close, volume]``.
+_CANDLE = RowFields(1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +50,40 @@ class CcxtSettings:
     def from_env(cls, env: Mapping[str, str], exchange_id: str) -> CcxtSettings:
         """Read ``SIDECAR_CCXT_*``; a bad value raises :class:`ConfigError` naming it."""
         r = EnvReader(env)
-        suffix = exchange_id.upper()
-        markets_raw = r.raw(f"SIDECAR_CCXT_MARKETS_{suffix}")
+        markets_raw = r.raw(per_exchange(MARKETS_SETTING, exchange_id))
         return cls(
             exchange_id=exchange_id,
-            base_url=_base(r, f"SIDECAR_CCXT_BASE_URL_{suffix}", ("http", "https")),
-            ws_url=_base(r, f"SIDECAR_CCXT_WS_URL_{suffix}", ("ws", "wss")),
+            base_url=_base(r, per_exchange(BASE_URL_SETTING, exchange_id), ("http", "https")),
+            ws_url=_base(r, per_exchange(WS_URL_SETTING, exchange_id), ("ws", "wss")),
             markets_file=Path(markets_raw).expanduser() if markets_raw else None,
             stream=r.choice("SIDECAR_CCXT_STREAM", "auto", STREAM_MODES),
             poll_s=r.number("SIDECAR_CCXT_POLL_S", 5.0, low=0.0, high=86_400.0),
         )
+
+
+#: The settings each exchange has its own of (``<ID>``: the exchange id in upper case).
+BASE_URL_SETTING = "SIDECAR_CCXT_BASE_URL_<ID>"
+WS_URL_SETTING = "SIDECAR_CCXT_WS_URL_<ID>"
+MARKETS_SETTING = "SIDECAR_CCXT_MARKETS_<ID>"
+PER_EXCHANGE = (BASE_URL_SETTING, WS_URL_SETTING, MARKETS_SETTING)
+
+
+def per_exchange(setting: str, exchange_id: str) -> str:
+    """The variable of exchange ``exchange_id``'s ``setting`` (one of :data:`PER_EXCHANGE`)."""
+    return setting.replace(INSTANCE, exchange_id.upper())
+
+
+def configured_exchanges(env: Mapping[str, str]) -> list[str]:
+    """The exchange ids ``env`` configures: its ``ccxt:<id>`` sources, and those that
+    per-exchange variables are set for."""
+    ids = {part.strip().partition(":")[2] for part in env.get("SIDECAR_SOURCES", "").split(",")
+           if part.strip().startswith("ccxt:")}
+    for name in env:
+        for setting in PER_EXCHANGE:
+            head = setting.removesuffix(INSTANCE)
+            if name.startswith(head) and len(name) > len(head):
+                ids.add(name[len(head):].lower())
+    return sorted(i for i in ids if i)
 
 
 def _base(r: EnvReader, name: str, schemes: tuple[str, ...]) -> str | None:
@@ -91,16 +120,11 @@ def rebase_urls(api: Any, rest: str | None, ws: str | None) -> Any:
     return api
 
 
-def classify(exc: BaseException, source: str) -> ProviderError:
-    """The daemon's error class of a ccxt exception (subclasses before their bases).
-
-    ``BadSymbol``, ``NotSupported``, ``AccountNotEnabled`` and ``RestrictedLocation``
-    are about what was asked, not the exchange's health: their classes
-    (``unknown_symbol``, ``not_entitled``) do not count against the circuit.
-    """
+@lru_cache(maxsize=1)
+def _exception_table() -> tuple[tuple[type[BaseException], ErrorClass], ...]:
     import ccxt
 
-    table: tuple[tuple[type[BaseException], ErrorClass], ...] = (
+    return (
         (ccxt.RateLimitExceeded, "rate_limited"),
         (ccxt.DDoSProtection, "rate_limited"),
         (ccxt.BadSymbol, "unknown_symbol"),
@@ -113,13 +137,18 @@ def classify(exc: BaseException, source: str) -> ProviderError:
         (ccxt.OperationFailed, "unavailable"),
         (ccxt.ExchangeError, "bad_response"),  # the exchange refused the request for another reason
     )
-    error_class: ErrorClass = "bad_response"
-    for kind, mapped in table:
-        if isinstance(exc, kind):
-            error_class = mapped
-            break
+
+
+def classify(exc: BaseException, source: str) -> ProviderError:
+    """The daemon's error class of a ccxt exception (subclasses before their bases).
+
+    ``BadSymbol``, ``NotSupported``, ``AccountNotEnabled`` and ``RestrictedLocation``
+    are about what was asked, not the exchange's health: their classes
+    (``unknown_symbol``, ``not_entitled``) do not count against the circuit.
+    """
     text = " ".join(str(exc).split())[:300]
-    return ProviderError(error_class, f"{type(exc).__name__}: {text}", source=source)
+    return ProviderError(exception_class(exc, _exception_table()), f"{type(exc).__name__}: {text}",
+                         source=source)
 
 
 def retry_after(headers: Any) -> float | None:
@@ -208,18 +237,8 @@ def rows_to_bars(rows: Any, ctx: ParseContext) -> list[Bar]:
     if not isinstance(rows, list):
         raise ProviderError("bad_response", f"OHLCV is a {type(rows).__name__}, not a list",
                             source=ctx.src)
-    bars: list[Bar] = []
-    for row in rows:
-        if not isinstance(row, list | tuple) or len(row) < 5:
-            continue
-        try:
-            t = to_epoch_ms(row[0])
-            o, h, l, c = (to_float(x) for x in row[1:5])
-            v = to_float(row[5]) if ctx.has_volume and len(row) > 5 and row[5] is not None else None
-        except (ValueError, TypeError, OverflowError):
-            continue
-        bars.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
-    return finish(bars, ctx)
+    candles = (row for row in rows if isinstance(row, list | tuple))
+    return shared_rows_to_bars(candles, ctx, _CANDLE, lambda row: to_epoch_ms(row[0]))
 
 
 #: Keys whose lists are an exchange's errors or warnings, never candles.

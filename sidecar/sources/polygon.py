@@ -29,13 +29,13 @@ from sidecar.sources._parsing import (
     decode_json,
     epoch_to_daily_ms,
     finish,
-    http_status_error,
     rebucket,
     rows_to_bars,
     to_epoch_ms,
     zone,
 )
 from sidecar.sources.base import HistoryLimits, LatestResult
+from sidecar.sources.errors import ErrorTable, Rule
 from sidecar.symbols import SymbolMap
 from sidecar.timeframe import DAY_MS, Timeframe
 
@@ -50,21 +50,25 @@ _FIELDS = RowFields("o", "h", "l", "c", "v")
 log = logging.getLogger("sidecar.sources.polygon")
 
 
+_API_KEY = ("api key", "apikey")
+#: Polygon's errors: the HTTP status, the body's ``status`` and ``message`` (or ``error``).
+ERRORS = ErrorTable(
+    NAME,
+    rules=(
+        Rule("rate_limited", when=(429,)),
+        Rule("auth", when=(401, 403, "NOT_AUTHORIZED"), phrases=_API_KEY),
+        Rule("auth", when=(401, 403, "NOT_AUTHORIZED"), phrases=("authoriz",), unless=("plan",)),
+        Rule("auth", when=(401,)),
+        Rule("not_entitled", when=(403, "NOT_AUTHORIZED")),
+    ),
+    detail=lambda body: f"{body.label} {body.text}".strip(),
+    label_field="status", text_fields=("message", "error"), http=True,
+)
+
+
 def classify_error(status: int, obj: Mapping[str, Any] | None, retry_after: float | None) -> ProviderError:
     """The class of a Polygon error answer (HTTP status plus ``status``/``message``)."""
-    message = str((obj or {}).get("message") or (obj or {}).get("error") or "")[:240]
-    body_status = str((obj or {}).get("status") or "")
-    low = message.lower()
-    detail = f"{body_status} {message}".strip()
-    if status == 429:
-        return ProviderError("rate_limited", f"HTTP 429 {detail}", source=NAME, retry_after=retry_after)
-    if status in (401, 403) or body_status == "NOT_AUTHORIZED":
-        if "api key" in low or "apikey" in low or ("authoriz" in low and "plan" not in low):
-            return ProviderError("auth", f"HTTP {status} {detail}", source=NAME)
-        if status == 401:
-            return ProviderError("auth", f"HTTP {status} {detail}", source=NAME)
-        return ProviderError("not_entitled", f"HTTP {status} {detail}", source=NAME)
-    return http_status_error(status, detail, NAME, retry_after)
+    return ERRORS.classify(status, obj, retry_after)
 
 
 def timespan(tf: Timeframe) -> tuple[int, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from math import isfinite
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,13 +26,15 @@ from sidecar.rate_budget import RateBudget
 from sidecar.sources._http import HttpSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
+    Row,
+    RowFields,
     decode_answer,
-    http_status_error,
     local_text_to_ms,
-    to_float,
+    parse_row,
     zone,
 )
 from sidecar.sources.base import HistoryLimits, LatestResult
+from sidecar.sources.errors import ErrorTable, Rule, http_status_error
 from sidecar.symbols import SymbolMap
 from sidecar.timeframe import DAY_MS, Timeframe
 
@@ -51,36 +52,37 @@ REVISION_WINDOW_MS = 10_000
 #: At most this many bars per symbol in one cycle's request; a longer hole is left to
 #: gap repair (:func:`sidecar.app.bootstrap.repair_gaps`), which asks for ranges.
 MAX_LATEST_BARS = 30
+_FIELDS = RowFields()
+
+
+#: Twelve Data's errors: ``{"code", "message", "status": "error"}``, the code read as an
+#: HTTP status where no phrase says better.
+ERRORS = ErrorTable(
+    NAME,
+    rules=(
+        Rule("rate_limited", when=(429,)),
+        Rule("rate_limited", phrases=("run out of api credits",)),
+        Rule("auth", when=(401,)),
+        Rule("auth", phrases=(("apikey", "incorrect"), ("apikey", "not specified"))),
+        Rule("not_entitled", when=(403,)),
+        Rule("not_entitled", phrases=("upgrade", ("plan", "available"))),
+        Rule("unknown_symbol", when=(404,), label="error"),
+        # The other 404 shape ({message, code} only) is an unknown path: our bug, not the symbol.
+        Rule("bad_response", when=(404,)),
+        Rule("unknown_symbol", when=(400,), phrases=("symbol",)),
+    ),
+    detail=lambda body: f"{body.code} {body.text}",
+    code_field="code", label_field="status", text_fields=("message",),
+)
 
 
 def classify_error(
     obj: Mapping[str, Any], http_status: int, retry_after: float | None = None
 ) -> ProviderError:
     """The class of a Twelve Data error object (``code``/``message``[/``status``])."""
-    message = str(obj.get("message", ""))[:240]
-    try:
-        code = int(obj.get("code", http_status))
-    except (TypeError, ValueError, OverflowError):  # null, "abc", Infinity
-        code = http_status
-    low = message.lower()
-    if code == 429 or "run out of api credits" in low:
-        return ProviderError("rate_limited", f"{code} {message}", source=NAME, retry_after=retry_after)
-    if code == 401 or ("apikey" in low and ("incorrect" in low or "not specified" in low)):
-        return ProviderError("auth", f"{code} {message}", source=NAME)
-    if code == 403 or "upgrade" in low or ("plan" in low and "available" in low):
-        return ProviderError("not_entitled", f"{code} {message}", source=NAME)
-    if code == 404 and obj.get("status") != "error":
-        # The other shape ({message, code} only) is an unknown path: our bug, not the symbol.
-        return ProviderError("bad_response", f"{code} {message}", source=NAME)
-    if (code in (400, 404) and "symbol" in low) or code == 404:
-        return ProviderError("unknown_symbol", f"{code} {message}", source=NAME)
-    if code >= 500:
-        return ProviderError("unavailable", f"{code} {message}", source=NAME, retry_after=retry_after)
-    return ProviderError("bad_response", f"{code} {message}", source=NAME)
+    return ERRORS.classify(http_status, obj, retry_after)
 
 
-#: A parsed row on its way to becoming a bar: ``(t, o, h, l, c, v)``.
-Row = tuple[int, float, float, float, float, float | None]
 #: One bar of a parsed series: a new row, or the id of a remembered closed row's bar.
 Item = int | Row
 #: Per requested symbol: its items (oldest first), or the error it got inside the batch.
@@ -164,37 +166,21 @@ def _series_items(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | 
     closed_before = ctx.now_ms - ctx.tf.ms  # a bar opened at or before this has closed
     rows = memo.series(ctx, tz) if memo is not None else None
     by_t: dict[int, Item] = {}
-    # The hot loop of every cycle (one row per symbol per bar asked): prices that are
-    # strings take float() directly; anything else goes through to_float's checks.
+
+    def open_time(row: Mapping[str, Any]) -> int:
+        return local_text_to_ms(str(row["datetime"]), tz, daily)
+
     for row in values:
-        if type(row) is not dict:
-            continue
-        stamp = row.get("datetime")
+        stamp = row.get("datetime") if type(row) is dict else None
         if rows is not None and type(stamp) is str:
             known = rows.get(stamp)
             if known is not None and known[0] == row:
                 by_t[known[1]] = known[2]
                 continue
-        try:
-            o, h, l, c = row["open"], row["high"], row["low"], row["close"]
-            if type(o) is str and type(h) is str and type(l) is str and type(c) is str:
-                o, h, l, c = float(o), float(h), float(l), float(c)
-                if not (isfinite(o) and isfinite(h) and isfinite(l) and isfinite(c)):
-                    continue
-            else:
-                o, h, l, c = to_float(o), to_float(h), to_float(l), to_float(c)
-            t = local_text_to_ms(str(row["datetime"]), tz, daily)
-        except (KeyError, ValueError, TypeError):
-            continue  # null or malformed row dropped
-        v: float | None = None
-        if has_volume:
-            volume = row.get("volume")
-            if volume is not None and volume != "":
-                try:
-                    v = to_float(volume)
-                except (ValueError, TypeError):  # a list or object where a number belongs
-                    v = None
-        parsed: Row = (t, o, h, l, c, v)
+        parsed = parse_row(row, _FIELDS, open_time, has_volume)
+        if parsed is None:
+            continue
+        t = parsed[0]
         if memo is not None and rows is not None and type(stamp) is str and t <= closed_before:
             by_t[t] = memo.remember(rows, stamp, row, index, parsed)
         else:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -38,15 +39,16 @@ from sidecar.settings import Settings
 from sidecar.sources._http import Providers, ProviderSource, closed_between, settle
 from sidecar.sources._parsing import (
     ParseContext,
+    RowFields,
     decode_answer,
     epoch_to_daily_ms,
     finish,
-    http_status_error,
+    row_bars,
     to_epoch_ms,
-    to_float,
     zone,
 )
 from sidecar.sources.base import HistoryLimits, LatestResult
+from sidecar.sources.errors import SERVER_ERRORS, ErrorTable, Rule, http_status_error
 from sidecar.sources.yahoo_stream import YahooStream
 from sidecar.symbols import ProviderSymbol, SymbolMap
 from sidecar.timeframe import DAY_MS, Timeframe
@@ -66,12 +68,28 @@ log = logging.getLogger("sidecar.sources.yahoo")
 
 
 # -- parsing ------------------------------------------------------------------
-def _chart_error(status: int, body: bytes | str, retry_after: float | None) -> ProviderError | None:
-    text = body if isinstance(body, str) else body[:300].decode("utf-8", "replace")
-    if status == 429 or "Too Many Requests" in text[:100]:
-        return ProviderError("rate_limited", f"HTTP {status} {text.strip()[:80]}", source=NAME,
-                             retry_after=retry_after)
-    return None
+#: Yahoo's edge answers a rate limit in plain text, before any JSON ("Edge: Too Many Requests").
+_EDGE_ERRORS = ErrorTable(
+    NAME,
+    rules=(Rule("rate_limited", when=(429,)), Rule("rate_limited", phrases=("too many requests",))),
+    detail=lambda body: body.text.strip()[:80], text_limit=100, http=True,
+)
+#: The chart's own errors: ``chart.error`` ``{code, description}``; a chart error on
+#: HTTP 200 is read as a 400.
+ERRORS = ErrorTable(
+    NAME,
+    rules=(
+        Rule("unknown_symbol", when=("Not Found", 404), http=False),
+        Rule("unknown_symbol", phrases=("delisted", "no data found"), http=False),
+        Rule("unavailable", when=SERVER_ERRORS),
+        Rule("not_entitled", phrases=("not available", "must be within"), http=False),
+    ),
+    detail=lambda body: f"{body.label}: {body.text}",
+    label_field="code", text_fields=("description",), text_limit=200, http=True,
+)
+#: A chart's columns as the one row loop reads them: ``(timestamp, open, high, low, close, volume)``.
+_COLUMNS = ("open", "high", "low", "close", "volume")
+_FIELDS = RowFields(1, 2, 3, 4, 5)
 
 
 def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
@@ -84,9 +102,10 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     grid, or at ``meta.regularMarketTime``) becomes/updates the forming bar when it
     lies in the current period (``ctx.now_ms``), and is dropped otherwise.
     """
-    err = _chart_error(status, body, retry_after)
-    if err is not None:
-        raise err
+    text = body if isinstance(body, str) else body[:300].decode("utf-8", "replace")
+    edge = _EDGE_ERRORS.decided(_EDGE_ERRORS.said(status, "", text), retry_after)
+    if edge is not None:
+        raise edge
     data = decode_answer(body, status, NAME, retry_after)
     chart = data.get("chart") if isinstance(data, dict) else None
     if not isinstance(chart, dict):
@@ -95,20 +114,8 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
         raise ProviderError("bad_response", "no 'chart' object", source=NAME)
     error = chart.get("error")
     if error or status != 200:
-        error = error if isinstance(error, dict) else {}
-        code = str(error.get("code", ""))
-        desc = str(error.get("description", ""))[:200]
-        low = desc.lower()
-        if code == "Not Found" or status == 404 or "delisted" in low or "no data found" in low:
-            return_err = ProviderError("unknown_symbol", f"{code}: {desc}", source=NAME)
-        elif status >= 500:
-            return_err = ProviderError("unavailable", f"HTTP {status} {code}: {desc}", source=NAME,
-                                       retry_after=retry_after)
-        elif "not available" in low or "must be within" in low:
-            return_err = ProviderError("not_entitled", f"{code}: {desc}", source=NAME)
-        else:
-            return_err = http_status_error(status if status != 200 else 400, f"{code}: {desc}", NAME)
-        raise return_err
+        raise ERRORS.classify(status if status != 200 else 400,
+                              error if isinstance(error, dict) else None, retry_after)
     results = chart.get("result")
     if not isinstance(results, list) or not results or not isinstance(results[0], dict):
         raise ProviderError("bad_response", "chart.result is empty", source=NAME)
@@ -117,31 +124,19 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     stamps = result.get("timestamp") or []
     quotes = ((result.get("indicators") or {}).get("quote") or [{}])[0] or {}
     has_volume = ctx.has_volume and meta.get("instrumentType") not in _NO_VOLUME_TYPES
-    daily = ctx.daily
     tz = zone(meta.get("exchangeTimezoneName"), "UTC")
 
     def col(name: str) -> list[Any]:
         values = quotes.get(name)
         return values if isinstance(values, list) else []
 
-    opens, highs, lows, closes, volumes = (col(n) for n in ("open", "high", "low", "close", "volume"))
-    rows: list[Bar] = []
-    for i, stamp in enumerate(stamps):
-        try:
-            o, h, l, c = (to_float(arr[i]) for arr in (opens, highs, lows, closes))
-            t = to_epoch_ms(stamp, 1000)
-        except (IndexError, ValueError, TypeError):
-            continue  # a null minute
-        v: float | None = None
-        if has_volume:
-            try:
-                v = to_float(volumes[i])
-            except (IndexError, ValueError, TypeError):
-                v = None
-        rows.append(Bar(ctx.symbol, ctx.tf.name, t, o, h, l, c, v, ctx.src))
-    if daily:
-        for bar in rows:
-            bar.t = epoch_to_daily_ms(bar.t, tz)
+    def open_time(row: Sequence[Any]) -> int:
+        t = to_epoch_ms(row[0], 1000)
+        return epoch_to_daily_ms(t, tz) if ctx.daily else t
+
+    columns = zip_longest(stamps if isinstance(stamps, list) else [], *map(col, _COLUMNS))
+    rows = row_bars(columns, replace(ctx, has_volume=has_volume), _FIELDS, open_time)
+    if ctx.daily:
         return finish(rows, ctx)
     if rows and _is_live_entry(rows, ctx.tf, meta, end_ms):
         live = rows.pop()

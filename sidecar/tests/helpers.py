@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -22,8 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import talib
@@ -38,6 +41,17 @@ from sidecar.sources.base import LatestResult, Source
 from sidecar.timeframe import Timeframe
 
 REPO = Path(__file__).resolve().parents[2]
+_VARIABLE = re.compile(r'"((?:SIDECAR|ALPHAVANTAGE|TWELVEDATA|POLYGON)_[A-Z0-9_]+(?:<ID>)?)"')
+
+
+def variables_read_by_the_package() -> set[str]:
+    """Every variable name the package's code spells out (``..._<ID>``: one per instance)."""
+    package = REPO / "sidecar"
+    found: set[str] = set()
+    for path in package.rglob("*.py"):
+        if "tests" not in path.relative_to(package).parts:
+            found.update(_VARIABLE.findall(path.read_text()))
+    return found
 
 
 # -- bad settings ------------------------------------------------------------------------
@@ -402,6 +416,11 @@ def bar(t: int = 0, c: float = 100.0, *, symbol: str = "AAPL", tf: str = "1m", o
     h = max(o, c) + 1 if h is None else h
     l = min(o, c) - 1 if l is None else l
     return Bar(symbol, tf, t, o, h, l, c, v, src, forming=forming, synthetic=synthetic)
+
+
+def ny(text: str) -> int:
+    """Epoch ms of a New York wall time (``2024-12-02T09:30``)."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("America/New_York")).timestamp() * 1000)
 
 
 class Clock:

@@ -3,7 +3,6 @@ daemon stops at start (exit 2) naming it; a bad mapping entry is reported, the r
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import subprocess
@@ -23,19 +22,8 @@ from sidecar.tests.helpers import (
     RedisServer,
     free_port,
     http_get,
+    variables_read_by_the_package,
 )
-
-PACKAGE = REPO / "sidecar"
-_VARIABLE = re.compile(r'"((?:SIDECAR|ALPHAVANTAGE|TWELVEDATA|POLYGON)_[A-Z0-9_]+)"')
-
-
-def variables_read_by_the_package() -> set[str]:
-    found: set[str] = set()
-    for path in PACKAGE.rglob("*.py"):
-        if "tests" not in path.relative_to(PACKAGE).parts:
-            found.update(_VARIABLE.findall(path.read_text()))
-    return found
-
 
 # ``scan --signals`` reads these (test_settings and test_provider_settings hold the others).
 SIGNAL_BAD_VALUES: dict[str, list[str]] = {
@@ -76,20 +64,25 @@ def test_bad_config_file_is_named(value: str, tmp_path: Path) -> None:
     assert info.value.setting == path
 
 
-#: The ccxt sources' settings that are not per exchange (those are in test_source_ccxt.py).
+#: The ccxt sources' settings; ``<ID>`` ones are per exchange (tried on ``ccxt:binance``).
 CCXT_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_CCXT_STREAM": ["sometimes", "OHLCV!"],
     "SIDECAR_CCXT_POLL_S": ["-1", "soon", "inf"],
+    "SIDECAR_CCXT_BASE_URL_<ID>": ["ftp://x", "https://", "https://h/?q=1"],
+    "SIDECAR_CCXT_WS_URL_<ID>": ["http://127.0.0.1:1", "wss://h/#f"],
+    "SIDECAR_CCXT_MARKETS_<ID>": ["/nonexistent/markets.json", "{dir}"],
 }
 
 
 @pytest.mark.parametrize(("var", "value"), [(k, v) for k, vs in CCXT_BAD_VALUES.items() for v in vs])
-def test_bad_ccxt_value_is_named(var: str, value: str) -> None:
+def test_bad_ccxt_value_is_named(var: str, value: str, tmp_path: Path) -> None:
     from sidecar.errors import ConfigError
-    from sidecar.sources.ccxt_support import CcxtSettings
+    from sidecar.sources import build_source
 
+    var = var.replace("<ID>", "BINANCE")
+    settings = Settings(symbols=("BTCUSD",), sources=("ccxt:binance",), data_dir=tmp_path)
     with pytest.raises(ConfigError) as info:
-        CcxtSettings.from_env({var: value}, "binance")
+        build_source("ccxt:binance", settings, {var: value.replace("{dir}", str(tmp_path))})
     assert info.value.setting == var and str(info.value).startswith(f"{var}: ")
 
 
@@ -114,6 +107,7 @@ BAD_AT_START = [
     ("POLYGON_API_KEY", "bad key KEYSECRET"),
     ("SIDECAR_BREAKER_FAIL_MAX", "0"),
     ("SIDECAR_SYMBOLS_FILE", "{bad_toml}"),
+    ("SIDECAR_SYMBOLS_FILE", "{bad_classes}"),
     ("SIDECAR_DATA_DIR", "{file}"),
 ]
 
@@ -125,9 +119,12 @@ def test_daemon_refuses_bad_values_at_start(clean_env: dict[str, str], tmp_path:
     bad_toml.write_text("[EURUSD\n")
     regular = tmp_path / "a-file"
     regular.write_text("x")
+    bad_classes = tmp_path / "classes.toml"  # a mapping's per-class setting with a bad value
+    bad_classes.write_text('[asset_classes.stock]\nextended_hours = "sometimes"\n')
     procs = []
     for var, value in BAD_AT_START:
-        value = value.replace("{bad_toml}", str(bad_toml)).replace("{file}", str(regular))
+        value = (value.replace("{bad_toml}", str(bad_toml)).replace("{file}", str(regular))
+                 .replace("{bad_classes}", str(bad_classes)))
         env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_HTTP_PORT=str(free_port()), **{var: value})
         procs.append((var, subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)))

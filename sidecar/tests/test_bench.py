@@ -12,6 +12,7 @@ import pytest
 from bench import __main__ as run_all
 from bench import (
     ccxt_source,
+    completeness,
     cycle,
     daemon_soak,
     features,
@@ -155,6 +156,13 @@ def test_replay_week_smoke_replays_a_day(tmp_path: Path) -> None:
     (run,) = doc["runs"]
     assert run["bars"] == 210 and run["bars_accepted"] == 210 and run["gaps"] == 0
     assert run["replay_s"] > 0 and run["launch_to_exhausted_s"] >= run["replay_s"]
+
+
+def test_completeness_smoke_times_before_and_after(tmp_path: Path) -> None:
+    completeness.main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "completeness")
+    for name in ("before", "after"):
+        assert all(doc[name][k] > 0 for k in ("build_ms", "steady_ms", "minute_ms", "minute_max_ms"))
 
 
 def test_run_all_refuses_an_unknown_name() -> None:

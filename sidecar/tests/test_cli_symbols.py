@@ -47,15 +47,15 @@ def test_symbols_json_and_table(clean_env: dict[str, str], tmp_path: Path) -> No
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert rows == [
         {"symbol": "EURUSD", "asset_class": "fx", "broker": "EURUSD.m", "session": None,
-         "calendar": "FX",
+         "calendar": "FX", "extended_hours": "exclude",
          "yahoo": "EURUSD=X", "alphavantage": {"from": "EUR", "to": "USD"},
          "twelvedata": "EUR/USD", "polygon": "C:EURUSD", "ccxt": None},
         {"symbol": "GER40", "asset_class": "index", "broker": "DE40",
-         "session": "09:00 Europe/Berlin", "calendar": "XETR", "yahoo": "^GDAXI", "alphavantage": None,
+         "session": "09:00 Europe/Berlin", "calendar": "XETR", "extended_hours": "exclude", "yahoo": "^GDAXI", "alphavantage": None,
          "twelvedata": None, "polygon": None, "ccxt": None},
         # Not in the file: a US stock spelled the same everywhere.
         {"symbol": "AAPL", "asset_class": "stock", "broker": "AAPL",
-         "session": "09:30 America/New_York", "calendar": "XNYS", "yahoo": "AAPL", "alphavantage": "AAPL",
+         "session": "09:30 America/New_York", "calendar": "XNYS", "extended_hours": "exclude", "yahoo": "AAPL", "alphavantage": "AAPL",
          "twelvedata": "AAPL", "polygon": "AAPL", "ccxt": None},
     ]
 

@@ -16,7 +16,7 @@ from sidecar.config_reference import DOCS, reference_markdown
 from sidecar.errors import ConfigError
 from sidecar.provider_settings import ProviderSettings
 from sidecar.settings import Settings
-from sidecar.tests.helpers import REPO
+from sidecar.tests.helpers import REPO, variables_read_by_the_package
 from sidecar.timeframe import Timeframe
 
 FILE = """\
@@ -156,6 +156,47 @@ def test_every_setting_has_a_file_key_or_is_a_secret() -> None:
 
 def test_every_setting_is_documented() -> None:
     assert set(DOCS) == set(catalogue()), "add the setting's meaning to sidecar/config_reference.py"
+
+
+def test_every_variable_the_code_reads_is_in_the_reference() -> None:
+    """Pattern ones (``SIDECAR_CCXT_MARKETS_<ID>``) included; ``SIDECAR_CONFIG`` names the file."""
+    read = variables_read_by_the_package()
+    assert {"SIDECAR_CCXT_MARKETS_<ID>", "SIDECAR_CCXT_BASE_URL_<ID>", "SIDECAR_CCXT_WS_URL_<ID>"} <= read
+    assert read - {"SIDECAR_CONFIG"} <= set(catalogue())
+    reference = reference_markdown()
+    assert [name for name in sorted(read) if f"`{name}`" not in reference] == []
+
+
+def test_per_exchange_settings_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    from sidecar.sources.ccxt_support import CcxtSettings
+
+    config, merged = loaded(tmp_path, {"SIDECAR_CCXT_BASE_URL_KRAKEN": "https://gw.example"},
+                            text='[ccxt]\nmarkets_kraken = "/srv/kraken.json"\nstream = "off"\n')
+    assert config.file_values["SIDECAR_CCXT_MARKETS_KRAKEN"] == ("ccxt.markets_kraken", "/srv/kraken.json")
+    read = CcxtSettings.from_env(merged, "kraken")
+    assert (str(read.markets_file), read.base_url, read.stream) == (
+        "/srv/kraken.json", "https://gw.example", "off")
+    with pytest.raises(ConfigError) as info:
+        loaded(tmp_path, {}, text='[ccxt]\nmarket_kraken = "/srv/kraken.json"\n')
+    assert info.value.problem.startswith("unknown setting")
+
+
+def test_config_command_shows_each_configured_exchange_masked(tmp_path: Path) -> None:
+    write(tmp_path, '[ccxt]\nmarkets_kraken = "/srv/kraken.json"\n')
+    out = cli(tmp_path, "config", "--config", "sidecar.toml", "--json",
+              env={"SIDECAR_SOURCES": "ccxt:kraken,ccxt:okx",
+                   "SIDECAR_CCXT_BASE_URL_KRAKEN": "https://user:GWSECRET@gw.example"})
+    assert out.returncode == 0, out.stderr
+    rows = {r["variable"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert rows["SIDECAR_CCXT_BASE_URL_KRAKEN"] == {
+        "variable": "SIDECAR_CCXT_BASE_URL_KRAKEN", "key": "ccxt_base_url_kraken",
+        "value": "https://user:***@gw.example", "from": "env"}
+    assert rows["SIDECAR_CCXT_MARKETS_KRAKEN"]["from"] == "file (ccxt.markets_kraken)"
+    assert rows["SIDECAR_CCXT_WS_URL_OKX"] == {
+        "variable": "SIDECAR_CCXT_WS_URL_OKX", "key": "ccxt_ws_url_okx",
+        "value": "the exchange's own hosts", "from": "default"}
+    assert rows["SIDECAR_CCXT_MARKETS_<ID>"]["from"] == "default"
+    assert "GWSECRET" not in out.stdout
 
 
 def test_reference_is_up_to_date() -> None:

@@ -204,7 +204,8 @@ def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int
     out.update(forming=bar.forming, src=bar.src, synthetic=bar.synthetic, stale=stale,
                computed_at=computed_at, updated_at=updated_at, via=via,
                data_age_ms=None if updated_at is None else computed_at - updated_at,
-               macd_hist_prev=prev, market_open=next_open is None, next_open=next_open)
+               macd_hist_prev=prev, market_open=next_open is None, next_open=next_open,
+               extended_hours=False, extended=False, completeness=None)
     return out
 
 

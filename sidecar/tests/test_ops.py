@@ -123,7 +123,7 @@ async def test_dashboard_and_rules_query_only_what_the_daemon_exports(
     names = exported(await scrape(redis_store, bar_store)) | SCRAPE_SERIES
     queries = dashboard_queries()
     rules = rule_queries()
-    assert len(queries) >= 20 and len(rules) == 7
+    assert len(queries) >= 20 and len(rules) == 8
     for expr in queries + rules:
         used = metric_names(expr)
         assert used, expr

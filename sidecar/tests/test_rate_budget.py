@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -106,3 +107,52 @@ def test_simulated_day_never_exceeds(kwargs, cost):
             assert window <= kwargs["per_minute"], i
     if "per_second" in kwargs:
         assert max(per_second.values()) <= kwargs["per_second"]
+
+
+def _ny(text: str) -> float:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("America/New_York")).timestamp()
+
+
+def test_daily_quota_paced_over_open_hours_across_a_weekend_and_a_weekday():
+    """Alpha Vantage's 25 a day for NYSE symbols: nothing asked on Saturday and Sunday; on
+    Monday the 25 are spread over 09:30-16:00 New York, the last ones near the close
+    (over 24 h, a third would still be left at the close). Driven wall clock, minute steps;
+    the pacing is set the way the pipeline sets it for a source's symbols."""
+    from sidecar.app.pipeline import CLOSE_GRACE_MS, pace_over_open_hours
+    from sidecar.calendars import get_calendar
+
+    nyse = get_calendar("XNYS")
+    c = Clock(_ny("2024-12-07T00:00"))  # a Saturday
+
+    def day_of(paced: bool) -> list[float]:
+        c.t = _ny("2024-12-07T00:00")
+        budget = RateBudget("alphavantage", per_second=1, per_day=25, clock=c, wall_clock=c)
+        if paced:
+            pace_over_open_hours(budget, [nyse, nyse])
+            assert budget.open_hours is not None
+        sent: list[float] = []
+        due = 0.0
+        while c.t < _ny("2024-12-10T00:00"):
+            # Asked while open and for the close's grace, as the pipeline asks.
+            asked = nyse.is_open(int(c.t * 1000)) or nyse.is_open(int(c.t * 1000) - CLOSE_GRACE_MS)
+            if asked and c.t >= due and budget.try_acquire():
+                sent.append(c.t)
+                due = c.t + budget.pace_s()
+            c.t += 60
+        return sent
+
+    sent = day_of(paced=True)
+    assert len(sent) == 25
+    assert all(_ny("2024-12-09T09:30") <= t <= _ny("2024-12-09T16:00") for t in sent)
+    assert sent[-1] >= _ny("2024-12-09T15:30")
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert max(gaps) <= 23_400 / 24 + 60  # the 24 left after the open over 6.5 h, plus a step
+    unpaced = day_of(paced=False)
+    assert 15 <= len(unpaced) <= 18  # 6.5 h at one per 1,368 s
+    # A source serving a symbol without a calendar (24/7) keeps the whole day.
+    other = RateBudget("x", per_day=25, clock=c, wall_clock=c)
+    pace_over_open_hours(other, [nyse, None])
+    assert other.open_hours is None
