@@ -15,8 +15,9 @@ variable set for the benchmark decides as it would for the daemon).
 
 Measured per N: cycle time p50/p99/max (``Pipeline.stats``), CPU time per symbol per
 cycle (the whole process: event loop, aiosqlite thread; and the parse worker's, from
-``/proc/<pid>/stat``, counted separately and added up), missed ticks, tick lateness,
-RSS at start and end of the run. A PNG plots cycle time vs N.
+``/proc/<pid>/stat``, counted separately and added up; the redis-server's, from ``INFO
+cpu``), missed ticks, tick lateness, RSS at start and end of the run, the load average
+at the end. A PNG plots cycle time vs N.
 
     .venv/bin/python -m bench.cycle [--smoke] [--sizes 100,500] [--seconds 20]
     .venv/bin/python -m bench.cycle --soak      # 5,000 symbols for 5 minutes
@@ -28,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -115,6 +117,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     rss_samples = [rss_start]
     await ticker.next()  # the first tick only aligns
     ticker.missed = 0
+    redis_cpu0 = await _redis_cpu_s(client)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         tick = await ticker.next()
@@ -130,6 +133,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
                 worker_cpu_us.append((wcpu1 - wcpu0) / n * 1e6)
         durations.append(pipeline.stats.last_duration_ms)
         rss_samples.append(rss_mb())
+    redis_cpu_us = (await _redis_cpu_s(client) - redis_cpu0) / max(1, len(durations)) / n * 1e6
     await pipeline.drain()
     state = pipeline.sources[0]
     worker_status = worker.status() if worker is not None else None
@@ -144,6 +148,8 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         "parse_worker": worker_status,
         "worker_cpu_us_per_symbol_mean": worker_mean,
         "daemon_cpu_us_per_symbol_mean": sum(cpu_per_symbol_us) / max(1, len(cpu_per_symbol_us)),
+        "redis_cpu_us_per_symbol_mean": redis_cpu_us,
+        "load_average": os.getloadavg(),
         "missed_ticks": ticker.missed, "lateness_ms": summary(lateness),
         "rss_mb": {"start": rss_start, "end": rss_samples[-1], "max": max(rss_samples)},
         "warm_s": warm_s,
@@ -158,6 +164,12 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     await redis_store.close()
     tmp.cleanup()
     return out
+
+
+async def _redis_cpu_s(client: Any) -> float:
+    """The redis-server's CPU seconds so far (user + system, as ``INFO cpu`` counts them)."""
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 class FakeMarketProcess:
@@ -245,12 +257,19 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     rows = [[x["symbols"], x.get("timeframes", "1m"), x["cycles"],
              x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"],
-             x["cpu_us_per_symbol"]["p50"], *_worker_cells(x), x["missed_ticks"], x["lateness_ms"]["p99"],
+             x["cpu_us_per_symbol"]["p50"], *_worker_cells(x), _redis_cell(x), x["missed_ticks"],
+             x["lateness_ms"]["p99"],
              f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
              x["source_errors"]] for x in [*r["runs"], *r.get("multi_tf", [])]]
     return table(["symbols", "timeframes", "cycles", "p50 ms", "p99 ms", "max ms", "daemon CPU µs/symbol",
-                  "worker CPU µs/symbol", "daemon + worker mean", "missed ticks",
+                  "worker CPU µs/symbol", "daemon + worker mean", "Redis CPU µs/symbol", "missed ticks",
                   "tick late p99 ms", "RSS MB", "bars/cycle", "source errors"], rows)
+
+
+def _redis_cell(x: dict[str, Any]) -> Any:
+    """The redis-server's CPU per symbol per cycle (mean; "—": not measured)."""
+    redis = x.get("redis_cpu_us_per_symbol_mean")
+    return "—" if redis is None else round(redis, 1)
 
 
 def _worker_cells(x: dict[str, Any]) -> list[Any]:

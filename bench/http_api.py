@@ -42,7 +42,7 @@ NAME = "http_api"
 
 async def bench(n: int, reads: int) -> dict[str, Any]:
     with PrivateRedis() as server:
-        writer, symbols, keys = await seed(server.url, n)
+        writer, symbols, keys, _ = await seed(server.url, n)
         scanner = bench_scanner(server.url)
         api = ReadApi(bench_scanner(server.url, pool_size=8), symbols, SignalRules())
         app = web.Application()

@@ -7,11 +7,11 @@ directory once the first run stopped (warm: the stores are full). For each run,
 seconds from launch until ``/ready`` answers 200, until every symbol has fresh
 features, and until every symbol's handles are open on the warm window
 (``/health`` ``warmup.done``), plus the cycles' missed ticks by then, MiB the
-daemon and its Redis wrote, and the cycle's p50/p99 while warm-up ran against the
-same run's idle cycles (``--idle`` seconds after warm-up). Results are written
+daemon and its Redis wrote, the CPU seconds they used, and the cycle's p50/p99 while
+warm-up ran against the same run's idle cycles (``--idle`` seconds after warm-up). Results are written
 after every size, so a stopped run keeps what it measured.
 
-    .venv/bin/python -m bench.startup [--symbols 500,2000] [--idle 30] [--kinds cold,warm]
+    .venv/bin/python -m bench.startup [--symbols 500,2000] [--idle 30] [--kinds cold,warm] [--data DIR]
 """
 
 from __future__ import annotations
@@ -57,16 +57,33 @@ def _get(port: int, path: str) -> tuple[int, dict[str, Any]] | None:
         return None
 
 
-def _write_bytes(pid: int) -> int:
-    """Bytes the daemon and its children (the embedded Redis) wrote to storage so far."""
+def _family(pid: int) -> list[int]:
+    """The daemon and its children (the embedded Redis)."""
     pids = [pid]
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             pids += [int(x) for x in (task / "children").read_text().split()]
     except OSError:
         pass
+    return pids
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the daemon and its children used so far."""
     total = 0
-    for p in pids:
+    for p in _family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _write_bytes(pid: int) -> int:
+    """Bytes the daemon and its children (the embedded Redis) wrote to storage so far."""
+    total = 0
+    for p in _family(pid):
         try:
             for line in Path(f"/proc/{p}/io").read_text().splitlines():
                 if line.startswith("write_bytes:"):
@@ -143,6 +160,8 @@ def one_start(data: str, symbols: int, idle_s: float) -> dict[str, Any]:
                     out["cold_symbols"] = w["cold"]
                     out["failed"] = w.get("failed")
                     out["write_mb"] = round(_write_bytes(proc.pid) / 2**20, 1)
+                    out["cpu_s"] = round(_cpu_s(proc.pid), 1)
+                    out["load_avg"] = round(os.getloadavg()[0], 2)
                 out["missed_ticks_end"] = h["cycle"]["missed_ticks"]
             time.sleep(HEALTH_POLL_S)
     finally:
@@ -154,8 +173,12 @@ def one_start(data: str, symbols: int, idle_s: float) -> dict[str, Any]:
     return out
 
 
-def measure(symbols: int, idle_s: float, kinds: Sequence[str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="sidecar-startup-") as data:
+def measure(symbols: int, idle_s: float, kinds: Sequence[str], keep: str | None = None) -> dict[str, Any]:
+    """``keep``: the data directory to use and keep (a ``warm`` run alone restarts on
+    what an earlier run left there), else a temporary one."""
+    with tempfile.TemporaryDirectory(prefix="sidecar-startup-") as tmp:
+        data = tmp if keep is None else f"{keep}/{symbols}"
+        Path(data).mkdir(parents=True, exist_ok=True)
         got: dict[str, Any] = {"symbols": symbols}
         for kind in kinds:
             got[kind] = one_start(data, symbols, idle_s)
@@ -169,7 +192,7 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
     kinds = ("cold", "warm") if smoke else tuple(args.kinds.split(","))
     runs: list[dict[str, Any]] = []
     for n in counts:
-        runs.append(measure(n, idle_s, kinds))
+        runs.append(measure(n, idle_s, kinds, None if smoke else args.data))
         # A stopped run keeps what it measured: the results so far, after every size.
         write_results(NAME, {"runs": runs, "partial": True}, args.out)
     return {"runs": runs}
@@ -183,12 +206,12 @@ def render(r: dict[str, Any]) -> str:
             if x is None:
                 continue
             rows.append([m["symbols"], kind, x["ready_s"], x["fresh_s"], x["warm_s"],
-                         x.get("history_bars"), x.get("missed_ticks"), x.get("write_mb"),
+                         x.get("history_bars"), x.get("missed_ticks"), x.get("write_mb"), x.get("cpu_s"),
                          x["cycle_warming"]["p50_ms"], x["cycle_warming"]["p99_ms"],
-                         x["cycle_idle"]["p50_ms"], x["cycle_idle"]["p99_ms"]])
+                         x["cycle_idle"]["p50_ms"], x["cycle_idle"]["p99_ms"], x.get("load_avg")])
     return table(["symbols", "start", "s to /ready", "s to all fresh", "s to all warm",
-                  "history bars fetched", "missed ticks", "MiB written", "cycle p50 warming",
-                  "p99 warming", "p50 idle", "p99 idle"], rows)
+                  "history bars fetched", "missed ticks", "MiB written", "CPU s to warm",
+                  "cycle p50 warming", "p99 warming", "p50 idle", "p99 idle", "load avg at warm"], rows)
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +220,9 @@ def _extra(parser: argparse.ArgumentParser) -> None:
                         help="seconds of cycles watched once warm-up is done (the idle figures)")
     parser.add_argument("--kinds", default="cold,warm",
                         help="cold (empty directory) and/or warm (restart on it), in order")
+    parser.add_argument("--data", default=None,
+                        help="keep the data directories under this one (DATA/<symbols>), so a "
+                             "later --kinds warm restarts on them; default: temporary ones")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

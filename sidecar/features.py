@@ -16,7 +16,8 @@ and the volume average are ``None`` for bars without volume.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import numpy as np
 import talib
@@ -62,20 +63,70 @@ class _Indicator:
         self.handle: Any = None
 
 
+@lru_cache(maxsize=16)
+def _specs(p: IndicatorPeriods) -> tuple[tuple[str, str, Callable[..., Any], Callable[..., Any],
+                                               dict[str, Any], bool], ...]:
+    # Shared by every engine with these periods (never mutated): one engine per symbol
+    # and timeframe would otherwise hold its own seven argument dicts.
+    return (
+        ("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
+        ("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
+        ("bb", "c", stream.BBANDS, talib.BBANDS,
+         {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0}, True),
+        ("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
+        ("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
+        ("macd", "c", stream.MACD, talib.MACD,
+         {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow, "signalperiod": p.macd_signal}, True),
+        ("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
+    )
+
+
 def _indicators(p: IndicatorPeriods) -> list[_Indicator]:
-    return [
-        _Indicator("rsi", "c", stream.RSI, talib.RSI, {"timeperiod": p.rsi}, False),
-        _Indicator("ema", "c", stream.EMA, talib.EMA, {"timeperiod": p.ema}, False),
-        _Indicator("bb", "c", stream.BBANDS, talib.BBANDS,
-                   {"timeperiod": p.bb, "nbdevup": p.bb_nbdev, "nbdevdn": p.bb_nbdev, "matype": 0},
-                   True),
-        _Indicator("atr", "hlc", stream.ATR, talib.ATR, {"timeperiod": p.atr}, False),
-        _Indicator("vol_ma", "v", stream.SMA, talib.SMA, {"timeperiod": p.vol_ma}, False),
-        _Indicator("macd", "c", stream.MACD, talib.MACD,
-                   {"fastperiod": p.macd_fast, "slowperiod": p.macd_slow,
-                    "signalperiod": p.macd_signal}, True),
-        _Indicator("mom", "c", stream.MOM, talib.MOM, {"timeperiod": p.mom}, False),
-    ]
+    return [_Indicator(*spec) for spec in _specs(p)]
+
+
+class Columns(NamedTuple):
+    """Closed bars as the arrays :meth:`FeatureEngine.load_arrays` takes, oldest first:
+    open times (int64) and high, low, close, volume (float64; NaN: no volume)."""
+
+    t: np.ndarray
+    h: np.ndarray
+    l: np.ndarray
+    c: np.ndarray
+    v: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Columns:
+        f = np.empty(0, dtype=np.float64)
+        return cls(np.empty(0, dtype=np.int64), f, f, f, f)
+
+    @property
+    def rows(self) -> int:
+        return len(self.t)
+
+    def last_before(self, t_ms: int) -> int:
+        """The newest open time before ``t_ms`` (-1: none)."""
+        i = int(np.searchsorted(self.t, t_ms, "left"))
+        return int(self.t[i - 1]) if i else -1
+
+    def cut(self, lo: int, hi: int) -> Columns:
+        """The rows ``lo:hi``."""
+        return Columns(self.t[lo:hi], self.h[lo:hi], self.l[lo:hi], self.c[lo:hi], self.v[lo:hi])
+
+
+def bar_columns(bars: Sequence[Bar]) -> Columns:
+    """``bars`` (closed, oldest first) as :class:`Columns`."""
+    nan, f8 = float("nan"), np.float64
+    return Columns(np.array([b.t for b in bars], dtype=np.int64), np.array([b.h for b in bars], dtype=f8),
+                   np.array([b.l for b in bars], dtype=f8), np.array([b.c for b in bars], dtype=f8),
+                   np.array([nan if b.v is None else b.v for b in bars], dtype=f8))
+
+
+def join_columns(parts: Sequence[Columns]) -> Columns:
+    """``parts`` one after the other."""
+    if len(parts) == 1:
+        return parts[0]
+    return Columns(*(np.concatenate([p[k] for p in parts]) for k in range(5)))
 
 
 def session_of(t_ms: int, anchor_ms: int) -> int:
@@ -127,36 +178,65 @@ class FeatureEngine:
         """Open the handles on closed history (oldest first) in one pass per indicator."""
         if not bars:
             return
+        self.load_arrays(*bar_columns(bars))
+
+    def load_arrays(self, t: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray,
+                    v: np.ndarray) -> None:
+        """:meth:`load` from columns of closed history, oldest first: open times
+        (int64) and high, low, close, volume (float64, contiguous; NaN volume: a bar
+        without volume). The same values in the same order give the same features
+        as :meth:`load` of the bars (which calls this)."""
+        n = len(c)
+        if n == 0:
+            return
         for ind in self._ind:
             ind.handle = None
         # Only the trailing run of bars with volume feeds the volume indicators.
-        self._hist_h = [b.h for b in bars]
-        self._hist_l = [b.l for b in bars]
-        self._hist_c = [b.c for b in bars]
-        self._hist_v = []
-        for b in reversed(bars):
-            if b.v is None:
-                break
-            self._hist_v.append(b.v)
-        self._hist_v.reverse()
-        last = bars[-1]
-        self.last_closed_t = last.t
-        self.prev_macd_hist = self._batch_prev_macd_hist()
-        values = self._open_from_history()
+        gaps = np.flatnonzero(np.isnan(v))
+        start_v = int(gaps[-1]) + 1 if gaps.size else 0
+        vol = v[start_v:]
+        self.last_closed_t = int(t[-1])
+        out: Values = [None] * len(FEATURE_FIELDS)
+        warming = False
+        self.prev_macd_hist = None
+        for ind in self._ind:
+            arrays: tuple[np.ndarray, ...] | None = (
+                (c,) if ind.inputs == "c" else (h, l, c) if ind.inputs == "hlc" else
+                (vol,) if len(vol) else None)
+            if arrays is None:
+                self._put(out, ind, None)
+                continue
+            if ind.name == "macd" and n >= 2:
+                # Opened one bar short, the handle gives the histogram one bar back too.
+                try:
+                    ind.handle = ind.factory(c[:-1], **ind.kwargs)
+                    self.prev_macd_hist = _clean(ind.handle.value[2])
+                    self._put(out, ind, ind.handle.update(c[-1]))
+                    continue
+                except talib.InsufficientHistory:  # type: ignore[attr-defined]
+                    self.prev_macd_hist = _clean(ind.batch(c[:-1], **ind.kwargs)[2][-1])
+            try:
+                ind.handle = ind.factory(*arrays, **ind.kwargs)
+            except talib.InsufficientHistory:  # type: ignore[attr-defined]
+                warming = warming or ind.inputs != "v"
+                self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
+                continue
+            self._put(out, ind, ind.handle.value)
+        self._warming = warming
+        # Short histories are kept for the handles still warming (see update).
+        short = (h.tolist(), l.tolist(), c.tolist()) if warming else ([], [], [])
+        self._hist_h, self._hist_l, self._hist_c = short
+        self._hist_v = vol.tolist() if self._volma.handle is None else []
         # VWAP over the last session's bars.
-        lo, hi = self._bounds(last.t)
+        lo, hi = self._bounds(self.last_closed_t)
         self._set_vwap(None, lo)
-        vwap_val: float | None = None
-        if last.v is not None:
-            sess = [b for b in bars[-len(self._hist_v):] if lo <= b.t < hi]
-            self._set_vwap(stream.VWAP(
-                np.array([b.h for b in sess]), np.array([b.l for b in sess]),
-                np.array([b.c for b in sess]), np.array([b.v for b in sess], dtype=np.float64),
-            ), lo, hi)
-            vwap_val = _clean(self._vwap.value)
-        values[6] = vwap_val
-        self.closed_values = values
-        self._trim_history()
+        if len(vol):
+            tv = t[start_v:]
+            i = start_v + int(np.searchsorted(tv, lo, "left"))
+            j = start_v + int(np.searchsorted(tv, hi, "left"))
+            self._set_vwap(stream.VWAP(h[i:j], l[i:j], c[i:j], v[i:j]), lo, hi)
+            out[6] = _clean(self._vwap.value)
+        self.closed_values = out
         self._refresh_fast()
 
     def _bounds(self, t_ms: int) -> tuple[int, int]:
@@ -183,34 +263,6 @@ class FeatureEngine:
         else:
             self._fast = (price["rsi"], price["ema"], price["bb"], price["atr"], price["macd"],
                           price["mom"])
-
-    def _open_from_history(self) -> Values:
-        """Try to open every unopened handle on the kept history; return batch-equal values."""
-        out: Values = [None] * len(FEATURE_FIELDS)
-        warming = False
-        for ind in self._ind:
-            arrays = self._arrays(ind.inputs)
-            if arrays is None:
-                ind.handle = None
-                self._put(out, ind, None)
-                continue
-            if ind.handle is None:
-                try:
-                    ind.handle = ind.factory(*arrays, **ind.kwargs)
-                except talib.InsufficientHistory:  # type: ignore[attr-defined]
-                    warming = warming or ind.inputs != "v"
-                    self._put(out, ind, ind.batch(*arrays, **ind.kwargs), last=True)
-                    continue
-            self._put(out, ind, ind.handle.value)
-        self._warming = warming
-        return out
-
-    def _batch_prev_macd_hist(self) -> float | None:
-        """The batch MACD histogram of the second-newest loaded bar (once per load)."""
-        if len(self._hist_c) < 2:
-            return None
-        macd = next(ind for ind in self._ind if ind.name == "macd")
-        return _clean(macd.batch(np.array(self._hist_c[:-1]), **macd.kwargs)[2][-1])
 
     def _arrays(self, inputs: str) -> tuple[np.ndarray, ...] | None:
         if inputs == "c":
@@ -457,3 +509,53 @@ def features_map(
 def pack_features(fmap: dict[str, Any]) -> bytes:
     """``fmap`` as msgpack: the same bytes as ``msgpack.packb(fmap)``, without a Packer per call."""
     return pack_msgpack(fmap)
+
+
+#: A symbol's part of its feature maps, the same on each of its timeframes (:func:`symbol_part`).
+SymbolPart = tuple[bytes, bytes, bytes, bytes]
+
+#: Pairs of the map that :func:`pack_series_features` packs per timeframe: the bar's and
+#: its values (``symbol`` ... ``synthetic``), ``macd_hist_prev``, ``extended``, ``completeness``.
+_SERIES_PAIRS = 23
+_MACD_HIST_PREV = pack_msgpack("macd_hist_prev")
+_WARMING = pack_msgpack(["warming", True])[1:]
+_join = b"".join
+
+
+def symbol_part(
+    computed_at: int, stale: bool, *, updated_at: int | None, via: str | None, market_open: bool,
+    next_open: int | None, extended_hours: bool = False, warming: bool = False,
+) -> SymbolPart:
+    """The fields of :func:`features_map` that do not depend on the timeframe, packed once
+    per symbol for :func:`pack_series_features`: the map's header, the pairs from
+    ``stale`` to ``data_age_ms``, those from ``market_open`` to ``extended_hours``, and
+    ``warming`` (last, present only while warming)."""
+    age = None if updated_at is None else computed_at - updated_at
+    # Packed as arrays of at most 15 items (a one-byte header, cut off): their items
+    # are the map's keys and values in order.
+    before = pack_msgpack(["stale", stale, "computed_at", computed_at, "updated_at", updated_at,
+                           "via", via, "data_age_ms", age])
+    middle = pack_msgpack(["market_open", market_open, "next_open", next_open,
+                           "extended_hours", extended_hours])
+    pairs = _SERIES_PAIRS + 5 + 3 + warming
+    return b"\xde" + pairs.to_bytes(2, "big"), before[1:], middle[1:], _WARMING if warming else b""
+
+
+def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart, *,
+                         extended: bool = False, completeness: dict[str, Any] | None = None) -> bytes:
+    """The bytes of ``pack_features(features_map(...))`` (and ``"warming": True`` while
+    warming) for one timeframe of a symbol whose other fields are ``part``
+    (:func:`symbol_part`): the map is never built, its pairs are packed as arrays (their
+    headers cut off) and joined with the symbol's."""
+    rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
+    body = pack_msgpack([
+        "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "close", bar.c, "v", bar.v,
+        "rsi", rsi, "ema", ema, "bb_upper", bb_upper, "bb_middle", bb_middle, "bb_lower", bb_lower,
+        "atr", atr, "vwap", vwap, "vol_ma", vol_ma, "macd", macd, "macd_signal", macd_signal,
+        "macd_hist", macd_hist, "mom", mom,
+        "forming", bar.forming, "src", bar.src, "synthetic", bar.synthetic,
+    ])  # 40 items: a three-byte header
+    head, before, middle, warming = part
+    last = pack_msgpack(["extended", extended, "completeness", completeness])  # a one-byte header
+    return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), middle, last[1:],
+                  warming))

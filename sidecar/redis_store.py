@@ -45,6 +45,14 @@ log = logging.getLogger("sidecar.redis")
 
 __all__ = ["SCHEMA_VERSION", "Keys", "PartialWrite", "RedisStore", "connect", "open_client"]
 
+#: A sorted set's size, oldest score and newest ARGV[1] members, read atomically.
+_EDGES_LUA = """
+local n = redis.call('ZCARD', KEYS[1])
+if n == 0 then return {0, false, {}} end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+return {n, first, redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1, 'WITHSCORES')}
+"""
+
 _WRITE_CYCLE_LUA = """
 -- KEYS[1]: heartbeat key, KEYS[2]: meta key; or, on a cluster, KEYS[1]: a key of the
 --   one bucket the bars and features belong to (then no heartbeat, no announcement)
@@ -225,8 +233,8 @@ async def open_client(url: str, *, pool_size: int = 20, timeout_s: float = 2.0,
 class RedisStore:
     """Writes bars, features, heartbeat and announcement (one script call each time); reads them back."""
 
-    __slots__ = ("_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "cluster", "keys",
-                 "redis")
+    __slots__ = ("_edges", "_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "cluster",
+                 "keys", "redis")
 
     def __init__(
         self,
@@ -246,6 +254,7 @@ class RedisStore:
         self._features_ttl_ms = features_ttl_ms
         self._heartbeat_ttl_ms = heartbeat_ttl_ms
         self._script: AsyncScript = redis.register_script(_WRITE_CYCLE_LUA)
+        self._edges: AsyncScript = redis.register_script(_EDGES_LUA)
 
     @property
     def features_ttl_ms(self) -> int:
@@ -421,6 +430,19 @@ class RedisStore:
         return {sym: [(int(item[1]), item[0]) for item in raw
                       if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
                 for sym, raw in zip(symbols, replies, strict=True)}
+
+    async def edges_many(self, symbols: Sequence[str], tf: str,
+                         n: int) -> dict[str, tuple[int, int | None, list[tuple[int, bytes]]]]:
+        """Each symbol's bar count, oldest open time and newest ``n`` bars as stored
+        (``(t, packed bar)``, oldest first), each symbol's read atomic (one script
+        call per key, all at once: a cycle's write cannot fall between its parts)."""
+        replies = await asyncio.gather(*(self._edges(keys=[self.keys.bars(tf, sym)], args=[n])
+                                         for sym in symbols))
+        out: dict[str, tuple[int, int | None, list[tuple[int, bytes]]]] = {}
+        for sym, (count, first, flat) in zip(symbols, replies, strict=True):
+            out[sym] = (int(count), None if first is None else int(float(first)),
+                        [(int(float(flat[i + 1])), flat[i]) for i in range(0, len(flat), 2)])
+        return out
 
     async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
         """The newest ``n`` bars of each symbol, oldest first, in one round trip."""

@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgpack
+
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.features import FeatureEngine, Values
@@ -155,8 +157,10 @@ class Series:
     reads history: every closed bar applied meanwhile, by open time).
     """
 
-    __slots__ = ("_done_hi", "_forming_bucket", "acc", "base_ms", "bucket", "dirty", "engine", "features",
-                 "forming", "grid", "last", "n_base", "needs_rebuild", "rebuilding", "symbol", "tf", "up")
+    __slots__ = ("_done_hi", "_forming_bucket", "_peek_bar", "_peek_engine", "_peek_t", "_peek_values",
+                 "_view_acc", "_view_base", "_view_done_hi", "_view_out", "acc", "base_ms", "bucket", "dirty",
+                 "engine", "forming", "grid", "last", "n_base", "needs_rebuild", "packed", "rebuilding",
+                 "symbol", "tf", "up")
 
     def __init__(self, symbol: str, tf: Timeframe, engine: FeatureEngine, grid: Grid | None = None,
                  base_ms: int = 0) -> None:
@@ -171,7 +175,8 @@ class Series:
         self.last: Bar | None = None  # newest closed bar
         self.needs_rebuild = False
         self.rebuilding: dict[int, Bar] | None = None
-        self.features: dict[str, Any] | None = None  # the map last written to Redis
+        #: The features map last written to Redis, packed (:attr:`features` decodes it).
+        self.packed: bytes | None = None
         #: The aggregate of the closed base bars of the current bucket, and how many.
         self.acc: Bar | None = None
         self.bucket: Bucket | None = None
@@ -180,6 +185,23 @@ class Series:
         self.dirty: dict[int, Bucket] = {}
         self._done_hi = -1  # ``hi`` of the newest complete bucket
         self._forming_bucket: Bucket | None = None  # cache: the bucket of the base forming bar
+        # What view() last saw (base forming bar, aggregate, done_hi) and made (a fresh
+        # series has seen nothing: done_hi -2 matches no state).
+        self._view_base: Bar | None = None
+        self._view_acc: Bar | None = None
+        self._view_done_hi = -2
+        self._view_out: Bar | None = None
+        # What values() last peeked: the bar, on which handles (and their newest closed
+        # bar's time), and the values.
+        self._peek_bar: Bar | None = None
+        self._peek_engine: FeatureEngine | None = None
+        self._peek_t: int | None = None
+        self._peek_values: Values = []
+
+    @property
+    def features(self) -> dict[str, Any] | None:
+        """The features map last written to Redis (``None`` before the first)."""
+        return None if self.packed is None else msgpack.unpackb(self.packed)
 
     @property
     def done_hi(self) -> int:
@@ -269,10 +291,15 @@ class Series:
             return [self._finish()]
         return []
 
-    def view(self, base_forming: Bar | None) -> Bar | None:
-        """Set and return the forming bar: the current bucket's closed base bars with
-        the base forming bar (or the bar a base forming bar opens)."""
-        acc, b = self.acc, self.bucket
+    def view(self, base_forming: Bar | None) -> bool:
+        """Set the forming bar: the current bucket's closed base bars with the base
+        forming bar (or the bar a base forming bar opens). Returns whether it changed;
+        a bar equal to the one it replaces is not replaced (nothing to store again)."""
+        acc = self.acc
+        if (base_forming is self._view_base and acc is self._view_acc and self._done_hi == self._view_done_hi
+                and self.forming is self._view_out):
+            return False  # nothing it is made of changed
+        b = self.bucket
         bar: Bar | None = None
         if base_forming is not None and self.grid is not None and self.grid.regular_only \
                 and not self.grid.holds(base_forming.t):
@@ -290,8 +317,15 @@ class Series:
         if bar is None and acc is not None:
             bar = Bar(acc.symbol, acc.tf, acc.t, acc.o, acc.h, acc.l, acc.c, acc.v, acc.src, True,
                       acc.synthetic)
-        self.forming = bar
-        return bar
+        old = self.forming
+        changed = not (bar is old or (bar is not None and old is not None and bar.t == old.t
+                                      and bar.same_values(old) and bar.src == old.src
+                                      and bar.synthetic == old.synthetic))
+        if changed:
+            self.forming = bar
+        self._view_base, self._view_acc, self._view_done_hi = base_forming, acc, self._done_hi
+        self._view_out = self.forming
+        return changed
 
     def restart(self, bucket: Bucket | None, parts: Sequence[Bar], done_hi: int) -> None:
         """Set the current bucket's aggregate from its closed base bars ``parts``."""
@@ -306,5 +340,16 @@ class Series:
         bar = self.forming or self.last
         if bar is None:
             return None
+        return bar, self.values(bar)
+
+    def values(self, bar: Bar) -> Values:
+        """The feature values of ``bar`` (the forming bar, else the newest closed one);
+        a forming bar peeked already on the same handles is not peeked again."""
         engine = self.engine
-        return bar, (engine.peek(bar) if bar.forming else engine.closed_values)
+        if not bar.forming:
+            return engine.closed_values
+        if bar is self._peek_bar and engine is self._peek_engine and engine.last_closed_t == self._peek_t:
+            return self._peek_values
+        values = self._peek_values = engine.peek(bar)
+        self._peek_bar, self._peek_engine, self._peek_t = bar, engine, engine.last_closed_t
+        return values

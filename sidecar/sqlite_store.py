@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import numpy as np
 
 from sidecar import foreground
 from sidecar.bar import Bar
+from sidecar.features import Columns
 
 log = logging.getLogger("sidecar.sqlite")
 
@@ -90,7 +92,7 @@ class BarStore:
         "_buffer", "_db", "_drop_logged", "_drop_logged_mono", "_file_id", "_flush_lock",
         "_inflight", "_last_flush_mono", "buffer_max_rows", "dropped", "flush_interval_s",
         "flush_max_rows", "flushed_rows", "last_error", "last_flush_ms", "last_flush_s", "path",
-        "pending_gaps",
+        "pending_gaps", "series_rows",
     )
 
     def __init__(
@@ -120,6 +122,9 @@ class BarStore:
         self.last_flush_ms: int | None = None
         self.last_flush_s: float | None = None
         self.last_error: str | None = None
+        #: Rows the buffer holds in steady state (each series' forming bar, revised in
+        #: place every cycle): the ``flush_max_rows`` bound counts past them.
+        self.series_rows = 0
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -239,7 +244,7 @@ class BarStore:
         if not self._buffer:
             return False
         return (
-            len(self._buffer) >= self.flush_max_rows
+            len(self._buffer) >= self.flush_max_rows + self.series_rows
             or time.monotonic() - self._last_flush_mono >= self.flush_interval_s
         )
 
@@ -324,8 +329,7 @@ class BarStore:
 
     def reader(self) -> StoreReader:
         """A read-only connection for a worker thread (close it there when done)."""
-        return StoreReader(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0,
-                                           check_same_thread=False))
+        return StoreReader.open(str(self.path))
 
     async def bars_between(self, symbol: str, tf: str, start: int, end: int) -> list[Bar]:
         """Stored bars with ``start <= t < end``, oldest first."""
@@ -431,6 +435,11 @@ class StoreReader:
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con = con
 
+    @classmethod
+    def open(cls, path: str) -> StoreReader:
+        """A read-only connection to the store at ``path`` (any thread or process)."""
+        return cls(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False))
+
     def close(self) -> None:
         self.con.close()
 
@@ -449,3 +458,21 @@ class StoreReader:
         sql = f"SELECT {_COLUMNS} FROM bars WHERE symbol = ? AND tf = ? AND t < ? ORDER BY t DESC LIMIT ?"
         rows = self.con.execute(sql, (symbol, tf, before if before is not None else 2**62, n)).fetchall()
         return [_bar(r) for r in reversed(rows)]
+
+    def span(self, symbol: str, tf: str, start: int, end: int) -> tuple[int, int | None]:
+        """``(count, first t)`` of the stored bars with ``start <= t < end``."""
+        row = self.con.execute("SELECT COUNT(*), MIN(t) FROM bars WHERE symbol = ? AND tf = ? "
+                               "AND t >= ? AND t < ?", (symbol, tf, start, end)).fetchone()
+        return int(row[0]), None if row[1] is None else int(row[1])
+
+    def closed_columns(self, symbol: str, tf: str, n: int, before: int) -> Columns:
+        """The newest ``n`` stored closed bars with ``t < before`` as columns, oldest
+        first (the values as stored, no :class:`Bar` made)."""
+        rows = self.con.execute("SELECT t, h, l, c, v FROM bars WHERE symbol = ? AND tf = ? AND t < ? "
+                                "AND forming = 0 ORDER BY t DESC LIMIT ?", (symbol, tf, before, n)).fetchall()
+        if not rows:
+            return Columns.empty()
+        rows.reverse()
+        # One float64 matrix (a NULL volume becomes NaN); open times in ms are exact in a double.
+        m = np.array(rows, dtype=np.float64).T.copy()
+        return Columns(m[0].astype(np.int64), m[1], m[2], m[3], m[4])

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from sidecar import foreground
-from sidecar.app.reconcile import reconcile_many
+from sidecar.app.reconcile import TAIL, Window, reconcile_many
 from sidecar.app.symbol_state import SymbolState
 from sidecar.app.tasks import Background
 from sidecar.app.writer import RedisWriter
@@ -95,6 +96,8 @@ class History:
         self.completeness = completeness
         self.progress = WarmupProgress()
         self._warm_redis_down = False  # warm-up found Redis unreachable: it reads SQLite
+        #: Where warm-up compares the stores (a second process at many symbols, else a thread).
+        self.warm_pool: Executor | None = None
 
     def status(self) -> dict[str, Any]:
         """Start-up warm-up: symbols ``live`` (handles open on the warm window), ``warming``
@@ -246,12 +249,14 @@ class History:
         Returns the closed base bars the handles were opened on, over all of them.
         """
         n, cap = self.settings.warm_bars, self.settings.bars_cap
-        windows: dict[str, list[Bar]] = {}
+        windows: dict[str, Window] = {}
         try:
             if self._warm_redis_down:
                 raise OSError("unreachable")  # one failed reconcile is enough: not every symbol waits
             done = await reconcile_many(symbols, self.tf.name, self.redis, self.store, cap,
-                                        window=n if n <= cap else 0)
+                                        window=n if n <= cap else 0,
+                                        tail=max(TAIL, 2 * (self.settings.correction_window_bars + 2)),
+                                        pool=self.warm_pool)
         except (RedisError, OSError) as exc:
             if not self._warm_redis_down:
                 log.warning("redis unreachable at start: stores not reconciled",
@@ -259,18 +264,16 @@ class History:
             self._warm_redis_down = True
             self.writer.replaced()  # once Redis answers
         else:
-            for sym, (copied, bars) in done.items():
+            for sym, (copied, got) in done.items():
                 if copied.to_sqlite:
                     log.info("recovered bars from redis", extra={"symbol": sym, "bars": copied.to_sqlite})
                 if copied.to_redis:
                     log.info("warmed redis from sqlite", extra={"symbol": sym, "bars": copied.to_redis})
                 if n <= cap:
-                    windows[sym] = bars
+                    windows[sym] = got
         total = 0
         for sym in symbols:
-            window = windows.get(sym)
-            if window is None:
-                window = await self.store.last_bars(sym, self.tf.name, n)
+            window = windows.get(sym) or await self.store.last_bars(sym, self.tf.name, n)
             higher = await self._higher_history(sym)
             await foreground.wait_idle()
             total += self._warm_open(sym, window, higher)
@@ -319,7 +322,7 @@ class History:
         out.base = [b for b in base if not b.forming]
         return out
 
-    def _warm_open(self, symbol: str, bars: list[Bar], higher: _HigherHistory | None) -> int:
+    def _warm_open(self, symbol: str, bars: list[Bar] | Window, higher: _HigherHistory | None) -> int:
         """Open the base handles on ``bars`` (:meth:`open_handles`), fold the base into
         the higher timeframes (:meth:`fold_up`) and end the symbol's warm-up; no
         ``await``, so no bar applied meanwhile can slip between."""
@@ -386,7 +389,8 @@ class History:
                 ser.restart(current[0], current[1], done_hi)
             else:
                 ser.restart(None, [], done_hi)
-            ser.view(base_forming)
+            if ser.view(base_forming) and ser.forming is not None:
+                made.append(ser.forming)  # the cycles store it again only once it changes
         if made:
             self.store.add(made)
             self.writer.defer(made)
@@ -549,8 +553,8 @@ class History:
             for b in dirty.get(ser.tf.name, ()):
                 ser.dirty.setdefault(b.lo, b)
 
-    def open_handles(self, symbol: str, ser: Series, bars: list[Bar], owed: dict[str, dict[int, Bar]],
-                      *, warm: bool = False) -> int:
+    def open_handles(self, symbol: str, ser: Series, bars: list[Bar] | Window,
+                     owed: dict[str, dict[int, Bar]], *, warm: bool = False) -> int:
         """Open the handles of one of ``symbol``'s series on ``bars`` (read from a store)
         overlaid with the bars Redis still owes (``owed``: :meth:`RedisWriter.owed`, the backlog)
         and every closed bar applied to it since the read began (:attr:`Series.rebuilding`),
@@ -563,21 +567,23 @@ class History:
         learns its tail, so re-delivered bars are duplicates and the next one is checked
         for a gap against it.
         """
-        series = {b.t: b for b in bars}
+        window = bars if isinstance(bars, Window) else Window.of(bars)
+        series = {b.t: b for b in window.newest}
         series.update(owed.get(ser.tf.name, {}))
         series.update(ser.rebuilding or {})
-        newest = ser.last.t if ser.last is not None else -1
+        last = ser.last.t if ser.last is not None else -1
         if warm:
             limit = ser.forming.t if ser.forming is not None else 2**62
-            newest = max([newest, *(t for t, b in series.items() if t < limit and not b.forming)])
-        closed = [series[t] for t in sorted(series) if t <= newest and not series[t].forming]
-        if len(closed) > self.settings.warm_bars:
-            closed = closed[-self.settings.warm_bars:]
+            last = max([last, window.older.last_before(limit),
+                        *(t for t, b in series.items() if t < limit and not b.forming)])
+        closed = window.closed(series, last, self.settings.warm_bars)
         engine = self.engine(symbol, ser.tf)
-        engine.load(closed)
+        engine.load_arrays(*closed)
         ser.engine = engine
-        if warm and closed:
-            if ser.last is None or closed[-1].t > ser.last.t:
-                ser.last = closed[-1]
-            self.validator.prime(symbol, closed[-(self.settings.correction_window_bars + 2):])
-        return len(closed)
+        if warm and closed.rows:
+            newest_closed = series.get(int(closed.t[-1]))
+            if newest_closed is not None and (ser.last is None or newest_closed.t > ser.last.t):
+                ser.last = newest_closed
+            known = [series[t] for t in sorted(series) if t <= last and not series[t].forming]
+            self.validator.prime(symbol, known[-(self.settings.correction_window_bars + 2):])
+        return closed.rows

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,8 @@ class Pipeline:
         )
         #: Every timeframe kept, lowest (the base the sources are asked for) first.
         self.timeframes: tuple[Timeframe, ...] = settings.series_timeframes
+        # Every series' forming bar is re-buffered each cycle: not a reason to flush early.
+        bar_store.series_rows = len(settings.symbols) * len(self.timeframes)
         #: Each symbol's grid per higher timeframe (its calendar's sessions, see :class:`Grid`).
         self.higher_grids: dict[str, list[Grid]] = {
             sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources),
@@ -235,6 +238,15 @@ class Pipeline:
     def warmup(self) -> WarmupProgress:
         """How far start-up warm-up got (the history's)."""
         return self.history.progress
+
+    @property
+    def warm_pool(self) -> Executor | None:
+        """Where warm-up compares the stores (a second process at many symbols, else a thread)."""
+        return self.history.warm_pool
+
+    @warm_pool.setter
+    def warm_pool(self, pool: Executor | None) -> None:
+        self.history.warm_pool = pool
 
     def _engine(self, symbol: str, tf: Timeframe | None = None) -> FeatureEngine:
         """A fresh feature engine (on the base timeframe unless ``tf``); VWAP anchored at

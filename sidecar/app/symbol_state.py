@@ -20,7 +20,7 @@ from sidecar.app.planner import VIA_LAST
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.completeness import Completeness
-from sidecar.features import FEATURE_FIELDS, FeatureEngine, Values, features_map, pack_features
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, pack_series_features, symbol_part
 from sidecar.redis_store import FeatureRow
 from sidecar.series import Series
 from sidecar.timeframe import Timeframe
@@ -151,15 +151,16 @@ class SymbolState:
         self.base.close(bar)
         return self.higher[0].fold(bar) if self.higher and not self.warming else []
 
-    def advance(self, now_ms: int) -> list[Bar]:
+    def advance(self, now_ms: int, out: list[Bar], changed: list[Bar] | None) -> None:
         """Bring the higher timeframes up to the base's forming bar: close complete
-        buckets, set each forming bar; returns the bars that closed."""
-        out: list[Bar] = []
+        buckets (added to ``out``), set each forming bar (added to ``changed`` where it
+        changed, if given)."""
         base_forming = self.base.forming
         for ser in self.higher:
-            out += ser.settle(now_ms, base_forming)
-            ser.view(base_forming)
-        return out
+            if ser.acc is not None:
+                out += ser.settle(now_ms, base_forming)
+            if ser.view(base_forming) and changed is not None and ser.forming is not None:
+                changed.append(ser.forming)
 
 
 class SeriesStage:
@@ -208,11 +209,14 @@ class SeriesStage:
         after the market opens.
 
         The higher timeframes are brought up to the base first (:meth:`SymbolState.advance`):
-        the bars that closed go to ``stored``, and so do their forming bars when
-        ``stored`` is given (the symbols a source answered for); else they are returned
-        with the maps, to be stored.
+        the bars that closed go to ``stored``, and so do their forming bars that
+        changed when ``stored`` is given (the symbols a source answered for); else the
+        bars that closed are returned with the maps, to be stored. A forming bar that
+        did not change is not stored again, nor peeked again; its map is rewritten (it
+        says when it was computed) and so never expires.
         """
         out: list[FeatureRow] = []
+        append = out.append
         ttl = self.features_ttl_ms
         stale_after = self.stale_after_ms
         states = self.symbols
@@ -222,32 +226,25 @@ class SeriesStage:
             st = states[sym]
             if st.higher and not st.warming:
                 # While warming the higher series wait for warm-up to fold the base into them.
-                settled += st.advance(now_ms)
-                if stored is not None:
-                    stored += [ser.forming for ser in st.higher if ser.forming is not None]
-            stale = st.stale(now_ms, stale_after)
+                st.advance(now_ms, settled, stored)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
             regular = self.calendars[sym] if sym in extended else None
             shares = completeness(sym, now_ms)
+            part = symbol_part(now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
+                               market_open=st.market_open, next_open=st.next_open,
+                               extended_hours=regular is not None, warming=st.warming)
             for i, ser in enumerate(st.series):
                 bar = ser.forming or ser.last
                 if bar is None:
                     continue
                 engine = ser.engine
-                values: Values = engine.peek(bar) if bar.forming else engine.closed_values
-                fmap = features_map(
-                    bar, values, now_ms, stale, updated_at=st.updated_ms, via=st.via,
-                    # The histogram one bar back, so a reader sees a zero crossing in one read.
-                    macd_hist_prev=engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist,
-                    market_open=st.market_open, next_open=st.next_open,
-                    extended_hours=regular is not None,
+                # The histogram one bar back, so a reader sees a zero crossing in one read.
+                prev = engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist
+                packed = ser.packed = pack_series_features(
+                    bar, ser.values(bar), prev, part,
                     extended=regular is not None and i == 0 and not regular.is_open(bar.t),
-                    completeness=None if shares is None else shares[i],
-                )
-                if st.warming:
-                    fmap["warming"] = True
-                ser.features = fmap
-                out.append((ser.tf.name, sym, pack_features(fmap), hold))
+                    completeness=None if shares is None else shares[i])
+                append((ser.tf.name, sym, packed, hold))
         if settled and stored is not None:
             stored += settled
             settled = []

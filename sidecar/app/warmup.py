@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from sidecar import foreground
 from sidecar.app.bootstrap import DAY_MS, backfill_symbol
 from sidecar.app.pipeline import Pipeline
+from sidecar.app.reconcile import compare_process
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore
 from sidecar.sources import Source
@@ -53,7 +54,11 @@ STORE_CONCURRENCY = 2
 #: Stored symbols reconciled together (one Redis round trip, one worker-thread call).
 STORE_BATCH = 50
 #: Bars per Redis write of history (one script call; a cycle waits for at most one).
-REDIS_BATCH = 1_000
+REDIS_BATCH = 5_000
+#: Bars waiting for Redis at most: past it, fetching waits for the writes (bounded memory).
+REDIS_QUEUE_BARS = 50_000
+#: From this many stored symbols their stores are compared in a second process.
+PROCESS_MIN_SYMBOLS = 200
 #: A budget refusal waits this long before the range goes to the next source.
 BUDGET_WAIT_S = 120.0
 
@@ -87,13 +92,18 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
                 progress.history_bars += result.bars
                 progress.history_requests += result.requests
                 log.info("bootstrap warm-up window", extra=result.as_dict())
-            fetched = result.fetched or []
-            if len(fetched) == result.stored:
-                # All the stores hold of it (but the live bars): open on it, no read back.
-                await foreground.wait_idle()
-                pipeline.open_fetched(sym, fetched)
-                await redis_writer.put(fetched[-s.bars_cap:])
-                return
+                fetched, result.fetched = result.fetched or [], None
+                # The cycles' bars since warm-up began may be stored in the window already.
+                known = {b.t for b in fetched}.union(t for t in pipeline.symbols[sym].rebuilding or {}
+                                                     if start <= t < end)
+                if result.stored <= len(known):
+                    # All the stores hold of it (but the live bars): open on it, no read back.
+                    # Within the gate: the symbols fetched wait for their Redis copy in turn.
+                    await foreground.wait_idle()
+                    pipeline.open_fetched(sym, fetched)
+                    await redis_writer.put(fetched[-s.bars_cap:])
+                    return
+                del fetched  # not held while it waits for the stores' turn
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -121,14 +131,19 @@ async def warm_up(pipeline: Pipeline, sources: list[Source], store: BarStore,
 
     redis_writer = _RedisHistory(redis_store, pipeline)
     flushing = asyncio.ensure_future(redis_writer.run())
+    warm = [sym for sym in pipeline.symbols if sym not in cold_set]
+    if len(warm) >= PROCESS_MIN_SYMBOLS:
+        pipeline.warm_pool = compare_process()
     try:
-        warm = [sym for sym in pipeline.symbols if sym not in cold_set]
         batches = [warm[i:i + STORE_BATCH] for i in range(0, len(warm), STORE_BATCH)]
         await asyncio.gather(*(fetch(sym) for sym in cold), *(from_stores(b) for b in batches))
         await redis_writer.close()
         await flushing
     finally:
         flushing.cancel()
+        if pipeline.warm_pool is not None:
+            pipeline.warm_pool.shutdown(wait=False, cancel_futures=True)
+            pipeline.warm_pool = None
     progress.finished_ms = int(clock() * 1000)
     log.info("warm-up finished", extra={
         "symbols": len(pipeline.symbols), "cold": len(cold), "history_bars": progress.history_bars,
@@ -167,18 +182,26 @@ async def _rest_of_bootstrap(pipeline: Pipeline, sources: list[Source], store: B
 
 class _RedisHistory:
     """Copies history to Redis in batches of about :data:`REDIS_BATCH` bars (several
-    symbols' to a call), one call at a time and only between cycles. A Redis that
-    fails has the rest refilled from SQLite once it answers."""
+    symbols' to a call), one call at a time and only between cycles. At most
+    :data:`REDIS_QUEUE_BARS` wait: :meth:`put` waits for room, so fetching goes at
+    the pace of the writes. A Redis that fails has the rest refilled from SQLite
+    once it answers."""
 
     def __init__(self, redis_store: RedisStore, pipeline: Pipeline) -> None:
         self.redis = redis_store
         self.pipeline = pipeline
         self.queue: asyncio.Queue[list[Bar] | None] = asyncio.Queue()
+        self.queued = 0  # bars in the queue and in the batch being written
+        self.room = asyncio.Event()
         self.failed = False
 
     async def put(self, bars: list[Bar]) -> None:
-        """Queue ``bars`` for Redis (returns at once)."""
+        """Queue ``bars`` for Redis, once there is room for them."""
+        while self.queued >= REDIS_QUEUE_BARS and not self.failed:
+            self.room.clear()
+            await self.room.wait()
         if bars and not self.failed:
+            self.queued += len(bars)
             self.queue.put_nowait(bars)
 
     async def close(self) -> None:
@@ -188,21 +211,27 @@ class _RedisHistory:
     async def run(self) -> None:
         """Write the queued bars until :meth:`close`: what is queued at once goes in
         batches, a lone symbol's bars at once."""
-        while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            batch, closing = list(item), False
-            while len(batch) < REDIS_BATCH and not self.queue.empty():
-                more = self.queue.get_nowait()
-                if more is None:
-                    closing = True
-                    break
-                batch.extend(more)
-            for i in range(0, len(batch), REDIS_BATCH):
-                await self._write(batch[i:i + REDIS_BATCH])
-            if closing:
-                return
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    return
+                batch, closing = list(item), False
+                while len(batch) < REDIS_BATCH and not self.queue.empty():
+                    more = self.queue.get_nowait()
+                    if more is None:
+                        closing = True
+                        break
+                    batch.extend(more)
+                for i in range(0, len(batch), REDIS_BATCH):
+                    await self._write(batch[i:i + REDIS_BATCH])
+                self.queued -= len(batch)
+                self.room.set()
+                if closing:
+                    return
+        finally:
+            self.failed = self.failed or self.queued > 0  # stopped early: nothing waits on it
+            self.room.set()
 
     async def _write(self, bars: list[Bar]) -> None:
         if self.failed:
@@ -212,6 +241,7 @@ class _RedisHistory:
             await self.redis.write_history(bars, chunk=REDIS_BATCH)
         except (RedisError, OSError) as exc:
             self.failed = True
+            self.room.set()
             log.warning("warm-up: redis unreachable; history is in sqlite only",
                         extra={"bars": len(bars), "error": str(exc)})
             self.pipeline.redis_lacks_history()

@@ -85,7 +85,7 @@ def test_tick_smoke(tmp_path: Path) -> None:
 def test_scanner_read_smoke(tmp_path: Path) -> None:
     scanner_read.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "scanner_read")
-    assert set(doc["ms"]) == {"raw", "scanner", "scanner_signals"}
+    assert set(doc["ms"]) == {"raw", "scanner", "scanner_signals", "raw_2tf", "scanner_2tf"}
     for s in doc["ms"].values():
         _timing(s)
         assert s["n"] == doc["reads"]

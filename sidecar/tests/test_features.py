@@ -13,7 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.bar import Bar
-from sidecar.features import DAY_MS, FEATURE_FIELDS, FeatureEngine, features_map, pack_features, session_of
+from sidecar.features import (
+    DAY_MS,
+    FEATURE_FIELDS,
+    FeatureEngine,
+    features_map,
+    pack_features,
+    pack_series_features,
+    session_of,
+    symbol_part,
+)
 from sidecar.settings import IndicatorPeriods
 from sidecar.tests.helpers import FEATURES_T0 as T0
 from sidecar.tests.helpers import assert_row_equal, batch_values, make_series
@@ -236,3 +245,39 @@ def test_packed_features_are_the_bytes_readers_always_got(
     assert decoded == legacy
     assert [type(x) for x in decoded.values()] == [type(x) for x in legacy.values()]
     assert pack_features(fmap) == packed  # the shared packer leaves nothing behind
+
+
+@given(
+    values=st.lists(st.one_of(st.none(), st.floats(allow_nan=False)), min_size=12, max_size=12),
+    v=st.one_of(st.none(), st.floats(min_value=0, allow_infinity=False)),
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+    t=st.integers(0, 253_402_300_799_000),
+    age=st.one_of(st.none(), st.integers(0, 10**10)),
+    via=st.sampled_from(["poll", "stream", "last", None]),
+    prev=st.one_of(st.none(), st.floats(allow_nan=False)),
+    next_open=st.one_of(st.none(), st.integers(0, 253_402_300_799_000)),
+    tf=st.sampled_from(["1m", "5m", "1h", "1d"]),
+    hours=st.tuples(st.booleans(), st.booleans()),
+    completeness=st.one_of(st.none(), st.fixed_dictionaries(
+        {"session": st.floats(0, 1), "previous": st.one_of(st.none(), st.floats(0, 1)),
+         "synthetic": st.integers(0, 500), "late": st.integers(0, 500)})),
+)
+def test_a_symbols_part_packed_once_gives_each_timeframe_the_same_bytes(
+    values: list[float | None], v: float | None, flags: tuple[bool, bool, bool, bool], t: int,
+    age: int | None, via: str | None, prev: float | None, next_open: int | None, tf: str,
+    hours: tuple[bool, bool], completeness: dict[str, object] | None,
+) -> None:
+    forming, synthetic, stale, warming = flags
+    extended_hours, extended = hours
+    bar = Bar("BRK.B", tf, t, 1.0, 2.0, 0.5, 1.5, v, "twelvedata", forming, synthetic)
+    now = t + 5_000
+    updated = None if age is None else now - age
+    fmap = features_map(bar, values, now, stale, updated_at=updated, via=via, macd_hist_prev=prev,
+                        market_open=next_open is None, next_open=next_open, extended_hours=extended_hours,
+                        extended=extended, completeness=completeness)
+    if warming:
+        fmap["warming"] = True
+    part = symbol_part(now, stale, updated_at=updated, via=via, market_open=next_open is None,
+                       next_open=next_open, extended_hours=extended_hours, warming=warming)
+    packed = pack_series_features(bar, values, prev, part, extended=extended, completeness=completeness)
+    assert packed == pack_features(fmap)
