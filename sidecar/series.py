@@ -26,8 +26,8 @@ bar has none). A bucket without base bars has no bar.
 A higher bar is forming until its bucket is complete: its last base bar closed, a
 base bar of a later bucket arrived, or the bucket's end passed by one base bar's
 length with no base bar forming in it. A revised base bar in a bucket already folded
-marks that bucket dirty: the pipeline re-aggregates it from the stored base bars and
-reopens the handles (its rebuild machinery).
+marks that bucket dirty: it is re-aggregated from the stored base bars and the
+handles reopened after the cycle (:class:`~sidecar.app.history.History`).
 """
 
 from __future__ import annotations

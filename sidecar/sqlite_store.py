@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import numpy as np
@@ -191,6 +192,17 @@ class BarStore:
         if self._db is None:
             raise RuntimeError("BarStore is not open")
         return self._db
+
+    def status(self) -> dict[str, Any]:
+        """Bars waiting for the next flush, rows flushed, bars dropped from a full buffer,
+        the last flush and the last error (``/health``'s ``sqlite``)."""
+        return {
+            "buffered": self.buffered,
+            "flushed_rows": self.flushed_rows,
+            "dropped": self.dropped,
+            "last_flush_ms": self.last_flush_ms,
+            "last_error": self.last_error,
+        }
 
     # -- the buffer -------------------------------------------------------------
     @property

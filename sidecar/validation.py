@@ -20,6 +20,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.bar import MAX_EPOCH_MS, Bar
 from sidecar.calendars import MarketCalendar
@@ -190,6 +191,17 @@ class Validator:
         self.gaps: dict[str, deque[Gap]] = {}
         #: Gaps found since the caller last cleared this list (to persist them).
         self.new_gaps: list[Gap] = []
+
+    def status(self) -> dict[str, Any]:
+        """What validation did so far: bars accepted, duplicates, outliers held, rejections
+        by reason, gaps recorded (``/health``'s ``bars``)."""
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "held_outliers": self.held,
+            "rejected": dict(self.rejected),
+            "gaps": sum(len(g) for g in self.gaps.values()),
+        }
 
     # -- state ----------------------------------------------------------------
     def _state(self, symbol: str) -> _SymbolState:

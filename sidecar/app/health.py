@@ -15,10 +15,9 @@ import asyncio
 import logging
 import os
 import resource
-import statistics
 from typing import Any
 
-from sidecar.app.pipeline import Pipeline, SourceState
+from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.parse_worker import ParseWorker
 from sidecar.series import Series
@@ -27,17 +26,6 @@ log = logging.getLogger("sidecar.health")
 
 #: No cycle for this long means the daemon is not collecting.
 NOT_COLLECTING_MS = 5_000
-#: Cycle durations shown for the status page's sparkline.
-SPARKLINE_CYCLES = 120
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-
-
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -63,41 +51,6 @@ def _round(x: float | None, digits: int = 6) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def _failing(state: SourceState) -> bool:
-    """The source's last call failed (no success since its last error)."""
-    return state.last_error_ms is not None and (
-        state.last_success_ms is None or state.last_error_ms > state.last_success_ms)
-
-
-def _source_reasons(state: SourceState) -> list[str]:
-    """Why a source is unhealthy: each breaker that is not closed, else a failed last call."""
-    out = [f"source {b.name}: circuit {b.state}, last error {b.status()['last_error_class']}"
-           for b in (state.circuits or ()) if b.state != "closed"]
-    if not out and _failing(state):
-        out.append(f"source {state.name}: circuit closed, last error {state.last_error_class}")
-    return out
-
-
-def _source_info(state: SourceState) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "circuit": "closed",
-        "last_success_ms": state.last_success_ms,
-        "last_error_class": state.last_error_class,
-        "last_error_ms": state.last_error_ms,
-        "errors": state.errors,
-        "requests": state.requests,
-        "synthetic": state.source.synthetic,
-    }
-    info.update(state.status())
-    budget = info.get("budget")
-    if isinstance(budget, dict):
-        info["budget_left"] = budget.get("remaining_now")
-        if "day_limit" in budget:
-            info["budget_left_today"] = budget["day_limit"] - budget.get("day_used", 0)
-    info["failing"] = _failing(state)
-    return info
-
-
 def assess(pipeline: Pipeline, now_ms: int | None = None,
            parse_worker: ParseWorker | None = None) -> tuple[str, list[str]]:
     """``(status, reasons)`` — cheap enough to run after every cycle."""
@@ -106,8 +59,7 @@ def assess(pipeline: Pipeline, now_ms: int | None = None,
     stats = pipeline.stats
     stale_after = pipeline.stale_after_ms
     reasons: list[str] = []
-    for state in pipeline.sources:
-        reasons.extend(_source_reasons(state))
+    reasons.extend(pipeline.router.reasons())
     if parse_worker is not None and parse_worker.state not in ("alive", "closed"):
         reasons.append(f"parse worker {parse_worker.state}: answers parsed in the daemon "
                        f"(last error: {parse_worker.last_error})")
@@ -152,28 +104,8 @@ class StatusLog:
 
 
 def warmup_report(pipeline: Pipeline) -> dict[str, Any]:
-    """Start-up warm-up: symbols ``live`` (handles open on the warm window), ``warming``
-    (served from live bars, flagged ``warming``), ``waiting`` (no bar yet); history fetched."""
-    warming = waiting = 0
-    for st in pipeline.symbols.values():
-        if st.warming:
-            if st.last is None and st.forming is None:
-                waiting += 1
-            else:
-                warming += 1
-    w = pipeline.warmup
-    return {
-        "done": w.finished_ms is not None,
-        "live": len(pipeline.symbols) - warming - waiting,
-        "warming": warming,
-        "waiting": waiting,
-        "cold": w.cold,
-        "history_bars": w.history_bars,
-        "history_requests": w.history_requests,
-        "failed": w.failed,
-        "started_ms": w.started_ms,
-        "finished_ms": w.finished_ms,
-    }
+    """Start-up warm-up (:meth:`~sidecar.app.history.History.status`)."""
+    return pipeline.history.status()
 
 
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
@@ -208,10 +140,8 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         completeness = pipeline.completeness.report(sym, now_ms)
         for tf, info in (completeness or {}).items():
             symbols[sym]["timeframes"][tf]["completeness"] = info
-    sources = {state.name: _source_info(state) for state in pipeline.sources}
+    sources = pipeline.router.status()
 
-    durations = list(stats.durations_ms)
-    validator = pipeline.validator
     for sym, st in pipeline.symbols.items():
         symbols[sym]["warming"] = st.warming
     return {
@@ -223,32 +153,14 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         "timeframe": pipeline.tf.name,
         "timeframes": [tf.name for tf in pipeline.timeframes],
         "cycle": {
-            "count": stats.cycles,
-            "last_tick_ms": stats.last_tick_ms,
-            "last_ms": round(stats.last_duration_ms, 3),
-            "window_cycles": len(durations),
-            "p50_ms": None if not durations else round(statistics.median(durations), 3),
-            "p99_ms": _pct(durations, 0.99),
-            "recent_ms": [round(d, 3) for d in durations[-SPARKLINE_CYCLES:]],
+            **stats.status(),
             "missed_ticks": ticker.missed,
             "clock_jumps": ticker.clock_jumps,
             "last_lateness_ms": round(ticker.lateness_ms, 3),
         },
-        "bars": {
-            "accepted": validator.accepted,
-            "duplicates": validator.duplicates,
-            "held_outliers": validator.held,
-            "rejected": dict(validator.rejected),
-            "gaps": sum(len(g) for g in validator.gaps.values()),
-        },
-        "redis": {"ok": stats.redis_ok, "last_error": stats.redis_last_error},
-        "sqlite": {
-            "buffered": pipeline.store.buffered,
-            "flushed_rows": pipeline.store.flushed_rows,
-            "dropped": pipeline.store.dropped,
-            "last_flush_ms": pipeline.store.last_flush_ms,
-            "last_error": pipeline.store.last_error,
-        },
+        "bars": pipeline.validator.status(),
+        "redis": pipeline.writer.status(),
+        "sqlite": pipeline.store.status(),
         "warmup": warmup_report(pipeline),
         "sources": sources,
         "parse_worker": ({"enabled": False} if parse_worker is None

@@ -197,7 +197,7 @@ async def test_an_open_class_probes_with_one_symbol_the_rest_fall_through(
                                          clock=now)
     pipe = Pipeline(settings, [primary, backup], redis_store, bar_store, {"primary": circuits},
                     clock=now)
-    out = await pipe._fetch(int(now.t * 1000))
+    out = await pipe.router.fetch(int(now.t * 1000))
     # One request per class: the fx batch failed (circuit open), its symbols went to the backup.
     assert sorted(map(sorted, primary.asked)) == [["AAA"], ["AUDUSD", "EURUSD", "GBPUSD"]]
     assert circuits.lane("fx").state == "open" and circuits.lane("stock").state == "closed"
@@ -205,7 +205,7 @@ async def test_an_open_class_probes_with_one_symbol_the_rest_fall_through(
                                                    "GBPUSD": "backup", "AUDUSD": "backup"}
     primary.asked.clear()
     now.advance(RESET_S)
-    out = await pipe._fetch(int(now.t * 1000))
+    out = await pipe.router.fetch(int(now.t * 1000))
     # The probe carries one symbol; the failure re-opens; every fx symbol is served by the backup.
     assert [batch for batch in primary.asked if batch != ["AAA"]] == [["EURUSD"]]
     assert circuits.lane("fx").state == "open"

@@ -181,7 +181,7 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
     await pipe.run_cycle(T0)
     assert not store.refuse_chunk  # it was refused
     # The final write carried the refused chunk's bars and features (and the last answer's).
-    assert pipe.stats.redis_ok and not pipe._redis_backlog
+    assert pipe.stats.redis_ok and not pipe.writer.backlog
     final = [w for e, k, _, w in store.events if (e, k) == ("done", "final")]
     assert sorted(final[0]) == [(s, T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
     assert [f is not None for f in await store.read_features(list(SYMBOLS), TF.name)] == [True] * 6
@@ -189,10 +189,10 @@ async def test_a_failed_chunk_write_is_buffered_and_rewritten_exactly_once(
     store.refuse_final = 1  # cycle 2: the chunks are written, the final write fails
     now.advance(1)
     await pipe.run_cycle(T0 + 1000)
-    assert not pipe.stats.redis_ok and sorted(pipe._redis_backlog) == [("EEE", "1s", T0), ("FFF", "1s", T0)]
+    assert not pipe.stats.redis_ok and sorted(pipe.writer.backlog) == [("EEE", "1s", T0), ("FFF", "1s", T0)]
     now.advance(1)
     await pipe.run_cycle(T0 + 2000)  # Redis failing: this cycle's bars go out with the final write
-    assert pipe.stats.redis_ok and not pipe._redis_backlog
+    assert pipe.stats.redis_ok and not pipe.writer.backlog
     assert [k for e, k, _, _ in store.events[-2:]] == ["final", "final"]
 
     # Every accepted bar reached Redis in exactly one successful write; none is doubled.
@@ -221,11 +221,11 @@ async def test_a_timed_out_chunk_write_skips_the_final_write_of_that_cycle(
     assert not store.hang_chunk  # it timed out
     assert [k for e, k, _, _ in store.events if e == "start"] == ["chunk", "chunk"]  # no final
     assert not pipe.stats.redis_ok and "Timeout" in (pipe.stats.redis_last_error or "")
-    assert sorted(pipe._redis_backlog) == [(s, "1s", T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
+    assert sorted(pipe.writer.backlog) == [(s, "1s", T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
 
     now.advance(1)
     await pipe.run_cycle(T0 + 1000)  # Redis answers again: one final write carries the backlog
-    assert pipe.stats.redis_ok and not pipe._redis_backlog
+    assert pipe.stats.redis_ok and not pipe.writer.backlog
     written: dict[tuple[str, int], int] = {}
     for event, _, _, bars in store.events:
         if event == "done":

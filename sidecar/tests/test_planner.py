@@ -64,7 +64,7 @@ async def test_budgets_hold_over_a_simulated_day(redis_store: RedisStore, bar_st
     served_last = 0
     for second in range(86_400):
         now.t = DAY0 + second
-        out = await pipe._fetch(int(now.t * 1000))
+        out = await pipe.router.fetch(int(now.t * 1000))
         served_last += sum(1 for s in SYMBOLS if s not in out and pipe.symbols[s].via == "last")
 
     # The failing primary never exceeds 60 a minute nor asks a symbol more often than every 5 s.

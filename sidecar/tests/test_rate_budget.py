@@ -120,8 +120,8 @@ def test_daily_quota_paced_over_open_hours_across_a_weekend_and_a_weekday():
     """Alpha Vantage's 25 a day for NYSE symbols: nothing asked on Saturday and Sunday; on
     Monday the 25 are spread over 09:30-16:00 New York, the last ones near the close
     (over 24 h, a third would still be left at the close). Driven wall clock, minute steps;
-    the pacing is set the way the pipeline sets it for a source's symbols."""
-    from sidecar.app.pipeline import CLOSE_GRACE_MS, pace_over_open_hours
+    the pacing is set the way the router sets it for a source's symbols."""
+    from sidecar.app.router import CLOSE_GRACE_MS, pace_over_open_hours
     from sidecar.calendars import get_calendar
 
     nyse = get_calendar("XNYS")

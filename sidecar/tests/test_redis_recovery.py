@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from sidecar.app import pipeline as pipeline_module
+from sidecar.app import writer as writer_module
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore, connect
@@ -63,7 +63,7 @@ async def test_backlog_past_its_bound_drops_the_oldest_and_recovery_refills_them
     """Redis killed for 30 cycles, with room for 10 bars in the backlog: the backlog
     keeps the newest 10, SQLite keeps all, and when Redis comes back *with its data*
     (its meta key is there) the dropped bars are put back from SQLite."""
-    monkeypatch.setattr(pipeline_module, "MAX_REDIS_BACKLOG", 10)
+    monkeypatch.setattr(writer_module, "MAX_REDIS_BACKLOG", 10)
     hist, steps = one_bar_a_cycle(36)
     pipe = Pipeline(settings(), [ScriptedSource(steps)], store_on, bar_store,
                     clock=lambda: T0 / 1000)
@@ -75,7 +75,7 @@ async def test_backlog_past_its_bound_drops_the_oldest_and_recovery_refills_them
     own_redis.kill()
     await run_cycles(pipe, 5, 35)
     assert not pipe.stats.redis_ok
-    backlog = pipe._redis_backlog
+    backlog = pipe.writer.backlog
     assert len(backlog) == 10
     assert sorted(backlog) == sorted((sym, "1s", T0 + k * 1000) for sym in SYMBOLS for k in range(30, 35))
     await bar_store.flush()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidecar.app import pipeline as pipeline_module
+from sidecar.app import history as history_module
 from sidecar.app import warmup as warmup_module
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.reconcile import compare_process, reconcile_many
@@ -109,7 +109,7 @@ async def test_features_after_a_restart_on_stores_that_differ_equal_batch_on_the
     Redis that lost bars of another symbol, restarts: each symbol's handles open on
     its warm window of the reconciled bars, and its features equal TA-Lib batch on
     that window followed by the live bars."""
-    monkeypatch.setattr(pipeline_module, "TAIL", 8)
+    monkeypatch.setattr(history_module, "TAIL", 8)
     monkeypatch.setattr(warmup_module, "PROCESS_MIN_SYMBOLS", 1)  # compared in a second process
     todo = {k: v for k, v in cases().items() if k != "DEEP"}
     for stored, in_redis, _ in todo.values():

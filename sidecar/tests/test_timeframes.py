@@ -254,7 +254,7 @@ async def test_higher_timeframes_follow_the_law_with_corrections_and_forming_bar
             cycles += 1
             if now in corrections and offset == 1_000:
                 await pipe.drain(timeout_s=30)
-                assert not pipe._background
+                assert not pipe.background
             if cycles % 97 == 0 and nyse.is_open(now):
                 await pipe.drain(timeout_s=30)
                 await check_live(pipe, "AAPL")

@@ -192,7 +192,7 @@ async def test_backfill_runs_between_cycles_and_misses_no_tick(
     source = SlowHistorySource(steps, bars, slow=set())
     pipe, loop, clock = _cold(source, bars, redis_store, bar_store)
     during_cycle: list[str] = []
-    open_handles, write_history = pipe._open_handles, RedisStore.write_history
+    open_handles, write_history = pipe.history.open_handles, RedisStore.write_history
 
     def opening(symbol: str, *args: Any, **kwargs: Any) -> int:
         if loop.running:
@@ -204,7 +204,7 @@ async def test_backfill_runs_between_cycles_and_misses_no_tick(
             during_cycle.append(f"redis {len(history)}")
         return await write_history(store, history, chunk)
 
-    monkeypatch.setattr(pipe, "_open_handles", opening)
+    monkeypatch.setattr(pipe.history, "open_handles", opening)
     monkeypatch.setattr(RedisStore, "write_history", writing)
 
     cold = await pipe.begin_warmup(int(clock.t_ms))

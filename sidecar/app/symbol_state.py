@@ -1,0 +1,251 @@
+"""The cycle's series stage: each symbol's series on every timeframe, and its features.
+
+:class:`SymbolState` is a symbol in the cycle: it applies each accepted base bar to the
+symbol's series (:meth:`SymbolState.apply`: a forming-bar revision, a close, a
+correction) and brings the higher timeframes up to the base's forming bar
+(:meth:`SymbolState.advance`); each :class:`~sidecar.series.Series` owns its bars, its
+forming bar, its feature handles and its fold into the next timeframe. It also keeps
+how the symbol's sources and market are doing (the router books them).
+:class:`SeriesStage` packs the symbols' feature maps for Redis, every timeframe, and
+closes the forming bars a closed market leaves behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.app.planner import VIA_LAST
+from sidecar.bar import Bar
+from sidecar.calendars import MarketCalendar
+from sidecar.completeness import Completeness
+from sidecar.features import FEATURE_FIELDS, FeatureEngine, pack_series_features, symbol_part
+from sidecar.redis_store import FeatureRow
+from sidecar.series import Series
+from sidecar.timeframe import Timeframe
+from sidecar.validation import Verdict
+
+MACD_HIST = FEATURE_FIELDS.index("macd_hist")
+
+
+@dataclass(slots=True)
+class SymbolState:
+    """A symbol in the cycle: its series (the base timeframe first, then each higher
+    one, see :mod:`sidecar.series`) and how its sources and market are doing."""
+
+    #: Its series, lowest timeframe first; ``series[0]`` is the base the sources feed.
+    series: list[Series]
+    updated_ms: int | None = None  # when a source last answered for this symbol
+    via: str = VIA_LAST  # how its newest bar came this cycle: poll, stream or last
+    expect_ms: int = 0  # the refresh interval planned for it (its source's budget pace)
+    #: Its calendar says its market is open (always, for a symbol without a calendar).
+    market_open: bool = True
+    #: While closed: when its market opens next (epoch ms; ``None`` while open).
+    next_open: int | None = None
+    #: Its handles are not yet open on the warm window (start-up): the features map says so.
+    warming: bool = False
+
+    #: ``series[0]`` and ``series[1:]``, kept apart: the cycle reads them for every symbol.
+    base: Series = field(init=False)
+    higher: list[Series] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base = self.series[0]
+        self.higher = self.series[1:]
+
+    # The base series' state, as the cycle reads and writes it.
+    @property
+    def engine(self) -> FeatureEngine:
+        return self.base.engine
+
+    @engine.setter
+    def engine(self, value: FeatureEngine) -> None:
+        self.base.engine = value
+
+    @property
+    def forming(self) -> Bar | None:
+        return self.base.forming
+
+    @forming.setter
+    def forming(self, value: Bar | None) -> None:
+        self.base.forming = value
+
+    @property
+    def last(self) -> Bar | None:
+        return self.base.last
+
+    @last.setter
+    def last(self, value: Bar | None) -> None:
+        self.base.last = value
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """Some series' older closed bars changed (a correction, gap repair)."""
+        return any(s.needs_rebuild for s in self.series)
+
+    @property
+    def rebuilding(self) -> dict[int, Bar] | None:
+        """While a rebuild (or warm-up) reads history: the base bars applied meanwhile."""
+        return self.base.rebuilding
+
+    @rebuilding.setter
+    def rebuilding(self, value: dict[int, Bar] | None) -> None:
+        """``None`` ends every series' rebuild; a dict starts the base's, the others' empty."""
+        for ser in self.series:
+            ser.rebuilding = None if value is None else {}
+        self.base.rebuilding = value
+
+    @property
+    def features(self) -> dict[str, Any] | None:
+        """The base feature map last written to Redis."""
+        return self.base.features
+
+    def stale(self, now_ms: int, stale_after_ms: int) -> bool:
+        """No answer for longer than planned (its refresh interval) plus ``stale_after_ms``;
+        never while its market is closed (nothing new is expected then)."""
+        if not self.market_open:
+            return False
+        return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+    def apply(self, bar: Bar, verdict: Verdict) -> list[Bar]:
+        """Fold an accepted bar into the symbol's series; returns the bars to store
+        (higher timeframes' bars that closed with it included)."""
+        base = self.base
+        forming = base.forming
+        if verdict is Verdict.CORRECTION or (
+                not (forming is not None and bar.t == forming.t)
+                and base.last is not None and bar.t <= base.last.t):
+            # A correction, or a revision of the newest closed bar: values change, the
+            # handles are rebuilt and every higher bar containing it re-aggregated.
+            base.revise(bar)
+            if self.higher:
+                self.higher[0].mark_dirty(bar.t)
+            return [bar]
+        if forming is not None and bar.t == forming.t:
+            if bar.forming:
+                base.forming = bar
+                return [bar]
+            return [bar, *self.close(bar)]
+        stored: list[Bar] = []
+        if forming is not None:
+            # A newer bar closes the forming one with its last revision.
+            closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
+                         forming.c, forming.v, forming.src, False, forming.synthetic)
+            stored.append(closed)
+            stored += self.close(closed)
+        if bar.forming:
+            base.forming = bar
+            stored.append(bar)
+        else:
+            stored.append(bar)
+            stored += self.close(bar)
+        return stored
+
+    def close(self, bar: Bar) -> list[Bar]:
+        """Commit a closed base bar to the symbol's handles (and to a rebuild in flight)
+        and fold it upward; returns the higher bars that closed with it. While the
+        symbol warms nothing is folded: warm-up folds the bars applied meanwhile
+        (:meth:`~sidecar.app.history.History.fold_up`), with the base bars of each bucket
+        it started before."""
+        self.base.close(bar)
+        return self.higher[0].fold(bar) if self.higher and not self.warming else []
+
+    def advance(self, now_ms: int, out: list[Bar], changed: list[Bar] | None) -> None:
+        """Bring the higher timeframes up to the base's forming bar: close complete
+        buckets (added to ``out``), set each forming bar (added to ``changed`` where it
+        changed, if given)."""
+        base_forming = self.base.forming
+        for ser in self.higher:
+            if ser.acc is not None:
+                out += ser.settle(now_ms, base_forming)
+            if ser.view(base_forming) and changed is not None and ser.forming is not None:
+                changed.append(ser.forming)
+
+
+class SeriesStage:
+    """Every symbol's series, as the cycle uses them after validation: forming bars a
+    closed market leaves are closed, feature maps are packed."""
+
+    __slots__ = ("calendars", "completeness", "extended", "features_ttl_ms", "stale_after_ms", "symbols",
+                 "tf")
+
+    def __init__(self, symbols: dict[str, SymbolState], tf: Timeframe, calendars: dict[str, MarketCalendar],
+                 extended: dict[str, MarketCalendar], completeness: Completeness, *, stale_after_ms: int,
+                 features_ttl_ms: int) -> None:
+        """``calendars``: each symbol's regular hours, ``extended``: the extended hours of
+        those that include them (their maps flag bars outside the regular session);
+        ``completeness``: each map's share of expected bars; ``stale_after_ms``: no answer
+        for longer (past the planned interval) makes a symbol stale; ``features_ttl_ms``:
+        how long a features key lives (while its market is open)."""
+        self.symbols = symbols
+        self.tf = tf
+        self.calendars = calendars
+        self.extended = extended
+        self.completeness = completeness
+        self.stale_after_ms = stale_after_ms
+        self.features_ttl_ms = features_ttl_ms
+
+    def settle_closed(self, closed: Iterable[str], now_ms: int) -> list[Bar]:
+        """Close the forming bar of each of the ``closed`` symbols (their market closed)
+        once its time has passed: no later bar will come to close it until the market
+        reopens. Returns the bars to store (higher timeframes' bars that closed too)."""
+        stored: list[Bar] = []
+        for sym in closed:
+            st = self.symbols[sym]
+            forming = st.base.forming
+            if forming is None or forming.t + self.tf.ms > now_ms:
+                continue
+            bar = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
+                         forming.c, forming.v, forming.src, False, forming.synthetic)
+            stored.append(bar)
+            stored += st.close(bar)
+        return stored
+
+    def features(self, symbols: Iterable[str], now_ms: int,
+                 stored: list[Bar] | None = None) -> tuple[list[FeatureRow], list[Bar]]:
+        """The feature maps of ``symbols`` on every timeframe (those with a bar), packed
+        for Redis; while a symbol's market is closed, its maps are kept until shortly
+        after the market opens.
+
+        The higher timeframes are brought up to the base first (:meth:`SymbolState.advance`):
+        the bars that closed go to ``stored``, and so do their forming bars that
+        changed when ``stored`` is given (the symbols a source answered for); else the
+        bars that closed are returned with the maps, to be stored. A forming bar that
+        did not change is not stored again, nor peeked again; its map is rewritten (it
+        says when it was computed) and so never expires.
+        """
+        out: list[FeatureRow] = []
+        append = out.append
+        ttl = self.features_ttl_ms
+        stale_after = self.stale_after_ms
+        states = self.symbols
+        extended, completeness = self.extended, self.completeness.views
+        settled: list[Bar] = []
+        for sym in symbols:
+            st = states[sym]
+            if st.higher and not st.warming:
+                # While warming the higher series wait for warm-up to fold the base into them.
+                st.advance(now_ms, settled, stored)
+            hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
+            regular = self.calendars[sym] if sym in extended else None
+            shares = completeness(sym, now_ms)
+            part = symbol_part(now_ms, st.stale(now_ms, stale_after), updated_at=st.updated_ms, via=st.via,
+                               market_open=st.market_open, next_open=st.next_open,
+                               extended_hours=regular is not None, warming=st.warming)
+            for i, ser in enumerate(st.series):
+                bar = ser.forming or ser.last
+                if bar is None:
+                    continue
+                engine = ser.engine
+                # The histogram one bar back, so a reader sees a zero crossing in one read.
+                prev = engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist
+                packed = ser.packed = pack_series_features(
+                    bar, ser.values(bar), prev, part,
+                    extended=regular is not None and i == 0 and not regular.is_open(bar.t),
+                    completeness=None if shares is None else shares[i])
+                append((ser.tf.name, sym, packed, hold))
+        if settled and stored is not None:
+            stored += settled
+            settled = []
+        return out, settled
