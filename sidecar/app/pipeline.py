@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import statistics
 import time
@@ -47,6 +48,8 @@ from sidecar.sqlite_store import BarStore
 from sidecar.symbols import SymbolMap, load_symbol_map
 from sidecar.timeframe import Timeframe
 from sidecar.validation import GAP_LOG_LINES, Validator, Verdict
+
+log = logging.getLogger("sidecar.pipeline")
 
 #: Cycle durations shown for the status page's sparkline.
 SPARKLINE_CYCLES = 120
