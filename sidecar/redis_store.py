@@ -292,7 +292,7 @@ class RedisStore:
         args = [self.bars_cap, self._features_ttl_ms, self._heartbeat_ttl_ms, hb,
                 msgpack.packb(flat, use_bin_type=False), msgpack.packb(feats, use_bin_type=False),
                 self.keys.cycles_channel, message]
-        return bool(await self._script(keys=[self.keys.heartbeat, self.keys.meta], args=args))
+        return bool(await self._run_script(keys=[self.keys.heartbeat, self.keys.meta], args=args))
 
     async def _write_cluster(
         self,
@@ -334,7 +334,7 @@ class RedisStore:
             empty = msgpack.packb([])
             args = [*head[:3], hb, empty, empty, keys.cycles_channel, message]
             try:
-                has_meta = bool(await self._script(keys=[keys.heartbeat, keys.meta], args=args))
+                has_meta = bool(await self._run_script(keys=[keys.heartbeat, keys.meta], args=args))
             except (RedisError, OSError) as exc:
                 if not failed:
                     raise
@@ -344,11 +344,22 @@ class RedisStore:
                                [r for g, _ in failed for r in g.rows], len(failed), len(groups))
         return has_meta
 
+    async def _run_script(self, keys: list[str], args: list[Any]) -> Any:
+        """One call of the write script. A connection whose transport closed under
+        redis-py (a node killed mid-write, under uvloop) raises ``RuntimeError`` rather
+        than a connection error: it is one, and is reported as one."""
+        try:
+            return await self._script(keys=keys, args=args)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc) and "closed=True" not in str(exc):
+                raise
+            raise RedisConnectionError(f"connection lost: {exc}") from exc
+
     async def _write_buckets(self, buckets: list[_Bucket], head: list[Any],
                              ) -> list[tuple[_Bucket, BaseException]]:
         """One script call per bucket, all at once; the buckets Redis failed to write, with why."""
         channel = self.keys.cycles_channel
-        calls = [self._script(keys=[str(g.flat[0] if g.flat else g.feats[0])],
+        calls = [self._run_script(keys=[str(g.flat[0] if g.flat else g.feats[0])],
                               args=[*head, msgpack.packb(g.flat, use_bin_type=False),
                                     msgpack.packb(g.feats, use_bin_type=False), channel, b""])
                  for g in buckets]

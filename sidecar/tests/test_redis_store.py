@@ -6,8 +6,10 @@ import asyncio
 import time
 
 import msgpack
+import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot as _key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore, close_client, open_client
@@ -133,3 +135,22 @@ async def test_cluster_bars_are_capped_and_revised_in_place(cluster_store: Redis
     await cluster_store.write_cycle([bar(150 * M, 2.0)], [])
     recent = await cluster_store.recent_bars("AAPL", "1m", 2)
     assert [(b.t, b.c, b.forming) for b in recent] == [(149 * M, 100.0, False), (150 * M, 2.0, False)]
+
+
+async def test_a_transport_closed_under_the_client_is_a_connection_error(
+        redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node killed mid-write: under uvloop redis-py raises ``RuntimeError`` from the
+    closed transport; the writer must see a Redis error (buffer and retry), not crash."""
+    async def closed(**_: object) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False "
+                           "0x5>; the handler is closed")
+
+    async def broken(**_: object) -> None:
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(redis_store, "_script", closed)
+    with pytest.raises(RedisConnectionError):
+        await redis_store.write_cycle([bar(60_000)], [])
+    monkeypatch.setattr(redis_store, "_script", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        await redis_store.write_cycle([bar(60_000)], [])
