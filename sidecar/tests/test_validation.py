@@ -660,3 +660,17 @@ def test_gaps_past_the_log_lines_are_not_logged_one_by_one(caplog: pytest.LogCap
         val.check(mk(2 * i), NOW)  # one missing bar before each
     assert len(val.new_gaps) == GAP_LOG_LINES + 5
     assert sum(r.getMessage() == "gap detected" for r in caplog.records) == GAP_LOG_LINES
+
+
+def test_status_reports_what_validation_did() -> None:
+    val = primed(3)
+    assert val.status() == {"accepted": 0, "duplicates": 0, "held_outliers": 0, "rejected": {},
+                            "gaps": 0}
+    assert val.check(mk(3), NOW).verdict is Verdict.NEW
+    assert val.check(mk(3), NOW).verdict is Verdict.DUPLICATE
+    assert val.check(replace(mk(4), c=math.nan), NOW).verdict is Verdict.REJECTED
+    assert val.check(replace(mk(5), tf="5m"), NOW).verdict is Verdict.REJECTED
+    assert val.check(mk(8), NOW).verdict is Verdict.NEW  # bars 4..7 missing: one gap
+    assert val.check(mk(12), NOW).verdict is Verdict.NEW  # 9..11: another
+    assert val.status() == {"accepted": 3, "duplicates": 1, "held_outliers": 0,
+                            "rejected": {"bad_price": 1, "wrong_timeframe": 1}, "gaps": 2}
