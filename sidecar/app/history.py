@@ -389,8 +389,7 @@ class History:
                 ser.restart(current[0], current[1], done_hi)
             else:
                 ser.restart(None, [], done_hi)
-            if ser.view(base_forming) and ser.forming is not None:
-                made.append(ser.forming)  # the cycles store it again only once it changes
+            ser.view(base_forming)
         if made:
             self.store.add(made)
             self.writer.defer(made)

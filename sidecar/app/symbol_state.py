@@ -151,16 +151,16 @@ class SymbolState:
         self.base.close(bar)
         return self.higher[0].fold(bar) if self.higher and not self.warming else []
 
-    def advance(self, now_ms: int, out: list[Bar], changed: list[Bar] | None) -> None:
+    def advance(self, now_ms: int, out: list[Bar]) -> None:
         """Bring the higher timeframes up to the base's forming bar: close complete
-        buckets (added to ``out``), set each forming bar (added to ``changed`` where it
-        changed, if given)."""
+        buckets (added to ``out``) and set each forming bar. A higher forming bar is not
+        stored: it is the aggregate of the base bars from its open time on, and its
+        features map carries it."""
         base_forming = self.base.forming
         for ser in self.higher:
             if ser.acc is not None:
                 out += ser.settle(now_ms, base_forming)
-            if ser.view(base_forming) and changed is not None and ser.forming is not None:
-                changed.append(ser.forming)
+            ser.view(base_forming)
 
 
 class SeriesStage:
@@ -209,11 +209,10 @@ class SeriesStage:
         after the market opens.
 
         The higher timeframes are brought up to the base first (:meth:`SymbolState.advance`):
-        the bars that closed go to ``stored``, and so do their forming bars that
-        changed when ``stored`` is given (the symbols a source answered for); else the
-        bars that closed are returned with the maps, to be stored. A forming bar that
-        did not change is not stored again, nor peeked again; its map is rewritten (it
-        says when it was computed) and so never expires.
+        the bars that closed go to ``stored`` when it is given (the symbols a source
+        answered for), else they are returned with the maps, to be stored. A forming
+        bar that did not change is not peeked again; its map is rewritten (it says when
+        it was computed) and so never expires.
         """
         out: list[FeatureRow] = []
         append = out.append
@@ -226,7 +225,7 @@ class SeriesStage:
             st = states[sym]
             if st.higher and not st.warming:
                 # While warming the higher series wait for warm-up to fold the base into them.
-                st.advance(now_ms, settled, stored)
+                st.advance(now_ms, settled)
             hold = 0 if st.market_open or st.next_open is None else st.next_open - now_ms + ttl
             regular = self.calendars[sym] if sym in extended else None
             shares = completeness(sym, now_ms)
