@@ -135,8 +135,14 @@ class _PipelineCollector(Collector):
                                 value=_ms_to_s(sqlite["last_flush_ms"]))
         yield GaugeMetricFamily("sidecar_sqlite_up", "1 unless the last SQLite flush failed",
                                 value=0.0 if sqlite["last_error"] else 1.0)
+        redis = r["redis"]
         yield GaugeMetricFamily("sidecar_redis_up", "1 if the last Redis write succeeded",
-                                value=1.0 if r["redis"]["ok"] else 0.0)
+                                value=1.0 if redis["ok"] else 0.0)
+        yield GaugeMetricFamily("sidecar_redis_backlog_bars",
+                                "Bars waiting for Redis (kept while writes fail)", value=redis["backlog"])
+        yield GaugeMetricFamily("sidecar_redis_refill_pending",
+                                "1 while Redis lacks bars SQLite has and a refill from SQLite is due",
+                                value=1.0 if redis["refill_pending"] else 0.0)
         proc = r["process"]
         yield GaugeMetricFamily("sidecar_asyncio_tasks", "asyncio tasks alive in the daemon",
                                 value=proc["asyncio_tasks"])

@@ -7,18 +7,21 @@ import asyncio
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.app import writer as writer_module
 from sidecar.app.http import DaemonView, make_app
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
-from sidecar.redis_store import RedisStore
+from sidecar.redis_store import RedisStore, connect
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import ScriptedSource, Switchable, series, settings
+from sidecar.tests.helpers import RedisServer, ScriptedSource, Switchable, series, settings
 
 T0 = 1_700_000_000_000
 
@@ -144,3 +147,45 @@ async def test_budget_left_in_health_and_metrics(redis_store: RedisStore, bar_st
         m = metrics((await get(client, "/metrics"))[1])
         assert m[("sidecar_source_budget_remaining", (("source", "metered"),))] == 7
         assert m[("sidecar_source_budget_remaining_today", (("source", "metered"),))] == 97
+
+
+async def test_redis_backlog_and_refill_pending_in_metrics(
+        tmp_path: Path, bar_store: BarStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis killed: each cycle's bars wait in the backlog; past its bound (3 bars here)
+    the oldest are left to SQLite and a refill is due. Redis back (empty): the backlog
+    is written and the refill puts back the rest, both gauges back to 0."""
+    monkeypatch.setattr(writer_module, "MAX_REDIS_BACKLOG", 3)
+    bars = {s: series(s, 5, T0, i) for i, s in enumerate(("AAA", "BBB"))}
+    steps = [{s: [b[k]] for s, b in bars.items()} for k in range(5)]
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    store = RedisStore(connect(server.url, timeout_s=5.0), "backlog")
+    pipe = Pipeline(settings(), [ScriptedSource(steps)], store, bar_store, clock=lambda: T0 / 1000)
+
+    def redis_gauges(text: str) -> tuple[float, float, float]:
+        m = metrics(text)
+        return (m[("sidecar_redis_up", ())], m[("sidecar_redis_backlog_bars", ())],
+                m[("sidecar_redis_refill_pending", ())])
+
+    try:
+        await pipe.write_meta()
+        async with TestClient(TestServer(make_app(DaemonView(pipe, SecondTicker(), ready=True)))) as client:
+            await pipe.run_cycle(T0)
+            assert redis_gauges((await get(client, "/metrics"))[1]) == (1.0, 0.0, 0.0)
+
+            server.kill()
+            await pipe.run_cycle(T0 + 1000)
+            _, health = await get(client, "/health")
+            assert health["redis"]["backlog"] == 2 and not health["redis"]["refill_pending"]
+            assert redis_gauges((await get(client, "/metrics"))[1]) == (0.0, 2.0, 0.0)
+            await pipe.run_cycle(T0 + 2000)  # 4 bars owed, room for 3
+            assert redis_gauges((await get(client, "/metrics"))[1]) == (0.0, 3.0, 1.0)
+
+            server.start()
+            await pipe.run_cycle(T0 + 3000)
+            await pipe.drain(timeout_s=30)
+            assert redis_gauges((await get(client, "/metrics"))[1]) == (1.0, 0.0, 0.0)
+            assert await store.bar_count("AAA", "1s") == 4
+    finally:
+        await store.close()
+        server.kill()
