@@ -20,7 +20,6 @@ from typing import Any
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.parse_worker import ParseWorker
-from sidecar.series import Series
 
 log = logging.getLogger("sidecar.health")
 
@@ -45,10 +44,6 @@ def process_report() -> dict[str, Any]:
         "open_fds": fds,
         "asyncio_tasks": len(asyncio.all_tasks()),
     }
-
-
-def _round(x: float | None, digits: int = 6) -> float | None:
-    return None if x is None else round(x, digits)
 
 
 def assess(pipeline: Pipeline, now_ms: int | None = None,
@@ -116,34 +111,15 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
     stale_after = pipeline.stale_after_ms
     status, reasons = assess(pipeline, now_ms, parse_worker)
 
+    calendars, extended, completeness = pipeline.calendars, pipeline.extended, pipeline.completeness
     symbols: dict[str, Any] = {}
     for sym, st in pipeline.symbols.items():
-        bar = st.forming or st.last
-        feats = st.features or {}
-        symbols[sym] = {
-            "newest_bar_t": bar.t if bar else None,
-            "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
-            "updated_age_ms": None if st.updated_ms is None else now_ms - st.updated_ms,
-            "last_price": bar.c if bar else None,
-            "forming": bar.forming if bar else None,
-            "rsi": _round(feats.get("rsi"), 3),
-            "src": bar.src if bar else None,
-            "stale": st.stale(now_ms, stale_after),
-            "via": st.via,
-            "refresh_interval_ms": st.expect_ms,
-            "calendar": cal.name if (cal := pipeline.calendars.get(sym)) is not None else None,
-            "market_open": st.market_open,
-            "next_open": st.next_open,
-            "extended_hours": _hours_choice(pipeline, sym),
-            "timeframes": {ser.tf.name: _series_info(ser, now_ms) for ser in st.series},
-        }
-        completeness = pipeline.completeness.report(sym, now_ms)
-        for tf, info in (completeness or {}).items():
-            symbols[sym]["timeframes"][tf]["completeness"] = info
+        cal = calendars.get(sym)
+        symbols[sym] = st.status(
+            now_ms, stale_after, calendar=None if cal is None else cal.name,
+            extended_hours=None if cal is None else "include" if sym in extended else "exclude",
+            completeness=completeness.report(sym, now_ms))
     sources = pipeline.router.status()
-
-    for sym, st in pipeline.symbols.items():
-        symbols[sym]["warming"] = st.warming
     return {
         "status": status,
         "reasons": reasons,
@@ -169,29 +145,6 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         "market": _market(pipeline, now_ms),
         "symbols": symbols,
     }
-
-
-def _series_info(ser: Series, now_ms: int) -> dict[str, Any]:
-    """One timeframe of a symbol: its newest bar and how many base bars its forming one holds."""
-    bar = ser.forming or ser.last
-    feats = ser.features or {}
-    return {
-        "newest_bar_t": bar.t if bar else None,
-        "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
-        "last_price": bar.c if bar else None,
-        "forming": bar.forming if bar else None,
-        "rsi": _round(feats.get("rsi"), 3),
-        "base_bars": ser.n_base if ser.grid is not None else None,
-        "rebuilding": ser.rebuilding is not None or ser.needs_rebuild,
-    }
-
-
-def _hours_choice(pipeline: Pipeline, symbol: str) -> str | None:
-    """``include``/``exclude``: whether ``symbol``'s bars outside its regular session are
-    kept (``None``: no calendar, nothing is left out)."""
-    if symbol not in pipeline.calendars:
-        return None
-    return "include" if symbol in pipeline.extended else "exclude"
 
 
 def _market(pipeline: Pipeline, now_ms: int) -> dict[str, Any]:

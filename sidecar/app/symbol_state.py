@@ -5,7 +5,8 @@ symbol's series (:meth:`SymbolState.apply`: a forming-bar revision, a close, a
 correction) and brings the higher timeframes up to the base's forming bar
 (:meth:`SymbolState.advance`); each :class:`~sidecar.series.Series` owns its bars, its
 forming bar, its feature handles and its fold into the next timeframe. It also keeps
-how the symbol's sources and market are doing (the router books them).
+how the symbol's sources and market are doing (the router books them), and makes the
+symbol's row of ``/health`` (:meth:`SymbolState.status`).
 :class:`SeriesStage` packs the symbols' feature maps for Redis, every timeframe, and
 closes the forming bars a closed market leaves behind.
 """
@@ -27,6 +28,33 @@ from sidecar.timeframe import Timeframe
 from sidecar.validation import Verdict
 
 MACD_HIST = FEATURE_FIELDS.index("macd_hist")
+
+
+def _rsi(features: dict[str, Any] | None) -> float | None:
+    """The RSI of a features map, to 3 decimals (``None`` without a map or a value)."""
+    rsi = None if features is None else features.get("rsi")
+    return None if rsi is None else round(rsi, 3)
+
+
+def series_status(ser: Series, now_ms: int, rsi: float | None,
+                  completeness: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One timeframe of a symbol in ``/health``: its newest bar (forming, else closed)
+    and its age at ``now_ms``, ``rsi`` (of its features map, :func:`_rsi`), how many base
+    bars its forming bar holds (above the base), whether its handles are rebuilt, and
+    its ``completeness`` when given."""
+    bar = ser.forming or ser.last
+    row: dict[str, Any] = {
+        "newest_bar_t": bar.t if bar else None,
+        "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
+        "last_price": bar.c if bar else None,
+        "forming": bar.forming if bar else None,
+        "rsi": rsi,
+        "base_bars": ser.n_base if ser.grid is not None else None,
+        "rebuilding": ser.rebuilding is not None or ser.needs_rebuild,
+    }
+    if completeness is not None:
+        row["completeness"] = completeness
+    return row
 
 
 @dataclass(slots=True)
@@ -107,6 +135,40 @@ class SymbolState:
         if not self.market_open:
             return False
         return self.updated_ms is None or now_ms - self.updated_ms > stale_after_ms + self.expect_ms
+
+    def status(self, now_ms: int, stale_after_ms: int, *, calendar: str | None,
+               extended_hours: str | None, completeness: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+        """The symbol's row in ``/health`` at ``now_ms``: its newest base bar, when a
+        source last answered, whether it is stale (:meth:`stale`), how its bar came, its
+        market, each timeframe (:func:`series_status`) and whether it warms.
+        ``calendar``: its calendar's name; ``extended_hours``: ``include``/``exclude``
+        (``None`` without a calendar); ``completeness``: per timeframe name, its share of
+        expected bars (:meth:`~sidecar.completeness.Completeness.report`)."""
+        base = self.base
+        bar = base.forming or base.last
+        rsi = _rsi(base.features)  # the base's map, decoded once for its row and its timeframe's
+        updated = self.updated_ms
+        return {
+            "newest_bar_t": bar.t if bar else None,
+            "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
+            "updated_age_ms": None if updated is None else now_ms - updated,
+            "last_price": bar.c if bar else None,
+            "forming": bar.forming if bar else None,
+            "rsi": rsi,
+            "src": bar.src if bar else None,
+            "stale": self.stale(now_ms, stale_after_ms),
+            "via": self.via,
+            "refresh_interval_ms": self.expect_ms,
+            "calendar": calendar,
+            "market_open": self.market_open,
+            "next_open": self.next_open,
+            "extended_hours": extended_hours,
+            "timeframes": {
+                ser.tf.name: series_status(ser, now_ms, rsi if ser is base else _rsi(ser.features),
+                                           None if completeness is None else completeness.get(ser.tf.name))
+                for ser in self.series},
+            "warming": self.warming,
+        }
 
     def apply(self, bar: Bar, verdict: Verdict) -> list[Bar]:
         """Fold an accepted bar into the symbol's series; returns the bars to store

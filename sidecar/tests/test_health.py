@@ -1,5 +1,6 @@
 """/health, /ready and /metrics over real HTTP on a pipeline with real Redis and SQLite:
-ok → degraded when a source's circuit opens → down when no symbol has a fresh bar."""
+ok → degraded when a source's circuit opens → down when no symbol has a fresh bar; the
+Redis backlog in /metrics; a symbol's row as its state builds it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,11 +19,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.app import writer as writer_module
 from sidecar.app.http import DaemonView, make_app
 from sidecar.app.pipeline import Pipeline
+from sidecar.app.symbol_state import SymbolState
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import SourceCircuits
+from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore, connect
+from sidecar.series import Grid, Series
+from sidecar.settings import IndicatorPeriods
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import RedisServer, ScriptedSource, Switchable, series, settings
+from sidecar.tests.helpers import TF_1S, RedisServer, ScriptedSource, Switchable, series, settings
+from sidecar.timeframe import Timeframe
+from sidecar.validation import Verdict
 
 T0 = 1_700_000_000_000
 
@@ -189,3 +197,58 @@ async def test_redis_backlog_and_refill_pending_in_metrics(
     finally:
         await store.close()
         server.kill()
+
+
+def test_a_symbols_row_is_built_by_its_state() -> None:
+    """:meth:`SymbolState.status`: the newest base bar (forming) and its age, the base
+    map's RSI to 3 decimals on the symbol and its base timeframe, the 1m bar folding two
+    closed base bars and the forming one, completeness where given, keys in /health order."""
+    tf_1m = Timeframe.parse("1m")
+    base = Series("AAA", TF_1S, FeatureEngine("AAA", "1s", IndicatorPeriods()))
+    minute = Series("AAA", tf_1m, FeatureEngine("AAA", "1m", IndicatorPeriods()), Grid(tf_1m, None),
+                    TF_1S.ms)
+    st = SymbolState([base, minute], updated_ms=T0 + 2_100, via="poll", expect_ms=1_000)
+    bars = series("AAA", 3, T0, 0)
+    forming = dataclasses.replace(bars[2], forming=True)
+    for b in (*bars[:2], forming):
+        st.apply(b, Verdict.NEW)
+    st.advance(T0 + 2_500, [])
+    base.packed = msgpack.packb({"rsi": 61.234567})
+    shares = {"session": 0.5}
+    now = T0 + 3_000
+    minute_t = T0 - T0 % 60_000
+    row = st.status(now, 500, calendar="XNYS", extended_hours="exclude", completeness={"1m": shares})
+    assert row == {
+        "newest_bar_t": forming.t, "newest_bar_age_ms": now - forming.t, "updated_age_ms": 900,
+        "last_price": forming.c, "forming": True, "rsi": 61.235, "src": "scripted", "stale": False,
+        "via": "poll", "refresh_interval_ms": 1_000, "calendar": "XNYS", "market_open": True,
+        "next_open": None, "extended_hours": "exclude",
+        "timeframes": {
+            "1s": {"newest_bar_t": forming.t, "newest_bar_age_ms": now - forming.t, "last_price": forming.c,
+                   "forming": True, "rsi": 61.235, "base_bars": None, "rebuilding": False},
+            "1m": {"newest_bar_t": minute_t, "newest_bar_age_ms": now - minute_t, "last_price": forming.c,
+                   "forming": True, "rsi": None, "base_bars": 2, "rebuilding": False,
+                   "completeness": shares},
+        },
+        "warming": False,
+    }
+    assert list(row) == ["newest_bar_t", "newest_bar_age_ms", "updated_age_ms", "last_price", "forming",
+                         "rsi", "src", "stale", "via", "refresh_interval_ms", "calendar", "market_open",
+                         "next_open", "extended_hours", "timeframes", "warming"]
+
+    # Past its interval and stale_after: stale; while its market is closed: never.
+    assert st.status(T0 + 3_601, 500, calendar=None, extended_hours=None, completeness=None)["stale"]
+    st.market_open, st.next_open = False, T0 + 60_000
+    closed = st.status(T0 + 3_601, 500, calendar=None, extended_hours=None, completeness=None)
+    assert (closed["stale"], closed["market_open"], closed["next_open"]) == (False, False, T0 + 60_000)
+    assert "completeness" not in closed["timeframes"]["1m"]
+
+    empty = SymbolState([Series("BBB", TF_1S, FeatureEngine("BBB", "1s", IndicatorPeriods()))])
+    assert empty.status(now, 500, calendar=None, extended_hours=None, completeness=None) == {
+        "newest_bar_t": None, "newest_bar_age_ms": None, "updated_age_ms": None, "last_price": None,
+        "forming": None, "rsi": None, "src": None, "stale": True, "via": "last", "refresh_interval_ms": 0,
+        "calendar": None, "market_open": True, "next_open": None, "extended_hours": None,
+        "timeframes": {"1s": {"newest_bar_t": None, "newest_bar_age_ms": None, "last_price": None,
+                              "forming": None, "rsi": None, "base_bars": None, "rebuilding": False}},
+        "warming": False,
+    }
