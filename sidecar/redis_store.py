@@ -266,7 +266,11 @@ async def open_client(url: str, *, pool_size: int = 20, timeout_s: float = 2.0,
 
 
 class RedisStore:
-    """Writes bars, features, heartbeat and announcement (one script call each time); reads them back."""
+    """Writes bars, features, heartbeat and announcement (one script call each time); reads them back.
+
+    Every coroutine method is :func:`reports_lost_connection`: a node killed mid-call
+    fails it with ``ConnectionError``, like any other outage, never ``RuntimeError``.
+    """
 
     __slots__ = ("_edges", "_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "cluster",
                  "keys", "redis")
