@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import talib
 
+from sidecar.app.daemon import recount_completeness
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
@@ -596,6 +597,15 @@ async def drive(pipe: Pipeline, clock: Clock, until_ms: int, step_ms: int = MINU
     while clock.t_ms <= until_ms:
         await pipe.run_cycle(int(clock.t_ms))
         clock.advance(step_ms / 1000)
+
+
+async def recounted_completeness(pipe: Pipeline, source: Source, symbol: str,
+                                 now_ms: int) -> dict[str, dict[str, Any]] | None:
+    """``symbol``'s completeness report at ``now_ms`` as a restart counts it from SQLite: a
+    new pipeline of ``source`` with ``pipe``'s settings, stores and clock."""
+    again = Pipeline(pipe.settings, [source], pipe.redis, pipe.store, clock=pipe.clock)
+    await recount_completeness(again, pipe.store, symbol, now_ms)
+    return again.completeness.report(symbol, now_ms)
 
 
 #: The bar time of :func:`features` rows.

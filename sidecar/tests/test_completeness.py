@@ -14,9 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app.daemon import recount_completeness
 from sidecar.app.http import DaemonView, metrics_registry
-from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.bar import Bar
 from sidecar.calendars import get_calendar
@@ -24,7 +22,7 @@ from sidecar.completeness import Completeness, session_at
 from sidecar.redis_store import RedisStore
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Clock, drive, driven_pipeline, lasting_store, ny
+from sidecar.tests.helpers import Clock, drive, driven_pipeline, lasting_store, ny, recounted_completeness
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -125,9 +123,7 @@ async def test_completeness_over_a_session_roll_and_a_restart(
     # A restart counts both sessions again from the store (late bars are not known then).
     await pipe.drain()
     await bar_store.flush()
-    again = Pipeline(pipe.settings, [feed], store, bar_store, clock=clock)
-    await recount_completeness(again, bar_store, "AAPL", now)
-    c = again.completeness.report("AAPL", now)
+    c = await recounted_completeness(pipe, feed, "AAPL", now)
     assert c is not None
     assert c["1m"]["prev"] == {"from": ny("2024-11-29T09:30"), "expected": 210, "received": 208,
                                "synthetic": 2, "late": 0}
@@ -182,9 +178,7 @@ async def test_corrections_late_and_replaced_bars_are_counted_once(
 
     await pipe.drain()
     await bar_store.flush()
-    again = Pipeline(pipe.settings, [feed], store, bar_store, clock=clock)
-    await recount_completeness(again, bar_store, "AAPL", now)
-    recounted = again.completeness.report("AAPL", now)
+    recounted = await recounted_completeness(pipe, feed, "AAPL", now)
     assert recounted is not None
     for tf in ("1m", "5m"):
         assert {k: c[tf]["current"][k] for k in ("expected", "received", "synthetic")} == {

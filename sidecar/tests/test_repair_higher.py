@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import msgpack
 import numpy as np
 
-from sidecar.app.daemon import recount_completeness, repair_round
-from sidecar.app.pipeline import Pipeline
+from sidecar.app.daemon import repair_round
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
@@ -25,6 +24,7 @@ from sidecar.tests.helpers import (
     driven_pipeline,
     lasting_store,
     ny,
+    recounted_completeness,
 )
 from sidecar.timeframe import Timeframe
 
@@ -118,9 +118,7 @@ async def test_repaired_base_bars_reaggregate_the_higher_timeframes(
     # 10:10 5m bucket is new) as a recount from SQLite does, without a restart.
     now = int(clock.t_ms)
     live = pipe.completeness.report("AAPL", now)
-    again = Pipeline(pipe.settings, [feed], store, bar_store, clock=clock)
-    await recount_completeness(again, bar_store, "AAPL", now)
-    recounted = again.completeness.report("AAPL", now)
+    recounted = await recounted_completeness(pipe, feed, "AAPL", now)
     assert live is not None and recounted is not None
     for tf in TFS:
         for session in ("current", "prev"):
