@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: the daemon as a subprocess, a private redis-server,
-a bar factory, a fake clock, a scripted source and the reference feature series.
+a bar factory, a fake clock, a scripted source, a pipeline on a driven clock and the
+reference feature series.
 
 Test modules import these as ``sidecar.tests.helpers``; no test module imports another.
 """
@@ -31,13 +32,18 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import talib
 
+from sidecar.app.daemon import recount_completeness
+from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
+from sidecar.redis_store import RedisStore
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.sources.base import LatestResult, Source
+from sidecar.sqlite_store import BarStore
+from sidecar.symbols import SymbolMap
 from sidecar.timeframe import Timeframe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -550,6 +556,58 @@ def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
             for i in range(n)]
 
 
+
+# -- a pipeline on a driven clock ------------------------------------------------------
+
+#: One minute in epoch ms: the usual step of a driven clock.
+MINUTE_MS = 60_000
+
+
+def lasting_store(redis_store: RedisStore, prefix: str) -> RedisStore:
+    """A store on ``redis_store``'s Redis under ``prefix`` whose features maps live an hour
+    of wall time (the default TTL is shorter than a test that drives a clock for hours)."""
+    return RedisStore(redis_store.redis, prefix, features_ttl_ms=3_600_000)
+
+
+async def driven_pipeline(store: RedisStore, bar_store: BarStore, source: Source, clock: Clock,
+                          tfs: tuple[Timeframe, ...], *, warm: bool = True,
+                          symbol_map: SymbolMap | None = None, **fields: object) -> Pipeline:
+    """A pipeline of ``source`` on the driven ``clock``: :func:`settings` with base timeframe
+    ``tfs[0]``, the others higher, market hours on, ``fields`` replacing more; its meta
+    written and, with ``warm``, warmed at the clock's reading (without: the test warms it)."""
+    chosen: dict[str, object] = {"timeframe": tfs[0], "higher_timeframes": tfs[1:], "market_hours": True}
+    chosen.update(fields)
+    pipe = Pipeline(settings(**chosen), [source], store, bar_store, clock=clock, symbol_map=symbol_map)
+    await pipe.write_meta()
+    if warm:
+        await pipe.warm(int(clock.t_ms))
+    return pipe
+
+
+async def cycle_at(pipe: Pipeline, clock: Clock, t_ms: int) -> None:
+    """Move the driven ``clock`` to ``t_ms`` and run one cycle there."""
+    clock.t_ms = t_ms
+    await pipe.run_cycle(t_ms)
+
+
+async def drive(pipe: Pipeline, clock: Clock, until_ms: int, step_ms: int = MINUTE_MS) -> None:
+    """Cycles on the driven ``clock``: while it reads ``until_ms`` or earlier, a cycle at
+    its reading, then the clock moves ``step_ms`` on. It ends one step past the last
+    cycle (the reading a test that goes on from there starts at)."""
+    while clock.t_ms <= until_ms:
+        await pipe.run_cycle(int(clock.t_ms))
+        clock.advance(step_ms / 1000)
+
+
+async def recounted_completeness(pipe: Pipeline, source: Source, symbol: str,
+                                 now_ms: int) -> dict[str, dict[str, Any]] | None:
+    """``symbol``'s completeness report at ``now_ms`` as a restart counts it from SQLite: a
+    new pipeline of ``source`` with ``pipe``'s settings, stores and clock."""
+    again = Pipeline(pipe.settings, [source], pipe.redis, pipe.store, clock=pipe.clock)
+    await recount_completeness(again, pipe.store, symbol, now_ms)
+    return again.completeness.report(symbol, now_ms)
+
+
 #: The bar time of :func:`features` rows.
 FEATURES_BAR_T = 1_727_875_800_000
 
@@ -558,7 +616,8 @@ def features(symbol: str, **values: Any) -> dict[str, Any]:
     """A features map as the daemon writes it (1m, fresh), ``values`` replacing fields."""
     now = int(time.time() * 1000)
     row: dict[str, Any] = {
-        "symbol": symbol, "tf": "1m", "t": FEATURES_BAR_T, "close": 100.0, "v": 10.0, "rsi": 50.0,
+        "symbol": symbol, "tf": "1m", "t": FEATURES_BAR_T, "open": 99.5, "high": 100.5, "low": 99.0,
+        "close": 100.0, "v": 10.0, "rsi": 50.0,
         "ema": 100.0, "bb_upper": 105.0, "bb_middle": 100.0, "bb_lower": 95.0, "atr": 1.0,
         "vwap": 100.0, "vol_ma": 10.0, "macd": 0.1, "macd_signal": 0.1, "macd_hist": 0.5,
         "macd_hist_prev": 0.4, "mom": 0.0, "forming": True, "src": "test", "synthetic": False,
@@ -566,6 +625,12 @@ def features(symbol: str, **values: Any) -> dict[str, Any]:
     }
     row.update(values)
     return row
+
+
+def bar_of_features(fmap: dict[str, Any]) -> Bar:
+    """The bar a features map describes (its ``t``, ``open`` ... ``v``, flags)."""
+    return Bar(fmap["symbol"], fmap["tf"], fmap["t"], fmap["open"], fmap["high"], fmap["low"], fmap["close"],
+               fmap["v"], fmap["src"], fmap["forming"], fmap["synthetic"])
 
 
 async def read_events(resp: Any, n: int) -> list[dict[str, Any]]:

@@ -32,7 +32,14 @@ from sidecar.sources.polygon import parse_aggs
 from sidecar.sources.yahoo import parse_chart
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.fake_providers import fixture
-from sidecar.tests.helpers import Clock, batch_values, settings
+from sidecar.tests.helpers import (
+    Clock,
+    bar_of_features,
+    batch_values,
+    cycle_at,
+    driven_pipeline,
+    lasting_store,
+)
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -162,16 +169,6 @@ def walk(symbol: str, ts: list[int], seed: int, volume: bool = True) -> dict[int
             for i, t in enumerate(ts)}
 
 
-async def make_pipeline(redis_store: RedisStore, bar_store: BarStore, symbols: tuple[str, ...],
-                        source: Source, clock: Clock, tfs: tuple[Timeframe, ...] = TFS) -> Pipeline:
-    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
-    s = settings(symbols=symbols, timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
-    pipe = Pipeline(s, [source], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
-    return pipe
-
-
 async def features_of(pipe: Pipeline, symbol: str, tf: str) -> dict[str, object]:
     raw = await pipe.redis.redis.get(pipe.redis.keys.features(tf, symbol))
     assert raw is not None, (symbol, tf)
@@ -180,14 +177,19 @@ async def features_of(pipe: Pipeline, symbol: str, tf: str) -> dict[str, object]
 
 async def check_live(pipe: Pipeline, symbol: str) -> None:
     """Every timeframe's features in Redis equal batch over its Redis bars (closed, then
-    the forming one the features are of)."""
+    the one the features are of). The base's forming bar is in its sorted set; a higher
+    forming bar is only in its features map."""
     for tf in pipe.timeframes:
         fmap = await features_of(pipe, symbol, tf.name)
         bars = await pipe.redis.recent_bars(symbol, tf.name, 100_000)
         closed = [b for b in bars if not b.forming and b.t < int(fmap["t"])]  # type: ignore[call-overload]
         newest = [b for b in bars if b.t == fmap["t"]]
-        assert newest and newest[0].forming == fmap["forming"], (tf.name, fmap["t"])
-        assert_features(fmap, [*closed, newest[0]])
+        if tf == pipe.timeframes[0] or not fmap["forming"]:
+            assert newest and newest[0].forming == fmap["forming"], (tf.name, fmap["t"])
+            assert same(newest[0], bar_of_features(fmap)), (tf.name, newest[0], fmap)
+        else:
+            assert not newest, (tf.name, newest)
+        assert_features(fmap, [*closed, bar_of_features(fmap)])
 
 
 # -- the tests ---------------------------------------------------------------------------
@@ -235,7 +237,8 @@ async def test_higher_timeframes_follow_the_law_with_corrections_and_forming_bar
     btc_ts = list(range(start, end, MIN))
     feed = MinuteFeed({"AAPL": walk("AAPL", aapl_ts, 1), "BTCUSD": walk("BTCUSD", btc_ts, 2)})
     clock = Clock.from_ms(start)
-    pipe = await make_pipeline(redis_store, bar_store, ("AAPL", "BTCUSD"), feed, clock)
+    pipe = await driven_pipeline(lasting_store(redis_store, "tfs"), bar_store, feed, clock, TFS,
+                                 symbols=("AAPL", "BTCUSD"))
     corrections = {
         # 10:02: 09:58 (its 5m and 15m closed, its 1h 09:30-10:30 forming) and 10:29 (1h closed at 10:30)
         ms("2024-11-29T10:02:00-05:00"): ("AAPL", ms("2024-11-29T09:58:00-05:00"), 0.37),
@@ -286,14 +289,15 @@ async def test_higher_timeframes_follow_the_law_with_corrections_and_forming_bar
             want = expected_bars(sym, calendar, tf, base)
             stored = {b.t: b for b in await bar_store.bars_between(sym, tf.name, 0, 2**62)}
             in_redis = {b.t: b for b in await pipe.redis.recent_bars(sym, tf.name, 100_000)}
+            fmap = await features_of(pipe, sym, tf.name)
+            if fmap["forming"]:  # the bucket still open at the end: in neither store
+                assert fmap["t"] in want and fmap["t"] not in stored and fmap["t"] not in in_redis
+                del want[fmap["t"]]  # type: ignore[arg-type]
             assert set(stored) == set(want) == set(in_redis), (sym, tf.name)
             for t, w in want.items():
-                if stored[t].forming:
-                    continue  # the bucket still open at the end: checked by check_forming
                 assert same(stored[t], w), (sym, tf.name, t, stored[t], w)
                 assert same(in_redis[t], w), (sym, tf.name, t, in_redis[t], w)
-            closed = [stored[t] for t in sorted(stored) if not stored[t].forming]
-            fmap = await features_of(pipe, sym, tf.name)
+            closed = [stored[t] for t in sorted(stored)]
             if not fmap["forming"]:
                 assert_features(fmap, closed)
     # The early close: four 1h bars, the last one 12:30-13:00.
@@ -305,23 +309,21 @@ async def test_higher_timeframes_follow_the_law_with_corrections_and_forming_bar
 
 
 async def check_forming(pipe: Pipeline, symbol: str) -> int:
-    """Each higher forming bar in Redis equals the law over its bucket's closed 1m bars
-    in Redis plus the forming 1m bar; returns how many were compared."""
+    """Each higher forming bar (its features map) equals the law over its bucket's
+    closed 1m bars in Redis plus the forming 1m bar; returns how many were compared."""
     n = 0
     base = await pipe.redis.recent_bars(symbol, "1m", 100_000)
     forming = [b for b in base if b.forming]
     closed = [b for b in base if not b.forming]
     for ser in pipe.symbols[symbol].higher:
-        bars = await pipe.redis.recent_bars(symbol, ser.tf.name, 100_000)
-        open_ = [b for b in bars if b.forming]
-        if not open_:
+        fmap = await features_of(pipe, symbol, ser.tf.name)
+        if not fmap["forming"]:
             continue
-        assert len(open_) == 1, (ser.tf.name, open_)
         assert ser.grid is not None
         bucket = ser.grid.bucket(max(b.t for b in forming or closed))
         parts = [b for b in closed if ser.grid.bucket(b.t).t == bucket.t] + forming[-1:]
         want = law(symbol, ser.tf.name, bucket.t, parts, forming=True)
-        assert same(open_[0], want), (ser.tf.name, open_[0], want)
+        assert same(bar_of_features(fmap), want), (ser.tf.name, fmap, want)
         n += 1
     return n
 
@@ -350,12 +352,10 @@ async def test_provider_fixtures_against_the_daemons_aggregation(
     feed = MinuteFeed({"AAPL": {b.t: b for b in minutes}})
     tfs = tuple(Timeframe.parse(x) for x in ("1m", "1h", "1d"))
     clock = Clock.from_ms(ms("2024-10-02T09:29:00-04:00"))
-    pipe = await make_pipeline(redis_store, bar_store, ("AAPL",), feed, clock, tfs)
-    now = ms("2024-10-02T09:29:00-04:00")
-    while now < ms("2024-10-02T16:10:00-04:00"):
-        clock.t_ms = now + 1_000
-        await pipe.run_cycle(now + 1_000)
-        now += MIN
+    pipe = await driven_pipeline(lasting_store(redis_store, "tfs"), bar_store, feed, clock, tfs,
+                                 symbols=("AAPL",))
+    for now in range(ms("2024-10-02T09:29:00-04:00"), ms("2024-10-02T16:10:00-04:00"), MIN):
+        await cycle_at(pipe, clock, now + 1_000)
     await pipe.drain(timeout_s=30)
     await bar_store.flush()
     base = [b for b in await bar_store.bars_between("AAPL", "1m", 0, 2**62) if not b.forming]
@@ -450,18 +450,21 @@ class HeldHistory(RedisStore):
 
 
 async def check_stored_law(pipe: Pipeline, bar_store: BarStore, symbol: str) -> None:
-    """Every closed higher bar in SQLite and Redis equals the law over the stored base bars."""
+    """Every closed higher bar in SQLite and Redis equals the law over the stored base
+    bars; the forming one (in its features map) is in neither store."""
     await pipe.drain(timeout_s=30)
     await bar_store.flush()
     base = [b for b in await bar_store.bars_between(symbol, "1m", 0, 2**62) if not b.forming]
     for tf in pipe.timeframes[1:]:
         want = expected_bars(symbol, None, tf, base)
+        fmap = await features_of(pipe, symbol, tf.name)
+        if fmap["forming"]:
+            want.pop(fmap["t"], None)  # type: ignore[call-overload]
         stored = {b.t: b for b in await bar_store.bars_between(symbol, tf.name, 0, 2**62)}
         in_redis = {b.t: b for b in await pipe.redis.recent_bars(symbol, tf.name, 100_000)}
         assert set(stored) == set(want) == set(in_redis), tf.name
         for t, w in want.items():
-            if not stored[t].forming:
-                assert same(stored[t], w) and same(in_redis[t], w), (tf.name, t, stored[t], w)
+            assert same(stored[t], w) and same(in_redis[t], w), (tf.name, t, stored[t], w)
 
 
 async def test_warm_up_in_the_background_folds_the_base_into_every_timeframe(
@@ -482,27 +485,23 @@ async def test_warm_up_in_the_background_folds_the_base_into_every_timeframe(
     fives = [b for t, b in sorted(expected_bars("BTCUSD", None, TFS[1], history).items())
              if t < start + 6 * 3_600_000]
     await bar_store.write_history(history + fives)
-    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
+    store = lasting_store(redis_store, "tfs")
     await store.write_history(history + fives)
     clock = Clock.from_ms(now + 1_000)
     tfs = TFS[:4]
-    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
+    pipe = await driven_pipeline(store, bar_store, feed, clock, tfs, warm=False, symbols=("BTCUSD",))
     assert await pipe.begin_warmup(int(clock.t_ms)) == []
     for k in range(3):  # cycles before the handles open, a correction among them
         if k == 1:
             feed.correct("BTCUSD", now - 4 * MIN, 0.21)
-        clock.t_ms = now + k * MIN + 1_000
-        await pipe.run_cycle(int(clock.t_ms))
+        await cycle_at(pipe, clock, now + k * MIN + 1_000)
         for tf in tfs:
             if tf.name != "15m" and tf.name != "1h":  # nothing of theirs is stored yet
                 assert (await features_of(pipe, "BTCUSD", tf.name))["warming"] is True, tf.name
     await warm_up(pipe, [feed], bar_store, store, [], clock=clock)
     assert not pipe.symbols["BTCUSD"].warming
     for k in range(3, 40):
-        clock.t_ms = now + k * MIN + 1_000
-        await pipe.run_cycle(int(clock.t_ms))
+        await cycle_at(pipe, clock, now + k * MIN + 1_000)
     await pipe.drain(timeout_s=30)
     await pipe.run_cycle(int(clock.t_ms))
     for tf in tfs:
@@ -525,22 +524,16 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
     feed = MinuteFeed({"BTCUSD": walk("BTCUSD", ts, 9)})
     store = HeldHistory(redis_store)
     clock = Clock.from_ms(start)
-    tfs = TFS[:4]
-    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS[:4], symbols=("BTCUSD",))
     t = start
     for _ in range(200):
         t += MIN
-        clock.t_ms = t + 1_000
-        await pipe.run_cycle(t + 1_000)
+        await cycle_at(pipe, clock, t + 1_000)
     await pipe.drain(timeout_s=30)
     store.held = True
     feed.correct("BTCUSD", t - 8 * MIN, -0.33)  # its 5m bar closed, maybe its 15m too
     t += MIN
-    clock.t_ms = t + 1_000
-    await pipe.run_cycle(t + 1_000)
+    await cycle_at(pipe, clock, t + 1_000)
     for _ in range(100):  # the rebuild starts after the cycle
         if store.pending:
             break
@@ -549,16 +542,14 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
     assert {ser.tf.name for ser in pipe.symbols["BTCUSD"].series if ser.needs_rebuild or ser.dirty} == set()
     for _ in range(20):  # cycles go on, closing bars on every timeframe, while it reads
         t += MIN
-        clock.t_ms = t + 1_000
-        await pipe.run_cycle(t + 1_000)
+        await cycle_at(pipe, clock, t + 1_000)
     store.release()
     await pipe.drain(timeout_s=30)
     assert pipe.symbols["BTCUSD"].rebuilding is None
     rebuilt = {r.__dict__.get("tf") for r in caplog.records if r.getMessage() == "features rebuilt"}
     assert {"1m", "5m"} <= rebuilt
     t += MIN
-    clock.t_ms = t + 1_000
-    await pipe.run_cycle(t + 1_000)  # the final write carries the re-aggregated bars
+    await cycle_at(pipe, clock, t + 1_000)  # the final write carries the re-aggregated bars
     await pipe.drain(timeout_s=30)
     await check_live(pipe, "BTCUSD")
     await check_stored_law(pipe, bar_store, "BTCUSD")
@@ -584,22 +575,18 @@ async def test_a_cold_start_folds_the_whole_bootstrap_into_every_timeframe(
     feed = HistoryFeed({"BTCUSD": walk("BTCUSD", ts, 13)})
     now = start + 26 * 3_600_000  # the day from 02:00; the warm window from 23:53, inside every bucket
     clock = Clock.from_ms(now + 1_000)
-    tfs = TFS[:4]
-    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
-    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True,
-                 warm_bars=127, bootstrap_days=1)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
+    store = lasting_store(redis_store, "tfs")
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS[:4], warm=False, symbols=("BTCUSD",),
+                                 warm_bars=127, bootstrap_days=1)
     cold = await pipe.begin_warmup(int(clock.t_ms))
     assert cold == ["BTCUSD"]
     await warm_up(pipe, [feed], bar_store, store, cold, clock=clock)
     for k in range(1, 4):
-        clock.t_ms = now + k * MIN + 1_000
-        await pipe.run_cycle(int(clock.t_ms))
+        await cycle_at(pipe, clock, now + k * MIN + 1_000)
         await pipe.drain(timeout_s=30)
     await bar_store.flush()
     base = await bar_store.bars_between("BTCUSD", "1m", 0, 2**62)
     assert base[0].t == now - DAY
     await check_stored_law(pipe, bar_store, "BTCUSD")
     hours = await bar_store.bars_between("BTCUSD", "1h", 0, 2**62)
-    assert [b.t for b in hours][:1] == [now - DAY] and len(hours) == 25
+    assert [b.t for b in hours][:1] == [now - DAY] and len(hours) == 24  # the 25th is forming
