@@ -22,6 +22,7 @@ from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.scanner import Scanner
 from sidecar.settings import IndicatorPeriods, Settings
+from sidecar.shards import shard_of
 from sidecar.signals import RULES, SignalRules, evaluate
 from sidecar.tests.helpers import (
     FEATURES_BAR_T,
@@ -290,3 +291,15 @@ async def test_concurrent_reads_of_different_lists_get_their_own_rows(redis_stor
     results = await asyncio.gather(*(scanner.read(symbols) for symbols in lists))
     for symbols, rows in zip(lists, results, strict=True):
         assert [r["symbol"] for r in rows] == symbols
+
+
+async def test_concurrent_reads_of_different_lists_stale_by_their_own_shards(redis_store: RedisStore) -> None:
+    symbols = [f"S{i:02d}" for i in range(16)]
+    shard0 = RedisStore(redis_store.redis, "test", shard=0)
+    await shard0.write_cycle([], [("1m", s, msgpack.packb(features(s))) for s in symbols], {"pid": 1})
+    scanner = scanner_on(redis_store, shards=2)
+    lists = [symbols[:5], symbols[5:], symbols[::-3]] * 10
+    results = await asyncio.gather(*(scanner.read(wanted) for wanted in lists))
+    for wanted, rows in zip(lists, results, strict=True):
+        assert [(r["symbol"], r["stale"]) for r in rows] == [(s, shard_of(s, 2) == 1) for s in wanted]
+    assert {shard_of(s, 2) for s in symbols} == {0, 1}
