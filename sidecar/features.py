@@ -516,7 +516,8 @@ def features_map(
     """
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
     return {
-        "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v,
+        "symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "open": bar.o, "high": bar.h, "low": bar.l,
+        "close": bar.c, "v": bar.v,
         "rsi": rsi, "ema": ema, "bb_upper": bb_upper, "bb_middle": bb_middle, "bb_lower": bb_lower,
         "atr": atr, "vwap": vwap, "vol_ma": vol_ma, "macd": macd, "macd_signal": macd_signal,
         "macd_hist": macd_hist, "mom": mom,
@@ -539,7 +540,7 @@ SymbolPart = tuple[bytes, bytes, bytes, bytes]
 
 #: Pairs of the map that :func:`pack_series_features` packs per timeframe: the bar's and
 #: its values (``symbol`` ... ``synthetic``), ``macd_hist_prev``, ``extended``, ``completeness``.
-_SERIES_PAIRS = 23
+_SERIES_PAIRS = 26
 _MACD_HIST_PREV = pack_msgpack("macd_hist_prev")
 _WARMING = pack_msgpack(["warming", True])[1:]
 _join = b"".join
@@ -572,12 +573,13 @@ def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None,
     headers cut off) and joined with the symbol's."""
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
     body = pack_msgpack([
-        "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "close", bar.c, "v", bar.v,
+        "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "open", bar.o, "high", bar.h, "low", bar.l,
+        "close", bar.c, "v", bar.v,
         "rsi", rsi, "ema", ema, "bb_upper", bb_upper, "bb_middle", bb_middle, "bb_lower", bb_lower,
         "atr", atr, "vwap", vwap, "vol_ma", vol_ma, "macd", macd, "macd_signal", macd_signal,
         "macd_hist", macd_hist, "mom", mom,
         "forming", bar.forming, "src", bar.src, "synthetic", bar.synthetic,
-    ])  # 40 items: a three-byte header
+    ])  # 46 items: a three-byte header
     head, before, middle, warming = part
     last = pack_msgpack(["extended", extended, "completeness", completeness])  # a one-byte header
     return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), middle, last[1:],

@@ -179,6 +179,10 @@ class ReadApi:
         redis = await scanner.client()
         raw = await redis.zrange(scanner.keys.bars(tf, symbol), -(limit + CHART_WARM_BARS), -1)
         rows = [msgpack.unpackb(item) for item in raw]
+        (row,) = await scanner.read([symbol], [tf])
+        forming = _forming_member(row) if tf != self.tf else None
+        if forming is not None and (not rows or rows[-1][0] < forming[0]):
+            rows.append(forming)  # a higher timeframe's forming bar: in its features map only
         close = np.array([r[4] for r in rows], dtype=np.float64)
         p = self.periods
         if len(close):
@@ -190,7 +194,6 @@ class ReadApi:
         shown = slice(max(0, len(rows) - limit), None)
         bars = [{"t": r[0], "o": r[1], "h": r[2], "l": r[3], "c": r[4], "v": r[5], "src": r[6],
                  "forming": bool(r[7] & 1), "synthetic": bool(r[7] & 2)} for r in rows[shown]]
-        (row,) = await scanner.read([symbol], [tf])
         return {"symbol": symbol, "broker": row["broker"], "tf": tf, "bars": bars,
                 "ema": _finite(ema[shown]), "bb_upper": _finite(upper[shown]),
                 "bb_middle": _finite(middle[shown]), "bb_lower": _finite(lower[shown]),
@@ -199,7 +202,8 @@ class ReadApi:
                 "features": row}
 
     async def closes(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[list[float]]]:
-        """``[t, close]`` of each symbol's newest ``n`` bars, oldest first (one pipeline)."""
+        """``[t, close]`` of each symbol's newest ``n`` bars, oldest first (one pipeline,
+        and one ``MGET`` of the features maps for higher timeframes' forming bars)."""
         scanner = self.scanner
         redis = await scanner.client()
         async with redis.pipeline(transaction=False) as pipe:
@@ -211,12 +215,28 @@ class ReadApi:
         for sym, raw in zip(symbols, answers, strict=True):
             bars = [unpack(item) for item in raw]
             out[sym] = [[b[0], b[4]] for b in bars]
+        if tf != self.tf:
+            for row in await scanner.read(symbols, [tf]):
+                forming = _forming_member(row)
+                closes = out[row["symbol"]]
+                if forming is not None and (not closes or closes[-1][0] < forming[0]):
+                    closes.append([forming[0], forming[4]])
+                    del closes[:-n]
         return out
 
     async def close(self) -> None:
         """End the streams and close the scanners' connection pool."""
         await self.feed.stop()
         await self.scanner.close()
+
+
+def _forming_member(row: Mapping[str, Any]) -> list[Any] | None:
+    """The forming bar a scanner row describes, as a sorted-set member decodes
+    (``[t, o, h, l, c, v, src, flags]``); ``None`` for a closed or missing one."""
+    if row.get("missing") or not row.get("forming") or "open" not in row:
+        return None
+    return [row["t"], row["open"], row["high"], row["low"], row["close"], row["v"], row["src"],
+            1 | (2 if row.get("synthetic") else 0)]
 
 
 # -- the stream -----------------------------------------------------------------------

@@ -558,7 +558,8 @@ def features(symbol: str, **values: Any) -> dict[str, Any]:
     """A features map as the daemon writes it (1m, fresh), ``values`` replacing fields."""
     now = int(time.time() * 1000)
     row: dict[str, Any] = {
-        "symbol": symbol, "tf": "1m", "t": FEATURES_BAR_T, "close": 100.0, "v": 10.0, "rsi": 50.0,
+        "symbol": symbol, "tf": "1m", "t": FEATURES_BAR_T, "open": 99.5, "high": 100.5, "low": 99.0,
+        "close": 100.0, "v": 10.0, "rsi": 50.0,
         "ema": 100.0, "bb_upper": 105.0, "bb_middle": 100.0, "bb_lower": 95.0, "atr": 1.0,
         "vwap": 100.0, "vol_ma": 10.0, "macd": 0.1, "macd_signal": 0.1, "macd_hist": 0.5,
         "macd_hist_prev": 0.4, "mom": 0.0, "forming": True, "src": "test", "synthetic": False,
@@ -566,6 +567,12 @@ def features(symbol: str, **values: Any) -> dict[str, Any]:
     }
     row.update(values)
     return row
+
+
+def bar_of_features(fmap: dict[str, Any]) -> Bar:
+    """The bar a features map describes (its ``t``, ``open`` ... ``v``, flags)."""
+    return Bar(fmap["symbol"], fmap["tf"], fmap["t"], fmap["open"], fmap["high"], fmap["low"], fmap["close"],
+               fmap["v"], fmap["src"], fmap["forming"], fmap["synthetic"])
 
 
 async def read_events(resp: Any, n: int) -> list[dict[str, Any]]:

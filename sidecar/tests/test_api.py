@@ -261,6 +261,27 @@ async def test_chart_bars_and_sparkline_closes(env: dict[str, str], store: Redis
     assert sparks["XAUUSD"] == [] and set(sparks) == set(SYMBOLS)
 
 
+async def test_a_higher_timeframes_chart_and_closes_end_with_its_forming_bar(
+        store: RedisStore, client: TestClient[Any, Any]) -> None:
+    """A higher timeframe's sorted set holds its closed bars; the forming one is in its
+    features map, and the chart and the sparkline end with it."""
+    t0 = 1_700_000_100_000
+    closed = [Bar("AAPL", "5m", t0 + i * 300_000, 100.0 + i, 102.0 + i, 99.0 + i, 101.0 + i, 50.0, "test")
+              for i in range(6)]
+    t = t0 + 6 * 300_000
+    fmap = features("AAPL", tf="5m", t=t, open=106.0, high=108.5, low=105.5, close=107.25, v=12.0,
+                    forming=True, synthetic=True)
+    await store.write_cycle(closed, [("5m", "AAPL", msgpack.packb(fmap))], {"pid": 1})
+    chart = await (await client.get("/v1/bars", params={"symbol": "AAPL", "timeframe": "5m"})).json()
+    assert [b["t"] for b in chart["bars"]] == [b.t for b in closed] + [t]
+    assert chart["bars"][-1] == {"t": t, "o": 106.0, "h": 108.5, "l": 105.5, "c": 107.25, "v": 12.0,
+                                 "src": "test", "forming": True, "synthetic": True}
+    assert not any(b["forming"] for b in chart["bars"][:-1])
+    sparks = (await (await client.get("/v1/closes", params={"timeframe": "5m", "n": "3"})).json())["closes"]
+    assert sparks["AAPL"] == [[closed[-2].t, closed[-2].c], [closed[-1].t, closed[-1].c], [t, 107.25]]
+    assert sparks["XAUUSD"] == []
+
+
 async def test_redis_unreachable_is_a_503(tmp_path: Path) -> None:
     from sidecar.scanner import Scanner
 

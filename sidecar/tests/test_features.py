@@ -208,8 +208,9 @@ def test_features_map_is_not_stale_unless_told() -> None:
 def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,
                           updated_at: int | None, via: str, prev: float | None,
                           next_open: int | None) -> dict[str, object]:
-    """The features map as the pipeline built it key by key before it was one literal."""
-    out: dict[str, object] = {"symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "close": bar.c, "v": bar.v}
+    """The features map built key by key, as the contract lists its fields."""
+    out: dict[str, object] = {"symbol": bar.symbol, "tf": bar.tf, "t": bar.t, "open": bar.o, "high": bar.h,
+                              "low": bar.l, "close": bar.c, "v": bar.v}
     out.update(zip(FEATURE_FIELDS, values, strict=True))
     out.update(forming=bar.forming, src=bar.src, synthetic=bar.synthetic, stale=stale,
                computed_at=computed_at, updated_at=updated_at, via=via,

@@ -17,7 +17,7 @@ from sidecar.redis_store import RedisStore
 from sidecar.series import aggregate, aggregate_all
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Clock, batch_values, ny, settings
+from sidecar.tests.helpers import Clock, bar_of_features, batch_values, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -107,7 +107,7 @@ async def test_repaired_base_bars_reaggregate_the_higher_timeframes(
         raw = await store.redis.get(store.keys.features(ser.tf.name, "AAPL"))
         assert raw is not None
         fmap = msgpack.unpackb(raw)
-        series = [b for b in closed if b.t < fmap["t"]] + [b for b in in_redis if b.t == fmap["t"]]
+        series = [b for b in closed if b.t < fmap["t"]] + [bar_of_features(fmap)]
         expected = batch_values(series)
         for name in FEATURE_FIELDS:
             want = expected[name][-1]
