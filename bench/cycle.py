@@ -59,6 +59,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.provider_settings import ProviderSettings
     from sidecar.rate_budget import RateBudget
     from sidecar.redis_store import RedisStore, connect
+    from sidecar.series import aggregate, aggregate_all
     from sidecar.settings import Settings
     from sidecar.sources.twelvedata import TwelveDataSource
     from sidecar.sqlite_store import BarStore
@@ -88,19 +89,25 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     redis_store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap)
     store = BarStore(settings.sqlite_file)
     await store.open()
+    pipeline = Pipeline(settings, [source], redis_store, store, circuits)
     now = int(time.time() * 1000)
     base_start = now - now % 60_000 - HISTORY_BARS * 60_000
     for i in range(n):  # history that the fake market continues exactly
         base_history = fake_market.history(i, now, HISTORY_BARS)
         await store.write_history(base_history)
-        for tf in tfs[1:]:
-            # Enough stored bars of each higher timeframe for its handles to open at warm-up
-            # (as after a day of running), ending where the base history begins.
-            first = base_start - base_start % tf.ms
-            await store.write_history([
-                dataclasses.replace(b, tf=tf.name, t=first - (HISTORY_BARS - k) * tf.ms)
-                for k, b in enumerate(base_history)])
-    pipeline = Pipeline(settings, [source], redis_store, store, circuits)
+        for ser in pipeline.symbols[symbols[i]].higher:
+            # As after a day of running: enough bars of each higher timeframe for its
+            # handles to open at warm-up, the complete buckets of the base history
+            # aggregated as the daemon does, and older ones before them.
+            assert ser.grid is not None
+            groups = aggregate_all(ser.grid, symbols[i], base_history)
+            if groups and groups[-1][1][-1].t + 60_000 < groups[-1][0].end:
+                groups.pop()  # the bucket still forming
+            made = [aggregate(symbols[i], ser.tf.name, bucket.t, parts) for bucket, parts in groups]
+            first = made[0].t if made else base_start - base_start % ser.tf.ms
+            older = [dataclasses.replace(b, tf=ser.tf.name, t=first - (HISTORY_BARS - k) * ser.tf.ms)
+                     for k, b in enumerate(base_history)]
+            await store.write_history(older + made)
     await source.start()
     worker = await start_for([source], settings.parse_process, n)
     setup_started = time.perf_counter()
@@ -144,7 +151,8 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     worker_mean = sum(worker_cpu_us) / len(worker_cpu_us) if worker_cpu_us else 0.0
     out = {
         "symbols": n, "timeframes": timeframes, "seconds": seconds, "cycles": len(durations), "batch": batch,
-        "cycle_ms": summary(durations), "cpu_us_per_symbol": summary(cpu_per_symbol_us),
+        "cycle_ms": summary(durations), "cycle_ms_each": [round(d, 1) for d in durations],
+        "cpu_us_per_symbol": summary(cpu_per_symbol_us),
         "parse_worker": worker_status,
         "worker_cpu_us_per_symbol_mean": worker_mean,
         "daemon_cpu_us_per_symbol_mean": sum(cpu_per_symbol_us) / max(1, len(cpu_per_symbol_us)),

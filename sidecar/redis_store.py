@@ -25,9 +25,10 @@ redis-py's per-command cost) and against one bare ``MSET`` of the same bytes (th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -43,7 +44,11 @@ from sidecar.keys import SCHEMA_VERSION, Keys, bucket_of
 
 log = logging.getLogger("sidecar.redis")
 
-__all__ = ["SCHEMA_VERSION", "Keys", "PartialWrite", "RedisStore", "connect", "open_client"]
+__all__ = ["SCHEMA_VERSION", "Keys", "PartialWrite", "RedisStore", "connect", "lost_connection",
+           "open_client", "reports_lost_connection"]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 #: A sorted set's size, oldest score and newest ARGV[1] members, read atomically.
 _EDGES_LUA = """
@@ -128,6 +133,36 @@ class _Bucket:
         self.feats: list[Any] = []
 
 
+def lost_connection(exc: RuntimeError) -> RedisConnectionError | None:
+    """The connection error ``exc`` stands for, or ``None`` when it is another error.
+
+    Under uvloop, redis-py lets through the ``RuntimeError`` of a transport that closed
+    under it (a Redis or cluster node killed mid-call: "... closed=True ...; the handler
+    is closed"). The connection is lost, and callers that buffer and retry on
+    ``ConnectionError`` should see one. Raise the result ``from exc``.
+    """
+    text = str(exc)
+    if "handler is closed" in text or "closed=True" in text:
+        return RedisConnectionError(f"connection lost: {text}")
+    return None
+
+
+def reports_lost_connection(
+        call: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """``call`` with a transport closed under redis-py raised as ``ConnectionError``
+    (:func:`lost_connection`); any other ``RuntimeError`` propagates unchanged."""
+    @functools.wraps(call)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await call(*args, **kwargs)
+        except RuntimeError as exc:
+            lost = lost_connection(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+    return wrapper
+
+
 def redis_refusal(exc: RedisError) -> str | None:
     """Why Redis refused us for good (a password or certificate problem), else ``None``.
 
@@ -159,7 +194,7 @@ async def wait_loaded(
     said = False
     while not should_stop.is_set():
         try:
-            await redis.ping()
+            await reports_lost_connection(redis.ping)()
         except (RedisError, OSError) as exc:
             silent = isinstance(exc, (RedisConnectionError, RedisTimeout, TimeoutError, OSError))
             if not (isinstance(exc, BusyLoadingError) or (silent and running is not None and running())):
@@ -194,7 +229,7 @@ async def is_cluster(client: Redis) -> bool | None:
     """Whether the server behind ``client`` is a Redis Cluster node (``INFO cluster``);
     ``None`` when it cannot be asked (unreachable)."""
     try:
-        info = await client.info("cluster")
+        info = await reports_lost_connection(client.info)("cluster")
     except (RedisError, OSError):
         return None
     return bool(int(info.get("cluster_enabled", 0) or 0))
@@ -231,7 +266,11 @@ async def open_client(url: str, *, pool_size: int = 20, timeout_s: float = 2.0,
 
 
 class RedisStore:
-    """Writes bars, features, heartbeat and announcement (one script call each time); reads them back."""
+    """Writes bars, features, heartbeat and announcement (one script call each time); reads them back.
+
+    Every coroutine method is :func:`reports_lost_connection`: a node killed mid-call
+    fails it with ``ConnectionError``, like any other outage, never ``RuntimeError``.
+    """
 
     __slots__ = ("_edges", "_features_ttl_ms", "_heartbeat_ttl_ms", "_script", "bars_cap", "cluster",
                  "keys", "redis")
@@ -261,6 +300,7 @@ class RedisStore:
         """How long a features key lives after it is written (while its market is open)."""
         return self._features_ttl_ms
 
+    @reports_lost_connection
     async def write_cycle(
         self,
         bars: Sequence[Bar],
@@ -344,16 +384,11 @@ class RedisStore:
                                [r for g, _ in failed for r in g.rows], len(failed), len(groups))
         return has_meta
 
+    @reports_lost_connection
     async def _run_script(self, keys: list[str], args: list[Any]) -> Any:
-        """One call of the write script. A connection whose transport closed under
-        redis-py (a node killed mid-write, under uvloop) raises ``RuntimeError`` rather
-        than a connection error: it is one, and is reported as one."""
-        try:
-            return await self._script(keys=keys, args=args)
-        except RuntimeError as exc:
-            if "handler is closed" not in str(exc) and "closed=True" not in str(exc):
-                raise
-            raise RedisConnectionError(f"connection lost: {exc}") from exc
+        """One call of the write script (each cluster bucket's on its own: a bucket
+        whose node was killed fails as a connection error, the others are written)."""
+        return await self._script(keys=keys, args=args)
 
     async def _write_buckets(self, buckets: list[_Bucket], head: list[Any],
                              ) -> list[tuple[_Bucket, BaseException]]:
@@ -379,6 +414,7 @@ class RedisStore:
             return frozenset(node.name for node in self.redis.get_primaries())
         return frozenset()
 
+    @reports_lost_connection
     async def write_history(self, bars: Iterable[Bar], chunk: int = 2_000) -> int:
         """Bulk-load closed bars (e.g. warming an empty Redis from SQLite)."""
         n = 0
@@ -394,6 +430,7 @@ class RedisStore:
             n += len(batch)
         return n
 
+    @reports_lost_connection
     async def write_meta(self, meta: dict[str, Any]) -> None:
         """The meta key; a sharded daemon also enters ``meta`` in the shard registry
         (:attr:`Keys.shards`, field ``i/N``) for ``python -m sidecar status``."""
@@ -402,11 +439,13 @@ class RedisStore:
         if "shard" in meta and "shards" in meta:
             await self.redis.hset(self.keys.shards, f"{meta['shard']}/{meta['shards']}", packed)
 
+    @reports_lost_connection
     async def read_shards(self) -> dict[str, dict[str, Any]]:
         """The shard registry: ``i/N`` -> the meta that shard wrote at its start."""
         raw = await self.redis.hgetall(self.keys.shards)
         return {k.decode() if isinstance(k, bytes) else k: dict(msgpack.unpackb(v)) for k, v in raw.items()}
 
+    @reports_lost_connection
     async def read_heartbeats(self, shards: Iterable[int | None]) -> dict[int | None, dict[str, Any] | None]:
         """The heartbeat of each of ``shards`` (``None``: the unsharded daemon's)."""
         wanted = list(shards)
@@ -416,21 +455,25 @@ class RedisStore:
             out[shard] = None if raw is None else dict(msgpack.unpackb(raw))
         return out
 
+    @reports_lost_connection
     async def read_meta(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.meta)
         return None if raw is None else dict(msgpack.unpackb(raw))
 
+    @reports_lost_connection
     async def recent_bars(self, symbol: str, tf: str, n: int) -> list[Bar]:
         """The newest ``n`` bars of a symbol, oldest first."""
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1)
         return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
 
+    @reports_lost_connection
     async def recent_packed(self, symbol: str, tf: str, n: int) -> list[tuple[int, bytes]]:
         """The newest ``n`` bars of a symbol as stored, ``(t, packed bar)``, oldest first."""
         raw = await self.redis.zrange(self.keys.bars(tf, symbol), -n, -1, withscores=True)
         return [(int(item[1]), item[0]) for item in raw
                 if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
 
+    @reports_lost_connection
     async def recent_packed_many(self, symbols: Sequence[str], tf: str,
                                  n: int) -> dict[str, list[tuple[int, bytes]]]:
         """:meth:`recent_packed` of many symbols in one round trip."""
@@ -442,6 +485,7 @@ class RedisStore:
                       if isinstance(item, (tuple, list)) and isinstance(item[0], bytes)]
                 for sym, raw in zip(symbols, replies, strict=True)}
 
+    @reports_lost_connection
     async def edges_many(self, symbols: Sequence[str], tf: str,
                          n: int) -> dict[str, tuple[int, int | None, list[tuple[int, bytes]]]]:
         """Each symbol's bar count, oldest open time and newest ``n`` bars as stored
@@ -455,6 +499,7 @@ class RedisStore:
                         [(int(float(flat[i + 1])), flat[i]) for i in range(0, len(flat), 2)])
         return out
 
+    @reports_lost_connection
     async def tails(self, symbols: Sequence[str], tf: str, n: int) -> dict[str, list[Bar]]:
         """The newest ``n`` bars of each symbol, oldest first, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
@@ -464,14 +509,17 @@ class RedisStore:
         return {sym: [Bar.unpack(sym, tf, item) for item in raw if isinstance(item, bytes)]
                 for sym, raw in zip(symbols, replies, strict=True)}
 
+    @reports_lost_connection
     async def bars_since(self, symbol: str, tf: str, t_ms: int) -> list[Bar]:
         """The bars of a symbol with open time ``>= t_ms``, oldest first."""
         raw = await self.redis.zrangebyscore(self.keys.bars(tf, symbol), t_ms, "+inf")
         return [Bar.unpack(symbol, tf, item) for item in raw if isinstance(item, bytes)]
 
+    @reports_lost_connection
     async def bar_count(self, symbol: str, tf: str) -> int:
         return int(await self.redis.zcard(self.keys.bars(tf, symbol)))
 
+    @reports_lost_connection
     async def read_features(self, symbols: Sequence[str], tf: str) -> list[dict[str, Any] | None]:
         """Features of many symbols in one ``MGET`` (one per slot on a cluster); ``None``
         where a key is missing."""
@@ -484,17 +532,21 @@ class RedisStore:
             raw = await self.redis.mget(keys)
         return [None if item is None else msgpack.unpackb(item) for item in raw]
 
+    @reports_lost_connection
     async def read_heartbeat(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.heartbeat)
         return None if raw is None else dict(msgpack.unpackb(raw))
 
+    @reports_lost_connection
     async def clear_heartbeat(self) -> None:
         """Say at once that the daemon is gone (clean stop): scanners mark everything stale."""
         await self.redis.delete(self.keys.heartbeat)
 
+    @reports_lost_connection
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    @reports_lost_connection
     async def close(self) -> None:
         await close_client(self.redis)
 

@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: the daemon as a subprocess, a private redis-server,
-a bar factory, a fake clock, a scripted source and the reference feature series.
+a bar factory, a fake clock, a scripted source, a pipeline on a driven clock and the
+reference feature series.
 
 Test modules import these as ``sidecar.tests.helpers``; no test module imports another.
 """
@@ -31,13 +32,18 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import talib
 
+from sidecar.app.daemon import recount_completeness
+from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
+from sidecar.redis_store import RedisStore
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.sources.base import LatestResult, Source
+from sidecar.sqlite_store import BarStore
+from sidecar.symbols import SymbolMap
 from sidecar.timeframe import Timeframe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -548,6 +554,58 @@ def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
     return [Bar(symbol, "1s", t0 + i * 1000, float(o[i]), float(max(o[i], c[i]) * 1.001),
                 float(min(o[i], c[i]) * 0.999), float(c[i]), float(100 + i % 17), "scripted")
             for i in range(n)]
+
+
+
+# -- a pipeline on a driven clock ------------------------------------------------------
+
+#: One minute in epoch ms: the usual step of a driven clock.
+MINUTE_MS = 60_000
+
+
+def lasting_store(redis_store: RedisStore, prefix: str) -> RedisStore:
+    """A store on ``redis_store``'s Redis under ``prefix`` whose features maps live an hour
+    of wall time (the default TTL is shorter than a test that drives a clock for hours)."""
+    return RedisStore(redis_store.redis, prefix, features_ttl_ms=3_600_000)
+
+
+async def driven_pipeline(store: RedisStore, bar_store: BarStore, source: Source, clock: Clock,
+                          tfs: tuple[Timeframe, ...], *, warm: bool = True,
+                          symbol_map: SymbolMap | None = None, **fields: object) -> Pipeline:
+    """A pipeline of ``source`` on the driven ``clock``: :func:`settings` with base timeframe
+    ``tfs[0]``, the others higher, market hours on, ``fields`` replacing more; its meta
+    written and, with ``warm``, warmed at the clock's reading (without: the test warms it)."""
+    chosen: dict[str, object] = {"timeframe": tfs[0], "higher_timeframes": tfs[1:], "market_hours": True}
+    chosen.update(fields)
+    pipe = Pipeline(settings(**chosen), [source], store, bar_store, clock=clock, symbol_map=symbol_map)
+    await pipe.write_meta()
+    if warm:
+        await pipe.warm(int(clock.t_ms))
+    return pipe
+
+
+async def cycle_at(pipe: Pipeline, clock: Clock, t_ms: int) -> None:
+    """Move the driven ``clock`` to ``t_ms`` and run one cycle there."""
+    clock.t_ms = t_ms
+    await pipe.run_cycle(t_ms)
+
+
+async def drive(pipe: Pipeline, clock: Clock, until_ms: int, step_ms: int = MINUTE_MS) -> None:
+    """Cycles on the driven ``clock``: while it reads ``until_ms`` or earlier, a cycle at
+    its reading, then the clock moves ``step_ms`` on. It ends one step past the last
+    cycle (the reading a test that goes on from there starts at)."""
+    while clock.t_ms <= until_ms:
+        await pipe.run_cycle(int(clock.t_ms))
+        clock.advance(step_ms / 1000)
+
+
+async def recounted_completeness(pipe: Pipeline, source: Source, symbol: str,
+                                 now_ms: int) -> dict[str, dict[str, Any]] | None:
+    """``symbol``'s completeness report at ``now_ms`` as a restart counts it from SQLite: a
+    new pipeline of ``source`` with ``pipe``'s settings, stores and clock."""
+    again = Pipeline(pipe.settings, [source], pipe.redis, pipe.store, clock=pipe.clock)
+    await recount_completeness(again, pipe.store, symbol, now_ms)
+    return again.completeness.report(symbol, now_ms)
 
 
 #: The bar time of :func:`features` rows.

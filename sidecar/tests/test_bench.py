@@ -158,11 +158,13 @@ def test_replay_week_smoke_replays_a_day(tmp_path: Path) -> None:
     assert run["replay_s"] > 0 and run["launch_to_exhausted_s"] >= run["replay_s"]
 
 
-def test_completeness_smoke_times_before_and_after(tmp_path: Path) -> None:
+def test_completeness_smoke_times_the_tracker_against_the_raw_calendar(tmp_path: Path) -> None:
     completeness.main(["--smoke", "--out", str(tmp_path)])
     doc = _load(tmp_path, "completeness")
-    for name in ("before", "after"):
+    assert doc["same_views"] and doc["before_rev"] is None and "before" not in doc
+    for name in ("raw", "tracker"):
         assert all(doc[name][k] > 0 for k in ("build_ms", "steady_ms", "minute_ms", "minute_max_ms"))
+    assert set(doc["tracker_vs_raw"]) == {"build_ms", "steady_ms", "minute_ms", "minute_max_ms"}
 
 
 def test_run_all_refuses_an_unknown_name() -> None:

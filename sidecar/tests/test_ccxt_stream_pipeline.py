@@ -27,6 +27,7 @@ from sidecar.sources.ccxt_exchange import CcxtSource
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.fake_exchange import FakeExchange, exchange, markets_file  # noqa: F401
 from sidecar.tests.fake_providers import Reply, Seen
+from sidecar.tests.helpers import Clock, cycle_at
 from sidecar.timeframe import Timeframe
 
 pytest.importorskip("ccxt")
@@ -112,11 +113,11 @@ def batch_equal(feats: dict[str, Any], bars: list[Bar]) -> None:
 
 
 async def setup(fake: FakeExchange, redis_store: RedisStore, bar_store: BarStore, tmp_path: Path,
-                mode: str) -> tuple[CcxtSource, Pipeline, list[Bar], list[float]]:
+                mode: str) -> tuple[CcxtSource, Pipeline, list[Bar], Clock]:
     source = make_source(fake, tmp_path, mode)
     settings = Settings(symbols=("BTCUSD",), sources=(SRC,), outlier_k=0.0, fetch_timeout_s=5.0)
-    clock = [(T + 20_000) / 1000]
-    pipe = Pipeline(settings, [source], redis_store, bar_store, clock=lambda: clock[0])
+    clock = Clock.from_ms(T + 20_000)
+    pipe = Pipeline(settings, [source], redis_store, bar_store, clock=clock)
     stored = series(T)
     await bar_store.write_history(stored)
     fake.responders_by_path["/api/v3/klines"] = responder(stored, (110.0, 110.5, 109.5, 110.25, 2.5))
@@ -141,8 +142,7 @@ async def test_klines_move_the_forming_bar_and_peek_between_polls_and_a_drop_is_
         # A kline update inside minute T: the next cycle takes it whole, without a request.
         await exchange.send(kline(T, "110.0", "111.75", "109.5", "111.5", "3.14159265"))
         await until(lambda: T in news.candles, "the kline")
-        clock[0] = (T + 26_000) / 1000
-        await pipe.run_cycle(T + 26_000)
+        await cycle_at(pipe, clock, T + 26_000)
         bar = (await redis_store.recent_bars("BTCUSD", "1m", 1))[-1]
         assert (bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.forming) == (
             T, 110.0, 111.75, 109.5, 111.5, 3.14159265, True)
@@ -155,8 +155,7 @@ async def test_klines_move_the_forming_bar_and_peek_between_polls_and_a_drop_is_
         await exchange.send(kline(T, "110.0", "112.0", "109.5", "111.0", "4.00000001", closed=True),
                             kline(T + M, "111.0", "111.0", "110.5", "110.75", "0.00012345"))
         await until(lambda: T + M in news.candles, "the next minute's kline")
-        clock[0] = (T + M + 6_000) / 1000
-        await pipe.run_cycle(T + M + 6_000)
+        await cycle_at(pipe, clock, T + M + 6_000)
         prev, new = await redis_store.recent_bars("BTCUSD", "1m", 2)
         assert (prev.t, prev.c, prev.v, prev.forming) == (T, 111.0, 4.00000001, False)
         assert (new.t, new.o, new.c, new.v, new.forming) == (T + M, 111.0, 110.75, 0.00012345, True)
@@ -173,8 +172,7 @@ async def test_klines_move_the_forming_bar_and_peek_between_polls_and_a_drop_is_
         stream = pipe.sources[0].status()["stream"]  # what /health shows for the source
         assert stream["connected"] is False and stream["errors"] >= 1 and "NetworkError" in stream["last_error"]
         assert source.refresh_interval_s(1) == 1.0
-        clock[0] = (T + M + 7_000) / 1000
-        await pipe.run_cycle(T + M + 7_000)
+        await cycle_at(pipe, clock, T + M + 7_000)
         polls = exchange.requests_to("/api/v3/klines")
         assert len(polls) == 2 and int(polls[-1].query["startTime"]) <= T
         feats = (await redis_store.read_features(["BTCUSD"], "1m"))[0]
@@ -202,8 +200,7 @@ async def test_trades_fold_into_the_forming_bar_between_polls(
         await exchange.send(*({"e": "trade", "E": ts, "s": "BTCUSDT", "t": i, "p": p, "q": q, "T": ts,
                                "m": True} for i, (ts, p, q) in enumerate(trades)))
         await until(lambda: len(news.trades) == 3, "the trades")
-        clock[0] = (T + 26_000) / 1000
-        await pipe.run_cycle(T + 26_000)
+        await cycle_at(pipe, clock, T + 26_000)
         bar = (await redis_store.recent_bars("BTCUSD", "1m", 1))[-1]
         assert (bar.t, bar.o, bar.h, bar.l, bar.c, bar.forming) == (T, 110.0, 111.5, 109.0, 110.5, True)
         assert bar.v == 2.5 + 0.25 + 0.125 + 0.001
@@ -216,8 +213,7 @@ async def test_trades_fold_into_the_forming_bar_between_polls(
         await exchange.send({"e": "trade", "E": T + M + 1_000, "s": "BTCUSDT", "t": 9, "p": "112.0",
                              "q": "0.5", "T": T + M + 1_000, "m": False})
         await until(lambda: len(news.trades) == 4, "the next minute's trade")
-        clock[0] = (T + M + 2_000) / 1000
-        await pipe.run_cycle(T + M + 2_000)
+        await cycle_at(pipe, clock, T + M + 2_000)
         prev, new = await redis_store.recent_bars("BTCUSD", "1m", 2)
         assert (prev.t, prev.c, prev.forming) == (T, 110.5, False)
         assert (new.t, new.o, new.h, new.l, new.c, new.v, new.forming) == (

@@ -14,9 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app.daemon import recount_completeness
 from sidecar.app.http import DaemonView, metrics_registry
-from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.bar import Bar
 from sidecar.calendars import get_calendar
@@ -24,7 +22,7 @@ from sidecar.completeness import Completeness, session_at
 from sidecar.redis_store import RedisStore
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Clock, ny, settings
+from sidecar.tests.helpers import Clock, drive, driven_pipeline, lasting_store, ny, recounted_completeness
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -77,23 +75,15 @@ async def test_completeness_over_a_session_roll_and_a_restart(
 ) -> None:
     feed = LookbackFeed()
     clock = Clock.from_ms(ny("2024-11-29T09:30"))
-    store = RedisStore(redis_store.redis, "compl", features_ttl_ms=3_600_000)
-    s = settings(symbols=("AAPL",), sources=("feed",), timeframe=TFS[0], higher_timeframes=TFS[1:],
-                 market_hours=True, fill_gaps=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
+    store = lasting_store(redis_store, "compl")
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS, symbols=("AAPL",), sources=("feed",),
+                                 fill_gaps=True)
 
-    async def run(until: str) -> None:
-        while clock.t_ms <= ny(until):
-            await pipe.run_cycle(int(clock.t_ms))
-            clock.advance(60)
-
-    await run("2024-11-29T09:59")
+    await drive(pipe, clock, ny("2024-11-29T09:59"))
     # The clock jumps 09:59 -> 10:06: 10:00 and 10:01 never come (filled); 09:59 (closed by
     # the later bars), 10:02 and 10:03 close more than a minute after they ended (late).
     clock.t_ms = ny("2024-11-29T10:06")
-    await run("2024-11-29T13:02")
+    await drive(pipe, clock, ny("2024-11-29T13:02"))
     c = pipe.completeness.report("AAPL", int(clock.t_ms))
     assert c is not None
     assert c["1m"]["current"] == {"from": ny("2024-11-29T09:30"), "expected": 210, "received": 208,
@@ -104,7 +94,7 @@ async def test_completeness_over_a_session_roll_and_a_restart(
 
     # Monday: the roll makes Friday the previous session.
     clock.t_ms = ny("2024-12-02T09:30")
-    await run("2024-12-02T10:00")
+    await drive(pipe, clock, ny("2024-12-02T10:00"))
     now = int(clock.t_ms) - MIN
     raw = await store.redis.get(store.keys.features("1m", "AAPL"))
     assert raw is not None
@@ -133,9 +123,7 @@ async def test_completeness_over_a_session_roll_and_a_restart(
     # A restart counts both sessions again from the store (late bars are not known then).
     await pipe.drain()
     await bar_store.flush()
-    again = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await recount_completeness(again, bar_store, "AAPL", now)
-    c = again.completeness.report("AAPL", now)
+    c = await recounted_completeness(pipe, feed, "AAPL", now)
     assert c is not None
     assert c["1m"]["prev"] == {"from": ny("2024-11-29T09:30"), "expected": 210, "received": 208,
                                "synthetic": 2, "late": 0}
@@ -166,20 +154,12 @@ async def test_corrections_late_and_replaced_bars_are_counted_once(
     feed = HoldingFeed()
     tfs = (Timeframe.parse("1m"), Timeframe.parse("5m"))
     clock = Clock.from_ms(ny("2024-12-02T09:30"))
-    store = RedisStore(redis_store.redis, f"compl-edges-{fill_gaps}", features_ttl_ms=3_600_000)
-    s = settings(symbols=("AAPL",), sources=("feed",), timeframe=tfs[0], higher_timeframes=tfs[1:],
-                 market_hours=True, fill_gaps=fill_gaps)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
-
-    async def run(until: str) -> None:
-        while clock.t_ms <= ny(until):
-            await pipe.run_cycle(int(clock.t_ms))
-            clock.advance(60)
+    store = lasting_store(redis_store, f"compl-edges-{fill_gaps}")
+    pipe = await driven_pipeline(store, bar_store, feed, clock, tfs, symbols=("AAPL",), sources=("feed",),
+                                 fill_gaps=fill_gaps)
 
     feed.held = {ny("2024-12-02T09:38")}
-    await run("2024-12-02T09:41")
+    await drive(pipe, clock, ny("2024-12-02T09:41"))
     c = pipe.completeness.report("AAPL", int(clock.t_ms))
     assert c is not None
     assert (c["1m"]["current"]["received"], c["1m"]["current"]["synthetic"]) == (10, int(fill_gaps))
@@ -187,7 +167,7 @@ async def test_corrections_late_and_replaced_bars_are_counted_once(
 
     feed.held = set()  # 09:38 comes after 09:41
     feed.closes[ny("2024-12-02T09:39")] += 0.5  # a correction of a counted bar
-    await run("2024-12-02T09:45")
+    await drive(pipe, clock, ny("2024-12-02T09:45"))
     now = int(clock.t_ms)
     c = pipe.completeness.report("AAPL", now)
     assert c is not None
@@ -198,9 +178,7 @@ async def test_corrections_late_and_replaced_bars_are_counted_once(
 
     await pipe.drain()
     await bar_store.flush()
-    again = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await recount_completeness(again, bar_store, "AAPL", now)
-    recounted = again.completeness.report("AAPL", now)
+    recounted = await recounted_completeness(pipe, feed, "AAPL", now)
     assert recounted is not None
     for tf in ("1m", "5m"):
         assert {k: c[tf]["current"][k] for k in ("expected", "received", "synthetic")} == {

@@ -24,7 +24,7 @@ from sidecar.series import aggregate
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
 from sidecar.symbols import parse_symbol_map
-from sidecar.tests.helpers import Clock, ny, settings
+from sidecar.tests.helpers import Clock, cycle_at, driven_pipeline, lasting_store, ny, settings
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -113,12 +113,9 @@ async def test_extended_bars_included_and_flagged_higher_timeframes_regular(
                              "MSFT": {"extended_hours": "exclude"}})
     feed = AllHoursFeed()
     clock = Clock.from_ms(ny("2024-12-02T09:20"))
-    store = RedisStore(redis_store.redis, "ext", features_ttl_ms=3_600_000)
-    s = settings(symbols=("AAPL", "MSFT"), sources=("feed",), timeframe=TFS[0],
-                 higher_timeframes=TFS[1:], market_hours=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock, symbol_map=smap)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
+    store = lasting_store(redis_store, "ext")
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS, symbol_map=smap, symbols=("AAPL", "MSFT"),
+                                 sources=("feed",))
     assert set(pipe.extended) == {"AAPL"}
 
     async def fmap(sym: str, tf: str = "1m") -> dict[str, object]:
@@ -130,8 +127,7 @@ async def test_extended_bars_included_and_flagged_higher_timeframes_regular(
     for start, end in (("2024-12-02T09:20", "2024-12-02T10:35"), ("2024-12-02T15:50", "2024-12-02T16:20")):
         t = ny(start)
         while t <= ny(end):
-            clock.t_ms = t
-            await pipe.run_cycle(t)
+            await cycle_at(pipe, clock, t)
             if t in (ny("2024-12-02T09:25"), ny("2024-12-02T10:00"), ny("2024-12-02T16:10")):
                 seen[datetime.fromtimestamp(t / 1000, NEW_YORK).strftime("%H:%M")] = await fmap("AAPL")
             t += MIN
@@ -202,8 +198,7 @@ async def test_extended_bars_rejected_by_default(redis_store: RedisStore, bar_st
     pipe = Pipeline(s, [feed], redis_store, bar_store, clock=clock, symbol_map=parse_symbol_map({}))
     assert pipe.extended == {}
     for t in range(ny("2024-12-02T09:30"), ny("2024-12-02T09:33"), MIN):
-        clock.t_ms = t
-        await pipe.run_cycle(t)
+        await cycle_at(pipe, clock, t)
     assert pipe.validator.rejected["outside_session"] == 3  # 09:28 and 09:29 at 09:30, 09:29 again at 09:31
     await bar_store.flush()
     assert all(b.t >= ny("2024-12-02T09:30") for b in await bar_store.bars_between("AAPL", "1m", 0, 2**62))

@@ -108,6 +108,14 @@ def cycle_step(hist: dict[str, list[Bar]], i: int) -> dict[str, list[Bar]]:
     return step
 
 
+async def cycle(pipe: Pipeline, source: ScriptedSource, hist: dict[str, list[Bar]], i: int,
+                step: dict[str, list[Bar]] | None = None) -> None:
+    """Cycle ``i``, at ``T0`` plus ``i`` seconds: ``source`` answers ``step``, by default
+    :func:`cycle_step`'s."""
+    source.steps.append(cycle_step(hist, i) if step is None else step)
+    await pipe.run_cycle(T0 + i * 1000)
+
+
 async def test_a_rebuild_held_open_across_cycles_keeps_every_bar(
     redis_store: RedisStore, bar_store: BarStore,
 ) -> None:
@@ -117,22 +125,18 @@ async def test_a_rebuild_held_open_across_cycles_keeps_every_bar(
     held = HeldReads(redis_store)
     pipe = Pipeline(settings(), [source], held, bar_store)
     for i in range(150):
-        source.steps.append(cycle_step(hist, i))
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i)
     correction = revised(hist["AAA"][146], 1.01)
     step = cycle_step(hist, 150)
     step["AAA"].insert(0, correction)
-    source.steps.append(step)
-    await pipe.run_cycle(T0 + 150 * 1000)
+    await cycle(pipe, source, hist, 150, step)
     assert pipe.symbols["AAA"].rebuilding is not None  # the rebuild is reading
     for i in range(151, 155):  # cycles go on while it reads
-        source.steps.append(cycle_step(hist, i))
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i)
     held.release_all()
     await settle(pipe)
     assert pipe.symbols["AAA"].rebuilding is None
-    source.steps.append(cycle_step(hist, 155))
-    await pipe.run_cycle(T0 + 155 * 1000)
+    await cycle(pipe, source, hist, 155)
     stored = await redis_store.recent_bars("AAA", "1s", 1_000)
     assert [b.t for b in stored] == [b.t for b in hist["AAA"][:157]]
     assert stored[146] == correction
@@ -151,18 +155,15 @@ async def test_a_correction_during_a_rebuild_starts_another_and_both_count(
         step = cycle_step(hist, i)
         if i in (50, 52):  # the second correction comes while the first rebuild reads
             step["AAA"].insert(0, revised(hist["AAA"][i - 3], 0.98))
-        source.steps.append(step)
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i, step)
         if i == 52:
             assert len(held.pending) == 1  # one rebuild per symbol at a time
             held.release_all()
             await settle(pipe)
     await settle(pipe)
-    source.steps.append(cycle_step(hist, 60))
-    await pipe.run_cycle(T0 + 60 * 1000)
+    await cycle(pipe, source, hist, 60)
     await settle(pipe)
-    source.steps.append(cycle_step(hist, 61))
-    await pipe.run_cycle(T0 + 61 * 1000)
+    await cycle(pipe, source, hist, 61)
     assert all(st.rebuilding is None and not st.needs_rebuild for st in pipe.symbols.values())
     for sym in SYMBOLS:
         await assert_features_equal_batch(pipe, redis_store, sym)
@@ -193,12 +194,10 @@ async def test_a_rebuild_whose_redis_read_fails_uses_sqlite(
         if i == 45:
             step["BBB"].insert(0, revised(hist["BBB"][41], 1.02))
             store.refuse = True
-        source.steps.append(step)
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i, step)
     await settle(pipe)
     store.refuse = False
-    source.steps.append(cycle_step(hist, 50))
-    await pipe.run_cycle(T0 + 50 * 1000)
+    await cycle(pipe, source, hist, 50)
     assert pipe.symbols["BBB"].rebuilding is None
     await assert_features_equal_batch(pipe, redis_store, "BBB")
 
@@ -233,18 +232,15 @@ async def test_gap_repair_rebuilds_features_on_the_repaired_series(
             step["AAA"] = [hist["AAA"][i]] if i == 29 else []
         if i == 35:
             step["AAA"] = [hist["AAA"][35], step["AAA"][1]]
-        source.steps.append(step)
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i, step)
     await bar_store.flush()
     assert await bar_store.gaps("AAA", "1s")
     added = await repair_round(pipe, [source], bar_store, redis_store, now_ms=T0 + 60 * 1000)
     assert added == 5
     assert pipe.symbols["AAA"].needs_rebuild
-    source.steps.append(cycle_step(hist, 60))
-    await pipe.run_cycle(T0 + 60 * 1000)
+    await cycle(pipe, source, hist, 60)
     await settle(pipe)
-    source.steps.append(cycle_step(hist, 61))
-    await pipe.run_cycle(T0 + 61 * 1000)
+    await cycle(pipe, source, hist, 61)
     stored = await redis_store.recent_bars("AAA", "1s", 1_000)
     assert [b.t for b in stored] == [b.t for b in hist["AAA"][:63]]
     await assert_features_equal_batch(pipe, redis_store, "AAA")
@@ -291,8 +287,7 @@ async def _interleave(plan: list[Action], warm: int, redis_store: RedisStore, ba
     held = HeldReads(redis_store)
     pipe = Pipeline(settings(), [source], held, bar_store)
     for i in range(warm):
-        source.steps.append(cycle_step(hist, i))
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i)
     i = warm
     latest: dict[tuple[str, int], Bar] = {}
     for kind, back, factor in plan:
@@ -311,8 +306,7 @@ async def _interleave(plan: list[Action], warm: int, redis_store: RedisStore, ba
             fix = revised(base, factor)
             latest[(sym, t)] = fix
             step[sym].insert(0, fix)
-        source.steps.append(step)
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i, step)
         i += 1
         for sym, state in pipe.symbols.items():
             if state.rebuilding is None and not state.needs_rebuild:
@@ -320,12 +314,10 @@ async def _interleave(plan: list[Action], warm: int, redis_store: RedisStore, ba
     held.release_all()
     await settle(pipe, held)
     for _ in range(2):  # a rebuild asked for meanwhile runs after the next cycle
-        source.steps.append(cycle_step(hist, i))
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i)
         i += 1
         await settle(pipe)
-    source.steps.append(cycle_step(hist, i))
-    await pipe.run_cycle(T0 + i * 1000)
+    await cycle(pipe, source, hist, i)
     assert pipe.validator.rejected == {}
     for sym in SYMBOLS:
         await assert_features_equal_batch(pipe, redis_store, sym)
@@ -360,15 +352,13 @@ async def test_gap_repair_that_cannot_reach_redis_has_it_refilled(
             step["AAA"] = [hist["AAA"][i]] if i == 20 else []
         if i == 25:
             step["AAA"] = [hist["AAA"][25], step["AAA"][1]]
-        source.steps.append(step)
-        await pipe.run_cycle(T0 + i * 1000)
+        await cycle(pipe, source, hist, i, step)
     await bar_store.flush()
     assert await repair_round(pipe, [source], bar_store, store, now_ms=T0 + 40 * 1000) == 4
     stored = await redis_store.recent_bars("AAA", "1s", 1_000)
     assert len(stored) == 41 - 4  # the repaired bars are in SQLite only
     store.refuse = False
-    source.steps.append(cycle_step(hist, 40))
-    await pipe.run_cycle(T0 + 40 * 1000)  # its final write starts the refill
+    await cycle(pipe, source, hist, 40)  # its final write starts the refill
     await pipe.drain(timeout_s=30)
     stored = await redis_store.recent_bars("AAA", "1s", 1_000)
     assert [b.t for b in stored] == [b.t for b in hist["AAA"][:42]]

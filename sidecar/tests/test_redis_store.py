@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import msgpack
 import pytest
@@ -139,18 +140,48 @@ async def test_cluster_bars_are_capped_and_revised_in_place(cluster_store: Redis
 
 async def test_a_transport_closed_under_the_client_is_a_connection_error(
         redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A node killed mid-write: under uvloop redis-py raises ``RuntimeError`` from the
-    closed transport; the writer must see a Redis error (buffer and retry), not crash."""
-    async def closed(**_: object) -> None:
+    """A node killed mid-call: under uvloop redis-py raises ``RuntimeError`` from the
+    closed transport; the writer and every reader must see a Redis error (buffer and
+    retry), not crash."""
+    message = "something else"
+
+    async def closed(*_: object, **__: object) -> None:
         raise RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False "
                            "0x5>; the handler is closed")
 
-    async def broken(**_: object) -> None:
-        raise RuntimeError("something else")
+    async def broken(*_: object, **__: object) -> None:
+        raise RuntimeError(message)
 
     monkeypatch.setattr(redis_store, "_script", closed)
     with pytest.raises(RedisConnectionError):
         await redis_store.write_cycle([bar(60_000)], [])
+    monkeypatch.setattr(redis_store, "_script", broken)
+    with pytest.raises(RuntimeError, match=message):
+        await redis_store.write_cycle([bar(60_000)], [])
+
+    # Reads: single commands, pipelines and the edges script all send through the connection.
+    reads: list[Callable[[], Awaitable[object]]] = [
+        lambda: redis_store.recent_bars("AAPL", "1m", 5),
+        lambda: redis_store.recent_packed("AAPL", "1m", 5),
+        lambda: redis_store.recent_packed_many(["AAPL", "MSFT"], "1m", 5),
+        lambda: redis_store.edges_many(["AAPL", "MSFT"], "1m", 5),
+        lambda: redis_store.tails(["AAPL"], "1m", 5),
+        lambda: redis_store.bars_since("AAPL", "1m", 0),
+        lambda: redis_store.bar_count("AAPL", "1m"),
+        lambda: redis_store.read_features(["AAPL"], "1m"),
+        redis_store.read_meta, redis_store.read_heartbeat, redis_store.read_shards,
+        lambda: redis_store.read_heartbeats([None, 0]),
+        redis_store.ping,
+    ]
+    connection = type(redis_store.redis.connection_pool.make_connection())
+    monkeypatch.setattr(connection, "send_packed_command", closed)
+    for read in reads:
+        with pytest.raises(RedisConnectionError, match="handler is closed"):
+            await read()
+    monkeypatch.setattr(connection, "send_packed_command", broken)
+    for read in reads:
+        with pytest.raises(RuntimeError, match=message):
+            await read()
     monkeypatch.setattr(redis_store, "_script", broken)
     with pytest.raises(RuntimeError, match="something else"):
         await redis_store.write_cycle([bar(60_000)], [])

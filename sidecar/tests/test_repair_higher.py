@@ -9,15 +9,23 @@ from collections.abc import Sequence
 import msgpack
 import numpy as np
 
-from sidecar.app.daemon import recount_completeness, repair_round
-from sidecar.app.pipeline import Pipeline
+from sidecar.app.daemon import repair_round
 from sidecar.bar import Bar
 from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
 from sidecar.series import aggregate, aggregate_all
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import Clock, bar_of_features, batch_values, ny, settings
+from sidecar.tests.helpers import (
+    Clock,
+    bar_of_features,
+    batch_values,
+    drive,
+    driven_pipeline,
+    lasting_store,
+    ny,
+    recounted_completeness,
+)
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -62,21 +70,12 @@ async def test_repaired_base_bars_reaggregate_the_higher_timeframes(
     day = list(range(ny("2024-12-02T09:30"), ny("2024-12-02T16:00"), MIN))
     feed = Feed(walk(day))
     clock = Clock.from_ms(ny("2024-12-02T09:30"))
-    store = RedisStore(redis_store.redis, "repair", features_ttl_ms=3_600_000)
-    s = settings(symbols=("AAPL",), sources=("feed",), timeframe=TFS[0], higher_timeframes=TFS[1:],
-                 market_hours=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
+    store = lasting_store(redis_store, "repair")
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS, symbols=("AAPL",), sources=("feed",))
 
-    async def run(until: str) -> None:
-        while clock.t_ms <= ny(until):
-            await pipe.run_cycle(int(clock.t_ms))
-            clock.advance(60)
-
-    await run("2024-12-02T10:09")
+    await drive(pipe, clock, ny("2024-12-02T10:09"))
     clock.t_ms = ny("2024-12-02T10:20")  # the daemon missed 10:10 .. 10:17
-    await run("2024-12-02T10:22")
+    await drive(pipe, clock, ny("2024-12-02T10:22"))
     await pipe.drain()
     await bar_store.flush()
     assert [(g[0], g[1]) for g in await bar_store.gaps("AAPL", "1m")] == [
@@ -86,7 +85,7 @@ async def test_repaired_base_bars_reaggregate_the_higher_timeframes(
 
     added = await repair_round(pipe, [feed], bar_store, store, now_ms=int(clock.t_ms))
     assert added == 8
-    await run("2024-12-02T10:45")  # the rebuild runs after the next cycle; 09:30-10:30 closes
+    await drive(pipe, clock, ny("2024-12-02T10:45"))  # the rebuild runs after the next cycle; 09:30-10:30 closes
     await pipe.drain()
     await bar_store.flush()
 
@@ -119,9 +118,7 @@ async def test_repaired_base_bars_reaggregate_the_higher_timeframes(
     # 10:10 5m bucket is new) as a recount from SQLite does, without a restart.
     now = int(clock.t_ms)
     live = pipe.completeness.report("AAPL", now)
-    again = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await recount_completeness(again, bar_store, "AAPL", now)
-    recounted = again.completeness.report("AAPL", now)
+    recounted = await recounted_completeness(pipe, feed, "AAPL", now)
     assert live is not None and recounted is not None
     for tf in TFS:
         for session in ("current", "prev"):

@@ -32,7 +32,14 @@ from sidecar.sources.polygon import parse_aggs
 from sidecar.sources.yahoo import parse_chart
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.fake_providers import fixture
-from sidecar.tests.helpers import Clock, bar_of_features, batch_values, settings
+from sidecar.tests.helpers import (
+    Clock,
+    bar_of_features,
+    batch_values,
+    cycle_at,
+    driven_pipeline,
+    lasting_store,
+)
 from sidecar.timeframe import Timeframe
 
 MIN = 60_000
@@ -162,16 +169,6 @@ def walk(symbol: str, ts: list[int], seed: int, volume: bool = True) -> dict[int
             for i, t in enumerate(ts)}
 
 
-async def make_pipeline(redis_store: RedisStore, bar_store: BarStore, symbols: tuple[str, ...],
-                        source: Source, clock: Clock, tfs: tuple[Timeframe, ...] = TFS) -> Pipeline:
-    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
-    s = settings(symbols=symbols, timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
-    pipe = Pipeline(s, [source], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
-    return pipe
-
-
 async def features_of(pipe: Pipeline, symbol: str, tf: str) -> dict[str, object]:
     raw = await pipe.redis.redis.get(pipe.redis.keys.features(tf, symbol))
     assert raw is not None, (symbol, tf)
@@ -240,7 +237,8 @@ async def test_higher_timeframes_follow_the_law_with_corrections_and_forming_bar
     btc_ts = list(range(start, end, MIN))
     feed = MinuteFeed({"AAPL": walk("AAPL", aapl_ts, 1), "BTCUSD": walk("BTCUSD", btc_ts, 2)})
     clock = Clock.from_ms(start)
-    pipe = await make_pipeline(redis_store, bar_store, ("AAPL", "BTCUSD"), feed, clock)
+    pipe = await driven_pipeline(lasting_store(redis_store, "tfs"), bar_store, feed, clock, TFS,
+                                 symbols=("AAPL", "BTCUSD"))
     corrections = {
         # 10:02: 09:58 (its 5m and 15m closed, its 1h 09:30-10:30 forming) and 10:29 (1h closed at 10:30)
         ms("2024-11-29T10:02:00-05:00"): ("AAPL", ms("2024-11-29T09:58:00-05:00"), 0.37),
@@ -354,12 +352,10 @@ async def test_provider_fixtures_against_the_daemons_aggregation(
     feed = MinuteFeed({"AAPL": {b.t: b for b in minutes}})
     tfs = tuple(Timeframe.parse(x) for x in ("1m", "1h", "1d"))
     clock = Clock.from_ms(ms("2024-10-02T09:29:00-04:00"))
-    pipe = await make_pipeline(redis_store, bar_store, ("AAPL",), feed, clock, tfs)
-    now = ms("2024-10-02T09:29:00-04:00")
-    while now < ms("2024-10-02T16:10:00-04:00"):
-        clock.t_ms = now + 1_000
-        await pipe.run_cycle(now + 1_000)
-        now += MIN
+    pipe = await driven_pipeline(lasting_store(redis_store, "tfs"), bar_store, feed, clock, tfs,
+                                 symbols=("AAPL",))
+    for now in range(ms("2024-10-02T09:29:00-04:00"), ms("2024-10-02T16:10:00-04:00"), MIN):
+        await cycle_at(pipe, clock, now + 1_000)
     await pipe.drain(timeout_s=30)
     await bar_store.flush()
     base = [b for b in await bar_store.bars_between("AAPL", "1m", 0, 2**62) if not b.forming]
@@ -489,27 +485,23 @@ async def test_warm_up_in_the_background_folds_the_base_into_every_timeframe(
     fives = [b for t, b in sorted(expected_bars("BTCUSD", None, TFS[1], history).items())
              if t < start + 6 * 3_600_000]
     await bar_store.write_history(history + fives)
-    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
+    store = lasting_store(redis_store, "tfs")
     await store.write_history(history + fives)
     clock = Clock.from_ms(now + 1_000)
     tfs = TFS[:4]
-    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
+    pipe = await driven_pipeline(store, bar_store, feed, clock, tfs, warm=False, symbols=("BTCUSD",))
     assert await pipe.begin_warmup(int(clock.t_ms)) == []
     for k in range(3):  # cycles before the handles open, a correction among them
         if k == 1:
             feed.correct("BTCUSD", now - 4 * MIN, 0.21)
-        clock.t_ms = now + k * MIN + 1_000
-        await pipe.run_cycle(int(clock.t_ms))
+        await cycle_at(pipe, clock, now + k * MIN + 1_000)
         for tf in tfs:
             if tf.name != "15m" and tf.name != "1h":  # nothing of theirs is stored yet
                 assert (await features_of(pipe, "BTCUSD", tf.name))["warming"] is True, tf.name
     await warm_up(pipe, [feed], bar_store, store, [], clock=clock)
     assert not pipe.symbols["BTCUSD"].warming
     for k in range(3, 40):
-        clock.t_ms = now + k * MIN + 1_000
-        await pipe.run_cycle(int(clock.t_ms))
+        await cycle_at(pipe, clock, now + k * MIN + 1_000)
     await pipe.drain(timeout_s=30)
     await pipe.run_cycle(int(clock.t_ms))
     for tf in tfs:
@@ -532,22 +524,16 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
     feed = MinuteFeed({"BTCUSD": walk("BTCUSD", ts, 9)})
     store = HeldHistory(redis_store)
     clock = Clock.from_ms(start)
-    tfs = TFS[:4]
-    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
-    await pipe.warm(int(clock.t_ms))
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS[:4], symbols=("BTCUSD",))
     t = start
     for _ in range(200):
         t += MIN
-        clock.t_ms = t + 1_000
-        await pipe.run_cycle(t + 1_000)
+        await cycle_at(pipe, clock, t + 1_000)
     await pipe.drain(timeout_s=30)
     store.held = True
     feed.correct("BTCUSD", t - 8 * MIN, -0.33)  # its 5m bar closed, maybe its 15m too
     t += MIN
-    clock.t_ms = t + 1_000
-    await pipe.run_cycle(t + 1_000)
+    await cycle_at(pipe, clock, t + 1_000)
     for _ in range(100):  # the rebuild starts after the cycle
         if store.pending:
             break
@@ -556,16 +542,14 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
     assert {ser.tf.name for ser in pipe.symbols["BTCUSD"].series if ser.needs_rebuild or ser.dirty} == set()
     for _ in range(20):  # cycles go on, closing bars on every timeframe, while it reads
         t += MIN
-        clock.t_ms = t + 1_000
-        await pipe.run_cycle(t + 1_000)
+        await cycle_at(pipe, clock, t + 1_000)
     store.release()
     await pipe.drain(timeout_s=30)
     assert pipe.symbols["BTCUSD"].rebuilding is None
     rebuilt = {r.__dict__.get("tf") for r in caplog.records if r.getMessage() == "features rebuilt"}
     assert {"1m", "5m"} <= rebuilt
     t += MIN
-    clock.t_ms = t + 1_000
-    await pipe.run_cycle(t + 1_000)  # the final write carries the re-aggregated bars
+    await cycle_at(pipe, clock, t + 1_000)  # the final write carries the re-aggregated bars
     await pipe.drain(timeout_s=30)
     await check_live(pipe, "BTCUSD")
     await check_stored_law(pipe, bar_store, "BTCUSD")
@@ -591,18 +575,14 @@ async def test_a_cold_start_folds_the_whole_bootstrap_into_every_timeframe(
     feed = HistoryFeed({"BTCUSD": walk("BTCUSD", ts, 13)})
     now = start + 26 * 3_600_000  # the day from 02:00; the warm window from 23:53, inside every bucket
     clock = Clock.from_ms(now + 1_000)
-    tfs = TFS[:4]
-    store = RedisStore(redis_store.redis, "tfs", features_ttl_ms=3_600_000)
-    s = settings(symbols=("BTCUSD",), timeframe=tfs[0], higher_timeframes=tfs[1:], market_hours=True,
-                 warm_bars=127, bootstrap_days=1)
-    pipe = Pipeline(s, [feed], store, bar_store, clock=clock)
-    await pipe.write_meta()
+    store = lasting_store(redis_store, "tfs")
+    pipe = await driven_pipeline(store, bar_store, feed, clock, TFS[:4], warm=False, symbols=("BTCUSD",),
+                                 warm_bars=127, bootstrap_days=1)
     cold = await pipe.begin_warmup(int(clock.t_ms))
     assert cold == ["BTCUSD"]
     await warm_up(pipe, [feed], bar_store, store, cold, clock=clock)
     for k in range(1, 4):
-        clock.t_ms = now + k * MIN + 1_000
-        await pipe.run_cycle(int(clock.t_ms))
+        await cycle_at(pipe, clock, now + k * MIN + 1_000)
         await pipe.drain(timeout_s=30)
     await bar_store.flush()
     base = await bar_store.bars_between("BTCUSD", "1m", 0, 2**62)
