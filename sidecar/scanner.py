@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 import msgpack
+import msgspec
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import LoadBalancingStrategy
@@ -45,6 +46,11 @@ from sidecar.settings import Settings
 from sidecar.shards import shard_of
 
 _ARRAY32 = b"\xdd"
+_NIL = b"\xc0"
+
+#: Decodes a read's feature maps to the values ``msgpack.unpackb`` gives, in about 40% of
+#: its time (bench/scanner_read.py): most of a large read's CPU is this decode.
+_decode_maps = msgspec.msgpack.Decoder().decode
 
 log = logging.getLogger("sidecar.scanner")
 
@@ -61,12 +67,25 @@ class _NodeRead:
         self.places = places
 
 
+class _ReadPlan:
+    """A read's symbols and timeframes (``key``), its (symbol, timeframe) pairs in order,
+    and each pair's shard (``None`` with one shard)."""
+
+    __slots__ = ("key", "owners", "wanted")
+
+    def __init__(self, key: tuple[tuple[str, ...], tuple[str, ...]], wanted: list[tuple[str, str]],
+                 owners: list[int] | None) -> None:
+        self.key = key
+        self.wanted = wanted
+        self.owners = owners
+
+
 class Scanner:
     """Reads features with one ``MGET`` (heartbeats included); on a cluster one round
     trip per node, concurrently."""
 
-    __slots__ = ("_cached_packed", "_cached_symbols", "_explicit", "_owners", "_owns", "_plan",
-                 "_probe_url", "brokers", "keys", "read_replicas", "redis", "shards",
+    __slots__ = ("_cached_packed", "_cached_symbols", "_explicit", "_owns", "_plan",
+                 "_probe_url", "_read_plan", "brokers", "keys", "read_replicas", "redis", "shards",
                  "stale_after_ms", "tf")
 
     def __init__(self, redis: AnyRedis, prefix: str = "sidecar", tf: str = "1m",
@@ -92,7 +111,7 @@ class Scanner:
         self._cached_symbols: tuple[tuple[str, str], ...] | None = None
         self._cached_packed: list[bytes] = []
         self._plan: list[_NodeRead] | None = None
-        self._owners: list[int] = []
+        self._read_plan: _ReadPlan | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, stale_after_ms: int | None = None,
@@ -140,12 +159,9 @@ class Scanner:
         return [self.keys.heartbeat_of(None)]
 
     def _wanted_keys(self, wanted: tuple[tuple[str, str], ...]) -> list[str]:
-        """The feature keys of ``wanted`` (symbol, timeframe), then the heartbeat keys;
-        notes each key's owner."""
+        """The feature keys of ``wanted`` (symbol, timeframe), then the heartbeat keys."""
         keys = [self.keys.features(tf, s) for s, tf in wanted]
         keys += self._heartbeat_keys()
-        self._owners = ([shard_of(s, self.shards, self._explicit) for s, _ in wanted]
-                        if self.shards > 1 else [0] * len(wanted))
         return keys
 
     async def client(self) -> AnyRedis:
@@ -253,39 +269,48 @@ class Scanner:
         finally:
             await pool.release(conn)
 
+    def _rows_plan(self, symbols: Sequence[str], tfs: Sequence[str]) -> _ReadPlan:
+        """The (symbol, timeframe) pairs of a read and each one's shard, kept while the
+        same lists are asked for: the same pair objects also make ``_mget`` 's check of its
+        cached command a comparison by identity."""
+        plan = self._read_plan
+        key = (tuple(symbols), tuple(tfs))
+        if plan is None or plan.key != key:
+            wanted = [(s, tf) for s in key[0] for tf in key[1]]
+            owners = ([shard_of(s, self.shards, self._explicit) for s, _ in wanted]
+                      if self.shards > 1 else None)
+            plan = self._read_plan = _ReadPlan(key, wanted, owners)
+        return plan
+
     async def read(self, symbols: Sequence[str],
                    timeframes: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """The features of ``symbols`` on ``timeframes`` (default: the scanner's one),
         one ``MGET``, decoded: per symbol in that order, its timeframes in that order."""
-        tfs = [self.tf] if timeframes is None else list(timeframes)
-        wanted = [(s, tf) for s in symbols for tf in tfs]
+        plan = self._rows_plan(symbols, [self.tf] if timeframes is None else timeframes)
+        wanted, owners = plan.wanted, plan.owners
         raw = await self._fetch(wanted)
-        beats = len(raw) - len(wanted)
-        alive = [beat is not None for beat in raw[len(wanted):]]  # each shard's heartbeat
-        del raw[len(wanted):]
-        owners = self._owners if beats > 1 else None
+        size = len(wanted)
+        alive = [beat is not None for beat in raw[size:]]  # each shard's heartbeat
+        del raw[size:]
+        dead = not alive[0]
+        # One C call for all maps: the values (nil for a missing key) behind an array32 header.
+        rows: list[dict[str, Any] | None] = _decode_maps(
+            _ARRAY32 + size.to_bytes(4, "big") + b"".join([value or _NIL for value in raw]))
         now = int(time.time() * 1000)
         bound = self.stale_after_ms
         brokers = self.brokers
-        present = [item for item in raw if item is not None]
-        # One C call for all maps: wrap the values in a msgpack array32 header.
-        decoded: list[dict[str, Any]] = msgpack.unpackb(
-            _ARRAY32 + len(present).to_bytes(4, "big") + b"".join(present))
-        it = iter(decoded)
-        rows: list[dict[str, Any]] = []
-        for n, ((sym, tf), item) in enumerate(zip(wanted, raw, strict=True)):
-            if item is None:
-                rows.append({"symbol": sym, "broker": brokers.get(sym, sym), "tf": tf,
-                             "age_ms": None, "stale": True, "missing": True})
+        for n, row in enumerate(rows):
+            sym, tf = wanted[n]
+            if row is None:
+                rows[n] = {"symbol": sym, "broker": brokers.get(sym, sym), "tf": tf,
+                           "age_ms": None, "stale": True, "missing": True}
                 continue
-            row = next(it)
             age = now - row["computed_at"]
             row["broker"] = brokers.get(sym, sym)
             row["age_ms"] = age
             row["stale"] = (row.get("stale") is True or age > bound
-                            or not alive[0 if owners is None else owners[n]])
-            rows.append(row)
-        return rows
+                            or (dead if owners is None else not alive[owners[n]]))
+        return cast(list[dict[str, Any]], rows)
 
     async def cycles(self, subscribed: asyncio.Event | None = None) -> AsyncIterator[dict[str, Any]]:
         """The daemon's announcement after each cycle, as it comes (pub/sub).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
 from sidecar.scanner import Scanner
 from sidecar.settings import IndicatorPeriods, Settings
+from sidecar.shards import shard_of
 from sidecar.signals import RULES, SignalRules, evaluate
 from sidecar.tests.helpers import (
     FEATURES_BAR_T,
@@ -290,3 +292,38 @@ async def test_concurrent_reads_of_different_lists_get_their_own_rows(redis_stor
     results = await asyncio.gather(*(scanner.read(symbols) for symbols in lists))
     for symbols, rows in zip(lists, results, strict=True):
         assert [r["symbol"] for r in rows] == symbols
+
+
+async def test_rows_hold_the_values_msgpack_decodes(redis_store: RedisStore) -> None:
+    """The batch decode gives each stored map exactly as ``msgpack.unpackb`` does (types,
+    float bits, a nested map), and a missing key between two present ones its own row."""
+    maps = [features("AAPL", completeness={"session": 0.98, "previous": None, "synthetic": 0, "late": 2},
+                     close=-0.0, v=None, atr=float("inf"), rsi=1e-310, next_open=2**63 + 5, via="poll",
+                     market_open=False),
+            features("XAUUSD", close=1 / 3, vol_ma=float("nan"), src="")]
+    await write(redis_store, maps)
+    stored = {m["symbol"]: msgpack.packb(m) for m in maps}
+    rows = await scanner_on(redis_store).read(["AAPL", "TSLA", "XAUUSD"], timeframes=["1m"])
+    assert [(r["symbol"], r["broker"], r["stale"]) for r in rows] == [
+        ("AAPL", "AAPL", False), ("TSLA", "TSLA", True), ("XAUUSD", "GOLD", False)]
+    assert rows[1] == {"symbol": "TSLA", "broker": "TSLA", "tf": "1m", "age_ms": None, "stale": True,
+                       "missing": True}
+    for row in (rows[0], rows[2]):
+        want = msgpack.unpackb(stored[row["symbol"]])
+        got = {k: row[k] for k in want}
+        assert list(got) == list(want)
+        assert [repr(v) for v in got.values()] == [repr(v) for v in want.values()]  # nan, -0.0, types
+        assert [struct.pack("<d", v) for v in got.values() if type(v) is float] == \
+            [struct.pack("<d", v) for v in want.values() if type(v) is float]
+
+
+async def test_concurrent_reads_of_different_lists_stale_by_their_own_shards(redis_store: RedisStore) -> None:
+    symbols = [f"S{i:02d}" for i in range(16)]
+    shard0 = RedisStore(redis_store.redis, "test", shard=0)
+    await shard0.write_cycle([], [("1m", s, msgpack.packb(features(s))) for s in symbols], {"pid": 1})
+    scanner = scanner_on(redis_store, shards=2)
+    lists = [symbols[:5], symbols[5:], symbols[::-3]] * 10
+    results = await asyncio.gather(*(scanner.read(wanted) for wanted in lists))
+    for wanted, rows in zip(lists, results, strict=True):
+        assert [(r["symbol"], r["stale"]) for r in rows] == [(s, shard_of(s, 2) == 1) for s in wanted]
+    assert {shard_of(s, 2) for s in symbols} == {0, 1}
