@@ -41,7 +41,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.redis_store import AnyRedis, Keys, close_client, connect, connect_cluster, is_cluster
+from sidecar.redis_store import (
+    AnyRedis,
+    Keys,
+    close_client,
+    connect,
+    connect_cluster,
+    is_cluster,
+    lost_connection,
+)
 from sidecar.settings import Settings
 from sidecar.shards import shard_of
 
@@ -263,9 +271,19 @@ class Scanner:
                 return cast(list[bytes | None], await conn.read_response())
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 await conn.disconnect()
+            except RuntimeError as exc:
+                if lost_connection(exc) is None:
+                    raise
+                await conn.disconnect()
             # Once more on a new connection (the server may have restarted since this one was used).
-            await conn.send_packed_command(packed)
-            return cast(list[bytes | None], await conn.read_response())
+            try:
+                await conn.send_packed_command(packed)
+                return cast(list[bytes | None], await conn.read_response())
+            except RuntimeError as exc:
+                lost = lost_connection(exc)
+                if lost is None:
+                    raise
+                raise lost from exc
         finally:
             await pool.release(conn)
 

@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.bar import Bar
 from sidecar.redis_store import RedisStore, close_client, open_client
+from sidecar.scanner import Scanner
 from sidecar.tests.helpers import LocalCluster, RedisServer, bar
 
 M = 60_000  # one minute, the bars' timeframe
@@ -185,3 +186,14 @@ async def test_a_transport_closed_under_the_client_is_a_connection_error(
     monkeypatch.setattr(redis_store, "_script", broken)
     with pytest.raises(RuntimeError, match="something else"):
         await redis_store.write_cycle([bar(60_000)], [])
+
+    # The scanner's MGET (its own send path): on a connection that was open.
+    monkeypatch.undo()
+    scanner = Scanner(redis_store.redis, "sidecar", "1m")
+    assert [row["missing"] for row in await scanner.read(["AAPL"], ["1m", "5m"])] == [True, True]
+    monkeypatch.setattr(connection, "send_packed_command", broken)
+    with pytest.raises(RuntimeError, match=message):
+        await scanner.read(["AAPL"], ["1m", "5m"])
+    monkeypatch.setattr(connection, "send_packed_command", closed)
+    with pytest.raises(RedisConnectionError, match="handler is closed"):
+        await scanner.read(["AAPL"], ["1m", "5m"])
