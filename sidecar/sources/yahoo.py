@@ -120,9 +120,10 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
     if not isinstance(results, list) or not results or not isinstance(results[0], dict):
         raise ProviderError("bad_response", "chart.result is empty", source=NAME)
     result = results[0]
-    meta = result.get("meta") or {}
+    meta = _object(result.get("meta"))
     stamps = result.get("timestamp") or []
-    quotes = ((result.get("indicators") or {}).get("quote") or [{}])[0] or {}
+    quote = _object(result.get("indicators")).get("quote")
+    quotes = _object(quote[0]) if isinstance(quote, list) and quote else {}
     has_volume = ctx.has_volume and meta.get("instrumentType") not in _NO_VOLUME_TYPES
     tz = zone(meta.get("exchangeTimezoneName"), "UTC")
 
@@ -149,6 +150,12 @@ def parse_chart(body: bytes | str, status: int, ctx: ParseContext, *,
         elif in_current:
             rows.append(replace(live, t=period, o=live.c, h=live.c, l=live.c))
     return finish(rows, ctx)
+
+
+def _object(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (a part of the answer missing
+    or of the wrong shape reads as absent)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _is_live_entry(rows: list[Bar], tf: Timeframe, meta: Mapping[str, Any], end_ms: int | None) -> bool:

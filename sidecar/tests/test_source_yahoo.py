@@ -170,6 +170,20 @@ def test_daily_stamps_equity_fx_and_split():
     assert all(b.t % 86_400_000 == 0 for b in nvda)
 
 
+def test_parts_of_the_wrong_shape_read_as_absent():
+    """``meta``, ``indicators`` or its quote that is not an object: no bars or no meta,
+    never an unclassified error."""
+    stamp = 1_577_975_400
+    good = json.loads(_chart([stamp], [10.0]))
+    result = good["chart"]["result"][0]
+    for part, value, bars in (("meta", [result["meta"]], 1), ("indicators", [1], 0),
+                              ("indicators", {"quote": {"close": [1.0]}}, 0),
+                              ("indicators", {"quote": [[1.0]]}, 0)):
+        body = json.loads(json.dumps(good))
+        body["chart"]["result"][0][part] = value
+        assert len(parse_chart(json.dumps(body), 200, ctx("1d"))) == bars, (part, value)
+
+
 def test_index_without_timestamps_is_empty():
     assert parse_chart(fixture("yahoo/chart_^VXAPL_index_1d_2020-01-01.json"), 200, ctx("1d")) == []
 
