@@ -9,12 +9,15 @@ from dataclasses import replace
 import pytest
 
 from sidecar.bar import MAX_EPOCH_MS, Bar
+from sidecar.calendars import extended_calendar, get_calendar
 from sidecar.tests.helpers import bar as make_bar
+from sidecar.tests.helpers import ny
 from sidecar.timeframe import US_EQUITY_SESSION, Timeframe
 from sidecar.validation import (
     GAP_LOG_LINES,
     MAX_FILL_BARS,
     Gap,
+    Outcome,
     Validator,
     Verdict,
     check_bar,
@@ -674,3 +677,61 @@ def test_status_reports_what_validation_did() -> None:
     assert val.check(mk(12), NOW).verdict is Verdict.NEW  # 9..11: another
     assert val.status() == {"accepted": 3, "duplicates": 1, "held_outliers": 0,
                             "rejected": {"bad_price": 1, "wrong_timeframe": 1}, "gaps": 2}
+
+
+# -- market hours ----------------------------------------------------------------
+
+NY_NOW = ny("2024-12-04T00:00")  # after every New York bar below
+
+
+def at(when: str, symbol: str = SYM, **kw) -> Bar:
+    """A valid 1m bar of ``symbol`` opening at New York wall time ``when``."""
+    return make_bar(ny(when), symbol=symbol, **kw)
+
+
+def test_with_a_calendar_only_bars_in_regular_or_included_extended_hours_are_accepted() -> None:
+    """AAPL includes extended hours (04:00-20:00), MSFT does not, BTC has no calendar."""
+    nyse = get_calendar("XNYS")
+    val = Validator(TF, calendars={"AAPL": nyse, "MSFT": nyse}, extended={"AAPL": extended_calendar("XNYS")},
+                    outlier_k=0.0)
+    cases = [
+        (at("2024-12-02T03:00"), Verdict.REJECTED),  # before the pre-market
+        (at("2024-12-02T08:00"), Verdict.NEW),  # pre-market, included
+        (at("2024-12-02T09:30"), Verdict.NEW),
+        (at("2024-12-02T07:00", "MSFT", c=math.nan), Verdict.REJECTED),  # bad and outside: bad_price
+        (at("2024-12-02T08:00", "MSFT"), Verdict.REJECTED),  # pre-market, not included
+        (at("2024-12-02T09:30", "MSFT"), Verdict.NEW),
+        (at("2024-12-02T03:00", "BTC"), Verdict.NEW),  # no calendar: any time
+    ]
+    outcomes = [val.check(b, NY_NOW, symbol=b.symbol) for b, _ in cases]
+    assert [o.verdict for o in outcomes] == [v for _, v in cases]
+    assert [o.reason for o in outcomes] == [
+        "outside_session", None, None, "bad_price", "outside_session", None, None]
+    assert all(o.bars == [] for o in outcomes if o.verdict is Verdict.REJECTED)
+    assert val.rejected == {"outside_session": 2, "bad_price": 1}
+    assert val.gaps == {}  # 08:00 -> 09:30 misses no bar of the regular session
+
+
+def test_a_bar_outside_regular_hours_is_logged_at_debug_not_warned(caplog: pytest.LogCaptureFixture) -> None:
+    val = Validator(TF, calendars={SYM: get_calendar("XNYS")})
+    caplog.set_level(logging.DEBUG, logger="sidecar.validation")
+    b = at("2024-12-02T17:30")
+    assert val.check(b, NY_NOW) == Outcome(Verdict.REJECTED, [], "outside_session")
+    assert rejections(caplog) == []
+    logged = [r for r in caplog.records if r.name == "sidecar.validation"]
+    assert [(r.levelno, r.getMessage(), r.symbol, r.t) for r in logged] == [
+        (logging.DEBUG, "bar outside regular hours", SYM, b.t)]
+
+
+def test_with_a_calendar_only_the_bars_of_open_hours_are_missing() -> None:
+    """Overnight is no gap; gaps inside the session and across the open count their open
+    minutes only."""
+    val = Validator(TF, calendars={SYM: get_calendar("XNYS")}, outlier_k=0.0)
+    for when in ("2024-12-02T15:58", "2024-12-02T15:59", "2024-12-03T09:30", "2024-12-03T09:35",
+                 "2024-12-03T15:59", "2024-12-04T09:32"):
+        assert val.check(at(when), ny("2024-12-05T00:00")).verdict is Verdict.NEW, when
+    assert val.new_gaps == [
+        Gap(SYM, ny("2024-12-03T09:31"), ny("2024-12-03T09:34"), 4),
+        Gap(SYM, ny("2024-12-03T09:36"), ny("2024-12-03T15:58"), 383),
+        Gap(SYM, ny("2024-12-04T09:30"), ny("2024-12-04T09:31"), 2),
+    ]
