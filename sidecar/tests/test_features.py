@@ -16,9 +16,12 @@ from sidecar.bar import Bar
 from sidecar.features import (
     DAY_MS,
     FEATURE_FIELDS,
+    Columns,
     FeatureEngine,
     _indicators,
+    bar_columns,
     features_map,
+    join_columns,
     pack_features,
     pack_series_features,
     session_of,
@@ -61,7 +64,7 @@ def test_load_from_history_then_stream_equals_batch() -> None:
         assert_row_equal(engine.update(bars[i]), expected, i)
 
 
-@pytest.mark.parametrize("n", [1, 5, 15, 25, 33, 34, 35])
+@pytest.mark.parametrize("n", [1, 2, 5, 15, 25, 33, 34, 35])
 def test_short_history_load_gives_warmup_nulls_equal_to_batch(n: int) -> None:
     bars = make_series(n + 40, seed=n)
     expected = batch_values(bars)
@@ -188,6 +191,35 @@ def test_custom_periods_follow_configuration() -> None:
     assert values["mom"] == talib.MOM(c, 3)[-1]
 
 
+def test_vwap_follows_the_sessions_given_not_the_anchor() -> None:
+    """``sessions`` (a symbol's calendar) decides where VWAP restarts; ``session_anchor_min``
+    is then not used: here sessions start at 13:30 UTC, the anchor says 00:00."""
+    anchor = (13 * 60 + 30) * 60_000
+
+    def sessions(t_ms: int) -> tuple[int, int]:
+        lo = session_of(t_ms, anchor) * DAY_MS + anchor
+        return lo, lo + DAY_MS
+
+    bars = make_series(160)  # from 13:00 UTC: a session starts at bar 30
+    expected = batch_values(bars, anchor_min=13 * 60 + 30)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods(), session_anchor_min=0, sessions=sessions)
+    load_and_compare(engine, bars[:20], expected)
+    run_and_compare(engine, bars, expected, start=20)
+    loaded = FeatureEngine("TEST", "1m", IndicatorPeriods(), sessions=sessions)
+    load_and_compare(loaded, bars[:100], expected)  # VWAP over the loaded session's 70 bars
+    run_and_compare(loaded, bars, expected, start=100)
+
+
+def test_a_bar_without_volume_peeked_while_the_volume_average_is_one_bar_short() -> None:
+    """The volume average's history is one bar short of opening its handle and the forming
+    bar has no volume: no average, and the indicators after it still get their values."""
+    bars = make_series(20)
+    bars[19] = replace(bars[19], v=None)
+    engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    engine.load(bars[:19])  # 19 volumes: the SMA(20)'s lookback
+    assert_row_equal(engine.peek(bars[19]), batch_values(bars), 19)
+
+
 def test_vwap_restarts_at_each_session() -> None:
     bars = make_series(3 * 1440)
     engine = FeatureEngine("TEST", "1m", IndicatorPeriods())
@@ -203,6 +235,12 @@ def test_features_map_is_not_stale_unless_told() -> None:
     assert fmap["stale"] is False
     assert fmap["updated_at"] is None and fmap["data_age_ms"] is None and fmap["via"] is None
     assert fmap["macd_hist_prev"] is None
+    # Unless told: the market open, regular hours only, not warming.
+    assert (fmap["market_open"], fmap["next_open"], fmap["extended_hours"], fmap["extended"]) == (
+        True, None, False, False)
+    assert "warming" not in fmap
+    part = symbol_part(T0 + 1_000, False, updated_at=None, via=None, market_open=True, next_open=None)
+    assert pack_series_features(bar, [None] * len(FEATURE_FIELDS), None, part) == pack_features(fmap)
 
 
 def _map_as_first_written(bar: Bar, values: list[float | None], computed_at: int, stale: bool,
@@ -300,3 +338,36 @@ def test_lookback_is_where_handles_open_and_batch_gives_values() -> None:
             else:
                 with pytest.raises(talib.InsufficientHistory):  # type: ignore[attr-defined]
                     ind.factory(*arrays, **ind.kwargs)
+
+
+# -- warm-window columns ---------------------------------------------------------
+
+
+def assert_columns(cols: Columns, t: list[int], h: list[float], l: list[float], c: list[float],
+                   v: list[float]) -> None:
+    assert [a.dtype for a in cols] == [np.int64] + [np.float64] * 4
+    assert cols.t.tolist() == t and cols.h.tolist() == h and cols.l.tolist() == l and cols.c.tolist() == c
+    np.testing.assert_array_equal(cols.v, np.array(v, dtype=np.float64))  # NaN equals NaN here
+    assert cols.rows == len(t)
+
+
+def test_bar_columns_are_the_bars_fields_with_nan_for_no_volume() -> None:
+    bars = [Bar("S", "1m", 60_000 * i, 1.0, 2.0 + i, 0.5 + i, 1.5 + i, None if i == 1 else 10.0 * i, "test")
+            for i in range(3)]
+    assert_columns(bar_columns(bars), [0, 60_000, 120_000], [2.0, 3.0, 4.0], [0.5, 1.5, 2.5], [1.5, 2.5, 3.5],
+                   [0.0, math.nan, 20.0])
+    assert_columns(bar_columns([]), [], [], [], [], [])
+    assert_columns(Columns.empty(), [], [], [], [], [])
+
+
+def test_columns_last_before_cut_and_join() -> None:
+    bars = [Bar("S", "1m", 10 * i, 1.0, 2.0, 0.5, 1.0 + i, float(i), "test") for i in range(1, 6)]
+    cols = bar_columns(bars)  # t 10 .. 50
+    assert [cols.last_before(t) for t in (0, 10, 11, 20, 50, 51, 10**12)] == [-1, -1, 10, 10, 40, 50, 50]
+    assert type(cols.last_before(30)) is int
+    assert Columns.empty().last_before(10) == -1
+    middle = cols.cut(1, 3)
+    assert_columns(middle, [20, 30], [2.0, 2.0], [0.5, 0.5], [3.0, 4.0], [2.0, 3.0])
+    for parts in ([cols], [cols.cut(0, 2), cols.cut(2, 2), cols.cut(2, 5)], [Columns.empty(), cols]):
+        assert_columns(join_columns(parts), cols.t.tolist(), cols.h.tolist(), cols.l.tolist(), cols.c.tolist(),
+                       cols.v.tolist())
