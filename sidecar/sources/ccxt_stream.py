@@ -138,7 +138,11 @@ class ExchangeStream:
         seq = self._touch(market)
         for row in rows if isinstance(rows, list) else ():
             if isinstance(row, list) and len(row) >= 5 and isinstance(row[0], int | float):
-                news.candles[int(row[0])] = (list(row), seq)
+                try:
+                    t = int(row[0])
+                except (ValueError, OverflowError):  # NaN, infinity: not a candle
+                    continue
+                news.candles[t] = (list(row), seq)
         for t in sorted(news.candles)[:-KEEP_CANDLES]:
             del news.candles[t]
 

@@ -158,8 +158,10 @@ def _series_items(obj: Mapping[str, Any], ctx: ParseContext, memo: ClosedRows | 
         raise classify_error(obj, 200)
     values = obj.get("values")
     meta = obj.get("meta") or {}
-    if not isinstance(values, list) or not isinstance(meta, dict):
+    if not isinstance(values, list):
         raise ProviderError("bad_response", "series without values", source=NAME)
+    if not isinstance(meta, dict):  # its zone says what the datetimes mean: no guessing UTC
+        raise ProviderError("bad_response", "series meta is not an object", source=NAME)
     tz = zone(meta.get("exchange_timezone"), "UTC")
     daily = ctx.daily
     has_volume = ctx.has_volume

@@ -25,6 +25,7 @@ from sidecar.rate_budget import BudgetExhausted
 from sidecar.settings import Settings
 from sidecar.sources import build_source
 from sidecar.sources.ccxt_exchange import CcxtSource
+from sidecar.sources.ccxt_stream import ExchangeStream
 from sidecar.sources.ccxt_support import rebase_url, rebase_urls
 from sidecar.symbols import load_symbol_map
 from sidecar.tests.fake_exchange import FakeExchange, case, exchange, markets_file, path_of  # noqa: F401
@@ -345,6 +346,18 @@ def test_urls_rebased_scheme_and_host_path_and_query_kept() -> None:
     assert rebase_urls(api, "http://h:1", "ws://h:2") == {
         "public": "http://h:1/v5", "ws": {"spot": "ws://h:2/ws"}, "list": ["http://h:1/c"], "n": 1}
     assert rebase_urls(api, None, None) == api
+
+
+def test_streamed_candles_without_a_usable_time_are_skipped_not_raised() -> None:
+    """A candle whose time is NaN or infinity is no candle; the others of the same update stay."""
+    async def ready() -> None:
+        return None
+
+    stream = ExchangeStream(None, "ohlcv", ["BTC/USDT"], "1h", ready, "ccxt:binance")
+    good = [1_706_634_000_000, 2.0, 3.0, 1.0, 2.5, 10.0]
+    stream.on_candles("BTC/USDT", [[float("nan"), 1.0, 1.0, 1.0, 1.0, 1.0],
+                                   [float("inf"), 1.0, 1.0, 1.0, 1.0, 1.0], good])
+    assert stream.news["BTC/USDT"].candles == {good[0]: (good, 1)}
 
 
 def test_mapping_spells_each_exchange() -> None:

@@ -151,7 +151,9 @@ def test_error_classes(obj, http, cls, message):
      (b'{"status":"error","message":"**symbol** XYZ not found"}', 200, "bad_response",
       "200 **symbol** XYZ not found"),
      (b'{"status":"error","code":"abc","message":"x"}', 200, "bad_response", "200 x"),
-     (b'{"meta":{"symbol":"X"},"status":"ok"}', 200, "bad_response", "series without values")],
+     (b'{"meta":{"symbol":"X"},"status":"ok"}', 200, "bad_response", "series without values"),
+     (b'{"meta":["America/New_York"],"values":[],"status":"ok"}', 200, "bad_response",
+      "series meta is not an object")],
 )
 def test_error_answers_keep_message_source_and_back_off(body, status, cls, message):
     with pytest.raises(ProviderError) as info:
