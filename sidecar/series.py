@@ -334,6 +334,26 @@ class Series:
         self.n_base = len(parts)
         self._done_hi = max(self._done_hi, done_hi)
 
+    def status(self, now_ms: int, rsi: float | None, completeness: dict[str, Any] | None = None,
+               ) -> dict[str, Any]:
+        """This timeframe in a symbol's ``/health`` row: its newest bar (forming, else
+        closed) and its age at ``now_ms``, ``rsi`` (of its features map), how many base
+        bars its forming bar holds (above the base), whether its handles are rebuilt, and
+        its ``completeness`` when given."""
+        bar = self.forming or self.last
+        row: dict[str, Any] = {
+            "newest_bar_t": bar.t if bar else None,
+            "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
+            "last_price": bar.c if bar else None,
+            "forming": bar.forming if bar else None,
+            "rsi": rsi,
+            "base_bars": self.n_base if self.grid is not None else None,
+            "rebuilding": self.rebuilding is not None or self.needs_rebuild,
+        }
+        if completeness is not None:
+            row["completeness"] = completeness
+        return row
+
     # -- features ---------------------------------------------------------------------
     def current(self) -> tuple[Bar, Values] | None:
         """The newest bar (forming, else closed) and its feature values; ``None`` without one."""

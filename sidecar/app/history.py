@@ -105,7 +105,7 @@ class History:
         warming = waiting = 0
         for st in self.symbols.values():
             if st.warming:
-                if st.last is None and st.forming is None:
+                if st.base.last is None and st.base.forming is None:
                     waiting += 1
                 else:
                     warming += 1
@@ -183,8 +183,8 @@ class History:
             closed, forming = bars[:split], bars[split:]
             for b in closed:
                 b.forming = False
-            st.last = closed[-1] if closed else None
-            st.forming = forming[-1] if forming else None
+            st.base.last = closed[-1] if closed else None
+            st.base.forming = forming[-1] if forming else None
             self.validator.prime(sym, closed[-keep:] + forming)
         if self.timeframes[1:]:
             await self._begin_higher()

@@ -21,7 +21,7 @@ from sidecar.app.planner import VIA_LAST
 from sidecar.bar import Bar
 from sidecar.calendars import MarketCalendar
 from sidecar.completeness import Completeness
-from sidecar.features import FEATURE_FIELDS, FeatureEngine, pack_series_features, symbol_part
+from sidecar.features import FEATURE_FIELDS, pack_series_features, symbol_part
 from sidecar.redis_store import FeatureRow
 from sidecar.series import Series
 from sidecar.timeframe import Timeframe
@@ -34,27 +34,6 @@ def _rsi(features: dict[str, Any] | None) -> float | None:
     """The RSI of a features map, to 3 decimals (``None`` without a map or a value)."""
     rsi = None if features is None else features.get("rsi")
     return None if rsi is None else round(rsi, 3)
-
-
-def series_status(ser: Series, now_ms: int, rsi: float | None,
-                  completeness: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One timeframe of a symbol in ``/health``: its newest bar (forming, else closed)
-    and its age at ``now_ms``, ``rsi`` (of its features map, :func:`_rsi`), how many base
-    bars its forming bar holds (above the base), whether its handles are rebuilt, and
-    its ``completeness`` when given."""
-    bar = ser.forming or ser.last
-    row: dict[str, Any] = {
-        "newest_bar_t": bar.t if bar else None,
-        "newest_bar_age_ms": None if bar is None else now_ms - bar.t,
-        "last_price": bar.c if bar else None,
-        "forming": bar.forming if bar else None,
-        "rsi": rsi,
-        "base_bars": ser.n_base if ser.grid is not None else None,
-        "rebuilding": ser.rebuilding is not None or ser.needs_rebuild,
-    }
-    if completeness is not None:
-        row["completeness"] = completeness
-    return row
 
 
 @dataclass(slots=True)
@@ -81,31 +60,6 @@ class SymbolState:
     def __post_init__(self) -> None:
         self.base = self.series[0]
         self.higher = self.series[1:]
-
-    # The base series' state, as the cycle reads and writes it.
-    @property
-    def engine(self) -> FeatureEngine:
-        return self.base.engine
-
-    @engine.setter
-    def engine(self, value: FeatureEngine) -> None:
-        self.base.engine = value
-
-    @property
-    def forming(self) -> Bar | None:
-        return self.base.forming
-
-    @forming.setter
-    def forming(self, value: Bar | None) -> None:
-        self.base.forming = value
-
-    @property
-    def last(self) -> Bar | None:
-        return self.base.last
-
-    @last.setter
-    def last(self, value: Bar | None) -> None:
-        self.base.last = value
 
     @property
     def needs_rebuild(self) -> bool:
@@ -140,7 +94,7 @@ class SymbolState:
                extended_hours: str | None, completeness: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
         """The symbol's row in ``/health`` at ``now_ms``: its newest base bar, when a
         source last answered, whether it is stale (:meth:`stale`), how its bar came, its
-        market, each timeframe (:func:`series_status`) and whether it warms.
+        market, each timeframe (:meth:`Series.status <sidecar.series.Series.status>`) and whether it warms.
         ``calendar``: its calendar's name; ``extended_hours``: ``include``/``exclude``
         (``None`` without a calendar); ``completeness``: per timeframe name, its share of
         expected bars (:meth:`~sidecar.completeness.Completeness.report`)."""
@@ -164,8 +118,8 @@ class SymbolState:
             "next_open": self.next_open,
             "extended_hours": extended_hours,
             "timeframes": {
-                ser.tf.name: series_status(ser, now_ms, rsi if ser is base else _rsi(ser.features),
-                                           None if completeness is None else completeness.get(ser.tf.name))
+                ser.tf.name: ser.status(now_ms, rsi if ser is base else _rsi(ser.features),
+                                        None if completeness is None else completeness.get(ser.tf.name))
                 for ser in self.series},
             "warming": self.warming,
         }

@@ -120,7 +120,7 @@ async def test_failing_asset_class_opens_its_breaker_while_the_other_is_served(
         assert fx.state == "open" and len(asked("EUR/USD")) == FAIL_MAX
         assert len(asked("AAPL")) > aapl_before
         assert pipe.planner.holder("AAPL") == "twelvedata"
-        assert pipe.symbols["AAPL"].last is not None or pipe.symbols["AAPL"].forming is not None
+        assert pipe.symbols["AAPL"].base.last is not None or pipe.symbols["AAPL"].base.forming is not None
         feats = (await redis_store.read_features(["AAPL"], "1m"))[0]
         assert feats is not None and feats["src"] == "twelvedata"
 

@@ -229,8 +229,8 @@ def test_session_anchor_setting_overrides_the_calendar(redis_store: RedisStore, 
     own = Pipeline(base, [source], redis_store, bar_store)
     fixed = Pipeline(dataclasses.replace(base, session_anchor_min=0), [source], redis_store, bar_store)
     t = ms("2024-12-02T09:45:00-05:00")
-    assert own.symbols["AAPL"].engine._bounds(t)[0] == ms("2024-12-02T09:30:00-05:00")
-    assert fixed.symbols["AAPL"].engine._bounds(t)[0] == ms("2024-12-02T00:00:00+00:00")
+    assert own.symbols["AAPL"].base.engine._bounds(t)[0] == ms("2024-12-02T09:30:00-05:00")
+    assert fixed.symbols["AAPL"].base.engine._bounds(t)[0] == ms("2024-12-02T00:00:00+00:00")
 
 
 def test_bars_outside_regular_hours_are_rejected() -> None:

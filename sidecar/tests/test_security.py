@@ -201,7 +201,7 @@ async def _state(pipeline: Any) -> Any:
     v = pipeline.validator
     return (keys, await pipeline.store.count(), pipeline.store.buffered, pipeline.store.flushed_rows,
             pipeline.stats.cycles, v.accepted, dict(v.rejected), v.duplicates, v.held,
-            {n: (st.forming, st.last) for n, st in pipeline.symbols.items()})
+            {n: (st.base.forming, st.base.last) for n, st in pipeline.symbols.items()})
 
 
 async def test_no_endpoint_changes_state(redis_store: Any, bar_store: Any) -> None:

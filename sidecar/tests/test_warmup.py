@@ -144,8 +144,8 @@ async def test_slow_history_leaves_the_others_live_and_ends_equal_to_batch(
     assert await bar_store.gaps("BBB", "1s") == []
     for s in ("AAA", "BBB"):
         st = pipe.symbols[s]
-        assert st.last is not None
-        served = [b for b in bars[s] if b.t <= st.last.t]
+        assert st.base.last is not None
+        served = [b for b in bars[s] if b.t <= st.base.last.t]
         assert await bar_store.last_bars(s, "1s", 10_000) == served, s  # history then live, in order
         fmap = (await redis_store.read_features([s], "1s"))[0]
         assert fmap is not None and "warming" not in fmap and fmap["t"] == served[-1].t
@@ -168,7 +168,7 @@ async def test_restart_gap_is_recorded_and_handles_open_on_the_stored_window(
     pipe = Pipeline(settings(symbols=("AAA",)), [source], redis_store, bar_store, clock=clock)
     loop = Loop(pipe, clock)
     cold = await pipe.begin_warmup(int(clock.t_ms))
-    assert cold == [] and pipe.symbols["AAA"].last == bars[HISTORY - 1]
+    assert cold == [] and pipe.symbols["AAA"].base.last == bars[HISTORY - 1]
     await loop.cycles(2)  # before the handles open
     await warm_up(pipe, [source], bar_store, redis_store, cold, clock=clock)
     await loop.cycles(1)
@@ -227,8 +227,8 @@ async def test_backfill_runs_between_cycles_and_misses_no_tick(
     assert loop.ticker.missed == 0 and pipe.warmup.failed == 0 and pipe.warming == 0
     for s in names:
         st = pipe.symbols[s]
-        assert st.last is not None
-        served = [b for b in bars[s] if b.t <= st.last.t]
+        assert st.base.last is not None
+        served = [b for b in bars[s] if b.t <= st.base.last.t]
         fmap = (await redis_store.read_features([s], "1s"))[0]
         assert fmap is not None and "warming" not in fmap and fmap["t"] == served[-1].t
         assert_row_equal([fmap[name] for name in FEATURE_FIELDS], batch_values(served), len(served) - 1)
@@ -266,8 +266,8 @@ async def test_a_failed_warm_up_falls_back_to_the_cycles_rebuild(
     await loop.cycles(1)
     assert loop.ticker.missed == 0
     st = pipe.symbols["BBB"]
-    assert st.last is not None
-    live = [b for b in bars["BBB"][HISTORY:] if b.t <= st.last.t]
+    assert st.base.last is not None
+    live = [b for b in bars["BBB"][HISTORY:] if b.t <= st.base.last.t]
     fmap = (await redis_store.read_features(["BBB"], "1s"))[0]
     assert fmap is not None and "warming" not in fmap and fmap["t"] == live[-1].t
     assert_row_equal([fmap[name] for name in FEATURE_FIELDS], batch_values(live), len(live) - 1)
