@@ -122,7 +122,7 @@ class BarStore:
         self.last_flush_ms: int | None = None
         self.last_flush_s: float | None = None
         self.last_error: str | None = None
-        #: Rows the buffer holds in steady state (each series' forming bar, revised in
+        #: Rows the buffer holds in steady state (each symbol's forming bar, revised in
         #: place every cycle): the ``flush_max_rows`` bound counts past them.
         self.series_rows = 0
 

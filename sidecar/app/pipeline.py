@@ -185,8 +185,9 @@ class Pipeline:
         )
         #: Every timeframe kept, lowest (the base the sources are asked for) first.
         self.timeframes: tuple[Timeframe, ...] = settings.series_timeframes
-        # Every series' forming bar is re-buffered each cycle: not a reason to flush early.
-        bar_store.series_rows = len(settings.symbols) * len(self.timeframes)
+        # Each symbol's base forming bar is re-buffered each cycle: not a reason to flush
+        # early (a higher timeframe's forming bar is not stored).
+        bar_store.series_rows = len(settings.symbols)
         #: Each symbol's grid per higher timeframe (its calendar's sessions, see :class:`Grid`).
         self.higher_grids: dict[str, list[Grid]] = {
             sym: [Grid(tf, self.calendars.get(sym), series_grid(sym, tf, sources),
