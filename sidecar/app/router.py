@@ -33,6 +33,8 @@ log = logging.getLogger("sidecar.pipeline")
 
 #: After its market closes, a symbol is still asked this long, for its last bar's final values.
 CLOSE_GRACE_MS = 60_000
+#: An answer is handed to the cycle in slices of at most this many symbols (see ``_ask``).
+DELIVER_SYMBOLS = 128
 
 #: Receives one request's bars by symbol, and whether other requests are still in flight.
 OnAnswer = Callable[[dict[str, list[Bar]], bool], None]
@@ -331,10 +333,14 @@ class Router:
         try:
             for taken, next_done in enumerate(asyncio.as_completed(tasks), 1):
                 chunk, result = await next_done
-                deliver(self._answered(state, chunk, result, now_ms, interval), taken < len(tasks))
-                # Answers that came in together are taken one by one: let the write just
-                # spawned go out now, so Redis works on it while the next one is taken.
-                await asyncio.sleep(0)
+                answers = list(self._answered(state, chunk, result, now_ms, interval).items())
+                # Handed on in slices, each followed by a turn of the event loop: the write
+                # just spawned goes out, and Redis works on it while the next slice (or the
+                # next answer, when answers came in together) is taken.
+                for lo in range(0, max(1, len(answers)), DELIVER_SYMBOLS):
+                    hi = lo + DELIVER_SYMBOLS
+                    deliver(dict(answers[lo:hi]), taken < len(tasks) or hi < len(answers))
+                    await asyncio.sleep(0)
         finally:
             for task in tasks:
                 task.cancel()  # only if this cycle is cancelled: no request outlives it

@@ -13,7 +13,7 @@ import pytest
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from sidecar.app import writer
+from sidecar.app import router, writer
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
@@ -303,3 +303,37 @@ async def test_the_cyclic_gc_waits_for_the_cycle_to_end(redis_store: RedisStore,
     await pipe.run_cycle(T0)
     assert seen == [False, False, False]
     assert gc.isenabled()
+
+
+async def test_an_answer_is_taken_in_slices_each_written_before_the_next_is_taken(
+    redis_store: RedisStore, bar_store: BarStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer of more symbols than ``DELIVER_SYMBOLS`` is taken a slice at a time:
+    each slice's write is sent (and starts) before the next slice is taken; the last
+    slice of the last answer goes with the final write."""
+    monkeypatch.setattr(router, "DELIVER_SYMBOLS", 1)
+    store = RecordingStore(redis_store)
+    pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, Clock(T0 / 1000))
+    started: list[tuple[str, list[str]]] = []
+    take = pipe._take
+
+    def recording_take(cycle: Any, answers: dict[str, list[Bar]], more: bool, now_ms: int) -> None:
+        started.extend(("write", symbols) for event, kind, symbols, _ in store.events[len(seen):]
+                       if event == "start")
+        seen.extend(store.events[len(seen):])
+        started.append(("take", sorted(answers)))
+        take(cycle, answers, more, now_ms)
+
+    seen: list[Any] = []
+    monkeypatch.setattr(pipe, "_take", recording_take)
+    await pipe.run_cycle(T0)
+
+    takes = [symbols for what, symbols in started if what == "take"]
+    assert takes == [[s] for s in SYMBOLS]
+    # Every slice but the first was taken after the previous slice's write had started.
+    order = [(what, symbols) for what, symbols in started]
+    for i, symbols in enumerate(takes[:-1]):
+        assert order.index(("write", symbols)) < order.index(("take", takes[i + 1]))
+    finals = [symbols for event, kind, symbols, _ in store.events if (event, kind) == ("done", "final")]
+    assert finals == [["FFF"]]
+    assert all(f is not None for f in await redis_store.read_features(list(SYMBOLS), TF.name))
