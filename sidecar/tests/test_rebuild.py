@@ -119,13 +119,15 @@ async def cycle(pipe: Pipeline, source: ScriptedSource, hist: dict[str, list[Bar
 async def test_a_rebuild_held_open_across_cycles_keeps_every_bar(
     redis_store: RedisStore, bar_store: BarStore,
 ) -> None:
-    """Bar 146 is revised in cycle 150; the rebuild's read is held through cycle 154."""
+    """Bar 146 is revised in cycle 150 while a rebuild is due (gap repair asked for
+    one: the correction goes with it); the rebuild's read is held through cycle 154."""
     hist = {s: series(s, 170, T0, seed) for seed, s in enumerate(SYMBOLS)}
     source = ScriptedSource([])
     held = HeldReads(redis_store)
     pipe = Pipeline(settings(), [source], held, bar_store)
     for i in range(150):
         await cycle(pipe, source, hist, i)
+    pipe.history_changed("AAA")
     correction = revised(hist["AAA"][146], 1.01)
     step = cycle_step(hist, 150)
     step["AAA"].insert(0, correction)
@@ -153,6 +155,8 @@ async def test_a_correction_during_a_rebuild_starts_another_and_both_count(
     pipe = Pipeline(settings(), [source], held, bar_store)
     for i in range(60):
         step = cycle_step(hist, i)
+        if i == 50:
+            pipe.history_changed("AAA")  # a rebuild is due: the first correction goes with it
         if i in (50, 52):  # the second correction comes while the first rebuild reads
             step["AAA"].insert(0, revised(hist["AAA"][i - 3], 0.98))
         await cycle(pipe, source, hist, i, step)

@@ -515,9 +515,10 @@ async def test_warm_up_in_the_background_folds_the_base_into_every_timeframe(
 async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_bar(
     redis_store: RedisStore, bar_store: BarStore, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A correction re-aggregates closed 5m/15m bars; the rebuild's reads are held
-    while cycles close more 1m, 5m and 15m bars. Once released, every timeframe's
-    features equal TA-Lib batch on its stored series and every bar equals the law."""
+    """A correction while a rebuild is due (gap repair asked for one) re-aggregates
+    closed 5m/15m bars in that rebuild; its reads are held while cycles close more 1m,
+    5m and 15m bars. Once released, every timeframe's features equal TA-Lib batch on
+    its stored series and every bar equals the law."""
     caplog.set_level(logging.INFO, logger="sidecar.pipeline")
     start = ms("2024-12-02T00:00:00Z")
     ts = list(range(start, start + 6 * 3_600_000, MIN))
@@ -531,6 +532,7 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
         await cycle_at(pipe, clock, t + 1_000)
     await pipe.drain(timeout_s=30)
     store.held = True
+    pipe.history_changed("BTCUSD")
     feed.correct("BTCUSD", t - 8 * MIN, -0.33)  # its 5m bar closed, maybe its 15m too
     t += MIN
     await cycle_at(pipe, clock, t + 1_000)
