@@ -20,10 +20,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
-from sidecar.redis_store import RedisStore
+from sidecar.redis_store import RedisStore, connect
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
@@ -562,6 +563,23 @@ def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
 
 #: One minute in epoch ms: the usual step of a driven clock.
 MINUTE_MS = 60_000
+
+
+@contextlib.asynccontextmanager
+async def fresh_stores(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, BarStore]]:
+    """An emptied ``redis_server`` (prefix ``test``, features that live an hour) and a new
+    SQLite store: for a test that runs many examples on one server (hypothesis)."""
+    client = connect(redis_server.url)
+    await client.flushall()
+    redis_store = RedisStore(client, "test", features_ttl_ms=3_600_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        bar_store = BarStore(Path(tmp) / "bars.sqlite3")
+        await bar_store.open()
+        try:
+            yield redis_store, bar_store
+        finally:
+            await bar_store.close()
+            await redis_store.close()
 
 
 def lasting_store(redis_store: RedisStore, prefix: str) -> RedisStore:

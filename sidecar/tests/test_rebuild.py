@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,10 +19,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sidecar.app.daemon import repair_round
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore
 from sidecar.sources.base import LatestResult
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import ScriptedSource, assert_row_equal, batch_values, series, settings
+from sidecar.tests.helpers import (
+    ScriptedSource,
+    assert_row_equal,
+    batch_values,
+    fresh_stores,
+    series,
+    settings,
+)
 from sidecar.timeframe import Timeframe
 
 T0 = 1_700_000_000_000
@@ -270,17 +275,8 @@ async def test_any_interleaving_of_cycles_corrections_and_rebuilds_keeps_feature
 ) -> None:
     """After every cycle, each symbol with no rebuild in flight has features equal to
     batch on its stored series; at the end, with every read released, all do."""
-    client = connect(redis_server.url)
-    await client.flushall()
-    redis_store = RedisStore(client, "test", features_ttl_ms=3_600_000)
-    with tempfile.TemporaryDirectory() as tmp:
-        bar_store = BarStore(Path(tmp) / "bars.sqlite3")
-        await bar_store.open()
-        try:
-            await _interleave(plan, 40, redis_store, bar_store)
-        finally:
-            await bar_store.close()
-            await redis_store.close()
+    async with fresh_stores(redis_server) as (redis_store, bar_store):
+        await _interleave(plan, 40, redis_store, bar_store)
 
 
 async def _interleave(plan: list[Action], warm: int, redis_store: RedisStore, bar_store: BarStore) -> None:

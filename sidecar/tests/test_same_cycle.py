@@ -9,8 +9,6 @@ completeness counts are what they were. Driven clock, real Redis and SQLite.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from hypothesis import given
@@ -18,7 +16,7 @@ from hypothesis import strategies as st
 
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.helpers import (
     MINUTE_MS,
@@ -30,6 +28,7 @@ from sidecar.tests.helpers import (
     cycle_at,
     driven_pipeline,
     features_of,
+    fresh_stores,
     lasting_store,
     law,
     same,
@@ -146,17 +145,8 @@ async def test_any_interleaving_of_cycles_and_corrections_keeps_every_timeframe_
     window, across bucket boundaries: after each cycle no rebuild was started (but one
     gap repair asked for, then run), every timeframe's features equal batch and every
     higher bar the law over the stored base bars."""
-    client = connect(redis_server.url)
-    await client.flushall()
-    redis_store = RedisStore(client, "test", features_ttl_ms=3_600_000)
-    with tempfile.TemporaryDirectory() as tmp:
-        bar_store = BarStore(Path(tmp) / "bars.sqlite3")
-        await bar_store.open()
-        try:
-            await _interleave(plan, seed, offset, redis_store, bar_store)
-        finally:
-            await bar_store.close()
-            await redis_store.close()
+    async with fresh_stores(redis_server) as (redis_store, bar_store):
+        await _interleave(plan, seed, offset, redis_store, bar_store)
 
 
 async def _interleave(plan: list[tuple[bool, int, bool]], seed: int, offset: int, redis_store: RedisStore,
