@@ -4,9 +4,12 @@ At start every symbol is put in warm-up (:meth:`History.begin_warmup`: the newes
 stored bars teach the validator where each series stopped and are served, flagged
 ``warming``, from the first cycle); its handles are then opened on the warm window,
 one symbol at a time between cycles (:meth:`History.warm_symbols`), and the base is
-folded into the higher timeframes (:meth:`History.fold_up`). When older closed bars
-of a series change (a correction, gap repair), its handles are reopened on the stored
-history after the cycle (:meth:`History.start_rebuilds`, :meth:`History.rebuild`).
+folded into the higher timeframes (:meth:`History.fold_up`); each series' newest
+closed bars are kept apart from the handles on the rest, so that the cycle redoes a
+correction in memory (:meth:`~sidecar.series.Series.reopen`). When older closed bars
+of a series change beyond that (gap repair, a correction the cycle could not redo),
+its handles are reopened on the stored history after the cycle
+(:meth:`History.start_rebuilds`, :meth:`History.rebuild`).
 History is read while cycles go on: every closed bar applied meanwhile is kept in
 :attr:`~sidecar.series.Series.rebuilding` and laid over what was read, so nothing is
 lost or counted twice (:meth:`History.open_handles`).
