@@ -139,7 +139,8 @@ class SymbolState:
         if verdict is Verdict.CORRECTION or (
                 not (forming is not None and bar.t == forming.t)
                 and base.last is not None and bar.t <= base.last.t):
-            if not bar.forming and (base.last is None or bar.t > base.last.t):
+            if not bar.forming and (base.last is None or bar.t > base.last.t) and (
+                    forming is None or bar.t < forming.t):
                 # A closed bar that came after a newer forming one: in order all the same.
                 out = [bar, *self.close(bar)]
                 base.forming = forming
