@@ -362,3 +362,31 @@ async def test_gap_repair_that_cannot_reach_redis_has_it_refilled(
     await pipe.drain(timeout_s=30)
     stored = await redis_store.recent_bars("AAA", "1s", 1_000)
     assert [b.t for b in stored] == [b.t for b in hist["AAA"][:42]]
+
+
+async def test_a_correction_deeper_than_the_cycle_redoes_goes_through_the_rebuild(
+    redis_store: RedisStore, bar_store: BarStore,
+) -> None:
+    """With a correction window of 100 bars, a correction 30 bars back is redone in its
+    cycle; one 80 bars back (past the 64 kept) starts a rebuild, and once it is in the
+    features equal batch again."""
+    hist = {s: series(s, 200, T0, seed) for seed, s in enumerate(SYMBOLS)}
+    source = ScriptedSource([])
+    pipe = Pipeline(settings(correction_window_bars=100), [source], HeldReads(redis_store, held=False),
+                    bar_store)
+    for i in range(150):
+        await cycle(pipe, source, hist, i)
+    step = cycle_step(hist, 150)
+    step["AAA"].insert(0, revised(hist["AAA"][120], 1.02))
+    await cycle(pipe, source, hist, 150, step)
+    assert pipe.symbols["AAA"].rebuilding is None and not pipe.symbols["AAA"].needs_rebuild
+    await assert_features_equal_batch(pipe, redis_store, "AAA")
+    step = cycle_step(hist, 151)
+    step["AAA"].insert(0, revised(hist["AAA"][71], 0.98))
+    await cycle(pipe, source, hist, 151, step)
+    assert pipe.symbols["AAA"].rebuilding is not None  # the rebuild reads
+    await settle(pipe)
+    await cycle(pipe, source, hist, 152)
+    assert pipe.validator.rejected == {}
+    for sym in SYMBOLS:
+        await assert_features_equal_batch(pipe, redis_store, sym)
