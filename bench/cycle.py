@@ -2,13 +2,15 @@
 
 Per N, a fresh process (so its RSS is its own) builds what ``Daemon.run`` builds — the
 real Twelve Data source module (budget raised for the benchmark) pointed at a local
-fake provider (``bench/fake_market.py``, its own process), its circuit breakers, the
+fake provider (``bench/fake_market.py``, its own process, which renders each second's
+answers in the idle part of the second before, as a remote provider's CPU is not on
+this machine; its CPU per cycle is reported), its circuit breakers, the
 Redis store on a real redis-server, the SQLite store on a real file — pre-fills
 history that the fake market continues exactly, warms the pipeline from it and then
 runs ``Pipeline.run_cycle`` on every ``SecondTicker`` tick, like the daemon's main
 loop. Every cycle fetches all N symbols over HTTP (batches of ``--batch``), validates
-them, writes Redis (one EVALSHA) and the SQLite buffer (flushed every 10 s in the
-background) and updates the features.
+them, writes Redis (an EVALSHA per piece of each answer) and the SQLite buffer (flushed
+every 10 s in the background) and updates the features.
 
 Like the daemon, N >= 500 runs the parse worker (``SIDECAR_PARSE_PROCESS=auto``; the
 variable set for the benchmark decides as it would for the daemon).
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,18 @@ class FakeMarketProcess:
         self.proc.terminate()
         self.proc.wait(10)
 
+    def measured(self, child: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """``child(*args)``'s result, with the fake market's CPU per cycle meanwhile (ms;
+        the warm-up's history requests included, so an upper bound)."""
+        from sidecar.parse_worker import process_cpu_s
+
+        before = process_cpu_s(self.proc.pid)
+        result = child(*args)
+        after = process_cpu_s(self.proc.pid)
+        if before is not None and after is not None:
+            result["market_cpu_ms_per_cycle"] = round((after - before) * 1000 / max(1, result["cycles"]), 1)
+        return result
+
 
 def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int,
            timeframes: str = "1m") -> dict[str, Any]:
@@ -245,10 +259,10 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
     market = FakeMarketProcess()
     try:
         with PrivateRedis() as redis:
-            runs = [_child(n, seconds, redis.url, market.url, args.batch) for n in sizes]
+            runs = [market.measured(_child, n, seconds, redis.url, market.url, args.batch) for n in sizes]
             # The largest N again with several timeframes per symbol (built in the daemon).
-            multi = [] if args.soak or not args.multi_tf else [
-                _child(max(sizes), seconds, redis.url, market.url, args.batch, args.multi_tf)]
+            multi = [] if args.soak or not args.multi_tf else [market.measured(
+                _child, max(sizes), seconds, redis.url, market.url, args.batch, args.multi_tf)]
     finally:
         market.stop()
     out_dir = args.out or RESULTS_DIR
@@ -266,12 +280,13 @@ def render(r: dict[str, Any]) -> str:
     rows = [[x["symbols"], x.get("timeframes", "1m"), x["cycles"],
              x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"],
              x["cpu_us_per_symbol"]["p50"], *_worker_cells(x), _redis_cell(x), x["missed_ticks"],
-             x["lateness_ms"]["p99"],
+             x["lateness_ms"]["p99"], x.get("market_cpu_ms_per_cycle", "—"),
              f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
              x["source_errors"]] for x in [*r["runs"], *r.get("multi_tf", [])]]
     return table(["symbols", "timeframes", "cycles", "p50 ms", "p99 ms", "max ms", "daemon CPU µs/symbol",
                   "worker CPU µs/symbol", "daemon + worker mean", "Redis CPU µs/symbol", "missed ticks",
-                  "tick late p99 ms", "RSS MB", "bars/cycle", "source errors"], rows)
+                  "tick late p99 ms", "fake market CPU ms/cycle", "RSS MB", "bars/cycle",
+                  "source errors"], rows)
 
 
 def _redis_cell(x: dict[str, Any]) -> Any:

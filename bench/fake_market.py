@@ -99,24 +99,77 @@ def _series(sym: str, now_ms: int, output: int = OUTPUT) -> str:
     return f'{{"values":[{_row(i, current, now_ms)}{tail}'
 
 
+#: When, in each second, the next second's answers are rendered (past the daemon's cycle).
+PRERENDER_AT_S = 0.6
+
+
 class FakeMarket:
-    """The aiohttp app; ``requests`` counts the batches served."""
+    """The aiohttp app; ``requests`` counts the batches served.
+
+    A real provider renders its answers on its own machines. So that this one's CPU
+    does not compete with the daemon inside the cycle it serves, each request asked
+    in a second is rendered again for the next second, in the idle part of this one
+    (:data:`PRERENDER_AT_S`): the same body a request in that second would get, since
+    every price is a function of the whole second. A request no rendering covers is
+    answered as it comes. ``prerendered`` counts the answers served ready-made.
+    """
 
     def __init__(self) -> None:
         self.requests = 0
+        self.prerendered = 0
+        #: Query string -> (second, body) of the answers rendered ahead.
+        self._ready: dict[str, tuple[int, bytes]] = {}
+        #: The requests asked in the current second: (second, query string -> its parameters).
+        self._asked: dict[str, tuple[list[str], int]] = {}
+        self._asked_second = -1
         self.app = web.Application()
         self.app.router.add_get("/time_series", self.time_series)
+        self.app.on_startup.append(self._start_prerender)
+        self.app.on_cleanup.append(self._stop_prerender)
+        self._task: asyncio.Task[None] | None = None
+
+    async def _start_prerender(self, app: web.Application) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._prerender())
+
+    async def _stop_prerender(self, app: web.Application) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _prerender(self) -> None:
+        while True:
+            now = time.time()
+            await asyncio.sleep(math.floor(now) + PRERENDER_AT_S - now if now % 1 < PRERENDER_AT_S
+                                else math.floor(now) + 1 + PRERENDER_AT_S - now)
+            second = int(time.time())
+            if second != self._asked_second:
+                continue  # nothing asked this second
+            nxt = (second + 1) * 1000
+            self._ready = {query: (second + 1, _body(symbols, nxt, output))
+                           for query, (symbols, output) in self._asked.items()}
 
     async def time_series(self, request: web.Request) -> web.Response:
         self.requests += 1
-        symbols = request.query.get("symbol", "").split(",")
         now_ms = int(time.time() * 1000)
+        second = now_ms // 1000
+        query = request.query_string
+        symbols = request.query.get("symbol", "").split(",")
         output = max(1, min(OUTPUT, int(request.query.get("outputsize", OUTPUT))))
-        if len(symbols) == 1:
-            body = _series(symbols[0], now_ms, output)
+        if second != self._asked_second:
+            self._asked, self._asked_second = {}, second
+        self._asked[query] = (symbols, output)
+        ready = self._ready.get(query)
+        if ready is not None and ready[0] == second:
+            self.prerendered += 1
+            body = ready[1]
         else:
-            body = "{" + ",".join(f'"{s}":{_series(s, now_ms, output)}' for s in symbols) + "}"
-        return web.Response(body=body.encode(), content_type="application/json")
+            body = _body(symbols, now_ms, output)
+        return web.Response(body=body, content_type="application/json")
+
+
+def _body(symbols: list[str], now_ms: int, output: int) -> bytes:
+    if len(symbols) == 1:
+        return _series(symbols[0], now_ms, output).encode()
+    return ("{" + ",".join(f'"{s}":{_series(s, now_ms, output)}' for s in symbols) + "}").encode()
 
 
 async def serve(port: int = 0) -> None:

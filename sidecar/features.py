@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+import msgspec
 import numpy as np
 import talib
 from talib import abstract, stream
@@ -564,15 +565,19 @@ def pack_features(fmap: dict[str, Any]) -> bytes:
     return pack_msgpack(fmap)
 
 
-#: A symbol's part of its feature maps, the same on each of its timeframes (:func:`symbol_part`).
-SymbolPart = tuple[bytes, bytes, bytes, bytes]
+#: A symbol's part of its feature maps, the same on each of its timeframes (:func:`symbol_part`):
+#: the map's header, then its pairs from ``stale`` to ``data_age_ms``, those from
+#: ``market_open`` to ``extended_hours``, and ``warming`` (``None`` unless warming),
+#: each pre-encoded.
+SymbolPart = tuple[bytes, msgspec.Raw, msgspec.Raw, msgspec.Raw | None]
 
 #: Pairs of the map that :func:`pack_series_features` packs per timeframe: the bar's and
 #: its values (``symbol`` ... ``synthetic``), ``macd_hist_prev``, ``extended``, ``completeness``.
 _SERIES_PAIRS = 26
-_MACD_HIST_PREV = pack_msgpack("macd_hist_prev")
-_WARMING = pack_msgpack(["warming", True])[1:]
-_join = b"".join
+_WARMING = msgspec.Raw(pack_msgpack(["warming", True])[1:])
+#: msgpack as ``msgpack.packb`` writes these types (float64 floats, the smallest int and
+#: str encodings, maps in insertion order), with :class:`msgspec.Raw` spliced in as is.
+_encode = msgspec.msgpack.Encoder().encode
 
 
 def symbol_part(
@@ -580,36 +585,37 @@ def symbol_part(
     next_open: int | None, extended_hours: bool = False, warming: bool = False,
 ) -> SymbolPart:
     """The fields of :func:`features_map` that do not depend on the timeframe, packed once
-    per symbol for :func:`pack_series_features`: the map's header, the pairs from
-    ``stale`` to ``data_age_ms``, those from ``market_open`` to ``extended_hours``, and
-    ``warming`` (last, present only while warming)."""
+    per symbol for :func:`pack_series_features`."""
     age = None if updated_at is None else computed_at - updated_at
     # Packed as arrays of at most 15 items (a one-byte header, cut off): their items
     # are the map's keys and values in order.
-    before = pack_msgpack(["stale", stale, "computed_at", computed_at, "updated_at", updated_at,
-                           "via", via, "data_age_ms", age])
-    middle = pack_msgpack(["market_open", market_open, "next_open", next_open,
-                           "extended_hours", extended_hours])
+    before = _encode(["stale", stale, "computed_at", computed_at, "updated_at", updated_at,
+                      "via", via, "data_age_ms", age])
+    middle = _encode(["market_open", market_open, "next_open", next_open, "extended_hours", extended_hours])
     pairs = _SERIES_PAIRS + 5 + 3 + warming
-    return b"\xde" + pairs.to_bytes(2, "big"), before[1:], middle[1:], _WARMING if warming else b""
+    return (b"\xde" + pairs.to_bytes(2, "big"), msgspec.Raw(before[1:]), msgspec.Raw(middle[1:]),
+            _WARMING if warming else None)
 
 
 def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart, *,
                          extended: bool = False, completeness: dict[str, Any] | None = None) -> bytes:
     """The bytes of ``pack_features(features_map(...))`` (and ``"warming": True`` while
     warming) for one timeframe of a symbol whose other fields are ``part``
-    (:func:`symbol_part`): the map is never built, its pairs are packed as arrays (their
-    headers cut off) and joined with the symbol's."""
+    (:func:`symbol_part`): the map is never built. Its keys and values are encoded as
+    one array, the symbol's pre-encoded pairs spliced in, and the array's header
+    replaced by the map's."""
     rsi, ema, bb_upper, bb_middle, bb_lower, atr, vwap, vol_ma, macd, macd_signal, macd_hist, mom = values
-    body = pack_msgpack([
+    head, before, middle, warming = part
+    items = [
         "symbol", bar.symbol, "tf", bar.tf, "t", bar.t, "open", bar.o, "high", bar.h, "low", bar.l,
         "close", bar.c, "v", bar.v,
         "rsi", rsi, "ema", ema, "bb_upper", bb_upper, "bb_middle", bb_middle, "bb_lower", bb_lower,
         "atr", atr, "vwap", vwap, "vol_ma", vol_ma, "macd", macd, "macd_signal", macd_signal,
         "macd_hist", macd_hist, "mom", mom,
         "forming", bar.forming, "src", bar.src, "synthetic", bar.synthetic,
-    ])  # 46 items: a three-byte header
-    head, before, middle, warming = part
-    last = pack_msgpack(["extended", extended, "completeness", completeness])  # a one-byte header
-    return _join((head, body[3:], before, _MACD_HIST_PREV, pack_msgpack(macd_hist_prev), middle, last[1:],
-                  warming))
+        before, "macd_hist_prev", macd_hist_prev, middle, "extended", extended, "completeness", completeness,
+    ]
+    if warming is not None:
+        items.append(warming)
+    # 54 or 55 items: an array header of three bytes.
+    return head + _encode(items)[3:]

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import logging
 import marshal
 import os
 import signal
+import socket
+import stat
 import struct
 import sys
 import time
@@ -57,6 +60,10 @@ JOB_TIMEOUT_S = 0.5
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_S = 60.0
 START_TIMEOUT_S = 10.0
+#: What the channels to and from the worker are asked to hold: a whole batch's body.
+CHANNEL_BYTES = 1 << 20
+#: Smaller pipe capacities tried when the system allows less (``/proc/sys/fs/pipe-max-size``).
+_CHANNEL_FALLBACKS = (512 << 10, 256 << 10)
 #: What each kind of job is parsed by in the worker: ``module:class`` (a callable per request).
 PARSERS = {"twelvedata": "sidecar.sources.twelvedata:WorkerParser"}
 _PR_SET_PDEATHSIG = 1
@@ -280,7 +287,10 @@ class ParseWorker:
             self._lost(f"cannot start: {exc}")
             return False
         self._proc = proc
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
+        channel = proc.stdin.get_extra_info("pipe") or proc.stdin.get_extra_info("socket")
+        if channel is not None:
+            widen(channel.fileno())
         try:
             hello = await asyncio.wait_for(_read_frame(proc.stdout), START_TIMEOUT_S)
             if not (isinstance(hello, tuple) and hello[0] == "ready"):
@@ -347,6 +357,32 @@ async def start_for(sources: Sequence[Source], mode: str, symbols: int) -> Parse
 
 
 # -- the worker process ---------------------------------------------------------------
+def widen(fd: int, size: int = CHANNEL_BYTES) -> int:
+    """Let the pipe or socket ``fd`` hold ``size`` bytes (as much of it as the system
+    allows: ``pipe-max-size``, ``wmem_max``); returns what it holds now (0: neither).
+
+    With the defaults (64 KiB for a pipe, ~200 KiB for a Unix socket) a body of a few
+    hundred KiB reaches the worker only as fast as the daemon's event loop comes round
+    to write the rest, which it does not while it works on the previous answer."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) and hasattr(fcntl, "F_SETPIPE_SZ"):
+        for want in (size, *_CHANNEL_FALLBACKS):
+            try:
+                return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, want)
+            except OSError:
+                continue
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    if stat.S_ISSOCK(mode):
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)  # the kernel caps it silently
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        finally:
+            sock.close()
+    return 0
+
+
 def _write_frame(out: BinaryIO, value: Any) -> None:
     payload = marshal.dumps(value)
     out.write(FRAME.pack(len(payload)))
@@ -389,6 +425,8 @@ def main(argv: Sequence[str]) -> int:
     if os.getppid() != parent:  # the daemon died before the line above
         return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle
+    for fd in (0, 1):
+        widen(fd)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print must not corrupt the protocol
     serve(os.fdopen(0, "rb"), out)

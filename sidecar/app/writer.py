@@ -35,6 +35,11 @@ log = logging.getLogger("sidecar.pipeline")
 
 #: At most this many bars wait in memory for Redis to come back.
 MAX_REDIS_BACKLOG = 500_000
+#: Feature maps per script call of an answer's write (~150 KiB): each call fits a
+#: socket's send buffer at once, on a connection of its own, so Redis gets all of it
+#: while the event loop works on the next answer, instead of as fast as the loop comes
+#: round to push the rest of one large call.
+WRITE_PIECE_FEATURES = 256
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
@@ -106,10 +111,15 @@ class RedisWriter:
 
     # -- the cycle's writes ---------------------------------------------------------
     def send(self, cycle: CycleWrites, bars: list[Bar], features: list[FeatureRow], more: bool) -> None:
-        """One answer's bars and features: written at once (not awaited) while ``more``
-        requests are in flight and Redis answers; else carried by the final write."""
-        if more and self.state.ok:
-            cycle.writes.append(self._spawn(self._write_chunk(cycle, bars, features)))
+        """One answer's bars and features: written at once (not awaited, in pieces of
+        :data:`WRITE_PIECE_FEATURES` maps) while Redis answers and either ``more``
+        requests are in flight or they are more than a piece; else carried by the final
+        write (a round trip less)."""
+        if self.state.ok and (more or len(features) > WRITE_PIECE_FEATURES):
+            piece = WRITE_PIECE_FEATURES
+            cycle.writes.append(self._spawn(self._write_chunk(cycle, bars, features[:piece])))
+            for lo in range(piece, len(features), piece):
+                cycle.writes.append(self._spawn(self._write_chunk(cycle, [], features[lo:lo + piece])))
         else:
             # With the bars owed to Redis: while it fails, the final write is the only try.
             self.defer(bars)

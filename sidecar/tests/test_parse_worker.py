@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,15 @@ import pytest
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
 from sidecar.http_session import HttpReply
-from sidecar.parse_worker import ParseWorker, error_from_wire, error_to_wire, process_cpu_s, wanted
+from sidecar.parse_worker import (
+    CHANNEL_BYTES,
+    ParseWorker,
+    error_from_wire,
+    error_to_wire,
+    process_cpu_s,
+    wanted,
+    widen,
+)
 from sidecar.provider_settings import ProviderSettings
 from sidecar.rate_budget import RateBudget
 from sidecar.sources._parsing import ParseContext
@@ -355,3 +364,24 @@ async def test_daemon_keeps_cycling_when_its_parse_worker_is_sigkilled(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_channels_to_the_worker_hold_a_whole_batch() -> None:
+    """Pipes (asyncio's subprocess) and Unix sockets (uvloop's) are widened to hold a
+    batch's body at once, as far as the system allows."""
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    read_end, write_end = os.pipe()
+    try:
+        assert widen(write_end) >= min(CHANNEL_BYTES, limit)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    a, b = socket.socketpair()
+    with a, b:
+        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        after = widen(a.fileno())
+        assert after >= min(CHANNEL_BYTES, wmem_max) and after >= before
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == after
+    with open(os.devnull, "rb") as devnull:
+        assert widen(devnull.fileno()) == 0

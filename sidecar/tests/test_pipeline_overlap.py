@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgpack
+import pytest
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from sidecar.app import writer
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.errors import ProviderError
@@ -260,3 +262,28 @@ async def test_a_failed_request_falls_through_to_the_next_source_in_the_cycle(
         ("done", "chunk", ["AAA", "BBB"]), ("done", "final", ["CCC", "DDD", "EEE", "FFF"])]
     final = next(w for e, k, _, w in store.events if (e, k) == ("done", "final"))
     assert sorted(final) == [(s, T0 - 1000) for s in ("CCC", "DDD", "EEE", "FFF")]
+
+
+async def test_an_answer_larger_than_a_piece_is_written_in_pieces_before_the_announcement(
+    redis_store: RedisStore, bar_store: BarStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each answer's maps go out in script calls of at most ``WRITE_PIECE_FEATURES``
+    (its bars with the first), the last answer's too when it is more than a piece;
+    the final write, with the announcement, starts once every piece is stored."""
+    monkeypatch.setattr(writer, "WRITE_PIECE_FEATURES", 1)
+    store = RecordingStore(redis_store)
+    now = Clock(T0 / 1000)
+    pipe = pipeline([ChunkedSource("primary", slow={"EEE": 0.05})], store, bar_store, now)
+    await pipe.run_cycle(T0)
+
+    chunks = [(symbols, written) for event, kind, symbols, written in store.events if (event, kind) == ("done", "chunk")]
+    assert sorted(s for symbols, _ in chunks for s in symbols) == list(SYMBOLS)
+    assert all(len(symbols) == 1 for symbols, _ in chunks)
+    # The bars of each answer (two symbols) ride with its first piece.
+    assert sorted(b for _, written in chunks for b in written) == [(s, T0 - 1000) for s in SYMBOLS]
+    assert [len(written) for _, written in chunks].count(2) == 3
+    final = [i for i, (event, kind, _, _) in enumerate(store.events) if kind == "final"]
+    last_chunk = max(i for i, (event, kind, _, _) in enumerate(store.events) if (event, kind) == ("done", "chunk"))
+    assert final and min(final) > last_chunk
+    assert [w for e, k, _, w in store.events if (e, k) == ("done", "final")] == [[]]
+    assert all(f is not None and f["t"] == T0 - 1000 for f in await redis_store.read_features(list(SYMBOLS), TF.name))
