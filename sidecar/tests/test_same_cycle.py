@@ -86,23 +86,25 @@ def completeness(pipe: Pipeline, now_ms: int) -> dict[str, Any]:
 async def test_a_correction_reaches_every_timeframe_in_its_cycle(
     redis_store: RedisStore, bar_store: BarStore,
 ) -> None:
-    """Corrections of: the newest closed 1m bar, the last of its 5m bucket (that 5m bar
-    closed with it); a bar six deep (its 5m and 15m bars closed, its 1h forming); one
-    eight deep; one whose 1h bar closed; the newest closed bar in a forming 5m bucket."""
-    ts = list(range(START, START + 3 * HOUR, MIN))
+    """From 22:00 UTC, corrections of: the newest closed 1m bar, the last of its 5m bucket
+    (that 5m bar closed with it); a bar six deep (its 5m and 15m bars closed, its 1h
+    forming); one eight deep; one whose 1h and daily bars closed (23:58, corrected at
+    00:02); the newest closed bar in a forming 5m bucket."""
+    begin = START - 2 * HOUR
+    ts = list(range(begin, begin + 3 * HOUR, MIN))
     feed = MinuteFeed({SYMBOL: walk(SYMBOL, ts, 17)})
-    clock = Clock.from_ms(START)
+    clock = Clock.from_ms(begin)
     pipe = await driven_pipeline(lasting_store(redis_store, "same"), bar_store, feed, clock, TFS,
                                  symbols=(SYMBOL,))
     corrections = {  # the minute of the cycle -> the 1m bar corrected in its second cycle
-        START + 65 * MIN: START + 64 * MIN,
-        START + 80 * MIN: START + 74 * MIN,
-        START + 93 * MIN: START + 85 * MIN,
-        START + 122 * MIN: START + 118 * MIN,
-        START + 128 * MIN: START + 127 * MIN,
+        begin + 65 * MIN: begin + 64 * MIN,
+        begin + 80 * MIN: begin + 74 * MIN,
+        begin + 93 * MIN: begin + 85 * MIN,
+        begin + 122 * MIN: begin + 118 * MIN,
+        begin + 128 * MIN: begin + 127 * MIN,
     }
     fixed_seen: set[str] = set()
-    for now in range(START, START + 130 * MIN, MIN):
+    for now in range(begin, begin + 130 * MIN, MIN):
         await cycle_at(pipe, clock, now + 1_000)
         if now not in corrections:
             continue
@@ -126,7 +128,7 @@ async def test_a_correction_reaches_every_timeframe_in_its_cycle(
             assert old is not None and bucket.t <= old.t, (ser.tf.name, t)
             fixed_seen.add(ser.tf.name)
         assert completeness(pipe, now + 31_000) == before
-    assert fixed_seen == {"5m", "15m", "1h"}
+    assert fixed_seen == {"5m", "15m", "1h", "1d"}
 
 
 @st.composite
