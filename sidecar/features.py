@@ -597,7 +597,7 @@ def symbol_part(
             _WARMING if warming else None)
 
 
-def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart, *,
+def pack_series_features(bar: Bar, values: Values, macd_hist_prev: float | None, part: SymbolPart,
                          extended: bool = False, completeness: dict[str, Any] | None = None) -> bytes:
     """The bytes of ``pack_features(features_map(...))`` (and ``"warming": True`` while
     warming) for one timeframe of a symbol whose other fields are ``part``

@@ -27,7 +27,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar import foreground
+from sidecar import foreground, gc_tuning
 from sidecar.app.history import History, WarmupProgress
 from sidecar.app.planner import Planner
 from sidecar.app.router import Router, SourceState
@@ -343,9 +343,10 @@ class Pipeline:
         write sent, while the other requests are still in flight. The symbols no
         answer covered get their features last; once every write of the cycle has
         completed, the final write carries them with the heartbeat and publishes the
-        cycle announcement, so everything it names is already readable.
+        cycle announcement, so everything it names is already readable. The cyclic GC
+        waits for the cycle to end (:func:`~sidecar.gc_tuning.held`).
         """
-        with foreground.cycle():
+        with foreground.cycle(), gc_tuning.held():
             await self._cycle(tick_ms)
 
     async def _cycle(self, tick_ms: int) -> None:

@@ -296,16 +296,20 @@ class SeriesStage:
                                extended_hours=regular is not None, warming=st.warming)
             for i, ser in enumerate(st.series):
                 bar = ser.forming or ser.last
-                if bar is None:
-                    continue
-                engine = ser.engine
-                # The histogram one bar back, so a reader sees a zero crossing in one read.
-                prev = engine.closed_values[MACD_HIST] if bar.forming else engine.prev_macd_hist
-                packed = ser.packed = pack_series_features(
-                    bar, ser.values(bar), prev, part,
-                    extended=regular is not None and i == 0 and not regular.is_open(bar.t),
-                    completeness=None if shares is None else shares[i])
-                append((ser.tf.name, sym, packed, hold))
+                if bar is not None:
+                    engine = ser.engine
+                    # The histogram one bar back, so a reader sees a zero crossing in one read.
+                    if bar.forming:
+                        prev = engine.closed_values[MACD_HIST]
+                        values = ser.values(bar)
+                    else:
+                        prev = engine.prev_macd_hist
+                        values = engine.closed_values
+                    packed = ser.packed = pack_series_features(
+                        bar, values, prev, part,
+                        regular is not None and i == 0 and not regular.is_open(bar.t),
+                        None if shares is None else shares[i])
+                    append((ser.tf.name, sym, packed, hold))
         if settled and stored is not None:
             stored += settled
             settled = []

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.sources")
 T = TypeVar("T")
+#: Bar grids remembered per (symbol, timeframe), as the symbol map's spellings are.
+MAX_REMEMBERED_GRIDS = 100_000
 
 
 def settle(out: LatestResult) -> LatestResult:
@@ -97,6 +99,7 @@ class ProviderSource(Source):
         self.budget = budget
         self._requests = 0
         self._last_error: str | None = None
+        self._grids: dict[tuple[str, Timeframe], Timeframe] = {}
 
     def spelling(self, symbol: str) -> ProviderSymbol | None:
         """This provider's spelling of ``symbol``, or ``None`` if it cannot serve it."""
@@ -118,7 +121,14 @@ class ProviderSource(Source):
         return None if spelling is None else spelling.asset_class
 
     def grid(self, symbol: str, tf: Timeframe) -> Timeframe:
-        return self.series_grid(symbol, tf) if self.stamps_sessions else tf
+        # Asked for every symbol of every request, every cycle: worked out once each.
+        key = (symbol, tf)
+        grid = self._grids.get(key)
+        if grid is None:
+            grid = self.series_grid(symbol, tf) if self.stamps_sessions else tf
+            if len(self._grids) < MAX_REMEMBERED_GRIDS:
+                self._grids[key] = grid
+        return grid
 
     def series_grid(self, symbol: str, tf: Timeframe) -> Timeframe:
         return self.symbols.grid(symbol, tf, self.spelling(symbol))

@@ -4,6 +4,7 @@ arrives; the announcement goes out only after every write of the cycle completed
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -287,3 +288,18 @@ async def test_an_answer_larger_than_a_piece_is_written_in_pieces_before_the_ann
     assert final and min(final) > last_chunk
     assert [w for e, k, _, w in store.events if (e, k) == ("done", "final")] == [[]]
     assert all(f is not None and f["t"] == T0 - 1000 for f in await redis_store.read_features(list(SYMBOLS), TF.name))
+
+
+async def test_the_cyclic_gc_waits_for_the_cycle_to_end(redis_store: RedisStore, bar_store: BarStore) -> None:
+    seen: list[bool] = []
+
+    class Watching(ChunkedSource):
+        async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+            seen.append(gc.isenabled())
+            return await super().fetch_latest(symbols, tf, now_ms)
+
+    pipe = pipeline([Watching("primary")], redis_store, bar_store, Clock(T0 / 1000))
+    assert gc.isenabled()
+    await pipe.run_cycle(T0)
+    assert seen == [False, False, False]
+    assert gc.isenabled()
