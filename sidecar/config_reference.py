@@ -97,7 +97,8 @@ DOCS: dict[str, Doc] = {
                              "held until confirmed; `0` disables"),
     "SIDECAR_OUTLIER_WINDOW": Doc("bars the outlier check's mean range is taken over"),
     "SIDECAR_CORRECTION_WINDOW_BARS": Doc("how far back a revised closed bar is accepted as a "
-                                          "correction"),
+                                          "correction (up to 64 bars back it reaches every "
+                                          "timeframe in its cycle; deeper, a rebuild)"),
     "SIDECAR_FILL_GAPS": Doc("fill missing bars with flat bars marked `synthetic`, `src: \"gapfill\"`"),
     "SIDECAR_MARKET_HOURS": Doc("follow each symbol's trading calendar: no requests, gaps or filler "
                                 "bars while its market is closed (docs/providers.md, \"Market hours\")"),

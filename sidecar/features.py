@@ -66,6 +66,14 @@ class _Indicator:
         self.lookback = _lookback(batch.__name__, kwargs)
         self.handle: Any = None
 
+    def copy(self) -> _Indicator:
+        """This indicator with its handle copied (the rest is shared: never mutated)."""
+        twin = _Indicator.__new__(_Indicator)
+        twin.name, twin.inputs, twin.factory, twin.batch = self.name, self.inputs, self.factory, self.batch
+        twin.kwargs, twin.multi, twin.lookback = self.kwargs, self.multi, self.lookback
+        twin.handle = None if self.handle is None else self.handle.copy()
+        return twin
+
 
 @lru_cache(maxsize=64)
 def _lookback_cached(function: str, kwargs: tuple[tuple[str, Any], ...]) -> int:
@@ -254,6 +262,27 @@ class FeatureEngine:
             out[6] = _clean(self._vwap.value)
         self.closed_values = out
         self._refresh_fast()
+
+    def copy(self) -> FeatureEngine:
+        """An independent engine in the same state: every handle copied (TA-Lib's stream
+        handles continue bit-identically from a copy), the warming history and the
+        newest closed values with them. Updating one leaves the other as it was."""
+        twin = FeatureEngine.__new__(FeatureEngine)
+        twin.symbol, twin.tf = self.symbol, self.tf
+        twin._sessions, twin._anchor_ms = self._sessions, self._anchor_ms
+        twin._ind = [ind.copy() for ind in self._ind]
+        twin._volma = twin._ind[self._ind.index(self._volma)]
+        twin._warming = self._warming
+        twin._hist_h, twin._hist_l = self._hist_h[:], self._hist_l[:]
+        twin._hist_c, twin._hist_v = self._hist_c[:], self._hist_v[:]
+        twin._vwap = None if self._vwap is None else self._vwap.copy()
+        twin._session, twin._session_lo, twin._session_hi = self._session, self._session_lo, self._session_hi
+        twin.last_closed_t = self.last_closed_t
+        twin.closed_values = self.closed_values[:]
+        twin.prev_macd_hist = self.prev_macd_hist
+        twin._fast = None
+        twin._refresh_fast()
+        return twin
 
     def _bounds(self, t_ms: int) -> tuple[int, int]:
         """``[start, next start)`` of the session the bar opening at ``t_ms`` belongs to."""

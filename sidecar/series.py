@@ -25,17 +25,30 @@ bar has none). A bucket without base bars has no bar.
 
 A higher bar is forming until its bucket is complete: its last base bar closed, a
 base bar of a later bucket arrived, or the bucket's end passed by one base bar's
-length with no base bar forming in it. A revised base bar in a bucket already folded
-marks that bucket dirty: it is re-aggregated from the stored base bars and the
-handles reopened after the cycle (:class:`~sidecar.app.history.History`).
+length with no base bar forming in it.
+
+Corrections are redone in memory, in the cycle that brings them. Each series keeps
+its newest closed bars (``recent``, up to ``reach`` of them) apart from the handles
+on every closed bar before them (``behind``); the handles in use are ``behind``
+advanced over ``recent``. A corrected bar within ``recent`` is replaced there and
+the handles redone from a copy of ``behind`` (:meth:`Series.redo`), exactly what
+the handles would be had the corrected series come in order. A higher series also
+keeps the aggregate of the base bars of the bucket the base's ``recent`` begins in
+that left it (its *tail*, :meth:`Series.leave`): with the base bars still in
+``recent``, every bucket a correction within reach falls in is re-aggregated without
+reading a store (:meth:`Series.regroup`). A revised base bar beyond that reach, or
+a bucket the cycle cannot re-aggregate, marks the bucket dirty: it is re-aggregated
+from the stored base bars and the handles reopened after the cycle
+(:class:`~sidecar.app.history.History`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import msgpack
@@ -47,6 +60,21 @@ from sidecar.timeframe import Timeframe
 
 DAY_MS = 86_400_000
 
+#: At most this many base bars back a correction is redone in memory (deeper: rebuilt).
+MAX_REACH = 64
+
+
+def reach_of(window_bars: int, base_ms: int, tf_ms: int) -> int:
+    """How many closed bars a series keeps in ``recent`` (:class:`Series`) for corrections
+    up to ``window_bars`` base bars back (at most :data:`MAX_REACH`): the base keeps
+    the window and its newest bar; a higher series the buckets those base bars span
+    back to back, with one to spare (a session break or a short bucket may spread
+    them over more: such a correction is rebuilt)."""
+    base = min(window_bars, MAX_REACH) + 1
+    if tf_ms <= base_ms:
+        return base
+    return min(base, (base - 1) * base_ms // tf_ms + 3)
+
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
@@ -57,6 +85,15 @@ class Bucket:
     lo: int
     hi: int
     end: int
+
+
+class Regroup(NamedTuple):
+    """A higher bucket to re-aggregate in memory (:meth:`Series.regroup`): its parts
+    (the tail's aggregate first, if any, then base bars), and how many base bars they hold."""
+
+    bucket: Bucket
+    parts: list[Bar]
+    n_base: int
 
 
 class Grid:
@@ -158,16 +195,39 @@ class Series:
     """
 
     __slots__ = ("_done_hi", "_forming_bucket", "_peek_bar", "_peek_engine", "_peek_t", "_peek_values",
-                 "_view_acc", "_view_base", "_view_done_hi", "_view_out", "acc", "base_ms", "bucket", "dirty",
-                 "engine", "forming", "grid", "last", "n_base", "needs_rebuild", "packed", "rebuilding",
-                 "symbol", "tf", "up")
+                 "_view_acc", "_view_base", "_view_done_hi", "_view_out", "acc", "base_ms", "behind",
+                 "bucket", "dirty", "engine", "forming", "grid", "last", "n_base", "needs_rebuild", "packed",
+                 "reach", "rebuilding", "recent", "symbol", "tail_blind", "tail_bucket", "tail_h",
+                 "tail_known", "tail_l", "tail_n", "tail_o", "tail_syn", "tail_v", "tf", "up")
 
     def __init__(self, symbol: str, tf: Timeframe, engine: FeatureEngine, grid: Grid | None = None,
-                 base_ms: int = 0) -> None:
-        """``grid`` and ``base_ms`` (the base timeframe's length) for a higher timeframe."""
+                 base_ms: int = 0, reach: int = 1) -> None:
+        """``grid`` and ``base_ms`` (the base timeframe's length) for a higher timeframe;
+        ``reach``: how many of the newest closed bars a correction is redone over
+        (:func:`reach_of`). ``engine`` holds every closed bar so far."""
         self.symbol = symbol
         self.tf = tf
         self.engine = engine
+        #: The handles on every closed bar before ``recent`` (``engine`` is these advanced
+        #: over ``recent``).
+        self.behind = engine.copy()
+        #: The newest closed bars (oldest first), up to ``reach`` (one more after a
+        #: correction inserted a missing bar).
+        self.recent: deque[Bar] = deque()
+        self.reach = reach
+        #: Above the base: the bucket of the newest base bar that left the base's ``recent``,
+        #: how many of its base bars left it and, if ``tail_known`` (see ``tail_blind``),
+        #: their aggregate's open, high, low, volume and synthetic flag (kept as values:
+        #: every base bar that leaves updates them).
+        self.tail_bucket: Bucket | None = None
+        self.tail_n = 0
+        self.tail_known = False
+        self.tail_o = self.tail_h = self.tail_l = 0.0
+        self.tail_v: float | None = None
+        self.tail_syn = False
+        #: Base bars up to this open time may have left the base's ``recent`` unseen here
+        #: (history read at start or in a rebuild): a bucket reaching back to it has no known tail.
+        self.tail_blind = -1
         self.grid = grid
         self.base_ms = base_ms
         self.up: Series | None = None
@@ -209,20 +269,176 @@ class Series:
         return self._done_hi
 
     # -- closed bars ------------------------------------------------------------------
-    def close(self, bar: Bar) -> None:
-        """Commit a closed bar to the handles (and to a rebuild in flight)."""
+    def close(self, bar: Bar) -> Bar | None:
+        """Commit a closed bar to the handles (and to a rebuild in flight); returns the
+        bar it pushed out of ``recent`` (now in ``behind``), if any."""
         self.engine.update(bar)
         self.last, self.forming = bar, None
         if self.rebuilding is not None:
             self.rebuilding[bar.t] = bar
+        recent = self.recent
+        recent.append(bar)
+        if len(recent) > self.reach:
+            old = recent.popleft()
+            self.behind.update(old)
+            return old
+        return None
 
     def revise(self, bar: Bar) -> None:
-        """A closed bar already committed changed: the handles are reopened."""
+        """A closed bar already committed changed: the handles are reopened on stored
+        history after the cycle (:class:`~sidecar.app.history.History`)."""
         if self.last is not None and bar.t == self.last.t:
             self.last = bar
         self.needs_rebuild = True
         if self.rebuilding is not None:
             self.rebuilding[bar.t] = bar
+
+    def reaches(self, t_ms: int) -> bool:
+        """Whether a closed bar opening at ``t_ms`` (up to the newest) can be redone in
+        memory (:meth:`redo`): it is newer than every bar ``behind`` holds, and the
+        handles are not waiting to be reopened on stored history."""
+        if self.needs_rebuild or self.rebuilding is not None:
+            return False
+        floor = self.behind.last_closed_t
+        return floor is None or t_ms > floor
+
+    def place(self, bar: Bar) -> None:
+        """Put a closed bar within reach (:meth:`reaches`) in ``recent``: in place of the
+        one it corrects, or between its neighbours (a missing bar that came); the
+        handles are left as they are (:meth:`replay`)."""
+        recent = self.recent
+        i = len(recent)
+        while i and recent[i - 1].t > bar.t:
+            i -= 1
+        if i and recent[i - 1].t == bar.t:
+            recent[i - 1] = bar
+        else:
+            recent.insert(i, bar)
+
+    def redo(self, bar: Bar) -> None:
+        """A closed bar within reach (:meth:`reaches`) changed, or one missing between
+        the closed bars came: :meth:`place` it, then :meth:`replay`."""
+        self.place(bar)
+        self.replay()
+
+    def replay(self) -> None:
+        """Redo the handles from a copy of ``behind`` over ``recent``."""
+        recent = self.recent
+        engine = self.behind.copy()
+        update = engine.update
+        for b in recent:
+            update(b)
+        self.engine = engine
+        self.last = recent[-1]
+
+    def reopen(self, behind: FeatureEngine, recent: Sequence[Bar]) -> None:
+        """Open the handles on ``behind`` (every closed bar before ``recent``) advanced
+        over ``recent`` (the newest closed bars, oldest first; those past ``reach`` go
+        into ``behind``)."""
+        cut = max(0, len(recent) - self.reach)
+        for b in recent[:cut]:
+            behind.update(b)
+        kept = recent[cut:]
+        engine = behind.copy()
+        for b in kept:
+            engine.update(b)
+        self.behind, self.engine, self.recent = behind, engine, deque(kept)
+
+    # -- the tail of the base's recent bars ------------------------------------------
+    def leave(self, base: Bar) -> None:
+        """The base bar ``base`` left the base's ``recent``: fold it into the tail."""
+        grid = self.grid
+        assert grid is not None
+        if grid.regular_only and not grid.holds(base.t):
+            return
+        tb = self.tail_bucket
+        if tb is not None and tb.lo <= base.t < tb.hi:
+            self.tail_n += 1
+            if self.tail_known:
+                if base.h > self.tail_h:
+                    self.tail_h = base.h
+                if base.l < self.tail_l:
+                    self.tail_l = base.l
+                v = self.tail_v
+                self.tail_v = None if v is None or base.v is None else v + base.v
+                if base.synthetic:
+                    self.tail_syn = True
+            return
+        tb = self.tail_bucket = grid.bucket(base.t)
+        self._start_tail([base], tb.lo > self.tail_blind)
+
+    def _start_tail(self, parts: Sequence[Bar], known: bool) -> None:
+        """The tail is ``parts`` (the base bars of ``tail_bucket`` that left, oldest first),
+        their aggregate ``known`` or not."""
+        self.tail_n = len(parts)
+        self.tail_known = known
+        if known:
+            agg = aggregate(self.symbol, self.tf.name, 0, parts)
+            self.tail_o, self.tail_h, self.tail_l, self.tail_v = agg.o, agg.h, agg.l, agg.v
+            self.tail_syn = agg.synthetic
+
+    def set_tail(self, base: Sequence[Bar], floor: int | None, known_from: int) -> None:
+        """Set the tail from ``base`` (closed base bars, oldest first: every stored one from
+        ``known_from`` on) where the base's ``recent`` begins after ``floor`` (the newest
+        base bar before it; ``None``: none)."""
+        grid = self.grid
+        assert grid is not None
+        self.tail_bucket, self.tail_n, self.tail_known = None, 0, False
+        if floor is None:
+            self.tail_blind = -1
+            return
+        left = [b for b in base if b.t <= floor and grid.holds(b.t)]
+        if not left or left[-1].t < known_from:
+            self.tail_blind = floor  # its last base bar is not known: no bucket up to it has a tail
+            return
+        self.tail_blind = known_from - 1
+        tb = self.tail_bucket = grid.bucket(left[-1].t)
+        self._start_tail([b for b in left if b.t >= tb.lo], tb.lo > self.tail_blind)
+
+    def regroup(self, base_recent: Iterable[Bar], t_ms: int) -> Regroup | None:
+        """The bucket of the base bar opening at ``t_ms`` (held here, :meth:`Grid.holds`)
+        with its parts: the tail, if the bucket is the tail's, then its base bars in
+        ``base_recent`` (the base's ``recent``). ``None`` if the bucket's bar cannot be
+        re-aggregated in memory: its tail is not known, or it is neither the current
+        bucket nor a complete one within reach (:meth:`reaches`)."""
+        grid = self.grid
+        assert grid is not None
+        b = grid.bucket(t_ms)
+        parts: list[Bar] = []
+        n = 0
+        tb = self.tail_bucket
+        if tb is not None and tb.lo == b.lo:
+            if not self.tail_known:
+                return None
+            # Close and source are the last base bar's, and one of the bucket's is in
+            # ``base_recent`` (the corrected one): the tail's are never read.
+            o = self.tail_o
+            parts.append(Bar(self.symbol, self.tf.name, b.t, o, self.tail_h, self.tail_l, o, self.tail_v, "",
+                             False, self.tail_syn))
+            n = self.tail_n
+        elif tb is None and b.lo <= self.tail_blind:
+            return None
+        current = self.bucket
+        is_current = current is not None and current.lo == b.lo
+        if not is_current and not (b.hi <= self._done_hi and self.reaches(b.t)):
+            return None
+        holds = grid.holds
+        ring = [x for x in base_recent if b.lo <= x.t < b.hi and holds(x.t)]
+        return Regroup(b, parts + ring, n + len(ring))
+
+    def refold(self, group: Regroup) -> Bar | None:
+        """Set the bar of ``group``'s bucket (the current one, or a complete one) from its
+        parts (:meth:`regroup`); returns the closed bar that changed (``None``: the current
+        bucket's aggregate changed)."""
+        bucket = group.bucket
+        bar = aggregate(self.symbol, self.tf.name, bucket.t, group.parts)
+        current = self.bucket
+        if current is not None and current.lo == bucket.lo:
+            self.acc = bar
+            self.n_base = group.n_base
+            return None
+        self.redo(bar)
+        return bar
 
     # -- folding base bars upward -----------------------------------------------------
     def fold(self, base: Bar) -> list[Bar]:
@@ -268,7 +484,7 @@ class Series:
         assert acc is not None and b is not None
         closed = Bar(acc.symbol, acc.tf, acc.t, acc.o, acc.h, acc.l, acc.c, acc.v, acc.src, False,
                      acc.synthetic)
-        self.close(closed)
+        self.close(closed)  # a higher series' bar leaving ``recent`` concerns no other series
         self._done_hi = b.hi
         self.acc, self.bucket, self.n_base = None, None, 0
         return closed

@@ -4,9 +4,12 @@ At start every symbol is put in warm-up (:meth:`History.begin_warmup`: the newes
 stored bars teach the validator where each series stopped and are served, flagged
 ``warming``, from the first cycle); its handles are then opened on the warm window,
 one symbol at a time between cycles (:meth:`History.warm_symbols`), and the base is
-folded into the higher timeframes (:meth:`History.fold_up`). When older closed bars
-of a series change (a correction, gap repair), its handles are reopened on the stored
-history after the cycle (:meth:`History.start_rebuilds`, :meth:`History.rebuild`).
+folded into the higher timeframes (:meth:`History.fold_up`); each series' newest
+closed bars are kept apart from the handles on the rest, so that the cycle redoes a
+correction in memory (:meth:`~sidecar.series.Series.reopen`). When older closed bars
+of a series change beyond that (gap repair, a correction the cycle could not redo),
+its handles are reopened on the stored history after the cycle
+(:meth:`History.start_rebuilds`, :meth:`History.rebuild`).
 History is read while cycles go on: every closed bar applied meanwhile is kept in
 :attr:`~sidecar.series.Series.rebuilding` and laid over what was read, so nothing is
 lost or counted twice (:meth:`History.open_handles`).
@@ -65,8 +68,10 @@ class _HigherHistory:
     stored: dict[str, list[Bar]] = field(default_factory=dict)
     #: Each one's first bucket folded from the base (the newest stored bar's, else the window's).
     since: dict[str, int] = field(default_factory=dict)
-    #: The stored closed base bars from the oldest of ``since`` on.
+    #: The stored closed base bars from ``base_from`` on (the oldest of ``since``, or the
+    #: bucket the base's recent bars begin in, if older).
     base: list[Bar] = field(default_factory=list)
+    base_from: int = 0
 
 
 class History:
@@ -318,8 +323,13 @@ class History:
             else:
                 out.since[ser.tf.name] = max(floor, now_ms - warm * ser.tf.ms)
         lo = min(out.since.values())
+        if st.base.last is not None:
+            # Every bucket the base's recent bars may begin in: their tails (Series.set_tail).
+            begin = st.base.last.t - st.base.reach * self.tf.ms
+            lo = min(lo, *(ser.grid.bucket(begin).lo for ser in st.higher if ser.grid is not None))
         base = await self.store.bars_between(symbol, self.tf.name, lo, 2**62)
         out.base = [b for b in base if not b.forming]
+        out.base_from = lo
         return out
 
     def _warm_open(self, symbol: str, bars: list[Bar] | Window, higher: _HigherHistory | None) -> int:
@@ -379,9 +389,11 @@ class History:
                     made.append(bar)
                 series[bar.t] = bar
             closed = [series[t] for t in sorted(series)][-warm:] if warm else []
-            engine = self.engine(symbol, ser.tf)
-            engine.load(closed)
-            ser.engine = engine
+            behind = self.engine(symbol, ser.tf)
+            cut = max(0, len(closed) - ser.reach)
+            behind.load(closed[:cut])
+            ser.reopen(behind, closed[cut:])
+            ser.set_tail(base_bars, base.behind.last_closed_t, history.base_from)
             ser.last = closed[-1] if closed else None
             ser.forming = None
             done_hi = groups[-1][0].hi if groups else -1
@@ -487,6 +499,7 @@ class History:
         reads: dict[str, list[Bar]] = {}
         base_span: list[Bar] = []
         higher: _HigherHistory | None = None
+        span_lo: int | None = None
         warming = st.warming
         try:
             if warming:
@@ -496,6 +509,9 @@ class History:
                 for ser in todo:
                     reads[ser.tf.name] = await self._history(symbol, ser.tf.name, warm)
                 span_lo = min((b.lo for buckets in dirty.values() for b in buckets), default=None)
+                tail_lo = self._tails_from(st) if st.base in todo else None
+                if tail_lo is not None:
+                    span_lo = tail_lo if span_lo is None else min(span_lo, tail_lo)
                 if span_lo is not None:
                     base_span = await self._history_since(symbol, self.tf.name, span_lo)
         except BaseException:
@@ -512,12 +528,14 @@ class History:
         base = st.base
         owed = self.writer.owed(symbol)
         fixed: list[Bar] = []
-        if dirty:
+        ordered: list[Bar] = []
+        if span_lo is not None:
             known = {b.t: b for b in base_span}
             known.update(owed.get(base.tf.name, {}))
             known.update(base.rebuilding or {})
             newest_base = base.last.t if base.last is not None else -1
             ordered = [known[t] for t in sorted(known) if t <= newest_base and not known[t].forming]
+        if dirty:
             for ser in st.higher:
                 for bucket in sorted(dirty.get(ser.tf.name, ()), key=lambda b: b.lo):
                     holds = ser.grid.holds if ser.grid is not None else None
@@ -537,12 +555,25 @@ class History:
         for ser in todo:
             n = self.open_handles(symbol, ser, reads[ser.tf.name], owed)
             log.info("features rebuilt", extra={"symbol": symbol, "tf": ser.tf.name, "bars": n})
+        if base in todo:
+            for ser in st.higher:
+                ser.set_tail(ordered, base.behind.last_closed_t, 2**62 if span_lo is None else span_lo)
         for ser in st.series:
             ser.rebuilding = None
         if fixed:
             self.store.add(fixed)
             self.writer.defer(fixed)  # the next cycle's final write carries them
             self.completeness.observe(fixed, int(self.clock() * 1000), history=True)
+
+    def _tails_from(self, st: SymbolState) -> int | None:
+        """Where the stored base bars a rebuild reopening the base reads begin, so that
+        each higher series' tail can be set anew (:meth:`Series.set_tail`): the oldest
+        bucket the base's recent bars begin in (they only move on while it reads)."""
+        base = st.base
+        first = base.recent[0] if base.recent else base.last
+        if first is None or not st.higher:
+            return None
+        return min(ser.grid.bucket(first.t).lo for ser in st.higher if ser.grid is not None)
 
     @staticmethod
     def _rebuild_later(st: SymbolState, todo: list[Series], dirty: dict[str, list[Bucket]]) -> None:
@@ -576,9 +607,19 @@ class History:
             last = max([last, window.older.last_before(limit),
                         *(t for t, b in series.items() if t < limit and not b.forming)])
         closed = window.closed(series, last, self.settings.warm_bars)
-        engine = self.engine(symbol, ser.tf)
-        engine.load_arrays(*closed)
-        ser.engine = engine
+        # The newest closed bars held as bars (up to its reach) are kept apart in
+        # ``recent``, the handles on the rest are ``behind`` (Series.reopen).
+        rows, times = closed.rows, closed.t
+        recent: list[Bar] = []
+        while len(recent) < min(ser.reach, rows):
+            b = series.get(int(times[rows - 1 - len(recent)]))
+            if b is None or b.forming:
+                break
+            recent.append(b)
+        recent.reverse()
+        behind = self.engine(symbol, ser.tf)
+        behind.load_arrays(*closed.cut(0, rows - len(recent)))
+        ser.reopen(behind, recent)
         if warm and closed.rows:
             newest_closed = series.get(int(closed.t[-1]))
             if newest_closed is not None and (ser.last is None or newest_closed.t > ser.last.t):

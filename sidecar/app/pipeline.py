@@ -41,7 +41,7 @@ from sidecar.clock import Clock, as_clock
 from sidecar.completeness import Completeness
 from sidecar.features import FeatureEngine
 from sidecar.redis_store import RedisStore
-from sidecar.series import Grid, Series
+from sidecar.series import Grid, Series, reach_of
 from sidecar.settings import Settings
 from sidecar.sources.base import Source, series_grid
 from sidecar.sqlite_store import BarStore
@@ -263,9 +263,11 @@ class Pipeline:
 
     def _series(self, symbol: str) -> list[Series]:
         """The symbol's series, base first, each higher one linked as the next one's ``up``."""
-        out = [Series(symbol, self.tf, self._engine(symbol))]
+        window, base_ms = self.settings.correction_window_bars, self.tf.ms
+        out = [Series(symbol, self.tf, self._engine(symbol), reach=reach_of(window, base_ms, base_ms))]
         for tf, grid in zip(self.timeframes[1:], self.higher_grids[symbol], strict=True):
-            out.append(Series(symbol, tf, self._engine(symbol, tf), grid, self.tf.ms))
+            out.append(Series(symbol, tf, self._engine(symbol, tf), grid, base_ms,
+                              reach=reach_of(window, base_ms, tf.ms)))
         for lower, upper in itertools.pairwise(out[1:]):
             lower.up = upper
         return out
@@ -389,6 +391,7 @@ class Pipeline:
         overlap the write with: the final write carries them, a round trip less.
         """
         to_store: list[Bar] = []
+        fixed: list[Bar] = []  # closed higher bars a correction re-aggregated
         check = self.validator.check
         for sym, bars in answers.items():
             st = self.symbols[sym]
@@ -398,13 +401,18 @@ class Pipeline:
                 if outcome.verdict is Verdict.DUPLICATE or not outcome.bars:
                     continue
                 for accepted in outcome.bars:
-                    to_store.extend(st.apply(accepted, outcome.verdict))
+                    to_store.extend(st.apply(accepted, outcome.verdict, fixed))
         symbols = list(answers)
         cycle.updated += symbols
         features, _ = self.series.features(symbols, now_ms, to_store)
         self.completeness.observe(to_store, now_ms)
         cycle.features += len(features)
         self.stats.bars_accepted += len(to_store)
+        if fixed:
+            # Counted as a rebuild counts them: a bar already received is not counted
+            # again, one a late base bar completes is received but not late.
+            self.completeness.observe(fixed, now_ms, history=True)
+            to_store += fixed
         self.store.add(to_store)
         self.writer.send(cycle.writes, to_store, features, more)
 

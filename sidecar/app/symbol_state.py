@@ -124,16 +124,30 @@ class SymbolState:
             "warming": self.warming,
         }
 
-    def apply(self, bar: Bar, verdict: Verdict) -> list[Bar]:
+    def apply(self, bar: Bar, verdict: Verdict, fixed: list[Bar] | None = None) -> list[Bar]:
         """Fold an accepted bar into the symbol's series; returns the bars to store
-        (higher timeframes' bars that closed with it included)."""
+        (higher timeframes' bars that closed with it included).
+
+        A correction (or a revision of the newest closed bar) is redone in memory where
+        it is within reach (:meth:`correct`); the closed higher bars it changes go to
+        ``fixed`` (to the bars returned if not given). Otherwise the handles are
+        reopened on stored history after the cycle, every higher bar containing it
+        re-aggregated there.
+        """
         base = self.base
         forming = base.forming
         if verdict is Verdict.CORRECTION or (
                 not (forming is not None and bar.t == forming.t)
                 and base.last is not None and bar.t <= base.last.t):
-            # A correction, or a revision of the newest closed bar: values change, the
-            # handles are rebuilt and every higher bar containing it re-aggregated.
+            if not bar.forming and (base.last is None or bar.t > base.last.t) and (
+                    forming is None or bar.t < forming.t):
+                # A closed bar that came after a newer forming one: in order all the same.
+                out = [bar, *self.close(bar)]
+                base.forming = forming
+                return out
+            made: list[Bar] = [] if fixed is None else fixed
+            if self.correct(bar, made):
+                return [bar] if fixed is not None else [bar, *made]
             base.revise(bar)
             if self.higher:
                 self.higher[0].mark_dirty(bar.t)
@@ -158,14 +172,46 @@ class SymbolState:
             stored += self.close(bar)
         return stored
 
+    def correct(self, bar: Bar, fixed: list[Bar]) -> bool:
+        """Redo a correction of a closed base bar in memory, if every series can
+        (:meth:`Series.reaches <sidecar.series.Series.reaches>`, :meth:`Series.regroup
+        <sidecar.series.Series.regroup>`): the base's handles, and the bar of each higher
+        bucket holding it with its handles (a closed bar, added to ``fixed``) or its
+        current aggregate. Returns whether it did: if not, nothing but the base's
+        ``recent`` changed (it holds the corrected bar)."""
+        base = self.base
+        if self.warming or bar.forming or not base.reaches(bar.t):
+            return False
+        base.place(bar)
+        groups = []
+        for ser in self.higher:
+            assert ser.grid is not None
+            if not ser.grid.holds(bar.t):
+                continue
+            group = ser.regroup(base.recent, bar.t)
+            if group is None:
+                return False
+            groups.append((ser, group))
+        base.replay()
+        for ser, group in groups:
+            changed = ser.refold(group)
+            if changed is not None:
+                fixed.append(changed)
+        return True
+
     def close(self, bar: Bar) -> list[Bar]:
         """Commit a closed base bar to the symbol's handles (and to a rebuild in flight)
         and fold it upward; returns the higher bars that closed with it. While the
         symbol warms nothing is folded: warm-up folds the bars applied meanwhile
         (:meth:`~sidecar.app.history.History.fold_up`), with the base bars of each bucket
         it started before."""
-        self.base.close(bar)
-        return self.higher[0].fold(bar) if self.higher and not self.warming else []
+        left = self.base.close(bar)
+        if not self.higher or self.warming:
+            return []
+        if left is not None:
+            for ser in self.higher:
+                ser.leave(left)
+        return self.higher[0].fold(bar)
 
     def advance(self, now_ms: int, out: list[Bar]) -> None:
         """Bring the higher timeframes up to the base's forming bar: close complete

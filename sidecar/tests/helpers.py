@@ -20,15 +20,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgpack
 import numpy as np
 import talib
 
@@ -39,7 +41,7 @@ from sidecar.calendars import MarketCalendar
 from sidecar.errors import ProviderError
 from sidecar.features import FEATURE_FIELDS, session_of
 from sidecar.redis_server import find_redis_server
-from sidecar.redis_store import RedisStore
+from sidecar.redis_store import RedisStore, connect
 from sidecar.settings import IndicatorPeriods, Settings
 from sidecar.sources.base import LatestResult, Source
 from sidecar.sqlite_store import BarStore
@@ -563,6 +565,23 @@ def series(symbol: str, n: int, t0: int, seed: int) -> list[Bar]:
 MINUTE_MS = 60_000
 
 
+@contextlib.asynccontextmanager
+async def fresh_stores(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, BarStore]]:
+    """An emptied ``redis_server`` (prefix ``test``, features that live an hour) and a new
+    SQLite store: for a test that runs many examples on one server (hypothesis)."""
+    client = connect(redis_server.url)
+    await client.flushall()
+    redis_store = RedisStore(client, "test", features_ttl_ms=3_600_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        bar_store = BarStore(Path(tmp) / "bars.sqlite3")
+        await bar_store.open()
+        try:
+            yield redis_store, bar_store
+        finally:
+            await bar_store.close()
+            await redis_store.close()
+
+
 def lasting_store(redis_store: RedisStore, prefix: str) -> RedisStore:
     """A store on ``redis_store``'s Redis under ``prefix`` whose features maps live an hour
     of wall time (the default TTL is shorter than a test that drives a clock for hours)."""
@@ -648,6 +667,124 @@ async def read_events(resp: Any, n: int) -> list[dict[str, Any]]:
             name, _, value = line.partition(": ")
             fields[name] = value
     return events
+
+
+# -- several timeframes on a driven clock ----------------------------------------------
+
+def law(symbol: str, tf: str, t: int, parts: list[Bar], forming: bool = False) -> Bar:
+    """The aggregation law, written out: first open, max high, min low, last close,
+    volumes summed in order (None if any is None)."""
+    v: float | None = 0.0
+    for b in parts:
+        v = None if v is None or b.v is None else v + b.v
+    return Bar(symbol, tf, t, parts[0].o, max(b.h for b in parts), min(b.l for b in parts), parts[-1].c,
+               v, parts[-1].src, forming, any(b.synthetic for b in parts))
+
+
+def same(a: Bar, b: Bar) -> bool:
+    return (a.t, a.o, a.h, a.l, a.c, a.v, a.forming) == (b.t, b.o, b.h, b.l, b.c, b.v, b.forming)
+
+
+def assert_features(fmap: dict[str, object], bars: list[Bar]) -> None:
+    """``fmap`` (one Redis features map) equals TA-Lib batch over ``bars``' last row."""
+    expected = batch_values(bars)
+    for name in FEATURE_FIELDS:
+        want = expected[name][-1]
+        got = fmap[name]
+        if np.isnan(want):
+            assert got is None, f"{bars[-1].tf} {name}: expected null, got {got}"
+        else:
+            assert got == want, f"{bars[-1].tf} {name}: {got!r} != batch {want!r}"
+
+
+class MinuteFeed(Source):
+    """Serves prepared 1m bars: the two minutes before ``now`` closed, the current one
+    forming (a partial version of it), and each correction once."""
+
+    name = "feed"
+
+    def __init__(self, bars: dict[str, dict[int, Bar]]) -> None:
+        self.bars = bars
+        self.extra: dict[str, list[Bar]] = {}
+
+    def correct(self, symbol: str, t: int, dc: float) -> None:
+        old = self.bars[symbol][t]
+        c = old.c + dc
+        new = dataclasses.replace(old, c=c, h=max(old.h, c), l=min(old.l, c), v=None if old.v is None
+                                  else old.v + 1.25)
+        self.bars[symbol][t] = new
+        self.extra.setdefault(symbol, []).append(new)
+
+    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
+        current = now_ms - now_ms % MINUTE_MS
+        out: LatestResult = {}
+        for sym in symbols:
+            own = self.bars.get(sym, {})
+            rows = [own[t] for t in (current - 2 * MINUTE_MS, current - MINUTE_MS) if t in own]
+            rows = sorted(self.extra.pop(sym, []) + rows, key=lambda b: b.t)
+            if current in own:
+                b = own[current]
+                mid = (b.o + b.c) / 2
+                rows.append(dataclasses.replace(b, h=max(b.o, mid), l=min(b.o, mid), c=mid,
+                                                v=None if b.v is None else b.v / 2, forming=True))
+            out[sym] = rows
+        return out
+
+    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
+        return []
+
+
+def walk(symbol: str, ts: list[int], seed: int, volume: bool = True) -> dict[int, Bar]:
+    rng = np.random.default_rng(seed)
+    c = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, len(ts))))
+    o = np.concatenate([[100.0], c[:-1]])
+    vols = rng.uniform(1, 5_000, len(ts))
+    return {t: Bar(symbol, "1m", t, float(o[i]), float(max(o[i], c[i]) * 1.0007),
+                   float(min(o[i], c[i]) * 0.9993), float(c[i]), float(vols[i]) if volume else None, "feed")
+            for i, t in enumerate(ts)}
+
+
+async def features_of(pipe: Pipeline, symbol: str, tf: str) -> dict[str, object]:
+    raw = await pipe.redis.redis.get(pipe.redis.keys.features(tf, symbol))
+    assert raw is not None, (symbol, tf)
+    return dict(msgpack.unpackb(raw))
+
+
+async def check_live(pipe: Pipeline, symbol: str) -> None:
+    """Every timeframe's features in Redis equal batch over its Redis bars (closed, then
+    the one the features are of). The base's forming bar is in its sorted set; a higher
+    forming bar is only in its features map."""
+    for tf in pipe.timeframes:
+        fmap = await features_of(pipe, symbol, tf.name)
+        bars = await pipe.redis.recent_bars(symbol, tf.name, 100_000)
+        closed = [b for b in bars if not b.forming and b.t < int(fmap["t"])]  # type: ignore[call-overload]
+        newest = [b for b in bars if b.t == fmap["t"]]
+        if tf == pipe.timeframes[0] or not fmap["forming"]:
+            assert newest and newest[0].forming == fmap["forming"], (tf.name, fmap["t"])
+            assert same(newest[0], bar_of_features(fmap)), (tf.name, newest[0], fmap)
+        else:
+            assert not newest, (tf.name, newest)
+        assert_features(fmap, [*closed, bar_of_features(fmap)])
+
+
+async def check_forming(pipe: Pipeline, symbol: str) -> int:
+    """Each higher forming bar (its features map) equals the law over its bucket's
+    closed 1m bars in Redis plus the forming 1m bar; returns how many were compared."""
+    n = 0
+    base = await pipe.redis.recent_bars(symbol, "1m", 100_000)
+    forming = [b for b in base if b.forming]
+    closed = [b for b in base if not b.forming]
+    for ser in pipe.symbols[symbol].higher:
+        fmap = await features_of(pipe, symbol, ser.tf.name)
+        if not fmap["forming"]:
+            continue
+        assert ser.grid is not None
+        bucket = ser.grid.bucket(max(b.t for b in forming or closed))
+        parts = [b for b in closed if ser.grid.bucket(b.t).t == bucket.t] + forming[-1:]
+        want = law(symbol, ser.tf.name, bucket.t, parts, forming=True)
+        assert same(bar_of_features(fmap), want), (ser.tf.name, fmap, want)
+        n += 1
+    return n
 
 
 # -- the reference feature series ------------------------------------------------------

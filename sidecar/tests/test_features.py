@@ -371,3 +371,21 @@ def test_columns_last_before_cut_and_join() -> None:
     for parts in ([cols], [cols.cut(0, 2), cols.cut(2, 2), cols.cut(2, 5)], [Columns.empty(), cols]):
         assert_columns(join_columns(parts), cols.t.tolist(), cols.h.tolist(), cols.l.tolist(), cols.c.tolist(),
                        cols.v.tolist())
+
+
+@given(split=st.integers(0, 120), redo=st.integers(0, 12), gap=st.integers(0, 130))
+def test_a_copy_continues_bit_identical_and_leaves_its_original_alone(split: int, redo: int, gap: int) -> None:
+    """An engine copied at any point of a series (warming or not, around a bar without
+    volume and a session boundary) and then advanced over the rest gives what batch gives;
+    the original, advanced no further, still gives its own values (nothing shared)."""
+    bars = make_series(160, t0=T0 + 9 * 3_600_000)
+    bars[gap] = replace(bars[gap], v=None)
+    expected = batch_values(bars)
+    original = FeatureEngine("TEST", "1m", IndicatorPeriods())
+    original.load(bars[:split])
+    before = (original.closed_values, original.prev_macd_hist, original.peek(bars[split]))
+    copy = original.copy()
+    for i in range(split, min(split + redo + 20, len(bars))):
+        assert_row_equal(copy.peek(replace(bars[i], forming=True)), expected, i)
+        assert_row_equal(copy.update(bars[i]), expected, i)
+    assert (original.closed_values, original.prev_macd_hist, original.peek(bars[split])) == before

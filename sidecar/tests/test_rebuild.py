@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,10 +19,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sidecar.app.daemon import repair_round
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
-from sidecar.redis_store import RedisStore, connect
+from sidecar.redis_store import RedisStore
 from sidecar.sources.base import LatestResult
 from sidecar.sqlite_store import BarStore
-from sidecar.tests.helpers import ScriptedSource, assert_row_equal, batch_values, series, settings
+from sidecar.tests.helpers import (
+    ScriptedSource,
+    assert_row_equal,
+    batch_values,
+    fresh_stores,
+    series,
+    settings,
+)
 from sidecar.timeframe import Timeframe
 
 T0 = 1_700_000_000_000
@@ -119,13 +124,15 @@ async def cycle(pipe: Pipeline, source: ScriptedSource, hist: dict[str, list[Bar
 async def test_a_rebuild_held_open_across_cycles_keeps_every_bar(
     redis_store: RedisStore, bar_store: BarStore,
 ) -> None:
-    """Bar 146 is revised in cycle 150; the rebuild's read is held through cycle 154."""
+    """Bar 146 is revised in cycle 150 while a rebuild is due (gap repair asked for
+    one: the correction goes with it); the rebuild's read is held through cycle 154."""
     hist = {s: series(s, 170, T0, seed) for seed, s in enumerate(SYMBOLS)}
     source = ScriptedSource([])
     held = HeldReads(redis_store)
     pipe = Pipeline(settings(), [source], held, bar_store)
     for i in range(150):
         await cycle(pipe, source, hist, i)
+    pipe.history_changed("AAA")
     correction = revised(hist["AAA"][146], 1.01)
     step = cycle_step(hist, 150)
     step["AAA"].insert(0, correction)
@@ -153,6 +160,8 @@ async def test_a_correction_during_a_rebuild_starts_another_and_both_count(
     pipe = Pipeline(settings(), [source], held, bar_store)
     for i in range(60):
         step = cycle_step(hist, i)
+        if i == 50:
+            pipe.history_changed("AAA")  # a rebuild is due: the first correction goes with it
         if i in (50, 52):  # the second correction comes while the first rebuild reads
             step["AAA"].insert(0, revised(hist["AAA"][i - 3], 0.98))
         await cycle(pipe, source, hist, i, step)
@@ -266,17 +275,8 @@ async def test_any_interleaving_of_cycles_corrections_and_rebuilds_keeps_feature
 ) -> None:
     """After every cycle, each symbol with no rebuild in flight has features equal to
     batch on its stored series; at the end, with every read released, all do."""
-    client = connect(redis_server.url)
-    await client.flushall()
-    redis_store = RedisStore(client, "test", features_ttl_ms=3_600_000)
-    with tempfile.TemporaryDirectory() as tmp:
-        bar_store = BarStore(Path(tmp) / "bars.sqlite3")
-        await bar_store.open()
-        try:
-            await _interleave(plan, 40, redis_store, bar_store)
-        finally:
-            await bar_store.close()
-            await redis_store.close()
+    async with fresh_stores(redis_server) as (redis_store, bar_store):
+        await _interleave(plan, 40, redis_store, bar_store)
 
 
 async def _interleave(plan: list[Action], warm: int, redis_store: RedisStore, bar_store: BarStore) -> None:
@@ -362,3 +362,31 @@ async def test_gap_repair_that_cannot_reach_redis_has_it_refilled(
     await pipe.drain(timeout_s=30)
     stored = await redis_store.recent_bars("AAA", "1s", 1_000)
     assert [b.t for b in stored] == [b.t for b in hist["AAA"][:42]]
+
+
+async def test_a_correction_deeper_than_the_cycle_redoes_goes_through_the_rebuild(
+    redis_store: RedisStore, bar_store: BarStore,
+) -> None:
+    """With a correction window of 100 bars, a correction 30 bars back is redone in its
+    cycle; one 80 bars back (past the 64 kept) starts a rebuild, and once it is in the
+    features equal batch again."""
+    hist = {s: series(s, 200, T0, seed) for seed, s in enumerate(SYMBOLS)}
+    source = ScriptedSource([])
+    pipe = Pipeline(settings(correction_window_bars=100), [source], HeldReads(redis_store, held=False),
+                    bar_store)
+    for i in range(150):
+        await cycle(pipe, source, hist, i)
+    step = cycle_step(hist, 150)
+    step["AAA"].insert(0, revised(hist["AAA"][120], 1.02))
+    await cycle(pipe, source, hist, 150, step)
+    assert pipe.symbols["AAA"].rebuilding is None and not pipe.symbols["AAA"].needs_rebuild
+    await assert_features_equal_batch(pipe, redis_store, "AAA")
+    step = cycle_step(hist, 151)
+    step["AAA"].insert(0, revised(hist["AAA"][71], 0.98))
+    await cycle(pipe, source, hist, 151, step)
+    assert pipe.symbols["AAA"].rebuilding is not None  # the rebuild reads
+    await settle(pipe)
+    await cycle(pipe, source, hist, 152)
+    assert pipe.validator.rejected == {}
+    for sym in SYMBOLS:
+        await assert_features_equal_batch(pipe, redis_store, sym)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-import msgpack
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,21 +23,25 @@ import pytest
 from sidecar.app.pipeline import Pipeline
 from sidecar.bar import Bar
 from sidecar.calendars import get_calendar
-from sidecar.features import FEATURE_FIELDS
 from sidecar.redis_store import RedisStore
 from sidecar.series import Grid
-from sidecar.sources.base import LatestResult, Source
 from sidecar.sources.polygon import parse_aggs
 from sidecar.sources.yahoo import parse_chart
 from sidecar.sqlite_store import BarStore
 from sidecar.tests.fake_providers import fixture
 from sidecar.tests.helpers import (
     Clock,
-    bar_of_features,
-    batch_values,
+    MinuteFeed,
+    assert_features,
+    check_forming,
+    check_live,
     cycle_at,
     driven_pipeline,
+    features_of,
     lasting_store,
+    law,
+    same,
+    walk,
 )
 from sidecar.timeframe import Timeframe
 
@@ -85,16 +88,6 @@ def oracle_buckets(calendar: str | None, tf: Timeframe, ts: Sequence[int]) -> di
     return out
 
 
-def law(symbol: str, tf: str, t: int, parts: list[Bar], forming: bool = False) -> Bar:
-    """The aggregation law, written out: first open, max high, min low, last close,
-    volumes summed in order (None if any is None)."""
-    v: float | None = 0.0
-    for b in parts:
-        v = None if v is None or b.v is None else v + b.v
-    return Bar(symbol, tf, t, parts[0].o, max(b.h for b in parts), min(b.l for b in parts), parts[-1].c,
-               v, parts[-1].src, forming, any(b.synthetic for b in parts))
-
-
 def expected_bars(symbol: str, calendar: str | None, tf: Timeframe, base: list[Bar]) -> dict[int, Bar]:
     """Stamp -> the law over ``base`` (closed, oldest first) per oracle bucket."""
     stamps = oracle_buckets(calendar, tf, [b.t for b in base])
@@ -102,94 +95,6 @@ def expected_bars(symbol: str, calendar: str | None, tf: Timeframe, base: list[B
     for b in base:
         groups.setdefault(stamps[b.t], []).append(b)
     return {t: law(symbol, tf.name, t, parts) for t, parts in groups.items()}
-
-
-def same(a: Bar, b: Bar) -> bool:
-    return (a.t, a.o, a.h, a.l, a.c, a.v, a.forming) == (b.t, b.o, b.h, b.l, b.c, b.v, b.forming)
-
-
-def assert_features(fmap: dict[str, object], bars: list[Bar]) -> None:
-    """``fmap`` (one Redis features map) equals TA-Lib batch over ``bars``' last row."""
-    expected = batch_values(bars)
-    for name in FEATURE_FIELDS:
-        want = expected[name][-1]
-        got = fmap[name]
-        if np.isnan(want):
-            assert got is None, f"{bars[-1].tf} {name}: expected null, got {got}"
-        else:
-            assert got == want, f"{bars[-1].tf} {name}: {got!r} != batch {want!r}"
-
-
-# -- a feed on a driven clock ------------------------------------------------------------
-
-class MinuteFeed(Source):
-    """Serves prepared 1m bars: the two minutes before ``now`` closed, the current one
-    forming (a partial version of it), and each correction once."""
-
-    name = "feed"
-
-    def __init__(self, bars: dict[str, dict[int, Bar]]) -> None:
-        self.bars = bars
-        self.extra: dict[str, list[Bar]] = {}
-
-    def correct(self, symbol: str, t: int, dc: float) -> None:
-        old = self.bars[symbol][t]
-        c = old.c + dc
-        new = dataclasses.replace(old, c=c, h=max(old.h, c), l=min(old.l, c), v=None if old.v is None
-                                  else old.v + 1.25)
-        self.bars[symbol][t] = new
-        self.extra.setdefault(symbol, []).append(new)
-
-    async def fetch_latest(self, symbols: Sequence[str], tf: Timeframe, now_ms: int) -> LatestResult:
-        current = now_ms - now_ms % MIN
-        out: LatestResult = {}
-        for sym in symbols:
-            own = self.bars.get(sym, {})
-            rows = [own[t] for t in (current - 2 * MIN, current - MIN) if t in own]
-            rows = sorted(self.extra.pop(sym, []) + rows, key=lambda b: b.t)
-            if current in own:
-                b = own[current]
-                mid = (b.o + b.c) / 2
-                rows.append(dataclasses.replace(b, h=max(b.o, mid), l=min(b.o, mid), c=mid,
-                                                v=None if b.v is None else b.v / 2, forming=True))
-            out[sym] = rows
-        return out
-
-    async def fetch_history(self, symbol: str, tf: Timeframe, start_ms: int, end_ms: int) -> list[Bar]:
-        return []
-
-
-def walk(symbol: str, ts: list[int], seed: int, volume: bool = True) -> dict[int, Bar]:
-    rng = np.random.default_rng(seed)
-    c = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, len(ts))))
-    o = np.concatenate([[100.0], c[:-1]])
-    vols = rng.uniform(1, 5_000, len(ts))
-    return {t: Bar(symbol, "1m", t, float(o[i]), float(max(o[i], c[i]) * 1.0007),
-                   float(min(o[i], c[i]) * 0.9993), float(c[i]), float(vols[i]) if volume else None, "feed")
-            for i, t in enumerate(ts)}
-
-
-async def features_of(pipe: Pipeline, symbol: str, tf: str) -> dict[str, object]:
-    raw = await pipe.redis.redis.get(pipe.redis.keys.features(tf, symbol))
-    assert raw is not None, (symbol, tf)
-    return dict(msgpack.unpackb(raw))
-
-
-async def check_live(pipe: Pipeline, symbol: str) -> None:
-    """Every timeframe's features in Redis equal batch over its Redis bars (closed, then
-    the one the features are of). The base's forming bar is in its sorted set; a higher
-    forming bar is only in its features map."""
-    for tf in pipe.timeframes:
-        fmap = await features_of(pipe, symbol, tf.name)
-        bars = await pipe.redis.recent_bars(symbol, tf.name, 100_000)
-        closed = [b for b in bars if not b.forming and b.t < int(fmap["t"])]  # type: ignore[call-overload]
-        newest = [b for b in bars if b.t == fmap["t"]]
-        if tf == pipe.timeframes[0] or not fmap["forming"]:
-            assert newest and newest[0].forming == fmap["forming"], (tf.name, fmap["t"])
-            assert same(newest[0], bar_of_features(fmap)), (tf.name, newest[0], fmap)
-        else:
-            assert not newest, (tf.name, newest)
-        assert_features(fmap, [*closed, bar_of_features(fmap)])
 
 
 # -- the tests ---------------------------------------------------------------------------
@@ -306,26 +211,6 @@ async def test_higher_timeframes_follow_the_law_with_corrections_and_forming_bar
     assert hours == [ms(f"2024-11-29T{h}:30:00-05:00") for h in ("09", "10", "11", "12")]
     days = [b.t for b in await bar_store.bars_between("AAPL", "1d", 0, 2**62)]
     assert days == [ms("2024-11-29T00:00:00Z"), ms("2024-12-02T00:00:00Z")]
-
-
-async def check_forming(pipe: Pipeline, symbol: str) -> int:
-    """Each higher forming bar (its features map) equals the law over its bucket's
-    closed 1m bars in Redis plus the forming 1m bar; returns how many were compared."""
-    n = 0
-    base = await pipe.redis.recent_bars(symbol, "1m", 100_000)
-    forming = [b for b in base if b.forming]
-    closed = [b for b in base if not b.forming]
-    for ser in pipe.symbols[symbol].higher:
-        fmap = await features_of(pipe, symbol, ser.tf.name)
-        if not fmap["forming"]:
-            continue
-        assert ser.grid is not None
-        bucket = ser.grid.bucket(max(b.t for b in forming or closed))
-        parts = [b for b in closed if ser.grid.bucket(b.t).t == bucket.t] + forming[-1:]
-        want = law(symbol, ser.tf.name, bucket.t, parts, forming=True)
-        assert same(bar_of_features(fmap), want), (ser.tf.name, fmap, want)
-        n += 1
-    return n
 
 
 async def test_provider_fixtures_against_the_daemons_aggregation(
@@ -515,9 +400,10 @@ async def test_warm_up_in_the_background_folds_the_base_into_every_timeframe(
 async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_bar(
     redis_store: RedisStore, bar_store: BarStore, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A correction re-aggregates closed 5m/15m bars; the rebuild's reads are held
-    while cycles close more 1m, 5m and 15m bars. Once released, every timeframe's
-    features equal TA-Lib batch on its stored series and every bar equals the law."""
+    """A correction while a rebuild is due (gap repair asked for one) re-aggregates
+    closed 5m/15m bars in that rebuild; its reads are held while cycles close more 1m,
+    5m and 15m bars. Once released, every timeframe's features equal TA-Lib batch on
+    its stored series and every bar equals the law."""
     caplog.set_level(logging.INFO, logger="sidecar.pipeline")
     start = ms("2024-12-02T00:00:00Z")
     ts = list(range(start, start + 6 * 3_600_000, MIN))
@@ -531,6 +417,7 @@ async def test_a_higher_timeframe_rebuild_held_open_across_cycles_keeps_every_ba
         await cycle_at(pipe, clock, t + 1_000)
     await pipe.drain(timeout_s=30)
     store.held = True
+    pipe.history_changed("BTCUSD")
     feed.correct("BTCUSD", t - 8 * MIN, -0.33)  # its 5m bar closed, maybe its 15m too
     t += MIN
     await cycle_at(pipe, clock, t + 1_000)
