@@ -1,8 +1,8 @@
 """The 1-second cycle: it only orchestrates its stages.
 
 router -> validation -> series -> writer. Each answered request is taken as it arrives
-(:meth:`Pipeline._take`) while the other requests are in flight: the
-:class:`~sidecar.app.router.Router` yields it, the :class:`~sidecar.validation.Validator`
+(:meth:`Pipeline._take`, a slice of its symbols at a time) while the other requests
+are in flight: the :class:`~sidecar.app.router.Router` yields it, the :class:`~sidecar.validation.Validator`
 checks its bars, each symbol's :class:`~sidecar.app.symbol_state.SymbolState` applies
 them to its series (forming-bar revision, close, correction, fold into the higher
 timeframes), its features are packed and the :class:`~sidecar.app.writer.RedisWriter`

@@ -1,10 +1,11 @@
 """Where the cycle's writes go out to Redis, and what Redis still lacks.
 
-The :class:`RedisWriter` sends each answered request's bars and features as soon as
-they are ready (:meth:`RedisWriter.send`: one script call, not awaited by the cycle),
-then one final write per cycle (:meth:`RedisWriter.finish`) that carries the bars
-Redis still lacks (the backlog), the features not yet written, the heartbeat and the
-cycle announcement, published once everything it names is stored.
+The :class:`RedisWriter` sends each answered slice's bars and features as soon as
+they are ready (:meth:`RedisWriter.send`: script calls of at most
+:data:`WRITE_PIECE_FEATURES` maps, not awaited by the cycle), then one final write per
+cycle (:meth:`RedisWriter.finish`) that carries the bars Redis still lacks (the
+backlog), the features not yet written, the heartbeat and the cycle announcement,
+published once everything it names is stored.
 
 While Redis fails, bars wait in the backlog (bounded by :data:`MAX_REDIS_BACKLOG`; the
 oldest are left to SQLite). Redis is refilled from SQLite, only what differs (see
