@@ -197,8 +197,8 @@ class Series:
     __slots__ = ("_done_hi", "_forming_bucket", "_peek_bar", "_peek_engine", "_peek_t", "_peek_values",
                  "_view_acc", "_view_base", "_view_done_hi", "_view_out", "acc", "base_ms", "behind",
                  "bucket", "dirty", "engine", "forming", "grid", "last", "n_base", "needs_rebuild", "packed",
-                 "reach", "rebuilding", "recent", "symbol", "tail_blind", "tail_bucket", "tail_h",
-                 "tail_known", "tail_l", "tail_n", "tail_o", "tail_syn", "tail_v", "tf", "up")
+                 "reach", "rebuilding", "recent", "symbol", "tail_acc", "tail_blind", "tail_bucket", "tail_n",
+                 "tf", "up")
 
     def __init__(self, symbol: str, tf: Timeframe, engine: FeatureEngine, grid: Grid | None = None,
                  base_ms: int = 0, reach: int = 1) -> None:
@@ -215,16 +215,12 @@ class Series:
         #: correction inserted a missing bar).
         self.recent: deque[Bar] = deque()
         self.reach = reach
-        #: Above the base: the bucket of the newest base bar that left the base's ``recent``,
-        #: how many of its base bars left it and, if ``tail_known`` (see ``tail_blind``),
-        #: their aggregate's open, high, low, volume and synthetic flag (kept as values:
-        #: every base bar that leaves updates them).
+        #: Above the base: the bucket of the newest base bar that left the base's ``recent``
+        #: and the aggregate of that bucket's base bars that left it (``None``: not known,
+        #: see ``tail_blind``), and how many they are.
         self.tail_bucket: Bucket | None = None
+        self.tail_acc: Bar | None = None
         self.tail_n = 0
-        self.tail_known = False
-        self.tail_o = self.tail_h = self.tail_l = 0.0
-        self.tail_v: float | None = None
-        self.tail_syn = False
         #: Base bars up to this open time may have left the base's ``recent`` unseen here
         #: (history read at start or in a rebuild): a bucket reaching back to it has no known tail.
         self.tail_blind = -1
@@ -353,29 +349,14 @@ class Series:
             return
         tb = self.tail_bucket
         if tb is not None and tb.lo <= base.t < tb.hi:
+            if self.tail_acc is not None:
+                self.tail_acc = _merge(self.tail_acc, base, False)
             self.tail_n += 1
-            if self.tail_known:
-                if base.h > self.tail_h:
-                    self.tail_h = base.h
-                if base.l < self.tail_l:
-                    self.tail_l = base.l
-                v = self.tail_v
-                self.tail_v = None if v is None or base.v is None else v + base.v
-                if base.synthetic:
-                    self.tail_syn = True
             return
         tb = self.tail_bucket = grid.bucket(base.t)
-        self._start_tail([base], tb.lo > self.tail_blind)
-
-    def _start_tail(self, parts: Sequence[Bar], known: bool) -> None:
-        """The tail is ``parts`` (the base bars of ``tail_bucket`` that left, oldest first),
-        their aggregate ``known`` or not."""
-        self.tail_n = len(parts)
-        self.tail_known = known
-        if known:
-            agg = aggregate(self.symbol, self.tf.name, 0, parts)
-            self.tail_o, self.tail_h, self.tail_l, self.tail_v = agg.o, agg.h, agg.l, agg.v
-            self.tail_syn = agg.synthetic
+        known = tb.lo > self.tail_blind
+        self.tail_acc = aggregate(self.symbol, self.tf.name, tb.t, [base]) if known else None
+        self.tail_n = 1
 
     def set_tail(self, base: Sequence[Bar], floor: int | None, known_from: int) -> None:
         """Set the tail from ``base`` (closed base bars, oldest first: every stored one from
@@ -383,7 +364,7 @@ class Series:
         base bar before it; ``None``: none)."""
         grid = self.grid
         assert grid is not None
-        self.tail_bucket, self.tail_n, self.tail_known = None, 0, False
+        self.tail_bucket, self.tail_acc, self.tail_n = None, None, 0
         if floor is None:
             self.tail_blind = -1
             return
@@ -393,7 +374,10 @@ class Series:
             return
         self.tail_blind = known_from - 1
         tb = self.tail_bucket = grid.bucket(left[-1].t)
-        self._start_tail([b for b in left if b.t >= tb.lo], tb.lo > self.tail_blind)
+        parts = [b for b in left if b.t >= tb.lo]
+        self.tail_n = len(parts)
+        if tb.lo > self.tail_blind:
+            self.tail_acc = aggregate(self.symbol, self.tf.name, tb.t, parts)
 
     def regroup(self, base_recent: Iterable[Bar], t_ms: int) -> Regroup | None:
         """The bucket of the base bar opening at ``t_ms`` (held here, :meth:`Grid.holds`)
@@ -408,13 +392,9 @@ class Series:
         n = 0
         tb = self.tail_bucket
         if tb is not None and tb.lo == b.lo:
-            if not self.tail_known:
+            if self.tail_acc is None:
                 return None
-            # Close and source are the last base bar's, and one of the bucket's is in
-            # ``base_recent`` (the corrected one): the tail's are never read.
-            o = self.tail_o
-            parts.append(Bar(self.symbol, self.tf.name, b.t, o, self.tail_h, self.tail_l, o, self.tail_v, "",
-                             False, self.tail_syn))
+            parts.append(self.tail_acc)
             n = self.tail_n
         elif tb is None and b.lo <= self.tail_blind:
             return None
