@@ -15,6 +15,7 @@ and the volume average are ``None`` for bars without volume.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -68,9 +69,7 @@ class _Indicator:
 
     def copy(self) -> _Indicator:
         """This indicator with its handle copied (the rest is shared: never mutated)."""
-        twin = _Indicator.__new__(_Indicator)
-        twin.name, twin.inputs, twin.factory, twin.batch = self.name, self.inputs, self.factory, self.batch
-        twin.kwargs, twin.multi, twin.lookback = self.kwargs, self.multi, self.lookback
+        twin = copy.copy(self)
         twin.handle = None if self.handle is None else self.handle.copy()
         return twin
 
@@ -267,20 +266,13 @@ class FeatureEngine:
         """An independent engine in the same state: every handle copied (TA-Lib's stream
         handles continue bit-identically from a copy), the warming history and the
         newest closed values with them. Updating one leaves the other as it was."""
-        twin = FeatureEngine.__new__(FeatureEngine)
-        twin.symbol, twin.tf = self.symbol, self.tf
-        twin._sessions, twin._anchor_ms = self._sessions, self._anchor_ms
+        twin = copy.copy(self)  # the immutable state shared, what changes copied below
         twin._ind = [ind.copy() for ind in self._ind]
         twin._volma = twin._ind[self._ind.index(self._volma)]
-        twin._warming = self._warming
         twin._hist_h, twin._hist_l = self._hist_h[:], self._hist_l[:]
         twin._hist_c, twin._hist_v = self._hist_c[:], self._hist_v[:]
         twin._vwap = None if self._vwap is None else self._vwap.copy()
-        twin._session, twin._session_lo, twin._session_hi = self._session, self._session_lo, self._session_hi
-        twin.last_closed_t = self.last_closed_t
         twin.closed_values = self.closed_values[:]
-        twin.prev_macd_hist = self.prev_macd_hist
-        twin._fast = None
         twin._refresh_fast()
         return twin
 
