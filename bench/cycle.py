@@ -13,7 +13,9 @@ them, writes Redis (an EVALSHA per piece of each answer) and the SQLite buffer (
 every 10 s in the background) and updates the features.
 
 Like the daemon, N >= 500 runs the parse worker (``SIDECAR_PARSE_PROCESS=auto``; the
-variable set for the benchmark decides as it would for the daemon).
+variable set for the benchmark decides as it would for the daemon). After warm-up the
+heap is advised onto huge pages as the daemon does (``sidecar/huge_pages.py``;
+``SIDECAR_HUGE_PAGES=off`` measures without).
 
 Measured per N: cycle time p50/p99/max (``Pipeline.stats``; the first cycle after
 warm-up, the start-up's, apart), CPU time per symbol per
@@ -58,6 +60,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceCircuits
     from sidecar.gc_tuning import settle_gc
+    from sidecar.huge_pages import HugePages
     from sidecar.parse_worker import process_cpu_s, start_for
     from sidecar.provider_settings import ProviderSettings
     from sidecar.rate_budget import RateBudget
@@ -73,11 +76,12 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     symbols = tuple(fake_market.symbol_name(i) for i in range(n))
     tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-cycle-")
     data = Path(tmp.name)
-    env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS, as the daemon reads it
+    env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS and _HUGE_PAGES, as the daemon reads them
     tfs = sorted((Timeframe.parse(x) for x in timeframes.split(",")), key=lambda tf: tf.ms)
     settings = Settings(symbols=symbols, sources=("twelvedata",), redis_url=redis_url, data_dir=data,
                         timeframe=tfs[0], higher_timeframes=tuple(tfs[1:]),
                         warm_bars=HISTORY_BARS, parse_process=env_settings.parse_process,
+                        huge_pages=env_settings.huge_pages,
                         market_hours=False)  # the full load at whatever hour it runs
     provider = ProviderSettings(twelvedata_api_key="bench-key", twelvedata_base_url=market_url,
                                 twelvedata_credits_per_minute=batch, http_pool_size=20)
@@ -117,6 +121,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     await pipeline.warm(int(time.time() * 1000))
     warm_s = time.perf_counter() - setup_started
     settle_gc()  # as Daemon.run does after warm-up
+    advice = HugePages(settings.huge_pages).advise()  # as the daemon does once warm-up is done
 
     ticker = SecondTicker()
     durations: list[float] = []
@@ -173,6 +178,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         "missed_ticks": ticker.missed, "lateness_ms": summary(lateness),
         "rss_mb": {"start": rss_start, "end": rss_samples[-1], "max": max(rss_samples)},
         "warm_s": warm_s,
+        "huge_pages": None if advice is None else dataclasses.asdict(advice),
         "bars_accepted": pipeline.stats.bars_accepted,
         "bars_accepted_per_cycle": pipeline.stats.bars_accepted / max(1, len(durations)),
         "rejected": dict(pipeline.validator.rejected), "duplicates": pipeline.validator.duplicates,
