@@ -64,7 +64,10 @@ class SymbolState:
     @property
     def needs_rebuild(self) -> bool:
         """Some series' older closed bars changed (a correction, gap repair)."""
-        return any(s.needs_rebuild for s in self.series)
+        for ser in self.series:  # asked of every symbol after every cycle: no generator
+            if ser.needs_rebuild:
+                return True
+        return False
 
     @property
     def rebuilding(self) -> dict[int, Bar] | None:
