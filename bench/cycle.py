@@ -13,16 +13,16 @@ them, writes Redis (an EVALSHA per piece of each answer) and the SQLite buffer (
 every 10 s in the background) and updates the features.
 
 Like the daemon, N >= 500 runs the parse worker (``SIDECAR_PARSE_PROCESS=auto``; the
-variable set for the benchmark decides as it would for the daemon). After warm-up the
-heap is advised onto huge pages as the daemon does (``sidecar/huge_pages.py``;
-``SIDECAR_HUGE_PAGES=off`` measures without).
+variable set for the benchmark decides as it would for the daemon).
 
 Measured per N: cycle time p50/p99/max (``Pipeline.stats``; the first cycle after
 warm-up, the start-up's, apart), CPU time per symbol per
 cycle (the whole process: event loop, aiosqlite thread; and the parse worker's, from
 ``/proc/<pid>/stat``, counted separately and added up; the redis-server's, from ``INFO
-cpu``), missed ticks, tick lateness, RSS at start and end of the run, the load average
-at the end. A PNG plots cycle time vs N.
+cpu``), the time of the cycle's features stage (``SeriesStage.features``: every symbol's
+higher series brought up to the base, every forming bar peeked, every map packed), missed
+ticks, tick lateness, RSS at start and end of the run, the load average at the end. A PNG
+plots cycle time vs N.
 
     .venv/bin/python -m bench.cycle [--smoke] [--sizes 100,500] [--seconds 20]
     .venv/bin/python -m bench.cycle --soak      # 5,000 symbols for 5 minutes
@@ -60,7 +60,6 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceCircuits
     from sidecar.gc_tuning import settle_gc
-    from sidecar.huge_pages import HugePages
     from sidecar.parse_worker import process_cpu_s, start_for
     from sidecar.provider_settings import ProviderSettings
     from sidecar.rate_budget import RateBudget
@@ -76,12 +75,11 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     symbols = tuple(fake_market.symbol_name(i) for i in range(n))
     tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-cycle-")
     data = Path(tmp.name)
-    env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS and _HUGE_PAGES, as the daemon reads them
+    env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS, as the daemon reads it
     tfs = sorted((Timeframe.parse(x) for x in timeframes.split(",")), key=lambda tf: tf.ms)
     settings = Settings(symbols=symbols, sources=("twelvedata",), redis_url=redis_url, data_dir=data,
                         timeframe=tfs[0], higher_timeframes=tuple(tfs[1:]),
                         warm_bars=HISTORY_BARS, parse_process=env_settings.parse_process,
-                        huge_pages=env_settings.huge_pages,
                         market_hours=False)  # the full load at whatever hour it runs
     provider = ProviderSettings(twelvedata_api_key="bench-key", twelvedata_base_url=market_url,
                                 twelvedata_credits_per_minute=batch, http_pool_size=20)
@@ -97,6 +95,8 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     store = BarStore(settings.sqlite_file)
     await store.open()
     pipeline = Pipeline(settings, [source], redis_store, store, circuits)
+    # The features stage's own time in each cycle (every call, answers' and the rest's).
+    timed = pipeline.series = TimedStage(pipeline.series)  # type: ignore[assignment]
     now = int(time.time() * 1000)
     base_start = now - now % 60_000 - HISTORY_BARS * 60_000
     for i in range(n):  # history that the fake market continues exactly
@@ -121,11 +121,11 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     await pipeline.warm(int(time.time() * 1000))
     warm_s = time.perf_counter() - setup_started
     settle_gc()  # as Daemon.run does after warm-up
-    advice = HugePages(settings.huge_pages).advise()  # as the daemon does once warm-up is done
 
     ticker = SecondTicker()
     durations: list[float] = []
     cpu_per_symbol_us: list[float] = []
+    stage_ms: list[float] = []
     worker_cpu_us: list[float] = []
     lateness: list[float] = []
     rss_start = rss_mb()
@@ -147,6 +147,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         assert tick is not None
         lateness.append(ticker.lateness_ms)
         cpu0 = time.process_time()
+        timed.seconds = 0.0
         wcpu0 = process_cpu_s(worker.pid) if worker is not None and worker.pid else None
         await pipeline.run_cycle(tick)
         cpu_per_symbol_us.append((time.process_time() - cpu0) / n * 1e6)
@@ -155,6 +156,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
             if wcpu1 is not None:
                 worker_cpu_us.append((wcpu1 - wcpu0) / n * 1e6)
         durations.append(pipeline.stats.last_duration_ms)
+        stage_ms.append(timed.seconds * 1000)
         rss_samples.append(rss_mb())
     redis_cpu_us = (await _redis_cpu_s(client) - redis_cpu0) / max(1, len(durations)) / n * 1e6
     await pipeline.drain()
@@ -170,6 +172,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         "cycle_ms": summary(durations), "cycle_ms_each": [round(d, 1) for d in durations],
         "first_cycle_ms": round(first_cycle_ms, 1),
         "cpu_us_per_symbol": summary(cpu_per_symbol_us),
+        "features_stage_ms": summary(stage_ms),
         "parse_worker": worker_status,
         "worker_cpu_us_per_symbol_mean": worker_mean,
         "daemon_cpu_us_per_symbol_mean": sum(cpu_per_symbol_us) / max(1, len(cpu_per_symbol_us)),
@@ -178,7 +181,6 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         "missed_ticks": ticker.missed, "lateness_ms": summary(lateness),
         "rss_mb": {"start": rss_start, "end": rss_samples[-1], "max": max(rss_samples)},
         "warm_s": warm_s,
-        "huge_pages": None if advice is None else dataclasses.asdict(advice),
         "bars_accepted": pipeline.stats.bars_accepted,
         "bars_accepted_per_cycle": pipeline.stats.bars_accepted / max(1, len(durations)),
         "rejected": dict(pipeline.validator.rejected), "duplicates": pipeline.validator.duplicates,
@@ -190,6 +192,25 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     await redis_store.close()
     tmp.cleanup()
     return out
+
+
+class TimedStage:
+    """A pipeline's :class:`~sidecar.app.symbol_state.SeriesStage` that adds up the time
+    its ``features`` calls take (every symbol's fold, peeks and packed maps)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+        self.seconds = 0.0
+
+    def features(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.stage.features(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stage, name)
 
 
 async def _redis_cpu_s(client: Any) -> float:
@@ -295,12 +316,13 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     rows = [[x["symbols"], x.get("timeframes", "1m"), x["cycles"],
              x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"], x.get("first_cycle_ms", "—"),
-             x["cpu_us_per_symbol"]["p50"], *_worker_cells(x), _redis_cell(x), x["missed_ticks"],
+             x["cpu_us_per_symbol"]["p50"], x.get("features_stage_ms", {}).get("p50", "—"),
+             *_worker_cells(x), _redis_cell(x), x["missed_ticks"],
              x["lateness_ms"]["p99"], x.get("market_cpu_ms_per_cycle", "—"),
              f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
              x["source_errors"]] for x in [*r["runs"], *r.get("multi_tf", [])]]
     return table(["symbols", "timeframes", "cycles", "p50 ms", "p99 ms", "max ms", "first cycle ms",
-                  "daemon CPU µs/symbol",
+                  "daemon CPU µs/symbol", "features stage p50 ms",
                   "worker CPU µs/symbol", "daemon + worker mean", "Redis CPU µs/symbol", "missed ticks",
                   "tick late p99 ms", "fake market CPU ms/cycle", "RSS MB", "bars/cycle",
                   "source errors"], rows)

@@ -107,9 +107,6 @@ DOCS: dict[str, Doc] = {
                                   "beyond its planned refresh interval"),
     "SIDECAR_PARSE_PROCESS": Doc("parse Twelve Data's batch answers in a second process (`auto`: from "
                                  "500 symbols; docs/operations.md, \"The parse worker\")"),
-    "SIDECAR_HUGE_PAGES": Doc("after warm-up, ask the kernel to back the heap with transparent huge "
-                              "pages (`auto`: where its mode is `madvise` or `always`; docs/operations.md, "
-                              "\"Huge pages\")"),
     "SIDECAR_SIM_SEED": Doc("seed of the `sim` market"),
     "SIDECAR_LOG_FORMAT": Doc("log lines: `auto` is JSON off a terminal"),
     "SIDECAR_LOG_LEVEL": Doc("lowest level logged"),

@@ -236,8 +236,6 @@ class Settings:
     stale_after_ms: int = 5_000
     #: Parse provider answers in a second process: auto (from 500 symbols), on, off.
     parse_process: str = "auto"
-    #: Ask the kernel for huge pages for the heap after warm-up (sidecar/huge_pages.py).
-    huge_pages: bool = True
     # sources
     sim_seed: int = 42
     replay_file: Path | None = None
@@ -403,7 +401,6 @@ class Settings:
             fetch_timeout_s=r.number("SIDECAR_FETCH_TIMEOUT_S", 0.8, low=0.05, high=60.0),
             stale_after_ms=r.integer("SIDECAR_STALE_AFTER_MS", 5_000, low=500, high=86_400_000),
             parse_process=r.choice("SIDECAR_PARSE_PROCESS", "auto", ("auto", "on", "off")),
-            huge_pages=r.choice("SIDECAR_HUGE_PAGES", "auto", ("auto", "off")) == "auto",
             sim_seed=r.integer("SIDECAR_SIM_SEED", 42, low=0, high=2**63 - 1),
             replay_file=replay_file,
             replay_speed=r.number("SIDECAR_REPLAY_SPEED", 1.0, low=0.01, high=10_000.0),

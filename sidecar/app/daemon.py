@@ -41,7 +41,6 @@ from sidecar.breaker import SourceCircuits
 from sidecar.clock import Clock, WallClock, iso_ms
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
-from sidecar.huge_pages import HugePages
 from sidecar.parse_worker import ParseWorker, start_for
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
@@ -66,8 +65,6 @@ REDIS_IDENTITY_EVERY_S = 1.0
 REDIS_WATCH_EVERY_S = 0.25
 REDIS_RESTART_MIN_S = 0.5
 REDIS_RESTART_MAX_S = 10.0
-#: How often the memory taken since the last huge-page advice is advised (sidecar/huge_pages.py).
-HUGE_PAGES_EVERY_S = 600.0
 GAP_REPAIR_EVERY_S = 60.0
 #: Gap repair only spends budgets that sustain at least one request a minute, so it
 #: never eats the few daily requests of a source like Alpha Vantage (25/day).
@@ -308,8 +305,7 @@ class Daemon:
         pipeline = Pipeline(s, sources, redis_store, store, circuits, symbol_map=symbol_map,
                             clock=clock)
         ticker = SecondTicker(clock=clock)
-        huge_pages = HugePages(s.huge_pages)
-        view = DaemonView(pipeline, ticker, parse_worker=parse_worker, huge_pages=huge_pages)
+        view = DaemonView(pipeline, ticker, parse_worker=parse_worker)
         self.parse_worker = parse_worker
         api = ReadApi.from_settings(configured, signal_rules)
         stack.push_async_callback(api.close)  # after the server: its streams end first
@@ -344,8 +340,6 @@ class Daemon:
         self._spawn(self._retention(store))
         self._spawn(self._repair_gaps(pipeline, sources, store, redis_store))
         self._spawn(self._count_completeness(pipeline, store))
-        if huge_pages.active:
-            self._spawn(self._advise_huge_pages(pipeline, huge_pages))
         self._replay = replay
         return pipeline, ticker, view
 
@@ -458,30 +452,6 @@ class Daemon:
                 await recount_completeness(pipeline, store, sym, int(self.clock() * 1000))
         except Exception as exc:
             log.error("completeness count failed", extra={"error": str(exc)})
-
-    async def _advise_huge_pages(self, pipeline: Pipeline, huge_pages: HugePages) -> None:
-        """Once warm-up has built the series, and every :data:`HUGE_PAGES_EVERY_S` after
-        for the memory taken since, advise the kernel to back the heap with huge pages
-        (:class:`~sidecar.huge_pages.HugePages`), between cycles, in a thread."""
-        while pipeline.warmup.finished_ms is None:
-            if await self._stopping_within(1.0):
-                return
-        first = True
-        while not self.should_exit.is_set():
-            await foreground.wait_idle()
-            try:
-                advice = await asyncio.to_thread(huge_pages.advise)
-            except OSError as exc:
-                log.warning("huge pages not advised", extra={"error": str(exc)})
-                return
-            if advice is not None and (first or advice.mappings):
-                log.info("heap advised onto huge pages", extra={
-                    "mappings": advice.mappings, "advised_mib": advice.advised_bytes >> 20,
-                    "refused": advice.refused, "seconds": advice.seconds,
-                    "huge_mib": None if advice.huge_bytes is None else advice.huge_bytes >> 20})
-            first = False
-            if await self._stopping_within(HUGE_PAGES_EVERY_S):
-                return
 
     async def _watch_redis_identity(self, pipeline: Pipeline) -> None:
         """Notice a Redis that restarted under us (its ``run_id`` changed): it may have

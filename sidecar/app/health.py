@@ -19,7 +19,6 @@ from typing import Any
 
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.ticker import SecondTicker
-from sidecar.huge_pages import HugePages
 from sidecar.parse_worker import ParseWorker
 
 log = logging.getLogger("sidecar.health")
@@ -105,8 +104,7 @@ def warmup_report(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
-                  parse_worker: ParseWorker | None = None,
-                  huge_pages: HugePages | None = None) -> dict[str, Any]:
+                  parse_worker: ParseWorker | None = None) -> dict[str, Any]:
     """``/health`` JSON: status ok/degraded/down with the reasons behind it."""
     now_ms = int(pipeline.clock() * 1000)
     stats = pipeline.stats
@@ -143,8 +141,7 @@ def health_report(pipeline: Pipeline, ticker: SecondTicker, *, ready: bool,
         "sources": sources,
         "parse_worker": ({"enabled": False} if parse_worker is None
                          else {"enabled": True, **parse_worker.status()}),
-        "process": {**process_report(),
-                    "huge_pages": huge_pages.status() if huge_pages is not None else {"enabled": False}},
+        "process": process_report(),
         "market": _market(pipeline, now_ms),
         "symbols": symbols,
     }

@@ -41,7 +41,6 @@ from sidecar.app.health import health_report
 from sidecar.app.pipeline import CYCLE_BUCKETS_MS, Pipeline
 from sidecar.app.ticker import SecondTicker
 from sidecar.breaker import STATES
-from sidecar.huge_pages import HugePages
 from sidecar.logs import redact
 from sidecar.parse_worker import ParseWorker
 
@@ -63,7 +62,6 @@ class DaemonView:
     ticker: SecondTicker
     ready: bool = False
     parse_worker: ParseWorker | None = None
-    huge_pages: HugePages | None = None
 
 
 VIEW = web.AppKey("view", DaemonView)
@@ -83,8 +81,7 @@ class _PipelineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         view = self.view
         p = view.pipeline
-        r = health_report(p, view.ticker, ready=view.ready, parse_worker=view.parse_worker,
-                          huge_pages=view.huge_pages)
+        r = health_report(p, view.ticker, ready=view.ready, parse_worker=view.parse_worker)
         cycle, bars, sqlite = r["cycle"], r["bars"], r["sqlite"]
 
         status = GaugeMetricFamily("sidecar_status", "1 for the current status (ok, degraded, down)",
@@ -154,11 +151,6 @@ class _PipelineCollector(Collector):
                                     value=proc["rss_bytes"])
             yield GaugeMetricFamily("sidecar_open_fds", "Open file descriptors of the daemon",
                                     value=proc["open_fds"])
-        huge = (proc["huge_pages"].get("last") or {}).get("huge_bytes")
-        if huge is not None:
-            yield GaugeMetricFamily("sidecar_huge_pages_bytes",
-                                    "Anonymous memory of the daemon on huge pages, after its last advice",
-                                    value=huge)
 
         warmup = r["warmup"]
         symbols = GaugeMetricFamily("sidecar_warmup_symbols",
@@ -325,7 +317,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 async def _health(request: web.Request) -> web.Response:
     view = request.app[VIEW]
     report = health_report(view.pipeline, view.ticker, ready=view.ready,
-                           parse_worker=view.parse_worker, huge_pages=view.huge_pages)
+                           parse_worker=view.parse_worker)
     return _json(report, status=503 if report["status"] == "down" else 200)
 
 

@@ -64,10 +64,7 @@ class SymbolState:
     @property
     def needs_rebuild(self) -> bool:
         """Some series' older closed bars changed (a correction, gap repair)."""
-        for ser in self.series:  # asked of every symbol after every cycle: no generator
-            if ser.needs_rebuild:
-                return True
-        return False
+        return any(s.needs_rebuild for s in self.series)
 
     @property
     def rebuilding(self) -> dict[int, Bar] | None:

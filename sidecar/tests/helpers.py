@@ -110,7 +110,6 @@ SETTINGS_BAD_VALUES: dict[str, list[str]] = {
     "SIDECAR_FETCH_TIMEOUT_S": ["0.01", "61", "nan"],
     "SIDECAR_STALE_AFTER_MS": ["499", "x"],
     "SIDECAR_PARSE_PROCESS": ["maybe", "1", "process"],
-    "SIDECAR_HUGE_PAGES": ["on", "yes", "1"],
     "SIDECAR_SIM_SEED": ["-1", "seed", str(2**63)],
     "SIDECAR_REPLAY_SPEED": ["0", "10001", "nan"],
     "SIDECAR_LOG_FORMAT": ["xml"],

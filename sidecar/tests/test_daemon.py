@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from sidecar.bar import Bar
-from sidecar.huge_pages import thp_mode
 from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get, scan, tcp_listeners
 
 SYMBOLS = "AAPL,MSFT,EURUSD,BTCUSD"
@@ -41,14 +40,6 @@ def test_embedded_redis_scan_health_and_clean_stop(clean_env: dict[str, str],
             assert r["rsi"] is not None and r["src"] == "sim"
         status, health = http_get(port, "/health")
         assert status == 200 and health["status"] == "ok", health
-        huge = health["process"]["huge_pages"]
-        assert huge["enabled"] and huge["kernel_mode"] == thp_mode()
-        if huge["active"]:  # once warm-up is done the heap is advised onto huge pages
-            while huge["last"] is None:
-                assert time.monotonic() < deadline, f"heap never advised: {huge}"
-                time.sleep(0.3)
-                huge = http_get(port, "/health")[1]["process"]["huge_pages"]
-            assert huge["last"]["mappings"] >= 1 and huge["last"]["advised_bytes"] > 0, huge
         sock = Path(env["SIDECAR_DATA_DIR"]) / "redis" / "redis.sock"
         assert sock.exists() and (sock.stat().st_mode & 0o077) == 0  # private socket
         assert (sock.parent.stat().st_mode & 0o777) == 0o700  # in a private directory
