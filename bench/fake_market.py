@@ -119,7 +119,7 @@ class FakeMarket:
         self.prerendered = 0
         #: Query string -> (second, body) of the answers rendered ahead.
         self._ready: dict[str, tuple[int, bytes]] = {}
-        #: The requests asked in the current second: (second, query string -> its parameters).
+        #: The requests asked in second ``_asked_second``: query string -> (symbols, outputsize).
         self._asked: dict[str, tuple[list[str], int]] = {}
         self._asked_second = -1
         self.app = web.Application()
