@@ -50,12 +50,16 @@ NAME = "cycle"
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (100, 500, 1_000, 2_000, 5_000)
 HISTORY_BARS = 60  # enough for every handle (MACD needs 34) and the outlier window (50)
+#: The Redis counter sharded runs meet at after warm-up, so their cycles share their ticks.
+SHARD_BARRIER = "bench:cycle:shards-ready"
 
 
 async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: int,
-                  timeframes: str = "1m") -> dict[str, Any]:
+                  timeframes: str = "1m", shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """One N in this process: set up like the daemon (``timeframes`` as
-    ``SIDECAR_TIMEFRAMES``), then tick for ``seconds``."""
+    ``SIDECAR_TIMEFRAMES``), then tick for ``seconds``. ``shard``: ``(i, N)``, this
+    process is shard ``i`` of ``N`` (``SIDECAR_SHARD=i/N``) and owns its part of the
+    N symbols; the shards start ticking together (:data:`SHARD_BARRIER`)."""
     from sidecar.app.pipeline import Pipeline
     from sidecar.app.ticker import SecondTicker
     from sidecar.breaker import SourceCircuits
@@ -66,13 +70,16 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     from sidecar.redis_store import RedisStore, connect
     from sidecar.series import aggregate, aggregate_all
     from sidecar.settings import Settings
+    from sidecar.shards import shard_of
     from sidecar.sources.twelvedata import TwelveDataSource
     from sidecar.sqlite_store import BarStore
     from sidecar.symbols import load_symbol_map
     from sidecar.timeframe import Timeframe
 
     logging.basicConfig(level=logging.ERROR)
-    symbols = tuple(fake_market.symbol_name(i) for i in range(n))
+    everyone = [fake_market.symbol_name(i) for i in range(n)]
+    index = [i for i, sym in enumerate(everyone) if shard is None or shard_of(sym, shard[1]) == shard[0]]
+    symbols = tuple(everyone[i] for i in index)
     tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-cycle-")
     data = Path(tmp.name)
     env_settings = Settings.from_env()  # SIDECAR_PARSE_PROCESS, as the daemon reads it
@@ -80,7 +87,8 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     settings = Settings(symbols=symbols, sources=("twelvedata",), redis_url=redis_url, data_dir=data,
                         timeframe=tfs[0], higher_timeframes=tuple(tfs[1:]),
                         warm_bars=HISTORY_BARS, parse_process=env_settings.parse_process,
-                        market_hours=False)  # the full load at whatever hour it runs
+                        market_hours=False,  # the full load at whatever hour it runs
+                        shard=None if shard is None else shard[0], shards=1 if shard is None else shard[1])
     provider = ProviderSettings(twelvedata_api_key="bench-key", twelvedata_base_url=market_url,
                                 twelvedata_credits_per_minute=batch, http_pool_size=20)
     # The free tier's 8 credits a minute would serve 8 symbols; the benchmark lifts it.
@@ -90,8 +98,9 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
         source, symbols, fail_max=provider.breaker_fail_max,
         reset_timeout_s=provider.breaker_reset_timeout_s)}
     client = connect(redis_url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
-    await client.flushall()
-    redis_store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap)
+    if shard is None:
+        await client.flushall()  # shards: the parent flushed before starting them
+    redis_store = RedisStore(client, settings.redis_prefix, bars_cap=settings.bars_cap, shard=settings.shard)
     store = BarStore(settings.sqlite_file)
     await store.open()
     pipeline = Pipeline(settings, [source], redis_store, store, circuits)
@@ -99,31 +108,37 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     timed = pipeline.series = TimedStage(pipeline.series)  # type: ignore[assignment]
     now = int(time.time() * 1000)
     base_start = now - now % 60_000 - HISTORY_BARS * 60_000
-    for i in range(n):  # history that the fake market continues exactly
+    for i in index:  # history that the fake market continues exactly
         base_history = fake_market.history(i, now, HISTORY_BARS)
         await store.write_history(base_history)
-        for ser in pipeline.symbols[symbols[i]].higher:
+        for ser in pipeline.symbols[everyone[i]].higher:
             # As after a day of running: enough bars of each higher timeframe for its
             # handles to open at warm-up, the complete buckets of the base history
             # aggregated as the daemon does, and older ones before them.
             assert ser.grid is not None
-            groups = aggregate_all(ser.grid, symbols[i], base_history)
+            groups = aggregate_all(ser.grid, everyone[i], base_history)
             if groups and groups[-1][1][-1].t + 60_000 < groups[-1][0].end:
                 groups.pop()  # the bucket still forming
-            made = [aggregate(symbols[i], ser.tf.name, bucket.t, parts) for bucket, parts in groups]
+            made = [aggregate(everyone[i], ser.tf.name, bucket.t, parts) for bucket, parts in groups]
             first = made[0].t if made else base_start - base_start % ser.tf.ms
             older = [dataclasses.replace(b, tf=ser.tf.name, t=first - (HISTORY_BARS - k) * ser.tf.ms)
                      for k, b in enumerate(base_history)]
             await store.write_history(older + made)
     await source.start()
+    n = len(symbols)
     worker = await start_for([source], settings.parse_process, n)
     setup_started = time.perf_counter()
     await pipeline.warm(int(time.time() * 1000))
     warm_s = time.perf_counter() - setup_started
     settle_gc()  # as Daemon.run does after warm-up
+    if shard is not None:
+        if await client.incr(SHARD_BARRIER) == shard[1]:  # the last one in lets everyone go
+            await client.rpush(SHARD_BARRIER + ":go", *range(shard[1]))
+        await client.blpop([SHARD_BARRIER + ":go"], timeout=600)
 
     ticker = SecondTicker()
     durations: list[float] = []
+    ticks: list[int] = []
     cpu_per_symbol_us: list[float] = []
     stage_ms: list[float] = []
     worker_cpu_us: list[float] = []
@@ -156,6 +171,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
             if wcpu1 is not None:
                 worker_cpu_us.append((wcpu1 - wcpu0) / n * 1e6)
         durations.append(pipeline.stats.last_duration_ms)
+        ticks.append(tick)
         stage_ms.append(timed.seconds * 1000)
         rss_samples.append(rss_mb())
     redis_cpu_us = (await _redis_cpu_s(client) - redis_cpu0) / max(1, len(durations)) / n * 1e6
@@ -170,6 +186,7 @@ async def run_one(n: int, seconds: int, redis_url: str, market_url: str, batch: 
     out = {
         "symbols": n, "timeframes": timeframes, "seconds": seconds, "cycles": len(durations), "batch": batch,
         "cycle_ms": summary(durations), "cycle_ms_each": [round(d, 1) for d in durations],
+        "ticks": ticks, "lateness_ms_each": [round(x, 1) for x in lateness],
         "first_cycle_ms": round(first_cycle_ms, 1),
         "cpu_us_per_symbol": summary(cpu_per_symbol_us),
         "features_stage_ms": summary(stage_ms),
@@ -249,15 +266,73 @@ class FakeMarketProcess:
         return result
 
 
-def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int,
-           timeframes: str = "1m") -> dict[str, Any]:
+def _command(n: int, seconds: int, redis_url: str, market_url: str, batch: int, timeframes: str,
+             shard: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "bench.cycle", "--one", str(n), "--seconds", str(seconds),
            "--redis", redis_url, "--market", market_url, "--batch", str(batch), "--timeframes", timeframes]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(f"cycle run for N={n} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return cmd if shard is None else [*cmd, "--shard", shard]
+
+
+def _result(n: int, returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    if returncode != 0:
+        raise RuntimeError(f"cycle run for N={n} failed:\n{stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
+
+
+def _child(n: int, seconds: int, redis_url: str, market_url: str, batch: int,
+           timeframes: str = "1m") -> dict[str, Any]:
+    done = subprocess.run(_command(n, seconds, redis_url, market_url, batch, timeframes),
+                          capture_output=True, text=True, timeout=seconds + 600, cwd=REPO)
+    return _result(n, done.returncode, done.stdout, done.stderr)
+
+
+def _sharded(n: int, seconds: int, redis_url: str, market_url: str, batch: int, timeframes: str,
+             shards: int) -> dict[str, Any]:
+    """N symbols served by ``shards`` processes at once (``SIDECAR_SHARD=i/N``, one per
+    core), ticking together. A tick's cycle is done once every shard's is: its time is
+    the slowest shard's cycle for that tick. CPU per symbol adds up the shards'."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushall()
+    procs = [subprocess.Popen(_command(n, seconds, redis_url, market_url, batch, timeframes, f"{i}/{shards}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for i in range(shards)]
+    parts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 600)
+        parts.append(_result(n, proc.returncode, out, err))
+    by_tick: dict[int, list[float]] = {}
+    for part in parts:
+        for tick, ms in zip(part["ticks"], part["cycle_ms_each"], strict=True):
+            by_tick.setdefault(tick, []).append(ms)
+    durations = [max(ms) for ms in by_tick.values() if len(ms) == shards]
+    lateness = [x for part in parts for x in part["lateness_ms_each"]]
+    cycles = len(durations)
+
+    def mean_sum(key: str) -> float:
+        return sum(p[key] * p["symbols"] for p in parts) / n
+
+    return {
+        "symbols": n, "timeframes": timeframes, "shards": shards, "seconds": seconds, "cycles": cycles,
+        "batch": batch, "cycle_ms": summary(durations), "cycle_ms_each": [round(d, 1) for d in durations],
+        "first_cycle_ms": max(p["first_cycle_ms"] for p in parts),
+        "cpu_us_per_symbol": {"p50": round(mean_sum("daemon_cpu_us_per_symbol_mean"), 1)},
+        "features_stage_ms": {"p50": max(p["features_stage_ms"]["p50"] for p in parts)},
+        "parse_worker": [p["parse_worker"] for p in parts],
+        "worker_cpu_us_per_symbol_mean": mean_sum("worker_cpu_us_per_symbol_mean"),
+        "daemon_cpu_us_per_symbol_mean": mean_sum("daemon_cpu_us_per_symbol_mean"),
+        # Every shard sees the one server's CPU over the same window: one shard's share of it.
+        "redis_cpu_us_per_symbol_mean": parts[0]["redis_cpu_us_per_symbol_mean"] * parts[0]["symbols"] / n,
+        "load_average": os.getloadavg(),
+        "missed_ticks": sum(p["missed_ticks"] for p in parts), "lateness_ms": summary(lateness),
+        "rss_mb": {k: sum(p["rss_mb"][k] for p in parts) for k in ("start", "end", "max")},
+        "bars_accepted_per_cycle": sum(p["bars_accepted_per_cycle"] for p in parts),
+        "source_errors": sum(p["source_errors"] for p in parts),
+        "shard_runs": [{k: p[k] for k in ("symbols", "cycles", "cycle_ms", "features_stage_ms",
+                                           "daemon_cpu_us_per_symbol_mean", "warm_s")} for p in parts],
+    }
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -300,6 +375,10 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
             # The largest N again with several timeframes per symbol (built in the daemon).
             multi = [] if args.soak or not args.multi_tf else [market.measured(
                 _child, max(sizes), seconds, redis.url, market.url, args.batch, args.multi_tf)]
+            # And served by one shard per core (docs/operations.md, "Shards").
+            if multi and args.shards > 1:
+                multi.append(market.measured(_sharded, max(sizes), seconds, redis.url, market.url, args.batch,
+                                             args.multi_tf, args.shards))
     finally:
         market.stop()
     out_dir = args.out or RESULTS_DIR
@@ -314,14 +393,14 @@ def run(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> str:
-    rows = [[x["symbols"], x.get("timeframes", "1m"), x["cycles"],
+    rows = [[x["symbols"], x.get("timeframes", "1m"), x.get("shards", 1), x["cycles"],
              x["cycle_ms"]["p50"], x["cycle_ms"]["p99"], x["cycle_ms"]["max"], x.get("first_cycle_ms", "—"),
              x["cpu_us_per_symbol"]["p50"], x.get("features_stage_ms", {}).get("p50", "—"),
              *_worker_cells(x), _redis_cell(x), x["missed_ticks"],
              x["lateness_ms"]["p99"], x.get("market_cpu_ms_per_cycle", "—"),
              f'{x["rss_mb"]["start"]:.0f}→{x["rss_mb"]["end"]:.0f}', round(x["bars_accepted_per_cycle"]),
              x["source_errors"]] for x in [*r["runs"], *r.get("multi_tf", [])]]
-    return table(["symbols", "timeframes", "cycles", "p50 ms", "p99 ms", "max ms", "first cycle ms",
+    return table(["symbols", "timeframes", "shards", "cycles", "p50 ms", "p99 ms", "max ms", "first cycle ms",
                   "daemon CPU µs/symbol", "features stage p50 ms",
                   "worker CPU µs/symbol", "daemon + worker mean", "Redis CPU µs/symbol", "missed ticks",
                   "tick late p99 ms", "fake market CPU ms/cycle", "RSS MB", "bars/cycle",
@@ -349,6 +428,8 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak", action="store_true", help="5,000 symbols for 5 minutes")
     parser.add_argument("--multi-tf", default="1m,5m,15m,1h",
                         help="timeframes of the extra run at the largest size ('' for none)")
+    parser.add_argument("--shards", type=int, default=os.cpu_count() or 1,
+                        help="the extra run once more with this many shards (default: one per core; 1: not)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -361,10 +442,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.add_argument("--market", required=True)
         parser.add_argument("--batch", type=int, default=500)
         parser.add_argument("--timeframes", default="1m")
+        parser.add_argument("--shard", help="i/N: run as shard i of N")
         a = parser.parse_args(argv)
         import uvloop
 
-        result = uvloop.run(run_one(a.one, a.seconds, a.redis, a.market, a.batch, a.timeframes))
+        shard = None if a.shard is None else (int(a.shard.split("/")[0]), int(a.shard.split("/")[1]))
+        result = uvloop.run(run_one(a.one, a.seconds, a.redis, a.market, a.batch, a.timeframes, shard))
         print(json.dumps(result))
         return result
     name = NAME + "_soak" if "--soak" in argv else NAME

@@ -116,12 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         from sidecar.logs import setup_logging
 
-        setup_logging(settings.log_format, settings.log_level)
+        setup_logging(settings.log_format, settings.log_level,
+                      shard=None if settings.shard is None else f"{settings.shard}/{settings.shards}")
         dotenv = config.dotenv_report()
         if dotenv is not None:  # names only: the values are secrets
             logging.getLogger("sidecar.cli").log(
                 logging.WARNING if dotenv["open_to_others"] else logging.INFO, "read .env", extra=dotenv)
         if args.command == "run":
+            if settings.shard is None and settings.shards > 1:
+                from sidecar.app.shard_supervisor import run_shards
+                from sidecar.sources._http import Providers
+
+                return run_shards(settings, Providers.from_env().symbols)
             from sidecar.app.daemon import run_daemon
 
             return run_daemon(settings)

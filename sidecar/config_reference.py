@@ -73,8 +73,9 @@ DOCS: dict[str, Doc] = {
                                   "session opens)", "each symbol's own session open", "`HH:MM` (UTC)"),
     "SIDECAR_SHARD": Doc("this daemon is shard `i` of `N` (docs/operations.md, \"Shards\")", "unsharded",
                          "`i/N`"),
-    "SIDECAR_SHARDS": Doc("the number of shards (with PM2's `NODE_APP_INSTANCE` as `i`; for "
-                          "scanners and `status`)"),
+    "SIDECAR_SHARDS": Doc("the number of shards: without a shard index, `run` starts all of them as "
+                          "its children (docs/operations.md, \"Shards\"); with PM2's `NODE_APP_INSTANCE` "
+                          "as `i`; for scanners and `status`"),
     "NODE_APP_INSTANCE": Doc("set by PM2: with `SIDECAR_SHARDS`, this daemon's shard index", "-",
                              "an integer below `SIDECAR_SHARDS`"),
     "SIDECAR_REDIS_READ_REPLICAS": Doc("scanners read from a cluster's replicas (`READONLY`; a little "

@@ -93,11 +93,27 @@ class TextFormatter(logging.Formatter):
         return redact(line)
 
 
-def setup_logging(fmt: str = "auto", level: str = "info") -> None:
-    """Configure the root logger on stderr."""
+class _ShardLabel(logging.Filter):
+    """Puts the shard (``i/N``) on every record that has none."""
+
+    def __init__(self, shard: str) -> None:
+        super().__init__()
+        self.shard = shard
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "shard"):
+            record.shard = self.shard
+        return True
+
+
+def setup_logging(fmt: str = "auto", level: str = "info", *, shard: str | None = None) -> None:
+    """Configure the root logger on stderr. ``shard``: ``i/N``, added to every line
+    (shards run side by side often share one log)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    if shard is not None:
+        handler.addFilter(_ShardLabel(shard))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -35,6 +35,7 @@ from sidecar.app.health import StatusLog, assess
 from sidecar.app.http import DaemonView, start_http
 from sidecar.app.pipeline import Pipeline
 from sidecar.app.reconcile import reconcile
+from sidecar.app.tasks import stopping_within
 from sidecar.app.ticker import SecondTicker
 from sidecar.app.warmup import warm_up
 from sidecar.breaker import SourceCircuits
@@ -507,11 +508,7 @@ class Daemon:
 
     async def _stopping_within(self, seconds: float) -> bool:
         """Wait up to ``seconds``; True as soon as a stop is requested."""
-        try:
-            await asyncio.wait_for(self.should_exit.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+        return await stopping_within(self.should_exit, seconds)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -8,6 +8,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 
+async def stopping_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds``; True as soon as ``stop`` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 class Background:
     """A set of running tasks; a task leaves it when it is done."""
 
