@@ -15,6 +15,11 @@ every 10 s in the background) and updates the features.
 Like the daemon, N >= 500 runs the parse worker (``SIDECAR_PARSE_PROCESS=auto``; the
 variable set for the benchmark decides as it would for the daemon).
 
+The largest N runs once more with several timeframes (``--multi-tf``), in one process and
+then as ``--shards`` shards at once (``SIDECAR_SHARD=i/N``, one process each, as
+``SIDECAR_SHARDS=N`` runs them; default one per core), all on the one Redis and ticking
+together: a tick's cycle is done when every shard's is, so its time is the slowest shard's.
+
 Measured per N: cycle time p50/p99/max (``Pipeline.stats``; the first cycle after
 warm-up, the start-up's, apart), CPU time per symbol per
 cycle (the whole process: event loop, aiosqlite thread; and the parse worker's, from

@@ -118,7 +118,7 @@ def test_shards_smoke_runs_real_daemons_on_a_local_cluster(tmp_path: Path) -> No
 
 
 def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
-    cycle.main(["--smoke", "--out", str(tmp_path)])
+    cycle.main(["--smoke", "--out", str(tmp_path), "--shards", "2"])
     doc = _load(tmp_path, "cycle")
     (run,) = doc["runs"]
     assert run["cycles"] >= 1
@@ -128,9 +128,16 @@ def test_cycle_smoke_runs_the_real_pipeline(tmp_path: Path) -> None:
     assert run["bars_accepted_per_cycle"] >= run["symbols"]
     assert run["rejected"] == {}
     assert run["rss_mb"]["end"] > 0
-    (multi,) = doc["multi_tf"]  # the same size again with four timeframes per symbol
+    # The same size again with four timeframes per symbol, in one process and as two shards.
+    multi, sharded = doc["multi_tf"]
     assert multi["timeframes"] == "1m,5m,15m,1h" and multi["symbols"] == run["symbols"]
     assert multi["source_errors"] == 0 and multi["redis_ok"] is True and multi["rejected"] == {}
+    assert sharded["timeframes"] == "1m,5m,15m,1h" and sharded["shards"] == 2
+    assert sum(part["symbols"] for part in sharded["shard_runs"]) == run["symbols"]
+    assert all(part["cycles"] >= 1 for part in sharded["shard_runs"])
+    assert sharded["cycles"] >= 1 and sharded["source_errors"] == 0
+    assert sharded["bars_accepted_per_cycle"] >= run["symbols"]  # every symbol, by one shard or the other
+    _timing(sharded["cycle_ms"])
 
 
 def test_daemon_soak_smoke_samples_a_running_daemon(tmp_path: Path) -> None:
