@@ -421,9 +421,16 @@ class Series:
         return bar
 
     # -- folding base bars upward -----------------------------------------------------
-    def fold(self, base: Bar) -> list[Bar]:
+    def fold(self, base: Bar, base_recent: Sequence[Bar] | None = None,
+             refolded: list[Bar] | None = None) -> list[Bar]:
         """Fold a closed base bar into this timeframe and every one above; returns the
-        higher bars that closed."""
+        higher bars that closed.
+
+        A base bar late into a bucket already complete (it came after a base bar of a
+        later bucket) re-aggregates that bucket's bar from ``base_recent`` (the base's
+        ``recent``, holding it; ``None``: out of reach) where it can (:meth:`regroup`):
+        the bar, changed or new, goes to ``refolded`` (to the bars returned if not
+        given). Otherwise the bucket is marked dirty here and above, for the rebuild."""
         out: list[Bar] = []
         grid = self.grid
         assert grid is not None
@@ -435,7 +442,13 @@ class Series:
             self.acc = _merge(self.acc, base, False)
             self.n_base += 1
         elif base.t < self._done_hi or (b is not None and base.t < b.lo):
-            self.mark_dirty(base.t)  # late into a bucket already folded
+            group = None if base_recent is None else self.regroup(base_recent, base.t)
+            if group is None:
+                self.mark_dirty(base.t)
+            else:
+                changed = self.refold(group)  # a complete bucket's bar: never None
+                assert changed is not None
+                (out if refolded is None else refolded).append(changed)
         else:
             if self.acc is not None:
                 out.append(self._finish())
@@ -445,7 +458,7 @@ class Series:
         if self.acc is not None and self.bucket is not None and base.t + self.base_ms >= self.bucket.end:
             out.append(self._finish())
         if self.up is not None:
-            out += self.up.fold(base)
+            out += self.up.fold(base, base_recent, refolded)
         return out
 
     def mark_dirty(self, base_t: int) -> None:

@@ -142,7 +142,7 @@ class SymbolState:
             if not bar.forming and (base.last is None or bar.t > base.last.t) and (
                     forming is None or bar.t < forming.t):
                 # A closed bar that came after a newer forming one: in order all the same.
-                out = [bar, *self.close(bar)]
+                out = [bar, *self.close(bar, fixed)]
                 base.forming = forming
                 return out
             made: list[Bar] = [] if fixed is None else fixed
@@ -156,20 +156,20 @@ class SymbolState:
             if bar.forming:
                 base.forming = bar
                 return [bar]
-            return [bar, *self.close(bar)]
+            return [bar, *self.close(bar, fixed)]
         stored: list[Bar] = []
         if forming is not None:
             # A newer bar closes the forming one with its last revision.
             closed = Bar(forming.symbol, forming.tf, forming.t, forming.o, forming.h, forming.l,
                          forming.c, forming.v, forming.src, False, forming.synthetic)
             stored.append(closed)
-            stored += self.close(closed)
+            stored += self.close(closed, fixed)
         if bar.forming:
             base.forming = bar
             stored.append(bar)
         else:
             stored.append(bar)
-            stored += self.close(bar)
+            stored += self.close(bar, fixed)
         return stored
 
     def correct(self, bar: Bar, fixed: list[Bar]) -> bool:
@@ -199,19 +199,22 @@ class SymbolState:
                 fixed.append(changed)
         return True
 
-    def close(self, bar: Bar) -> list[Bar]:
+    def close(self, bar: Bar, fixed: list[Bar] | None = None) -> list[Bar]:
         """Commit a closed base bar to the symbol's handles (and to a rebuild in flight)
-        and fold it upward; returns the higher bars that closed with it. While the
-        symbol warms nothing is folded: warm-up folds the bars applied meanwhile
-        (:meth:`~sidecar.app.history.History.fold_up`), with the base bars of each bucket
-        it started before."""
-        left = self.base.close(bar)
+        and fold it upward; returns the higher bars that closed with it. A bar late into
+        a complete higher bucket re-aggregates that bucket's bar (:meth:`Series.fold
+        <sidecar.series.Series.fold>`), added to ``fixed`` (to the bars returned if not
+        given). While the symbol warms nothing is folded: warm-up folds the bars applied
+        meanwhile (:meth:`~sidecar.app.history.History.fold_up`), with the base bars of
+        each bucket it started before."""
+        base = self.base
+        left = base.close(bar)
         if not self.higher or self.warming:
             return []
         if left is not None:
             for ser in self.higher:
                 ser.leave(left)
-        return self.higher[0].fold(bar)
+        return self.higher[0].fold(bar, base.recent if base.reaches(bar.t) else None, fixed)
 
     def advance(self, now_ms: int, out: list[Bar]) -> None:
         """Bring the higher timeframes up to the base's forming bar: close complete

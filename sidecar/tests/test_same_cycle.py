@@ -182,3 +182,53 @@ async def _interleave(plan: list[tuple[bool, int, bool]], seed: int, offset: int
         no_rebuild(pipe)
         await check_cycle(pipe, SYMBOL)
     assert pipe.validator.rejected == {}
+
+
+
+async def test_a_late_base_bar_reaches_the_higher_bars_that_closed_without_it(
+    redis_store: RedisStore, bar_store: BarStore,
+) -> None:
+    """Closed 1m bars that come late, after their 5m bucket (and maybe more) closed
+    without them: each higher bar holding one is re-aggregated with it, stored and its
+    features redone in that cycle. The late bar lands between the base's newest closed
+    bar and its forming one; behind newer closed bars; and after a lagging source left
+    the bucket to be closed by the clock (nothing forming for a minute past its end)."""
+    begin = START - 2 * HOUR
+    ts = list(range(begin, begin + 2 * HOUR, MIN))
+    feed = MinuteFeed({SYMBOL: walk(SYMBOL, ts, 5)})
+    clock = Clock.from_ms(begin)
+    pipe = await driven_pipeline(lasting_store(redis_store, "late"), bar_store, feed, clock, TFS[:4],
+                                 symbols=(SYMBOL,))
+    cases = [  # (the bars held back, the minute of the cycle they come in (at :31), the closed buckets)
+        ([begin + 44 * MIN], begin + 45 * MIN, ("5m", "15m")),  # 00:45 forming meanwhile
+        ([begin + 59 * MIN], begin + 62 * MIN, ("5m", "15m", "1h")),  # 01:00 and 01:01 closed meanwhile
+        ([begin + m * MIN for m in (84, 85, 86, 87)], begin + 87 * MIN, ("5m",)),  # the source lags 3 min
+    ]
+    held = {t: feed.bars[SYMBOL].pop(t) for bars, _, _ in cases for t in bars}
+    for now in range(begin, begin + 100 * MIN, MIN):
+        await cycle_at(pipe, clock, now + 1_000)
+        case = next((c for c in cases if c[1] == now), None)
+        if case is None:
+            continue
+        bars, _, closed = case
+        t = bars[0]
+        closed_before = {ser.tf.name: ser.last for ser in pipe.symbols[SYMBOL].higher}
+        for b in bars:
+            feed.bars[SYMBOL][b] = held[b]
+            if b < now:  # the current minute's comes forming, as it would
+                feed.extra.setdefault(SYMBOL, []).append(held[b])
+        await cycle_at(pipe, clock, now + 31_000)
+        no_rebuild(pipe)
+        stored = {b.t: b for b in await pipe.redis.recent_bars(SYMBOL, "1m", 100)}
+        assert stored[t] == held[t]
+        await check_cycle(pipe, SYMBOL, bar_store)
+        for ser in pipe.symbols[SYMBOL].higher:
+            assert ser.grid is not None
+            bucket = ser.grid.bucket(t)
+            old = closed_before[ser.tf.name]
+            # Closed without the late bar before this cycle, or still forming.
+            assert (old is not None and bucket.t <= old.t) == (ser.tf.name in closed), ser.tf.name
+            if ser.tf.name in closed:
+                higher = {b.t: b for b in await pipe.redis.recent_bars(SYMBOL, ser.tf.name, 100)}
+                assert higher[bucket.t].h >= held[t].h and higher[bucket.t].l <= held[t].l, ser.tf.name
+    assert pipe.validator.rejected == {}
