@@ -329,12 +329,31 @@ async def _backfill(settings: Settings, days: int | None) -> int:
     from sidecar.app.bootstrap import DAY_MS, backfill_symbol
     from sidecar.app.daemon import build_sources, open_redis
     from sidecar.app.warmup import BUDGET_WAIT_S as BACKFILL_BUDGET_WAIT_S
+    from sidecar.shards import explicit_shards, owned, shard_of
+    from sidecar.sources._http import Providers
     from sidecar.sources.base import series_grid
     from sidecar.sqlite_store import BarStore
 
-    sources = build_sources(settings)
-    store = BarStore(settings.sqlite_file)
-    await store.open()
+    providers = Providers.from_env()
+    sources = build_sources(settings, providers)
+    # Each symbol into the SQLite file of the daemon that serves it: with shards, its
+    # owner's (this shard's symbols only, with SIDECAR_SHARD).
+    explicit = explicit_shards(providers.symbols)
+    if settings.shard is not None:
+        symbols = owned(settings.symbols, settings.shard, settings.shards, explicit)
+        owner = dict.fromkeys(symbols, settings.shard)
+        files = {settings.shard: settings.sqlite_file}
+    elif settings.shards > 1:
+        symbols = settings.symbols
+        owner = {sym: shard_of(sym, settings.shards, explicit) for sym in symbols}
+        files = {i: settings.shard_sqlite_file(i) for i in sorted(set(owner.values()))}
+    else:
+        symbols = settings.symbols
+        owner = dict.fromkeys(symbols, 0)
+        files = {0: settings.sqlite_file}
+    stores = {i: BarStore(path) for i, path in files.items()}
+    for store in stores.values():
+        await store.open()
     redis_store, embedded = await open_redis(settings)
     try:
         for source in sources:
@@ -344,19 +363,20 @@ async def _backfill(settings: Settings, days: int | None) -> int:
         end = tf.floor(now)
         start = end - (days if days is not None else settings.bootstrap_days) * DAY_MS
         failed = 0
-        for sym in settings.symbols:
+        for sym in symbols:
             grid = series_grid(sym, tf, sources)  # the daemon's bar grid for the symbol
-            result = await backfill_symbol(sym, grid, sources, store, start_ms=start, end_ms=end,
+            result = await backfill_symbol(sym, grid, sources, stores[owner[sym]], start_ms=start, end_ms=end,
                                            now_ms=now, redis_store=redis_store,
                                            redis_keep=settings.bars_cap,
                                            budget_wait_s=BACKFILL_BUDGET_WAIT_S)
             failed += result.error is not None
             print(json.dumps(result.as_dict()))
-        return 1 if failed == len(settings.symbols) else 0
+        return 1 if failed == len(symbols) else 0
     finally:
         for source in sources:
             await source.close()
-        await store.close()
+        for store in stores.values():
+            await store.close()
         await redis_store.close()
         if embedded is not None:
             await embedded.stop()

@@ -51,7 +51,7 @@ from sidecar.redis_store import (
     lost_connection,
 )
 from sidecar.settings import Settings
-from sidecar.shards import shard_of
+from sidecar.shards import explicit_shards, shard_of
 
 _ARRAY32 = b"\xdd"
 _NIL = b"\xc0"
@@ -135,7 +135,7 @@ class Scanner:
         symbol_map = load_symbol_map(ProviderSettings.from_env(env or os.environ).symbols_file)
         brokers = {s: symbol_map.entry(s).broker for s in settings.symbols}
         brokers.update({s: symbol_map.entry(s).broker for s in symbol_map})
-        explicit = {s: shard for s in symbol_map if (shard := symbol_map.entry(s).shard) is not None}
+        explicit = explicit_shards(symbol_map)
         url = settings.redis_url or f"unix://{settings.redis_socket}"
         redis = connect(url, pool_size=pool_size, timeout_s=settings.redis_timeout_s)
         return cls(redis, settings.redis_prefix, settings.timeframe.name,

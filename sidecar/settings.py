@@ -263,6 +263,12 @@ class Settings:
     def sqlite_file(self) -> Path:
         return self.sqlite_path or self.data_dir / "bars.sqlite3"
 
+    def shard_sqlite_file(self, shard: int) -> Path:
+        """The SQLite file shard ``shard`` uses, for a process that is none of the
+        shards (``shard`` is ``None``: ``SIDECAR_SHARDS`` alone)."""
+        data_dir, sqlite_path = shard_paths(self.data_dir, self.sqlite_path, shard)
+        return sqlite_path or data_dir / "bars.sqlite3"
+
     @property
     def http_loopback(self) -> bool:
         """Whether the HTTP endpoints listen on this machine only."""
@@ -355,9 +361,7 @@ class Settings:
                 raise ConfigError("SIDECAR_REDIS_URL", "shards write to one shared Redis: set its URL "
                                                        "(the embedded server is one daemon's own)")
             # Each shard its own data directory, SQLite file and HTTP port.
-            data_dir = data_dir / f"shard-{shard}"
-            if sqlite_path is not None:
-                sqlite_path = sqlite_path.with_name(f"{sqlite_path.stem}.shard-{shard}{sqlite_path.suffix}")
+            data_dir, sqlite_path = shard_paths(data_dir, sqlite_path, shard)
             if http_port and http_port + shard > 65535:
                 raise ConfigError("SIDECAR_HTTP_PORT", f"{http_port} + shard {shard} is past 65535")
             http_port = http_port + shard if http_port else 0
@@ -463,6 +467,14 @@ def _check_redis_url(url: str) -> None:
 def _without_password(text: str, url: str) -> str:
     password = urlsplit(url).password
     return text.replace(password, "***") if password and len(password) >= 4 else text
+
+
+def shard_paths(data_dir: Path, sqlite_path: Path | None, shard: int) -> tuple[Path, Path | None]:
+    """Shard ``shard``'s data directory and ``SIDECAR_SQLITE_PATH`` (``None``: in its data
+    directory), from the configured ones."""
+    if sqlite_path is not None:
+        sqlite_path = sqlite_path.with_name(f"{sqlite_path.stem}.shard-{shard}{sqlite_path.suffix}")
+    return data_dir / f"shard-{shard}", sqlite_path
 
 
 _SHARD_RE = re.compile(r"^([0-9]{1,4})/([0-9]{1,4})\Z")

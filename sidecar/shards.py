@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.symbols import SymbolMap
 
 
 def shard_of(symbol: str, shards: int, explicit: Mapping[str, int] | None = None) -> int:
@@ -27,3 +31,8 @@ def owned(symbols: Iterable[str], shard: int, shards: int,
           explicit: Mapping[str, int] | None = None) -> tuple[str, ...]:
     """Those of ``symbols`` shard ``shard`` of ``shards`` owns, in their order."""
     return tuple(s for s in symbols if shard_of(s, shards, explicit) == shard)
+
+
+def explicit_shards(symbol_map: SymbolMap) -> dict[str, int]:
+    """The symbols the mapping assigns a shard to (``shard = i``), and their shard."""
+    return {sym: shard for sym in symbol_map if (shard := symbol_map.entry(sym).shard) is not None}

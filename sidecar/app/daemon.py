@@ -46,7 +46,7 @@ from sidecar.parse_worker import ParseWorker, start_for
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
 from sidecar.settings import Settings
-from sidecar.shards import owned
+from sidecar.shards import explicit_shards, owned
 from sidecar.signals import SignalRules
 from sidecar.sources import Source, SourceDisabled, build_source
 from sidecar.sources._http import Providers
@@ -271,9 +271,7 @@ class Daemon:
         signal_rules = SignalRules.from_env()  # the rules of /v1/signals; refuses bad values now
         configured = s  # the read API serves every configured symbol, a shard's or not
         if s.shard is not None:
-            explicit = {sym: shard for sym in symbol_map
-                        if (shard := symbol_map.entry(sym).shard) is not None}
-            mine = owned(s.symbols, s.shard, s.shards, explicit)
+            mine = owned(s.symbols, s.shard, s.shards, explicit_shards(symbol_map))
             if not mine:
                 raise ConfigError("SIDECAR_SHARD", f"shard {s.shard}/{s.shards} owns none of the "
                                                    f"{len(s.symbols)} symbols")

@@ -32,7 +32,7 @@ from sidecar.app.tasks import stopping_within
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.redis_server import EmbeddedRedis
 from sidecar.settings import Settings
-from sidecar.shards import owned
+from sidecar.shards import explicit_shards, owned
 from sidecar.symbols import SymbolMap
 
 log = logging.getLogger("sidecar.shards")
@@ -72,7 +72,7 @@ def check_shards(settings: Settings, symbol_map: SymbolMap) -> None:
     """Refuse, naming the setting, a set of shards that cannot run: one that would own
     none of the symbols, or an HTTP port past 65535."""
     n = settings.shards
-    explicit = {sym: shard for sym in symbol_map if (shard := symbol_map.entry(sym).shard) is not None}
+    explicit = explicit_shards(symbol_map)
     for i in range(n):
         if not owned(settings.symbols, i, n, explicit):
             raise ConfigError("SIDECAR_SHARDS", f"shard {i} of {n} would own none of the "

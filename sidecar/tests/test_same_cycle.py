@@ -131,27 +131,32 @@ async def test_a_correction_reaches_every_timeframe_in_its_cycle(
     assert fixed_seen == {"5m", "15m", "1h", "1d"}
 
 
+Plan = list[tuple[bool, int, bool, int]]
+
+
 @st.composite
-def plans(draw: st.DrawFn) -> list[tuple[bool, int, bool]]:
+def plans(draw: st.DrawFn) -> Plan:
     """Steps: whether the clock moves to the next minute, how deep a correction goes
-    (0: none; up to the correction window), and whether gap repair asks for a rebuild."""
+    (0: none; up to the correction window), whether gap repair asks for a rebuild, and
+    for how many steps the source holds the current minute's bar back (0: it does not)."""
     n = draw(st.integers(5, 40))
-    return [(draw(st.booleans()), draw(st.integers(0, 10)), draw(st.integers(0, 14)) == 0) for _ in range(n)]
+    return [(draw(st.booleans()), draw(st.integers(0, 10)), draw(st.integers(0, 14)) == 0,
+             max(0, draw(st.integers(-8, 3)))) for _ in range(n)]
 
 
 @given(plan=plans(), seed=st.integers(0, 3), offset=st.integers(0, 59))
 async def test_any_interleaving_of_cycles_and_corrections_keeps_every_timeframe_exact(
-    redis_server: RedisServer, plan: list[tuple[bool, int, bool]], seed: int, offset: int,
+    redis_server: RedisServer, plan: Plan, seed: int, offset: int,
 ) -> None:
     """Stored history warmed at start, then cycles with corrections at any depth in the
-    window, across bucket boundaries: after each cycle no rebuild was started (but one
-    gap repair asked for, then run), every timeframe's features equal batch and every
-    higher bar the law over the stored base bars."""
+    window and bars the source sends late, across bucket boundaries: after each cycle no
+    rebuild was started (but one gap repair asked for, then run), every timeframe's
+    features equal batch and every higher bar the law over the stored base bars."""
     async with fresh_stores(redis_server) as (redis_store, bar_store):
         await _interleave(plan, seed, offset, redis_store, bar_store)
 
 
-async def _interleave(plan: list[tuple[bool, int, bool]], seed: int, offset: int, redis_store: RedisStore,
+async def _interleave(plan: Plan, seed: int, offset: int, redis_store: RedisStore,
                       bar_store: BarStore) -> None:
     first = START + 2 * HOUR + offset * MIN  # the first live minute
     ts = list(range(START, first + (len(plan) + 3) * MIN, MIN))
@@ -165,15 +170,25 @@ async def _interleave(plan: list[tuple[bool, int, bool]], seed: int, offset: int
     await cycle_at(pipe, clock, now + 1_000)
     await check_cycle(pipe, SYMBOL)
     second = False
-    for advance, depth, repair in plan:
+    held: dict[int, tuple[Bar, int]] = {}  # a bar held back -> the step it is sent at
+    own = feed.bars[SYMBOL]
+    for step, (advance, depth, repair, lag) in enumerate(plan):
         if advance or second:
             now += MIN
             second = False
         else:
             second = True
+        for t, (bar, at) in list(held.items()):
+            if at <= step:
+                own[t] = bar
+                del held[t]
+                if t < now:  # closed by now: sent once as a late bar
+                    feed.extra.setdefault(SYMBOL, []).append(bar)
+        if lag and now in own:
+            held[now] = (own.pop(now), step + lag)
         if repair:
             pipe.history_changed(SYMBOL)
-        if depth:
+        if depth and now - depth * MIN in own:
             feed.correct(SYMBOL, now - depth * MIN, 0.11 * depth - 0.5)
         await cycle_at(pipe, clock, now + (31_000 if second else 1_000))
         if repair:  # the rebuild runs after the cycle; the next one writes what it made

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -123,3 +124,31 @@ def test_shards_that_cannot_all_own_symbols_are_refused_at_start(clean_env: dict
     assert done.returncode == 2
     assert "SIDECAR_SHARDS" in done.stderr and "would own none of the 2 symbols" in done.stderr
     assert not (Path(env["SIDECAR_DATA_DIR"]) / "redis").exists()  # refused before anything started
+
+
+def test_backfill_fills_each_shards_own_store_and_the_shards_start_warm(
+        clean_env: dict[str, str], daemons: Callable[..., Daemon]) -> None:
+    """``backfill`` with ``SIDECAR_SHARDS=2`` writes each symbol's history into the SQLite
+    file of the shard that owns it; the shards then start with nothing to bootstrap."""
+    env = _env(clean_env)
+    done = subprocess.run([sys.executable, "-m", "sidecar", "backfill", "--days", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = Path(env["SIDECAR_DATA_DIR"])
+    symbols = SYMBOLS.split(",")
+    for i in range(2):
+        with sqlite3.connect(data / f"shard-{i}" / "bars.sqlite3") as db:
+            stored = {row[0] for row in db.execute("SELECT DISTINCT symbol FROM bars")}
+        assert stored == set(owned(symbols, i, 2)), i
+    assert not (data / "bars.sqlite3").exists()  # no store for a daemon that does not run
+    supervisor = daemons(env, name="shards")
+    for i in range(2):
+        _wait_health(int(env["SIDECAR_HTTP_PORT"]) + i)
+    deadline = time.monotonic() + 60
+    while len([r for r in supervisor.logs() if r.get("msg") == "warm-up finished"]) < 2:
+        assert time.monotonic() < deadline, supervisor.log_tail()
+        time.sleep(0.2)
+    warmed = [r for r in supervisor.logs() if r.get("msg") == "warm-up finished"]
+    assert all(r["cold"] == 0 for r in warmed), warmed
+    assert "bootstrap needed" not in supervisor.log_text()
+    assert supervisor.stop(60) == 0
