@@ -426,8 +426,8 @@ class Series:
         """Fold a closed base bar into this timeframe and every one above; returns the
         higher bars that closed.
 
-        A base bar late into a bucket already complete (it came after a base bar of a
-        later bucket) re-aggregates that bucket's bar from ``base_recent`` (the base's
+        A base bar late into a bucket already complete (a base bar of a later bucket
+        came first, or the clock closed it) re-aggregates that bucket's bar from ``base_recent`` (the base's
         ``recent``, holding it; ``None``: out of reach) where it can (:meth:`regroup`):
         the bar, changed or new, goes to ``refolded`` (to the bars returned if not
         given). Otherwise the bucket is marked dirty here and above, for the rebuild."""

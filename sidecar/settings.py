@@ -264,8 +264,8 @@ class Settings:
         return self.sqlite_path or self.data_dir / "bars.sqlite3"
 
     def shard_sqlite_file(self, shard: int) -> Path:
-        """The SQLite file shard ``shard`` uses, for a process that is none of the
-        shards (``shard`` is ``None``: ``SIDECAR_SHARDS`` alone)."""
+        """The SQLite file of shard ``shard``, for a process that is not a shard itself
+        (``SIDECAR_SHARDS`` without an index: the supervisor, ``backfill``)."""
         data_dir, sqlite_path = shard_paths(self.data_dir, self.sqlite_path, shard)
         return sqlite_path or data_dir / "bars.sqlite3"
 

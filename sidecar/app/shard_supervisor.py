@@ -175,7 +175,7 @@ class ShardSupervisor:
                         shard.backoff_s = 0.0
                     log.error("shard exited; starting it again", extra={
                         "shard": self._label(shard), "exit_code": proc.returncode,
-                        "restart_in_s": shard.backoff_s})
+                        "restart_in_s": shard.backoff_s, "restarts_before": shard.restarts})
                     shard.restart_at = now + shard.backoff_s
                     shard.backoff_s = min(max(shard.backoff_s * 2, RESTART_MIN_S), RESTART_MAX_S)
                 if shard.proc is None and shard.restart_at is not None and now >= shard.restart_at:

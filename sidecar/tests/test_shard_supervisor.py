@@ -152,3 +152,27 @@ def test_backfill_fills_each_shards_own_store_and_the_shards_start_warm(
     assert all(r["cold"] == 0 for r in warmed), warmed
     assert "bootstrap needed" not in supervisor.log_text()
     assert supervisor.stop(60) == 0
+
+
+def test_the_embedded_redis_is_started_again_and_the_shards_go_on(
+        clean_env: dict[str, str], daemons: Callable[..., Daemon]) -> None:
+    env = _env(clean_env)
+    supervisor = daemons(env, name="shards")
+    port = int(env["SIDECAR_HTTP_PORT"])
+    pids = [_wait_health(port + i)[0] for i in range(2)]
+    first = supervisor.embedded_redis_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    supervisor.wait_log("embedded redis died; restarting it")
+    deadline = time.monotonic() + 60
+    while (again := supervisor.embedded_redis_pid()) in (None, first) or not _alive(again):
+        assert time.monotonic() < deadline, supervisor.log_tail()
+        time.sleep(0.2)
+    rows = scan(env)
+    while any(r["stale"] or r.get("missing") for r in rows):  # the shards write to the new server
+        assert time.monotonic() < deadline, f"never fresh again: {rows}"
+        time.sleep(0.3)
+        rows = scan(env)
+    assert [_wait_health(port + i)[0] for i in range(2)] == pids  # the same shard processes
+    assert supervisor.stop(60) == 0
+    assert not _alive(again)
