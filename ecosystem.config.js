@@ -42,6 +42,12 @@ for (const [key, value] of Object.entries(shell)) {
 }
 
 const logDir = shell.SIDECAR_PM2_LOG_DIR || path.join(env.SIDECAR_DATA_DIR, "logs");
+// SIDECAR_SHARDS=N: N shards. With SIDECAR_REDIS_URL (one Redis they share, maybe a cluster)
+// PM2 runs each shard as an instance of its own (NODE_APP_INSTANCE = i); without it one
+// instance runs all N as its children on its embedded Redis (docs/operations.md, "Shards"),
+// and PM2's instance index goes to a variable the daemon does not read.
+const shards = Number(shell.SIDECAR_SHARDS || 1);
+const pm2Shards = shards > 1 && Boolean(shell.SIDECAR_REDIS_URL);
 const name = shell.SIDECAR_PM2_NAME || "sidecar";
 
 module.exports = {
@@ -52,8 +58,8 @@ module.exports = {
       args: ["-m", "sidecar", "run"],
       interpreter: "none",
       cwd: root,
-      // SIDECAR_SHARDS=N: N shards; PM2 gives each its NODE_APP_INSTANCE (README "Shards").
-      instances: Number(shell.SIDECAR_SHARDS || 1),
+      instances: pm2Shards ? shards : 1,
+      instance_var: pm2Shards || shards === 1 ? "NODE_APP_INSTANCE" : "SIDECAR_PM2_INSTANCE",
       exec_mode: "fork",
       env,
       // Restart whenever it dies (PM2 reports a SIGKILL as exit code 0, so no

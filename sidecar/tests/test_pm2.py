@@ -23,7 +23,7 @@ import redis
 from sidecar.bar import Bar
 from sidecar.scanner import Scanner
 from sidecar.settings import Settings
-from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, http_get
+from sidecar.tests.helpers import REPO, Daemon, RedisServer, free_port, free_ports_below_ephemeral, http_get
 
 PM2 = REPO / "node_modules" / ".bin" / "pm2"
 SYMBOLS = ["AAPL", "EURUSD", "BTCUSD"]
@@ -173,3 +173,36 @@ def test_daemon_exits_3_when_redis_stays_unreachable(clean_env: dict[str, str], 
     assert messages.count("redis write failed; buffering") == 1, messages
     assert "redis unreachable for too long; exiting for a restart" in messages
     assert [e["exit_code"] for e in events if e["msg"] == "stopped"] == [3]
+
+
+def test_pm2_runs_shards_on_the_embedded_redis_as_one_app(
+        clean_env: dict[str, str], pm2_home: Path, tmp_path: Path) -> None:
+    """``SIDECAR_SHARDS=2`` without a Redis URL: one PM2 instance, which runs both shards
+    on its embedded Redis; ``pm2 stop`` stops both, each flushing, and the app exits 0."""
+    if not PM2.exists():
+        pytest.skip("PM2 not installed in node_modules/ (run scripts/setup; needs npm)")
+    port = free_ports_below_ephemeral(2)
+    env = dict(clean_env, SIDECAR_SOURCES="sim", SIDECAR_SYMBOLS="AAPL,MSFT,NVDA,BTCUSD,ETHUSD,EURUSD",
+               SIDECAR_SHARDS="2", SIDECAR_HTTP_PORT=str(port), SIDECAR_BOOTSTRAP_DAYS="1",
+               SIDECAR_PM2_NAME=APP, SIDECAR_PM2_LOG_DIR=str(tmp_path / "logs"))
+    pm2 = Pm2(pm2_home, env)
+    try:
+        pm2.run("start", "ecosystem.config.js")
+        for i in range(2):
+            wait_for(lambda i=i: http_get(port + i, "/ready")[0] == 200, 60, f"/ready of shard {i}")
+        app = pm2.app()  # one instance: the supervisor
+        assert app["pm2_env"]["status"] == "online"
+        shard_pids = {http_get(port + i, "/health")[1]["process"]["pid"] for i in range(2)}
+        assert app["pid"] not in shard_pids and len(shard_pids) == 2
+        pm2.run("stop", APP)
+        stopped = pm2.app()
+        assert stopped["pm2_env"]["status"] == "stopped" and stopped["pm2_env"]["exit_code"] == 0
+        logs = (tmp_path / "logs" / f"{APP}.err.log").read_text()
+    finally:
+        pm2.run("delete", "all", check=False)
+        pm2.run("kill", check=False)
+    events = [json.loads(line.split(": ", 1)[1]) for line in logs.splitlines() if ": {" in line]
+    stopped_lines = {e.get("shard", "supervisor"): e["exit_code"] for e in events if e["msg"] == "stopped"}
+    assert stopped_lines == {"0/2": 0, "1/2": 0, "supervisor": 0}, stopped_lines
+    assert sum(e["msg"] == "sqlite flushed" for e in events) == 2
+    assert any(e["msg"] == "embedded redis stopped" for e in events)
