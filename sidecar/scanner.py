@@ -18,7 +18,10 @@ On a Redis Cluster (found from the URL alone: ``INFO cluster``) a read costs one
 trip per node, all at once: the keys are grouped by the node serving their slot, one
 ``MGET`` per bucket slot (docs/redis-layout.md), the ``MGET`` s of one node sent as one
 packed pipeline. With shards (``SIDECAR_SHARDS=N``) a row is stale when the heartbeat
-of the shard that owns its symbol is gone.
+of the shard that owns its symbol is gone. A reader told a different number of shards
+than the daemon runs (or none) finds the running ones itself: when every heartbeat it
+reads is gone, it looks at the shard registry (at most every :data:`DISCOVER_EVERY_S`)
+and reads by the shards whose heartbeats answer.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ _decode_maps = msgspec.msgpack.Decoder().decode
 
 log = logging.getLogger("sidecar.scanner")
 
+#: While every heartbeat a reader reads is gone, how often it looks for the shards
+#: (or the unsharded daemon) that do run.
+DISCOVER_EVERY_S = 5.0
+
 
 class _NodeRead:
     """One cluster node's part of a read: its ``MGET`` s packed once, and where each
@@ -92,7 +99,7 @@ class Scanner:
     """Reads features with one ``MGET`` (heartbeats included); on a cluster one round
     trip per node, concurrently."""
 
-    __slots__ = ("_cached_packed", "_cached_symbols", "_explicit", "_owns", "_plan",
+    __slots__ = ("_cached_packed", "_cached_symbols", "_discover_at", "_explicit", "_owns", "_plan",
                  "_probe_url", "_read_plan", "brokers", "keys", "read_replicas", "redis", "shards",
                  "stale_after_ms", "tf")
 
@@ -120,6 +127,7 @@ class Scanner:
         self._cached_packed: list[bytes] = []
         self._plan: list[_NodeRead] | None = None
         self._read_plan: _ReadPlan | None = None
+        self._discover_at = 0.0  # time.monotonic() of the next look for running shards
 
     @classmethod
     def from_settings(cls, settings: Settings, *, stale_after_ms: int | None = None,
@@ -309,6 +317,10 @@ class Scanner:
         raw = await self._fetch(wanted)
         size = len(wanted)
         alive = [beat is not None for beat in raw[size:]]  # each shard's heartbeat
+        if not any(alive) and time.monotonic() >= self._discover_at:
+            self._discover_at = time.monotonic() + DISCOVER_EVERY_S
+            if await self._discover_shards():
+                return await self.read(symbols, timeframes)
         del raw[size:]
         dead = not alive[0]
         # One C call for all maps: the values (nil for a missing key) behind an array32 header.
@@ -329,6 +341,32 @@ class Scanner:
             row["stale"] = (row.get("stale") is True or age > bound
                             or (dead if owners is None else not alive[owners[n]]))
         return cast(list[dict[str, Any]], rows)
+
+    async def _discover_shards(self) -> bool:
+        """Find how many shards the daemon runs, when no heartbeat this reader reads
+        answers: each shard count in the shard registry (largest first), then the
+        unsharded daemon, whichever has a heartbeat. Returns whether the reader now
+        reads by another count (:attr:`shards`)."""
+        client = await self.client()
+        try:
+            fields = await client.hkeys(self.keys.shards)
+            names = [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+            counts = sorted({int(count) for name in names if (count := name.partition("/")[2]).isdigit()
+                             and int(count) > 1}, reverse=True)
+            for n in [*counts, 1]:
+                if n == self.shards:
+                    continue
+                beats = await client.mget([self.keys.heartbeat_of(i if n > 1 else None) for i in range(n)])
+                if any(beat is not None for beat in beats):
+                    log.info("reading by the shards that run", extra={"shards": n, "told": self.shards})
+                    self.shards = n
+                    self._read_plan = None
+                    self._cached_symbols = None
+                    self._plan = None
+                    return True
+        except (RedisError, OSError):
+            return False
+        return False
 
     async def cycles(self, subscribed: asyncio.Event | None = None) -> AsyncIterator[dict[str, Any]]:
         """The daemon's announcement after each cycle, as it comes (pub/sub).

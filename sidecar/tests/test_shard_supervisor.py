@@ -67,6 +67,9 @@ def test_runs_every_shard_on_the_embedded_redis_and_stops_them(
         time.sleep(0.3)
         rows = scan(env)
     assert [r["symbol"] for r in rows] == symbols
+    # A reader not told of the shards finds them (their registry and heartbeats).
+    unaware = {k: v for k, v in env.items() if k != "SIDECAR_SHARDS"}
+    assert not any(r["stale"] for r in scan(unaware)), scan(unaware)
     # Each shard its own SQLite file; the log says which shard wrote each line.
     for i in range(2):
         assert (Path(env["SIDECAR_DATA_DIR"]) / f"shard-{i}").is_dir()

@@ -327,3 +327,27 @@ async def test_concurrent_reads_of_different_lists_stale_by_their_own_shards(red
     for wanted, rows in zip(lists, results, strict=True):
         assert [(r["symbol"], r["stale"]) for r in rows] == [(s, shard_of(s, 2) == 1) for s in wanted]
     assert {shard_of(s, 2) for s in symbols} == {0, 1}
+
+
+async def test_a_reader_finds_the_shards_that_run(redis_store: RedisStore) -> None:
+    """A reader whose heartbeats are all gone (told no shards, or more than run) reads
+    by the ones that answer, found in the shard registry; with no heartbeat at all,
+    every row is stale."""
+    symbols = [f"S{i:02d}" for i in range(12)]
+    scanner = scanner_on(redis_store)
+    rows = await scanner.read(symbols)
+    assert all(r["stale"] and r["missing"] for r in rows) and scanner.shards == 1  # nothing runs yet
+    for i in range(3):  # three shards run, each writing its own symbols
+        shard = RedisStore(redis_store.redis, "test", shard=i)
+        await shard.write_meta({"shard": i, "shards": 3, "owned": []})
+        mine = [s for s in symbols if shard_of(s, 3) == i]
+        await shard.write_cycle([], [("1m", s, msgpack.packb(features(s))) for s in mine], {"pid": i})
+    await redis_store.redis.hset(redis_store.keys.shards, "0/2", b"")  # an earlier run's entry
+    scanner = scanner_on(redis_store)
+    rows = await scanner.read(symbols)
+    assert scanner.shards == 3 and not any(r["stale"] for r in rows)
+    # Back to one unsharded daemon: a reader told 3 shards follows it.
+    await redis_store.redis.delete(*[redis_store.keys.heartbeat_of(i) for i in range(3)])
+    await RedisStore(redis_store.redis, "test").write_cycle([], [], {"pid": 9})
+    told_three = scanner_on(redis_store, shards=3)
+    assert not any(r["stale"] for r in await told_three.read(symbols)) and told_three.shards == 1
