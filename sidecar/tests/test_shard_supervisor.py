@@ -116,8 +116,13 @@ def test_a_shard_with_a_bad_configuration_stops_them_all(
     assert code == 2, supervisor.log_tail()
     text = supervisor.log_text()
     assert "SIDECAR_HTTP_PORT" in text and "a shard stopped on a bad configuration" in text
-    stopped = [rec for rec in supervisor.logs() if rec.get("msg") == "stopped" and rec.get("shard") == "0/2"]
-    assert stopped and stopped[0]["exit_code"] == 0  # shard 0 was stopped, not left running
+    logs = supervisor.logs()
+    pids = next(rec["pids"] for rec in logs if rec.get("msg") == "shards started")
+    assert not any(_alive(pid) for pid in pids)  # no shard left running
+    if any(rec.get("msg") == "shard" and rec.get("shard") == "0/2" for rec in logs):
+        # Shard 0 got as far as starting (it may still have been importing): it stopped cleanly.
+        stopped = [rec for rec in logs if rec.get("msg") == "stopped" and rec.get("shard") == "0/2"]
+        assert stopped and stopped[0]["exit_code"] == 0
 
 
 def test_shards_that_cannot_all_own_symbols_are_refused_at_start(clean_env: dict[str, str]) -> None:
