@@ -48,12 +48,13 @@ STEADY_S = 60.0
 STOP_TIMEOUT_S = 20.0
 WATCH_EVERY_S = 0.25
 _PR_SET_PDEATHSIG = 1
+#: Looked up here, not in the forked child (no loader lock taken between fork and exec).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the supervisor dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass(slots=True)

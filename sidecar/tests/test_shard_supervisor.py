@@ -184,3 +184,20 @@ def test_the_embedded_redis_is_started_again_and_the_shards_go_on(
     assert [_wait_health(port + i)[0] for i in range(2)] == pids  # the same shard processes
     assert supervisor.stop(60) == 0
     assert not _alive(again)
+
+
+def test_shards_stop_when_their_supervisor_is_killed(clean_env: dict[str, str], redis_server: RedisServer,
+                                                      daemons: Callable[..., Daemon]) -> None:
+    env = _env(clean_env, SIDECAR_REDIS_URL=redis_server.url, SIDECAR_REDIS_PREFIX=f"t{os.getpid()}")
+    supervisor = daemons(env, name="shards")
+    port = int(env["SIDECAR_HTTP_PORT"])
+    pids = [_wait_health(port + i)[0] for i in range(2)]
+    supervisor.proc.kill()
+    supervisor.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids):  # SIGTERM from the kernel: each stops as asked
+        assert time.monotonic() < deadline, supervisor.log_tail()
+        time.sleep(0.2)
+    stopped = [rec for rec in supervisor.logs() if rec.get("msg") == "stopped"]
+    assert {rec.get("shard") for rec in stopped} == {"0/2", "1/2"}
+    assert all(rec["exit_code"] == 0 for rec in stopped)
