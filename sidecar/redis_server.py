@@ -17,8 +17,10 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from sidecar.app.tasks import stopping_within
 from sidecar.errors import SidecarError
 
 log = logging.getLogger("sidecar.redis_server")
@@ -32,6 +34,11 @@ STOP_TIMEOUT_S = 120.0
 
 #: How long a started server that listens may take to load its dataset before it answers.
 LOAD_TIMEOUT_S = 600.0
+
+#: How often a running server is checked, and the back-off of failed restarts.
+WATCH_EVERY_S = 0.25
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 10.0
 
 
 def find_redis_server() -> str:
@@ -177,6 +184,28 @@ class EmbeddedRedis:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         log.info("embedded redis stopped")
+
+
+async def keep_running(embedded: EmbeddedRedis, stop: asyncio.Event,
+                       restarted: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Until ``stop`` is set: start ``embedded`` again at once if it dies (it reloads its
+    RDB), backing off while a restart fails; ``restarted`` runs after each restart."""
+    backoff_s = RESTART_MIN_S
+    while not await stopping_within(stop, WATCH_EVERY_S):
+        if embedded.running():
+            continue
+        log.error("embedded redis died; restarting it")
+        try:
+            await embedded.restart()
+        except SidecarError as exc:
+            log.error("embedded redis restart failed; retrying",
+                      extra={"error": str(exc), "retry_s": backoff_s})
+            await stopping_within(stop, backoff_s)
+            backoff_s = min(backoff_s * 2, RESTART_MAX_S)
+            continue
+        backoff_s = RESTART_MIN_S
+        if restarted is not None:
+            await restarted()
 
 
 async def _answers(sock: Path) -> bool:

@@ -358,8 +358,9 @@ class Settings:
         http_port = r.integer("SIDECAR_HTTP_PORT", DEFAULT_HTTP_PORT, low=0, high=65535)
         if shard is not None:
             if redis_url is None:
-                raise ConfigError("SIDECAR_REDIS_URL", "shards write to one shared Redis: set its URL "
-                                                       "(the embedded server is one daemon's own)")
+                raise ConfigError("SIDECAR_REDIS_URL", "shards write to one shared Redis: set its URL, "
+                                                       "or set SIDECAR_SHARDS=N alone to run every shard "
+                                                       "from one command on the embedded server")
             # Each shard its own data directory, SQLite file and HTTP port.
             data_dir, sqlite_path = shard_paths(data_dir, sqlite_path, shard)
             if http_port and http_port + shard > 65535:

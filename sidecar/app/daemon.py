@@ -43,7 +43,7 @@ from sidecar.clock import Clock, WallClock, iso_ms
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gc_tuning import settle_gc
 from sidecar.parse_worker import ParseWorker, start_for
-from sidecar.redis_server import EmbeddedRedis
+from sidecar.redis_server import EmbeddedRedis, keep_running
 from sidecar.redis_store import RedisStore, open_client, redis_refusal, wait_loaded
 from sidecar.settings import Settings
 from sidecar.shards import explicit_shards, owned
@@ -62,10 +62,6 @@ EXIT_REDIS_DOWN = 3
 RETENTION_EVERY_S = 3_600.0
 #: How often Redis's identity is checked (a restart from an older snapshot keeps the meta key).
 REDIS_IDENTITY_EVERY_S = 1.0
-#: How often the embedded Redis server is checked, and the back-off of failed restarts.
-REDIS_WATCH_EVERY_S = 0.25
-REDIS_RESTART_MIN_S = 0.5
-REDIS_RESTART_MAX_S = 10.0
 GAP_REPAIR_EVERY_S = 60.0
 #: Gap repair only spends budgets that sustain at least one request a minute, so it
 #: never eats the few daily requests of a source like Alpha Vantage (25/day).
@@ -474,24 +470,12 @@ class Daemon:
         """Restart the embedded server at once if it dies (from its RDB), then let the
         pipeline put back what the restarted server lacks. An external Redis is only
         reconnected to (by the client, on the next write)."""
-        backoff_s = REDIS_RESTART_MIN_S
-        while not self.should_exit.is_set():
-            if await self._stopping_within(REDIS_WATCH_EVERY_S):
-                return
-            if embedded.running():
-                continue
-            log.error("embedded redis died; restarting it")
-            try:
-                await embedded.restart()
-            except SidecarError as exc:
-                log.error("embedded redis restart failed; retrying",
-                          extra={"error": str(exc), "retry_s": backoff_s})
-                await self._stopping_within(backoff_s)
-                backoff_s = min(backoff_s * 2, REDIS_RESTART_MAX_S)
-                continue
-            backoff_s = REDIS_RESTART_MIN_S
+
+        async def restarted() -> None:
             await wait_loaded(pipeline.redis.redis, self.should_exit, running=embedded.running)
             pipeline.redis_replaced()
+
+        await keep_running(embedded, self.should_exit, restarted)
 
     async def _retention(self, store: BarStore) -> None:
         while not self.should_exit.is_set():

@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.app.tasks import stopping_within
-from sidecar.errors import ConfigError, SidecarError
-from sidecar.redis_server import EmbeddedRedis
+from sidecar.errors import ConfigError
+from sidecar.redis_server import EmbeddedRedis, keep_running
 from sidecar.settings import Settings
 from sidecar.shards import explicit_shards, owned
 from sidecar.symbols import SymbolMap
@@ -39,6 +39,7 @@ log = logging.getLogger("sidecar.shards")
 
 #: A shard's exit status on a bad configuration (``python -m sidecar``'s).
 EXIT_BAD_CONFIG = 2
+#: A shard's restart back-off.
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
 #: A shard that ran this long before it exited is started again without waiting.
@@ -125,13 +126,16 @@ class ShardSupervisor:
                 embedded = EmbeddedRedis(self.settings.redis_socket)
                 url = await embedded.start()
                 stack.push_async_callback(embedded.stop)
+                # Kept running until the shards have stopped (the stop sets ``should_exit``).
+                watcher = asyncio.ensure_future(keep_running(embedded, self.should_exit))
+                stack.push_async_callback(asyncio.wait, [watcher])
             stack.push_async_callback(self._stop_all)
             for shard in self.shards:
                 await self._start(shard, url)
             log.info("shards started", extra={
                 "shards": len(self.shards), "pids": [s.proc.pid for s in self.shards if s.proc],
                 "redis": "embedded" if embedded is not None else "external"})
-            await self._watch(url, embedded)
+            await self._watch(url)
         return self.exit_code
 
     def _label(self, shard: _Shard) -> str:
@@ -146,23 +150,11 @@ class ShardSupervisor:
         shard.started = asyncio.get_running_loop().time()
         shard.restart_at = None
 
-    async def _watch(self, url: str, embedded: EmbeddedRedis | None) -> None:
-        """Until a stop is asked: restart the embedded server and the shards that exit."""
+    async def _watch(self, url: str) -> None:
+        """Until a stop is asked: start again the shards that exit."""
         loop = asyncio.get_running_loop()
-        redis_backoff_s = RESTART_MIN_S
-        redis_retry_at = 0.0
         while not await stopping_within(self.should_exit, WATCH_EVERY_S):
             now = loop.time()
-            if embedded is not None and not embedded.running() and now >= redis_retry_at:
-                log.error("embedded redis died; restarting it")
-                try:
-                    await embedded.restart()
-                    redis_backoff_s = RESTART_MIN_S
-                except SidecarError as exc:
-                    log.error("embedded redis restart failed; retrying",
-                              extra={"error": str(exc), "retry_s": redis_backoff_s})
-                    redis_retry_at = now + redis_backoff_s
-                    redis_backoff_s = min(redis_backoff_s * 2, RESTART_MAX_S)
             for shard in self.shards:
                 proc = shard.proc
                 if proc is not None and proc.returncode is not None:
